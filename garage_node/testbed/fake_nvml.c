@@ -1,0 +1,278 @@
+/*
+ * A fake libnvidia-ml.so.1 for tests on machines without an NVIDIA GPU.
+ *
+ * The real pynvml bindings load it through ctypes (CDLL("libnvidia-ml.so.1")) when its
+ * directory is on LD_LIBRARY_PATH, so the code under test runs unchanged.  Only the
+ * symbols that garage_node.gpu calls exist, under the names pynvml looks up
+ * (nvmlInitWithFlags, nvmlDeviceGetCount_v2, nvmlDeviceGetHandleByIndex_v2, ...).
+ *
+ * GPUs come from the text file named by GARAGE_FAKE_NVML_CONFIG, read at init time.
+ * One GPU per line, '|'-separated; blank lines and lines starting with '#' are skipped:
+ *
+ *   name|uuid|total_mib|free_mib|cc_major|cc_minor|temp_c|power_mw|util_pct|fail
+ *
+ * temp_c, power_mw or util_pct given as "-" answer NVML_ERROR_NOT_SUPPORTED (as on
+ * some cards); fail=1 makes every query on that GPU answer NVML_ERROR_GPU_IS_LOST.
+ * Variable unset or file missing: nvmlInit answers NVML_ERROR_DRIVER_NOT_LOADED, what
+ * the real library says when it is installed but the kernel module is not loaded.
+ * An empty file is a driver with zero GPUs.
+ *
+ * Build: gcc -shared -fPIC -o libnvidia-ml.so.1 fake_nvml.c
+ */
+#define _DEFAULT_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int nvmlReturn_t;
+enum {
+    NVML_SUCCESS = 0,
+    NVML_ERROR_UNINITIALIZED = 1,
+    NVML_ERROR_INVALID_ARGUMENT = 2,
+    NVML_ERROR_NOT_SUPPORTED = 3,
+    NVML_ERROR_INSUFFICIENT_SIZE = 7,
+    NVML_ERROR_DRIVER_NOT_LOADED = 9,
+    NVML_ERROR_GPU_IS_LOST = 15,
+    NVML_ERROR_UNKNOWN = 999,
+};
+
+#define MAX_GPUS 16
+#define UNSUPPORTED (-1L) /* a reading given as "-" */
+
+typedef struct {
+    char name[96];
+    char uuid[96];
+    unsigned long long total_mib, free_mib;
+    int cc_major, cc_minor;
+    long temp_c, power_mw, util_pct;
+    int fail;
+} fake_gpu;
+
+/* The opaque nvmlDevice_t handed to callers is a pointer into this array. */
+static fake_gpu gpus[MAX_GPUS];
+static unsigned gpu_count;
+static int init_count; /* like the real library: init and shutdown are reference counted */
+
+typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
+typedef struct { unsigned int gpu, memory; } nvmlUtilization_t;
+
+static long reading(const char *field)
+{
+    return strcmp(field, "-") == 0 ? UNSUPPORTED : strtol(field, NULL, 10);
+}
+
+/* Parse one config line into g; 0 on success. */
+static int parse_line(char *line, fake_gpu *g)
+{
+    char *f[10];
+    int n = 0;
+    char *field;
+    while (n < 10 && (field = strsep(&line, "|")) != NULL)
+        f[n++] = field;
+    if (n != 10 || line != NULL)
+        return -1;
+    memset(g, 0, sizeof *g);
+    snprintf(g->name, sizeof g->name, "%s", f[0]);
+    snprintf(g->uuid, sizeof g->uuid, "%s", f[1]);
+    g->total_mib = strtoull(f[2], NULL, 10);
+    g->free_mib = strtoull(f[3], NULL, 10);
+    g->cc_major = atoi(f[4]);
+    g->cc_minor = atoi(f[5]);
+    g->temp_c = reading(f[6]);
+    g->power_mw = reading(f[7]);
+    g->util_pct = reading(f[8]);
+    g->fail = atoi(f[9]);
+    return 0;
+}
+
+static nvmlReturn_t load_config(void)
+{
+    const char *path = getenv("GARAGE_FAKE_NVML_CONFIG");
+    FILE *fp = path ? fopen(path, "r") : NULL;
+    char line[512];
+    if (!fp)
+        return NVML_ERROR_DRIVER_NOT_LOADED;
+    gpu_count = 0;
+    while (fgets(line, sizeof line, fp)) {
+        line[strcspn(line, "\r\n")] = '\0';
+        if (line[0] == '\0' || line[0] == '#')
+            continue;
+        /* A bad line is a bug in the test, so say so instead of guessing. */
+        if (gpu_count == MAX_GPUS || parse_line(line, &gpus[gpu_count]) != 0) {
+            fprintf(stderr, "fake_nvml: bad line in %s: %s\n", path, line);
+            fclose(fp);
+            return NVML_ERROR_UNKNOWN;
+        }
+        gpu_count++;
+    }
+    fclose(fp);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlInitWithFlags(unsigned int flags)
+{
+    (void)flags;
+    nvmlReturn_t ret = load_config();
+    if (ret == NVML_SUCCESS)
+        init_count++;
+    return ret;
+}
+
+nvmlReturn_t nvmlInit_v2(void) { return nvmlInitWithFlags(0); }
+nvmlReturn_t nvmlInit(void) { return nvmlInitWithFlags(0); }
+
+nvmlReturn_t nvmlShutdown(void)
+{
+    if (init_count == 0)
+        return NVML_ERROR_UNINITIALIZED;
+    init_count--;
+    return NVML_SUCCESS;
+}
+
+const char *nvmlErrorString(nvmlReturn_t result)
+{
+    switch (result) {
+    case NVML_SUCCESS: return "Success";
+    case NVML_ERROR_UNINITIALIZED: return "Uninitialized";
+    case NVML_ERROR_INVALID_ARGUMENT: return "Invalid Argument";
+    case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
+    case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
+    case NVML_ERROR_DRIVER_NOT_LOADED: return "Driver Not Loaded";
+    case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
+    default: return "Unknown Error";
+    }
+}
+
+static nvmlReturn_t copy_text(const char *src, char *buf, unsigned int len)
+{
+    if (!init_count)
+        return NVML_ERROR_UNINITIALIZED;
+    if (!buf)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (strlen(src) + 1 > len)
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    memcpy(buf, src, strlen(src) + 1);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length)
+{
+    return copy_text("550.54.14", version, length);
+}
+
+static nvmlReturn_t cuda_version(int *v)
+{
+    if (!init_count)
+        return NVML_ERROR_UNINITIALIZED;
+    if (!v)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *v = 12040; /* CUDA 12.4, what driver 550.54 ships */
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlSystemGetCudaDriverVersion(int *v) { return cuda_version(v); }
+nvmlReturn_t nvmlSystemGetCudaDriverVersion_v2(int *v) { return cuda_version(v); }
+
+nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count)
+{
+    if (!init_count)
+        return NVML_ERROR_UNINITIALIZED;
+    if (!count)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *count = gpu_count;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, fake_gpu **device)
+{
+    if (!init_count)
+        return NVML_ERROR_UNINITIALIZED;
+    if (!device || index >= gpu_count)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *device = &gpus[index];
+    return NVML_SUCCESS;
+}
+
+/* Common checks of every per-device query: initialised, a handle we gave out, not lost. */
+static nvmlReturn_t check(const fake_gpu *g, const void *out)
+{
+    if (!init_count)
+        return NVML_ERROR_UNINITIALIZED;
+    if (!out || g < gpus || g >= gpus + gpu_count)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    return g->fail ? NVML_ERROR_GPU_IS_LOST : NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetName(fake_gpu *g, char *name, unsigned int length)
+{
+    nvmlReturn_t ret = check(g, name);
+    return ret ? ret : copy_text(g->name, name, length);
+}
+
+nvmlReturn_t nvmlDeviceGetUUID(fake_gpu *g, char *uuid, unsigned int length)
+{
+    nvmlReturn_t ret = check(g, uuid);
+    return ret ? ret : copy_text(g->uuid, uuid, length);
+}
+
+nvmlReturn_t nvmlDeviceGetMemoryInfo(fake_gpu *g, nvmlMemory_t *mem)
+{
+    nvmlReturn_t ret = check(g, mem);
+    if (ret)
+        return ret;
+    mem->total = g->total_mib << 20;
+    mem->free = g->free_mib << 20;
+    mem->used = mem->total - mem->free;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetCudaComputeCapability(fake_gpu *g, int *major, int *minor)
+{
+    nvmlReturn_t ret = check(g, minor);
+    if (ret || !major)
+        return ret ? ret : NVML_ERROR_INVALID_ARGUMENT;
+    *major = g->cc_major;
+    *minor = g->cc_minor;
+    return NVML_SUCCESS;
+}
+
+/* A reading of "-" in the config stands for a card that does not report it. */
+static nvmlReturn_t reading_of(const fake_gpu *g, const void *out, const long *field, long *value)
+{
+    nvmlReturn_t ret = check(g, out);
+    if (ret)
+        return ret;
+    *value = *field; /* field points into g, safe only once check() accepted g */
+    return *value == UNSUPPORTED ? NVML_ERROR_NOT_SUPPORTED : NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetTemperature(fake_gpu *g, int sensor, unsigned int *temp)
+{
+    long v;
+    nvmlReturn_t ret = reading_of(g, temp, g ? &g->temp_c : NULL, &v);
+    if (!ret && sensor != 0) /* NVML_TEMPERATURE_GPU is the only sensor */
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    if (!ret)
+        *temp = (unsigned int)v;
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetPowerUsage(fake_gpu *g, unsigned int *milliwatts)
+{
+    long v;
+    nvmlReturn_t ret = reading_of(g, milliwatts, g ? &g->power_mw : NULL, &v);
+    if (!ret)
+        *milliwatts = (unsigned int)v;
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetUtilizationRates(fake_gpu *g, nvmlUtilization_t *util)
+{
+    long v;
+    nvmlReturn_t ret = reading_of(g, util, g ? &g->util_pct : NULL, &v);
+    if (!ret) {
+        util->gpu = (unsigned int)v;
+        util->memory = 0;
+    }
+    return ret;
+}
