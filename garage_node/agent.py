@@ -160,6 +160,8 @@ class Agent:
         except token.TokenError as e:
             self._refused_token = digest
             self._fail(f"the join token in {source} is unusable: {e}", "")
+            if self.identity is None:
+                self._set("error", "the join token is unusable")
             return
         self._set("enrolling", f"enrolling with the head at {tok.api_url}")
         try:

@@ -5,6 +5,7 @@ WireGuard hub's peers equal to the registry, and supervises the Ray head on the 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,10 @@ def run(cfg: HeadConfig) -> None:
         ssl_certfile=str(p.pki.server_cert), ssl_keyfile=str(p.pki.server_key),
         log_level="info", access_log=False,
     ))
+    # uvicorn re-raises the signal that stopped it once it has shut down; with these
+    # handlers in place that re-raise is a no-op, so the cleanup below runs and we exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run()  # returns on SIGTERM/SIGINT after in-flight requests finish
     finally:

@@ -33,6 +33,19 @@ class TestbedError(RuntimeError):
     pass
 
 
+REQUIRED_TOOLS = ("wireguard-go", "wg", "ip", "unshare", "nsenter", "curl", "ping", "gcc")
+
+
+def missing_prerequisite() -> str | None:
+    """Why a testbed cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    for tool in REQUIRED_TOOLS:
+        if shutil.which(tool) is None:
+            return f"'{tool}' is not installed (scripts/install-deps installs it)"
+    return None
+
+
 def sh(cmd: list[str], check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
     res = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if check and res.returncode != 0:
@@ -292,6 +305,9 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: flo
 class Testbed:
     """Usage: `with Testbed() as tb: head = tb.add_head(); n1 = tb.add_node("n1", [RTX_4090])`."""
 
+    __test__ = False  # not a pytest test class
+
+
     def __init__(self, prefix: str | None = None, subnet_id: int | None = None) -> None:
         self.prefix = prefix or f"{PREFIX}-{secrets.token_hex(2)}"
         self.subnet_id = subnet_id if subnet_id is not None else secrets.randbelow(200) + 20
@@ -309,9 +325,8 @@ class Testbed:
         self.cleanup()
 
     def setup(self) -> None:
-        for tool in ("wireguard-go", "wg", "ip", "unshare", "curl"):
-            if shutil.which(tool) is None:
-                raise TestbedError(f"'{tool}' is missing: run scripts/install-deps first")
+        if why := missing_prerequisite():
+            raise TestbedError(f"cannot build a testbed: {why}")
         Path("/run/wireguard").mkdir(parents=True, exist_ok=True)  # mount point for each host's tmpfs
         sh(["ip", "netns", "add", self.switch])
         sh(["ip", "-n", self.switch, "link", "add", "br0", "type", "bridge"])
