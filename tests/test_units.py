@@ -1,0 +1,140 @@
+"""Small pure pieces: WireGuard dump parsing, keys, backoff, status rendering, sd_notify, Ray args."""
+
+import os
+import socket
+import sys
+import time
+
+from garage_node import sdnotify
+from garage_node.backoff import Backoff
+from garage_node.gpu import GPU, Inventory
+from garage_node.process import Supervised
+from garage_node.raycluster import Versions, label_value, worker_argv, worker_labels
+from garage_node.status import render
+from garage_node.wireguard import generate_private_key, parse_dump, public_key_of
+
+DUMP = (
+    "PRIVATEKEYSHOULDNOTAPPEAR=\tPUB=\t51820\toff\n"
+    "peerA=\t(none)\t10.0.0.2:51820\t100.96.0.2/32\t1700000000\t100\t200\t25\n"
+    "peerB=\t(none)\t(none)\t100.96.0.3/32,100.96.1.0/24\t0\t0\t0\toff\n"
+)
+
+
+def test_parse_dump_skips_interface_line():
+    peers = parse_dump(DUMP)
+    assert [p.public_key for p in peers] == ["peerA=", "peerB="]
+    assert peers[0].endpoint == "10.0.0.2:51820" and peers[0].latest_handshake == 1700000000
+    assert peers[1].endpoint is None and peers[1].allowed_ips == ("100.96.0.3/32", "100.96.1.0/24")
+    assert peers[1].handshake_age_s() is None
+    assert peers[0].handshake_age_s(now=1700000010) == 10
+    assert "PRIVATE" not in repr(peers)
+
+
+def test_wireguard_keys():
+    k = generate_private_key()
+    assert len(k) == 44 and public_key_of(k) == public_key_of(k) != k
+
+
+def test_backoff_grows_caps_and_resets():
+    b = Backoff(1.0, 8.0)
+    delays = [b.next_delay() for _ in range(6)]
+    assert 0.5 <= delays[0] <= 1.0 and all(4.0 <= d <= 8.0 for d in delays[4:])
+    b.reset()
+    assert b.next_delay() <= 1.0
+
+
+def test_supervised_restarts_with_backoff(tmp_path):
+    child = Supervised("echo", tmp_path / "log", Backoff(0.1, 0.2))
+    argv = [sys.executable, "-c", "print('hello from child'); raise SystemExit(3)"]
+    assert child.ensure(argv)
+    deadline = time.time() + 10
+    while child.state.restarts == 0 and time.time() < deadline:
+        child.poll()
+        time.sleep(0.05)
+    assert child.state.last_exit_code == 3 and "hello from child" in child.state.last_lines
+    assert not child.ensure(argv)  # still in backoff
+    time.sleep(0.25)
+    assert child.ensure(argv)
+    child.stop()
+
+
+def test_supervised_stop_ends_process_group(tmp_path):
+    child = Supervised("sleeper", tmp_path / "log", Backoff())
+    child.ensure(["sh", "-c", "sleep 60 & sleep 60"])
+    pid = child.state.pid
+    child.stop(timeout_s=5)
+    assert not child.running
+    try:
+        os.killpg(pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive
+
+
+def test_sd_notify_fallback_sends_datagram(tmp_path, monkeypatch):
+    path = str(tmp_path / "notify")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(path)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    assert sdnotify._notify_socket("READY=1\nSTATUS=ok")
+    assert srv.recv(100) == b"READY=1\nSTATUS=ok"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not sdnotify._notify_socket("READY=1")
+
+
+def test_versions_mismatch_message():
+    assert Versions("2.60.0", "3.11").mismatch(Versions("2.60.0", "3.11")) is None
+    msg = Versions("2.59.0", "3.11").mismatch(Versions("2.60.0", "3.11"))
+    assert "Ray 2.59.0 here but the head runs Ray 2.60.0" in msg and "ray==2.60.0" in msg
+
+
+def gpu(i, healthy=True, mib=24564):
+    return GPU(i, "NVIDIA GeForce RTX 4090", f"GPU-{i}", mib, mib, "8.9", 40, 30.0, 0, healthy,
+               None if healthy else "GPU is lost")
+
+
+def test_worker_args_count_only_healthy_gpus():
+    inv = Inventory((gpu(0), gpu(1, healthy=False)), "550", "12.4")
+    labels = worker_labels("nabc", "eu west", inv)
+    assert labels == {"garage.node_id": "nabc", "garage.region": "eu-west",
+                      "garage.gpu": "NVIDIA-GeForce-RTX-4090", "garage.gpu_count": "1"}
+    argv = worker_argv("ray", "100.96.0.1:6379", "100.96.0.2", "/tmp/r", labels, inv, memory_mib=1024)
+    assert argv[argv.index("--num-gpus") + 1] == "1"
+    assert argv[argv.index("--resources") + 1] == '{"vram_mib": 24564}'
+    assert argv[argv.index("--memory") + 1] == str(1024 * 1024 * 1024)
+    cpu = worker_argv("ray", "h:1", "ip", "/tmp/r", {}, Inventory(nvml_error="no driver"))
+    assert "--resources" not in cpu and cpu[cpu.index("--num-gpus") + 1] == "0"
+    assert label_value("  ") == "none" and len(label_value("x" * 100)) == 63
+
+
+def base_status(**kw):
+    s = {
+        "state": "joined", "message": "joined as 100.96.0.2", "node_id": "nabc", "name": "pc", "region": "eu",
+        "gpus": [gpu(0).__dict__, gpu(1, healthy=False).__dict__], "gpu_note": None,
+        "driver_version": "550.54.14", "cuda_version": "12.4",
+        "overlay": {"interface": "garage0", "up": True, "address": "100.96.0.2", "hub_ip": "100.96.0.1",
+                    "hub_endpoint": "203.0.113.10:51820", "handshake_age_s": 12.0},
+        "head": {"api_url": "https://h:8443", "reachable": True, "last_contact_age_s": 3.0, "error": None},
+        "ray": {"state": "alive", "address": "100.96.0.1:6379", "alive_at_head": True, "pid": 1, "restarts": 0,
+                "last_exit_code": None, "resources": {"GPU": 1, "vram_mib": 24564}},
+        "engine": {"state": "not-configured", "message": "later"},
+        "last_error": None,
+    }
+    s.update(kw)
+    return s
+
+
+def test_render_joined_node():
+    text = render(base_status())
+    assert "● joined" in text and "handshake 12s ago" in text and "UNHEALTHY: GPU is lost" in text
+    assert "worker alive at the Ray head" in text and "Problem:   none" in text
+
+
+def test_render_problem_with_hint_and_cpu_node():
+    s = base_status(state="degraded", gpus=[], gpu_note="NVIDIA driver not found",
+                    head={"api_url": "https://h:8443", "reachable": False, "last_contact_age_s": None, "error": "refused"},
+                    last_error={"message": "head unreachable", "hint": "check the head", "age_s": 1, "retry_in_s": 4.0})
+    text = render(s)
+    assert "CPU node (NVIDIA driver not found)" in text and "UNREACHABLE: refused" in text
+    assert "head unreachable (retrying in 4 s)" in text and "To fix:  check the head" in text
