@@ -23,6 +23,7 @@ import httpx
 from . import __version__, enroll, gpu, identity, sdnotify, token
 from .backoff import Backoff
 from .config import NodeConfig
+from .engine import EngineConfigError, EngineManager, EngineSpec, desired_spec
 from .identity import Identity, StatePaths
 from .process import Supervised
 from .raycluster import Versions, local_versions, ray_executable, worker_argv, worker_labels
@@ -60,7 +61,8 @@ class Agent:
         self.paths = StatePaths(cfg.node.state_dir)
         self.iface = Interface(cfg.overlay.interface, cfg.overlay.implementation)
         self.ray = Supervised("ray worker", self.paths.logs / "ray-worker.log",
-                              Backoff(cfg.agent.backoff_initial_s, cfg.agent.backoff_max_s))
+                              Backoff(cfg.agent.backoff_initial_s, cfg.agent.backoff_max_s),
+                              pid_file=cfg.node.runtime_dir / "ray-worker.pid")
         self.versions = local_versions()
         self.started_at = time.time()
         self.state = "starting"
@@ -78,6 +80,7 @@ class Agent:
         self._refused_token: str | None = None  # hash of a token the head refused for good
         self._client: httpx.Client | None = None
         self._ray_argv: list[str] | None = None
+        self.engine = EngineManager(cfg.engine, self.paths.drain_flag, self._engine_desired)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -85,6 +88,7 @@ class Agent:
         self.identity = identity.load(self.paths)
         self._refresh_gpus(force=True)
         self.reconcile_once()
+        self.engine.start()
         sdnotify.ready(self.message)
         while not self._stop.is_set():
             self._wake.wait(self.cfg.agent.reconcile_s)
@@ -102,8 +106,10 @@ class Agent:
         self._wake.set()
 
     def _shutdown(self) -> None:
-        self._set("stopping", "stopping: Ray worker and overlay going down; identity kept")
+        self._set("stopping", "stopping: draining the engine, then Ray worker and overlay go down; identity kept")
         sdnotify.stopping()
+        self._tell_head_now()
+        self.engine.shutdown()
         self.ray.stop()
         self.iface.down()
         if self._client:
@@ -155,6 +161,8 @@ class Agent:
         digest = hashlib.sha256(text.encode()).hexdigest()
         if digest == self._refused_token or time.monotonic() < self._next_head_call:
             return
+        if self.identity is not None and digest == self.identity.token_digest:
+            return  # revoked, and this is the token it joined with: wait for a new one
         try:
             tok = token.parse(text)
         except token.TokenError as e:
@@ -169,6 +177,7 @@ class Agent:
         except enroll.EnrollFailed as e:
             self._enroll_failed(e, digest)
             return
+        ident = dataclasses.replace(ident, token_digest=digest)
         identity.save(self.paths, ident, ca_pem)
         self.paths.join_token.unlink(missing_ok=True)
         self._replace_identity(ident)
@@ -222,6 +231,12 @@ class Agent:
     _overlay_ready = False
 
     # -- heartbeat
+
+    def _tell_head_now(self) -> None:
+        """One last heartbeat on the way down, so the head knows at once (best effort)."""
+        if self.identity is not None and not self.identity.revoked and self._overlay_ready:
+            self._next_head_call = 0.0
+            self._heartbeat_if_due()
 
     def _heartbeat_if_due(self) -> None:
         if time.monotonic() < self._next_head_call:
@@ -322,9 +337,27 @@ class Agent:
 
     def _ray_worker_argv(self, ident: Identity) -> list[str]:
         r = self.cfg.ray
-        labels = worker_labels(ident.node_id, ident.region, self.inventory)
+        labels = worker_labels(ident.node_id, ident.region, self.inventory, self._engine_model())
         return worker_argv(ray_executable(r.command), ident.ray_address, ident.overlay_ip, r.temp_dir, labels,
                            self.inventory, r.num_cpus, r.memory_mib, r.object_store_mib)
+
+    # -- engine
+
+    def _engine_desired(self) -> tuple[EngineSpec, str] | None:
+        """What the engine should run; None until the node has joined (it binds the overlay address)."""
+        ident = self.identity
+        if ident is None or ident.revoked or not self._overlay_ready:
+            return None
+        return desired_spec(self.cfg.engine, self.inventory, ident.overlay_ip)
+
+    def _engine_model(self) -> str | None:
+        if not self.cfg.engine.enabled:
+            return None
+        try:
+            wanted = self._engine_desired()
+        except EngineConfigError:
+            return None
+        return wanted[0].model if wanted else None
 
     # ------------------------------------------------------------ state
 
@@ -363,7 +396,10 @@ class Agent:
     def _report(self) -> dict[str, Any]:
         """What the head learns with each heartbeat (never a secret)."""
         snap = self.snapshot()
-        return {k: snap[k] for k in ("state", "message", "gpus", "gpu_note", "driver_version", "cuda_version", "versions", "ray", "engine")}
+        report = {k: snap[k] for k in ("state", "message", "gpus", "gpu_note", "driver_version", "cuda_version", "versions", "ray")}
+        e = snap["engine"]
+        report["engine"] = {k: e.get(k) for k in ("state", "model", "endpoint", "draining", "healthy_since")}
+        return report
 
     def snapshot(self) -> dict[str, Any]:
         """The status document served by the local API; its keys are documented in the README."""
@@ -398,7 +434,7 @@ class Agent:
                 "last_exit_code": self.ray.state.last_exit_code,
                 "resources": {"GPU": len(inv.healthy_gpus), "vram_mib": inv.vram_mib},
             },
-            "engine": {"state": "not-configured", "message": "the vLLM engine is not managed by this release yet"},
+            "engine": self.engine.snapshot(),
             "versions": {"agent": __version__, "ray": self.versions.ray, "python": self.versions.python},
             "last_error": self._problem_status(now),
             "agent": {"pid": os.getpid(), "uptime_s": round(now - self.started_at, 1)},

@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     jn = node_cmd("join", _cmd_join, "store a join token for the agent (for a PC set up by hand)")
     jn.add_argument("token", help="the token printed by `garage-node head token create`")
 
+    node_cmd("drain", _cmd_drain, "stop taking work: let running requests finish, then stop the engine "
+             "(survives reboots until `resume`)")
+    node_cmd("resume", _cmd_resume, "end a drain: the engine starts serving again")
+    pl = node_cmd("plan", _cmd_plan, "show which model and vLLM settings fit this PC's GPUs, and the arithmetic")
+    pl.add_argument("--json", action="store_true")
+
     head = sub.add_parser("head", help="the regional head", description=HEAD_HELP,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     hsub = head.add_subparsers(required=True, metavar="COMMAND")
@@ -142,6 +148,55 @@ def _cmd_join(args) -> int:
         print("Token stored; the agent is joining now. Watch it with: garage-node status")
     except Exception:
         print("Token stored. The agent is not running: start it with `systemctl start garage-node`.")
+    return 0
+
+
+def _cmd_drain(args) -> int:
+    return _set_drain(args, True)
+
+
+def _cmd_resume(args) -> int:
+    return _set_drain(args, False)
+
+
+def _set_drain(args, on: bool) -> int:
+    from . import identity
+    from .localapi import client
+
+    cfg = load_node_config(args.config, args.override)
+    flag = identity.StatePaths(cfg.node.state_dir).drain_flag
+    # A file, not only a request to the agent: the drain holds across agent restarts and reboots.
+    if on:
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.write_text("drained by garage-node drain\n")
+    else:
+        flag.unlink(missing_ok=True)
+    try:
+        with client(cfg.socket_path, timeout=2) as c:
+            c.post("/v1/reconcile")
+        running = True
+    except Exception:
+        running = False
+    what = "Draining: running requests finish, then the engine stops." if on else "Resumed: the engine starts again."
+    print(what + (" Watch it with: garage-node status" if running else " (The agent is not running; it applies this when it starts.)"))
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from . import engine, gpu, planner
+
+    cfg = load_node_config(args.config, args.override)
+    inv = gpu.read_inventory()
+    try:
+        catalog = planner.load_catalog(engine.catalog_path(cfg.engine))
+        plan = planner.plan(inv, catalog, pinned_model=cfg.engine.model or None,
+                            pinned_quantization=cfg.engine.quantization or None,
+                            max_model_len=cfg.engine.max_model_len or None,
+                            gpu_memory_utilization=cfg.engine.gpu_memory_utilization)
+    except (planner.PlanError, planner.CatalogError, OSError) as e:
+        print(f"garage-node plan: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.explain())
     return 0
 
 

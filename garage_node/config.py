@@ -68,6 +68,38 @@ class AgentSection:
 
 
 @dataclass(frozen=True)
+class EngineSection:
+    """The vLLM engine the agent runs in Docker (see garage_node/engine.py)."""
+
+    enabled: bool = True
+    # Pinned: every node of a region runs the same vLLM. Override for a local or newer build.
+    image: str = "vllm/vllm-openai:v0.32.0"
+    # "gpu": GPUs passed through; "cpu": no GPU (a vLLM CPU build; tests and CPU-only nodes).
+    device: str = "gpu"
+    # Empty: the planner picks the largest catalog model that fits. Else a catalog name or id.
+    model: str = ""
+    quantization: str = ""
+    max_model_len: int = 0  # 0: the planner decides
+    gpu_memory_utilization: float = 0.90
+    # A local model directory, mounted read-only and served instead of downloading from a hub.
+    model_dir: str = ""
+    catalog: str = ""  # empty: /etc/garage-node/models.toml, else the catalog shipped with garage-node
+    port: int = 8000
+    shm_size_mib: int = 2048
+    cache_dir: Path = Path("/var/lib/garage-node/models")
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    hub_token: str = field(default="", repr=False)  # secret: passed to the container, never shown
+    docker_socket: str = "/var/run/docker.sock"
+    # Restarts within crash_window_s that turn "restarting" into "degraded".
+    crash_loop_restarts: int = 3
+    crash_window_s: float = 600.0
+    startup_timeout_s: float = 900.0  # a first start may download many GB
+    drain_grace_s: float = 120.0
+    stop_timeout_s: int = 30
+
+
+@dataclass(frozen=True)
 class WifiSection:
     # Read by the image's boot scripts, not by the agent; declared so typos are caught.
     ssid: str = ""
@@ -86,6 +118,7 @@ class NodeConfig:
     overlay: OverlaySection = field(default_factory=OverlaySection)
     ray: NodeRaySection = field(default_factory=NodeRaySection)
     agent: AgentSection = field(default_factory=AgentSection)
+    engine: EngineSection = field(default_factory=EngineSection)
     wifi: WifiSection = field(default_factory=WifiSection)
     ssh: SshSection = field(default_factory=SshSection)
 
@@ -251,6 +284,10 @@ def _coerce(value: Any, expected: Any, source: Path, where: str) -> Any:
         if not isinstance(value, str):
             raise fail("a string in quotes")
         return value
+    if typing.get_origin(expected) is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise fail("a table of strings (KEY = \"value\")")
+        return dict(value)
     if typing.get_origin(expected) is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise fail("a list of strings")
@@ -260,6 +297,9 @@ def _coerce(value: Any, expected: Any, source: Path, where: str) -> Any:
 
 def _check_node(cfg: NodeConfig) -> None:
     _check_choice(cfg.overlay.implementation, ("auto", "kernel", "wireguard-go"), "overlay.implementation")
+    _check_choice(cfg.engine.device, ("gpu", "cpu"), "engine.device")
+    if not 0.1 <= cfg.engine.gpu_memory_utilization <= 0.99:
+        raise ConfigError("'engine.gpu_memory_utilization' must be between 0.1 and 0.99.")
     _check_ifname(cfg.overlay.interface, "overlay.interface")
 
 

@@ -113,10 +113,12 @@ class HeadService:
         self.registry = registry(cfg)
         self.hub = hub_info(cfg, self.paths)
         self.iface = wireguard.Interface(cfg.overlay.interface, cfg.overlay.implementation)
-        self.ray = Supervised("ray head", self.paths.ray_log, Backoff(1.0, 30.0))
+        self.ray = Supervised("ray head", self.paths.ray_log, Backoff(1.0, 30.0),
+                              pid_file=cfg.head.state_dir / "ray-head.pid")
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._reconciler = threading.Thread(target=self._loop, name="head-reconcile", daemon=True)
+        self._prober = threading.Thread(target=self._probe_loop, name="ray-probe", daemon=True)
 
     # -- lifecycle
 
@@ -126,18 +128,20 @@ class HeadService:
         self.sync_peers()
         # Two loops: a Ray probe can block for seconds while the Ray head starts, and peer
         # sync must not wait for it (a new node's first handshake depends on it).
-        self._threads = [threading.Thread(target=self._loop, name="head-reconcile", daemon=True),
-                         threading.Thread(target=self._probe_loop, name="ray-probe", daemon=True)]
-        for t in self._threads:
-            t.start()
+        self._reconciler.start()
+        self._prober.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        for t in self._threads:
-            t.join(timeout=30)
+        if self._reconciler.is_alive():
+            self._reconciler.join(timeout=30)
         self.ray.stop()
         self.iface.down()
+        # The prober may sit in a probe of the Ray head just stopped; it is a daemon thread
+        # with nothing of value left to write, so do not wait for it long.
+        if self._prober.is_alive():
+            self._prober.join(timeout=2)
 
     def peers_changed(self) -> None:
         self._wake.set()

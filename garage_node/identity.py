@@ -34,6 +34,9 @@ class Identity:
     heartbeat_s: float = 10.0
     enrolled_at: float = 0.0
     revoked: bool = False
+    # SHA-256 of the join token this identity came from: after a revocation only a different
+    # token is worth trying (the old one stays in garage.toml but is spent).
+    token_digest: str = ""
 
     @classmethod
     def from_enrollment(cls, name: str, api_url: str, wg_private_key: str, body: dict[str, Any], now: float) -> "Identity":
@@ -68,6 +71,10 @@ class StatePaths:
     @property
     def join_token(self) -> Path:
         return self.state_dir / "join-token"
+
+    @property
+    def drain_flag(self) -> Path:
+        return self.state_dir / "draining"
 
     @property
     def logs(self) -> Path:

@@ -29,9 +29,14 @@ class ChildState:
 
 
 class Supervised:
-    def __init__(self, name: str, log_path: Path, backoff: Backoff, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, log_path: Path, backoff: Backoff, env: dict[str, str] | None = None,
+                 pid_file: Path | None = None) -> None:
         self.name = name
         self.log_path = log_path
+        # Where the child's PID is kept, so that after our own crash the next start can end
+        # the orphaned child (and its process group) before starting a new one.
+        self.pid_file = pid_file
+        self._orphans_checked = False
         self.backoff = backoff
         self.env = env
         self.state = ChildState()
@@ -67,6 +72,9 @@ class Supervised:
             return True
         if time.monotonic() < self.state.next_start_at:
             return False
+        if not self._orphans_checked:
+            self._end_orphan()
+            self._orphans_checked = True
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = self.log_path.open("ab")
         try:
@@ -79,6 +87,9 @@ class Supervised:
             out.close()
         self.state.running, self.state.pid = True, self._proc.pid
         self.state.started_at = time.monotonic()
+        if self.pid_file:
+            self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+            self.pid_file.write_text(f"{self._proc.pid}\n")
         log.info("started %s (pid %d)", self.name, self._proc.pid)
         return True
 
@@ -96,6 +107,26 @@ class Supervised:
         _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
         self.state.running, self.state.pid = False, None
+        if self.pid_file:
+            self.pid_file.unlink(missing_ok=True)
+
+    def _end_orphan(self) -> None:
+        """A child left running by a previous agent that died (SIGKILL, crash): end its group."""
+        if self.pid_file is None or not self.pid_file.exists():
+            return
+        try:
+            pid = int(self.pid_file.read_text())
+            # Only a group we made: the child leads its own session, so its pgid is its pid.
+            if os.getpgid(pid) == pid:
+                log.warning("ending %s left over from a previous run (pid %d)", self.name, pid)
+                _signal_group(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and _alive(pid):
+                    time.sleep(0.1)
+                _signal_group(pid, signal.SIGKILL)
+        except (ValueError, ProcessLookupError, PermissionError):
+            pass
+        self.pid_file.unlink(missing_ok=True)
 
     def tail(self, n: int = 12) -> list[str]:
         try:
@@ -105,6 +136,14 @@ class Supervised:
         except OSError:
             return []
         return list(deque(lines, maxlen=n))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def _signal_group(pgid: int, sig: int) -> None:

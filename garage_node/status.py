@@ -3,6 +3,7 @@ for a person at a glance; or, with the agent down, what can be read locally."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -62,7 +63,7 @@ def offline_snapshot(cfg: NodeConfig, why: str) -> dict[str, Any]:
         "head": {"api_url": ident.api_url if ident else None, "reachable": None, "last_contact_age_s": None, "error": None},
         "ray": {"state": "unknown", "address": ident.ray_address if ident else None, "alive_at_head": None,
                 "pid": None, "restarts": None, "last_exit_code": None, "resources": None},
-        "engine": {"state": "unknown", "message": "the agent is not running"},
+        "engine": {"state": "unknown", "message": "the agent is not running", "draining": StatePaths(cfg.node.state_dir).drain_flag.exists()},
         "versions": None,
         "last_error": {"message": why, "hint": "start the agent: systemctl start garage-node (logs: journalctl -u garage-node)", "age_s": 0},
         "agent": None,
@@ -78,7 +79,8 @@ def render(s: dict[str, Any]) -> str:
     add("Overlay:", _overlay(s["overlay"]))
     add("Head:", _head(s["head"]))
     add("Ray:", _ray(s["ray"]))
-    add("Engine:", f"{s['engine']['state']}: {s['engine'].get('message', '')}".rstrip(": "))
+    for i, text in enumerate(_engine(s["engine"])):
+        add("Engine:" if i == 0 else "", text)
     err = s.get("last_error")
     if err:
         retry = f" (retrying in {err['retry_in_s']:.0f} s)" if err.get("retry_in_s") is not None else ""
@@ -149,6 +151,25 @@ def _ray(r: dict[str, Any]) -> str:
     if r.get("restarts"):
         text += f"; {r['restarts']} restarts"
     return text
+
+
+def _engine(e: dict[str, Any]) -> list[str]:
+    lines = [f"{e['state']}: {e.get('message') or ''}".rstrip(": ")]
+    if e.get("state") == "healthy":
+        since = f", healthy for {_age(time.time() - e['healthy_since'])}" if e.get("healthy_since") else ""
+        load = ""
+        if e.get("requests_running") is not None:
+            tps = e.get("generation_tokens_per_s")
+            load = f"; {e['requests_running']} running, {e['requests_waiting']} waiting" + (f", {tps:.1f} tokens/s" if tps is not None else "")
+        lines.append(f"{e.get('image')}{since}{load}")
+    if e.get("restarts"):
+        lines.append(f"{e['restarts']} restarts")
+    if e.get("draining") and e.get("state") != "draining":
+        lines.append("drained by the owner: `garage-node resume` to serve again")
+    if e.get("state") in ("degraded", "restarting") and e.get("last_log_lines"):
+        lines.append("last engine log lines:")
+        lines += [f"  {line[:150]}" for line in e["last_log_lines"][-8:]]
+    return lines
 
 
 def _age(seconds: float | None) -> str:

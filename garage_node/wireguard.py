@@ -96,6 +96,11 @@ class Interface:
 
     def up(self, private_key: str, address: str, listen_port: int | None = None) -> None:
         """Create (or adopt) the interface and give it our key and address. Idempotent."""
+        if self.exists() and not self._controllable():
+            # Left by a wireguard-go that died or lives in another mount namespace: no one
+            # can configure it, so replace it.
+            log.warning("interface %s exists but WireGuard cannot configure it; recreating it", self.name)
+            _run(["ip", "link", "delete", "dev", self.name], check=False)
         if not self.exists():
             self._create()
         cmd = ["wg", "set", self.name, "private-key", "/dev/stdin"]
@@ -104,6 +109,9 @@ class Interface:
         _run(cmd, input=private_key + "\n")
         _run(["ip", "address", "replace", address, "dev", self.name])
         _run(["ip", "link", "set", "dev", self.name, "mtu", "1420", "up"])
+
+    def _controllable(self) -> bool:
+        return _run(["wg", "show", self.name, "listen-port"], check=False).returncode == 0
 
     def down(self) -> None:
         if self.exists():

@@ -53,6 +53,20 @@ def sh(cmd: list[str], check: bool = True, **kw: Any) -> subprocess.CompletedPro
     return res
 
 
+def _pids_using(directory: Path) -> list[int]:
+    """PIDs whose command line names `directory` (a testbed's own, unique temp directory)."""
+    marker = str(directory).encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
 def namespaces() -> list[str]:
     out = sh(["ip", "netns", "list"], check=False).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
@@ -76,10 +90,30 @@ def kill_namespace(ns: str) -> None:
     sh(["ip", "netns", "delete", ns], check=False)
 
 
+OWNERS = Path("/run/garage-testbeds")  # <testbed prefix> -> PID of the process that made it
+
+
+def _owner_alive(testbed_prefix: str) -> bool:
+    try:
+        pid = int((OWNERS / testbed_prefix).read_text())
+        os.kill(pid, 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def cleanup_stale(prefix: str = PREFIX) -> list[str]:
-    gone = [ns for ns in namespaces() if ns.startswith(prefix + "-")]
-    for ns in gone:
-        kill_namespace(ns)
+    """Remove testbeds whose maker died without cleaning up; leave live ones (a demo, a
+    benchmark or another test run on the same machine) alone."""
+    gone = []
+    for ns in namespaces():
+        parts = ns.split("-")
+        if len(parts) >= 3 and parts[0] == prefix:
+            owner = f"{parts[0]}-{parts[1]}"
+            if not _owner_alive(owner):
+                kill_namespace(ns)
+                (OWNERS / owner).unlink(missing_ok=True)
+                gone.append(ns)
     return gone
 
 
@@ -232,7 +266,10 @@ class NodeHost(Host):
     def state_dir(self) -> Path:
         return self.dir / "state"
 
-    def configure(self, token: str = "", extra: str = "") -> None:
+    interface: str = "garage0"
+
+    def configure(self, token: str = "", extra: str = "", engine: str = "enabled = false\n") -> None:
+        """`engine` is the body of the [engine] section; the engine is off unless a test asks."""
         d = self.dir
         self.config.write_text(f"""\
 [node]
@@ -240,7 +277,7 @@ state_dir = "{d / 'state'}"
 runtime_dir = "{d / 'run'}"
 
 [overlay]
-interface = "garage0"
+interface = "{self.interface}"
 
 [ray]
 temp_dir = "{d / 'ray'}"
@@ -252,7 +289,9 @@ object_store_mib = 128
 reconcile_s = 0.5
 backoff_initial_s = 0.5
 backoff_max_s = 5.0
-""")
+
+[engine]
+{engine}""")
         # What the USB stick carries: token and name.
         self.override.write_text(f'[node]\nname = "{self.name}"\njoin_token = "{token}"\n{extra}')
 
@@ -293,6 +332,20 @@ backoff_max_s = 5.0
         return last
 
 
+@dataclass
+class RootNodeHost(NodeHost):
+    """A node in this machine's own network namespace, where dockerd runs: Docker publishes
+    the engine's port on the node's overlay address, so the node must live where Docker does.
+    Its links carry the testbed's prefix, so cleanup finds them by name."""
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        return argv
+
+    @property
+    def ns(self) -> str:  # not a namespace: the name of its link to the bridge
+        return f"{self.testbed.prefix}-{self.name}"[:15]
+
+
 def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -328,6 +381,8 @@ class Testbed:
         if why := missing_prerequisite():
             raise TestbedError(f"cannot build a testbed: {why}")
         Path("/run/wireguard").mkdir(parents=True, exist_ok=True)  # mount point for each host's tmpfs
+        OWNERS.mkdir(parents=True, exist_ok=True)
+        (OWNERS / self.prefix).write_text(str(os.getpid()))
         sh(["ip", "netns", "add", self.switch])
         sh(["ip", "-n", self.switch, "link", "add", "br0", "type", "bridge"])
         sh(["ip", "-n", self.switch, "link", "set", "br0", "up"])
@@ -360,16 +415,45 @@ class Testbed:
         node.set_gpus(gpus or [])
         return node
 
+    def add_root_node(self, name: str, gpus: list[FakeGPU] | None = None) -> RootNodeHost:
+        node = RootNodeHost(self, name, self._ip(10 + len(self.hosts)))
+        node.interface = f"{self.prefix}-wg"[:15]
+        node.dir.mkdir(parents=True, exist_ok=True)
+        port = f"p-{name}"[:15]
+        sh(["ip", "-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", node.ns, "netns", "1"])
+        sh(["ip", "-n", self.switch, "link", "set", port, "master", "br0", "up"])
+        sh(["ip", "address", "add", f"{node.ip}/24", "dev", node.ns])
+        sh(["ip", "link", "set", node.ns, "up"])
+        self.hosts.append(node)
+        node.env = env_for(self.nvml_dir(), node.dir / "gpus.conf")
+        node.set_gpus(gpus or [])
+        return node
+
     def nvml_dir(self) -> Path:
         if self._nvml_dir is None:
             self._nvml_dir = build_fake_nvml(self.dir / "nvml")
         return self._nvml_dir
+
+    def _cleanup_root_node(self, node: RootNodeHost) -> None:
+        # Links by name (deleting the WireGuard link ends its wireguard-go), then any process
+        # still using this testbed's directory (a Ray worker orphaned by a killed agent).
+        sh(["ip", "link", "delete", node.interface], check=False)
+        sh(["ip", "link", "delete", node.ns], check=False)
+        for pid in _pids_using(self.dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def cleanup(self) -> None:
         for host in self.hosts:
             for proc in host.procs:
                 stop_process(proc, signal.SIGTERM, timeout=20)
         for host in self.hosts:
-            kill_namespace(host.ns)
+            if isinstance(host, RootNodeHost):
+                self._cleanup_root_node(host)
+            else:
+                kill_namespace(host.ns)
         kill_namespace(self.switch)
+        (OWNERS / self.prefix).unlink(missing_ok=True)
         shutil.rmtree(self.dir, ignore_errors=True)
