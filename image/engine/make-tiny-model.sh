@@ -6,4 +6,4 @@ set -euo pipefail
 out=$(realpath -m "${1:?usage: make-tiny-model.sh OUTDIR [IMAGE]}")
 image=${2:-garage-node/vllm-cpu:test}
 mkdir -p "$out"
-exec docker run --rm --network none --entrypoint python3 -v "$out:/model" "$image" /opt/garage/make_tiny_model.py /model
+exec docker run --rm --pull never --network none --entrypoint python3 -v "$out:/model" "$image" /opt/garage/make_tiny_model.py /model
