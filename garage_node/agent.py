@@ -290,6 +290,7 @@ class Agent:
         ident = self.identity
         assert ident is not None
         log.warning("the head revoked this node: %s", message)
+        self.engine.stand_down()
         self.ray.stop()
         self.iface.down()
         self._overlay_ready = False
@@ -389,7 +390,8 @@ class Agent:
             self._set("degraded", "head unreachable; retrying")
         elif self.head.ray_alive and self.ray.running:
             gpus = len(self.inventory.healthy_gpus)
-            self._set("joined", f"joined as {ident.overlay_ip}; Ray worker alive at the head ({gpus} GPU{'s' if gpus != 1 else ''})")
+            offer = f"{gpus} GPU{'s' if gpus != 1 else ''}" if gpus else "CPU only"
+            self._set("joined", f"joined as {ident.overlay_ip}; Ray worker alive at the head ({offer})")
         else:
             self._set("joining", "Ray worker starting" if self.ray.running else "Ray worker waiting to restart")
 

@@ -91,6 +91,7 @@ class EngineSection:
     env: dict[str, str] = field(default_factory=dict)
     hub_token: str = field(default="", repr=False)  # secret: passed to the container, never shown
     docker_socket: str = "/var/run/docker.sock"
+    container_name: str = "garage-engine"
     # Restarts within crash_window_s that turn "restarting" into "degraded".
     crash_loop_restarts: int = 3
     crash_window_s: float = 600.0

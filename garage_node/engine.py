@@ -29,7 +29,6 @@ from .gpu import Inventory
 
 log = logging.getLogger(__name__)
 
-CONTAINER = "garage-engine"
 LABEL_MANAGED = "garage-node.managed"
 LABEL_HASH = "garage-node.spec-hash"
 LABEL_MODEL = "garage-node.model"
@@ -209,6 +208,7 @@ class EngineManager:
         self.desired = desired
         self.interval_s = interval_s
         self.docker = Docker(cfg.docker_socket)
+        self.name = cfg.container_name
         self.status = EngineStatus(state="disabled" if not cfg.enabled else "starting")
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -220,6 +220,8 @@ class EngineManager:
         self._started_at: float | None = None
         self._last_tokens: tuple[float, float] | None = None  # (time, counter)
         self._http = httpx.Client(timeout=5.0)
+        self._spec: EngineSpec | None = None  # the last spec reconciled towards
+        self._stand_down = threading.Event()
 
     # -- control
 
@@ -239,6 +241,11 @@ class EngineManager:
 
     def resume(self) -> None:
         self.drain_flag.unlink(missing_ok=True)
+        self._wake.set()
+
+    def stand_down(self) -> None:
+        """The node left the region (revoked): drain and stop the engine until it joins again."""
+        self._stand_down.set()
         self._wake.set()
 
     def shutdown(self) -> None:
@@ -286,13 +293,18 @@ class EngineManager:
             self._set("refused", str(e))
             return
         if wanted is None:
-            self._set("starting", "waiting for the node to join before starting the engine")
+            if self._stand_down.is_set():
+                self._drain_and_stop("stopped", "stopped: this node is no longer part of the region")
+            else:
+                self._set("starting", "waiting for the node to join before starting the engine")
             return
+        self._stand_down.clear()
         spec, why = wanted
+        self._spec = spec
         with self._lock:
             self.status.image, self.status.model, self.status.endpoint, self.status.plan = spec.image, spec.model, spec.endpoint, why
         self.docker.ping()
-        current = self.docker.container(CONTAINER)
+        current = self.docker.container(self.name)
         if current is not None and current.labels.get(LABEL_HASH) != spec.spec_hash:
             log.info("engine spec changed (%s -> %s): replacing the container", current.labels.get(LABEL_HASH), spec.spec_hash)
             self._stop_container(remove=True)
@@ -315,8 +327,8 @@ class EngineManager:
         if not self.docker.image_exists(spec.image):
             self._pull(spec.image)
         Path(spec.cache_dir).mkdir(parents=True, exist_ok=True)
-        cid = self.docker.create(CONTAINER, spec.container_body(secret_env(self.cfg)))
-        self.docker.start(CONTAINER)
+        cid = self.docker.create(self.name, spec.container_body(secret_env(self.cfg)))
+        self.docker.start(self.name)
         self._started_at = time.monotonic()
         with self._lock:
             self.status.container_id, self.status.healthy_since = cid, None
@@ -345,7 +357,7 @@ class EngineManager:
             self._crashes = [t for t in self._crashes if now - t < self.cfg.crash_window_s] + [now]
             delay = self._backoff.next_delay()
             self._next_start = now + delay
-            lines = self.docker.logs(CONTAINER, tail=15)
+            lines = self.docker.logs(self.name, tail=15)
             with self._lock:
                 self.status.restarts += 1
                 self.status.last_log_lines = lines
@@ -357,7 +369,7 @@ class EngineManager:
                 self._set("restarting", f"engine exited (code {exit_code}); restarting in {delay:.0f} s")
             return
         if now >= self._next_start:
-            self.docker.start(CONTAINER)
+            self.docker.start(self.name)
             self._started_at = now
             with self._lock:
                 self.status.state = "starting"
@@ -409,16 +421,18 @@ class EngineManager:
     # -- drain and stop
 
     def _drain_and_stop(self, final_state: str, message: str) -> None:
-        current = self.docker.container(CONTAINER)
+        current = self.docker.container(self.name)
         if current is None or not current.running:
             self._set(final_state, message)
             return
-        spec = self._running_spec()
+        spec = self._spec
         self._set("draining", f"draining: waiting up to {self.cfg.drain_grace_s:.0f} s for running requests to finish")
-        deadline = time.monotonic() + self.cfg.drain_grace_s
+        # No spec: this agent never ran the engine (it adopted nothing), so it has no endpoint to watch.
+        deadline = time.monotonic() + (self.cfg.drain_grace_s if spec else 0)
         while time.monotonic() < deadline:
-            m = self._read_metrics(spec) if spec else None
-            if m is None or (m.running == 0 and m.waiting == 0):
+            m = self._read_metrics(spec)
+            # Unreadable metrics prove nothing: keep waiting (up to the grace period).
+            if m is not None and m.running == 0 and m.waiting == 0:
                 break
             time.sleep(0.5)
         # Removed, not just stopped: a stopped container would look like a crash on resume.
@@ -428,22 +442,15 @@ class EngineManager:
             self.status.requests_running = self.status.requests_waiting = None
         self._set(final_state, message)
 
-    def _running_spec(self) -> EngineSpec | None:
-        try:
-            wanted = self.desired()
-        except EngineConfigError:
-            return None
-        return wanted[0] if wanted else None
-
     def _stop_container(self, remove: bool) -> None:
         # SIGTERM first: vLLM finishes its shutdown; Docker kills only after the timeout.
-        self.docker.stop(CONTAINER, self.cfg.stop_timeout_s)
+        self.docker.stop(self.name, self.cfg.stop_timeout_s)
         if remove:
-            self.docker.remove(CONTAINER)
+            self.docker.remove(self.name)
 
     def _set(self, state: str, message: str) -> None:
         with self._lock:
-            changed = (state, message) != (self.status.state, self.status.message)
+            changed = state != self.status.state
             self.status.state, self.status.message = state, message
-        if changed and state != "pulling":
+        if changed:  # messages tick (progress, seconds); the log gets state changes only
             log.info("engine %s: %s", state, message)

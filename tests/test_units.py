@@ -64,12 +64,17 @@ def test_supervised_stop_ends_process_group(tmp_path):
     pid = child.state.pid
     child.stop(timeout_s=5)
     assert not child.running
-    try:
-        os.killpg(pid, 0)
-        alive = True
-    except ProcessLookupError:
-        alive = False
-    assert not alive
+
+    def group_alive() -> bool:
+        try:
+            os.killpg(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    deadline = time.time() + 10  # the background sleep is reaped by init, a moment later
+    while group_alive() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not group_alive()
 
 
 def test_sd_notify_fallback_sends_datagram(tmp_path, monkeypatch):
@@ -138,3 +143,18 @@ def test_render_problem_with_hint_and_cpu_node():
     text = render(s)
     assert "CPU node (NVIDIA driver not found)" in text and "UNREACHABLE: refused" in text
     assert "head unreachable (retrying in 4 s)" in text and "To fix:  check the head" in text
+
+
+def test_supervised_ends_an_orphan_left_by_a_crashed_agent(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    first = Supervised("sleeper", tmp_path / "log", Backoff(), pid_file=pid_file)
+    first.ensure(["sleep", "60"])
+    orphan = first.state.pid
+    assert int(pid_file.read_text()) == orphan
+    # A new agent (the first one "crashed" without stopping its child) starts the same child.
+    second = Supervised("sleeper", tmp_path / "log", Backoff(), pid_file=pid_file)
+    second.ensure(["sleep", "60"])
+    first._proc.wait(timeout=10)  # the orphan was ended
+    assert second.state.pid != orphan and int(pid_file.read_text()) == second.state.pid
+    second.stop()
+    assert not pid_file.exists()
