@@ -119,10 +119,15 @@ def booted(image: Path) -> dict:
     pidfile = OUT / "qemu.pid"
     for f in (log, pidfile):
         f.unlink(missing_ok=True)
+    # QEMU's user-mode network would forward the guest's traffic to wherever it asks: run it
+    # in an empty network namespace of our own (loopback only), so nothing leaves this machine.
+    netns = f"gnimg-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
     t0 = time.monotonic()
     runner = subprocess.Popen(
         [str(REPO / "image" / "qemu-run.sh"), str(image), "--grow", "2G", "--serial-log", str(log),
-         "--pidfile", str(pidfile), "--timeout", str(BOOT_TIMEOUT + 60)],
+         "--pidfile", str(pidfile), "--timeout", str(BOOT_TIMEOUT + 60), "--netns", netns],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     booted_at = None
@@ -155,6 +160,7 @@ def booted(image: Path) -> dict:
         except subprocess.TimeoutExpired:
             os.killpg(runner.pid, signal.SIGKILL)
             runner.wait(timeout=10)
+        subprocess.run(["ip", "netns", "delete", netns], check=False)
     info = _parse(text)
     info["log"] = text
     info["booted_s"] = booted_at

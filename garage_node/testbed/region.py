@@ -180,7 +180,8 @@ class HeadHost(Host):
     def config(self) -> Path:
         return self.dir / "head.toml"
 
-    def configure(self) -> None:
+    def configure(self, advertise_host: str = "") -> None:
+        """`advertise_host`: the address nodes use (default: the head's bridge address)."""
         d = self.dir
         self.config.write_text(f"""\
 [head]
@@ -188,7 +189,7 @@ region = "testbed"
 state_dir = "{d / 'state'}"
 
 [api]
-advertise_host = "{self.ip}"
+advertise_host = "{advertise_host or self.ip}"
 port = 8443
 
 [overlay]
