@@ -26,7 +26,7 @@ from .config import NodeConfig
 from .engine import EngineConfigError, EngineManager, EngineSpec, desired_spec
 from .identity import Identity, StatePaths
 from .process import Supervised
-from .raycluster import Versions, local_versions, ray_executable, worker_argv, worker_labels
+from .raycluster import Versions, local_versions, ray_env, ray_executable, worker_argv, worker_labels
 from .wireguard import Interface, Peer, WireGuardError
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class Agent:
         self.iface = Interface(cfg.overlay.interface, cfg.overlay.implementation)
         self.ray = Supervised("ray worker", self.paths.logs / "ray-worker.log",
                               Backoff(cfg.agent.backoff_initial_s, cfg.agent.backoff_max_s),
-                              pid_file=cfg.node.runtime_dir / "ray-worker.pid")
+                              env=ray_env(), pid_file=cfg.node.runtime_dir / "ray-worker.pid")
         self.versions = local_versions()
         self.started_at = time.time()
         self.state = "starting"

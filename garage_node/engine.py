@@ -34,7 +34,8 @@ LABEL_HASH = "garage-node.spec-hash"
 LABEL_MODEL = "garage-node.model"
 CONTAINER_PORT = 8000
 CACHE_IN_CONTAINER = "/root/.cache/huggingface"
-REPO_CATALOG = Path(__file__).resolve().parent.parent / "configs" / "models.toml"
+# configs/models.toml, shipped inside the package (garage_node/models.toml links to it).
+PACKAGED_CATALOG = Path(__file__).with_name("models.toml")
 SYSTEM_CATALOG = Path("/etc/garage-node/models.toml")
 
 
@@ -98,7 +99,7 @@ class EngineSpec:
 def catalog_path(cfg: EngineSection) -> Path:
     if cfg.catalog:
         return Path(cfg.catalog)
-    return SYSTEM_CATALOG if SYSTEM_CATALOG.exists() else REPO_CATALOG
+    return SYSTEM_CATALOG if SYSTEM_CATALOG.exists() else PACKAGED_CATALOG
 
 
 def secret_env(cfg: EngineSection) -> dict[str, str]:

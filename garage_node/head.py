@@ -16,7 +16,7 @@ from .config import HeadConfig
 from .fsutil import write_private
 from .headapi import HubInfo, create_app
 from .process import Supervised
-from .raycluster import head_argv, local_versions, probe, ray_executable
+from .raycluster import head_argv, local_versions, probe, ray_env, ray_executable
 from .registry import Registry
 from .token import JoinToken, new_token
 
@@ -114,7 +114,7 @@ class HeadService:
         self.hub = hub_info(cfg, self.paths)
         self.iface = wireguard.Interface(cfg.overlay.interface, cfg.overlay.implementation)
         self.ray = Supervised("ray head", self.paths.ray_log, Backoff(1.0, 30.0),
-                              pid_file=cfg.head.state_dir / "ray-head.pid")
+                              env=ray_env(), pid_file=cfg.head.state_dir / "ray-head.pid")
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reconciler = threading.Thread(target=self._loop, name="head-reconcile", daemon=True)

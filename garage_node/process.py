@@ -63,7 +63,9 @@ class Supervised:
             next_start_at=time.monotonic() + delay,
             last_lines=self.tail(),
         )
-        log.warning("%s exited with code %s; restarting in %.1f s", self.name, code, delay)
+        last = " | ".join(line.strip() for line in self.state.last_lines[-3:] if line.strip())
+        # Its last words go to the journal: the reason a child dies is usually in them.
+        log.warning("%s exited with code %s; restarting in %.1f s. Last output: %s", self.name, code, delay, last[-600:] or "none")
 
     def ensure(self, argv: list[str]) -> bool:
         """Start the child if it is not running and its backoff has passed; True if it runs."""

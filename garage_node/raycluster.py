@@ -8,6 +8,7 @@ The agent never imports ray (it would cost hundreds of MB): Ray runs as a superv
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -44,6 +45,16 @@ def local_versions() -> Versions:
     except metadata.PackageNotFoundError:
         ray_version = "not installed"
     return Versions(ray=ray_version, python=f"{sys.version_info.major}.{sys.version_info.minor}")
+
+
+# Ray refuses a node whose Python differs from the head's even in the patch level (3.11.2 on a
+# Debian node against 3.11.7 on a head) unless told to compare major.minor only, which is
+# what garage-node checks itself (Versions.mismatch) and what pickles need.
+RAY_ENV = {"RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL": "minor"}
+
+
+def ray_env() -> dict[str, str]:
+    return {**os.environ, **RAY_ENV}
 
 
 def ray_executable(configured: str) -> str:
