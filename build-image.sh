@@ -236,7 +236,7 @@ fi
 # cached in $CACHE/image-wheels; the image installs them offline (mkosi.postinst.chroot).
 SRC="$BUILD/src"
 rm -rf "$SRC"; mkdir -p "$SRC"
-(cd "$REPO" && cp -a pyproject.toml garage_node "$SRC/" && for f in README.md LICENSE setup.cfg setup.py MANIFEST.in; do
+(cd "$REPO" && cp -a pyproject.toml garage_node configs "$SRC/" && for f in README.md LICENSE setup.cfg setup.py MANIFEST.in; do
     [ -e "$f" ] && cp -a "$f" "$SRC/"; done; true)
 find "$SRC" -name __pycache__ -prune -exec rm -rf {} +
 [ -f "$SRC/README.md" ] || echo "garage-node" > "$SRC/README.md"

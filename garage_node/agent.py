@@ -32,9 +32,11 @@ from .wireguard import Interface, Peer, WireGuardError
 log = logging.getLogger(__name__)
 
 GPU_REFRESH_S = 30.0
-# A running worker the Ray head has not listed for this long is restarted: Ray workers do not
+# A worker the Ray head listed and then lost for this long is restarted: Ray workers do not
 # rejoin a restarted head by themselves, and may linger half-alive.
 RAY_ABSENT_RESTART_S = 60.0
+# A worker never listed yet gets longer: a first start can be slow (a busy or emulated PC).
+RAY_FIRST_JOIN_S = 600.0
 
 
 @dataclass
@@ -331,10 +333,12 @@ class Agent:
 
     def _ray_stale_at_head(self) -> bool:
         h = self.head
-        return (self.ray.running and h.reachable is True and not h.ray_alive and h.ray_absent_since is not None
-                and self.ray.state.started_at is not None
-                and time.monotonic() - self.ray.state.started_at > RAY_ABSENT_RESTART_S
-                and time.time() - h.ray_absent_since > RAY_ABSENT_RESTART_S)
+        started = self.ray.state.started_at
+        if not (self.ray.running and h.reachable is True and not h.ray_alive and h.ray_absent_since and started):
+            return False
+        was_listed = h.ray_alive_since is not None and h.ray_alive_since > time.time() - (time.monotonic() - started)
+        allowance = RAY_ABSENT_RESTART_S if was_listed else RAY_FIRST_JOIN_S
+        return time.monotonic() - started > allowance and time.time() - h.ray_absent_since > allowance
 
     def _ray_worker_argv(self, ident: Identity) -> list[str]:
         r = self.cfg.ray

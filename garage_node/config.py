@@ -228,8 +228,10 @@ def load_head_config(path: Path | None = None) -> HeadConfig:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        # Notepad may save garage.toml with a byte-order mark; TOML itself does not allow one.
+        return tomllib.loads(path.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text. Save it as UTF-8 and start again.") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e}). Fix the syntax and start again.") from None
     except OSError as e:

@@ -14,7 +14,11 @@
 #   --hostfwd SPEC       user-mode net port forward, e.g. tcp:127.0.0.1:2222-:22 (repeatable)
 #   --guestfwd SPEC      user-mode net guest forward, e.g. tcp:10.0.2.100:8443-tcp:127.0.0.1:8443
 #   --netns NAME         run QEMU inside network namespace NAME (ip netns exec); the
-#                        guest reaches that namespace's loopback as 10.0.2.2
+#                        guest reaches that namespace's loopback as 10.0.2.2 (and only
+#                        what that namespace can reach: give it loopback only)
+#   --allow-outside      without --netns the guest is isolated (user-mode net with
+#                        restrict=on: DHCP and the forwards above work, nothing else);
+#                        this lets it reach the host and beyond through QEMU's NAT
 #   --mem MIB            guest memory (default 3072)
 #   --smp N              guest CPUs (default 2)
 #   --usb                attach IMAGE as a USB stick (xhci + usb-storage) instead of virtio
@@ -44,6 +48,7 @@ ACCEL=tcg
 VARS=""
 QMP=""
 SERIAL_JOURNAL=1
+ALLOW_OUTSIDE=0
 NETOPTS=""
 EXTRA=()
 
@@ -57,6 +62,7 @@ while [ $# -gt 0 ]; do
         --hostfwd) NETOPTS+=",hostfwd=${2:?}"; shift 2 ;;
         --guestfwd) NETOPTS+=",guestfwd=${2:?}"; shift 2 ;;
         --netns) NETNS=${2:?}; shift 2 ;;
+        --allow-outside) ALLOW_OUTSIDE=1; shift ;;
         --mem) MEM=${2:?}; shift 2 ;;
         --smp) SMP=${2:?}; shift 2 ;;
         --usb) USB=1; shift ;;
@@ -125,6 +131,12 @@ if [ -n "$SERIAL_LOG" ]; then
     CONSOLE=(-display none -monitor none -serial "file:$SERIAL_LOG")
 else
     CONSOLE=(-nographic)
+fi
+
+# The guest must not send traffic off this machine by accident (NTP, DNS, a head address
+# in a token): isolated unless a namespace decides what it reaches, or asked otherwise.
+if [ -z "$NETNS" ] && [ "$ALLOW_OUTSIDE" = 0 ]; then
+    NETOPTS=",restrict=on$NETOPTS"
 fi
 
 CMD=(qemu-system-x86_64

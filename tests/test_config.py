@@ -81,3 +81,9 @@ def test_head_rejects_bad_cidr(tmp_path):
     p.write_text('[api]\nadvertise_host = "h"\n[overlay]\ncidr = "banana"\n')
     with pytest.raises(ConfigError, match="IPv4 network"):
         load_head_config(p)
+
+
+def test_garage_toml_saved_by_notepad(tmp_path):
+    over = tmp_path / "garage.toml"
+    over.write_bytes("\ufeff[node]\r\nname = \"alice\"\r\n".encode())
+    assert load_node_config(tmp_path / "none.toml", over).node.name == "alice"
