@@ -100,9 +100,7 @@ def main() -> int:
 
     agent_starts, agent_totals, agent_tps, manual_starts, manual_tps = [], [], [], [], []
     with Testbed() as tb:
-        head = tb.add_head()
-        head.init()
-        head.start()
+        head = tb.start_head()
         node = tb.add_root_node("eb")
         token = head.token()  # unlimited uses: the node enrolls once, then rejoins without it
         # Both sides run beside the same joined node (agent, Ray worker, head), in turns, so

@@ -95,9 +95,7 @@ def main() -> int:
     args = ap.parse_args()
 
     with Testbed() as tb:
-        head = tb.add_head()
-        head.init()
-        head.start()
+        head = tb.start_head()
         wait_for(lambda: head.run([PYTHON, "-m", "garage_node.rayprobe", "100.96.0.1:6379"], check=False).returncode == 0,
                  120, "the Ray head")
         watch = head.spawn([PYTHON, "-c", WATCH], "watch.log")

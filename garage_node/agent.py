@@ -82,6 +82,7 @@ class Agent:
         self._refused_token: str | None = None  # hash of a token the head refused for good
         self._client: httpx.Client | None = None
         self._ray_argv: list[str] | None = None
+        self._overlay_ready = False  # interface up with the hub peer set, by this process
         self.engine = EngineManager(cfg.engine, self.paths.drain_flag, self._engine_desired)
 
     # ------------------------------------------------------------ lifecycle
@@ -229,8 +230,6 @@ class Agent:
         except WireGuardError as e:
             self._overlay_ready = False
             self._fail(f"overlay interface {self.iface.name} could not be set up: {e}", "")
-
-    _overlay_ready = False
 
     # -- heartbeat
 

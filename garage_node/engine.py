@@ -9,6 +9,7 @@ and drain before stopping.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -102,6 +103,12 @@ def catalog_path(cfg: EngineSection) -> Path:
     return SYSTEM_CATALOG if SYSTEM_CATALOG.exists() else PACKAGED_CATALOG
 
 
+@functools.lru_cache(maxsize=4)
+def _load_catalog(path: Path, mtime_ns: int) -> planner.Catalog:
+    """Parsed once per version of the file: desired_spec() runs on every engine and agent pass."""
+    return planner.load_catalog(path)
+
+
 def secret_env(cfg: EngineSection) -> dict[str, str]:
     return {"HF_TOKEN": cfg.hub_token} if cfg.hub_token else {}
 
@@ -109,7 +116,8 @@ def secret_env(cfg: EngineSection) -> dict[str, str]:
 def desired_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str) -> tuple[EngineSpec, str]:
     """(spec, one-line explanation); raises EngineConfigError with what to do."""
     try:
-        catalog = planner.load_catalog(catalog_path(cfg))
+        path = catalog_path(cfg)
+        catalog = _load_catalog(path, path.stat().st_mtime_ns)
     except (planner.CatalogError, OSError) as e:
         raise EngineConfigError(f"model catalog unusable: {e}") from None
     if cfg.device == "cpu":

@@ -81,9 +81,7 @@ def region(tiny_model, tmp_path_factory):
     tb = Testbed()
     tb.setup()
     try:
-        head = tb.add_head()
-        head.init()
-        head.start()
+        head = tb.start_head()
         node = tb.add_root_node("e1")
         tb.engine_args = (tiny_model, tmp_path_factory.mktemp("model-cache"))
         node.configure(head.token(), engine=engine_section(*tb.engine_args))

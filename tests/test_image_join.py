@@ -85,10 +85,7 @@ def joined_region(image, tmp_path_factory):  # noqa: F811
     tb.setup()
     vm = None
     try:
-        head = tb.add_head()
-        head.configure(advertise_host="10.0.2.2")  # the head as the guest sees it
-        head.init()
-        head.start()
+        head = tb.start_head(advertise_host="10.0.2.2")  # the head as the guest sees it
         token = head.token("--uses", "1")
         disk = work / "stick.img"
         sh(["cp", "--sparse=always", str(image), str(disk)])

@@ -27,9 +27,7 @@ def region():
     tb = Testbed()
     tb.setup()
     try:
-        head = tb.add_head()
-        head.init()
-        head.start()
+        head = tb.start_head()
         token = head.token("--uses", "1")
         n1 = tb.add_node("n1", [RTX_4090, RTX_4060])
         n1.configure(token)

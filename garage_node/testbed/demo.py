@@ -25,9 +25,7 @@ def run_demo(keep: bool = False) -> int:
     start = time.monotonic()
     with Testbed() as tb:
         say(f"Region '{tb.prefix}': namespaces on a private bridge; work files in {tb.dir}")
-        head = tb.add_head()
-        head.init()
-        head.start()
+        head = tb.start_head()
         say(f"  head      {head.ip}  control API https://{head.ip}:8443, WireGuard hub 100.96.0.1, Ray head")
         nodes = [tb.add_node("alice-pc", [RTX_4090, RTX_4060]), tb.add_node("bob-pc", [RTX_3060_12GB])]
         for node in nodes:

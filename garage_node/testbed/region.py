@@ -409,6 +409,15 @@ class Testbed:
         self.head = head
         return head
 
+    def start_head(self, advertise_host: str = "") -> HeadHost:
+        """A head, initialised and serving its API."""
+        head = self.add_head()
+        if advertise_host:
+            head.configure(advertise_host=advertise_host)
+        head.init()
+        head.start()
+        return head
+
     def add_node(self, name: str, gpus: list[FakeGPU] | None = None) -> NodeHost:
         node = NodeHost(self, name, self._ip(10 + len(self.hosts)))
         self._add_host(node)
