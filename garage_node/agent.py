@@ -26,7 +26,7 @@ from .config import NodeConfig
 from .engine import EngineConfigError, EngineManager, EngineSpec, desired_spec
 from .identity import Identity, StatePaths
 from .process import Supervised
-from .raycluster import Versions, local_versions, ray_env, ray_executable, worker_argv, worker_labels
+from .raycluster import Versions, local_versions, ray_env, ray_worker_command, worker_argv, worker_labels
 from .wireguard import Interface, Peer, WireGuardError
 
 log = logging.getLogger(__name__)
@@ -342,7 +342,7 @@ class Agent:
     def _ray_worker_argv(self, ident: Identity) -> list[str]:
         r = self.cfg.ray
         labels = worker_labels(ident.node_id, ident.region, self.inventory, self._engine_model())
-        return worker_argv(ray_executable(r.command), ident.ray_address, ident.overlay_ip, r.temp_dir, labels,
+        return worker_argv(ray_worker_command(r.command), ident.ray_address, ident.overlay_ip, r.temp_dir, labels,
                            self.inventory, r.num_cpus, r.memory_mib, r.object_store_mib)
 
     # -- engine

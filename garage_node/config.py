@@ -50,7 +50,8 @@ class OverlaySection:
 
 @dataclass(frozen=True)
 class NodeRaySection:
-    # Empty: the `ray` next to the Python running the agent (same venv, same version).
+    # Empty: the Ray next to the Python running the agent (same venv, same version), run
+    # through garage_node.raystart; set, the command is run as it is (`CMD start ...`).
     command: str = ""
     temp_dir: Path = Path("/tmp/garage-ray")
     num_cpus: int = 0  # 0: let Ray count them

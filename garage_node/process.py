@@ -54,6 +54,9 @@ class Supervised:
                 self.backoff.reset()
             return
         code = self._proc.returncode
+        # What it spawned may outlive it (a failed `ray start` leaves Ray's agents importing
+        # for a minute): end the rest of its group, or every retry adds to the pile.
+        _signal_group(self._proc.pid, signal.SIGKILL)
         self._proc = None
         delay = self.backoff.next_delay()
         self.state = ChildState(

@@ -62,6 +62,15 @@ def ray_executable(configured: str) -> str:
     return configured or str(Path(sys.executable).with_name("ray"))
 
 
+def ray_worker_command(configured: str) -> list[str]:
+    """`ray` for a node: our own venv's Ray through garage_node.raystart, which keeps the
+    raylet from giving up on agents that start slowly (see that module); a configured
+    command is used as it is."""
+    if configured:
+        return [configured]
+    return [sys.executable, "-m", "garage_node.raystart"]
+
+
 def label_value(text: str) -> str:
     """Ray labels follow Kubernetes syntax: ≤63 of [A-Za-z0-9_.-], alphanumeric at both ends."""
     cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-_.")
@@ -104,11 +113,11 @@ def worker_labels(node_id: str, region: str, inventory: Inventory, model: str | 
     return labels
 
 
-def worker_argv(ray_cmd: str, head_address: str, ip: str, temp_dir: Path, labels: dict[str, str],
+def worker_argv(ray_cmd: list[str], head_address: str, ip: str, temp_dir: Path, labels: dict[str, str],
                 inventory: Inventory, num_cpus: int = 0, memory_mib: int = 0,
                 object_store_mib: int = 0) -> list[str]:
     argv = [
-        ray_cmd, "start", "--block",
+        *ray_cmd, "start", "--block",
         "--address", head_address,
         "--node-ip-address", ip,
         "--temp-dir", str(temp_dir),

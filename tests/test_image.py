@@ -106,6 +106,8 @@ def _parse(log: str) -> dict:
                 info.setdefault(k, v)
             if rest.startswith("garage-node.service"):
                 info["unit"] = dict(re.findall(r"(\w+)=(\S*)", rest))
+            if rest.startswith("watchdog "):
+                info["watchdog"] = dict(re.findall(r"(\w+)=(\S*)", rest))
         elif kind == "STATUS":
             info["status"].append(rest)
         elif kind == "END":
@@ -191,6 +193,14 @@ def test_agent_service_started_by_systemd(booted):
     assert int(unit.get("ExecMainStartTimestampMonotonic", "0")) > 0, unit
     assert unit.get("ActiveState") in {"active", "activating", "reloading"}, unit
     assert booted["is-enabled"] == "enabled"
+
+
+def test_agent_pets_its_watchdog(booted):
+    """WatchdogSec is armed, the agent has sent WATCHDOG=1, and systemd never had to kill it."""
+    dog = booted["watchdog"]
+    assert dog.get("WatchdogUSec") == "1min", dog
+    assert int(dog.get("WatchdogTimestampMonotonic", "0")) > 0, dog
+    assert "garage-node.service: Watchdog timeout" not in booted["log"]
 
 
 def test_data_partition_grew(booted):

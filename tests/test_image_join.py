@@ -1,5 +1,5 @@
-"""The USB image joins a head by itself, twice: boot, enroll, WireGuard; power off, boot
-again, and rejoin with the same node id although the single-use token is spent.
+"""The USB image joins a head by itself, twice: boot, enroll, WireGuard, Ray worker; power
+off, boot again, and rejoin with the same node id although the single-use token is spent.
 
 The head runs in a network namespace of the testbed, and QEMU runs inside that same namespace
 with user-mode networking, so the guest reaches the head at 10.0.2.2 (the namespace's
@@ -98,21 +98,18 @@ def joined_region(image, tmp_path_factory):  # noqa: F811
         tb.cleanup()
 
 
-def wait_online(head, timeout: float) -> dict:
-    """The VM enrolled and its heartbeats arrive over HTTPS.
-
-    Its Ray worker is not awaited: under QEMU's TCG emulation the raylet takes longer to
-    register than the 30 s Ray allows itself (a constant in ray/_private/node.py), so Ray on
-    the emulated PC never finishes starting. Ray joining is proven in the namespace testbed."""
+def wait_joined(head, timeout: float) -> dict:
+    """The VM enrolled, its heartbeats arrive over HTTPS, and the head's Ray lists its Ray
+    worker alive (the head probes Ray's GCS for the node's own labels)."""
     found: dict = {}
 
-    def online() -> bool:
+    def joined() -> bool:
         rows = [r for r in head.nodes() if r["name"] == "vm-pc"]
-        if rows and rows[0]["status"] == "online" and rows[0]["node_state"] in ("joining", "joined", "degraded"):
+        if rows and rows[0]["status"] == "online" and rows[0]["ray_alive"]:
             found.update(rows[0])
             return True
         return False
-    wait_for(online, timeout, "the VM enrolled and sending heartbeats", interval=5)
+    wait_for(joined, timeout, "the VM enrolled, heartbeating and its Ray worker alive at the head", interval=5)
     return found
 
 
@@ -126,12 +123,13 @@ def test_image_boots_enrolls_and_joins_the_overlay(joined_region):
     head, vm, token = joined_region
     t0 = time.monotonic()
     log = vm.boot()
-    row = wait_online(head, JOIN_TIMEOUT)
-    print(f"boot to enrolled and heartbeating: {time.monotonic() - t0:.0f} s")
-    assert row["status"] == "online" and row["overlay_ip"] == "100.96.0.2"
+    row = wait_joined(head, JOIN_TIMEOUT)
+    print(f"boot to joined (enrolled, heartbeating, Ray worker alive): {time.monotonic() - t0:.0f} s")
+    assert row["status"] == "online" and row["overlay_ip"] == "100.96.0.2" and row["ray_alive"]
     assert handshake_age(head) < 180
     text = log.read_text(errors="replace")
     assert "Type=notify" in text  # the marker's `systemctl show` of garage-node.service
+    assert "WatchdogUSec=1min" in text and "garage-node.service: Watchdog timeout" not in text
     assert token not in text  # never on the console or in the journal copy
     joined_region_state["node_id"] = row["node_id"]
 
@@ -148,8 +146,8 @@ def test_image_rejoins_after_power_off_with_spent_token(joined_region):
     wait_for(lambda: head.nodes()[0]["status"] == "offline", 120, "the head to notice the VM is gone", interval=5)
     t0 = time.monotonic()
     vm.boot()
-    row = wait_online(head, JOIN_TIMEOUT)
-    print(f"reboot to heartbeating again: {time.monotonic() - t0:.0f} s")
-    assert row["node_id"] == node_id and row["overlay_ip"] == "100.96.0.2"
+    row = wait_joined(head, JOIN_TIMEOUT)
+    print(f"reboot to joined again (Ray worker alive): {time.monotonic() - t0:.0f} s")
+    assert row["node_id"] == node_id and row["overlay_ip"] == "100.96.0.2" and row["ray_alive"]
     assert len(head.nodes()) == 1  # the same node, not a second enrollment
     assert handshake_age(head) < 180

@@ -4,12 +4,14 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 from garage_node import sdnotify
 from garage_node.backoff import Backoff
 from garage_node.gpu import GPU, Inventory
 from garage_node.process import Supervised
-from garage_node.raycluster import Versions, label_value, worker_argv, worker_labels
+from garage_node.raycluster import Versions, label_value, ray_worker_command, worker_argv, worker_labels
+from garage_node.raystart import with_runtime_env_agent_port
 from garage_node.status import render
 from garage_node.wireguard import generate_private_key, parse_dump, public_key_of
 
@@ -77,6 +79,28 @@ def test_supervised_stop_ends_process_group(tmp_path):
     assert not group_alive()
 
 
+def test_supervised_ends_what_an_exited_child_left_behind(tmp_path):
+    child = Supervised("parent", tmp_path / "log", Backoff(5, 5))
+    # The leader exits at once; its background sleep (a raylet's agents, say) would live on.
+    child.ensure(["sh", "-c", "sleep 60 & echo $! > " + str(tmp_path / "left.pid")])
+    deadline = time.time() + 10
+    while child.state.restarts == 0 and time.time() < deadline:
+        child.poll()
+        time.sleep(0.05)
+    assert child.state.restarts == 1
+    left = int((tmp_path / "left.pid").read_text())
+
+    def living(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except OSError:
+            return False
+    deadline = time.time() + 10
+    while living(left) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not living(left)
+
+
 def test_sd_notify_fallback_sends_datagram(tmp_path, monkeypatch):
     path = str(tmp_path / "notify")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -104,11 +128,11 @@ def test_worker_args_count_only_healthy_gpus():
     labels = worker_labels("nabc", "eu west", inv)
     assert labels == {"garage.node_id": "nabc", "garage.region": "eu-west",
                       "garage.gpu": "NVIDIA-GeForce-RTX-4090", "garage.gpu_count": "1"}
-    argv = worker_argv("ray", "100.96.0.1:6379", "100.96.0.2", "/tmp/r", labels, inv, memory_mib=1024)
+    argv = worker_argv(["ray"], "100.96.0.1:6379", "100.96.0.2", "/tmp/r", labels, inv, memory_mib=1024)
     assert argv[argv.index("--num-gpus") + 1] == "1"
     assert argv[argv.index("--resources") + 1] == '{"vram_mib": 24564}'
     assert argv[argv.index("--memory") + 1] == str(1024 * 1024 * 1024)
-    cpu = worker_argv("ray", "h:1", "ip", "/tmp/r", {}, Inventory(nvml_error="no driver"))
+    cpu = worker_argv(["ray"], "h:1", "ip", "/tmp/r", {}, Inventory(nvml_error="no driver"))
     assert "--resources" not in cpu and cpu[cpu.index("--num-gpus") + 1] == "0"
     assert label_value("  ") == "none" and len(label_value("x" * 100)) == 63
 
@@ -158,3 +182,30 @@ def test_supervised_ends_an_orphan_left_by_a_crashed_agent(tmp_path):
     assert second.state.pid != orphan and int(pid_file.read_text()) == second.state.pid
     second.stop()
     assert not pid_file.exists()
+
+
+def test_raystart_gives_the_runtime_env_agent_a_port():
+    argv = with_runtime_env_agent_port(["start", "--block"])
+    port = int(argv[argv.index("--runtime-env-agent-port") + 1])
+    assert 0 < port < 65536
+    given = ["start", "--runtime-env-agent-port", "7001"]
+    assert with_runtime_env_agent_port(given) == given
+
+
+def test_raystart_hooks_exist_in_the_pinned_ray():
+    """garage_node.raystart leans on Ray internals; a Ray upgrade that moves them fails here."""
+    import ray._private.node as node_module
+    import ray._private.utils as ray_utils
+    from ray._raylet import (DASHBOARD_AGENT_LISTEN_PORT_NAME, METRICS_AGENT_PORT_NAME,  # noqa: F401
+                             METRICS_EXPORT_PORT_NAME, persist_port)  # noqa: F401
+    import inspect
+    source = inspect.getsource(node_module.Node)
+    assert "self._session_dir =" in source and "self._node_id =" in source
+    assert hasattr(node_module.Node, "start_raylet") and hasattr(ray_utils, "get_dashboard_dependency_error")
+    # garage-node ships Ray without the dashboard extras: the agent is the minimal one.
+    assert ray_utils.get_dashboard_dependency_error() is not None
+
+
+def test_node_runs_ray_through_raystart():
+    assert ray_worker_command("") == [sys.executable, "-m", "garage_node.raystart"]
+    assert ray_worker_command("/opt/ray/bin/ray") == ["/opt/ray/bin/ray"]
