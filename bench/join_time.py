@@ -118,6 +118,9 @@ def main() -> int:
         # The exact command line the agent gave its Ray worker, for the bare run.
         ray_pid = node.status()["ray"]["pid"]
         argv = [a for a in Path(f"/proc/{ray_pid}/cmdline").read_text().split("\0") if a]
+        # The agent runs Ray's CLI through garage_node.raystart; the baseline is Ray's own `ray`.
+        if argv[1:3] == ["-m", "garage_node.raystart"]:
+            argv = [str(Path(argv[0]).with_name("ray")), *argv[3:]]
 
         agent_times, bare_times = [], []
         for i in range(args.rounds):
