@@ -25,7 +25,9 @@ import os
 import socket
 import sys
 
-# The raylet's wait for the runtime-env agent to answer (not a port file) is a Ray setting.
+# The raylet's client of the runtime-env agent gives up on it after agent_register_timeout_ms
+# (30 s by default; unlike the port-file wait, a Ray setting read from the environment). With
+# the agent's port given ahead, that client may start before the agent listens: allow 5 min.
 AGENT_REGISTER_TIMEOUT_MS = "300000"
 
 
