@@ -189,10 +189,7 @@ def _cmd_plan(args) -> int:
     inv = gpu.read_inventory()
     try:
         catalog = planner.load_catalog(engine.catalog_path(cfg.engine))
-        plan = planner.plan(inv, catalog, pinned_model=cfg.engine.model or None,
-                            pinned_quantization=cfg.engine.quantization or None,
-                            max_model_len=cfg.engine.max_model_len or None,
-                            gpu_memory_utilization=cfg.engine.gpu_memory_utilization)
+        plan = engine.plan_for(cfg.engine, inv, catalog)
     except (planner.PlanError, planner.CatalogError, OSError) as e:
         print(f"garage-node plan: {e}", file=sys.stderr)
         return 1

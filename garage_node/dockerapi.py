@@ -52,11 +52,14 @@ class Docker:
         try:
             resp = self._http.request(method, path, **kw)
         except (httpx.TransportError, OSError) as e:
-            raise DockerError(f"Docker is not reachable at {self.socket_path} ({type(e).__name__}): "
-                              "start it with `systemctl start docker`", unavailable=True) from None
+            raise self._unreachable(e) from None
         if resp.status_code not in ok:
             raise DockerError(_message(resp), status=resp.status_code)
         return resp
+
+    def _unreachable(self, e: Exception) -> DockerError:
+        return DockerError(f"Docker is not reachable at {self.socket_path} ({type(e).__name__}): "
+                           "start it with `systemctl start docker`", unavailable=True)
 
     # -- daemon and images
 
@@ -78,8 +81,8 @@ class Docker:
                     if "error" in event:
                         raise DockerError(event["error"])
                     progress(_progress_line(event))
-        except httpx.TransportError as e:
-            raise DockerError(f"Docker is not reachable at {self.socket_path} ({type(e).__name__})", unavailable=True) from None
+        except (httpx.TransportError, OSError) as e:
+            raise self._unreachable(e) from None
 
     # -- containers
 

@@ -125,10 +125,7 @@ def desired_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str) -> tupl
         gpu_ids: tuple[str, ...] = ()
     else:
         try:
-            plan = planner.plan(inventory, catalog, pinned_model=cfg.model or None,
-                                pinned_quantization=cfg.quantization or None,
-                                max_model_len=cfg.max_model_len or None,
-                                gpu_memory_utilization=cfg.gpu_memory_utilization)
+            plan = plan_for(cfg, inventory, catalog)
         except planner.PlanError as e:
             raise EngineConfigError(str(e)) from None
         model = plan.model.id
@@ -145,6 +142,14 @@ def desired_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str) -> tupl
         secret_env_digest=digest,
     )
     return spec, why
+
+
+def plan_for(cfg: EngineSection, inventory: Inventory, catalog: planner.Catalog) -> planner.Plan:
+    """The planner's choice for these GPUs under the [engine] pins (raises planner.PlanError)."""
+    return planner.plan(inventory, catalog, pinned_model=cfg.model or None,
+                        pinned_quantization=cfg.quantization or None,
+                        max_model_len=cfg.max_model_len or None,
+                        gpu_memory_utilization=cfg.gpu_memory_utilization)
 
 
 def _cpu_args(cfg: EngineSection, catalog: planner.Catalog) -> tuple[list[str], str, str]:
@@ -382,8 +387,6 @@ class EngineManager:
         if now >= self._next_start:
             self.docker.start(self.name)
             self._started_at = now
-            with self._lock:
-                self.status.state = "starting"
             self._set("starting", "engine restarted after a crash")
 
     def _check_health(self, spec: EngineSpec) -> None:
