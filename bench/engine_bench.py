@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from garage_node.testbed.region import Testbed, wait_for
+from testing.region import Testbed, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))

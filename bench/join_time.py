@@ -16,8 +16,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from garage_node.testbed.nvml_double import RTX_4090
-from garage_node.testbed.region import PYTHON, Testbed, wait_for
+from testing.nvml_double import RTX_4090
+from testing.region import PYTHON, Testbed, wait_for
 
 # Runs in the head's namespace: polls the GCS every 100 ms and prints a line whenever a new
 # Ray node comes alive, with the wall-clock time it was first seen.
@@ -44,8 +44,9 @@ WATCH = textwrap.dedent("""
 BARE = textwrap.dedent("""
     import json, os, signal, subprocess, sys, time
     from pathlib import Path
-    from garage_node.identity import StatePaths, load
-    from garage_node.wireguard import Interface, Peer
+    from garage_node.node.identity import load
+    from garage_node.node.paths import StatePaths
+    from garage_node.core.wireguard import Interface, Peer
     ident = load(StatePaths(Path(sys.argv[1])))
     argv = json.loads(sys.argv[2])
     iface = Interface("garage0")
@@ -96,7 +97,7 @@ def main() -> int:
 
     with Testbed() as tb:
         head = tb.start_head()
-        wait_for(lambda: head.run([PYTHON, "-m", "garage_node.rayprobe", "100.96.0.1:6379"], check=False).returncode == 0,
+        wait_for(lambda: head.run([PYTHON, "-m", "garage_node.head.rayprobe", "100.96.0.1:6379"], check=False).returncode == 0,
                  120, "the Ray head")
         watch = head.spawn([PYTHON, "-c", WATCH], "watch.log")
         watch_log = head.dir / "watch.log"
@@ -118,8 +119,8 @@ def main() -> int:
         # The exact command line the agent gave its Ray worker, for the bare run.
         ray_pid = node.status()["ray"]["pid"]
         argv = [a for a in Path(f"/proc/{ray_pid}/cmdline").read_text().split("\0") if a]
-        # The agent runs Ray's CLI through garage_node.raystart; the baseline is Ray's own `ray`.
-        if argv[1:3] == ["-m", "garage_node.raystart"]:
+        # The agent runs Ray's CLI through garage_node.node.raystart; the baseline is Ray's own `ray`.
+        if argv[1:3] == ["-m", "garage_node.node.raystart"]:
             argv = [str(Path(argv[0]).with_name("ray")), *argv[3:]]
 
         agent_times, bare_times = [], []

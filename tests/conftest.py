@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from garage_node.testbed.region import cleanup_stale
+from testing.region import cleanup_stale
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,143 @@
+"""The node's commands: run, status, join, drain, resume, plan."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from garage_node.core.wire import encode
+from garage_node.node.config import load_node_config
+
+
+def add_commands(sub) -> None:
+    def cmd(name: str, func, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--config", type=Path, help="node config (default /etc/garage-node/node.toml, or $GARAGE_NODE_CONFIG)")
+        sp.add_argument("--override", type=Path,
+                        help="override file laid over it, e.g. the USB stick's garage.toml "
+                             "(default /boot/garage/garage.toml, or $GARAGE_NODE_OVERRIDE)")
+        sp.add_argument("-v", "--verbose", action="store_true")
+        sp.set_defaults(func=func)
+        return sp
+
+    cmd("run", run, "run the node agent (what garage-node.service starts)")
+    st = cmd("status", status, "show this node's state: GPUs, overlay, head, Ray, engine")
+    st.add_argument("--json", action="store_true", help="the status document as JSON (stable keys; see README)")
+    jn = cmd("join", join, "store a join token for the agent (for a PC set up by hand)")
+    jn.add_argument("token", help="the token printed by `garage-node head token create`")
+    cmd("drain", drain, "stop taking work: let running requests finish, then stop the engine "
+        "(survives reboots until `resume`)")
+    cmd("resume", resume, "end a drain: the engine starts serving again")
+    pl = cmd("plan", plan, "show which model and vLLM settings fit this PC's GPUs, and the arithmetic")
+    pl.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    from garage_node.node.agent import Agent
+    from garage_node.node.localapi import LocalApi, Routes
+
+    cfg = load_node_config(args.config, args.override)
+    agent = Agent(cfg)
+    # SIGTERM (systemd stop) and SIGINT (Ctrl-C) both leave cleanly; the loop notices at once.
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    api = LocalApi(cfg.socket_path, Routes(status=agent.snapshot, reconcile=agent.wake, drain=agent.drain,
+                                           resume=agent.resume))
+    api.start()
+    try:
+        agent.serve()
+    finally:
+        api.stop()
+    return 0
+
+
+def status(args) -> int:
+    from garage_node.node.status import fetch, render
+
+    cfg = load_node_config(args.config, args.override)
+    doc, running = fetch(cfg)
+    print(json.dumps(encode(doc), indent=2) if args.json else render(doc))
+    return 0 if running else 3
+
+
+def join(args) -> int:
+    from garage_node.core import token
+    from garage_node.core.fsutil import write_private
+    from garage_node.node import identity
+    from garage_node.node.localapi import AgentClient, AgentDown
+    from garage_node.node.paths import StatePaths
+
+    cfg = load_node_config(args.config, args.override)
+    try:
+        token.parse(args.token)
+    except token.TokenError as e:
+        print(f"garage-node join: {e}", file=sys.stderr)
+        return 2
+    paths = StatePaths(cfg.node.state_dir)
+    current = identity.load(paths)
+    if current is not None and not current.revoked:
+        print(f"garage-node join: this PC already belongs to a region as node {current.node_id} ({current.api_url}).\n"
+              f"To move it to another head: stop the agent, remove {paths.identity}, then join again.", file=sys.stderr)
+        return 2
+    # A file the agent reads, so the token also reaches an agent started later.
+    write_private(paths.join_token, args.token.strip().encode() + b"\n")
+    try:
+        with AgentClient(cfg.socket_path, timeout=2) as c:
+            c.reconcile()
+        print("Token stored; the agent is joining now. Watch it with: garage-node status")
+    except AgentDown:
+        print("Token stored. The agent is not running: start it with `systemctl start garage-node`.")
+    return 0
+
+
+def drain(args) -> int:
+    return _drain(args, True)
+
+
+def resume(args) -> int:
+    return _drain(args, False)
+
+
+def _drain(args, on: bool) -> int:
+    from garage_node.node.localapi import AgentClient, AgentDown
+    from garage_node.node.paths import StatePaths
+
+    cfg = load_node_config(args.config, args.override)
+    what = "Draining: running requests finish, then the engine stops." if on else "Resumed: the engine starts again."
+    try:
+        with AgentClient(cfg.socket_path, timeout=5) as c:
+            c.drain() if on else c.resume()
+        print(what + " Watch it with: garage-node status")
+        return 0
+    except AgentDown:
+        pass
+    # The agent is down: leave the drain where it will find it when it starts (the same file
+    # its own drain writes, so the drain also holds across reboots).
+    flag = StatePaths(cfg.node.state_dir).drain_flag
+    if on:
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.write_text("drained by garage-node drain\n")
+    else:
+        flag.unlink(missing_ok=True)
+    print(what + " (The agent is not running; it applies this when it starts.)")
+    return 0
+
+
+def plan(args) -> int:
+    from garage_node.node import gpu
+    from garage_node.node.engine import planner
+    from garage_node.node.engine.catalog import CatalogError, catalog_path, load_catalog
+    from garage_node.node.engine.spec import plan_for
+
+    cfg = load_node_config(args.config, args.override)
+    inv = gpu.read_inventory()
+    try:
+        p = plan_for(cfg.engine, inv, load_catalog(catalog_path(cfg.engine.catalog)))
+    except (planner.PlanError, CatalogError) as e:
+        print(f"garage-node plan: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(p.to_dict(), indent=2) if args.json else p.explain())
+    return 0

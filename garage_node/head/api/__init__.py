@@ -1,0 +1,58 @@
+"""The head's control API (HTTPS, FastAPI): enrollment and heartbeats.
+
+Errors are JSON `{"error": CODE, "message": TEXT}`, where TEXT tells a person what to do.
+Bodies are the typed messages of core.wire, validated here by pydantic; the OpenAPI
+description is served at /openapi.json and /docs.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from garage_node.core.wire import RegionFacts
+from garage_node.head.api import enroll, nodes
+from garage_node.head.api.common import ApiError
+from garage_node.head.registry import Registry
+
+
+def create_app(registry: Registry, facts: RegionFacts, ca_pem: bytes, on_change: Callable[[], None],
+               on_startup: Callable[[], None] = lambda: None, on_shutdown: Callable[[], None] = lambda: None) -> FastAPI:
+    """`on_change` is called after an enrollment so the hub adds the peer at once; `on_startup`
+    and `on_shutdown` bracket the server's life (the head's service runs between them)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        on_startup()
+        try:
+            yield
+        finally:
+            on_shutdown()
+
+    app = FastAPI(title="garage-node head", version="1", docs_url="/docs", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # Name the field and the problem; never echo the input (it may hold a secret).
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": "invalid_request", "message": problems}, status_code=422)
+
+    @app.get("/v1/ca", response_class=PlainTextResponse, summary="The head's CA certificate (PEM); nodes check it against their token's pin")
+    def get_ca() -> str:
+        return ca_pem.decode()
+
+    @app.get("/v1/health", summary="Liveness of the control API")
+    def health() -> dict[str, Any]:
+        return {"ok": True, "region": facts.region, "versions": {"ray": facts.versions.ray, "python": facts.versions.python}}
+
+    app.include_router(enroll.router(registry, facts, on_change))
+    app.include_router(nodes.router(registry, facts))
+    return app

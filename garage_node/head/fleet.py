@@ -1,0 +1,104 @@
+"""The fleet as the operator reads it: one typed row per node, for `garage-node head nodes`
+(table or JSON) and, later, the web view.
+
+A row never fails because of what a node reported: a report that no longer decodes (an older
+or misbehaving node) leaves its fields empty and says so in `report_error`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from garage_node.core.wire import NodeReport, WireError, decode
+from garage_node.head.registry import NodeRow, Registry
+
+
+@dataclass(frozen=True)
+class GpuRow:
+    name: str
+    memory_total_mib: int
+    healthy: bool
+
+
+@dataclass(frozen=True)
+class EngineRow:
+    state: str | None
+    model: str | None
+    endpoint: str | None
+    draining: bool | None
+
+
+@dataclass(frozen=True)
+class NodeVersions:
+    agent: str | None
+    ray: str | None
+    python: str | None
+
+
+@dataclass(frozen=True)
+class FleetRow:
+    node_id: str
+    name: str
+    region: str
+    overlay_ip: str
+    status: str  # online, offline, revoked
+    node_state: str | None
+    last_seen_age_s: float | None
+    ray_alive: bool
+    gpus: list[GpuRow]
+    engine: EngineRow
+    versions: NodeVersions | None
+    enrolled_at: float
+    revoked_at: float | None
+    report_error: str | None = None
+
+
+def node_rows(reg: Registry, offline_after_s: float, now: float | None = None) -> list[FleetRow]:
+    now = time.time() if now is None else now
+    return [row_of(n, now, offline_after_s) for n in reg.nodes()]
+
+
+def row_of(n: NodeRow, now: float, offline_after_s: float) -> FleetRow:
+    if n.revoked:
+        status = "revoked"
+    elif n.last_seen is None or now - n.last_seen > offline_after_s:
+        status = "offline"
+    else:
+        status = "online"
+    report, error = _report(n)
+    e = report.engine if report else None
+    return FleetRow(
+        node_id=n.id, name=n.name, region=n.region, overlay_ip=n.overlay_ip, status=status,
+        node_state=report.state.value if report else None,
+        last_seen_age_s=round(now - n.last_seen, 1) if n.last_seen else None,
+        ray_alive=n.ray_alive,
+        gpus=[GpuRow(g.name, g.memory_total_mib, g.healthy) for g in report.gpus] if report else [],
+        engine=EngineRow(e.state.value if e else None, e.model if e else None, e.endpoint if e else None,
+                         e.draining if e else None),
+        versions=NodeVersions(report.versions.agent, report.versions.ray, report.versions.python) if report else None,
+        enrolled_at=n.enrolled_at, revoked_at=n.revoked_at, report_error=error,
+    )
+
+
+def _report(n: NodeRow) -> tuple[NodeReport | None, str | None]:
+    if not n.report:
+        return None, None
+    try:
+        return decode(n.report, NodeReport), None
+    except WireError as e:
+        return None, f"the node's last report could not be read: {e}"
+
+
+def render_nodes(rows: list[FleetRow]) -> str:
+    if not rows:
+        return "No nodes yet. Make a join token with `garage-node head token create`."
+    out = [f"{'NODE':<13}{'NAME':<16}{'OVERLAY IP':<15}{'STATUS':<9}{'RAY':<6}{'SEEN':<7}{'ENGINE':<30}GPUS"]
+    for r in rows:
+        gpus = ", ".join(f"{g.name} {g.memory_total_mib / 1024:.0f}G{'' if g.healthy else ' (bad)'}" for g in r.gpus) or "CPU only"
+        seen = f"{r.last_seen_age_s:.0f}s" if r.last_seen_age_s is not None else "-"
+        e = r.engine
+        engine = f"{e.state} {e.model or ''}".strip() if e.state else "-"
+        out.append(f"{r.node_id:<13}{r.name[:15]:<16}{r.overlay_ip:<15}{r.status:<9}"
+                   f"{'alive' if r.ray_alive else '-':<6}{seen:<7}{engine[:29]:<30}{gpus}")
+    return "\n".join(out)

@@ -1,0 +1,44 @@
+"""The head's Ray: its command line, and a probe of which nodes the Ray head holds alive."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from garage_node.core.raycmd import label_value, sizing_args
+
+
+def head_argv(ray_cmd: str, ip: str, port: int, temp_dir: Path, region: str,
+              num_cpus: int = 0, memory_mib: int = 0, object_store_mib: int = 0) -> list[str]:
+    return [
+        ray_cmd, "start", "--head", "--block",
+        "--node-ip-address", ip, "--port", str(port),
+        "--temp-dir", str(temp_dir),
+        "--include-dashboard=false", "--disable-usage-stats",
+        "--labels", f"garage.role=head,garage.region={label_value(region)}",
+        *sizing_args(num_cpus, memory_mib, object_store_mib),
+    ]
+
+
+@dataclass(frozen=True)
+class RayNode:
+    ray_node_id: str
+    address: str
+    alive: bool
+    is_head: bool
+    labels: dict[str, str]
+    resources: dict[str, float]
+
+
+def probe(address: str, python: str = sys.executable, timeout_s: float = 20.0) -> list[RayNode]:
+    """Nodes the Ray head's GCS knows, read in a child process (keeps ray out of our memory)."""
+    res = subprocess.run(
+        [python, "-m", "garage_node.head.rayprobe", address],
+        capture_output=True, text=True, timeout=timeout_s,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"Ray head at {address} did not answer: {res.stderr.strip().splitlines()[-1:] or '?'}")
+    return [RayNode(**n) for n in json.loads(res.stdout)]

@@ -1,0 +1,146 @@
+"""`garage-node head run`: the control API over HTTPS, with the service it needs running beside
+it — the WireGuard hub's peers kept equal to the registry, and the Ray head on the overlay.
+
+The service starts and stops in the API's lifespan: uvicorn runs the server's lifecycle
+(startup, main loop, shutdown on SIGTERM), and the hub and Ray head live exactly as long.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from garage_node.core import sdnotify, wireguard
+from garage_node.core.backoff import Backoff
+from garage_node.core.raycmd import ray_env, ray_executable
+from garage_node.core.supervise import Supervised
+from garage_node.head.api import create_app
+from garage_node.head.config import HeadConfig
+from garage_node.head.ray import head_argv, probe
+from garage_node.head.setup import HeadError, open_registry, region_facts, require_init
+
+log = logging.getLogger(__name__)
+
+RAY_PROBE_S = 2.0
+
+
+class HeadService:
+    """Everything `garage-node head run` keeps alive besides the HTTP server."""
+
+    def __init__(self, cfg: HeadConfig) -> None:
+        self.cfg = cfg
+        self.paths = require_init(cfg)
+        self.registry = open_registry(cfg)
+        self.facts = region_facts(cfg, self.paths)
+        self.iface = wireguard.Interface(cfg.overlay.interface, cfg.overlay.implementation)
+        self.ray = Supervised("ray head", self.paths.ray_log, Backoff(1.0, 30.0),
+                              env=ray_env(), pid_file=cfg.head.state_dir / "ray-head.pid")
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._reconciler = threading.Thread(target=self._loop, name="head-reconcile", daemon=True)
+        self._prober = threading.Thread(target=self._probe_loop, name="ray-probe", daemon=True)
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        hub = self.facts.hub
+        self.iface.up(self.paths.wg_key.read_text().strip(), f"{hub.ip}/{self.facts.prefix_len}", self.cfg.overlay.listen_port)
+        _enable_forwarding()
+        self.sync_peers()
+        # Two loops: a Ray probe can block for seconds while the Ray head starts, and peer
+        # sync must not wait for it (a new node's first handshake depends on it).
+        self._reconciler.start()
+        self._prober.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._reconciler.is_alive():
+            self._reconciler.join(timeout=30)
+        self.ray.stop()
+        self.iface.down()
+        # The prober may sit in a probe of the Ray head just stopped; it is a daemon thread
+        # with nothing of value left to write, so do not wait for it long.
+        if self._prober.is_alive():
+            self._prober.join(timeout=2)
+
+    def peers_changed(self) -> None:
+        self._wake.set()
+
+    # -- reconcile
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sync_peers()
+                self._ensure_ray()
+                sdnotify.watchdog()
+            except Exception:  # keep the head serving; the next pass retries
+                log.exception("head reconcile pass failed")
+            self._wake.wait(self.cfg.options.peer_sync_s)
+            self._wake.clear()
+
+    def sync_peers(self) -> None:
+        wanted = [wireguard.Peer(n.wg_public_key, (f"{n.overlay_ip}/32",)) for n in self.registry.active_peers()]
+        added, removed = self.iface.sync_peers(wanted)
+        if added or removed:
+            log.info("hub peers: %d added or changed, %d removed", added, removed)
+
+    def _ensure_ray(self) -> None:
+        if not self.ray.running:
+            # A stale pointer file from the previous Ray head blocks a new one from starting.
+            (self.cfg.ray.temp_dir / "ray_current_cluster").unlink(missing_ok=True)
+        r = self.cfg.ray
+        self.ray.ensure(head_argv(ray_executable(r.command), self.facts.hub.ip, r.port, r.temp_dir, self.cfg.head.region,
+                                 r.num_cpus, r.memory_mib, r.object_store_mib))
+
+    def _probe_loop(self) -> None:
+        """Record which nodes the Ray head holds alive; nodes learn it with their heartbeat."""
+        while not self._stop.wait(RAY_PROBE_S):
+            if not self.ray.running:
+                continue
+            try:
+                nodes = probe(self.facts.ray_address)
+            except Exception as e:  # the Ray head may still be starting
+                log.debug("ray probe: %s", e)
+                continue
+            alive = {n.labels.get("garage.node_id", "") for n in nodes if n.alive and not n.is_head}
+            self.registry.record_ray_membership(alive)
+
+
+def _enable_forwarding() -> None:
+    # Hub and spoke: node-to-node packets arrive on the hub interface and leave through it again.
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+
+
+def run(cfg: HeadConfig) -> None:
+    import uvicorn  # only the head needs it
+
+    service = HeadService(cfg)
+    p = service.paths
+
+    def started() -> None:
+        service.start()
+        sdnotify.ready(f"serving {cfg.api_url}, hub {service.facts.hub.ip} on {cfg.overlay.interface}")
+
+    def stopping() -> None:
+        sdnotify.stopping()
+        service.stop()
+
+    app = create_app(service.registry, service.facts, p.pki.ca_cert.read_bytes(), service.peers_changed,
+                     on_startup=started, on_shutdown=stopping)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=cfg.api.listen_host, port=cfg.api.port,
+        ssl_certfile=str(p.pki.server_cert), ssl_keyfile=str(p.pki.server_key),
+        log_level="info", access_log=False,
+    ))
+    # uvicorn finishes its shutdown (the lifespan above included), then raises again the signal
+    # that stopped it; by then everything is cleaned up, so that signal means a clean exit.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    server.run()
+    if not server.started:
+        raise HeadError("the head could not start (the reason is in the log above)")

@@ -1,0 +1,467 @@
+"""The node agent (`garage-node run`): a reconcile loop, like a kubelet.
+
+Each pass compares what should be (config, identity, what the head says) with what is (GPUs,
+WireGuard interface, Ray worker) and takes the next idempotent step; the engine reconciles in
+its own thread. Failures are retried with backoff and jitter and shown in status; nothing here
+crashes the loop. The lifecycle has uvicorn's shape: `serve()` = `startup()`, `main_loop()`,
+`shutdown()`.
+
+Every edge is handed in (head API, WireGuard interface, Ray child process, engine manager,
+GPU reader, clock), so unit tests run the agent's decisions in-process; the namespace, Docker
+and QEMU suites run the same code on real parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from garage_node import __version__
+from garage_node.core import sdnotify, token
+from garage_node.core.backoff import Backoff
+from garage_node.core.clock import SYSTEM, Clock
+from garage_node.core.raycmd import local_versions, ray_env
+from garage_node.core.supervise import Supervised
+from garage_node.core.wire import (AgentInfo, AgentVersions, EngineReport, HeadStatus, HeartbeatReply, NodeReport,
+                                   NodeState, OverlayStatus, ProblemStatus, RayResources, RayStatus, Status)
+from garage_node.core.wireguard import Interface, Peer, WireGuardError
+from garage_node.node import gpu, identity
+from garage_node.node.config import NodeConfig
+from garage_node.node.engine.manager import EngineManager
+from garage_node.node.engine.spec import EngineConfigError, EngineSpec, desired_spec
+from garage_node.node.headclient import HeadApi, HeadError, Revoked
+from garage_node.node.identity import Identity
+from garage_node.node.paths import StatePaths
+from garage_node.node.ray import Child, RayWorker, ray_worker_command, worker_argv, worker_labels
+from garage_node.node.state import Facts, Problem, Source, derive
+
+log = logging.getLogger(__name__)
+
+GPU_REFRESH_S = 30.0
+
+
+@dataclass
+class HeadLink:
+    """The node's view of its head, from the last enrollment or heartbeat (monotonic times)."""
+
+    reachable: bool | None = None  # None: not asked yet
+    last_contact: float | None = None
+    last_error: str | None = None
+    next_call: float = 0.0
+
+
+class Agent:
+    def __init__(self, cfg: NodeConfig, *, clock: Clock = SYSTEM, head_api: HeadApi | None = None,
+                 iface: Interface | None = None, ray_child: Child | None = None,
+                 engine: Callable[..., EngineManager] | None = None,
+                 read_inventory: Callable[[], gpu.Inventory] = gpu.read_inventory) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.paths = StatePaths(cfg.node.state_dir)
+        self.head_api = head_api or HeadApi()
+        self.iface = iface or Interface(cfg.overlay.interface, cfg.overlay.implementation)
+        self.ray = RayWorker(ray_child or Supervised(
+            "ray worker", self.paths.logs / "ray-worker.log", self._backoff(), env=ray_env(),
+            pid_file=cfg.node.runtime_dir / "ray-worker.pid", clock=clock), clock)
+        # The engine asks the agent what it should run; `engine` builds it (tests hand in one
+        # with a fake Docker): engine(cfg.engine, drain_flag, desired, clock=...).
+        self.engine = (engine or EngineManager)(cfg.engine, self.paths.drain_flag, self._engine_desired, clock=clock)
+        self.read_inventory = read_inventory
+        self.versions = local_versions()
+        self.started_at = clock.monotonic()
+        self.identity: Identity | None = None
+        self.inventory = gpu.Inventory()
+        self.link = HeadLink()
+        self.problem: Problem | None = None
+        self.state, self.message = NodeState.STARTING, "starting"
+        self._enrollment: tuple[NodeState, str] | None = None  # what the enrollment step last said
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._gpus_read_at: float | None = None
+        self._head_backoff = self._backoff()
+        self._refused_token: str | None = None  # hash of a token the head refused for good
+        self._client: Any = None  # the head client of the current identity
+        self._overlay_ready = False  # interface up with the hub peer set, by this process
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self.cfg.agent.backoff_initial_s, self.cfg.agent.backoff_max_s)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def serve(self) -> None:
+        self.startup()
+        try:
+            self.main_loop()
+        finally:
+            self.shutdown()
+
+    def startup(self) -> None:
+        self.identity = identity.load(self.paths)
+        self.reconcile_once()
+        self.engine.start()
+        sdnotify.ready(self.message)
+
+    def main_loop(self) -> None:
+        while not self._stop.is_set():
+            self.clock.wait(self._wake, self.cfg.agent.reconcile_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            self.reconcile_once()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._update_state()
+        sdnotify.stopping()
+        self._tell_head_now()
+        self.engine.shutdown()
+        self.ray.stop()
+        self.iface.down()
+        if self._client:
+            self._client.close()
+        log.info("stopped; identity kept in %s", self.paths.state_dir)
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def drain(self) -> None:
+        self.engine.drain()
+
+    def resume(self) -> None:
+        self.engine.resume()
+
+    # ------------------------------------------------------------ one pass
+
+    def reconcile_once(self) -> None:
+        try:
+            self._refresh_gpus()
+            if not self._member():
+                self._enroll()
+            if self._member():
+                self._ensure_overlay()
+                self._heartbeat_if_due()
+                self._ensure_ray()
+        except Exception as e:  # the loop must survive anything; the next pass retries
+            log.exception("reconcile pass failed")
+            self._fail(Source.INTERNAL, f"internal error: {e}",
+                       "this is a bug; the agent keeps retrying. Report it with `journalctl -u garage-node`.")
+        self._update_state()
+        sdnotify.status(self.message)
+        sdnotify.watchdog()
+
+    def _member(self) -> bool:
+        return self.identity is not None and not self.identity.revoked
+
+    def _refresh_gpus(self) -> None:
+        now = self.clock.monotonic()
+        if self._gpus_read_at is None or now - self._gpus_read_at > GPU_REFRESH_S:
+            self.inventory = self.read_inventory()
+            self._gpus_read_at = now
+
+    # -- enrollment
+
+    def _pending_token(self) -> tuple[str, str] | None:
+        """(token text, where it came from): the one `garage-node join` stored wins over config."""
+        if self.paths.join_token.exists():
+            return self.paths.join_token.read_text().strip(), str(self.paths.join_token)
+        if self.cfg.node.join_token:
+            return self.cfg.node.join_token, "config [node] join_token"
+        return None
+
+    def _enroll(self) -> None:
+        pending = self._pending_token()
+        if pending is None:
+            if self.identity is None:
+                self._enrollment = (NodeState.NEEDS_TOKEN, "waiting for a join token")
+                self._fail(Source.ENROLL, "this PC has not joined a region yet",
+                           "put the join token in garage.toml ([node] join_token) or run `garage-node join TOKEN`")
+            return
+        text, source = pending
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if digest == self._refused_token or self.clock.monotonic() < self.link.next_call:
+            return
+        if self.identity is not None and digest == self.identity.token_digest:
+            return  # revoked, and this is the token it joined with: wait for a new one
+        try:
+            tok = token.parse(text)
+        except token.TokenError as e:
+            self._refused_token = digest
+            self._fail(Source.ENROLL, f"the join token in {source} is unusable: {e}", "")
+            self._enrollment = (NodeState.ERROR, "the join token is unusable")
+            return
+        self._enrollment = (NodeState.ENROLLING, f"enrolling with the head at {tok.api_url}")
+        try:
+            ident, ca_pem = self.head_api.enroll(tok, self._node_name(), self._report(), self.cfg.node.region)
+        except HeadError as e:
+            self._enroll_failed(e, digest)
+            return
+        ident = dataclasses.replace(ident, token_digest=digest)
+        identity.save(self.paths, ident, ca_pem)
+        self.paths.join_token.unlink(missing_ok=True)
+        self._replace_identity(ident)
+        self._head_backoff.reset()
+        self.link = HeadLink(reachable=True, last_contact=self.clock.monotonic())
+        self.problem = None
+        self._enrollment = None
+        log.info("enrolled as node %s with overlay address %s", ident.node_id, ident.overlay_ip)
+
+    def _enroll_failed(self, e: HeadError, digest: str) -> None:
+        self.link.reachable = e.code != "unreachable" if e.code else None
+        if e.retry:
+            delay = self._head_backoff.next_delay()
+            self.link.next_call = self.clock.monotonic() + delay
+            self._fail(Source.ENROLL, str(e), "check that the head is running and reachable from this PC", retry_in=delay)
+            self._enrollment = (NodeState.ENROLLING, str(e))
+        else:
+            self._refused_token = digest
+            self._fail(Source.ENROLL, str(e), "get a new join token from the operator and run `garage-node join TOKEN`")
+            self._enrollment = (NodeState.ERROR, str(e))
+
+    def _replace_identity(self, ident: Identity) -> None:
+        old = self.identity
+        if old is not None and old.wg_private_key != ident.wg_private_key:
+            self.ray.stop()
+            self.iface.down()
+            self._overlay_ready = False
+        self.identity = ident
+        if self._client:
+            self._client.close()
+            self._client = None
+
+    def _node_name(self) -> str:
+        return self.cfg.node.name or socket.gethostname().split(".")[0]
+
+    # -- overlay
+
+    def _ensure_overlay(self) -> None:
+        ident = self.identity
+        assert ident is not None
+        if self._overlay_ready and self.iface.exists():
+            return
+        try:
+            self.iface.up(ident.wg_private_key, f"{ident.overlay_ip}/{ident.prefix_len}")
+            # Hub and spoke: the whole overlay is reached through the head.
+            network = f"{ident.hub_ip}/{ident.prefix_len}"
+            self.iface.set_peer(Peer(ident.hub_public_key, (network,), ident.hub_endpoint, self.cfg.overlay.keepalive_s))
+            self._overlay_ready = True
+            self._clear(Source.OVERLAY)
+        except WireGuardError as e:
+            self._overlay_ready = False
+            self._fail(Source.OVERLAY, f"overlay interface {self.iface.name} could not be set up: {e}", "")
+
+    # -- heartbeat
+
+    def _tell_head_now(self) -> None:
+        """One last heartbeat on the way down, so the head knows at once (best effort)."""
+        if self._member() and self._overlay_ready:
+            self.link.next_call = 0.0
+            self._heartbeat_if_due()
+
+    def _heartbeat_if_due(self) -> None:
+        if self.clock.monotonic() < self.link.next_call:
+            return
+        try:
+            reply = self._head_client().heartbeat(self._report())
+        except Revoked as e:
+            self._revoked(str(e))
+        except HeadError as e:
+            self._head_unreachable(str(e))
+        else:
+            self._heartbeat_ok(reply)
+
+    def _heartbeat_ok(self, reply: HeartbeatReply) -> None:
+        now = self.clock.monotonic()
+        self.link.reachable, self.link.last_contact, self.link.last_error = True, now, None
+        self.ray.head_says(reply.ray_alive)
+        self._head_backoff.reset()
+        ident = self.identity
+        assert ident is not None
+        updated = ident.with_region(reply)
+        if updated != ident:
+            identity.save(self.paths, updated)
+            self.identity = updated
+            self._overlay_ready = False  # re-apply the hub peer
+        self.link.next_call = now + updated.heartbeat_s
+        self._clear(Source.HEAD)
+
+    def _head_unreachable(self, message: str) -> None:
+        delay = min(self._head_backoff.next_delay(), self.identity.heartbeat_s if self.identity else 10.0)
+        self.link.next_call = self.clock.monotonic() + delay
+        self.link.reachable, self.link.last_error = False, message
+        self._fail(Source.HEAD, message, "check that the head is running; the node keeps its place and rejoins by itself",
+                   retry_in=delay)
+
+    def _revoked(self, message: str) -> None:
+        ident = self.identity
+        assert ident is not None
+        log.warning("the head revoked this node: %s", message)
+        self.engine.stand_down()
+        self.ray.stop()
+        self.iface.down()
+        self._overlay_ready = False
+        self.identity = dataclasses.replace(ident, revoked=True)
+        identity.save(self.paths, self.identity)
+        self.link.reachable = True
+        self._fail(Source.HEAD, f"revoked: {message}", "ask the operator for a new join token and run `garage-node join TOKEN`")
+
+    def _head_client(self):
+        if self._client is None:
+            assert self.identity is not None
+            self._client = self.head_api.connect(self.identity, self.paths.head_ca.read_bytes())
+        return self._client
+
+    # -- Ray
+
+    def version_mismatch(self) -> str | None:
+        head = self.identity.head_versions if self.identity else None
+        return self.versions.mismatch(head) if head else None
+
+    def _ensure_ray(self) -> None:
+        ident = self.identity
+        assert ident is not None
+        if not self._overlay_ready or self.version_mismatch():
+            self.ray.stop()
+            return
+        r = self.cfg.ray
+        labels = worker_labels(ident.node_id, ident.region, self.inventory, self._engine_model())
+        argv = worker_argv(ray_worker_command(r.command), ident.ray_address, ident.overlay_ip, r.temp_dir, labels,
+                           self.inventory, r.num_cpus, r.memory_mib, r.object_store_mib)
+        self.ray.run(argv, head_reachable=self.link.reachable is True)
+
+    # -- engine
+
+    def _engine_desired(self) -> tuple[EngineSpec, str] | None:
+        """What the engine should run; None until the node has joined (it binds the overlay address)."""
+        ident = self.identity
+        if ident is None or ident.revoked or not self._overlay_ready:
+            return None
+        return desired_spec(self.cfg.engine, self.inventory, ident.overlay_ip)
+
+    def _engine_model(self) -> str | None:
+        if not self.cfg.engine.enabled:
+            return None
+        try:
+            wanted = self._engine_desired()
+        except EngineConfigError:
+            return None
+        return wanted[0].model if wanted else None
+
+    # ------------------------------------------------------------ state
+
+    def _fail(self, source: Source, message: str, hint: str, retry_in: float | None = None) -> None:
+        """Record the problem status shows; log it once, not on every retry."""
+        now = self.clock.monotonic()
+        if self.problem is None or self.problem.message != message:
+            log.warning("%s", message)
+            self.problem = Problem(message, hint, source, at=now)
+        self.problem.retry_at = now + retry_in if retry_in is not None else None
+
+    def _clear(self, source: Source) -> None:
+        if self.problem is not None and self.problem.source is source:
+            self.problem = None
+
+    def _update_state(self) -> None:
+        ident = self.identity
+        state, message = derive(Facts(
+            joined=ident is not None, revoked=bool(ident and ident.revoked), enrollment=self._enrollment,
+            version_mismatch=self.version_mismatch(), overlay_ready=self._overlay_ready,
+            head_reachable=self.link.reachable, ray_running=self.ray.running,
+            ray_alive_at_head=self.ray.alive_at_head, overlay_ip=ident.overlay_ip if ident else None,
+            healthy_gpus=len(self.inventory.healthy_gpus), stopping=self._stopping,
+        ))
+        with self._lock:
+            if (state, message) != (self.state, self.message):
+                log.info("state %s: %s", state.value, message)
+            self.state, self.message = state, message
+
+    # ------------------------------------------------------------ what others read
+
+    def snapshot(self) -> Status:
+        """The status document served by the local API (keys documented in the README)."""
+        ident = self.identity
+        inv = self.inventory
+        now = self.clock.monotonic()
+        with self._lock:
+            state, message = self.state, self.message
+        link = self.link
+        return Status(
+            state=state,
+            message=message,
+            node_id=ident.node_id if ident else None,
+            name=ident.name if ident else self._node_name(),
+            region=ident.region if ident else None,
+            gpus=list(inv.gpus),
+            gpu_note=inv.nvml_error,
+            driver_version=inv.driver_version,
+            cuda_version=inv.cuda_version,
+            overlay=self._overlay_status(),
+            head=HeadStatus(
+                api_url=ident.api_url if ident else None,
+                reachable=link.reachable,
+                last_contact_age_s=round(now - link.last_contact, 1) if link.last_contact is not None else None,
+                error=link.last_error,
+            ),
+            ray=RayStatus(
+                state=self.ray.state(self.version_mismatch() is not None),
+                address=ident.ray_address if ident else None,
+                alive_at_head=self.ray.alive_at_head,
+                pid=self.ray.child.state.pid,
+                restarts=self.ray.child.state.restarts,
+                last_exit_code=self.ray.child.state.last_exit_code,
+                resources=RayResources(GPU=len(inv.healthy_gpus), vram_mib=inv.vram_mib),
+            ),
+            engine=self.engine.snapshot(),
+            versions=AgentVersions(agent=__version__, ray=self.versions.ray, python=self.versions.python),
+            last_error=self._problem_status(now),
+            agent=AgentInfo(pid=os.getpid(), uptime_s=round(now - self.started_at, 1)),
+        )
+
+    def _report(self) -> NodeReport:
+        """What the head learns with each heartbeat (never a secret)."""
+        s = self.snapshot()
+        e = s.engine
+        return NodeReport(
+            state=s.state, message=s.message, gpus=s.gpus, gpu_note=s.gpu_note, driver_version=s.driver_version,
+            cuda_version=s.cuda_version, versions=s.versions, ray=s.ray,
+            engine=EngineReport(state=e.state, model=e.model, endpoint=e.endpoint, draining=e.draining,
+                                healthy_since=e.healthy_since, requests_running=e.requests_running,
+                                requests_waiting=e.requests_waiting),
+        )
+
+    def _problem_status(self, now: float) -> ProblemStatus | None:
+        p = self.problem
+        if p is None:
+            return None
+        retry = round(max(0.0, p.retry_at - now), 1) if p.retry_at is not None else None
+        return ProblemStatus(message=p.message, hint=p.hint, age_s=round(now - p.at, 1), retry_in_s=retry)
+
+    def _overlay_status(self) -> OverlayStatus:
+        ident = self.identity
+        up = self.iface.exists()
+        age = None
+        if up and ident:
+            try:
+                hub = next((p for p in self.iface.peers() if p.public_key == ident.hub_public_key), None)
+                # WireGuard reports handshakes in wall-clock time.
+                age = hub.handshake_age_s(self.clock.time()) if hub else None
+            except WireGuardError:
+                pass
+        return OverlayStatus(
+            interface=self.iface.name, up=up,
+            address=ident.overlay_ip if ident else None,
+            hub_ip=ident.hub_ip if ident else None,
+            hub_endpoint=ident.hub_endpoint if ident else None,
+            handshake_age_s=round(age, 1) if age is not None else None,
+        )

@@ -1,0 +1,159 @@
+"""The node's typed configuration: /etc/garage-node/node.toml, with the USB stick's garage.toml
+laid over it section by section (keys in the override replace those of the base).
+
+Only the standard library and core.settings are imported here: build-image.sh validates a
+garage.toml with this module before the image is built (`python -m garage_node.node.config`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from garage_node.core.settings import ConfigError, one_of, parse, read_toml, setting
+
+DEFAULT_NODE_CONFIG = Path("/etc/garage-node/node.toml")
+DEFAULT_NODE_OVERRIDE = Path("/boot/garage/garage.toml")
+WG_IMPLEMENTATIONS = ("auto", "kernel", "wireguard-go")
+
+
+
+def _ifname_ok(name: str) -> bool:
+    # Linux limits interface names to 15 bytes; wireguard-go would take "--help" as a name.
+    return 0 < len(name) <= 15 and not name.startswith("-") and "/" not in name and " " not in name
+
+
+IFNAME = (_ifname_ok, "a Linux interface name (1-15 characters, no '/', ' ' or leading '-')")
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    join_token: str = setting("", secret=True)  # never logged, never shown
+    name: str = ""  # empty: the hostname
+    # Empty: whatever region the head serves. Set: the agent refuses a head of another region
+    # before spending the token (a stick flashed for one region cannot join another by mistake).
+    region: str = ""
+    state_dir: Path = Path("/var/lib/garage-node")
+    runtime_dir: Path = Path("/run/garage-node")
+
+
+@dataclass(frozen=True)
+class OverlaySection:
+    interface: str = setting("garage0", check=IFNAME)
+    # "auto": kernel WireGuard when the module loads, else wireguard-go.
+    implementation: str = setting("auto", check=one_of(*WG_IMPLEMENTATIONS))
+    keepalive_s: int = 25
+
+
+@dataclass(frozen=True)
+class NodeRaySection:
+    # Empty: the Ray next to the Python running the agent (same venv, same version), run
+    # through garage_node.node.raystart; set, the command is run as it is (`CMD start ...`).
+    command: str = ""
+    temp_dir: Path = Path("/tmp/garage-ray")
+    num_cpus: int = 0  # 0: let Ray count them
+    memory_mib: int = 0  # 0: let Ray decide
+    object_store_mib: int = 0
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    reconcile_s: float = 2.0
+    # Retry delays for the head and for children (Ray): exponential with jitter, capped.
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    """The vLLM engine the agent runs in Docker (see garage_node/node/engine/)."""
+
+    enabled: bool = True
+    # Pinned: every node of a region runs the same vLLM. Override for a local or newer build.
+    image: str = "vllm/vllm-openai:v0.32.0"
+    # "gpu": GPUs passed through; "cpu": no GPU (a vLLM CPU build; tests and CPU-only nodes).
+    device: str = setting("gpu", check=one_of("gpu", "cpu"))
+    # Empty: the planner picks the largest catalog model that fits. Else a catalog name or id.
+    model: str = ""
+    quantization: str = ""
+    max_model_len: int = 0  # 0: the planner decides
+    gpu_memory_utilization: float = setting(0.90, check=(lambda v: 0.1 <= v <= 0.99, "between 0.1 and 0.99"))
+    # A local model directory, mounted read-only and served instead of downloading from a hub.
+    model_dir: str = ""
+    catalog: str = ""  # empty: /etc/garage-node/models.toml, else the catalog shipped with garage-node
+    port: int = 8000
+    shm_size_mib: int = 2048
+    cache_dir: Path = Path("/var/lib/garage-node/models")
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    hub_token: str = setting("", secret=True)  # passed to the container, never shown
+    docker_socket: str = "/var/run/docker.sock"
+    container_name: str = "garage-engine"
+    # Restarts within crash_window_s that turn "restarting" into "degraded".
+    crash_loop_restarts: int = 3
+    crash_window_s: float = 600.0
+    startup_timeout_s: float = 900.0  # a first start may download many GB
+    drain_grace_s: float = 120.0
+    stop_timeout_s: int = 30
+
+
+@dataclass(frozen=True)
+class WifiSection:
+    # Read by the image's boot scripts, not by the agent; declared so typos are caught.
+    ssid: str = ""
+    psk: str = setting("", secret=True)
+    country: str = ""
+
+
+@dataclass(frozen=True)
+class SshSection:
+    authorized_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node: NodeSection = field(default_factory=NodeSection)
+    overlay: OverlaySection = field(default_factory=OverlaySection)
+    ray: NodeRaySection = field(default_factory=NodeRaySection)
+    agent: AgentSection = field(default_factory=AgentSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    wifi: WifiSection = field(default_factory=WifiSection)
+    ssh: SshSection = field(default_factory=SshSection)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.node.runtime_dir / "agent.sock"
+
+
+def load_node_config(path: Path | None = None, override: Path | None = None) -> NodeConfig:
+    """Base file, then override file; either may be missing (defaults apply)."""
+    path = path or Path(os.environ.get("GARAGE_NODE_CONFIG", DEFAULT_NODE_CONFIG))
+    override = override or Path(os.environ.get("GARAGE_NODE_OVERRIDE", DEFAULT_NODE_OVERRIDE))
+    cfg = NodeConfig()
+    for source in (path, override):
+        if source.exists():
+            cfg = parse(cfg, read_toml(source, ConfigError), source, error=ConfigError)
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    """`python -m garage_node.node.config FILE...`: check files as the agent reads them (the
+    image build checks garage.toml this way); prints nothing but errors."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m garage_node.node.config FILE...  (checks node.toml / garage.toml files)")
+        return 0 if argv else 2
+    try:
+        for name in argv:
+            if not Path(name).is_file():
+                raise ConfigError(f"{name}: no such file")
+            parse(NodeConfig(), read_toml(Path(name), ConfigError), name, error=ConfigError)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 78
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

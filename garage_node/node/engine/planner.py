@@ -1,0 +1,365 @@
+"""Which catalog model a node serves, and the vLLM engine arguments that make it fit.
+
+The catalog (configs/models.toml) states each model's size and the architecture facts the
+arithmetic needs. Per GPU of a tensor-parallel group, with B = total VRAM x gpu_memory_utilization
+(vLLM counts everything it allocates against that fraction):
+
+    weights   = parameters x bytes_per_param / TP
+    overhead  = OVERHEAD_FIXED_MIB + OVERHEAD_WEIGHT_FRACTION x weights
+    KV/token  = 2 (K and V) x layers x ceil(KV heads / TP) x head_dim x KV bytes
+    weights + overhead + max_model_len x KV/token <= B
+
+The planner prefers the largest model, then the highest precision of it, then the GPU set that
+gives the longest context, then the fewest GPUs. It imports nothing heavy: the agent runs it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from garage_node.node.engine.catalog import Catalog, CompCap, ModelSpec, Quantization, parse_compute_capability
+from garage_node.node.gpu import GPU, Inventory
+
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
+# Below this a chat model is of little use, so a model that fits only with less does not fit.
+MIN_CONTEXT = 4096
+# max_model_len is rounded down to this: vLLM's KV blocks are 16 tokens; 256 keeps numbers tidy.
+CONTEXT_STEP = 256
+# Per GPU, outside weights and KV cache: CUDA context (~300-500 MiB), cuBLAS/NCCL workspaces and
+# CUDA graphs (~200-500 MiB) ...
+OVERHEAD_FIXED_MIB = 1024
+# ... plus activations at profiling time, which grow with the model's width, so with its weights.
+OVERHEAD_WEIGHT_FRACTION = 0.05
+TP_SIZES = (1, 2, 4, 8)
+MIB = 1024 * 1024
+GIB_PER_MIB = 1 / 1024
+
+GPUSet = tuple[GPU, ...]
+
+
+class PlanError(Exception):
+    """No plan: the message says why, with numbers, and what would work instead."""
+
+
+class CpuOnlyRefusal(PlanError):
+    """The node has no healthy GPU: it joins as a CPU node and serves no model."""
+
+
+def _fmt_cc(cc: CompCap) -> str:
+    return f"{cc[0]}.{cc[1]}"
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelSpec
+    quantization: Quantization
+    gpus: GPUSet  # the tensor-parallel group, identical GPUs
+    max_model_len: int
+    gpu_memory_utilization: float
+    # Per GPU of the group, MiB:
+    budget_mib: float
+    weights_mib: float
+    overhead_mib: float
+    kv_bytes_per_token: int
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return len(self.gpus)
+
+    @property
+    def gpu_indices(self) -> tuple[int, ...]:
+        return tuple(g.index for g in self.gpus)
+
+    @property
+    def kv_cache_mib(self) -> float:
+        """KV cache for one sequence of max_model_len tokens, per GPU."""
+        return self.max_model_len * self.kv_bytes_per_token / MIB
+
+    @property
+    def total_mib(self) -> float:
+        return self.weights_mib + self.overhead_mib + self.kv_cache_mib
+
+    @property
+    def spare_mib(self) -> float:
+        """Budget left after one full-length sequence: vLLM uses it for more concurrent sequences."""
+        return self.budget_mib - self.total_mib
+
+    def engine_args(self) -> list[str]:
+        q = self.quantization
+        args = ["--model", q.model_id, "--dtype", q.dtype]
+        if q.vllm_quantization:
+            args += ["--quantization", q.vllm_quantization]
+        return args + [
+            "--max-model-len", str(self.max_model_len),
+            "--gpu-memory-utilization", f"{self.gpu_memory_utilization:.2f}",
+            "--tensor-parallel-size", str(self.tensor_parallel_size),
+        ]
+
+    def explain(self) -> str:
+        m, q, tp = self.model, self.quantization, self.tensor_parallel_size
+        g = self.gpus[0]
+        kv_heads = m.kv_heads_per_gpu(tp)
+        kv_heads_note = f"{kv_heads} KV heads" + (f" ({m.num_kv_heads}/{tp} per GPU)" if tp > 1 else "")
+        lines = [
+            f"GPUs: {', '.join(f'#{x.index}' for x in self.gpus)} {g.name}, {g.memory_total_mib} MiB,"
+            f" cc {g.compute_capability}{' each' if tp > 1 else ''}; tensor parallel {tp}",
+            f"model: {m.name} ({q.model_id}), {q.name}: --dtype {q.dtype}"
+            + (f" --quantization {q.vllm_quantization}" if q.vllm_quantization else ""),
+            f"budget per GPU: {_gib(g.memory_total_mib)} x {self.gpu_memory_utilization:.2f}"
+            f" = {_gib(self.budget_mib)}",
+            f"weights: {m.parameters / 1e9:.2f}e9 params x {q.bytes_per_param:g} B"
+            f" = {_gib(self.weights_mib * tp)}, / TP {tp} = {_gib(self.weights_mib)} per GPU",
+            f"overhead per GPU: {OVERHEAD_FIXED_MIB} MiB + {OVERHEAD_WEIGHT_FRACTION:.0%} of weights"
+            f" = {_gib(self.overhead_mib)}",
+            f"KV cache per token per GPU: 2 x {m.num_layers} layers x {kv_heads_note} x {m.head_dim}"
+            f" head_dim x {q.kv_bytes} B = {self.kv_bytes_per_token / 1024:g} KiB;"
+            f" x {self.max_model_len} tokens = {_gib(self.kv_cache_mib)}",
+            f"total per GPU: {self.weights_mib * GIB_PER_MIB:.2f} + {self.overhead_mib * GIB_PER_MIB:.2f}"
+            f" + {self.kv_cache_mib * GIB_PER_MIB:.2f} = {_gib(self.total_mib)}"
+            f" <= budget {_gib(self.budget_mib)} ({_gib(self.spare_mib)} spare for more sequences)",
+            f"max_model_len: {self.max_model_len} (model default {m.default_context_length},"
+            f" minimum {min(MIN_CONTEXT, m.default_context_length)}, steps of {CONTEXT_STEP})",
+        ]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        q = self.quantization
+        return {
+            "model": self.model.name,
+            "model_id": self.model.id,
+            "served_model_id": q.model_id,
+            "quantization": q.name,
+            "dtype": q.dtype,
+            "vllm_quantization": q.vllm_quantization,
+            "max_model_len": self.max_model_len,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "gpu_indices": list(self.gpu_indices),
+            "per_gpu_mib": {
+                "budget": round(self.budget_mib, 1),
+                "weights": round(self.weights_mib, 1),
+                "overhead": round(self.overhead_mib, 1),
+                "kv_cache": round(self.kv_cache_mib, 1),
+                "spare": round(self.spare_mib, 1),
+            },
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "engine_args": self.engine_args(),
+        }
+
+
+def _gib(mib: float) -> str:
+    return f"{mib * GIB_PER_MIB:.2f} GiB"
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class _Need:
+    """Why one option does not fit: per-GPU need and budget at the minimum context."""
+
+    model: ModelSpec
+    quant: Quantization
+    gpus: GPUSet
+    need_mib: float
+    budget_mib: float
+
+
+def plan(
+    inventory: Inventory,
+    catalog: Catalog,
+    pinned_model: str | None = None,
+    pinned_quantization: str | None = None,
+    max_model_len: int | None = None,
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+) -> Plan:
+    """The model and engine arguments this node should serve; PlanError when there are none."""
+    if not 0 < gpu_memory_utilization <= 1:
+        raise PlanError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if max_model_len is not None and max_model_len < 1:
+        raise PlanError(f"max_model_len must be a positive number of tokens, got {max_model_len}")
+    gpus = inventory.healthy_gpus
+    if not gpus:
+        raise CpuOnlyRefusal(_cpu_only_message(inventory))
+    groups = _gpu_groups(gpus)
+    if pinned_model is not None:
+        return _plan_pinned(catalog, groups, pinned_model, pinned_quantization, max_model_len,
+                            gpu_memory_utilization)
+    models = [m for m in catalog.models if not m.test_only]
+    best = _best(models, groups, pinned_quantization, max_model_len, gpu_memory_utilization)
+    if best is None:
+        raise PlanError(_nothing_fits_message(models, groups, pinned_quantization, max_model_len,
+                                              gpu_memory_utilization))
+    return best
+
+
+def _best(models: list[ModelSpec], groups: list[GPUSet], quant_name: str | None,
+          max_model_len: int | None, util: float) -> Plan | None:
+    # Largest model first (quality), then highest precision; catalog order breaks ties (bf16 > fp16).
+    for model in sorted(models, key=lambda m: -m.parameters):
+        for quant in _by_precision(model, quant_name):
+            fits = [p for g in groups if (p := _fit(model, quant, g, max_model_len, util))]
+            if fits:
+                # Longest context first: a second GPU is worth using when it saves context.
+                return max(fits, key=lambda p: (p.max_model_len, -p.tensor_parallel_size))
+    return None
+
+
+def _by_precision(model: ModelSpec, quant_name: str | None) -> list[Quantization]:
+    quants = [q for q in model.offered if quant_name in (None, q.name)]
+    return sorted(quants, key=lambda q: -q.bytes_per_param)
+
+
+def _gpu_groups(gpus: GPUSet) -> list[GPUSet]:
+    """Every GPU set that can form a TP group: 1, 2, 4, 8 identical GPUs."""
+    same: dict[tuple, list[GPU]] = {}
+    for g in sorted(gpus, key=lambda g: g.index):
+        same.setdefault((g.name, g.memory_total_mib, g.compute_capability), []).append(g)
+    return [tuple(s[:tp]) for s in same.values() for tp in TP_SIZES if tp <= len(s)]
+
+
+def _gpu_cc(gpu: GPU) -> CompCap:
+    # An unknown compute capability satisfies no requirement: better refuse than crash the engine.
+    try:
+        return parse_compute_capability(gpu.compute_capability)
+    except ValueError:
+        return (0, 0)
+
+
+def _usable(model: ModelSpec, quant: Quantization, gpus: GPUSet) -> bool:
+    cc = _gpu_cc(gpus[0])
+    return cc >= model.min_compute_capability and cc >= quant.min_compute_capability and \
+        model.supports_tp(len(gpus))
+
+
+def _fit(model: ModelSpec, quant: Quantization, gpus: GPUSet, max_model_len: int | None,
+         util: float) -> Plan | None:
+    """The plan for this model/quantization on these GPUs, or None when it does not fit."""
+    if not _usable(model, quant, gpus):
+        return None
+    if max_model_len is not None and max_model_len > model.default_context_length:
+        return None
+    tp = len(gpus)
+    budget = gpus[0].memory_total_mib * util
+    weights, overhead = _weights_and_overhead(model, quant, tp)
+    per_token = model.kv_bytes_per_token(quant, tp)
+    tokens = int(max(0.0, budget - weights - overhead) * MIB // per_token)
+    if max_model_len is not None:
+        length = max_model_len if tokens >= max_model_len else 0
+    else:
+        length = min(model.default_context_length, tokens // CONTEXT_STEP * CONTEXT_STEP)
+        length = length if length >= min(MIN_CONTEXT, model.default_context_length) else 0
+    if not length:
+        return None
+    return Plan(model, quant, gpus, length, util, budget, weights, overhead, per_token)
+
+
+def _weights_and_overhead(model: ModelSpec, quant: Quantization, tp: int) -> tuple[float, float]:
+    """MiB per GPU: TP shards the weights (embeddings too), each GPU has its own overhead."""
+    weights = model.weights_mib(quant) / tp
+    return weights, OVERHEAD_FIXED_MIB + OVERHEAD_WEIGHT_FRACTION * weights
+
+
+def _need(model: ModelSpec, quant: Quantization, gpus: GPUSet, max_model_len: int | None,
+          util: float) -> _Need:
+    tp = len(gpus)
+    weights, overhead = _weights_and_overhead(model, quant, tp)
+    tokens = max_model_len or min(MIN_CONTEXT, model.default_context_length)
+    need = weights + overhead + tokens * model.kv_bytes_per_token(quant, tp) / MIB
+    return _Need(model, quant, gpus, need, gpus[0].memory_total_mib * util)
+
+
+def _closest_miss(models: list[ModelSpec], groups: list[GPUSet], quant_name: str | None,
+                  max_model_len: int | None, util: float) -> _Need | None:
+    """The usable option that misses by the least, to report its numbers."""
+    needs = [
+        _need(m, q, g, max_model_len, util)
+        for m in models for q in _by_precision(m, quant_name) for g in groups if _usable(m, q, g)
+    ]
+    return min(needs, key=lambda n: (n.need_mib - n.budget_mib, -n.model.parameters), default=None)
+
+
+# ---------------------------------------------------------------- messages
+
+
+def _plan_pinned(catalog: Catalog, groups: list[GPUSet], ref: str, quant_name: str | None,
+                 max_model_len: int | None, util: float) -> Plan:
+    found = catalog.resolve(ref)
+    if found is None:
+        names = ", ".join(m.name for m in catalog.models)
+        raise PlanError(f"model {ref!r} is not in the catalog {catalog.path} (it has: {names})")
+    model, quant = found
+    if quant is not None and quant_name not in (None, quant.name):
+        raise PlanError(f"{ref} is the {quant.name} build of {model.name}, not {quant_name}")
+    quant_name = quant.name if quant else quant_name
+    if quant_name is not None and model.quantization(quant_name) is None:
+        offered = ", ".join(q.name for q in model.offered)
+        raise PlanError(f"{model.name} is not offered as {quant_name} (offered: {offered})")
+    if max_model_len is not None and max_model_len > model.default_context_length:
+        raise PlanError(f"max_model_len {max_model_len} exceeds {model.name}'s context length "
+                        f"{model.default_context_length}")
+    best = _best([model], groups, quant_name, max_model_len, util)
+    if best is not None:
+        return best
+    why = _why_not(model, groups, quant_name, max_model_len, util)
+    raise PlanError(f"{model.name} ({model.id}) does not fit this node: {why}; "
+                    f"{_suggestion(catalog, groups, max_model_len, util)}")
+
+
+def _why_not(model: ModelSpec, groups: list[GPUSet], quant_name: str | None,
+             max_model_len: int | None, util: float) -> str:
+    miss = _closest_miss([model], groups, quant_name, max_model_len, util)
+    if miss is None:
+        return _unusable_reason(model, groups, quant_name)
+    return _need_text(miss, max_model_len)
+
+
+def _need_text(miss: _Need, max_model_len: int | None) -> str:
+    tp, gpu = len(miss.gpus), miss.gpus[0]
+    tokens = max_model_len or min(MIN_CONTEXT, miss.model.default_context_length)
+    where = f"{tp} x {gpu.name}" if tp > 1 else gpu.name
+    return (f"as {miss.quant.name} with a {tokens}-token context it needs "
+            f"{miss.need_mib * tp * GIB_PER_MIB:.2f} GiB, has {miss.budget_mib * tp * GIB_PER_MIB:.2f} GiB "
+            f"({where}, {gpu.memory_total_mib * tp} MiB x {miss.budget_mib / gpu.memory_total_mib:.2f})")
+
+
+def _unusable_reason(model: ModelSpec, groups: list[GPUSet], quant_name: str | None) -> str:
+    ccs = sorted({g[0].compute_capability or "unknown" for g in groups})
+    quants = _by_precision(model, quant_name)
+    wants = ", ".join(
+        f"{q.name} needs cc >= {_fmt_cc(max(model.min_compute_capability, q.min_compute_capability))}"
+        for q in quants
+    )
+    # TP 1 is always a valid size, so an option that is never usable fails on compute capability.
+    return f"GPU compute capability {', '.join(ccs)}: {wants}"
+
+
+def _suggestion(catalog: Catalog, groups: list[GPUSet], max_model_len: int | None, util: float) -> str:
+    models = [m for m in catalog.models if not m.test_only]
+    alt = _best(models, groups, None, max_model_len, util)
+    if alt is None:
+        return "no catalog model fits this node"
+    q = alt.quantization
+    return (f"would fit instead: {alt.model.name} as {q.name} ({q.model_id}, "
+            f"tensor parallel {alt.tensor_parallel_size}, max_model_len {alt.max_model_len})")
+
+
+def _nothing_fits_message(models: list[ModelSpec], groups: list[GPUSet], quant_name: str | None,
+                          max_model_len: int | None, util: float) -> str:
+    miss = _closest_miss(models, groups, quant_name, max_model_len, util)
+    detail = f"; closest: {miss.model.name} {_need_text(miss, max_model_len)}" if miss else ""
+    as_quant = f" as {quant_name}" if quant_name else ""
+    return f"no catalog model fits this node's GPUs{as_quant}{detail}"
+
+
+def _cpu_only_message(inventory: Inventory) -> str:
+    why = [f"GPU {g.index} ({g.name}) unhealthy: {g.error or 'no reason given'}" for g in inventory.gpus]
+    if inventory.nvml_error:
+        why.append(f"NVML: {inventory.nvml_error}")
+    detail = f" ({'; '.join(why)})" if why else ""
+    return f"node is CPU-only: no healthy GPU{detail}; it can serve no catalog model"

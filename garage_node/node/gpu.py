@@ -1,0 +1,177 @@
+"""GPU inventory through NVML (the `pynvml` module of nvidia-ml-py).
+
+read_inventory() never raises: a PC without a usable NVIDIA driver still joins, as a CPU node,
+and a GPU that misbehaves is reported unhealthy while the others keep working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from garage_node.core.wire import GPU
+
+try:
+    import pynvml
+except ImportError:  # the node still runs (as a CPU node) and says why
+    pynvml = None
+
+_MIB = 1024 * 1024
+_CPU_NODE = "this node joins as a CPU node"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    gpus: tuple[GPU, ...] = ()
+    driver_version: str | None = None
+    cuda_version: str | None = None  # e.g. "12.4"
+    # Set when NVML could not be used at all (no driver, no GPU): the node joins as a CPU node.
+    nvml_error: str | None = None
+
+    @property
+    def healthy_gpus(self) -> tuple[GPU, ...]:
+        return tuple(g for g in self.gpus if g.healthy)
+
+    @property
+    def vram_mib(self) -> int:
+        return sum(g.memory_total_mib for g in self.healthy_gpus)
+
+
+def read_inventory() -> Inventory:
+    """What NVML says about this machine's GPUs; problems end up in the result, never raised."""
+    if pynvml is None:
+        return Inventory(nvml_error=f"the nvidia-ml-py package (pynvml) is not installed: {_CPU_NODE}")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as err:
+        return Inventory(nvml_error=_init_error(err))
+    try:
+        return _read_system()
+    except pynvml.NVMLError as err:
+        return Inventory(nvml_error=f"NVML failed while listing GPUs ({_describe(err)}): {_CPU_NODE}")
+    except Exception as err:  # a pynvml/driver mismatch must not stop the node from joining
+        return Inventory(nvml_error=f"reading GPUs through NVML failed unexpectedly ({err!r}): {_CPU_NODE}")
+    finally:
+        _shutdown()
+
+
+def _init_error(err: Exception) -> str:
+    code = getattr(err, "value", None)
+    if code == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND:
+        return f"NVIDIA driver not found (libnvidia-ml.so.1 could not be loaded): {_CPU_NODE}"
+    if code == pynvml.NVML_ERROR_DRIVER_NOT_LOADED:
+        return ("NVIDIA driver is installed but not running (is the nvidia kernel module loaded?): "
+                + _CPU_NODE)
+    if code == pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH:
+        return ("the NVIDIA driver was updated but the old one is still loaded; reboot to use the GPU: "
+                + _CPU_NODE)
+    if code == pynvml.NVML_ERROR_NO_PERMISSION:
+        return f"no permission to open the NVIDIA device files (/dev/nvidia*): {_CPU_NODE}"
+    return f"NVML could not start ({_describe(err)}): {_CPU_NODE}"
+
+
+def _shutdown() -> None:
+    # Pairs with the nvmlInit above; a failure here changes nothing for the caller.
+    try:
+        pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        pass
+
+
+def _read_system() -> Inventory:
+    driver = _optional(lambda: _text(pynvml.nvmlSystemGetDriverVersion()))
+    cuda = _optional(lambda: _cuda_version(pynvml.nvmlSystemGetCudaDriverVersion()))
+    count = pynvml.nvmlDeviceGetCount()
+    if count == 0:
+        return Inventory(driver_version=driver, cuda_version=cuda,
+                         nvml_error=f"NVIDIA driver {driver} is loaded but sees no GPU: {_CPU_NODE}")
+    gpus = tuple(_read_gpu(i) for i in range(count))
+    return Inventory(gpus=gpus, driver_version=driver, cuda_version=cuda)
+
+
+def _read_gpu(index: int) -> GPU:
+    # Any failure on one GPU marks only that GPU unhealthy: the node keeps serving with the rest.
+    handle = None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return _healthy_gpu(index, handle)
+    except pynvml.NVMLError as err:
+        return _unhealthy_gpu(index, handle, err)
+
+
+def _healthy_gpu(index: int, handle) -> GPU:
+    memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+    power_mw = _optional(lambda: pynvml.nvmlDeviceGetPowerUsage(handle))
+    return GPU(
+        index=index,
+        name=_text(pynvml.nvmlDeviceGetName(handle)),
+        uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
+        memory_total_mib=memory.total // _MIB,
+        memory_free_mib=memory.free // _MIB,
+        compute_capability=f"{major}.{minor}",
+        temperature_c=_optional(
+            lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)),
+        power_w=None if power_mw is None else round(power_mw / 1000, 1),
+        utilization_pct=_optional(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+    )
+
+
+def _unhealthy_gpu(index: int, handle, err: Exception) -> GPU:
+    # Name and UUID are best effort: they tell a person which card to look at, if NVML still says.
+    name = uuid = None
+    if handle is not None:
+        name = _quiet(lambda: _text(pynvml.nvmlDeviceGetName(handle)))
+        uuid = _quiet(lambda: _text(pynvml.nvmlDeviceGetUUID(handle)))
+    return GPU(index=index, name=name or f"GPU {index}", uuid=uuid or "", memory_total_mib=0,
+               memory_free_mib=0, compute_capability=None, temperature_c=None, power_w=None,
+               utilization_pct=None, healthy=False,
+               error=f"NVML could not read GPU {index}: {_describe(err)}")
+
+
+def _not_available_codes() -> set[int]:
+    # Cards (GeForce especially) and older drivers lack some readings; that is not a fault.
+    names = ("NVML_ERROR_NOT_SUPPORTED", "NVML_ERROR_FUNCTION_NOT_FOUND", "NVML_ERROR_DEPRECATED")
+    return {getattr(pynvml, n) for n in names if hasattr(pynvml, n)}
+
+
+def _optional(read):
+    """read(), or None when this card or driver does not offer it; other NVML errors propagate."""
+    try:
+        return read()
+    except pynvml.NVMLError as err:
+        if err.value in _not_available_codes():
+            return None
+        raise
+
+
+def _quiet(read):
+    try:
+        return read()
+    except pynvml.NVMLError:
+        return None
+
+
+_HINTS = {
+    "NVML_ERROR_GPU_IS_LOST": "the GPU stopped responding or fell off the bus; it needs a reboot "
+                              "and, if it happens again, a check of its seating, power and heat",
+    "NVML_ERROR_RESET_REQUIRED": "the GPU needs a reset or a reboot",
+}
+
+
+def _describe(err: Exception) -> str:
+    """'GPU is lost (NVML_ERROR_GPU_IS_LOST): <hint>' — readable, and searchable by its code."""
+    code = getattr(err, "value", None)
+    name = next((n for n in dir(pynvml) if n.startswith("NVML_ERROR_")
+                 and getattr(pynvml, n) == code), f"NVML error {code}")
+    hint = _HINTS.get(name)
+    return f"{err} ({name})" + (f": {hint}" if hint else "")
+
+
+def _cuda_version(value: int) -> str:
+    # NVML encodes CUDA 12.4 as 12040 (1000 * major + 10 * minor).
+    return f"{value // 1000}.{value % 1000 // 10}"
+
+
+def _text(value) -> str:
+    # Some pynvml versions return bytes, newer ones str.
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,170 @@
+"""The node's side of the head's control API: enrollment (verify the head against the token's
+pin, then trade the token for an identity) and heartbeats, over HTTPS pinned to the head's CA.
+
+Nothing is written here: the agent persists what the head grants. Answers are decoded into the
+typed messages of core.wire; failures become one of three exceptions the agent can act on.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from typing import Any
+
+import httpx
+
+from garage_node.core import token, wireguard
+from garage_node.core.token import JoinToken
+from garage_node.core.wire import EnrollReply, HeartbeatReply, NodeReport, WireError, decode, encode
+from garage_node.node.identity import Identity
+
+TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+
+class HeadError(Exception):
+    """Talking to the head failed; `retry` says whether trying again later can help."""
+
+    def __init__(self, message: str, retry: bool, code: str = "") -> None:
+        super().__init__(message)
+        self.retry, self.code = retry, code
+
+
+class HeadUnreachable(HeadError):
+    """No answer, or a broken one (head down, network, a 5xx): retried with backoff."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry=True, code="unreachable")
+
+
+class Refused(HeadError):
+    """The head said no for good (token refused, wrong head, wrong region)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message, retry=False, code=code)
+
+
+class Revoked(HeadError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry=False, code="revoked")
+
+
+def fetch_pinned_ca(tok: JoinToken) -> bytes:
+    """Download the head's CA without trusting it yet, and accept it only if it matches the pin."""
+    try:
+        # verify=False is deliberate: the CA is checked below against the pin the token carries.
+        resp = httpx.get(f"{tok.api_url}/v1/ca", verify=False, timeout=TIMEOUT)
+        resp.raise_for_status()
+    except httpx.HTTPError as e:
+        raise HeadUnreachable(f"head unreachable at {tok.api_url}: {_reason(e)}") from None
+    ca_pem = resp.content
+    try:
+        got = token.ca_pin(ca_pem)
+    except ValueError:
+        got = "(not a certificate)"
+    if got != tok.ca_pin:
+        raise Refused(
+            f"the server at {tok.api_url} is not the head this token was made for (its certificate "
+            "does not match the token's pin). Check the address, or ask the operator for a new token.",
+            code="pin_mismatch",
+        )
+    return ca_pem
+
+
+def enroll(tok: JoinToken, name: str, report: NodeReport, expected_region: str = "") -> tuple[Identity, bytes]:
+    """Enroll with a new WireGuard key; raises HeadError."""
+    ca_pem = fetch_pinned_ca(tok)
+    with client(ca_pem) as c:
+        if expected_region:
+            _check_region(c, tok.api_url, expected_region)
+        private_key = wireguard.generate_private_key()
+        body = {
+            "token_id": tok.token_id, "secret": tok.secret, "name": name,
+            "wg_public_key": wireguard.public_key_of(private_key), "report": encode(report),
+        }
+        resp = _post(c, f"{tok.api_url}/v1/enroll", body)
+    if resp.status_code != 200:
+        code, message = error_of(resp)
+        if resp.status_code >= 500:
+            raise HeadUnreachable(f"the head failed to enroll this node ({resp.status_code}): {message}")
+        raise Refused(f"the head refused to enroll this node: {message}", code=code)
+    reply = _decode(resp, EnrollReply, tok.api_url)
+    return Identity.from_enrollment(name, tok.api_url, private_key, reply, time.time()), ca_pem
+
+
+def _check_region(c: httpx.Client, api_url: str, expected: str) -> None:
+    """Before the token is spent: a stick set up for one region must not join another."""
+    try:
+        resp = c.get(f"{api_url}/v1/health")
+        region = resp.json().get("region") if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        raise HeadUnreachable(f"head unreachable at {api_url}") from None
+    if region is not None and region != expected:
+        raise Refused(f"this PC is set up for region '{expected}' ([node] region) but the head at {api_url} "
+                      f"serves region '{region}'. Fix [node] region in garage.toml, or use a token of "
+                      f"region '{expected}'.", code="wrong_region")
+
+
+class HeadClient:
+    """Heartbeats to the head with the node's credential; keeps one connection open."""
+
+    def __init__(self, ident: Identity, ca_pem: bytes) -> None:
+        self.ident = ident
+        self._client = client(ca_pem)
+
+    def heartbeat(self, report: NodeReport) -> HeartbeatReply:
+        ident = self.ident
+        resp = _post(self._client, f"{ident.api_url}/v1/nodes/{ident.node_id}/heartbeat", {"report": encode(report)},
+                     headers={"Authorization": f"Bearer {ident.credential}"})
+        if resp.status_code == 403:
+            raise Revoked(error_of(resp)[1])
+        if resp.status_code != 200:
+            raise HeadUnreachable(f"the head answered {resp.status_code}: {error_of(resp)[1]}")
+        return _decode(resp, HeartbeatReply, ident.api_url)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def client(ca_pem: bytes) -> httpx.Client:
+    ctx = ssl.create_default_context(cadata=ca_pem.decode())
+    return httpx.Client(verify=ctx, timeout=TIMEOUT)
+
+
+def _post(c: httpx.Client, url: str, body: dict[str, Any], **kw: Any) -> httpx.Response:
+    try:
+        return c.post(url, json=body, **kw)
+    except httpx.HTTPError as e:
+        raise HeadUnreachable(f"head unreachable at {url.split('/v1/')[0]}: {_reason(e)}") from None
+
+
+def _decode(resp: httpx.Response, cls: type, api_url: str):
+    try:
+        return decode(resp.json(), cls)
+    except (ValueError, WireError) as e:
+        raise HeadUnreachable(f"the head at {api_url} sent an answer this node cannot read ({e}); "
+                              "is it running the same garage-node version?") from None
+
+
+def error_of(resp: httpx.Response) -> tuple[str, str]:
+    try:
+        data = resp.json()
+        return str(data.get("error", resp.status_code)), str(data.get("message", resp.reason_phrase))
+    except ValueError:
+        return str(resp.status_code), f"HTTP {resp.status_code} {resp.reason_phrase}"
+
+
+def _reason(e: httpx.HTTPError) -> str:
+    # httpx messages carry no secrets (bodies are not included), but keep them short.
+    text = str(e) or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+class HeadApi:
+    """The head as the agent uses it: enroll once, then a client for heartbeats. The agent's
+    one edge to the head, which unit tests replace."""
+
+    def enroll(self, tok: JoinToken, name: str, report: NodeReport, expected_region: str = "") -> tuple[Identity, bytes]:
+        return enroll(tok, name, report, expected_region)
+
+    def connect(self, ident: Identity, ca_pem: bytes) -> HeadClient:
+        return HeadClient(ident, ca_pem)

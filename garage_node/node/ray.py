@@ -1,0 +1,143 @@
+"""The node's Ray worker: its command line, and the decisions about running it.
+
+`ray start --block` runs as a supervised child (the agent never imports ray). Ray workers do
+not rejoin a restarted head by themselves and may linger half-alive, so a worker the Ray head
+stopped listing is restarted; `RayWorker` makes that call from what the heartbeats tell.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Protocol
+
+from garage_node.core.clock import SYSTEM, Clock
+from garage_node.core.raycmd import label_value, sizing_args
+from garage_node.core.supervise import ChildState
+from garage_node.core.wire import RayState
+from garage_node.node.gpu import Inventory
+
+log = logging.getLogger(__name__)
+
+# A worker the Ray head listed and then lost for this long is restarted.
+ABSENT_RESTART_S = 60.0
+# A worker never listed yet gets longer: a first start can be slow (a busy or emulated PC).
+FIRST_JOIN_S = 600.0
+
+
+def ray_worker_command(configured: str) -> list[str]:
+    """`ray` for a node: our own venv's Ray through garage_node.node.raystart, which keeps the
+    raylet from giving up on agents that start slowly (see that module); a configured
+    command is used as it is."""
+    if configured:
+        return [configured]
+    return [sys.executable, "-m", "garage_node.node.raystart"]
+
+
+def worker_labels(node_id: str, region: str, inventory: Inventory, model: str | None = None) -> dict[str, str]:
+    healthy = inventory.healthy_gpus
+    labels = {
+        "garage.node_id": label_value(node_id),
+        "garage.region": label_value(region),
+        "garage.gpu": label_value(healthy[0].name) if healthy else "none",
+        "garage.gpu_count": str(len(healthy)),
+    }
+    if model:
+        labels["garage.model"] = label_value(model)
+    return labels
+
+
+def worker_argv(ray_cmd: list[str], head_address: str, ip: str, temp_dir: Path, labels: dict[str, str],
+                inventory: Inventory, num_cpus: int = 0, memory_mib: int = 0,
+                object_store_mib: int = 0) -> list[str]:
+    argv = [
+        *ray_cmd, "start", "--block",
+        "--address", head_address,
+        "--node-ip-address", ip,
+        "--temp-dir", str(temp_dir),
+        "--disable-usage-stats",
+        # Count only the GPUs NVML calls healthy; a bad GPU is quarantined, not scheduled.
+        "--num-gpus", str(len(inventory.healthy_gpus)),
+        "--labels", ",".join(f"{k}={v}" for k, v in sorted(labels.items())),
+        *sizing_args(num_cpus, memory_mib, object_store_mib),
+    ]
+    if inventory.vram_mib:
+        argv += ["--resources", json.dumps({"vram_mib": inventory.vram_mib})]
+    return argv
+
+
+class Child(Protocol):
+    """What RayWorker needs of a supervised process (core.supervise.Supervised)."""
+
+    state: ChildState
+
+    @property
+    def running(self) -> bool: ...
+
+    def ensure(self, argv: list[str]) -> bool: ...
+
+    def stop(self, timeout_s: float = 15.0) -> None: ...
+
+
+class RayWorker:
+    def __init__(self, child: Child, clock: Clock = SYSTEM) -> None:
+        self.child = child
+        self.clock = clock
+        self.alive_at_head = False
+        self._alive_since: float | None = None  # monotonic, when the head last started listing it
+        self._absent_since: float | None = None  # monotonic, since when the head has not listed it
+        self._argv: list[str] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.child.running
+
+    def head_says(self, alive: bool) -> None:
+        """What the last heartbeat answer said: is this worker alive at the Ray head?"""
+        now = self.clock.monotonic()
+        if alive and not self.alive_at_head:
+            self._alive_since = now
+        self.alive_at_head = alive
+        self._absent_since = None if alive else (self._absent_since or now)
+
+    def forget_head(self) -> None:
+        self.alive_at_head = False
+
+    def run(self, argv: list[str], head_reachable: bool) -> None:
+        """Keep the worker running with `argv`: restart it on new arguments, or when the Ray
+        head has not listed it for too long."""
+        if self._argv is not None and argv != self._argv and self.child.running:
+            log.info("GPU inventory or model changed; restarting the Ray worker with new resources")
+            self.child.stop()
+        if head_reachable and self.stale_at_head():
+            log.warning("the Ray head has not listed this worker for %.0f s; restarting it", self._allowance())
+            self.child.stop()
+            self._absent_since = self.clock.monotonic()
+        self._argv = argv
+        self.child.ensure(argv)
+
+    def stop(self) -> None:
+        self.child.stop()
+        self.alive_at_head = False
+
+    def stale_at_head(self) -> bool:
+        started = self.child.state.started_at
+        if not (self.child.running and not self.alive_at_head and self._absent_since is not None and started is not None):
+            return False
+        now = self.clock.monotonic()
+        allowance = self._allowance()
+        return now - started > allowance and now - self._absent_since > allowance
+
+    def _allowance(self) -> float:
+        started = self.child.state.started_at
+        was_listed = self._alive_since is not None and started is not None and self._alive_since >= started
+        return ABSENT_RESTART_S if was_listed else FIRST_JOIN_S
+
+    def state(self, version_mismatch: bool) -> RayState:
+        if version_mismatch:
+            return RayState.VERSION_MISMATCH
+        if self.child.running:
+            return RayState.ALIVE if self.alive_at_head else RayState.STARTING
+        return RayState.BACKOFF if self.child.state.restarts else RayState.STOPPED

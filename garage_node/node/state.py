@@ -1,0 +1,67 @@
+"""The node's one state and one line for a person, derived from facts in one place.
+
+A pure function: the agent gathers the facts on each pass, `derive` says what they add up to,
+and tests can hold every combination against it without a network, a Ray or a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from garage_node.core.wire import NodeState
+
+
+class Source(Enum):
+    """Where a problem came from, so that the step that fixes it can clear it."""
+
+    ENROLL = "enroll"
+    HEAD = "head"
+    OVERLAY = "overlay"
+    INTERNAL = "internal"
+
+
+@dataclass
+class Problem:
+    message: str
+    hint: str
+    source: Source
+    at: float  # monotonic
+    retry_at: float | None = None  # monotonic: when the agent tries again, if it will
+
+
+@dataclass(frozen=True)
+class Facts:
+    joined: bool  # has an identity (enrolled once)
+    revoked: bool
+    # Before the first join, what the enrollment step last said (needs a token, enrolling, error).
+    enrollment: tuple[NodeState, str] | None
+    version_mismatch: str | None
+    overlay_ready: bool
+    head_reachable: bool | None
+    ray_running: bool
+    ray_alive_at_head: bool
+    overlay_ip: str | None
+    healthy_gpus: int
+    stopping: bool = False
+
+
+def derive(f: Facts) -> tuple[NodeState, str]:
+    if f.stopping:
+        return NodeState.STOPPING, "stopping: draining the engine, then Ray worker and overlay go down; identity kept"
+    if not f.joined:
+        return f.enrollment or (NodeState.STARTING, "starting")
+    if f.revoked:
+        if f.enrollment and f.enrollment[0] is NodeState.ENROLLING:
+            return f.enrollment
+        return NodeState.REVOKED, "revoked by the operator: needs a new join token"
+    if f.version_mismatch:
+        return NodeState.DEGRADED, f"version mismatch, Ray worker not started: {f.version_mismatch}"
+    if not f.overlay_ready:
+        return NodeState.JOINING, "bringing up the overlay"
+    if f.head_reachable is False:
+        return NodeState.DEGRADED, "head unreachable; retrying"
+    if f.ray_alive_at_head and f.ray_running:
+        offer = f"{f.healthy_gpus} GPU{'s' if f.healthy_gpus != 1 else ''}" if f.healthy_gpus else "CPU only"
+        return NodeState.JOINED, f"joined as {f.overlay_ip}; Ray worker alive at the head ({offer})"
+    return NodeState.JOINING, "Ray worker starting" if f.ray_running else "Ray worker waiting to restart"

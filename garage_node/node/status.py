@@ -1,0 +1,182 @@
+"""`garage-node status`: the agent's status document, read through its local API and rendered
+for a person at a glance; or, with the agent down, what can be read locally."""
+
+from __future__ import annotations
+
+import time
+
+from garage_node.core.wire import (EngineState, EngineStatus, HeadStatus, NodeState, OverlayStatus, ProblemStatus,
+                                   RayState, RayStatus, Status, WireError)
+from garage_node.core.wireguard import Interface
+from garage_node.node import gpu, identity
+from garage_node.node.config import NodeConfig
+from garage_node.node.localapi import AgentClient, AgentDown
+from garage_node.node.paths import StatePaths
+
+STATE_WORDS = {
+    NodeState.NEEDS_TOKEN: "waiting for a join token",
+    NodeState.AGENT_DOWN: "agent not running",
+}
+
+
+def fetch(cfg: NodeConfig) -> tuple[Status, bool]:
+    """(status document, agent_running)."""
+    try:
+        with AgentClient(cfg.socket_path) as c:
+            return c.status(), True
+    except (AgentDown, WireError) as e:
+        return offline_status(cfg, str(e)), False
+
+
+def offline_status(cfg: NodeConfig, why: str) -> Status:
+    """What status can still tell with the agent down: identity, GPUs, interface. Every key
+    of the document is there, null where only the agent would know."""
+    inv = gpu.read_inventory()
+    paths = StatePaths(cfg.node.state_dir)
+    try:
+        ident = identity.load(paths)
+    except (OSError, ValueError, TypeError):
+        ident = None
+    iface = Interface(cfg.overlay.interface)
+    up = iface.exists()
+    return Status(
+        state=NodeState.AGENT_DOWN,
+        message=why,
+        node_id=ident.node_id if ident else None,
+        name=ident.name if ident else cfg.node.name or None,
+        region=ident.region if ident else None,
+        gpus=list(inv.gpus),
+        gpu_note=inv.nvml_error,
+        driver_version=inv.driver_version,
+        cuda_version=inv.cuda_version,
+        overlay=OverlayStatus(interface=iface.name, up=up,
+                              address=iface.address() if up else (ident.overlay_ip if ident else None),
+                              hub_ip=ident.hub_ip if ident else None,
+                              hub_endpoint=ident.hub_endpoint if ident else None),
+        head=HeadStatus(api_url=ident.api_url if ident else None),
+        ray=RayStatus(state=RayState.UNKNOWN, address=ident.ray_address if ident else None),
+        engine=EngineStatus(state=EngineState.UNKNOWN, message="the agent is not running",
+                            draining=paths.drain_flag.exists()),
+        versions=None,
+        last_error=ProblemStatus(message=why, age_s=0.0,
+                                 hint="start the agent: systemctl start garage-node (logs: journalctl -u garage-node)"),
+        agent=None,
+    )
+
+
+def render(s: Status) -> str:
+    lines = [f"garage-node  {s.name or '?'}" + (f" ({s.node_id})" if s.node_id else "")
+             + (f"  region {s.region}" if s.region else "")]
+
+    def add(label: str, text: str) -> None:
+        lines.append(f"{label:<11}{text}")
+
+    add("State:", f"{_dot(s.state)} {STATE_WORDS.get(s.state, s.state.value)}: {s.message}")
+    _gpus(s, add, lines)
+    add("Overlay:", _overlay(s.overlay))
+    add("Head:", _head(s.head))
+    add("Ray:", _ray(s.ray))
+    for i, text in enumerate(_engine(s.engine)):
+        add("Engine:" if i == 0 else "", text)
+    err = s.last_error
+    if err:
+        retry = f" (retrying in {err.retry_in_s:.0f} s)" if err.retry_in_s is not None else ""
+        add("Problem:", err.message + retry)
+        if err.hint:
+            add("  To fix:", err.hint)
+    else:
+        add("Problem:", "none")
+    return "\n".join(lines)
+
+
+def _dot(state: NodeState) -> str:
+    return {NodeState.JOINED: "●", NodeState.REVOKED: "✗", NodeState.ERROR: "✗", NodeState.AGENT_DOWN: "✗",
+            NodeState.DEGRADED: "!"}.get(state, "○")
+
+
+def _gpus(s: Status, add, lines: list[str]) -> None:
+    if not s.gpus:
+        add("GPUs:", f"none — CPU node ({s.gpu_note or 'no NVIDIA GPU found'})")
+        return
+    for i, g in enumerate(s.gpus):
+        if g.healthy:
+            extra = "  ".join(x for x in (
+                f"{g.temperature_c}°C" if g.temperature_c is not None else "",
+                f"{g.power_w:.0f} W" if g.power_w is not None else "",
+                f"{g.utilization_pct}% busy" if g.utilization_pct is not None else "") if x)
+            text = f"{g.index}  {g.name}  {g.memory_total_mib / 1024:.1f} GiB  {extra}  ok"
+        else:
+            text = f"{g.index}  {g.name}  UNHEALTHY: {g.error}"
+        add("GPUs:" if i == 0 else "", text)
+    lines.append(f"{'':<11}driver {s.driver_version}, CUDA {s.cuda_version}")
+
+
+def _overlay(o: OverlayStatus) -> str:
+    if not o.address:
+        return f"not joined ({o.interface} {'up' if o.up else 'down'})"
+    handshake = f"handshake {_age(o.handshake_age_s)} ago" if o.handshake_age_s is not None else "no handshake yet"
+    state = "up" if o.up else "DOWN"
+    return f"{o.address} on {o.interface} ({state}), hub {o.hub_ip} via {o.hub_endpoint}, {handshake}"
+
+
+def _head(h: HeadStatus) -> str:
+    if not h.api_url:
+        return "none yet"
+    if h.reachable is None:
+        return f"{h.api_url} (not contacted yet)"
+    if h.reachable:
+        return f"{h.api_url} reachable, last contact {_age(h.last_contact_age_s)} ago"
+    return f"{h.api_url} UNREACHABLE: {h.error}"
+
+
+_RAY_WORDS = {
+    RayState.BACKOFF: "worker exited (code {code}); restarting with backoff",
+    RayState.VERSION_MISMATCH: "not started: Ray/Python versions differ from the head's (see Problem)",
+    RayState.STOPPED: "stopped",
+    RayState.UNKNOWN: "unknown (agent not running)",
+}
+
+
+def _ray(r: RayStatus) -> str:
+    if not r.address:
+        return "not started (not joined yet)"
+    if r.state is RayState.ALIVE:
+        text = f"worker alive at the Ray head {r.address}"
+    elif r.state is RayState.STARTING:
+        text = f"worker started, not yet listed by the Ray head {r.address}"
+    else:
+        text = _RAY_WORDS[r.state].format(code=r.last_exit_code)
+    if r.resources:
+        text += f"; offers {r.resources.GPU} GPU, {r.resources.vram_mib} MiB VRAM"
+    if r.restarts:
+        text += f"; {r.restarts} restarts"
+    return text
+
+
+def _engine(e: EngineStatus) -> list[str]:
+    lines = [f"{e.state.value}: {e.message or ''}".rstrip(": ")]
+    if e.state is EngineState.HEALTHY:
+        since = f", healthy for {_age(time.time() - e.healthy_since)}" if e.healthy_since else ""
+        load = ""
+        if e.requests_running is not None:
+            tps = e.generation_tokens_per_s
+            load = f"; {e.requests_running} running, {e.requests_waiting} waiting" + (f", {tps:.1f} tokens/s" if tps is not None else "")
+        lines.append(f"{e.image}{since}{load}")
+    if e.restarts:
+        lines.append(f"{e.restarts} restarts")
+    if e.draining and e.state is not EngineState.DRAINING:
+        lines.append("drained by the owner: `garage-node resume` to serve again")
+    if e.state in (EngineState.DEGRADED, EngineState.RESTARTING) and e.last_log_lines:
+        lines.append("last engine log lines:")
+        lines += [f"  {line[:150]}" for line in e.last_log_lines[-8:]]
+    return lines
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"

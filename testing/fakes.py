@@ -1,0 +1,252 @@
+"""Fakes for the edges of the agent and the engine manager: the clock, the head, the WireGuard
+interface, the Ray child process, Docker and the engine's HTTP endpoints.
+
+They stand where the real thing would (the agent's constructor takes them), so a unit test
+drives the agent's and the engine manager's real decisions in-process, with time moved by hand.
+The namespace, Docker and QEMU suites prove the same behaviour on the real parts.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from garage_node.core.supervise import ChildState
+from garage_node.core.token import JoinToken
+from garage_node.core.wire import (AgentVersions, EngineReport, EngineState, EnrollReply, HeartbeatReply, HubInfo,
+                                   NodeReport, NodeState, RayState, RayStatus, RegionFacts, Versions)
+from garage_node.core.wireguard import Peer, PeerStatus, WireGuardError, generate_private_key, public_key_of
+from garage_node.node.engine.docker import Container, DockerError
+from garage_node.node.engine.metrics import Metrics
+from garage_node.node.headclient import HeadUnreachable, Refused, Revoked
+from garage_node.node.identity import Identity
+
+
+class FakeClock:
+    """Time that moves only when a test says so (and when someone waits)."""
+
+    def __init__(self, start: float = 1000.0, wall: float = 1_800_000_000.0) -> None:
+        self.mono, self.wall = start, wall
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.mono += seconds
+        self.wall += seconds
+
+    def wait(self, event: threading.Event, timeout: float) -> bool:
+        if event.is_set():
+            return True
+        self.advance(timeout)
+        return False
+
+
+def region_facts(**kw) -> RegionFacts:
+    base = dict(prefix_len=16, hub=HubInfo("100.96.0.1", public_key_of(generate_private_key()), "10.9.0.1:51820"),
+                ray_address="100.96.0.1:6379", region="testland", heartbeat_s=10.0,
+                versions=Versions("2.60.0", "3.11"))
+    return RegionFacts(**{**base, **kw})
+
+
+def sample_report(state: NodeState = NodeState.JOINED) -> NodeReport:
+    return NodeReport(
+        state=state, message=f"{state.value} (sample)", gpus=[], gpu_note="no NVIDIA GPU found", driver_version=None,
+        cuda_version=None, versions=AgentVersions("0.1.0", "2.60.0", "3.11"), ray=RayStatus(state=RayState.STARTING),
+        engine=EngineReport(state=EngineState.DISABLED),
+    )
+
+
+@dataclass
+class FakeHead:
+    """The head as HeadApi presents it: enrollment and heartbeats, with switches for failures."""
+
+    clock: FakeClock
+    facts: RegionFacts = field(default_factory=region_facts)
+    up: bool = True
+    refuse: str | None = None  # an error code: the next enrollments are refused for good
+    revoked: bool = False
+    ray_alive: bool = False
+    enrollments: int = 0
+    heartbeats: list[NodeReport] = field(default_factory=list)
+
+    def enroll(self, tok: JoinToken, name: str, report: NodeReport, expected_region: str = "") -> tuple[Identity, bytes]:
+        if not self.up:
+            raise HeadUnreachable(f"head unreachable at {tok.api_url}: connection refused")
+        if self.refuse:
+            raise Refused(f"the head refused to enroll this node: {self.refuse}", code=self.refuse)
+        self.enrollments += 1
+        reply = EnrollReply(node_id=f"n{self.enrollments:04d}", credential="cred-secret", overlay_ip=f"100.96.0.{1 + self.enrollments}",
+                            **{f: getattr(self.facts, f) for f in ("prefix_len", "hub", "ray_address", "region", "heartbeat_s", "versions")})
+        return Identity.from_enrollment(name, tok.api_url, generate_private_key(), reply, self.clock.time()), b"CA PEM"
+
+    def connect(self, ident: Identity, ca_pem: bytes) -> "FakeHeadClient":
+        return FakeHeadClient(self, ident)
+
+
+@dataclass
+class FakeHeadClient:
+    head: FakeHead
+    ident: Identity
+    closed: bool = False
+
+    def heartbeat(self, report: NodeReport) -> HeartbeatReply:
+        h = self.head
+        if not h.up:
+            raise HeadUnreachable(f"head unreachable at {self.ident.api_url}: connection refused")
+        if h.revoked:
+            raise Revoked("the operator revoked this node: it needs a new join token to rejoin")
+        h.heartbeats.append(report)
+        return HeartbeatReply(node_id=self.ident.node_id, ray_alive=h.ray_alive,
+                              **{f: getattr(h.facts, f) for f in ("prefix_len", "hub", "ray_address", "region", "heartbeat_s", "versions")})
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeInterface:
+    def __init__(self, name: str = "garage0") -> None:
+        self.name = name
+        self.is_up = False
+        self.fail: str | None = None  # the next up() raises this
+        self.peer: Peer | None = None
+        self.addr: str | None = None
+
+    def exists(self) -> bool:
+        return self.is_up
+
+    def address(self) -> str | None:
+        return self.addr.split("/")[0] if self.addr else None
+
+    def up(self, private_key: str, address: str, listen_port: int | None = None) -> None:
+        if self.fail:
+            raise WireGuardError(self.fail)
+        self.is_up, self.addr = True, address
+
+    def set_peer(self, peer: Peer) -> None:
+        self.peer = peer
+
+    def peers(self) -> list[PeerStatus]:
+        return []
+
+    def down(self) -> None:
+        self.is_up, self.peer = False, None
+
+
+class FakeChild:
+    """A supervised process (core.supervise.Supervised) without the process."""
+
+    def __init__(self, clock: FakeClock, restart_delay_s: float = 2.0) -> None:
+        self.clock = clock
+        self.state = ChildState()
+        self.restart_delay_s = restart_delay_s
+        self.starts: list[list[str]] = []
+
+    @property
+    def running(self) -> bool:
+        return self.state.running
+
+    def ensure(self, argv: list[str]) -> bool:
+        if self.state.running:
+            return True
+        if self.clock.monotonic() < self.state.next_start_at:
+            return False
+        self.starts.append(argv)
+        self.state = replace(self.state, running=True, pid=4000 + len(self.starts), started_at=self.clock.monotonic())
+        return True
+
+    def exit(self, code: int) -> None:
+        """The child dies by itself (Ray worker crash)."""
+        self.state = replace(self.state, running=False, pid=None, restarts=self.state.restarts + 1, last_exit_code=code,
+                             next_start_at=self.clock.monotonic() + self.restart_delay_s)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        self.state = replace(self.state, running=False, pid=None)
+
+
+class FakeDocker:
+    """The Docker Engine API as EngineManager uses it, holding containers in a dict."""
+
+    def __init__(self, images: tuple[str, ...] = ()) -> None:
+        self.images = set(images)
+        self.pullable: set[str] = set()
+        self.containers: dict[str, Container] = {}
+        self.bodies: dict[str, dict] = {}
+        self.down = False
+        self.stops: list[str] = []
+        self._ids = 0
+
+    def _check(self) -> None:
+        if self.down:
+            raise DockerError("Docker is not reachable at /var/run/docker.sock. Start it: systemctl start docker",
+                              unavailable=True)
+
+    def ping(self) -> None:
+        self._check()
+
+    def image_exists(self, ref: str) -> bool:
+        self._check()
+        return ref in self.images
+
+    def pull(self, ref: str, progress: Callable[[str], None]) -> None:
+        self._check()
+        if ref not in self.pullable:
+            raise DockerError(f"pull access denied for {ref}", status=404)
+        progress("Downloading 50%")
+        self.images.add(ref)
+
+    def container(self, name: str) -> Container | None:
+        self._check()
+        return self.containers.get(name)
+
+    def create(self, name: str, body: dict) -> str:
+        self._check()
+        self._ids += 1
+        cid = f"{self._ids:064x}"
+        self.bodies[name] = body
+        self.containers[name] = Container(cid, name, False, "created", None, dict(body["Labels"]), "", 0)
+        return cid
+
+    def start(self, name: str) -> None:
+        self._check()
+        self.containers[name] = replace(self.containers[name], running=True, status="running", exit_code=None)
+
+    def crash(self, name: str, code: int = 1) -> None:
+        self.containers[name] = replace(self.containers[name], running=False, status="exited", exit_code=code)
+
+    def stop(self, name: str, timeout_s: int) -> None:
+        self._check()
+        self.stops.append(name)
+        if name in self.containers:
+            self.containers[name] = replace(self.containers[name], running=False, status="exited", exit_code=0)
+
+    def remove(self, name: str) -> None:
+        self._check()
+        self.containers.pop(name, None)
+
+    def logs(self, name: str, tail: int = 20) -> list[str]:
+        return ["RuntimeError: CUDA out of memory"]
+
+    def close(self) -> None:
+        pass
+
+
+class FakeProbe:
+    """The engine's /health, /v1/models and /metrics."""
+
+    def __init__(self) -> None:
+        self.is_ready = False
+        self.current: Metrics | None = Metrics(running=0, waiting=0, generation_tokens_total=0.0)
+
+    def ready(self, spec) -> bool:
+        return self.is_ready
+
+    def metrics(self, spec) -> Metrics | None:
+        return self.current
+
+    def close(self) -> None:
+        pass

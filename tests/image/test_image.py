@@ -1,0 +1,281 @@
+"""Layer 4 (phase 1): build the USB image and boot it in QEMU.
+
+Builds the base variant with a test garage.toml baked in (reusing out/test/ when the
+inputs did not change: `build-image.sh --if-changed`), boots it under TCG with OVMF on
+a disk 2 GiB larger than the image, and reads the serial log that
+garage-boot-marker.service writes after multi-user:
+
+    GARAGE-NODE-BOOTED <hostname> uptime=<s>
+    GARAGE-NODE-INFO key=value ...
+    GARAGE-NODE-STATUS <garage-node status line>
+    GARAGE-NODE-END <hostname> uptime=<s>
+
+Needs root (mkosi) and qemu-system-x86_64; skipped elsewhere. A cold build takes
+~6-7 min on 2 cores, a warm one ~2-3 min, the boot ~2.5-3 min.
+Env: GARAGE_IMAGE_BOOT_TIMEOUT (s, default 600), GARAGE_IMAGE_KEEP=1 keeps the serial
+log path printed for inspection (it always stays under out/test/).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.image
+
+if os.geteuid() != 0 or not shutil.which("qemu-system-x86_64"):
+    pytest.skip("image tests need root and qemu-system-x86_64", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "out" / "test"
+TOKEN = "gn1.imagetest-7f3c9a1e5b2d4c60a8e9f1d2c3b4a596-notreal"
+PSK = "imagetest-wifi-secret-91d2"
+NODE_NAME = "garage-test-node"
+SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFH8/63YlwNL179vMsqLBD1onNWleKW3fv39PRLU4Tsj garage-image-test"
+GARAGE_TOML = f"""\
+[node]
+join_token = "{TOKEN}"
+name = "{NODE_NAME}"
+region = "test"
+
+[wifi]
+ssid = "garage-test-wifi"
+psk = "{PSK}"
+country = "DE"
+
+[ssh]
+authorized_keys = ["{SSH_KEY}"]
+"""
+# Boot went wrong: no point waiting for the marker.
+EMERGENCY = ("Reached target emergency.target", "Cannot open access to console", "Kernel panic")
+BOOT_TIMEOUT = int(os.environ.get("GARAGE_IMAGE_BOOT_TIMEOUT", "600"))
+BUILD_TIMEOUT = 45 * 60
+
+
+def _version() -> str:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+@pytest.fixture(scope="module")
+def image() -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    conf = OUT / "garage.toml"
+    if not conf.exists() or conf.read_text() != GARAGE_TOML:
+        conf.write_text(GARAGE_TOML)
+    img = OUT / f"garage-node-{_version()}-base-amd64.img"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [str(REPO / "build-image.sh"), "--variant", "base", "--config", str(conf),
+         "--output", str(img), "--no-compress", "--if-changed"],
+        cwd=REPO, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+    )
+    sys.stdout.write(proc.stdout[-4000:])
+    assert proc.returncode == 0, f"build-image.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    print(f"image build (or reuse): {time.monotonic() - t0:.1f} s")
+    assert TOKEN not in proc.stdout + proc.stderr, "the build printed the join token"
+    assert img.exists()
+    return img
+
+
+def _parse(log: str) -> dict:
+    info: dict = {"status": []}
+    for line in log.splitlines():
+        # Only the marker's own console lines; the journal copy on the serial log
+        # ("[  12.3] garage-boot-marker[1]: GARAGE-NODE-...") may be cut short.
+        line = re.sub(r"\x1b\[[0-9;=?]*[A-Za-z]", "", line).strip("\r ")
+        if "garage-boot-marker[" in line:
+            continue
+        m = re.search(r"GARAGE-NODE-(BOOTED|INFO|STATUS|END) ?(.*)$", line)
+        if not m:
+            continue
+        kind, rest = m.groups()
+        if kind == "BOOTED":
+            info["hostname"] = rest.split()[0] if rest else ""
+        elif kind == "INFO":
+            for k, v in re.findall(r"(\S+?)=(\S*)", rest):
+                info.setdefault(k, v)
+            if rest.startswith("garage-node.service"):
+                info["unit"] = dict(re.findall(r"(\w+)=(\S*)", rest))
+            if rest.startswith("watchdog "):
+                info["watchdog"] = dict(re.findall(r"(\w+)=(\S*)", rest))
+        elif kind == "STATUS":
+            info["status"].append(rest)
+        elif kind == "END":
+            info["end"] = True
+    return info
+
+
+@pytest.fixture(scope="module")
+def booted(image: Path) -> dict:
+    log = OUT / "serial.log"
+    pidfile = OUT / "qemu.pid"
+    for f in (log, pidfile):
+        f.unlink(missing_ok=True)
+    # QEMU's user-mode network would forward the guest's traffic to wherever it asks: run it
+    # in an empty network namespace of our own (loopback only), so nothing leaves this machine.
+    netns = f"gnimg-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+    t0 = time.monotonic()
+    runner = subprocess.Popen(
+        [str(REPO / "image" / "qemu-run.sh"), str(image), "--grow", "2G", "--serial-log", str(log),
+         "--pidfile", str(pidfile), "--timeout", str(BOOT_TIMEOUT + 60), "--netns", netns],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    booted_at = None
+    text = ""
+    try:
+        deadline = t0 + BOOT_TIMEOUT
+        while time.monotonic() < deadline:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            if booted_at is None and "GARAGE-NODE-BOOTED" in text:
+                booted_at = time.monotonic() - t0
+            if "GARAGE-NODE-END" in text:
+                break
+            if any(s in text for s in EMERGENCY):
+                time.sleep(5)  # let the journal on the serial log say why
+                break
+            if runner.poll() is not None:
+                break
+            time.sleep(2)
+        text = log.read_text(errors="replace") if log.exists() else ""
+    finally:
+        # QEMU by its pid, then the qemu-run.sh wrapper (and its `timeout`) by pid.
+        try:
+            qpid = int(pidfile.read_text().strip())
+            if Path(f"/proc/{qpid}/comm").read_text().startswith("qemu-system"):
+                os.kill(qpid, signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+        try:
+            runner.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait(timeout=10)
+        subprocess.run(["ip", "netns", "delete", netns], check=False)
+    info = _parse(text)
+    info["log"] = text
+    info["booted_s"] = booted_at
+    print(f"serial log: {log}")
+    print(f"boot to marker: {booted_at if booted_at is None else round(booted_at, 1)} s (QEMU start -> GARAGE-NODE-BOOTED)")
+    for line in text.splitlines():
+        if "GARAGE-NODE-" in line and "garage-boot-marker[" not in line:
+            print(line.strip())
+    assert booted_at is not None, f"no GARAGE-NODE-BOOTED marker within {BOOT_TIMEOUT}s; serial tail:\n{text[-6000:]}"
+    assert info.get("end"), f"marker unit did not finish; serial tail:\n{text[-3000:]}"
+    return info
+
+
+def test_boot_marker(booted):
+    assert booted["hostname"]
+    assert booted["booted_s"] < BOOT_TIMEOUT
+
+
+def test_hostname_from_garage_toml(booted):
+    assert booted["hostname"] == NODE_NAME
+
+
+def test_agent_service_started_by_systemd(booted):
+    unit = booted["unit"]
+    assert unit.get("Type") == "notify"
+    # Started by systemd at boot: it has a main-process start time. Running, or in its
+    # restart loop if this build of the agent cannot start (RestartSec=5, no limit).
+    assert int(unit.get("ExecMainStartTimestampMonotonic", "0")) > 0, unit
+    assert unit.get("ActiveState") in {"active", "activating", "reloading"}, unit
+    assert booted["is-enabled"] == "enabled"
+
+
+def test_agent_pets_its_watchdog(booted):
+    """WatchdogSec is armed, the agent has sent WATCHDOG=1, and systemd never had to kill it."""
+    dog = booted["watchdog"]
+    assert dog.get("WatchdogUSec") == "1min", dog
+    assert int(dog.get("WatchdogTimestampMonotonic", "0")) > 0, dog
+    assert "garage-node.service: Watchdog timeout" not in booted["log"]
+
+
+def test_data_partition_grew(booted):
+    # 512 MiB in the image, 2 GiB added to the disk: the partition and its ext4 grew.
+    part, fs = int(booted["data_part_bytes"]), int(booted["data_fs_bytes"])
+    print(f"GARAGE-DATA: partition {part / 2**30:.2f} GiB, filesystem {fs / 2**30:.2f} GiB")
+    assert part > 2 * 2**30
+    assert fs > 2 * 2**30
+    assert booted["state_mount"].endswith("[/state]")
+
+
+def test_garage_partition_mounted(booted):
+    assert booted["garage_mount"] == "vfat"
+
+
+def test_secrets_not_in_journal_or_console(booted):
+    assert booted["token_in_journal"] == "0"
+    assert booted["token_in_journal_allfields"] == "0"
+    assert booted["psk_in_journal"] == "0"
+    assert booted["psk_in_journal_allfields"] == "0"
+    assert TOKEN not in booted["log"]
+    assert PSK not in booted["log"]
+
+
+def test_first_boot_identity(booted):
+    assert booted["machine_id_set"] == "yes"
+
+
+def test_ssh_and_wifi_follow_garage_toml(booted):
+    assert booted["ssh"] == "active"  # authorized_keys set
+    assert booted["wifi_conf"] == "yes"  # ssid set (no Wi-Fi device in QEMU)
+
+
+def test_network_and_no_failed_units(booted):
+    assert "10.0.2.15" in booted.get("ipv4", "")
+    assert booted["failed_units"] == "none", booted["failed_units"]
+
+
+# ------------------------------------------------------------------ garage-boot-config
+# The boot script alone, against a scratch root (no QEMU needed, but it lives here).
+
+BOOT_CONFIG = REPO / "image" / "mkosi.extra" / "usr" / "lib" / "garage-node" / "garage-boot-config"
+
+
+def _run_boot_config(tmp_path: Path, toml: str) -> subprocess.CompletedProcess:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    conf = tmp_path / "garage.toml"
+    conf.write_bytes(toml.encode())
+    env = dict(os.environ, GARAGE_TOML=str(conf), GARAGE_ROOT=str(root))
+    return subprocess.run([sys.executable, str(BOOT_CONFIG)], env=env, capture_output=True, text=True, check=True)
+
+
+def test_boot_config_writes_wifi_and_ssh_without_printing_secrets(tmp_path):
+    # A BOM and CRLF line ends, as Notepad may save them.
+    p = _run_boot_config(tmp_path, "\ufeff" + GARAGE_TOML.replace("\n", "\r\n"))
+    root = tmp_path / "root"
+    assert TOKEN not in p.stdout + p.stderr and PSK not in p.stdout + p.stderr
+    assert (root / "etc" / "hostname").read_text() == f"{NODE_NAME}\n"
+    wpa = root / "run" / "garage-boot" / "wpa_supplicant.conf"
+    assert oct(wpa.stat().st_mode & 0o777) == "0o600"
+    text = wpa.read_text()
+    assert "country=DE" in text and f"ssid={b'garage-test-wifi'.hex()}" in text
+    keys = root / "root" / ".ssh" / "authorized_keys"
+    assert SSH_KEY in keys.read_text() and oct(keys.stat().st_mode & 0o777) == "0o600"
+
+
+def test_boot_config_defaults_and_bad_toml(tmp_path):
+    p = _run_boot_config(tmp_path, "[node]\nname = \"\"\n")
+    root = tmp_path / "root"
+    assert (root / "etc" / "hostname").read_text() == "garage-abcdef\n"
+    assert not (root / "run" / "garage-boot" / "wpa_supplicant.conf").exists()
+    assert not (root / "root" / ".ssh" / "authorized_keys").exists()
+    p = _run_boot_config(tmp_path, f'[node]\njoin_token = "{TOKEN}\n')  # broken TOML
+    assert "not valid TOML" in p.stdout and TOKEN not in p.stdout
+    p = _run_boot_config(tmp_path, '[node]\nname = "My Gaming PC!"\n')
+    assert (root / "etc" / "hostname").read_text() == "my-gaming-pc\n"

@@ -1,0 +1,93 @@
+"""Engine spec, container body and metrics parsing: pure logic, no Docker."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from garage_node.node.config import EngineSection
+from garage_node.node.engine.metrics import parse_metrics
+from garage_node.node.engine.spec import EngineConfigError, desired_spec, secret_env
+from garage_node.node.gpu import GPU, Inventory
+
+ROOT = Path(__file__).resolve().parents[2]
+CATALOG = str(ROOT / "configs/models.toml")
+
+
+def gpus(*mibs, cc="8.9"):
+    return Inventory(tuple(GPU(i, "NVIDIA GeForce RTX 4090", f"GPU-{i}", m, m, cc, 40, 30.0, 0) for i, m in enumerate(mibs)),
+                     "550.54.14", "12.4")
+
+
+def test_gpu_plan_becomes_container_spec():
+    cfg = EngineSection(catalog=CATALOG, image="vllm/vllm-openai:v0.32.0")
+    spec, why = desired_spec(cfg, gpus(24564), "100.96.0.2")
+    body = spec.container_body({})
+    assert body["HostConfig"]["PortBindings"] == {"8000/tcp": [{"HostIp": "100.96.0.2", "HostPort": "8000"}]}
+    assert body["HostConfig"]["DeviceRequests"] == [{"Driver": "nvidia", "Capabilities": [["gpu"]], "DeviceIDs": ["0"]}]
+    assert body["HostConfig"]["ShmSize"] == 2048 * 1024 * 1024
+    cmd = body["Cmd"]
+    assert cmd[cmd.index("--served-model-name") + 1] == spec.model and "--tensor-parallel-size" in cmd
+    assert body["Labels"]["garage-node.spec-hash"] == spec.spec_hash
+    assert spec.model in why
+
+
+def test_hub_token_reaches_the_container_env_only():
+    cfg = EngineSection(catalog=CATALOG, hub_token="hf_secret_value")
+    spec, _ = desired_spec(cfg, gpus(24564), "100.96.0.2")
+    body = spec.container_body(secret_env(cfg))
+    assert "HF_TOKEN=hf_secret_value" in body["Env"]
+    assert "hf_secret_value" not in repr(spec) + str(body["Labels"]) + " ".join(body["Cmd"])
+    other, _ = desired_spec(replace(cfg, hub_token="hf_other"), gpus(24564), "100.96.0.2")
+    assert other.spec_hash != spec.spec_hash  # a new token replaces the container
+    assert "hf_secret_value" not in repr(cfg)
+
+
+def test_cpu_engine_with_local_model_dir():
+    cfg = EngineSection(catalog=CATALOG, device="cpu", model="garage/tiny-llama-test", model_dir="/srv/tiny",
+                        max_model_len=512, extra_args=("--load-format", "dummy"))
+    spec, _ = desired_spec(cfg, Inventory(nvml_error="no driver"), "100.96.0.9")
+    body = spec.container_body({})
+    assert "DeviceRequests" not in body["HostConfig"]
+    assert {"Type": "bind", "Source": "/srv/tiny", "Target": "/models/served", "ReadOnly": True} in body["HostConfig"]["Mounts"]
+    cmd = body["Cmd"]
+    assert cmd[cmd.index("--model") + 1] == "/models/served"
+    assert cmd[cmd.index("--dtype") + 1] == "float32" and cmd[cmd.index("--max-model-len") + 1] == "512"
+    assert cmd[-6:-4] == ["--load-format", "dummy"]
+
+
+def test_spec_changes_change_the_hash():
+    cfg = EngineSection(catalog=CATALOG, device="cpu", model="garage/tiny-llama-test")
+    a, _ = desired_spec(cfg, Inventory(), "100.96.0.9")
+    b, _ = desired_spec(replace(cfg, max_model_len=256), Inventory(), "100.96.0.9")
+    c, _ = desired_spec(cfg, Inventory(), "100.96.0.9")
+    assert a.spec_hash == c.spec_hash != b.spec_hash
+
+
+@pytest.mark.parametrize("cfg, words", [
+    (EngineSection(catalog=CATALOG, device="cpu"), "no engine.model"),
+    (EngineSection(catalog=CATALOG, device="cpu", model="nope/nothing"), "not in the catalog"),
+    (EngineSection(catalog=CATALOG, model="qwen2.5-32b"), "would fit instead"),
+    (EngineSection(catalog="/nonexistent/models.toml"), "model catalog unusable"),
+])
+def test_refusals_say_what_to_do(cfg, words):
+    with pytest.raises(EngineConfigError, match=words):
+        desired_spec(cfg, gpus(8188), "100.96.0.2")
+
+
+METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 2.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 1.0
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{engine="0",model_name="m"} 1234.0
+vllm:generation_tokens_created{engine="0",model_name="m"} 1.7e9
+"""
+
+
+def test_parse_metrics():
+    m = parse_metrics(METRICS)
+    assert (m.running, m.waiting, m.generation_tokens_total) == (2, 1, 1234.0)
+    assert parse_metrics("") == parse_metrics("# nothing\n")
