@@ -1,4 +1,4 @@
-"""`garage-node demo`: a region on this machine, a head and two gaming PCs, joined for real.
+"""`scripts/demo` (`python -m testing.demo`): a region on this machine, a head and two gaming PCs, joined for real.
 
 The hosts are network namespaces; the programs are the real ones (head, agents, wireguard-go,
 Ray). Only the GPUs are simulated, through the NVML test double. Everything is removed at the end.
@@ -20,7 +20,7 @@ def say(text: str) -> None:
 
 def run_demo(keep: bool = False) -> int:
     if why := missing_prerequisite():
-        say(f"garage-node demo: {why}. Run it as: sudo ./scripts/demo")
+        say(f"demo: {why}. Run it as root: ./scripts/demo")
         return 2
     start = time.monotonic()
     with Testbed() as tb:
@@ -60,5 +60,17 @@ def run_demo(keep: bool = False) -> int:
     return 0
 
 
+def main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="scripts/demo", description=(
+        "A regional head and two gaming PCs on this machine, each in its own network namespace, running "
+        "the real garage-node, wireguard-go and Ray with simulated GPUs; prints the region's status and "
+        "cleans up. Needs root."))
+    p.add_argument("--keep", action="store_true", help="leave it running until Ctrl-C")
+    args = p.parse_args(argv)
+    return run_demo(keep=args.keep)
+
+
 if __name__ == "__main__":
-    sys.exit(run_demo())
+    sys.exit(main(sys.argv[1:]))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 
-from garage_node.core.wire import (EngineState, EngineStatus, HeadStatus, NodeState, OverlayStatus, ProblemStatus,
+from garage_node import __version__
+from garage_node.core.raycmd import local_versions
+from garage_node.core.wire import (AgentVersions, EngineState, EngineStatus, HeadStatus, NodeState, OverlayStatus, ProblemStatus,
                                    RayState, RayStatus, Status, WireError)
 from garage_node.core.wireguard import Interface
 from garage_node.node import gpu, identity
@@ -39,6 +41,7 @@ def offline_status(cfg: NodeConfig, why: str) -> Status:
         ident = None
     iface = Interface(cfg.overlay.interface)
     up = iface.exists()
+    local = local_versions()
     return Status(
         state=NodeState.AGENT_DOWN,
         message=why,
@@ -57,7 +60,8 @@ def offline_status(cfg: NodeConfig, why: str) -> Status:
         ray=RayStatus(state=RayState.UNKNOWN, address=ident.ray_address if ident else None),
         engine=EngineStatus(state=EngineState.UNKNOWN, message="the agent is not running",
                             draining=paths.drain_flag.exists()),
-        versions=None,
+        # The status command is the same installation as the agent: its versions are the agent's.
+        versions=AgentVersions(agent=__version__, ray=local.ray, python=local.python),
         last_error=ProblemStatus(message=why, age_s=0.0,
                                  hint="start the agent: systemctl start garage-node (logs: journalctl -u garage-node)"),
         agent=None,

@@ -1,0 +1,353 @@
+"""The agent's decisions, in-process: the real Agent with fakes at its edges (head, WireGuard
+interface, Ray child, Docker) and a clock the test moves. No root, no network, no Ray; the
+testbed suite proves the same behaviour on the real parts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from garage_node.core.token import new_token
+from garage_node.core.wire import EngineState, NodeState, RayState, Status, Versions, decode, encode
+from garage_node.node.agent import Agent
+from garage_node.node.config import EngineSection, NodeConfig, NodeSection
+from garage_node.node.engine.manager import EngineManager
+from garage_node.node.gpu import Inventory
+from garage_node.node.identity import load
+from garage_node.node.ray import ABSENT_RESTART_S, FIRST_JOIN_S
+from testing.fakes import FakeChild, FakeClock, FakeDocker, FakeHead, FakeInterface, FakeProbe, region_facts
+from tests.unit.test_units import gpu
+
+TOKEN = new_token("https://10.9.0.1:8443", "sha256:" + "0" * 64).encode()
+
+
+@dataclasses.dataclass
+class Rig:
+    agent: Agent
+    clock: FakeClock
+    head: FakeHead
+    iface: FakeInterface
+    ray: FakeChild
+    docker: FakeDocker
+    probe: FakeProbe
+
+    def passes(self, n: int = 1, every_s: float = 2.0) -> None:
+        for _ in range(n):
+            self.agent.reconcile_once()
+            self.clock.advance(every_s)
+
+    def status(self) -> Status:
+        # Through JSON and back, as `garage-node status` reads it from the local API.
+        return decode(encode(self.agent.snapshot()), Status)
+
+
+def rig(tmp_path, token: str = TOKEN, engine: EngineSection | None = None, region: str = "") -> Rig:
+    clock = FakeClock()
+    cfg = NodeConfig(node=NodeSection(join_token=token, name="pc-1", region=region, state_dir=tmp_path / "state",
+                                      runtime_dir=tmp_path / "run"),
+                     engine=engine or EngineSection(enabled=False))
+    head, iface, ray, docker, probe = FakeHead(clock), FakeInterface(), FakeChild(clock), FakeDocker(), FakeProbe()
+
+    def make_engine(*args, **kw):
+        return EngineManager(*args, docker=docker, probe=probe, **kw)
+
+    agent = Agent(cfg, clock=clock, head_api=head, iface=iface, ray_child=ray, engine=make_engine,
+                  read_inventory=lambda: Inventory((gpu(0),), "550.54.14", "12.4"))
+    return Rig(agent, clock, head, iface, ray, docker, probe)
+
+
+def test_joins_then_is_listed_by_ray(tmp_path):
+    r = rig(tmp_path)
+    r.passes()
+    ident = load(r.agent.paths)
+    assert ident is not None and ident.node_id == "n0001" and ident.credential == "cred-secret"
+    assert r.iface.is_up and r.iface.peer.endpoint == "10.9.0.1:51820"
+    assert len(r.ray.starts) == 1 and "--num-gpus" in r.ray.starts[0]
+    assert r.agent.state is NodeState.JOINING  # Ray worker started, not yet listed by the Ray head
+    r.head.ray_alive = True
+    r.passes(6)  # the next heartbeat is due after heartbeat_s (10 s)
+    s = r.status()
+    assert s.state is NodeState.JOINED and "100.96.0.2" in s.message and s.ray.state is RayState.ALIVE
+    assert s.last_error is None and not r.agent.paths.join_token.exists()
+
+
+def test_head_unreachable_then_back(tmp_path):
+    r = rig(tmp_path)
+    r.head.ray_alive = True
+    r.passes(6)
+    assert r.agent.state is NodeState.JOINED
+    r.head.up = False
+    r.passes(6)
+    s = r.status()
+    assert s.state is NodeState.DEGRADED and s.head.reachable is False
+    assert "head unreachable" in s.last_error.message and s.last_error.retry_in_s is not None
+    assert r.ray.running  # the node keeps its place: no restart of Ray for a head outage
+    r.head.up = True
+    r.passes(8)
+    s = r.status()
+    assert s.state is NodeState.JOINED and s.last_error is None and s.head.reachable is True
+    assert len(r.ray.starts) == 1
+
+
+def test_head_down_at_first_join_is_retried_with_backoff(tmp_path):
+    r = rig(tmp_path)
+    r.head.up = False
+    r.passes(1, every_s=0.1)
+    s = r.status()
+    assert s.state is NodeState.ENROLLING and "head unreachable" in s.message and s.last_error.retry_in_s > 0
+    assert r.agent.identity is None and not r.iface.is_up
+    r.head.up = True
+    r.passes(1, every_s=0.1)  # still in backoff: no new attempt yet
+    assert r.head.enrollments == 0
+    r.clock.advance(120)
+    r.passes(1)
+    assert r.head.enrollments == 1 and r.agent.identity is not None
+
+
+def test_refused_token_is_not_retried_and_writes_nothing(tmp_path):
+    r = rig(tmp_path)
+    r.head.refuse = "token_used"
+    r.passes(3, every_s=300)
+    s = r.status()
+    assert s.state is NodeState.ERROR and "token_used" in s.message
+    assert "new join token" in s.last_error.hint and s.last_error.retry_in_s is None
+    assert r.agent.identity is None and not r.agent.paths.identity.exists() and not r.iface.is_up
+
+
+def test_unusable_token_and_no_token(tmp_path):
+    r = rig(tmp_path, token="gn1.damaged")
+    r.passes()
+    s = r.status()
+    assert s.state is NodeState.ERROR and "unusable" in s.last_error.message and "gn1.damaged" not in str(encode(s))
+    r = rig(tmp_path / "other", token="")
+    r.passes()
+    s = r.status()
+    assert s.state is NodeState.NEEDS_TOKEN and "join_token" in s.last_error.hint
+
+
+def test_ray_worker_exit_is_restarted_after_its_backoff(tmp_path):
+    r = rig(tmp_path)
+    r.passes()
+    r.ray.exit(1)
+    r.agent.reconcile_once()
+    assert not r.ray.running and r.status().ray.state is RayState.BACKOFF and r.status().ray.restarts == 1
+    r.clock.advance(r.ray.restart_delay_s)
+    r.agent.reconcile_once()
+    assert r.ray.running and len(r.ray.starts) == 2
+
+
+def test_worker_the_ray_head_lost_is_restarted_after_the_allowance(tmp_path):
+    r = rig(tmp_path)
+    r.head.ray_alive = True
+    r.passes(6)
+    r.head.ray_alive = False  # e.g. the Ray head restarted with a new cluster id
+    r.passes(int(ABSENT_RESTART_S / 2) - 2)
+    assert len(r.ray.starts) == 1  # not yet: Ray itself may still reconnect
+    r.passes(10)
+    assert len(r.ray.starts) == 2
+
+
+def test_first_join_gets_the_long_allowance(tmp_path):
+    r = rig(tmp_path)
+    r.passes(int(FIRST_JOIN_S / 2) - 5)  # never listed: a slow first start (an emulated PC)
+    assert len(r.ray.starts) == 1
+    r.passes(10)
+    assert len(r.ray.starts) == 2
+
+
+def test_revoked_takes_the_node_out(tmp_path):
+    r = rig(tmp_path)
+    r.passes(6)
+    r.head.revoked = True
+    r.passes(6)
+    s = r.status()
+    assert s.state is NodeState.REVOKED and not r.iface.is_up and not r.ray.running
+    assert load(r.agent.paths).revoked and "new join token" in s.last_error.hint
+
+
+def test_version_mismatch_keeps_ray_stopped_and_says_what_to_install(tmp_path):
+    r = rig(tmp_path)
+    r.head.facts = region_facts(versions=Versions("9.9.9", "3.11"))
+    r.passes(2)
+    s = r.status()
+    assert s.state is NodeState.DEGRADED and "ray==9.9.9" in s.message
+    assert s.ray.state is RayState.VERSION_MISMATCH and not r.ray.running and r.ray.starts == []
+
+
+def test_overlay_failure_is_shown_then_cleared(tmp_path):
+    r = rig(tmp_path)
+    r.iface.fail = "wireguard-go: /dev/net/tun missing"
+    r.passes()
+    s = r.status()
+    assert s.state is NodeState.JOINING and "could not be set up" in s.last_error.message and not r.ray.running
+    r.iface.fail = None
+    r.passes()
+    assert r.status().last_error is None and r.ray.running
+
+
+def test_identity_survives_a_restart_without_a_token(tmp_path):
+    r = rig(tmp_path)
+    r.passes()
+    node_id = r.agent.identity.node_id
+    again = rig(tmp_path, token="")
+    again.agent.identity = load(again.agent.paths)
+    again.passes()
+    assert again.agent.identity.node_id == node_id and again.head.enrollments == 0 and again.iface.is_up
+
+
+def test_status_document_has_every_key(tmp_path):
+    r = rig(tmp_path)
+    r.passes()
+    doc = encode(r.agent.snapshot())
+    for key in ("state", "message", "node_id", "name", "region", "gpus", "gpu_note", "driver_version", "cuda_version",
+                "overlay", "head", "ray", "engine", "versions", "last_error", "agent"):
+        assert key in doc
+    assert "cred-secret" not in str(doc) and TOKEN not in str(doc)
+    # and the report the head receives carries no secret either
+    assert "cred-secret" not in str(encode(r.head.heartbeats[0]))
+
+
+# ------------------------------------------------------------------ the engine, through the agent
+
+CPU_ENGINE = EngineSection(enabled=True, device="cpu", image="garage-node/vllm-cpu:test", model="tiny-llama-test",
+                           drain_grace_s=60.0, crash_loop_restarts=3)
+
+
+@pytest.fixture
+def engine_rig(tmp_path):
+    r = rig(tmp_path, engine=dataclasses.replace(CPU_ENGINE, cache_dir=tmp_path / "models"))
+    r.docker.images.add(CPU_ENGINE.image)
+    r.passes()  # joined: the overlay address is there for the engine to bind
+    return r
+
+
+def engine_pass(r: Rig, n: int = 1, every_s: float = 2.0) -> None:
+    for _ in range(n):
+        r.agent.engine.reconcile_safely()
+        r.clock.advance(every_s)
+
+
+def test_engine_waits_for_the_join_then_serves(tmp_path):
+    r = rig(tmp_path, token="", engine=dataclasses.replace(CPU_ENGINE, cache_dir=tmp_path / "models"))
+    engine_pass(r)
+    assert r.agent.engine.snapshot().state is EngineState.STARTING and r.docker.containers == {}
+
+
+def test_engine_becomes_healthy_on_the_overlay_address(engine_rig):
+    r = engine_rig
+    engine_pass(r)
+    body = r.docker.bodies["garage-engine"]
+    assert body["HostConfig"]["PortBindings"]["8000/tcp"][0]["HostIp"] == "100.96.0.2"
+    r.probe.is_ready = True
+    engine_pass(r)
+    e = r.status().engine
+    assert e.state is EngineState.HEALTHY and e.endpoint == "http://100.96.0.2:8000" and e.healthy_since
+
+
+def test_engine_crash_loop_turns_degraded_with_its_logs(engine_rig):
+    r = engine_rig
+    engine_pass(r)
+    for _ in range(3):
+        r.docker.crash("garage-engine", 137)
+        engine_pass(r)  # sees the exit, schedules the restart
+        assert r.agent.engine.snapshot().state in (EngineState.RESTARTING, EngineState.DEGRADED)
+        r.clock.advance(30)  # past the backoff, within the crash window
+        engine_pass(r)  # restarts it
+    e = r.status().engine
+    assert e.state is EngineState.STARTING and e.restarts == 3
+    r.docker.crash("garage-engine", 137)
+    engine_pass(r)
+    e = r.status().engine
+    assert e.state is EngineState.DEGRADED and "keeps crashing" in e.message and e.last_log_lines
+
+
+def test_drain_waits_for_running_requests_then_stops(engine_rig):
+    r = engine_rig
+    engine_pass(r)
+    r.probe.is_ready = True
+    engine_pass(r)
+    from garage_node.node.engine.metrics import Metrics
+
+    r.probe.current = Metrics(running=2, waiting=1, generation_tokens_total=10.0)
+    r.agent.drain()
+    start = r.clock.monotonic()
+    # The drain polls metrics until the requests are done; here they never finish, so the
+    # grace period ends it (the fake clock skips the waiting).
+    engine_pass(r)
+    assert r.clock.monotonic() - start >= CPU_ENGINE.drain_grace_s
+    assert r.docker.containers == {} and r.agent.engine.snapshot().state is EngineState.DRAINED
+    assert r.status().engine.draining is True
+    r.agent.resume()
+    engine_pass(r)
+    assert "garage-engine" in r.docker.containers
+
+
+def test_drain_stops_as_soon_as_requests_finish(engine_rig):
+    r = engine_rig
+    engine_pass(r)
+    r.probe.is_ready = True
+    engine_pass(r)
+    r.agent.drain()
+    start = r.clock.monotonic()
+    engine_pass(r, every_s=0)
+    assert r.clock.monotonic() - start < 1 and r.docker.containers == {}
+
+
+def test_running_engine_is_adopted_not_replaced(engine_rig):
+    r = engine_rig
+    engine_pass(r)
+    cid = r.docker.containers["garage-engine"].id
+    # A new agent (the first one crashed) finds the engine running with the same spec.
+    again = rig(r.agent.paths.state_dir.parent, token="", engine=r.agent.cfg.engine)
+    again.docker, again.agent.engine.docker = r.docker, r.docker
+    again.agent.identity = load(again.agent.paths)
+    again.passes(2)  # this head's hub has a new key: the first heartbeat re-applies the peer
+    again.probe.is_ready = True
+    engine_pass(again)
+    e = again.agent.engine.snapshot()
+    assert e.container_id == cid and e.state is EngineState.HEALTHY and r.docker.stops == []
+
+
+def test_changed_spec_replaces_the_container(engine_rig):
+    r = engine_rig
+    engine_pass(r)
+    old = r.docker.containers["garage-engine"].id
+    r.agent.engine.cfg = dataclasses.replace(r.agent.engine.cfg, extra_args=("--seed", "7"))
+    r.agent.cfg = dataclasses.replace(r.agent.cfg, engine=r.agent.engine.cfg)
+    engine_pass(r)
+    assert r.docker.containers["garage-engine"].id != old and "garage-engine" in r.docker.stops
+
+
+def test_docker_down_and_missing_image_are_engine_states(engine_rig):
+    r = engine_rig
+    r.docker.down = True
+    engine_pass(r)
+    e = r.agent.engine.snapshot()
+    assert e.state is EngineState.ERROR and "systemctl start docker" in e.message
+    r.docker.down = False
+    r.docker.images.clear()
+    engine_pass(r)
+    e = r.agent.engine.snapshot()
+    assert e.state is EngineState.ERROR and "could not be pulled" in e.message
+    assert r.agent.state is NodeState.JOINING  # the agent runs on; the engine is one part of it
+
+
+def test_status_with_the_agent_down_has_the_same_keys(tmp_path):
+    from garage_node.node.status import offline_status, render
+
+    r = rig(tmp_path)
+    r.passes()
+    running = encode(r.agent.snapshot())
+    down = encode(offline_status(r.agent.cfg, "cannot reach the agent"))
+
+    def shape(doc, path=""):
+        if isinstance(doc, dict):
+            return {path} | set().union(*(shape(v, f"{path}.{k}") for k, v in doc.items()))
+        return {path}
+
+    # Null only where only a running agent can know (itself, Ray's resources); every key there.
+    missing = shape(running) - shape(down) - {".agent.pid", ".agent.uptime_s", ".ray.resources.GPU", ".ray.resources.vram_mib"}
+    assert not missing, f"keys missing with the agent down: {sorted(missing)}"
+    assert down["state"] == "agent-down" and down["engine"]["state"] == "unknown" and down["node_id"] == "n0001"
+    assert "agent not running" in render(decode(down, Status))
