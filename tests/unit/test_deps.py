@@ -31,3 +31,19 @@ def test_agent_imports_no_web_stack_and_no_ray():
 def test_the_check_would_notice():
     # The head does load them: the same check must see that, or it proves nothing.
     assert {"fastapi", "pydantic"} <= loaded_after_importing(("garage_node.head.api",))
+
+
+def test_wheel_ships_no_test_harness(tmp_path):
+    """What goes onto a USB stick: the package and its model catalog, not testing/ or tests/."""
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(repo)],
+                   check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("garage_node-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert "garage_node" in top and all(t == "garage_node" or t.endswith(".dist-info") for t in top), top
+    assert "garage_node/node/engine/models.toml" in names
+    assert not [n for n in names if n.endswith(".c") or "/testing/" in n or n.startswith(("testing/", "tests/"))]
