@@ -6,9 +6,23 @@
 #   sudo ./build-image.sh [--variant base|nvidia] [--join-token TOKEN] [--config FILE]
 #                         [--output PATH] [--no-compress] [--if-changed] [--clean-cache]
 #
+#   --variant base|nvidia  base (default): no GPU driver; nvidia: Debian's driver 535
+#   --join-token TOKEN     write it as [node] join_token into the stick's garage.toml
+#                          (or set GARAGE_JOIN_TOKEN; gn1.… from the region's operator)
+#   --config FILE          the garage.toml to bake in (default: image/garage.toml)
+#   --output PATH          the raw image; .zst, .sha256 and .manifest.json go beside it
+#   --no-compress          no .img.zst (faster; the tests boot the raw image)
+#   --if-changed           do nothing when no input changed since PATH was built
+#   --clean-cache          rebuild the cached OS tree from scratch (mkosi --force --force)
+#
 # Output (default): out/garage-node-<version>-<variant>-amd64.img, .img.zst, and
 # .img.sha256 / .img.zst.sha256 beside them. The image definition is declarative, in
 # image/ (mkosi 24 config: mkosi.conf, mkosi.profiles/, mkosi.repart/, mkosi.extra/).
+# This script handles the arguments, host tools, the garage.toml for the stick, the
+# agent's wheels, then runs mkosi and compresses and checksums its raw image.
+#
+# garage.toml (--config FILE, default image/garage.toml) is checked with the agent's own
+# validator before anything slow runs, and again after --join-token is written into it.
 #
 # Caches (repeated builds reuse them): /var/cache/garage-node/ (apt packages, mkosi's
 # cached OS tree per variant, Python wheels). Build scratch: out/build/.
@@ -55,6 +69,24 @@ if [ -n "$JOIN_TOKEN" ]; then
     case "$JOIN_TOKEN" in gn1.*) ;; *) die "--join-token must start with 'gn1.' (value not shown)" ;; esac
     case "$JOIN_TOKEN" in *[[:space:]\"\\]*) die "--join-token contains spaces, quotes or backslashes (value not shown)" ;; esac
 fi
+
+# ------------------------------------------------------------------ garage.toml: the source
+# One schema, the agent's: garage_node.node.config needs only the standard library (3.11,
+# tomllib), so it runs from the checkout before anything is installed. It never prints
+# values (the file may hold a token or a Wi-Fi key). -P: a garage_node/ in the current
+# directory must not shadow this checkout's; -B: no __pycache__ written into the checkout.
+PY=/usr/bin/python3
+GARAGE_TOML_SRC=${CONFIG:-$REPO/image/garage.toml}
+check_garage_toml() {  # check_garage_toml FILE DESCRIPTION
+    local rc=0
+    PYTHONPATH="$REPO" $PY -B -P -m garage_node.node.config "$1" || rc=$?
+    case $rc in
+        0) ;;
+        78) die "$2 is not a valid garage.toml (the line above says what is wrong); fix that and run again" ;;
+        *) die "could not check $2: '$PY -m garage_node.node.config' exited $rc (needs Python >= 3.11 and $REPO/garage_node)" ;;
+    esac
+}
+check_garage_toml "$GARAGE_TOML_SRC" "${CONFIG:+--config }$GARAGE_TOML_SRC"
 
 T_START=$(date +%s.%N)
 T_LAST=$T_START
@@ -128,12 +160,11 @@ fi
 step_done "host tools"
 
 # ------------------------------------------------------------------ version, epoch, paths
-PY=/usr/bin/python3
 VERSION=$($PY -c 'import sys,tomllib; print(tomllib.load(open(sys.argv[1],"rb"))["project"]["version"])' "$REPO/pyproject.toml")
 if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
     SOURCE_DATE_EPOCH=$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s)
 fi
-export SOURCE_DATE_EPOCH
+export SOURCE_DATE_EPOCH  # mkosi takes it from the environment (clamped file times, repart)
 NAME="garage-node-$VERSION-$VARIANT-amd64"
 OUTPUT=${OUTPUT:-$REPO/out/$NAME.img}
 case "$OUTPUT" in /*) ;; *) OUTPUT="$PWD/$OUTPUT" ;; esac
@@ -143,64 +174,18 @@ STAGE="$BUILD/stage"
 mkdir -p "$CACHE" "$BUILD"
 say "variant=$VARIANT version=$VERSION SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH output=$OUTPUT"
 
-# ------------------------------------------------------------------ garage.toml
-# Written to the GARAGE partition. Schema fixed by the agent (unknown keys are errors).
+# ------------------------------------------------------------------ garage.toml: staged
+# $STAGE/extra is this build's extra tree for mkosi (besides image/mkosi.extra/ and the
+# repository files that image/mkosi.conf names). bootfs/ becomes the GARAGE partition
+# (mkosi.repart/10-garage.conf), next to mkosi.extra's README.txt.
 rm -rf "$STAGE"
-mkdir -p "$STAGE/wheels" "$STAGE/extra/usr/lib/garage-node/bootfs" \
-         "$STAGE/extra/usr/lib/systemd/system" "$STAGE/extra/usr/share/doc/garage-node" \
-         "$STAGE/extra/etc/garage-node"
+mkdir -p "$STAGE/wheels" "$STAGE/extra/usr/lib/garage-node/bootfs" "$STAGE/extra/etc/garage-node"
 BOOTFS="$STAGE/extra/usr/lib/garage-node/bootfs"
-GARAGE_TOML_SRC=${CONFIG:-$REPO/image/garage.toml} GARAGE_TOML_DST="$BOOTFS/garage.toml" \
-GARAGE_JOIN_TOKEN="$JOIN_TOKEN" $PY - <<'EOF'
-import os, re, sys, tomllib
-src, dst, token = os.environ["GARAGE_TOML_SRC"], os.environ["GARAGE_TOML_DST"], os.environ["GARAGE_JOIN_TOKEN"]
-SCHEMA = {"node": {"join_token": str, "name": str, "region": str},
-          "wifi": {"ssid": str, "psk": str, "country": str},
-          "ssh": {"authorized_keys": list}}
-def fail(msg):
-    sys.exit(f"build-image: error: {src}: {msg}")
-text = open(src, "rb").read().decode("utf-8-sig").replace("\r\n", "\n")
-try:
-    conf = tomllib.loads(text)
-except tomllib.TOMLDecodeError as e:
-    fail(f"not valid TOML: {e}")
-for sec, val in conf.items():
-    if sec not in SCHEMA or not isinstance(val, dict):
-        fail(f"unknown section [{sec}] (allowed: {', '.join(SCHEMA)})")
-    for key, v in val.items():
-        if key not in SCHEMA[sec]:
-            fail(f"unknown key [{sec}] {key} (allowed: {', '.join(SCHEMA[sec])})")
-        if not isinstance(v, SCHEMA[sec][key]):
-            fail(f"[{sec}] {key} must be a {SCHEMA[sec][key].__name__}")
-if token:
-    line = f'join_token = "{token}"'
-    pat = re.compile(r'^join_token\s*=.*$', re.M)
-    if "node" in conf and "join_token" in conf["node"]:
-        # Replace the value in place, keeping the file's comments.
-        node_start = re.search(r'^\[node\]\s*$', text, re.M)
-        m = pat.search(text, node_start.end() if node_start else 0)
-        text = text[:m.start()] + line + text[m.end():]
-    elif re.search(r'^\[node\]\s*$', text, re.M):
-        text = re.sub(r'^\[node\]\s*$', "[node]\n" + line, text, count=1, flags=re.M)
-    else:
-        text = f"[node]\n{line}\n\n" + text
-    assert tomllib.loads(text)["node"]["join_token"] == token
-# CRLF: readable by every editor on Windows too (TOML allows both).
-with open(dst, "w", newline="") as f:
-    f.write(text.replace("\n", "\r\n"))
-os.chmod(dst, 0o600)
-EOF
-cat > "$BOOTFS/README.txt" <<'EOF'
-garage-node USB stick
-=====================
-Edit garage.toml in this drive with any text editor (Notepad, TextEdit), save,
-eject the stick safely, and boot the gaming PC from it (boot menu: F8/F11/F12).
-The PC joins your regional GPU network by itself.
-EOF
-sed -i 's/$/\r/' "$BOOTFS/README.txt"
-cp "$REPO/systemd/garage-node.service" "$STAGE/extra/usr/lib/systemd/system/garage-node.service"
-[ -f "$REPO/image/README.md" ] && cp "$REPO/image/README.md" "$STAGE/extra/usr/share/doc/garage-node/IMAGE.md"
-[ -f "$REPO/README.md" ] && cp "$REPO/README.md" "$STAGE/extra/usr/share/doc/garage-node/README.md"
+# The join token reaches the script through the environment (argv is visible in ps). The
+# script only edits text (comments and layout stay the owner's); the validator then checks
+# the file exactly as it will be on the stick.
+GARAGE_JOIN_TOKEN="$JOIN_TOKEN" $PY -B "$REPO/image/stage-garage-toml.py" "$GARAGE_TOML_SRC" "$BOOTFS/garage.toml"
+check_garage_toml "$BOOTFS/garage.toml" "the staged garage.toml for the stick ($BOOTFS/garage.toml)"
 GIT_REV=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
 GIT_DIRTY=$(git -C "$REPO" status --porcelain 2>/dev/null | grep -q . && echo "+dirty" || true)
 cat > "$STAGE/extra/etc/garage-node/image-release" <<EOF
@@ -218,7 +203,7 @@ inputs_hash() {
     {
         echo "variant=$VARIANT version=$VERSION epoch=$SOURCE_DATE_EPOCH compress=$COMPRESS"
         echo "mkosi=$(mkosi --version)"
-        (cd "$REPO" && find build-image.sh image systemd garage_node pyproject.toml \
+        (cd "$REPO" && find build-image.sh image systemd garage_node pyproject.toml README.md \
             -path image/engine -prune -o -path '*/__pycache__' -prune -o -type f -print0 \
             | sort -z | xargs -0 sha256sum)
         (cd "$STAGE/extra" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
@@ -280,9 +265,10 @@ step_done "agent wheels"
 
 # ------------------------------------------------------------------ mkosi
 MKOSI_CACHE="$CACHE/mkosi/$VARIANT"
+FORCE=(--force)  # replace what a previous build left in mkosi-out
 if [ "$CLEAN_CACHE" = 1 ]; then
-    say "removing cached OS tree $MKOSI_CACHE"
-    rm -rf "$MKOSI_CACHE"
+    say "--clean-cache: mkosi removes its cached OS tree in $MKOSI_CACHE first"
+    FORCE=(--force --force)  # twice: mkosi removes its incremental cache too
 fi
 mkdir -p "$MKOSI_CACHE" "$CACHE/mkosi-packages" "$CACHE/workspace" "$BUILD/mkosi-out"
 rm -rf "${BUILD:?}/mkosi-out/"*
@@ -299,8 +285,7 @@ set +e
         --workspace-dir "$CACHE/workspace" \
         --build-sources "$STAGE" \
         --extra-tree "$STAGE/extra:/" \
-        --source-date-epoch "$SOURCE_DATE_EPOCH" \
-        --force \
+        "${FORCE[@]}" \
         build 2>&1
 ) | $PY -u -c '
 import sys, time
@@ -317,6 +302,10 @@ fi
 grep -E "^\[ *[0-9.]+\] ‣" "$BUILD/mkosi.log" | sed 's/^/    /' | tail -n 40
 step_done "mkosi build"
 
+# Renaming, compressing and checksumming stay here (see image/mkosi.conf): mkosi 24's
+# CompressOutput= replaces the raw image by the compressed one, and its Checksum= writes a
+# SHA256SUMS under mkosi's .raw names; we ship the .img, a .img.zst copy and one .sha256
+# per file that `sha256sum -c` checks where both lie.
 RAW=$(ls "$BUILD/mkosi-out/$NAME"*.raw 2>/dev/null | head -1)
 [ -n "$RAW" ] || die "mkosi produced no .raw image in $BUILD/mkosi-out"
 rm -f "$OUTPUT" "$OUTPUT.zst" "$OUTPUT.sha256" "$OUTPUT.zst.sha256" "$OUTPUT.inputs"
