@@ -24,7 +24,7 @@ import httpx
 from testing.region import Testbed, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
 from test_engine import IMAGE, MODEL, engine_section  # noqa: E402  (the very config the tests use)
 
 MANUAL = "garage-bench-manual"

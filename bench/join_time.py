@@ -16,8 +16,10 @@ import textwrap
 import time
 from pathlib import Path
 
-from testing.nvml_double import RTX_4090
-from testing.region import PYTHON, Testbed, wait_for
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: testing/ is not installed
+
+from testing.nvml_double import RTX_4090  # noqa: E402
+from testing.region import PYTHON, Testbed, wait_for  # noqa: E402
 
 # Runs in the head's namespace: polls the GCS every 100 ms and prints a line whenever a new
 # Ray node comes alive, with the wall-clock time it was first seen.
@@ -52,8 +54,13 @@ BARE = textwrap.dedent("""
     iface = Interface("garage0")
     iface.up(ident.wg_private_key, f"{ident.overlay_ip}/{ident.prefix_len}")
     iface.set_peer(Peer(ident.hub_public_key, (f"{ident.hub_ip}/{ident.prefix_len}",), ident.hub_endpoint, 25))
+    # As the agent runs it: as the Ray worker's account, with the cluster token's file.
+    token = sys.argv[3]
+    owner = os.stat(token)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token, "HOME": "/tmp"}
     t0 = time.time()
-    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, user=owner.st_uid, group=owner.st_gid)
     # Blocked only now, or Ray would inherit the mask and ignore SIGTERM; sigwait needs it blocked.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     print(json.dumps({"t_start": t0}), flush=True)
@@ -119,6 +126,8 @@ def main() -> int:
         # The exact command line the agent gave its Ray worker, for the bare run.
         ray_pid = node.status()["ray"]["pid"]
         argv = [a for a in Path(f"/proc/{ray_pid}/cmdline").read_text().split("\0") if a]
+        environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{ray_pid}/environ").read_text().split("\0") if "=" in kv)
+        token_path = environ["RAY_AUTH_TOKEN_PATH"]
         # The agent runs Ray's CLI through garage_node.node.raystart; the baseline is Ray's own `ray`.
         if argv[1:3] == ["-m", "garage_node.node.raystart"]:
             argv = [str(Path(argv[0]).with_name("ray")), *argv[3:]]
@@ -133,7 +142,7 @@ def main() -> int:
             node.wait_state("joined", 60)
             node.stop()
             time.sleep(2)
-            bare = node.spawn([PYTHON, "-c", BARE, str(node.state_dir), json.dumps(argv)], "bare.log")
+            bare = node.spawn([PYTHON, "-c", BARE, str(node.state_dir), json.dumps(argv), token_path], "bare.log")
             starts: list[float] = []
 
             def bare_started() -> bool:

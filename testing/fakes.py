@@ -12,12 +12,13 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from garage_node.core.supervise import ChildState
+from garage_node.core.firewall import FirewallError, Rules
+from garage_node.core.supervise import ChildState, RunAs
 from garage_node.core.token import JoinToken
-from garage_node.core.wire import (AgentVersions, EngineReport, EngineState, EnrollReply, HeartbeatReply, HubInfo,
+from garage_node.core.wire import (AgentVersions, CredentialReply, EngineReport, EngineState, EnrollReply, HeartbeatReply, HubInfo,
                                    NodeReport, NodeState, RayState, RayStatus, RegionFacts, Versions)
 from garage_node.core.wireguard import Peer, PeerStatus, WireGuardError, generate_private_key, public_key_of
-from garage_node.node.engine.docker import Container, DockerError
+from garage_node.node.engine.docker import Container, DockerError, ImageConfig
 from garage_node.node.engine.metrics import Metrics
 from garage_node.node.headclient import HeadUnreachable, Refused, Revoked
 from garage_node.node.identity import Identity
@@ -71,18 +72,50 @@ class FakeHead:
     refuse: str | None = None  # an error code: the next enrollments are refused for good
     revoked: bool = False
     ray_alive: bool = False
+    ray_token: str = "ray-cluster-secret"
     enrollments: int = 0
     heartbeats: list[NodeReport] = field(default_factory=list)
+    # Credentials: lifetime told with heartbeats (None: a head that does not expire them),
+    # what each node holds now, and the public keys the hub has.
+    credential_lifetime_s: float | None = None
+    credentials: dict[str, str] = field(default_factory=dict)
+    issued_at: dict[str, float] = field(default_factory=dict)  # when each node's credential was made
+    renewals: list[str] = field(default_factory=list)  # the WireGuard public key of each renewal
+    keys: dict[str, str] = field(default_factory=dict)  # public key -> node id
+    lose_answers: int = 0  # the next enrollments commit, then their answer is lost (a crash)
+    issued: int = 0
 
-    def enroll(self, tok: JoinToken, name: str, report: NodeReport, expected_region: str = "") -> tuple[Identity, bytes]:
+    def expires_in(self, node_id: str) -> float | None:
+        if self.credential_lifetime_s is None:
+            return None
+        return self.credential_lifetime_s - (self.clock.time() - self.issued_at.get(node_id, self.clock.time()))
+
+    def new_credential(self) -> str:
+        self.issued += 1
+        return "cred-secret" if self.issued == 1 else f"cred-secret-{self.issued}"
+
+    def enroll(self, tok: JoinToken, name: str, report: NodeReport, wg_private_key: str,
+               expected_region: str = "") -> tuple[Identity, bytes]:
         if not self.up:
             raise HeadUnreachable(f"head unreachable at {tok.api_url}: connection refused")
         if self.refuse:
             raise Refused(f"the head refused to enroll this node: {self.refuse}", code=self.refuse)
-        self.enrollments += 1
-        reply = EnrollReply(node_id=f"n{self.enrollments:04d}", credential="cred-secret", overlay_ip=f"100.96.0.{1 + self.enrollments}",
+        public = public_key_of(wg_private_key)
+        node_id = self.keys.get(public)  # the same key again: the same identity (registry.enroll)
+        if node_id is None:
+            self.enrollments += 1
+            node_id = f"n{self.enrollments:04d}"
+            self.keys[public] = node_id
+        self.credentials[node_id] = self.new_credential()
+        self.issued_at[node_id] = self.clock.time()
+        if self.lose_answers:
+            self.lose_answers -= 1
+            raise HeadUnreachable(f"head unreachable at {tok.api_url}: connection reset")
+        number = int(node_id[1:])
+        reply = EnrollReply(node_id=node_id, credential=self.credentials[node_id], overlay_ip=f"100.96.0.{1 + number}",
+                            ray_token=self.ray_token,
                             **{f: getattr(self.facts, f) for f in ("prefix_len", "hub", "ray_address", "region", "heartbeat_s", "versions")})
-        return Identity.from_enrollment(name, tok.api_url, generate_private_key(), reply, self.clock.time()), b"CA PEM"
+        return Identity.from_enrollment(name, tok.api_url, wg_private_key, reply, self.clock.time()), b"CA PEM"
 
     def connect(self, ident: Identity, ca_pem: bytes) -> "FakeHeadClient":
         return FakeHeadClient(self, ident)
@@ -100,9 +133,28 @@ class FakeHeadClient:
             raise HeadUnreachable(f"head unreachable at {self.ident.api_url}: connection refused")
         if h.revoked:
             raise Revoked("the operator revoked this node: it needs a new join token to rejoin")
+        if h.credentials.get(self.ident.node_id, self.ident.credential) != self.ident.credential:
+            raise HeadUnreachable("the head answered 401: the head does not recognise this node's credential")
         h.heartbeats.append(report)
-        return HeartbeatReply(node_id=self.ident.node_id, ray_alive=h.ray_alive,
+        return HeartbeatReply(node_id=self.ident.node_id, ray_alive=h.ray_alive, ray_token=h.ray_token,
+                              credential_expires_in_s=h.expires_in(self.ident.node_id), credential_lifetime_s=h.credential_lifetime_s,
                               **{f: getattr(h.facts, f) for f in ("prefix_len", "hub", "ray_address", "region", "heartbeat_s", "versions")})
+
+    def renew_credential(self, wg_public_key: str | None) -> CredentialReply:
+        h = self.head
+        if not h.up:
+            raise HeadUnreachable(f"head unreachable at {self.ident.api_url}: connection refused")
+        if h.revoked:
+            raise Revoked("the operator revoked this node: it needs a new join token to rejoin")
+        node_id = self.ident.node_id
+        h.renewals.append(wg_public_key or "")
+        h.credentials[node_id] = h.new_credential()
+        h.issued_at[node_id] = h.clock.time()
+        if wg_public_key:
+            h.keys = {k: v for k, v in h.keys.items() if v != node_id} | {wg_public_key: node_id}
+        lifetime = h.credential_lifetime_s or 3600.0
+        return CredentialReply(node_id=node_id, credential=h.credentials[node_id], credential_expires_in_s=lifetime,
+                               credential_lifetime_s=lifetime, wg_public_key=wg_public_key or "")
 
     def close(self) -> None:
         self.closed = True
@@ -143,6 +195,7 @@ class FakeChild:
     def __init__(self, clock: FakeClock, restart_delay_s: float = 2.0) -> None:
         self.clock = clock
         self.state = ChildState()
+        self.run_as: RunAs | None = None
         self.restart_delay_s = restart_delay_s
         self.starts: list[list[str]] = []
 
@@ -173,6 +226,8 @@ class FakeDocker:
 
     def __init__(self, images: tuple[str, ...] = ()) -> None:
         self.images = set(images)
+        # What GET /images/{name}/json says (Env, Labels); an image not listed has neither.
+        self.image_configs: dict[str, ImageConfig] = {}
         self.pullable: set[str] = set()
         self.containers: dict[str, Container] = {}
         self.bodies: dict[str, dict] = {}
@@ -191,6 +246,12 @@ class FakeDocker:
     def image_exists(self, ref: str) -> bool:
         self._check()
         return ref in self.images
+
+    def image_config(self, ref: str) -> ImageConfig:
+        self._check()
+        if ref not in self.images:
+            raise DockerError(f"No such image: {ref}", status=404)
+        return self.image_configs.get(ref, ImageConfig())
 
     def pull(self, ref: str, progress: Callable[[str], None]) -> None:
         self._check()
@@ -250,3 +311,29 @@ class FakeProbe:
 
     def close(self) -> None:
         pass
+
+
+class FakeFirewall:
+    """nftables as the agent sees it: tables that exist, and a switch to make nft fail."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, Rules] = {}
+        self.fail: str | None = None
+        self.applied = 0
+
+    def apply(self, rules: Rules) -> None:
+        if self.fail:
+            raise FirewallError(self.fail)
+        self.tables[rules.table] = rules
+        self.applied += 1
+
+    def remove(self, table: str) -> None:
+        self.tables.pop(table, None)
+
+    def present(self, table: str) -> bool:
+        return table in self.tables
+
+
+def ray_account(user: str, groups: tuple[str, ...] = ()) -> RunAs:
+    """An unprivileged account, as RunAs.lookup would find it on a stick."""
+    return RunAs(user, 990, 990, (), f"/var/lib/{user}")

@@ -211,6 +211,11 @@ peer_sync_s = 1.0
 
     def init(self) -> None:
         self.cli("head", "init", "--config", str(self.config))
+        # Ray clients in the head's namespace (probes, test drivers) need the cluster token.
+        self.env.update(self.ray_auth_env())
+
+    def ray_auth_env(self) -> dict[str, str]:
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.dir / "state" / "ray-token")}
 
     def start(self) -> None:
         self.proc = self.spawn([PYTHON, "-m", "garage_node.cli", "head", "run", "--config", str(self.config)], "head.log")
@@ -268,6 +273,7 @@ class NodeHost(Host):
         return self.dir / "state"
 
     interface: str = "garage0"
+    firewall_mode = "all-tcp"  # a PC of its own: every TCP port but SSH closed to all but WireGuard
 
     def configure(self, token: str = "", extra: str = "", engine: str = "enabled = false\n") -> None:
         """`engine` is the body of the [engine] section; the engine is off unless a test asks."""
@@ -279,6 +285,7 @@ runtime_dir = "{d / 'run'}"
 
 [overlay]
 interface = "{self.interface}"
+firewall = "{self.firewall_mode}"
 
 [ray]
 temp_dir = "{d / 'ray'}"
@@ -339,6 +346,10 @@ class RootNodeHost(NodeHost):
     the engine's port on the node's overlay address, so the node must live where Docker does.
     Its links carry the testbed's prefix, so cleanup finds them by name."""
 
+    # It shares this machine's network namespace: its firewall must close Ray's and the
+    # engine's ports only, not every TCP port of the machine the tests run on.
+    firewall_mode = "ray-and-engine"
+
     def wrap(self, argv: list[str]) -> list[str]:
         return argv
 
@@ -366,6 +377,8 @@ class Testbed:
         self.prefix = prefix or f"{PREFIX}-{secrets.token_hex(2)}"
         self.subnet_id = subnet_id if subnet_id is not None else secrets.randbelow(200) + 20
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-", dir="/tmp"))
+        # Ray workers run as their own unprivileged account: they must reach their node's files.
+        self.dir.chmod(0o755)
         self.switch = f"{self.prefix}-sw"
         self.hosts: list[Host] = []
         self.head: HeadHost | None = None

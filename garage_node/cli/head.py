@@ -39,6 +39,9 @@ def add_commands(sub) -> None:
     nodes_.add_argument("--json", action="store_true")
     rv = cmd("revoke", revoke, "revoke a node: its peer leaves the hub, its heartbeats are refused")
     rv.add_argument("node", help="node id or name")
+    rt = cmd("ray-token", ray_token, "rotate the Ray cluster token: the Ray head restarts with the new one, and every "
+             "node gets it with its next heartbeat and restarts its Ray worker")
+    rt.add_argument("action", choices=["rotate"])
 
 
 def init(args) -> int:
@@ -108,6 +111,20 @@ def revoke(args) -> int:
     reg.revoke(node.id)
     print(f"revoked {node.id} ({node.name}, {node.overlay_ip}); its peer leaves the hub within "
           f"{cfg.options.peer_sync_s:.0f} s")
+    return 0
+
+
+def ray_token(args) -> int:
+    from garage_node.head import setup
+
+    cfg = load_head_config(args.config)
+    try:
+        setup.rotate_ray_token(cfg)
+    except setup.HeadError as e:
+        print(f"garage-node head: {e}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    print("Ray cluster token rotated: the running head restarts its Ray head within "
+          f"{cfg.options.peer_sync_s:.0f} s; nodes restart their Ray workers after their next heartbeat.")
     return 0
 
 

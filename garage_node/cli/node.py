@@ -135,9 +135,23 @@ def plan(args) -> int:
     cfg = load_node_config(args.config, args.override)
     inv = gpu.read_inventory()
     try:
-        p = plan_for(cfg.engine, inv, load_catalog(catalog_path(cfg.engine.catalog)))
+        catalog = load_catalog(catalog_path(cfg.engine.catalog))
+        p = plan_for(cfg.engine, inv, catalog)
     except (planner.PlanError, CatalogError) as e:
         print(f"garage-node plan: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(p.to_dict(), indent=2) if args.json else p.explain())
+    print(json.dumps(p.to_dict(), indent=2) if args.json else p.explain() + "\n" + _image_line(cfg.engine.image, catalog, inv))
     return 0
+
+
+def _image_line(image: str, catalog, inv) -> str:
+    """What the plan assumed of the engine image (the planner refused it otherwise)."""
+    from garage_node.node.engine import cuda
+
+    facts = catalog.image(image)
+    if facts is None:
+        return f"engine image: {image} (not in the catalog: its CUDA is checked against the driver once pulled)"
+    note = cuda.check(image, facts.cuda, inv.driver_version, inv.cuda_version)
+    return (f"engine image: {image}, CUDA {cuda.fmt(facts.cuda)}, needs driver >= {cuda.fmt_driver(facts.min_driver)}"
+            f" and cc >= {facts.min_compute_capability[0]}.{facts.min_compute_capability[1]}; this node: driver "
+            f"{inv.driver_version} (CUDA {inv.cuda_version})" + (f"; {note}" if note else ""))

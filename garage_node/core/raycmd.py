@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -54,3 +55,56 @@ def sizing_args(num_cpus: int, memory_mib: int, object_store_mib: int) -> list[s
     if object_store_mib:
         args += ["--object-store-memory", str(object_store_mib * MiB)]
     return args
+
+
+@dataclass(frozen=True)
+class RayPorts:
+    """Every port Ray listens on, pinned, so the firewall can name them (core/firewall.py).
+
+    Ray binds them on all addresses whatever `--node-ip-address` says (that only sets the
+    address it advertises); the firewall lets them be reached through WireGuard alone.
+    """
+
+    gcs: int = 6379  # the head's GCS (`--port`)
+    client_server: int = 10001  # the head's Ray client server
+    node_manager: int = 6380
+    object_manager: int = 6381
+    metrics_export: int = 6382
+    dashboard_agent_grpc: int = 6383
+    dashboard_agent_listen: int = 6384
+    runtime_env_agent: int = 6385
+    min_worker: int = 10002
+    max_worker: int = 10999  # one port per Ray worker process; a PC runs a handful
+
+    def node_args(self) -> list[str]:
+        """Arguments of `ray start` for the ports every Ray node has (head and workers)."""
+        return [
+            "--node-manager-port", str(self.node_manager),
+            "--object-manager-port", str(self.object_manager),
+            "--metrics-export-port", str(self.metrics_export),
+            "--dashboard-agent-grpc-port", str(self.dashboard_agent_grpc),
+            "--dashboard-agent-listen-port", str(self.dashboard_agent_listen),
+            "--runtime-env-agent-port", str(self.runtime_env_agent),
+            "--min-worker-port", str(self.min_worker),
+            "--max-worker-port", str(self.max_worker),
+        ]
+
+    def head_args(self) -> list[str]:
+        # No --ray-client-server-port: our minimal Ray has no client server (it needs ray[client]);
+        # its default port stays in ranges() in case a head installs it.
+        return ["--port", str(self.gcs), *self.node_args()]
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """All of Ray's TCP ports as (first, last) ranges."""
+        singles = sorted({self.gcs, self.client_server, self.node_manager, self.object_manager, self.metrics_export,
+                          self.dashboard_agent_grpc, self.dashboard_agent_listen, self.runtime_env_agent})
+        out: list[tuple[int, int]] = []
+        for p in singles:
+            if out and out[-1][1] + 1 == p:
+                out[-1] = (out[-1][0], p)
+            else:
+                out.append((p, p))
+        return out + [(self.min_worker, self.max_worker)]
+
+
+RAY_PORTS = RayPorts()

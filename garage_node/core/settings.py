@@ -171,6 +171,11 @@ class _Parser:
             if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
                 raise fail("a table of strings (KEY = \"value\")")
             return dict(value)
+        if origin is tuple and args and args[0] is int:
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 65536
+                                                      for v in value):
+                raise fail("a list of port numbers")
+            return tuple(value)
         if origin is tuple:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise fail("a list of strings")

@@ -18,6 +18,32 @@ from garage_node.core.clock import SYSTEM, Clock
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RunAs:
+    """An unprivileged account to run a child as (the Ray worker on a PC never runs as root)."""
+
+    user: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+    @classmethod
+    def lookup(cls, user: str, extra_groups: tuple[str, ...] = ()) -> "RunAs":
+        """Raises KeyError if the user does not exist; groups that do not exist are skipped."""
+        import grp
+        import pwd
+
+        pw = pwd.getpwnam(user)
+        groups = []
+        for name in extra_groups:
+            try:
+                groups.append(grp.getgrnam(name).gr_gid)
+            except KeyError:
+                pass
+        return cls(user, pw.pw_uid, pw.pw_gid, tuple(groups), pw.pw_dir)
+
+
 @dataclass
 class ChildState:
     running: bool = False
@@ -31,7 +57,7 @@ class ChildState:
 
 class Supervised:
     def __init__(self, name: str, log_path: Path, backoff: Backoff, env: dict[str, str] | None = None,
-                 pid_file: Path | None = None, clock: Clock = SYSTEM) -> None:
+                 pid_file: Path | None = None, clock: Clock = SYSTEM, run_as: RunAs | None = None) -> None:
         self.name = name
         self.clock = clock
         self.log_path = log_path
@@ -41,6 +67,7 @@ class Supervised:
         self._orphans_checked = False
         self.backoff = backoff
         self.env = env
+        self.run_as = run_as
         self.state = ChildState()
         self._proc: subprocess.Popen | None = None
         self._healthy_after_s = 30.0  # running this long resets the backoff
@@ -88,7 +115,7 @@ class Supervised:
             # Own session: stop() can end the child and everything it spawned by its PID.
             self._proc = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=self.env,
+                start_new_session=True, env=self._env(), **self._identity(),
             )
         finally:
             out.close()
@@ -99,6 +126,20 @@ class Supervised:
             self.pid_file.write_text(f"{self._proc.pid}\n")
         log.info("started %s (pid %d)", self.name, self._proc.pid)
         return True
+
+    def _env(self) -> dict[str, str] | None:
+        if self.run_as is None:
+            return self.env
+        env = dict(self.env if self.env is not None else os.environ)
+        env.update(HOME=self.run_as.home, USER=self.run_as.user, LOGNAME=self.run_as.user)
+        return env
+
+    def _identity(self) -> dict:
+        """Popen arguments that drop to the unprivileged account (only root can switch)."""
+        r = self.run_as
+        if r is None or os.geteuid() != 0:
+            return {}
+        return {"user": r.uid, "group": r.gid, "extra_groups": list(r.groups)}
 
     def stop(self, timeout_s: float = 15.0) -> None:
         proc, self._proc = self._proc, None

@@ -12,11 +12,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
+import annotated_types as at
 import msgspec
 
 T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- bounds
+# What a node reports is bounded, so a misbehaving or hostile node cannot make the head store
+# (and re-read every few seconds) megabytes. Each bound is stated once and read by both
+# validators: msgspec.Meta by msgspec (the node, `head nodes`), annotated_types by pydantic (the
+# head's API, which answers 422 to a report out of bounds). A real report is far inside them.
+
+def _text(max_length: int) -> Any:
+    return Annotated[str, msgspec.Meta(max_length=max_length), at.MaxLen(max_length)]
+
+
+def _int(lo: int, hi: int) -> Any:
+    return Annotated[int, msgspec.Meta(ge=lo, le=hi), at.Ge(lo), at.Le(hi)]
+
+
+def _float(lo: float, hi: float) -> Any:
+    # The bounds also refuse NaN and infinities (no comparison with them holds).
+    return Annotated[float, msgspec.Meta(ge=lo, le=hi), at.Ge(lo), at.Le(hi)]
+
+
+MAX_GPUS = 16            # per node; gaming PCs have one to four
+ShortText = _text(96)    # names, ids, versions, addresses
+Message = _text(512)     # a sentence for a person
+Count = _int(0, 2**31 - 1)
+MiB = _int(0, 2**31 - 1)
+WallTime = _float(0.0, 1e11)
+
+
+def clip(text: str | None, max_length: int) -> str | None:
+    """`text` cut to a bound (the agent's reports stay inside what the head accepts)."""
+    return text if text is None or len(text) <= max_length else text[: max_length - 1] + "…"
 
 
 class WireError(ValueError):
@@ -97,24 +130,24 @@ class Versions:
 
 @dataclass(frozen=True)
 class GPU:
-    index: int
-    name: str
-    uuid: str
-    memory_total_mib: int
-    memory_free_mib: int
-    compute_capability: str | None  # e.g. "8.9"
-    temperature_c: int | None
-    power_w: float | None
-    utilization_pct: int | None
+    index: _int(0, 255)
+    name: ShortText
+    uuid: ShortText
+    memory_total_mib: MiB
+    memory_free_mib: MiB
+    compute_capability: _text(16) | None  # e.g. "8.9"
+    temperature_c: _int(-100, 1000) | None
+    power_w: _float(0.0, 1e6) | None
+    utilization_pct: _int(0, 100) | None
     healthy: bool = True
-    error: str | None = None  # why this GPU is unhealthy, for a person to read
+    error: Message | None = None  # why this GPU is unhealthy, for a person to read
 
 
 @dataclass(frozen=True)
 class AgentVersions:
-    agent: str
-    ray: str
-    python: str
+    agent: ShortText
+    ray: ShortText
+    python: ShortText
 
 
 @dataclass(frozen=True)
@@ -137,18 +170,18 @@ class HeadStatus:
 
 @dataclass(frozen=True)
 class RayResources:
-    GPU: int
-    vram_mib: int
+    GPU: _int(0, MAX_GPUS)
+    vram_mib: MiB
 
 
 @dataclass(frozen=True)
 class RayStatus:
     state: RayState
-    address: str | None = None
+    address: ShortText | None = None
     alive_at_head: bool | None = None
-    pid: int | None = None
-    restarts: int | None = None
-    last_exit_code: int | None = None
+    pid: Count | None = None
+    restarts: Count | None = None
+    last_exit_code: _int(-1024, 1024) | None = None
     resources: RayResources | None = None
 
 
@@ -215,24 +248,24 @@ class EngineReport:
     """What the head learns of a node's engine (the gateway routes by it)."""
 
     state: EngineState
-    model: str | None = None
-    endpoint: str | None = None
+    model: _text(256) | None = None
+    endpoint: ShortText | None = None
     draining: bool | None = None
-    healthy_since: float | None = None
-    requests_running: int | None = None
-    requests_waiting: int | None = None
+    healthy_since: WallTime | None = None
+    requests_running: Count | None = None
+    requests_waiting: Count | None = None
 
 
 @dataclass(frozen=True)
 class NodeReport:
-    """Sent with every enrollment and heartbeat; never a secret."""
+    """Sent with every enrollment and heartbeat; never a secret. Bounded (see "bounds" above)."""
 
     state: NodeState
-    message: str
-    gpus: list[GPU]
-    gpu_note: str | None
-    driver_version: str | None
-    cuda_version: str | None
+    message: Message
+    gpus: Annotated[list[GPU], msgspec.Meta(max_length=MAX_GPUS), at.MaxLen(MAX_GPUS)]
+    gpu_note: Message | None
+    driver_version: ShortText | None
+    cuda_version: ShortText | None
     versions: AgentVersions
     ray: RayStatus
     engine: EngineReport
@@ -263,6 +296,10 @@ class EnrollReply(RegionFacts):
     node_id: str
     credential: str = field(repr=False)  # returned once; the head keeps only a hash
     overlay_ip: str
+    # The Ray cluster's authentication token (RAY_AUTH_MODE=token): only nodes the head
+    # enrolled can join Ray, even from inside the overlay. Sent again with every heartbeat
+    # answer, so a rotated token reaches every node.
+    ray_token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,3 +308,21 @@ class HeartbeatReply(RegionFacts):
     state: str = "active"
     ray_alive: bool = False  # whether the Ray head lists this node alive
     ray_checked_at: float | None = None
+    ray_token: str = field(default="", repr=False)
+    # How long the credential this heartbeat came with stays valid, and the lifetime a new one
+    # gets: the node renews when a third of the lifetime is left. Seconds, not a date, so a
+    # PC's wrong clock does not matter. None from a head that does not expire credentials.
+    credential_expires_in_s: float | None = None
+    credential_lifetime_s: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CredentialReply:
+    """POST /v1/nodes/{id}/credential: a new credential (and the node's WireGuard key as the
+    hub now knows it). The one it replaces stays valid for a short overlap."""
+
+    node_id: str
+    credential: str = field(repr=False)  # returned once; the head keeps only a hash
+    credential_expires_in_s: float
+    credential_lifetime_s: float
+    wg_public_key: str

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from garage_node.core.settings import ConfigError, one_of, parse, read_toml, setting
+from garage_node.core.settings import ConfigError, one_of, parse, positive, read_toml, setting
 from garage_node.node.config import IFNAME, WG_IMPLEMENTATIONS
 
 DEFAULT_HEAD_CONFIG = Path("/etc/garage-node/head.toml")
@@ -32,6 +32,17 @@ class ApiSection:
     port: int = 8443
     # The address nodes use, written into join tokens and the server certificate.
     advertise_host: str = ""
+    # TCP ports open to everyone besides the control API (the firewall closes all others, Ray's
+    # included, except through WireGuard). 22: so an operator keeps SSH.
+    open_tcp: tuple[int, ...] = (22,)
+    # Hostile input: the API is open to the internet. A request body over this is refused
+    # (413); a request whose headers and body are not all in within request_timeout_s of its
+    # first byte, or a TLS handshake not done within tls_handshake_timeout_s, is cut off; one
+    # address may hold at most max_connections_per_client connections (head/connguard.py).
+    max_body_bytes: int = setting(32768, check=positive())
+    request_timeout_s: float = setting(10.0, check=positive())
+    tls_handshake_timeout_s: float = setting(10.0, check=positive())
+    max_connections_per_client: int = setting(32, check=positive())
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,13 @@ class HeadOptions:
     # A node unheard for this long is shown as offline.
     offline_after_s: float = 45.0
     peer_sync_s: float = 2.0
+    # An enrollment whose node never came back with its credential (no authenticated
+    # heartbeat) is removed after this long: its address and hub peer go, the token's use returns.
+    reclaim_unconfirmed_after_s: float = setting(3600.0, check=positive())
+    # Node credentials: how long one is valid (nodes renew it when a third is left), and how
+    # long the one a renewal replaced still works (an answer lost on the way is not fatal).
+    credential_lifetime_s: float = setting(30 * 86400.0, check=positive())
+    credential_overlap_s: float = setting(3600.0, check=positive())
 
 
 @dataclass(frozen=True)

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from garage_node.core.raycmd import label_value, sizing_args
+from garage_node.core.raycmd import RayPorts, label_value, sizing_args
 
 
-def head_argv(ray_cmd: str, ip: str, port: int, temp_dir: Path, region: str,
+def head_argv(ray_cmd: str, ip: str, ports: RayPorts, temp_dir: Path, region: str,
               num_cpus: int = 0, memory_mib: int = 0, object_store_mib: int = 0) -> list[str]:
     return [
         ray_cmd, "start", "--head", "--block",
-        "--node-ip-address", ip, "--port", str(port),
+        "--node-ip-address", ip, *ports.head_args(),
         "--temp-dir", str(temp_dir),
         "--include-dashboard=false", "--disable-usage-stats",
         "--labels", f"garage.role=head,garage.region={label_value(region)}",
@@ -33,11 +34,12 @@ class RayNode:
     resources: dict[str, float]
 
 
-def probe(address: str, python: str = sys.executable, timeout_s: float = 20.0) -> list[RayNode]:
-    """Nodes the Ray head's GCS knows, read in a child process (keeps ray out of our memory)."""
+def probe(address: str, env: dict[str, str], python: str = sys.executable, timeout_s: float = 20.0) -> list[RayNode]:
+    """Nodes the Ray head's GCS knows, read in a child process (keeps ray out of our memory).
+    `env` carries the cluster token's path (Ray refuses a client without it)."""
     res = subprocess.run(
         [python, "-m", "garage_node.head.rayprobe", address],
-        capture_output=True, text=True, timeout=timeout_s,
+        capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **env},
     )
     if res.returncode != 0:
         raise RuntimeError(f"Ray head at {address} did not answer: {res.stderr.strip().splitlines()[-1:] or '?'}")

@@ -3,6 +3,17 @@
 One file, opened by the head's server and by the `garage-node head` CLI alike; SQLite's
 locking makes the two safe together. Overlay addresses are never handed out twice: a
 revoked node keeps its row, and so its address.
+
+Enrollment is idempotent: a node makes its WireGuard key before it calls the head, so a node
+that crashed before the answer arrived asks again with the same token and key and gets the
+same node id and address (and a fresh credential, since the first never arrived) without
+spending another use of the token. A row is *confirmed* by the node's first authenticated
+heartbeat; a row never confirmed is reclaimed after a while (its address and hub peer go, and
+the token gets its use back).
+
+Credentials expire (`credential_lifetime_s`); a node renews its credential over the
+authenticated channel, and the one it replaces stays valid for `credential_overlap_s`, so an
+answer lost on the way does not lock the node out.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,6 +56,18 @@ CREATE TABLE IF NOT EXISTS nodes (
 );
 """
 
+# Columns added after the first release; a registry made before them gets them at open.
+# Rows that existed before are taken as confirmed, and their credentials as issued at enrollment.
+MIGRATIONS = (
+    ("confirmed_at", "REAL", "UPDATE nodes SET confirmed_at = COALESCE(last_seen, enrolled_at)"),
+    ("credential_issued_at", "REAL", "UPDATE nodes SET credential_issued_at = enrolled_at"),
+    ("prev_credential_hash", "TEXT", None),
+    ("prev_credential_until", "REAL", None),
+)
+
+DEFAULT_CREDENTIAL_LIFETIME_S = 30 * 86400
+DEFAULT_CREDENTIAL_OVERLAP_S = 3600
+
 
 class EnrollError(Exception):
     """A token was refused; `code` is machine-readable, the message is for a person."""
@@ -73,9 +96,10 @@ class NodeRow:
     enrolled_at: float
     last_seen: float | None
     revoked_at: float | None
-    report: dict[str, Any]
+    report: Any  # normally a dict (the last heartbeat's report); whatever the row holds
     ray_alive: bool
     ray_checked_at: float | None
+    confirmed_at: float | None = None  # the node's first authenticated heartbeat
 
     @property
     def revoked(self) -> bool:
@@ -85,16 +109,41 @@ class NodeRow:
 @dataclass(frozen=True)
 class Enrollment:
     node: NodeRow
-    credential: str  # returned once, stored only as a hash
+    credential: str = field(repr=False)  # returned once, stored only as a hash
+    resumed: bool = False  # the same token and key again: the row of an enrollment whose answer was lost
+
+
+@dataclass(frozen=True)
+class Auth:
+    """A node that proved its credential; `expires_in_s` is that credential's time left."""
+
+    node: NodeRow
+    expires_in_s: float
+    lifetime_s: float
+    previous: bool  # the credential presented is the one a renewal replaced (in its overlap)
+
+
+@dataclass(frozen=True)
+class Renewal:
+    node: NodeRow
+    credential: str = field(repr=False)
+    expires_in_s: float
+    lifetime_s: float
+    key_changed: bool
 
 
 class Registry:
-    def __init__(self, path: Path, network: ipaddress.IPv4Network) -> None:
+    def __init__(self, path: Path, network: ipaddress.IPv4Network,
+                 credential_lifetime_s: float = DEFAULT_CREDENTIAL_LIFETIME_S,
+                 credential_overlap_s: float = DEFAULT_CREDENTIAL_OVERLAP_S) -> None:
         self.path = path
         self.network = network
+        self.credential_lifetime_s = credential_lifetime_s
+        self.credential_overlap_s = credential_overlap_s
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._db() as db:
             db.executescript(SCHEMA)
+            _migrate(db)
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -125,26 +174,44 @@ class Registry:
     # -- enrollment
 
     def enroll(self, token_id: str, secret: str, name: str, region: str, wg_public_key: str) -> Enrollment:
-        """Spend one use of the token and register the node, all in one transaction."""
+        """Spend one use of the token and register the node, all in one transaction; or, for
+        the same token and key as an enrollment not yet confirmed, hand out that row again."""
+        now = time.time()
+        credential = secrets.token_urlsafe(32)
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                self._spend_token(db, token_id, secret)
-                if db.execute("SELECT 1 FROM nodes WHERE wg_public_key=?", (wg_public_key,)).fetchone():
-                    raise EnrollError("key_in_use", "this WireGuard key is already enrolled; the node must make a new key")
-                node_id = "n" + secrets.token_hex(5)
-                credential = secrets.token_urlsafe(32)
-                ip = self._next_free_ip(db)
-                db.execute(
-                    "INSERT INTO nodes (id, name, region, wg_public_key, overlay_ip, credential_hash, token_id, enrolled_at)"
-                    " VALUES (?,?,?,?,?,?,?,?)",
-                    (node_id, name, region, wg_public_key, ip, tokens.hash_secret(credential), token_id, time.time()),
-                )
+                node_id = self._unconfirmed_enrollment(db, token_id, secret, wg_public_key)
+                resumed = node_id is not None
+                if node_id is None:
+                    self._spend_token(db, token_id, secret)
+                    if db.execute("SELECT 1 FROM nodes WHERE wg_public_key=?", (wg_public_key,)).fetchone():
+                        raise EnrollError("key_in_use", "this WireGuard key is already enrolled; the node must make a new key")
+                    node_id = "n" + secrets.token_hex(5)
+                    db.execute(
+                        "INSERT INTO nodes (id, name, region, wg_public_key, overlay_ip, credential_hash, token_id,"
+                        " enrolled_at) VALUES (?,?,?,?,?,?,?,?)",
+                        (node_id, name, region, wg_public_key, self._next_free_ip(db), "", token_id, now),
+                    )
+                # A resumed enrollment gets a fresh credential: the first one never reached the node.
+                db.execute("UPDATE nodes SET credential_hash=?, credential_issued_at=?, prev_credential_hash=NULL,"
+                           " prev_credential_until=NULL WHERE id=?", (tokens.hash_secret(credential), now, node_id))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        return Enrollment(self.node(node_id), credential)
+        return Enrollment(self.node(node_id), credential, resumed)
+
+    def _unconfirmed_enrollment(self, db: sqlite3.Connection, token_id: str, secret: str, wg_public_key: str) -> str | None:
+        """The node id of an enrollment with this token and key that its node never confirmed
+        (no authenticated heartbeat yet), if the secret is right. No use is spent on it, so
+        the token's expiry and remaining uses do not matter here."""
+        row = db.execute("SELECT n.id, t.secret_hash FROM nodes n JOIN tokens t ON t.id = n.token_id"
+                         " WHERE n.wg_public_key=? AND n.token_id=? AND n.confirmed_at IS NULL AND n.revoked_at IS NULL",
+                         (wg_public_key, token_id)).fetchone()
+        if row is None or not tokens.secret_matches(secret, row["secret_hash"]):
+            return None
+        return row["id"]
 
     def _spend_token(self, db: sqlite3.Connection, token_id: str, secret: str) -> None:
         row = db.execute("SELECT * FROM tokens WHERE id=?", (token_id,)).fetchone()
@@ -190,16 +257,75 @@ class Registry:
             rows = db.execute("SELECT * FROM nodes ORDER BY enrolled_at").fetchall()
         return [_node_row(r) for r in rows]
 
-    def authenticate(self, node_id: str, credential: str) -> NodeRow | None:
+    def authenticate(self, node_id: str, credential: str) -> Auth | None:
+        """The node, if `credential` is its current credential or the one a renewal replaced
+        (during the overlap). An expired credential still authenticates here, with
+        `expires_in_s` <= 0: the API refuses it with its own message."""
         with self._db() as db:
             row = db.execute("SELECT * FROM nodes WHERE id=?", (node_id,)).fetchone()
-        if row is None or not tokens.secret_matches(credential, row["credential_hash"]):
+        if row is None or not credential:
             return None
-        return _node_row(row)
+        now = time.time()
+        if row["credential_hash"] and tokens.secret_matches(credential, row["credential_hash"]):
+            issued = row["credential_issued_at"] or row["enrolled_at"]
+            return Auth(_node_row(row), issued + self.credential_lifetime_s - now, self.credential_lifetime_s, False)
+        if row["prev_credential_hash"] and tokens.secret_matches(credential, row["prev_credential_hash"]):
+            return Auth(_node_row(row), (row["prev_credential_until"] or 0.0) - now, self.credential_lifetime_s, True)
+        return None
 
-    def record_heartbeat(self, node_id: str, report: dict[str, Any]) -> None:
+    def record_heartbeat(self, node_id: str, report: dict[str, Any], confirm: bool = True) -> None:
+        """Store a node's report. `confirm`: it came with the node's credential, which proves
+        the node holds its identity (an enrollment's report does not)."""
+        now = time.time()
         with self._db() as db:
-            db.execute("UPDATE nodes SET last_seen=?, report=? WHERE id=?", (time.time(), json.dumps(report), node_id))
+            db.execute("UPDATE nodes SET last_seen=?, report=?, confirmed_at=CASE WHEN ? THEN COALESCE(confirmed_at, ?)"
+                       " ELSE confirmed_at END WHERE id=?", (now, json.dumps(report), confirm, now, node_id))
+
+    def renew_credential(self, auth: Auth, credential: str, wg_public_key: str | None = None) -> Renewal:
+        """A new credential for an authenticated node (and, if given, a new WireGuard key).
+        The credential presented (`credential`) stays valid for the overlap, never longer
+        than it would have anyway."""
+        now = time.time()
+        node_id = auth.node.id
+        new = secrets.token_urlsafe(32)
+        key = wg_public_key or auth.node.wg_public_key
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if db.execute("SELECT 1 FROM nodes WHERE wg_public_key=? AND id<>?", (key, node_id)).fetchone():
+                    raise EnrollError("key_in_use", "this WireGuard key belongs to another node: make a new key")
+                db.execute(
+                    "UPDATE nodes SET credential_hash=?, credential_issued_at=?, prev_credential_hash=?,"
+                    " prev_credential_until=?, wg_public_key=?, confirmed_at=COALESCE(confirmed_at, ?) WHERE id=?",
+                    (tokens.hash_secret(new), now, tokens.hash_secret(credential),
+                     now + min(self.credential_overlap_s, max(0.0, auth.expires_in_s)), key, now, node_id),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return Renewal(self.node(node_id), new, self.credential_lifetime_s, self.credential_lifetime_s,
+                       key_changed=key != auth.node.wg_public_key)
+
+    def reclaim_unconfirmed(self, older_than_s: float) -> list[NodeRow]:
+        """Remove enrollments whose node never confirmed them (never came back with its
+        credential) within `older_than_s`: the address is free again, the hub peer goes with
+        the next sync, and the token gets its use back. Revoked rows stay (the operator's)."""
+        cutoff = time.time() - older_than_s
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = db.execute("SELECT * FROM nodes WHERE confirmed_at IS NULL AND revoked_at IS NULL"
+                                  " AND enrolled_at < ?", (cutoff,)).fetchall()
+                for row in rows:
+                    db.execute("DELETE FROM nodes WHERE id=?", (row["id"],))
+                    db.execute("UPDATE tokens SET uses = MAX(uses - 1, 0), uses_left = CASE WHEN uses_left IS NULL"
+                               " THEN NULL ELSE uses_left + 1 END WHERE id=?", (row["token_id"],))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return [_node_row(r) for r in rows]
 
     def record_ray_membership(self, alive_node_ids: set[str]) -> None:
         now = time.time()
@@ -223,6 +349,31 @@ def _node_row(row: sqlite3.Row) -> NodeRow:
     return NodeRow(
         id=d["id"], name=d["name"], region=d["region"], wg_public_key=d["wg_public_key"],
         overlay_ip=d["overlay_ip"], enrolled_at=d["enrolled_at"], last_seen=d["last_seen"],
-        revoked_at=d["revoked_at"], report=json.loads(d["report"] or "{}"),
-        ray_alive=bool(d["ray_alive"]), ray_checked_at=d["ray_checked_at"],
+        revoked_at=d["revoked_at"], report=_report(d["report"]),
+        ray_alive=bool(d["ray_alive"]), ray_checked_at=d["ray_checked_at"], confirmed_at=d.get("confirmed_at"),
     )
+
+
+def _report(text: Any) -> Any:
+    """The stored report as JSON; what does not parse (a damaged row) is passed on as the
+    text, for `head nodes` to call unreadable rather than fail on."""
+    try:
+        return json.loads(text or "{}")
+    except (TypeError, ValueError):
+        return str(text)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    # In one write transaction: the server and a CLI command may open an old registry at once.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        have = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
+        for column, kind, backfill in MIGRATIONS:
+            if column not in have:
+                db.execute(f"ALTER TABLE nodes ADD COLUMN {column} {kind}")
+                if backfill:
+                    db.execute(backfill)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise

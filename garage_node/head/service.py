@@ -13,14 +13,18 @@ import sys
 import threading
 from pathlib import Path
 
+from dataclasses import replace
+
 from garage_node.core import sdnotify, wireguard
 from garage_node.core.backoff import Backoff
-from garage_node.core.raycmd import ray_env, ray_executable
+from garage_node.core.firewall import Firewall, Nftables, Rules
+from garage_node.core.raycmd import RAY_PORTS, ray_env, ray_executable
 from garage_node.core.supervise import Supervised
 from garage_node.head.api import create_app
 from garage_node.head.config import HeadConfig
+from garage_node.head.connguard import GuardLimits, guarded_loop_factory, guarded_protocol
 from garage_node.head.ray import head_argv, probe
-from garage_node.head.setup import HeadError, open_registry, region_facts, require_init
+from garage_node.head.setup import HeadError, RayToken, open_registry, region_facts, require_init
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +34,18 @@ RAY_PROBE_S = 2.0
 class HeadService:
     """Everything `garage-node head run` keeps alive besides the HTTP server."""
 
-    def __init__(self, cfg: HeadConfig) -> None:
+    def __init__(self, cfg: HeadConfig, firewall: Firewall | None = None) -> None:
         self.cfg = cfg
         self.paths = require_init(cfg)
         self.registry = open_registry(cfg)
         self.facts = region_facts(cfg, self.paths)
         self.iface = wireguard.Interface(cfg.overlay.interface, cfg.overlay.implementation)
+        self.ray_token = RayToken(self.paths.ray_token)
+        self.ray_ports = replace(RAY_PORTS, gcs=cfg.ray.port)
+        self.firewall = firewall or Nftables()
         self.ray = Supervised("ray head", self.paths.ray_log, Backoff(1.0, 30.0),
-                              env=ray_env(), pid_file=cfg.head.state_dir / "ray-head.pid")
+                              env={**ray_env(), **self.ray_token.env()}, pid_file=cfg.head.state_dir / "ray-head.pid")
+        self._ray_token_started: str | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reconciler = threading.Thread(target=self._loop, name="head-reconcile", daemon=True)
@@ -47,6 +55,8 @@ class HeadService:
 
     def start(self) -> None:
         hub = self.facts.hub
+        # The firewall first: Ray must never listen before its door is shut (raises FirewallError).
+        self.firewall.apply(self.firewall_rules())
         self.iface.up(self.paths.wg_key.read_text().strip(), f"{hub.ip}/{self.facts.prefix_len}", self.cfg.overlay.listen_port)
         _enable_forwarding()
         self.sync_peers()
@@ -62,6 +72,7 @@ class HeadService:
             self._reconciler.join(timeout=30)
         self.ray.stop()
         self.iface.down()
+        self.firewall.remove(self.firewall_rules().table)
         # The prober may sit in a probe of the Ray head just stopped; it is a daemon thread
         # with nothing of value left to write, so do not wait for it long.
         if self._prober.is_alive():
@@ -69,6 +80,12 @@ class HeadService:
 
     def peers_changed(self) -> None:
         self._wake.set()
+
+    def firewall_rules(self) -> Rules:
+        api = self.cfg.api
+        return Rules(table=f"garage-head-{self.cfg.overlay.interface}", overlay_interface=self.cfg.overlay.interface,
+                     overlay_cidr=self.cfg.overlay.cidr, ray_ports=tuple(self.ray_ports.ranges()),
+                     open_tcp=tuple(sorted({api.port, *api.open_tcp})), hub=True)
 
     # -- reconcile
 
@@ -84,18 +101,29 @@ class HeadService:
             self._wake.clear()
 
     def sync_peers(self) -> None:
+        for gone in self.registry.reclaim_unconfirmed(self.cfg.options.reclaim_unconfirmed_after_s):
+            log.info("reclaimed node %s (%s, %s): enrolled but never came back with its credential",
+                     gone.id, gone.name, gone.overlay_ip)
         wanted = [wireguard.Peer(n.wg_public_key, (f"{n.overlay_ip}/32",)) for n in self.registry.active_peers()]
         added, removed = self.iface.sync_peers(wanted)
         if added or removed:
             log.info("hub peers: %d added or changed, %d removed", added, removed)
 
     def _ensure_ray(self) -> None:
+        token = self.ray_token.value()
+        if self.ray.running and token != self._ray_token_started:
+            # `garage-node head ray-token rotate`: Ray reads its token at start only.
+            log.info("the Ray cluster token changed: restarting the Ray head; nodes follow with their next heartbeat")
+            self.ray.stop()
         if not self.ray.running:
             # A stale pointer file from the previous Ray head blocks a new one from starting.
             (self.cfg.ray.temp_dir / "ray_current_cluster").unlink(missing_ok=True)
         r = self.cfg.ray
-        self.ray.ensure(head_argv(ray_executable(r.command), self.facts.hub.ip, r.port, r.temp_dir, self.cfg.head.region,
-                                 r.num_cpus, r.memory_mib, r.object_store_mib))
+        started = self.ray.running
+        self.ray.ensure(head_argv(ray_executable(r.command), self.facts.hub.ip, self.ray_ports, r.temp_dir,
+                                 self.cfg.head.region, r.num_cpus, r.memory_mib, r.object_store_mib))
+        if self.ray.running and not started:
+            self._ray_token_started = token
 
     def _probe_loop(self) -> None:
         """Record which nodes the Ray head holds alive; nodes learn it with their heartbeat."""
@@ -103,7 +131,7 @@ class HeadService:
             if not self.ray.running:
                 continue
             try:
-                nodes = probe(self.facts.ray_address)
+                nodes = probe(self.facts.ray_address, self.ray_token.env())
             except Exception as e:  # the Ray head may still be starting
                 log.debug("ray probe: %s", e)
                 continue
@@ -131,11 +159,18 @@ def run(cfg: HeadConfig) -> None:
         service.stop()
 
     app = create_app(service.registry, service.facts, p.pki.ca_cert.read_bytes(), service.peers_changed,
-                     on_startup=started, on_shutdown=stopping)
+                     on_startup=started, on_shutdown=stopping, ray_token=service.ray_token.value,
+                     max_body_bytes=cfg.api.max_body_bytes)
+    # The API faces the internet: uvicorn's h11 protocol with a deadline for every request and
+    # a cap on connections per address, and a loop that bounds TLS handshakes (connguard.py).
+    limits = GuardLimits(request_timeout_s=cfg.api.request_timeout_s,
+                         max_connections_per_client=cfg.api.max_connections_per_client,
+                         tls_handshake_timeout_s=cfg.api.tls_handshake_timeout_s)
     server = uvicorn.Server(uvicorn.Config(
         app, host=cfg.api.listen_host, port=cfg.api.port,
         ssl_certfile=str(p.pki.server_cert), ssl_keyfile=str(p.pki.server_key),
         log_level="info", access_log=False,
+        http=guarded_protocol(limits), loop=guarded_loop_factory(limits),  # type: ignore[arg-type]
     ))
     # uvicorn finishes its shutdown (the lifespan above included), then raises again the signal
     # that stopped it; by then everything is cleaned up, so that signal means a clean exit.

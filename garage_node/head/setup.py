@@ -3,6 +3,7 @@ registry), where it keeps it, the tokens it hands out, and the facts it tells ev
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,10 @@ class HeadPaths:
         return self.state_dir / "wireguard.key"
 
     @property
+    def ray_token(self) -> Path:
+        return self.state_dir / "ray-token"
+
+    @property
     def ray_log(self) -> Path:
         return self.state_dir / "logs" / "ray-head.log"
 
@@ -46,7 +51,8 @@ def paths(cfg: HeadConfig) -> HeadPaths:
 
 
 def open_registry(cfg: HeadConfig) -> Registry:
-    return Registry(paths(cfg).registry, cfg.network)
+    return Registry(paths(cfg).registry, cfg.network, credential_lifetime_s=cfg.options.credential_lifetime_s,
+                    credential_overlap_s=cfg.options.credential_overlap_s)
 
 
 def init(cfg: HeadConfig) -> list[str]:
@@ -62,6 +68,9 @@ def init(cfg: HeadConfig) -> list[str]:
     if not p.wg_key.exists():
         write_private(p.wg_key, wireguard.generate_private_key().encode())
         done.append(f"created WireGuard key {p.wg_key}")
+    if not p.ray_token.exists():
+        write_private(p.ray_token, new_ray_token().encode())
+        done.append(f"created Ray cluster token {p.ray_token}")
     open_registry(cfg)
     done.append(f"registry {p.registry}")
     return done
@@ -69,7 +78,7 @@ def init(cfg: HeadConfig) -> list[str]:
 
 def require_init(cfg: HeadConfig) -> HeadPaths:
     p = paths(cfg)
-    missing = [f for f in (p.pki.ca_cert, p.pki.server_cert, p.wg_key) if not f.exists()]
+    missing = [f for f in (p.pki.ca_cert, p.pki.server_cert, p.wg_key, p.ray_token) if not f.exists()]
     if missing:
         raise HeadError(f"the head is not initialised ({missing[0]} is missing): run `garage-node head init` first.")
     return p
@@ -93,3 +102,32 @@ def region_facts(cfg: HeadConfig, p: HeadPaths) -> RegionFacts:
         heartbeat_s=cfg.options.heartbeat_s,
         versions=local_versions(),
     )
+
+
+def new_ray_token() -> str:
+    return secrets.token_hex(32)
+
+
+def rotate_ray_token(cfg: HeadConfig) -> None:
+    """A new Ray cluster token: the running head restarts its Ray head with it, and every node
+    gets it with its next heartbeat answer and restarts its Ray worker."""
+    p = require_init(cfg)
+    write_private(p.ray_token, new_ray_token().encode())
+
+
+class RayToken:
+    """The Ray cluster token as the head serves it: read again when the file changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[int, str] | None = None
+
+    def value(self) -> str:
+        mtime = self.path.stat().st_mtime_ns
+        if self._seen is None or self._seen[0] != mtime:
+            self._seen = (mtime, self.path.read_text().strip())
+        return self._seen[1]
+
+    def env(self) -> dict[str, str]:
+        """Environment for Ray processes of the head (Ray head, membership probe)."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.path)}

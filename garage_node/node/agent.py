@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import logging
 import os
 import socket
@@ -26,12 +27,15 @@ from garage_node import __version__
 from garage_node.core import sdnotify, token
 from garage_node.core.backoff import Backoff
 from garage_node.core.clock import SYSTEM, Clock
-from garage_node.core.raycmd import local_versions, ray_env
-from garage_node.core.supervise import Supervised
+from garage_node.core.firewall import Firewall, FirewallError, Nftables, Rules
+from garage_node.core.fsutil import write_private
+from garage_node.core.raycmd import RAY_PORTS, local_versions, ray_env
+from garage_node.core.supervise import RunAs, Supervised
+from garage_node.core.wire import MAX_GPUS, clip
 from garage_node.core.wire import (AgentInfo, AgentVersions, EngineReport, HeadStatus, HeartbeatReply, NodeReport,
                                    NodeState, OverlayStatus, ProblemStatus, RayResources, RayStatus, Status)
-from garage_node.core.wireguard import Interface, Peer, WireGuardError
-from garage_node.node import gpu, identity
+from garage_node.core.wireguard import Interface, Peer, WireGuardError, public_key_of
+from garage_node.node import gpu, identity, keys
 from garage_node.node.config import NodeConfig
 from garage_node.node.engine.manager import EngineManager
 from garage_node.node.engine.spec import EngineConfigError, EngineSpec, desired_spec
@@ -44,6 +48,9 @@ from garage_node.node.state import Facts, Problem, Source, derive
 log = logging.getLogger(__name__)
 
 GPU_REFRESH_S = 30.0
+FIREWALL_CHECK_S = 30.0  # rules flushed by someone else are put back within this
+# Supplementary groups of the Ray worker's account, where they exist: GPU device nodes.
+RAY_GROUPS = ("video", "render")
 
 
 @dataclass
@@ -60,14 +67,24 @@ class Agent:
     def __init__(self, cfg: NodeConfig, *, clock: Clock = SYSTEM, head_api: HeadApi | None = None,
                  iface: Interface | None = None, ray_child: Child | None = None,
                  engine: Callable[..., EngineManager] | None = None,
-                 read_inventory: Callable[[], gpu.Inventory] = gpu.read_inventory) -> None:
+                 read_inventory: Callable[[], gpu.Inventory] = gpu.read_inventory,
+                 firewall: Firewall | None = None,
+                 lookup_account: Callable[[str, tuple[str, ...]], RunAs] = RunAs.lookup) -> None:
         self.cfg = cfg
         self.clock = clock
         self.paths = StatePaths(cfg.node.state_dir)
         self.head_api = head_api or HeadApi()
         self.iface = iface or Interface(cfg.overlay.interface, cfg.overlay.implementation)
+        self.firewall = firewall or Nftables()
+        self.lookup_account = lookup_account
+        # Ray authenticates every client with the cluster token; the worker reads it from a
+        # file only its own account can read (never from the command line).
+        # The runtime directory is root's (0755): the worker's account can read its own file
+        # there but cannot plant anything root would then write through.
+        self.ray_token_path = cfg.node.runtime_dir / "ray-token"
+        ray_auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.ray_token_path)}
         self.ray = RayWorker(ray_child or Supervised(
-            "ray worker", self.paths.logs / "ray-worker.log", self._backoff(), env=ray_env(),
+            "ray worker", self.paths.logs / "ray-worker.log", self._backoff(), env={**ray_env(), **ray_auth},
             pid_file=cfg.node.runtime_dir / "ray-worker.pid", clock=clock), clock)
         # The engine asks the agent what it should run; `engine` builds it (tests hand in one
         # with a fake Docker): engine(cfg.engine, drain_flag, desired, clock=...).
@@ -88,8 +105,13 @@ class Agent:
         self._gpus_read_at: float | None = None
         self._head_backoff = self._backoff()
         self._refused_token: str | None = None  # hash of a token the head refused for good
+        self._renew_at: float | None = None  # when to renew the credential (monotonic); None: not known yet
+        self._renew_backoff = self._backoff()
         self._client: Any = None  # the head client of the current identity
         self._overlay_ready = False  # interface up with the hub peer set, by this process
+        self._firewall: tuple[Rules, float] | None = None  # rules applied, and when last checked
+        self._ray_account: RunAs | None = None
+        self._ray_token_written: str | None = None  # digest of the token in the worker's file
 
     def _backoff(self) -> Backoff:
         return Backoff(self.cfg.agent.backoff_initial_s, self.cfg.agent.backoff_max_s)
@@ -125,6 +147,7 @@ class Agent:
         self.engine.shutdown()
         self.ray.stop()
         self.iface.down()
+        self._remove_firewall()
         if self._client:
             self._client.close()
         log.info("stopped; identity kept in %s", self.paths.state_dir)
@@ -151,7 +174,9 @@ class Agent:
                 self._enroll()
             if self._member():
                 self._ensure_overlay()
+                self._ensure_firewall()
                 self._heartbeat_if_due()
+                self._renew_credential_if_due()
                 self._ensure_ray()
         except Exception as e:  # the loop must survive anything; the next pass retries
             log.exception("reconcile pass failed")
@@ -202,13 +227,19 @@ class Agent:
             self._enrollment = (NodeState.ERROR, "the join token is unusable")
             return
         self._enrollment = (NodeState.ENROLLING, f"enrolling with the head at {tok.api_url}")
+        # The key is stored before the head hears of it: after a crash here, the same token and
+        # key get the same identity back instead of spending the token again (node/keys.py).
+        wg_key = keys.pending_key(self.paths.enroll_key, digest, avoid=self.identity.wg_private_key if self.identity else "")
         try:
-            ident, ca_pem = self.head_api.enroll(tok, self._node_name(), self._report(), self.cfg.node.region)
+            ident, ca_pem = self.head_api.enroll(tok, self._node_name(), self._report(), wg_key, self.cfg.node.region)
         except HeadError as e:
+            if e.code == "key_in_use":
+                keys.done(self.paths.enroll_key)  # a new token then comes with a new key
             self._enroll_failed(e, digest)
             return
         ident = dataclasses.replace(ident, token_digest=digest)
         identity.save(self.paths, ident, ca_pem)
+        keys.done(self.paths.enroll_key)
         self.paths.join_token.unlink(missing_ok=True)
         self._replace_identity(ident)
         self._head_backoff.reset()
@@ -289,12 +320,54 @@ class Agent:
         ident = self.identity
         assert ident is not None
         updated = ident.with_region(reply)
+        if reply.ray_token:  # rotated at the head: the worker restarts with the new one
+            updated = dataclasses.replace(updated, ray_token=reply.ray_token)
         if updated != ident:
             identity.save(self.paths, updated)
             self.identity = updated
             self._overlay_ready = False  # re-apply the hub peer
         self.link.next_call = now + updated.heartbeat_s
         self._clear(Source.HEAD)
+        if reply.credential_expires_in_s is not None and reply.credential_lifetime_s:
+            self._renew_at = now + _renew_in(reply.credential_expires_in_s, reply.credential_lifetime_s)
+
+    # -- credential renewal
+
+    def _renew_credential_if_due(self) -> None:
+        """Renew the credential (and the WireGuard key with it) when a third of its lifetime is
+        left, over the authenticated channel; also finish a rotation a crash interrupted."""
+        ident = self.identity
+        if not self._member() or self.link.reachable is not True or ident is None:
+            return
+        now = self.clock.monotonic()
+        interrupted = self.paths.rotate_key.exists()
+        if not interrupted and (self._renew_at is None or now < self._renew_at):
+            return
+        new_key = keys.pending_key(self.paths.rotate_key, ident.node_id, avoid=ident.wg_private_key)
+        try:
+            reply = self._head_client().renew_credential(public_key_of(new_key))
+        except Revoked as e:
+            self._revoked(str(e))
+            return
+        except HeadError as e:
+            if e.code == "key_in_use":
+                keys.done(self.paths.rotate_key)  # the next try makes another key
+            delay = self._renew_backoff.next_delay()
+            self._renew_at = now + delay
+            log.warning("renewing this node's credential failed, trying again in %.0f s: %s", delay, e)
+            return
+        updated = dataclasses.replace(ident, credential=reply.credential, wg_private_key=new_key)
+        identity.save(self.paths, updated)
+        keys.done(self.paths.rotate_key)
+        self.identity = updated
+        if self._client is not None:
+            self._client.ident = updated
+        self._renew_backoff.reset()
+        self._renew_at = now + _renew_in(reply.credential_expires_in_s, reply.credential_lifetime_s)
+        # The hub has the new public key already: give the interface the new private key now.
+        self._overlay_ready = False
+        self._ensure_overlay()
+        log.info("renewed this node's credential and WireGuard key")
 
     def _head_unreachable(self, message: str) -> None:
         delay = min(self._head_backoff.next_delay(), self.identity.heartbeat_s if self.identity else 10.0)
@@ -311,6 +384,7 @@ class Agent:
         self.ray.stop()
         self.iface.down()
         self._overlay_ready = False
+        self._remove_firewall()
         self.identity = dataclasses.replace(ident, revoked=True)
         identity.save(self.paths, self.identity)
         self.link.reachable = True
@@ -331,21 +405,101 @@ class Agent:
     def _ensure_ray(self) -> None:
         ident = self.identity
         assert ident is not None
-        if not self._overlay_ready or self.version_mismatch():
+        if not (self._overlay_ready and self._firewall_up()) or self.version_mismatch() or not ident.ray_token:
             self.ray.stop()
             return
+        account = self._ray_worker_account()
+        if account is None:
+            self.ray.stop()
+            return
+        self.ray.child.run_as = account
+        token_digest = self._write_ray_token(ident.ray_token, account)
         r = self.cfg.ray
+        _own_dir(r.temp_dir, account)
         labels = worker_labels(ident.node_id, ident.region, self.inventory, self._engine_model())
         argv = worker_argv(ray_worker_command(r.command), ident.ray_address, ident.overlay_ip, r.temp_dir, labels,
-                           self.inventory, r.num_cpus, r.memory_mib, r.object_store_mib)
-        self.ray.run(argv, head_reachable=self.link.reachable is True)
+                           self.inventory, r.num_cpus, r.memory_mib, r.object_store_mib, ports=RAY_PORTS)
+        self.ray.run(argv, head_reachable=self.link.reachable is True, generation=token_digest)
+
+    def _ray_worker_account(self) -> RunAs | None:
+        """The unprivileged account for Ray (looked up once); None, with a problem, if missing."""
+        if self._ray_account is None:
+            user = self.cfg.ray.user
+            try:
+                account = self.lookup_account(user, RAY_GROUPS)
+            except KeyError:
+                self._fail(Source.RAY, f"the Ray worker's account '{user}' does not exist, so Ray is not started "
+                           "(Ray tasks never run as root on this PC)",
+                           f"create it: useradd --system --create-home --home-dir /var/lib/{user} "
+                           f"--shell /usr/sbin/nologin {user}  (or set [ray] user)")
+                return None
+            if account.uid == 0:
+                self._fail(Source.RAY, f"[ray] user '{user}' is root: Ray tasks must not run as root on a PC",
+                           "set [ray] user to an unprivileged account")
+                return None
+            self._ray_account = account
+            self._clear(Source.RAY)
+        return self._ray_account
+
+    def _write_ray_token(self, token_text: str, account: RunAs) -> str:
+        digest = hashlib.sha256(token_text.encode()).hexdigest()
+        path = self.ray_token_path
+        if digest != self._ray_token_written or not path.exists():
+            write_private(path, token_text.encode())
+            if os.geteuid() == 0:
+                os.chown(path, account.uid, account.gid)
+            self._ray_token_written = digest
+        return digest
+
+    # -- firewall
+
+    def _firewall_rules(self, ident: Identity) -> Rules:
+        net = ipaddress.ip_network(f"{ident.hub_ip}/{ident.prefix_len}", strict=False)
+        ray = tuple(RAY_PORTS.ranges())
+        closed = None if self.cfg.overlay.firewall == "all-tcp" else ray + ((self.cfg.engine.port, self.cfg.engine.port),)
+        return Rules(table=f"garage-node-{self.iface.name}", overlay_interface=self.iface.name, overlay_cidr=str(net),
+                     ray_ports=ray, open_tcp=self.cfg.overlay.open_tcp, closed_tcp=closed)
+
+    def _ensure_firewall(self) -> None:
+        """Ray and the engine listen on every address: shut every door but WireGuard first."""
+        ident = self.identity
+        assert ident is not None
+        rules = self._firewall_rules(ident)
+        now = self.clock.monotonic()
+        applied = self._firewall
+        try:
+            if applied and applied[0] == rules:
+                if now - applied[1] < FIREWALL_CHECK_S:
+                    return
+                if self.firewall.present(rules.table):
+                    self._firewall = (rules, now)
+                    return
+                log.warning("the firewall table %s is gone; putting it back", rules.table)
+            self.firewall.apply(rules)
+            self._firewall = (rules, now)
+            self._clear(Source.FIREWALL)
+        except FirewallError as e:
+            self._firewall = None
+            self._fail(Source.FIREWALL, f"the firewall could not be set up, so Ray and the engine stay stopped: {e}", "")
+
+    def _firewall_up(self) -> bool:
+        return self._firewall is not None
+
+    def _remove_firewall(self) -> None:
+        if self._firewall is None:
+            return
+        try:
+            self.firewall.remove(self._firewall[0].table)
+        except FirewallError as e:
+            log.warning("could not remove the firewall: %s", e)
+        self._firewall = None
 
     # -- engine
 
     def _engine_desired(self) -> tuple[EngineSpec, str] | None:
         """What the engine should run; None until the node has joined (it binds the overlay address)."""
         ident = self.identity
-        if ident is None or ident.revoked or not self._overlay_ready:
+        if ident is None or ident.revoked or not self._overlay_ready or not self._firewall_up():
             return None
         return desired_spec(self.cfg.engine, self.inventory, ident.overlay_ip)
 
@@ -402,7 +556,8 @@ class Agent:
             node_id=ident.node_id if ident else None,
             name=ident.name if ident else self._node_name(),
             region=ident.region if ident else None,
-            gpus=list(inv.gpus),
+            # Inside the bounds of core/wire.py, which `status` decodes with too.
+            gpus=[dataclasses.replace(g, error=clip(g.error, 512)) for g in inv.gpus[:MAX_GPUS]],
             gpu_note=inv.nvml_error,
             driver_version=inv.driver_version,
             cuda_version=inv.cuda_version,
@@ -432,9 +587,10 @@ class Agent:
         """What the head learns with each heartbeat (never a secret)."""
         s = self.snapshot()
         e = s.engine
+        # Inside the bounds the head checks (core/wire.py): a long message must not cost the heartbeat.
         return NodeReport(
-            state=s.state, message=s.message, gpus=s.gpus, gpu_note=s.gpu_note, driver_version=s.driver_version,
-            cuda_version=s.cuda_version, versions=s.versions, ray=s.ray,
+            state=s.state, message=clip(s.message, 512), gpus=s.gpus, gpu_note=clip(s.gpu_note, 512),
+            driver_version=s.driver_version, cuda_version=s.cuda_version, versions=s.versions, ray=s.ray,
             engine=EngineReport(state=e.state, model=e.model, endpoint=e.endpoint, draining=e.draining,
                                 healthy_since=e.healthy_since, requests_running=e.requests_running,
                                 requests_waiting=e.requests_waiting),
@@ -465,3 +621,20 @@ class Agent:
             hub_endpoint=ident.hub_endpoint if ident else None,
             handshake_age_s=round(age, 1) if age is not None else None,
         )
+
+
+def _own_dir(path, account: RunAs) -> None:
+    """Ray's temp dir belongs to the Ray worker's account (it writes sessions and sockets there)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0 and path.stat().st_uid != account.uid:
+        for root, dirs, files in os.walk(path):
+            for name in (root, *(os.path.join(root, n) for n in dirs + files)):
+                try:
+                    os.lchown(name, account.uid, account.gid)
+                except FileNotFoundError:
+                    pass
+
+
+def _renew_in(expires_in_s: float, lifetime_s: float) -> float:
+    """Seconds until a renewal is due: when a third of the credential's lifetime is left."""
+    return max(0.0, expires_in_s - lifetime_s / 3)

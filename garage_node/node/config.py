@@ -45,6 +45,13 @@ class OverlaySection:
     # "auto": kernel WireGuard when the module loads, else wireguard-go.
     implementation: str = setting("auto", check=one_of(*WG_IMPLEMENTATIONS))
     keepalive_s: int = 25
+    # TCP ports anyone on the PC's own network may still reach; everything else (Ray, the
+    # engine) only through WireGuard. 22: SSH, when garage.toml gives keys.
+    open_tcp: tuple[int, ...] = (22,)
+    # "all-tcp": every other TCP port is closed to all but WireGuard (a PC booted from the
+    # stick). "ray-and-engine": only Ray's ports and the engine's are, for a machine set up by
+    # hand that also serves other things on its network (open_tcp does not apply then).
+    firewall: str = setting("all-tcp", check=one_of("all-tcp", "ray-and-engine"))
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,9 @@ class NodeRaySection:
     # Empty: the Ray next to the Python running the agent (same venv, same version), run
     # through garage_node.node.raystart; set, the command is run as it is (`CMD start ...`).
     command: str = ""
+    # The unprivileged account Ray and its tasks run as: code from the region never runs as
+    # root on someone's PC. The image creates it; by hand: see README ("Running a real region").
+    user: str = setting("garage-ray", check=((lambda v: v not in ("", "root")), "an account other than root"))
     temp_dir: Path = Path("/tmp/garage-ray")
     num_cpus: int = 0  # 0: let Ray count them
     memory_mib: int = 0  # 0: let Ray decide
@@ -75,6 +85,14 @@ class EngineSection:
     image: str = "vllm/vllm-openai:v0.32.0"
     # "gpu": GPUs passed through; "cpu": no GPU (a vLLM CPU build; tests and CPU-only nodes).
     device: str = setting("gpu", check=one_of("gpu", "cpu"))
+    # How the container gets the GPUs: "devices" through the Docker Engine API alone (device
+    # nodes and the driver's libraries, read-only; what the stick does, it has no NVIDIA
+    # container toolkit); "nvidia-toolkit" asks Docker for them (DeviceRequests), which needs
+    # the toolkit installed on the host.
+    gpu_access: str = setting("devices", check=one_of("devices", "nvidia-toolkit"))
+    # Where the NVIDIA driver's /proc/driver/nvidia, /dev/nvidia* and libraries are found: /
+    # on a node (another root only for tests, or an agent that sees the host under a prefix).
+    driver_root: Path = Path("/")
     # Empty: the planner picks the largest catalog model that fits. Else a catalog name or id.
     model: str = ""
     quantization: str = ""

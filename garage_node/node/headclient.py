@@ -15,7 +15,7 @@ import httpx
 
 from garage_node.core import token, wireguard
 from garage_node.core.token import JoinToken
-from garage_node.core.wire import EnrollReply, HeartbeatReply, NodeReport, WireError, decode, encode
+from garage_node.core.wire import CredentialReply, EnrollReply, HeartbeatReply, NodeReport, WireError, decode, encode
 from garage_node.node.identity import Identity
 
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
@@ -70,13 +70,15 @@ def fetch_pinned_ca(tok: JoinToken) -> bytes:
     return ca_pem
 
 
-def enroll(tok: JoinToken, name: str, report: NodeReport, expected_region: str = "") -> tuple[Identity, bytes]:
-    """Enroll with a new WireGuard key; raises HeadError."""
+def enroll(tok: JoinToken, name: str, report: NodeReport, wg_private_key: str,
+           expected_region: str = "") -> tuple[Identity, bytes]:
+    """Enroll with the WireGuard key the agent made and stored before this call (asking again
+    with the same token and key returns the same identity); raises HeadError."""
     ca_pem = fetch_pinned_ca(tok)
     with client(ca_pem) as c:
         if expected_region:
             _check_region(c, tok.api_url, expected_region)
-        private_key = wireguard.generate_private_key()
+        private_key = wg_private_key
         body = {
             "token_id": tok.token_id, "secret": tok.secret, "name": name,
             "wg_public_key": wireguard.public_key_of(private_key), "report": encode(report),
@@ -121,6 +123,22 @@ class HeadClient:
             raise HeadUnreachable(f"the head answered {resp.status_code}: {error_of(resp)[1]}")
         return _decode(resp, HeartbeatReply, ident.api_url)
 
+    def renew_credential(self, wg_public_key: str | None) -> CredentialReply:
+        """A new credential (the current one stays valid for a short overlap) and, with
+        `wg_public_key`, a new WireGuard key at the hub."""
+        ident = self.ident
+        body = {"wg_public_key": wg_public_key} if wg_public_key else {}
+        resp = _post(self._client, f"{ident.api_url}/v1/nodes/{ident.node_id}/credential", body,
+                     headers={"Authorization": f"Bearer {ident.credential}"})
+        if resp.status_code == 403:
+            raise Revoked(error_of(resp)[1])
+        if resp.status_code == 409:
+            code, message = error_of(resp)
+            raise Refused(f"the head refused the renewal: {message}", code=code)
+        if resp.status_code != 200:
+            raise HeadUnreachable(f"the head answered {resp.status_code} to a credential renewal: {error_of(resp)[1]}")
+        return _decode(resp, CredentialReply, ident.api_url)
+
     def close(self) -> None:
         self._client.close()
 
@@ -163,8 +181,9 @@ class HeadApi:
     """The head as the agent uses it: enroll once, then a client for heartbeats. The agent's
     one edge to the head, which unit tests replace."""
 
-    def enroll(self, tok: JoinToken, name: str, report: NodeReport, expected_region: str = "") -> tuple[Identity, bytes]:
-        return enroll(tok, name, report, expected_region)
+    def enroll(self, tok: JoinToken, name: str, report: NodeReport, wg_private_key: str,
+               expected_region: str = "") -> tuple[Identity, bytes]:
+        return enroll(tok, name, report, wg_private_key, expected_region)
 
     def connect(self, ident: Identity, ca_pem: bytes) -> HeadClient:
         return HeadClient(ident, ca_pem)

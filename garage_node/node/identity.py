@@ -37,12 +37,15 @@ class Identity:
     # SHA-256 of the join token this identity came from: after a revocation only a different
     # token is worth trying (the old one stays in garage.toml but is spent).
     token_digest: str = ""
+    # The Ray cluster's token, as the head last sent it (enrollment, heartbeats).
+    ray_token: str = field(default="", repr=False)
 
     @classmethod
     def from_enrollment(cls, name: str, api_url: str, wg_private_key: str, reply: EnrollReply, now: float) -> "Identity":
         return cls(
             node_id=reply.node_id, name=name, region=reply.region, credential=reply.credential,
             wg_private_key=wg_private_key, overlay_ip=reply.overlay_ip, api_url=api_url, enrolled_at=now,
+            ray_token=reply.ray_token,
         ).with_region(reply)
 
     def with_region(self, facts: RegionFacts) -> "Identity":

@@ -24,6 +24,18 @@ class StatePaths:
         return self.state_dir / "join-token"
 
     @property
+    def enroll_key(self) -> Path:
+        # The WireGuard key made before enrolling (0600), kept until the identity is stored: a
+        # node that crashes in between enrolls again with the same token and key, and the head
+        # answers with the same identity instead of spending another use of the token.
+        return self.state_dir / "enroll-key.json"
+
+    @property
+    def rotate_key(self) -> Path:
+        # The same for a WireGuard key rotation: made and stored before the head is asked.
+        return self.state_dir / "rotate-key.json"
+
+    @property
     def drain_flag(self) -> Path:
         # A file: a drain holds across agent restarts and reboots until resumed.
         return self.state_dir / "draining"

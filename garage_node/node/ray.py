@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Protocol
 
 from garage_node.core.clock import SYSTEM, Clock
-from garage_node.core.raycmd import label_value, sizing_args
-from garage_node.core.supervise import ChildState
+from garage_node.core.raycmd import RayPorts, label_value, sizing_args
+from garage_node.core.supervise import ChildState, RunAs
 from garage_node.core.wire import RayState
 from garage_node.node.gpu import Inventory
 
@@ -51,7 +51,7 @@ def worker_labels(node_id: str, region: str, inventory: Inventory, model: str | 
 
 def worker_argv(ray_cmd: list[str], head_address: str, ip: str, temp_dir: Path, labels: dict[str, str],
                 inventory: Inventory, num_cpus: int = 0, memory_mib: int = 0,
-                object_store_mib: int = 0) -> list[str]:
+                object_store_mib: int = 0, ports: RayPorts | None = None) -> list[str]:
     argv = [
         *ray_cmd, "start", "--block",
         "--address", head_address,
@@ -62,6 +62,8 @@ def worker_argv(ray_cmd: list[str], head_address: str, ip: str, temp_dir: Path, 
         "--num-gpus", str(len(inventory.healthy_gpus)),
         "--labels", ",".join(f"{k}={v}" for k, v in sorted(labels.items())),
         *sizing_args(num_cpus, memory_mib, object_store_mib),
+        # Pinned, so the firewall can name them (see core/firewall.py).
+        *(ports.node_args() if ports else []),
     ]
     if inventory.vram_mib:
         argv += ["--resources", json.dumps({"vram_mib": inventory.vram_mib})]
@@ -72,6 +74,7 @@ class Child(Protocol):
     """What RayWorker needs of a supervised process (core.supervise.Supervised)."""
 
     state: ChildState
+    run_as: RunAs | None  # the account it runs as (never root on a PC)
 
     @property
     def running(self) -> bool: ...
@@ -89,6 +92,7 @@ class RayWorker:
         self._alive_since: float | None = None  # monotonic, when the head last started listing it
         self._absent_since: float | None = None  # monotonic, since when the head has not listed it
         self._argv: list[str] | None = None
+        self._generation: str = ""
 
     @property
     def running(self) -> bool:
@@ -105,12 +109,16 @@ class RayWorker:
     def forget_head(self) -> None:
         self.alive_at_head = False
 
-    def run(self, argv: list[str], head_reachable: bool) -> None:
-        """Keep the worker running with `argv`: restart it on new arguments, or when the Ray
-        head has not listed it for too long."""
+    def run(self, argv: list[str], head_reachable: bool, generation: str = "") -> None:
+        """Keep the worker running with `argv`: restart it on new arguments or a new
+        `generation` (the cluster token changed), or when the Ray head has not listed it for too long."""
         if self._argv is not None and argv != self._argv and self.child.running:
             log.info("GPU inventory or model changed; restarting the Ray worker with new resources")
             self.child.stop()
+        if self._generation and generation != self._generation and self.child.running:
+            log.info("the Ray cluster token changed; restarting the Ray worker")
+            self.child.stop()
+        self._generation = generation
         if head_reachable and self.stale_at_head():
             log.warning("the Ray head has not listed this worker for %.0f s; restarting it", self._allowance())
             self.child.stop()

@@ -18,6 +18,8 @@ class Source(Enum):
     ENROLL = "enroll"
     HEAD = "head"
     OVERLAY = "overlay"
+    FIREWALL = "firewall"
+    RAY = "ray"
     INTERNAL = "internal"
 
 

@@ -11,12 +11,13 @@ import pytest
 from garage_node.core.token import new_token
 from garage_node.core.wire import EngineState, NodeState, RayState, Status, Versions, decode, encode
 from garage_node.node.agent import Agent
-from garage_node.node.config import EngineSection, NodeConfig, NodeSection
+from garage_node.node.config import EngineSection, NodeConfig, NodeRaySection, NodeSection
 from garage_node.node.engine.manager import EngineManager
 from garage_node.node.gpu import Inventory
 from garage_node.node.identity import load
 from garage_node.node.ray import ABSENT_RESTART_S, FIRST_JOIN_S
-from testing.fakes import FakeChild, FakeClock, FakeDocker, FakeHead, FakeInterface, FakeProbe, region_facts
+from testing.fakes import (FakeChild, FakeClock, FakeDocker, FakeFirewall, FakeHead, FakeInterface, FakeProbe, ray_account,
+                           region_facts)
 from tests.unit.test_units import gpu
 
 TOKEN = new_token("https://10.9.0.1:8443", "sha256:" + "0" * 64).encode()
@@ -31,6 +32,7 @@ class Rig:
     ray: FakeChild
     docker: FakeDocker
     probe: FakeProbe
+    firewall: FakeFirewall
 
     def passes(self, n: int = 1, every_s: float = 2.0) -> None:
         for _ in range(n):
@@ -42,19 +44,23 @@ class Rig:
         return decode(encode(self.agent.snapshot()), Status)
 
 
-def rig(tmp_path, token: str = TOKEN, engine: EngineSection | None = None, region: str = "") -> Rig:
+def rig(tmp_path, token: str = TOKEN, engine: EngineSection | None = None, region: str = "",
+        account=ray_account) -> Rig:
     clock = FakeClock()
     cfg = NodeConfig(node=NodeSection(join_token=token, name="pc-1", region=region, state_dir=tmp_path / "state",
                                       runtime_dir=tmp_path / "run"),
+                     ray=NodeRaySection(temp_dir=tmp_path / "ray"),
                      engine=engine or EngineSection(enabled=False))
     head, iface, ray, docker, probe = FakeHead(clock), FakeInterface(), FakeChild(clock), FakeDocker(), FakeProbe()
+    firewall = FakeFirewall()
 
     def make_engine(*args, **kw):
         return EngineManager(*args, docker=docker, probe=probe, **kw)
 
     agent = Agent(cfg, clock=clock, head_api=head, iface=iface, ray_child=ray, engine=make_engine,
-                  read_inventory=lambda: Inventory((gpu(0),), "550.54.14", "12.4"))
-    return Rig(agent, clock, head, iface, ray, docker, probe)
+                  read_inventory=lambda: Inventory((gpu(0),), "550.54.14", "12.4"), firewall=firewall,
+                  lookup_account=account)
+    return Rig(agent, clock, head, iface, ray, docker, probe, firewall)
 
 
 def test_joins_then_is_listed_by_ray(tmp_path):
@@ -203,7 +209,7 @@ def test_status_document_has_every_key(tmp_path):
     for key in ("state", "message", "node_id", "name", "region", "gpus", "gpu_note", "driver_version", "cuda_version",
                 "overlay", "head", "ray", "engine", "versions", "last_error", "agent"):
         assert key in doc
-    assert "cred-secret" not in str(doc) and TOKEN not in str(doc)
+    assert "cred-secret" not in str(doc) and TOKEN not in str(doc) and "ray-cluster-secret" not in str(doc)
     # and the report the head receives carries no secret either
     assert "cred-secret" not in str(encode(r.head.heartbeats[0]))
 
@@ -351,3 +357,66 @@ def test_status_with_the_agent_down_has_the_same_keys(tmp_path):
     assert not missing, f"keys missing with the agent down: {sorted(missing)}"
     assert down["state"] == "agent-down" and down["engine"]["state"] == "unknown" and down["node_id"] == "n0001"
     assert "agent not running" in render(decode(down, Status))
+
+
+# ------------------------------------------------------------------ doors (issue #9)
+
+
+def test_firewall_before_ray_and_removed_on_the_way_out(tmp_path):
+    r = rig(tmp_path, engine=dataclasses.replace(CPU_ENGINE, cache_dir=tmp_path / "models"))
+    r.passes()
+    (rules,) = r.firewall.tables.values()
+    assert rules.overlay_interface == "garage0" and rules.overlay_cidr == "100.96.0.0/16"
+    assert (6379, 6385) in rules.ray_ports and rules.open_tcp == (22,) and not rules.hub
+    assert r.ray.running
+    r.head.revoked = True
+    r.passes(6)
+    assert r.firewall.tables == {} and not r.ray.running
+
+
+def test_no_firewall_no_ray_and_no_engine(tmp_path):
+    r = rig(tmp_path, engine=dataclasses.replace(CPU_ENGINE, cache_dir=tmp_path / "models"))
+    r.firewall.fail = "nft: Operation not supported"
+    r.passes()
+    s = r.status()
+    assert "firewall could not be set up" in s.last_error.message and not r.ray.running
+    assert r.agent._engine_desired() is None
+    r.firewall.fail = None
+    r.passes()
+    assert r.ray.running and r.status().last_error is None
+
+
+def test_flushed_firewall_is_put_back(tmp_path):
+    r = rig(tmp_path)
+    r.passes()
+    r.firewall.tables.clear()  # someone ran `nft flush ruleset`
+    r.passes(20)
+    assert r.firewall.tables and r.firewall.applied == 2
+
+
+def test_ray_runs_as_its_own_account_with_the_cluster_token(tmp_path):
+    r = rig(tmp_path)
+    r.passes()
+    token_file = r.agent.ray_token_path
+    assert token_file.read_text() == "ray-cluster-secret" and oct(token_file.stat().st_mode & 0o777) == "0o600"
+    argv = " ".join(r.ray.starts[0])
+    assert r.ray.run_as.user == "garage-ray" and r.ray.run_as.uid != 0
+    assert "ray-cluster-secret" not in argv  # never on a command line
+    assert "--node-manager-port 6380" in argv and "--min-worker-port 10002" in argv
+    # A rotated token reaches the worker: it restarts with the new one.
+    r.head.ray_token = "rotated-secret"
+    r.passes(6)
+    assert token_file.read_text() == "rotated-secret" and len(r.ray.starts) == 2
+
+
+def test_missing_or_root_account_keeps_ray_stopped(tmp_path):
+    def missing(user, groups=()):
+        raise KeyError(user)
+
+    r = rig(tmp_path, account=missing)
+    r.passes()
+    s = r.status()
+    assert not r.ray.running and "does not exist" in s.last_error.message and "useradd" in s.last_error.hint
+    r = rig(tmp_path / "root", account=lambda user, groups=(): dataclasses.replace(ray_account(user), uid=0))
+    r.passes()
+    assert not r.ray.running and "root" in r.status().last_error.message

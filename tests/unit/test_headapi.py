@@ -19,7 +19,7 @@ SECRET = "s" * 43
 @pytest.fixture
 def api(tmp_path):
     reg = Registry(tmp_path / "r.sqlite", ipaddress.IPv4Network("100.96.0.0/16"))
-    reg.add_token("tok1", SECRET, 60, uses=1)
+    reg.add_token("tok001", SECRET, 60, uses=1)
     facts = region_facts(hub=HubInfo("100.96.0.1", public_key_of(generate_private_key()), "203.0.113.10:51820"),
                          region="eu")
     changes = []
@@ -28,7 +28,7 @@ def api(tmp_path):
 
 
 def enroll_body(**kw):
-    return {"token_id": "tok1", "secret": SECRET, "name": "pc-1",
+    return {"token_id": "tok001", "secret": SECRET, "name": "pc-1",
             "wg_public_key": public_key_of(generate_private_key()), **kw}
 
 
@@ -101,3 +101,180 @@ def test_fleet_rows_survive_whatever_the_registry_holds(api):
     (row,) = node_rows(reg, 45.0)
     assert row.node_state is None and row.gpus == [] and "could not be read" in row.report_error
     assert body["node_id"] in render_nodes([row])
+
+
+# ---------------------------------------------------------------- hostile input (#9)
+
+import json  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from garage_node.core.wire import GPU, MAX_GPUS  # noqa: E402
+
+
+def enrolled(client):
+    body = client.post("/v1/enroll", json=enroll_body()).json()
+    return body["node_id"], {"Authorization": f"Bearer {body['credential']}"}
+
+
+def test_a_body_over_the_cap_is_413_and_never_parsed(api):
+    client, reg, _ = api
+    node_id, auth = enrolled(client)
+    huge = {"report": {**encode(sample_report()), "message": "x" * 10_000_000}}  # 10 MB
+    r = client.post(f"/v1/nodes/{node_id}/heartbeat", json=huge, headers=auth)
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(100):
+            yield b"x" * 100_000
+    r = client.post("/v1/enroll", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert reg.node(node_id).report == {} and len(reg.nodes()) == 1
+
+
+def big_gpu(i):
+    return GPU(index=i, name="N" * 96, uuid="U" * 96, memory_total_mib=2**31 - 1, memory_free_mib=2**31 - 1,
+               compute_capability="9" * 16, temperature_c=999, power_w=999999.0, utilization_pct=100, healthy=False,
+               error="E" * 512)
+
+
+def test_the_largest_valid_report_fits_under_the_body_cap(api):
+    client, reg, _ = api
+    node_id, auth = enrolled(client)
+    from dataclasses import replace
+    report = replace(sample_report(), message="M" * 512, gpu_note="G" * 512,
+                     gpus=[big_gpu(i) for i in range(MAX_GPUS)], driver_version="D" * 96, cuda_version="C" * 96)
+    body = json.dumps({"report": encode(report)})
+    assert len(body) < 32768, len(body)
+    r = client.post(f"/v1/nodes/{node_id}/heartbeat", content=body, headers={**auth, "content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("change", [
+    {"message": "x" * 513},
+    {"gpus": [encode(big_gpu(i)) for i in range(MAX_GPUS + 1)]},
+    {"gpus": [{**encode(big_gpu(0)), "name": "n" * 97}]},
+    {"gpus": [{**encode(big_gpu(0)), "memory_total_mib": 2**63}]},
+    {"gpus": [{**encode(big_gpu(0)), "utilization_pct": -1}]},
+    {"versions": {"agent": "a" * 97, "ray": "2.60.0", "python": "3.11"}},
+    {"engine": {"state": "healthy", "model": "m" * 257}},
+], ids=["long-message", "too-many-gpus", "long-gpu-name", "huge-int", "negative-pct", "long-version", "long-model"])
+def test_a_report_out_of_bounds_is_422_and_never_stored(api, change):
+    client, reg, _ = api
+    node_id, auth = enrolled(client)
+    r = client.post(f"/v1/nodes/{node_id}/heartbeat", json={"report": {**encode(sample_report()), **change}}, headers=auth)
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    assert reg.node(node_id).report == {}
+
+
+def test_nan_and_infinity_are_refused(api):
+    client, reg, _ = api
+    node_id, auth = enrolled(client)
+    for bad in ("NaN", "Infinity"):
+        gpu = json.dumps(encode(big_gpu(0))).replace("999999.0", bad)
+        body = json.dumps({"report": encode(sample_report())}).replace('"gpus": []', f'"gpus": [{gpu}]')
+        r = client.post(f"/v1/nodes/{node_id}/heartbeat", content=body, headers={**auth, "content-type": "application/json"})
+        assert r.status_code == 422, (bad, r.text)
+    assert reg.node(node_id).report == {}
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+                    max_leaves=30)
+REPORTISH = st.fixed_dictionaries({}, optional={k: JSON for k in ("state", "message", "gpus", "engine", "versions", "ray")})
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stored=JSON | REPORTISH)
+def test_head_nodes_survives_whatever_the_registry_holds(api, stored):
+    client, reg, _ = api
+    if not reg.nodes():
+        enrolled(client)
+    (node,) = reg.nodes()
+    reg.record_heartbeat(node.id, stored)
+    rows = node_rows(reg, 45.0)
+    render_nodes(rows)
+    json.dumps(encode(rows))
+
+
+def test_head_nodes_survives_a_damaged_row(api):
+    import sqlite3
+    client, reg, _ = api
+    node_id, _ = enrolled(client)
+    with sqlite3.connect(reg.path) as db:
+        db.execute("UPDATE nodes SET report='{not json' WHERE id=?", (node_id,))
+    (row,) = node_rows(reg, 45.0)
+    assert row.report_error and "could not be read" in row.report_error
+    assert node_id in render_nodes([row])
+
+
+# ---------------------------------------------------------------- idempotent enrollment, credentials (#9)
+
+
+def test_enrolling_again_with_the_same_key_returns_the_same_identity(api):
+    client, reg, changes = api
+    body = enroll_body()
+    first = client.post("/v1/enroll", json=body).json()
+    again = client.post("/v1/enroll", json=body)  # single-use token, first answer lost
+    assert again.status_code == 200, again.text
+    assert (again.json()["node_id"], again.json()["overlay_ip"]) == (first["node_id"], first["overlay_ip"])
+    assert len(reg.nodes()) == 1
+    hb = client.post(f"/v1/nodes/{first['node_id']}/heartbeat", json={"report": encode(sample_report())},
+                     headers={"Authorization": f"Bearer {again.json()['credential']}"})
+    assert hb.status_code == 200
+    # Confirmed now: the same request is an attempt to take the node over, and is refused.
+    third = client.post("/v1/enroll", json=body)
+    assert third.status_code == 401 and third.json()["error"] == "token_used"
+
+
+def test_credential_renewal_and_wireguard_key_rotation(api):
+    client, reg, changes = api
+    node_id, auth = enrolled(client)
+    hb = client.post(f"/v1/nodes/{node_id}/heartbeat", json={"report": encode(sample_report())}, headers=auth).json()
+    assert hb["credential_lifetime_s"] == 30 * 86400 and 0 < hb["credential_expires_in_s"] <= 30 * 86400
+    new_key = public_key_of(generate_private_key())
+    before = len(changes)
+    r = client.post(f"/v1/nodes/{node_id}/credential", json={"wg_public_key": new_key}, headers=auth)
+    assert r.status_code == 200, r.text
+    renewed = r.json()
+    assert renewed["wg_public_key"] == new_key and reg.node(node_id).wg_public_key == new_key
+    assert len(changes) == before + 1  # the hub is told at once
+    new_auth = {"Authorization": f"Bearer {renewed['credential']}"}
+    for headers in (auth, new_auth):  # the old credential works for the overlap
+        assert client.post(f"/v1/nodes/{node_id}/heartbeat", json={"report": encode(sample_report())},
+                           headers=headers).status_code == 200
+    old = client.post(f"/v1/nodes/{node_id}/heartbeat", json={"report": encode(sample_report())}, headers=auth).json()
+    assert old["credential_expires_in_s"] <= 3600  # the overlap, so the node renews
+    same = client.post(f"/v1/nodes/{node_id}/credential", json={}, headers=new_auth)
+    assert same.status_code == 200 and same.json()["wg_public_key"] == new_key
+    reg.revoke(node_id)  # revocation works at once, whatever credential is presented
+    for headers in (auth, new_auth, {"Authorization": f"Bearer {same.json()['credential']}"}):
+        r = client.post(f"/v1/nodes/{node_id}/credential", json={}, headers=headers)
+        assert r.status_code in (401, 403)
+    assert client.post(f"/v1/nodes/{node_id}/credential", json={}).status_code == 401
+
+
+def test_an_expired_credential_is_refused(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite", ipaddress.IPv4Network("100.96.0.0/16"), credential_lifetime_s=0.05)
+    reg.add_token("tok001", SECRET, 60, uses=1)
+    client = TestClient(create_app(reg, region_facts(), b"PEM", lambda: None))
+    node_id, auth = enrolled(client)
+    import time
+    time.sleep(0.1)
+    r = client.post(f"/v1/nodes/{node_id}/heartbeat", json={"report": encode(sample_report())}, headers=auth)
+    assert r.status_code == 401 and r.json()["error"] == "credential_expired"
+    assert "new token" in r.json()["message"]
+
+
+def test_openapi_documents_every_refusal_and_the_formats(api):
+    client, _, _ = api
+    doc = client.get("/openapi.json").json()
+    paths = doc["paths"]
+    assert set(paths["/v1/enroll"]["post"]["responses"]) >= {"200", "401", "409", "413", "422"}
+    assert set(paths["/v1/nodes/{node_id}/heartbeat"]["post"]["responses"]) >= {"200", "401", "403", "413", "422"}
+    assert set(paths["/v1/nodes/{node_id}/credential"]["post"]["responses"]) >= {"200", "401", "403", "409", "413", "422"}
+    (scheme,) = doc["components"]["securitySchemes"].values()
+    assert scheme["scheme"].lower() == "bearer" and "base64url" in scheme["bearerFormat"]
+    enroll_schema = doc["components"]["schemas"]["EnrollRequest"]["properties"]
+    assert enroll_schema["token_id"]["pattern"] and enroll_schema["secret"]["pattern"]
+    assert enroll_schema["wg_public_key"]["pattern"]

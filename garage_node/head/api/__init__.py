@@ -13,17 +13,22 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from garage_node.core.wire import RegionFacts
 from garage_node.head.api import enroll, nodes
 from garage_node.head.api.common import ApiError
+from garage_node.head.api.limits import BodyLimit
 from garage_node.head.registry import Registry
 
 
 def create_app(registry: Registry, facts: RegionFacts, ca_pem: bytes, on_change: Callable[[], None],
-               on_startup: Callable[[], None] = lambda: None, on_shutdown: Callable[[], None] = lambda: None) -> FastAPI:
+               on_startup: Callable[[], None] = lambda: None, on_shutdown: Callable[[], None] = lambda: None,
+               ray_token: Callable[[], str] = lambda: "", max_body_bytes: int = 32768) -> FastAPI:
     """`on_change` is called after an enrollment so the hub adds the peer at once; `on_startup`
-    and `on_shutdown` bracket the server's life (the head's service runs between them)."""
+    and `on_shutdown` bracket the server's life (the head's service runs between them);
+    `ray_token` gives the Ray cluster token enrolled nodes receive; a request body over
+    `max_body_bytes` is refused with 413 before anything parses it."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -34,15 +39,29 @@ def create_app(registry: Registry, facts: RegionFacts, ca_pem: bytes, on_change:
             on_shutdown()
 
     app = FastAPI(title="garage-node head", version="1", docs_url="/docs", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers 400 to a body it cannot even decode (not UTF-8, not JSON): for a
+        # client that is the same mistake as any other malformed body, so the same 422.
+        if exc.status_code == 400:
+            return JSONResponse({"error": "invalid_request", "message": "the request body is not valid JSON"},
+                                status_code=422)
+        return JSONResponse({"error": f"http_{exc.status_code}", "message": str(exc.detail)},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         # Name the field and the problem; never echo the input (it may hold a secret).
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
+        errors = exc.errors()
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in errors[:5])
+        if len(errors) > 5:
+            problems += f"; and {len(errors) - 5} more"
         return JSONResponse({"error": "invalid_request", "message": problems}, status_code=422)
 
     @app.get("/v1/ca", response_class=PlainTextResponse, summary="The head's CA certificate (PEM); nodes check it against their token's pin")
@@ -53,6 +72,6 @@ def create_app(registry: Registry, facts: RegionFacts, ca_pem: bytes, on_change:
     def health() -> dict[str, Any]:
         return {"ok": True, "region": facts.region, "versions": {"ray": facts.versions.ray, "python": facts.versions.python}}
 
-    app.include_router(enroll.router(registry, facts, on_change))
-    app.include_router(nodes.router(registry, facts))
+    app.include_router(enroll.router(registry, facts, on_change, ray_token))
+    app.include_router(nodes.router(registry, facts, ray_token, on_change))
     return app

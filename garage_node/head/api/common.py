@@ -1,6 +1,42 @@
-"""The API's one error shape."""
+"""The API's one error shape, and the formats its requests must have (documented in the
+OpenAPI description, so a client or a schema fuzzer knows every answer it can get)."""
 
 from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field
+
+# Formats of what clients send. Join tokens and credentials come from `secrets.token_urlsafe`.
+TOKEN_ID = r"^[a-z0-9]{6,32}$"
+SECRET = r"^[A-Za-z0-9_-]{16,256}$"
+NODE_ID = r"^n[0-9a-f]{10}$"
+# Base64 of 32 bytes: 43 characters, the last of which carries 2 bits, then one '='.
+WG_PUBLIC_KEY = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
+CREDENTIAL_FORMAT = "43 characters of base64url (A-Z a-z 0-9 - _), as `Authorization: Bearer <credential>`"
+
+WgPublicKey = Annotated[str, Field(pattern=WG_PUBLIC_KEY, description="a WireGuard public key (base64 of 32 bytes)")]
+
+
+class ErrorBody(BaseModel):
+    """Every refusal: a machine-readable code and a sentence that says what to do."""
+
+    error: str
+    message: str
+
+
+_WHY = {
+    401: "the join token or the node's credential is not valid (unknown, wrong, expired or used up)",
+    403: "the operator revoked this node",
+    409: "a conflict: the WireGuard key belongs to another node, or the overlay has no free address",
+    413: "the request body is larger than the head accepts",
+    422: "the request does not have the documented shape (a field is missing, of the wrong type or out of bounds)",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the refusals a route can give (all with ErrorBody)."""
+    return {code: {"model": ErrorBody, "description": _WHY[code]} for code in codes}
 
 
 class ApiError(Exception):

@@ -2,44 +2,38 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 from typing import Callable
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from garage_node.core.wire import EnrollReply, NodeReport, RegionFacts, encode
-from garage_node.head.api.common import ApiError, region_fields
+from garage_node.head.api.common import SECRET, TOKEN_ID, ApiError, WgPublicKey, region_fields, responses
 from garage_node.head.registry import EnrollError, Registry
 
 log = logging.getLogger(__name__)
 
 
 class EnrollRequest(BaseModel):
-    token_id: str = Field(min_length=1, max_length=64)
-    secret: str = Field(min_length=16, max_length=256, repr=False)
+    """The join token's id and secret (from the `gn1.` token), the node's name, and the public
+    half of the WireGuard key the node made and stored before this call. The same token and
+    key again, before the node's first heartbeat, return the same identity (a crash between
+    the head's answer and the node storing it must not spend the token)."""
+
+    token_id: str = Field(pattern=TOKEN_ID, description="the join token's id")
+    secret: str = Field(pattern=SECRET, repr=False, description="the join token's secret (base64url)")
     name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    wg_public_key: str
+    wg_public_key: WgPublicKey
     report: NodeReport | None = None
 
-    @field_validator("wg_public_key")
-    @classmethod
-    def _is_wg_key(cls, v: str) -> str:
-        try:
-            ok = len(base64.b64decode(v, validate=True)) == 32
-        except binascii.Error:
-            ok = False
-        if not ok:
-            raise ValueError("must be a WireGuard public key (base64 of 32 bytes)")
-        return v
 
-
-def router(registry: Registry, facts: RegionFacts, on_change: Callable[[], None]) -> APIRouter:
+def router(registry: Registry, facts: RegionFacts, on_change: Callable[[], None],
+           ray_token: Callable[[], str] = lambda: "") -> APIRouter:
     r = APIRouter()
 
-    @r.post("/v1/enroll", summary="Trade a join token for a node identity and an overlay address")
+    @r.post("/v1/enroll", summary="Trade a join token for a node identity and an overlay address",
+            responses=responses(401, 409, 413, 422))
     def enroll(req: EnrollRequest) -> EnrollReply:
         try:
             result = registry.enroll(req.token_id, req.secret, req.name, facts.region, req.wg_public_key)
@@ -47,11 +41,12 @@ def router(registry: Registry, facts: RegionFacts, on_change: Callable[[], None]
             status = 409 if e.code in ("key_in_use", "network_full") else 401
             raise ApiError(status, e.code, str(e)) from None
         if req.report is not None:
-            registry.record_heartbeat(result.node.id, encode(req.report))
-        log.info("enrolled node %s (%s) at %s", result.node.id, result.node.name, result.node.overlay_ip)
+            registry.record_heartbeat(result.node.id, encode(req.report), confirm=False)
+        again = " again (same token and key; its first answer was lost)" if result.resumed else ""
+        log.info("enrolled node %s (%s) at %s%s", result.node.id, result.node.name, result.node.overlay_ip, again)
         on_change()
         return EnrollReply(node_id=result.node.id, credential=result.credential, overlay_ip=result.node.overlay_ip,
-                           **region_fields(facts))
+                           ray_token=ray_token(), **region_fields(facts))
 
     return r
 

@@ -1,0 +1,123 @@
+"""The firewall that makes the overlay the only way in: nftables rules the agent and the head
+install when they start and remove when they stop (one table each, named, so nothing else on
+the machine is touched).
+
+Why a firewall at all: Ray binds its GCS, raylet, object manager and worker ports on every
+address whatever `--node-ip-address` says (and the head's Ray opens more on ports chosen at
+random), and Linux accepts a packet for any local address on any interface. Without it,
+anyone on a PC's home network, or with a forged route to an overlay address, reaches Ray,
+which runs code, and the engine. The rules:
+
+- prerouting (priority raw, before Docker's DNAT): a packet for an overlay address that did
+  not come through the WireGuard interface (or loopback) is dropped, for every port;
+- input: through WireGuard and loopback, everything; from anywhere else, TCP only to the
+  ports named open (the head's control API, SSH) and to connections this machine opened.
+  Not a list of Ray's ports: some of them cannot be pinned, and a door left off a list stays
+  open. UDP (WireGuard itself, DHCP, DNS answers) is left alone: Ray does not use it;
+- on the head (the hub): traffic between two nodes is forwarded for Ray's ports (workers talk
+  to each other) and ping, never for anything else: a PC cannot call another PC's engine.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class FirewallError(RuntimeError):
+    """nft is missing or refused the rules; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Rules:
+    table: str  # "garage-node" on a PC, "garage-head" on the head
+    overlay_interface: str
+    overlay_cidr: str  # every overlay address, e.g. 100.96.0.0/16
+    ray_ports: tuple[tuple[int, int], ...]  # (first, last) ranges, from core.raycmd.RayPorts
+    open_tcp: tuple[int, ...] = ()  # TCP ports anyone may reach (the head's API, SSH)
+    # None: every other TCP port is closed to all but WireGuard. Else only these (first, last)
+    # ranges are (Ray's pinned ports and the engine's), for a machine that also serves others.
+    closed_tcp: tuple[tuple[int, int], ...] | None = None
+    hub: bool = False  # the head: forward node-to-node traffic for Ray's ports only
+
+
+def ruleset(r: Rules) -> str:
+    """The nft script: the table is created, emptied and filled in one transaction."""
+    ray = _ports(r.ray_ports)
+    trusted = f'{{ "lo", "{r.overlay_interface}" }}'
+    if r.closed_tcp is None:
+        tcp = ([f"    tcp dport {{ {', '.join(str(p) for p in r.open_tcp)} }} accept"] if r.open_tcp else []) + \
+              ["    meta l4proto tcp drop"]
+    else:
+        tcp = [f"    tcp dport {{ {_ports(r.closed_tcp)} }} drop"]
+    lines = [
+        f"table inet {r.table} {{}}",
+        f"delete table inet {r.table}",
+        f"table inet {r.table} {{",
+        "  chain prerouting {",
+        "    type filter hook prerouting priority raw; policy accept;",
+        f"    iifname != {trusted} ip daddr {r.overlay_cidr} drop",
+        "  }",
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+        f"    iifname {trusted} accept",
+        "    ct state established,related accept",
+        *tcp,
+        "  }",
+    ]
+    if r.hub:
+        hub = f'iifname "{r.overlay_interface}" oifname "{r.overlay_interface}"'
+        lines += [
+            "  chain forward {",
+            "    type filter hook forward priority filter; policy accept;",
+            f"    {hub} ct state established,related accept",
+            f"    {hub} icmp type echo-request accept",
+            f"    {hub} tcp dport {{ {ray} }} accept",
+            f"    {hub} drop",
+            "  }",
+        ]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _ports(ranges: tuple[tuple[int, int], ...]) -> str:
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges)
+
+
+class Firewall(Protocol):
+    def apply(self, rules: Rules) -> None: ...
+
+    def remove(self, table: str) -> None: ...
+
+    def present(self, table: str) -> bool: ...
+
+
+class Nftables:
+    """The real thing: `nft -f -`."""
+
+    def apply(self, rules: Rules) -> None:
+        self._nft(["-f", "-"], ruleset(rules))
+
+    def remove(self, table: str) -> None:
+        if self.present(table):
+            self._nft(["delete", "table", "inet", table])
+
+    def present(self, table: str) -> bool:
+        nft = self._binary()
+        return subprocess.run([nft, "list", "table", "inet", table], capture_output=True).returncode == 0
+
+    def _nft(self, args: list[str], script: str | None = None) -> None:
+        res = subprocess.run([self._binary(), *args], input=script, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise FirewallError(f"nft refused the firewall rules: {res.stderr.strip()[:300]}. "
+                                "Is this kernel built with nftables (nf_tables)?")
+
+    @staticmethod
+    def _binary() -> str:
+        nft = shutil.which("nft") or ("/usr/sbin/nft" if shutil.which("/usr/sbin/nft") else None)
+        if nft is None:
+            raise FirewallError("the nft command is missing: install Debian's nftables package "
+                                "(apt-get install nftables); Ray stays stopped until the firewall is up")
+        return nft

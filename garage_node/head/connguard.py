@@ -1,0 +1,169 @@
+"""The head's HTTPS server against clients that hold connections open: a deadline for every
+request, a cap on connections per client address, and a deadline for the TLS handshake.
+
+Why this is needed: uvicorn limits how long a connection may sit idle *between* requests
+(keep-alive), but not how long a client may take to *send* one. A client that sends half a
+request keeps its connection, and a file descriptor, for as long as it likes; 1,100 of them
+from one address starved every real node and filled the log with "Too many open files"
+(issue #9). The same holds for a TLS handshake that is started and never finished.
+
+How, and why this way:
+- The request deadline lives in uvicorn's own HTTP protocol class (h11), subclassed: it is
+  the one place that sees both the bytes arriving and, through h11's public connection state,
+  whether a whole request (headers and body) is in. A request must be complete within
+  `request_timeout_s` of its first byte (of the connection's start, for the first request);
+  otherwise the connection is closed. The application therefore never waits on a slow body.
+  Time the application spends answering is not limited here.
+- The per-address cap is counted in the same class, where the peer address is known: a
+  connection over the cap is aborted at once, before HTTP, so one address cannot hold more
+  than `max_connections_per_client` of the server's file descriptors, whatever it sends.
+  Nodes keep one connection each, so a few PCs behind one home router stay far below it.
+- The TLS handshake happens before any protocol class sees the connection; asyncio bounds it
+  with `ssl_handshake_timeout` (60 s by default), which uvicorn does not expose. An event loop
+  whose `create_server` sets it is the smallest way to pass it in (uvicorn accepts a loop
+  factory). A handshake in progress is not counted per address (the address is not known to
+  any hook before the handshake ends); the short deadline and LimitNOFILE in
+  garage-head.service bound what such clients can hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger(__name__)
+
+REFUSAL_LOG_EVERY_S = 60.0  # a client over its cap is logged once a minute, not per connection
+
+
+@dataclass(frozen=True)
+class GuardLimits:
+    request_timeout_s: float = 10.0
+    max_connections_per_client: int = 32
+    tls_handshake_timeout_s: float = 10.0
+
+
+class ClientSlots:
+    """Open connections per client address (one event loop: no locking needed)."""
+
+    def __init__(self, per_client: int) -> None:
+        self.per_client = per_client
+        self.open: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
+
+    def take(self, address: str) -> bool:
+        held = self.open.get(address, 0)
+        if held >= self.per_client:
+            self._log_refusal(address)
+            return False
+        self.open[address] = held + 1
+        return True
+
+    def give(self, address: str) -> None:
+        held = self.open.get(address, 0) - 1
+        if held > 0:
+            self.open[address] = held
+        else:
+            self.open.pop(address, None)
+
+    def _log_refusal(self, address: str) -> None:
+        now = time.monotonic()
+        if now - self._logged.get(address, -REFUSAL_LOG_EVERY_S) >= REFUSAL_LOG_EVERY_S:
+            if len(self._logged) > 4096:  # many addresses: forget old entries rather than grow
+                self._logged.clear()
+            self._logged[address] = now
+            log.warning("client %s holds %d connections, the most one address may: further ones are closed "
+                        "(logged once a minute)", address, self.per_client)
+
+
+def guarded_protocol(limits: GuardLimits) -> type[H11Protocol]:
+    """uvicorn's h11 protocol class with the request deadline and the per-address cap
+    (pass it as uvicorn.Config(http=...)). Each call makes a class with its own counts."""
+    slots = ClientSlots(limits.max_connections_per_client)
+
+    class GuardedH11Protocol(H11Protocol):
+        _address: str | None = None
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            address = _peer_address(transport)
+            if not slots.take(address):
+                transport.abort()
+                return
+            self._address = address
+            super().connection_made(transport)
+            self._arm()  # the first request must arrive in time too
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            if self._address is None:
+                return  # refused at connection_made: uvicorn never knew this connection
+            slots.give(self._address)
+            self._address = None
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._follow_request()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._follow_request()
+
+        def _follow_request(self) -> None:
+            """Arm the deadline while a request is coming in; disarm once it is all in, or
+            while the connection waits idle for the next one (keep-alive's own timeout)."""
+            state = self.conn.their_state
+            partial = bool(self.conn.trailing_data[0])
+            if state is h11.SEND_BODY or (state is h11.IDLE and partial):
+                if self._deadline is None:
+                    self._arm()
+            else:
+                self._disarm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(limits.request_timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if self.transport is None or self.transport.is_closing():
+                return
+            # No answer: the client is either gone or not worth one; an application waiting
+            # for this body gets a disconnect and ends without answering.
+            log.debug("closing a connection from %s: no complete request within %.0f s", self._address,
+                      limits.request_timeout_s)
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def guarded_loop_factory(limits: GuardLimits) -> Callable[[], asyncio.AbstractEventLoop]:
+    """An event loop factory for uvicorn.Config(loop=...) whose TLS servers give up on a
+    handshake after `tls_handshake_timeout_s`."""
+
+    class GuardedEventLoop(asyncio.SelectorEventLoop):
+        async def create_server(self, *args: Any, **kw: Any) -> asyncio.Server:  # type: ignore[override]
+            if kw.get("ssl") is not None and kw.get("ssl_handshake_timeout") is None:
+                kw["ssl_handshake_timeout"] = limits.tls_handshake_timeout_s
+            return await super().create_server(*args, **kw)
+
+    return GuardedEventLoop
+
+
+def _peer_address(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, (tuple, list)) and peer:
+        return str(peer[0])
+    return "unknown"
