@@ -150,7 +150,12 @@ def client(ca_pem: bytes) -> httpx.Client:
 
 def _post(c: httpx.Client, url: str, body: dict[str, Any], **kw: Any) -> httpx.Response:
     try:
-        return c.post(url, json=body, **kw)
+        try:
+            return c.post(url, json=body, **kw)
+        except httpx.RemoteProtocolError:
+            # The head closed a kept-alive connection just as it was reused ("server
+            # disconnected"): the request never reached it, so one retry on a new one is safe.
+            return c.post(url, json=body, **kw)
     except httpx.HTTPError as e:
         raise HeadUnreachable(f"head unreachable at {url.split('/v1/')[0]}: {_reason(e)}") from None
 
