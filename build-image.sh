@@ -329,9 +329,9 @@ say "image:      $OUTPUT ($(du -h --apparent-size "$OUTPUT" | cut -f1) raw, $(du
 [ "$COMPRESS" = 1 ] && say "compressed: $OUTPUT.zst ($(du -h "$OUTPUT.zst" | cut -f1))"
 sfdisk -l "$OUTPUT" 2>/dev/null | sed -n '/^Device/,$p' | sed 's/^/    /'
 if [ "$VARIANT" = nvidia ]; then
-    say "WARNING: the nvidia variant carries Debian's driver 535 but NOT the NVIDIA container"
-    say "WARNING: toolkit (not in Debian; NVIDIA's apt repository is unreachable from this build)."
-    say "WARNING: Docker containers cannot use the GPU until nvidia-container-toolkit is added."
+    say "note: the nvidia variant carries Debian's driver 535 and no NVIDIA container toolkit; the"
+    say "note: agent passes the GPU device nodes and driver libraries to the engine itself. It serves"
+    say "note: GPUs up to Ada/Hopper with CUDA <= 12.x images; RTX 50-series needs a newer driver."
 fi
 [ -n "$JOIN_TOKEN" ] && say "garage.toml carries a join token (not shown)"
 exit 0

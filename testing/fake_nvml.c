@@ -9,7 +9,12 @@
  * GPUs come from the text file named by GARAGE_FAKE_NVML_CONFIG, read at init time.
  * One GPU per line, '|'-separated; blank lines and lines starting with '#' are skipped:
  *
- *   name|uuid|total_mib|free_mib|cc_major|cc_minor|temp_c|power_mw|util_pct|fail
+ *   name|uuid|total_mib|free_mib|cc_major|cc_minor|temp_c|power_mw|util_pct|fail[|bus_id]
+ *
+ * bus_id (optional) is the PCI address NVML reports, e.g. "00000000:01:00.0"; without it
+ * GPU i sits on bus i+1.  A line "driver|<version>|<cuda>" (e.g. driver|535.261.03|12020)
+ * sets what nvmlSystemGetDriverVersion / nvmlSystemGetCudaDriverVersion answer; the
+ * default is driver 550.54.14 with CUDA 12.4 (12040).
  *
  * temp_c, power_mw or util_pct given as "-" answer NVML_ERROR_NOT_SUPPORTED (as on
  * some cards); fail=1 makes every query on that GPU answer NVML_ERROR_GPU_IS_LOST.
@@ -46,12 +51,15 @@ typedef struct {
     int cc_major, cc_minor;
     long temp_c, power_mw, util_pct;
     int fail;
+    char bus_id[32];
 } fake_gpu;
 
 /* The opaque nvmlDevice_t handed to callers is a pointer into this array. */
 static fake_gpu gpus[MAX_GPUS];
 static unsigned gpu_count;
 static int init_count; /* like the real library: init and shutdown are reference counted */
+static char driver_version[80] = "550.54.14";
+static int driver_cuda = 12040; /* CUDA 12.4, what driver 550.54 ships */
 
 typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
 typedef struct { unsigned int gpu, memory; } nvmlUtilization_t;
@@ -64,12 +72,12 @@ static long reading(const char *field)
 /* Parse one config line into g; 0 on success. */
 static int parse_line(char *line, fake_gpu *g)
 {
-    char *f[10];
+    char *f[11];
     int n = 0;
     char *field;
-    while (n < 10 && (field = strsep(&line, "|")) != NULL)
+    while (n < 11 && (field = strsep(&line, "|")) != NULL)
         f[n++] = field;
-    if (n != 10 || line != NULL)
+    if (n < 10 || line != NULL)
         return -1;
     memset(g, 0, sizeof *g);
     snprintf(g->name, sizeof g->name, "%s", f[0]);
@@ -82,6 +90,27 @@ static int parse_line(char *line, fake_gpu *g)
     g->power_mw = reading(f[7]);
     g->util_pct = reading(f[8]);
     g->fail = atoi(f[9]);
+    if (n == 11)
+        snprintf(g->bus_id, sizeof g->bus_id, "%s", f[10]);
+    else
+        snprintf(g->bus_id, sizeof g->bus_id, "00000000:%02X:00.0", gpu_count + 1);
+    return 0;
+}
+
+/* "driver|<version>|<cuda>": 0 when the line is one (and was applied), -1 otherwise. */
+static int parse_driver(char *line)
+{
+    char *f[3];
+    int n = 0;
+    char *field;
+    if (strncmp(line, "driver|", 7) != 0)
+        return -1;
+    while (n < 3 && (field = strsep(&line, "|")) != NULL)
+        f[n++] = field;
+    if (n != 3 || line != NULL)
+        return -1;
+    snprintf(driver_version, sizeof driver_version, "%s", f[1]);
+    driver_cuda = atoi(f[2]);
     return 0;
 }
 
@@ -97,6 +126,14 @@ static nvmlReturn_t load_config(void)
         line[strcspn(line, "\r\n")] = '\0';
         if (line[0] == '\0' || line[0] == '#')
             continue;
+        if (strncmp(line, "driver|", 7) == 0) {
+            if (parse_driver(line) != 0) {
+                fprintf(stderr, "fake_nvml: bad driver line in %s\n", path);
+                fclose(fp);
+                return NVML_ERROR_UNKNOWN;
+            }
+            continue;
+        }
         /* A bad line is a bug in the test, so say so instead of guessing. */
         if (gpu_count == MAX_GPUS || parse_line(line, &gpus[gpu_count]) != 0) {
             fprintf(stderr, "fake_nvml: bad line in %s: %s\n", path, line);
@@ -157,7 +194,7 @@ static nvmlReturn_t copy_text(const char *src, char *buf, unsigned int len)
 
 nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length)
 {
-    return copy_text("550.54.14", version, length);
+    return copy_text(driver_version, version, length);
 }
 
 static nvmlReturn_t cuda_version(int *v)
@@ -166,7 +203,7 @@ static nvmlReturn_t cuda_version(int *v)
         return NVML_ERROR_UNINITIALIZED;
     if (!v)
         return NVML_ERROR_INVALID_ARGUMENT;
-    *v = 12040; /* CUDA 12.4, what driver 550.54 ships */
+    *v = driver_cuda;
     return NVML_SUCCESS;
 }
 
@@ -276,3 +313,29 @@ nvmlReturn_t nvmlDeviceGetUtilizationRates(fake_gpu *g, nvmlUtilization_t *util)
     }
     return ret;
 }
+
+/* nvmlPciInfo_t as NVML 9.0+ lays it out (pynvml's nvmlPciInfo_t). */
+typedef struct {
+    char busIdLegacy[16];
+    unsigned int domain, bus, device, pciDeviceId, pciSubSystemId;
+    char busId[32];
+} nvmlPciInfo_t;
+
+nvmlReturn_t nvmlDeviceGetPciInfo_v3(fake_gpu *g, nvmlPciInfo_t *pci)
+{
+    unsigned int domain = 0, bus = 0, device = 0, function = 0;
+    nvmlReturn_t ret = check(g, pci);
+    if (ret)
+        return ret;
+    memset(pci, 0, sizeof *pci);
+    sscanf(g->bus_id, "%x:%x:%x.%x", &domain, &bus, &device, &function);
+    pci->domain = domain;
+    pci->bus = bus;
+    pci->device = device;
+    pci->pciDeviceId = 0x268410DE; /* an NVIDIA device id; nothing reads it */
+    snprintf(pci->busId, sizeof pci->busId, "%s", g->bus_id);
+    snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "%.15s", g->bus_id);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetPciInfo_v2(fake_gpu *g, nvmlPciInfo_t *pci) { return nvmlDeviceGetPciInfo_v3(g, pci); }

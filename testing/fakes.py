@@ -164,6 +164,7 @@ class FakeInterface:
     def __init__(self, name: str = "garage0") -> None:
         self.name = name
         self.is_up = False
+        self.tunnel_carries = True  # False: WireGuard's UDP is blocked (pings to the hub go unanswered)
         self.fail: str | None = None  # the next up() raises this
         self.peer: Peer | None = None
         self.addr: str | None = None

@@ -31,12 +31,16 @@ class FakeGPU:
     power_w: float | None = 80.0
     util: int | None = 0
     fail: bool = False  # every query on this GPU answers NVML_ERROR_GPU_IS_LOST
+    # The PCI address NVML reports ("00000000:01:00.0"); None: GPU i sits on bus i+1.
+    bus_id: str | None = None
 
     def line(self) -> str:
         """One line of the fake's config (format documented at the top of fake_nvml.c)."""
         power_mw = None if self.power_w is None else round(self.power_w * 1000)
         fields = [self.name, self.uuid, self.total_mib, self.free_mib, *self.cc,
                   self.temp, power_mw, self.util, int(self.fail)]
+        if self.bus_id is not None:
+            fields.append(self.bus_id)
         text = ["-" if f is None else str(f) for f in fields]
         if any("|" in t or "\n" in t for t in text):
             raise ValueError(f"'|' and newlines cannot appear in a fake GPU field: {self}")
@@ -79,10 +83,18 @@ def build_fake_nvml(dest_dir: Path) -> Path:
     return dest_dir
 
 
-def write_config(path: Path, gpus: list[FakeGPU]) -> Path:
-    """Write the GPUs the fake reports; an empty list is a driver with zero GPUs."""
+def write_config(path: Path, gpus: list[FakeGPU], driver: tuple[str, str] | None = None) -> Path:
+    """Write the GPUs the fake reports; an empty list is a driver with zero GPUs.
+
+    driver: (version, CUDA "major.minor") the driver reports, e.g. ("535.261.03", "12.2");
+    None keeps the fake's default, 550.54.14 with CUDA 12.4.
+    """
     path = Path(path)
-    path.write_text("".join(g.line() + "\n" for g in gpus))
+    head = ""
+    if driver is not None:
+        major, minor = (int(x) for x in driver[1].split("."))
+        head = f"driver|{driver[0]}|{major * 1000 + minor * 10}\n"  # NVML's encoding of CUDA versions
+    path.write_text(head + "".join(g.line() + "\n" for g in gpus))
     return path
 
 

@@ -6,7 +6,9 @@ and a GPU that misbehaves is reported unhealthy while the others keep working.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from garage_node.core.wire import GPU
 
@@ -17,6 +19,9 @@ except ImportError:  # the node still runs (as a CPU node) and says why
 
 _MIB = 1024 * 1024
 _CPU_NODE = "this node joins as a CPU node"
+# Where PCI devices are listed; tests point it at a fake tree.
+SYS_PCI_DEVICES = Path("/sys/bus/pci/devices")
+_NVIDIA_VENDOR = "0x10de"
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,12 @@ class Inventory:
     cuda_version: str | None = None  # e.g. "12.4"
     # Set when NVML could not be used at all (no driver, no GPU): the node joins as a CPU node.
     nvml_error: str | None = None
+    # (NVML index, PCI bus id as /proc/driver/nvidia names it, "0000:01:00.0") per GPU whose
+    # bus id NVML gave: the engine maps an index to its /dev/nvidiaN through it.
+    pci_bus_ids: tuple[tuple[int, str], ...] = ()
+
+    def bus_id(self, index: int) -> str | None:
+        return next((b for i, b in self.pci_bus_ids if i == index), None)
 
     @property
     def healthy_gpus(self) -> tuple[GPU, ...]:
@@ -59,6 +70,9 @@ def _init_error(err: Exception) -> str:
     if code == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND:
         return f"NVIDIA driver not found (libnvidia-ml.so.1 could not be loaded): {_CPU_NODE}"
     if code == pynvml.NVML_ERROR_DRIVER_NOT_LOADED:
+        if not nvidia_pci_devices():
+            # The library loaded, so the driver is installed; the module has nothing to drive.
+            return f"NVIDIA driver installed, no NVIDIA GPU found: {_CPU_NODE}"
         return ("NVIDIA driver is installed but not running (is the nvidia kernel module loaded?): "
                 + _CPU_NODE)
     if code == pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH:
@@ -67,6 +81,25 @@ def _init_error(err: Exception) -> str:
     if code == pynvml.NVML_ERROR_NO_PERMISSION:
         return f"no permission to open the NVIDIA device files (/dev/nvidia*): {_CPU_NODE}"
     return f"NVML could not start ({_describe(err)}): {_CPU_NODE}"
+
+
+def nvidia_pci_devices(root: Path | None = None) -> list[str]:
+    """PCI addresses of NVIDIA display/3D controllers (class 0x03xxxx) this machine has."""
+    root = root or SYS_PCI_DEVICES
+    found = []
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return []
+    for dev in entries:
+        try:
+            vendor = (dev / "vendor").read_text().strip().lower()
+            klass = (dev / "class").read_text().strip().lower()
+        except OSError:
+            continue
+        if vendor == _NVIDIA_VENDOR and klass.startswith("0x03"):
+            found.append(dev.name)
+    return found
 
 
 def _shutdown() -> None:
@@ -85,7 +118,25 @@ def _read_system() -> Inventory:
         return Inventory(driver_version=driver, cuda_version=cuda,
                          nvml_error=f"NVIDIA driver {driver} is loaded but sees no GPU: {_CPU_NODE}")
     gpus = tuple(_read_gpu(i) for i in range(count))
-    return Inventory(gpus=gpus, driver_version=driver, cuda_version=cuda)
+    buses = tuple((i, b) for i in range(count) if (b := _bus_id(i)) is not None)
+    return Inventory(gpus=gpus, driver_version=driver, cuda_version=cuda, pci_bus_ids=buses)
+
+
+def _bus_id(index: int) -> str | None:
+    # Best effort: a GPU whose bus id NVML will not tell is still inventoried; only the
+    # engine's device passthrough needs it (and says so).
+    info = _quiet(lambda: pynvml.nvmlDeviceGetPciInfo(pynvml.nvmlDeviceGetHandleByIndex(index)))
+    return None if info is None else normalize_bus_id(_text(info.busId))
+
+
+def normalize_bus_id(text: str) -> str | None:
+    """NVML's "00000000:0A:00.0" as the kernel names it, "0000:0a:00.0"; None if malformed."""
+    m = re.fullmatch(r"([0-9a-fA-F]{1,8}):([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])", text.strip())
+    if m is None:
+        return None
+    domain, bus, device, function = (int(x, 16) for x in m.groups())
+    return f"{domain:04x}:{bus:02x}:{device:02x}.{function:x}"
+
 
 
 def _read_gpu(index: int) -> GPU:

@@ -66,24 +66,31 @@ def _version() -> str:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
-@pytest.fixture(scope="module")
-def image() -> Path:
+def build_image(variant: str, garage_toml: str, conf_name: str) -> tuple[Path, str]:
+    """build-image.sh for a variant into out/test/ (reused when no input changed); returns
+    the raw image and the build's output."""
     OUT.mkdir(parents=True, exist_ok=True)
-    conf = OUT / "garage.toml"
-    if not conf.exists() or conf.read_text() != GARAGE_TOML:
-        conf.write_text(GARAGE_TOML)
-    img = OUT / f"garage-node-{_version()}-base-amd64.img"
+    conf = OUT / conf_name
+    if not conf.exists() or conf.read_text() != garage_toml:
+        conf.write_text(garage_toml)
+    img = OUT / f"garage-node-{_version()}-{variant}-amd64.img"
     t0 = time.monotonic()
     proc = subprocess.run(
-        [str(REPO / "build-image.sh"), "--variant", "base", "--config", str(conf),
+        [str(REPO / "build-image.sh"), "--variant", variant, "--config", str(conf),
          "--output", str(img), "--no-compress", "--if-changed"],
         cwd=REPO, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
     )
     sys.stdout.write(proc.stdout[-4000:])
     assert proc.returncode == 0, f"build-image.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    print(f"image build (or reuse): {time.monotonic() - t0:.1f} s")
-    assert TOKEN not in proc.stdout + proc.stderr, "the build printed the join token"
+    print(f"{variant} image build (or reuse): {time.monotonic() - t0:.1f} s")
     assert img.exists()
+    return img, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def image() -> Path:
+    img, output = build_image("base", GARAGE_TOML, "garage.toml")
+    assert TOKEN not in output, "the build printed the join token"
     return img
 
 

@@ -9,6 +9,7 @@ from garage_node.node.config import EngineSection
 from garage_node.node.engine.metrics import parse_metrics
 from garage_node.node.engine.spec import EngineConfigError, desired_spec, secret_env
 from garage_node.node.gpu import GPU, Inventory
+from testing.driver_tree import DriverGPU, make_driver_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOG = str(ROOT / "configs/models.toml")
@@ -16,15 +17,21 @@ CATALOG = str(ROOT / "configs/models.toml")
 
 def gpus(*mibs, cc="8.9"):
     return Inventory(tuple(GPU(i, "NVIDIA GeForce RTX 4090", f"GPU-{i}", m, m, cc, 40, 30.0, 0) for i, m in enumerate(mibs)),
-                     "550.54.14", "12.4")
+                     "550.54.14", "12.4", pci_bus_ids=tuple((i, f"0000:{i + 1:02x}:00.0") for i in range(len(mibs))))
 
 
-def test_gpu_plan_becomes_container_spec():
-    cfg = EngineSection(catalog=CATALOG, image="vllm/vllm-openai:v0.32.0")
+@pytest.fixture
+def driver_root(tmp_path):
+    # NVML index i sits on bus i+1 (see gpus()); the driver numbers them the other way round.
+    return make_driver_tree(tmp_path / "host", [DriverGPU("0000:01:00.0", 1), DriverGPU("0000:02:00.0", 0)])
+
+
+def test_gpu_plan_becomes_container_spec(driver_root):
+    cfg = EngineSection(catalog=CATALOG, image="vllm/vllm-openai:v0.32.0", driver_root=driver_root)
     spec, why = desired_spec(cfg, gpus(24564), "100.96.0.2")
     body = spec.container_body({})
     assert body["HostConfig"]["PortBindings"] == {"8000/tcp": [{"HostIp": "100.96.0.2", "HostPort": "8000"}]}
-    assert body["HostConfig"]["DeviceRequests"] == [{"Driver": "nvidia", "Capabilities": [["gpu"]], "DeviceIDs": ["0"]}]
+    assert "DeviceRequests" not in body["HostConfig"]
     assert body["HostConfig"]["ShmSize"] == 2048 * 1024 * 1024
     cmd = body["Cmd"]
     assert cmd[cmd.index("--served-model-name") + 1] == spec.model and "--tensor-parallel-size" in cmd
@@ -32,8 +39,8 @@ def test_gpu_plan_becomes_container_spec():
     assert spec.model in why
 
 
-def test_hub_token_reaches_the_container_env_only():
-    cfg = EngineSection(catalog=CATALOG, hub_token="hf_secret_value")
+def test_hub_token_reaches_the_container_env_only(driver_root):
+    cfg = EngineSection(catalog=CATALOG, hub_token="hf_secret_value", driver_root=driver_root)
     spec, _ = desired_spec(cfg, gpus(24564), "100.96.0.2")
     body = spec.container_body(secret_env(cfg))
     assert "HF_TOKEN=hf_secret_value" in body["Env"]

@@ -35,8 +35,11 @@ from testing.nvml_double import (  # noqa: E402
 
 # Prints the inventory and pynvml's init refcount, which is 0 again only if nvmlShutdown ran.
 CHILD = """
-import dataclasses, json, pynvml
+import dataclasses, json, os, pathlib, pynvml
+from garage_node.node import gpu
 from garage_node.node.gpu import read_inventory
+if "TEST_SYS_PCI_DEVICES" in os.environ:  # a fake /sys/bus/pci/devices
+    gpu.SYS_PCI_DEVICES = pathlib.Path(os.environ["TEST_SYS_PCI_DEVICES"])
 inv = read_inventory()
 print(json.dumps({"inventory": dataclasses.asdict(inv), "healthy": len(inv.healthy_gpus),
                   "vram_mib": inv.vram_mib, "refcount": pynvml._nvmlLib_refcount}))
@@ -116,11 +119,38 @@ def test_16gb_card(fake_lib, tmp_path):
     assert result["vram_mib"] == 16380
 
 
+def fake_pci(root: Path, devices: dict[str, tuple[str, str]]) -> Path:
+    """A /sys/bus/pci/devices with {address: (vendor, class)}."""
+    for addr, (vendor, klass) in devices.items():
+        (root / addr).mkdir(parents=True)
+        (root / addr / "vendor").write_text(vendor + "\n")
+        (root / addr / "class").write_text(klass + "\n")
+    return root
+
+
 def test_driver_not_loaded(fake_lib, tmp_path):
-    result = inventory_in_child(env_for(fake_lib, tmp_path / "missing.conf"))
+    # An NVIDIA GPU on the bus, but the driver does not run: say so.
+    pci = fake_pci(tmp_path / "pci", {"0000:01:00.0": ("0x10de", "0x030000"), "0000:00:1f.3": ("0x8086", "0x040300")})
+    result = inventory_in_child({**env_for(fake_lib, tmp_path / "missing.conf"), "TEST_SYS_PCI_DEVICES": str(pci)})
     inv = result["inventory"]
     assert inv["gpus"] == [] and result["vram_mib"] == 0
     assert "not running" in inv["nvml_error"] and "CPU node" in inv["nvml_error"]
+
+
+def test_driver_installed_but_no_nvidia_gpu(fake_lib, tmp_path):
+    # The nvidia stick on a PC (or in QEMU) without an NVIDIA card: nothing is wrong.
+    pci = fake_pci(tmp_path / "pci", {"0000:00:02.0": ("0x1234", "0x030000"), "0000:01:00.0": ("0x10de", "0x040300")})
+    result = inventory_in_child({**env_for(fake_lib, tmp_path / "missing.conf"), "TEST_SYS_PCI_DEVICES": str(pci)})
+    assert result["inventory"]["nvml_error"] == "NVIDIA driver installed, no NVIDIA GPU found: this node joins as a CPU node"
+
+
+def test_pci_bus_ids_and_driver_versions(fake_lib, tmp_path):
+    gpus = [dataclasses.replace(RTX_4090, bus_id="00000000:0A:00.0"), RTX_4060]
+    config = write_config(tmp_path / "gpus.conf", gpus, driver=("535.261.03", "12.2"))
+    inv = inventory_in_child(env_for(fake_lib, config))["inventory"]
+    assert (inv["driver_version"], inv["cuda_version"]) == ("535.261.03", "12.2")
+    # As /proc/driver/nvidia/gpus names them; the second GPU sits on the fake's default bus 2.
+    assert [list(x) for x in inv["pci_bus_ids"]] == [[0, "0000:0a:00.0"], [1, "0000:02:00.0"]]
 
 
 def test_zero_gpus(fake_lib, tmp_path):

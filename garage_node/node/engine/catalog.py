@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from garage_node.core.settings import SettingsError, one_of, parse, read_toml, setting
+from garage_node.node.engine.cuda import CudaVersion, DriverVersion, parse_cuda, parse_driver
 
 VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 _FLOAT32_DTYPES = ("float", "float32")
@@ -97,14 +98,33 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class EngineImage:
+    """What an engine image needs of a node's GPUs and driver ([images."<repository:tag>"])."""
+
+    # The CUDA it is built on; once pulled, the image's own config (CUDA_VERSION) is checked too.
+    cuda: CudaVersion = setting(parse=(parse_cuda, 'a string "major.minor" such as "12.8"'))
+    # The oldest NVIDIA driver that runs it (for CUDA 12.x images: 525.60.13, minor version compatibility).
+    min_driver: DriverVersion = setting(parse=(parse_driver, 'a driver version string such as "525.60.13"'))
+    # The oldest GPU generation its kernels are built for.
+    min_compute_capability: CompCap = setting((0, 0), parse=_CC)
+    name: str = setting("", skip=True)  # the table's key: the image reference
+
+
+@dataclass(frozen=True)
 class CatalogFile:
     models: dict[str, ModelSpec] = setting(check=(bool, "a table with at least one [models.<name>] table"))
+    images: dict[str, EngineImage] = setting(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Catalog:
     path: Path
     models: tuple[ModelSpec, ...]
+    images: tuple[EngineImage, ...] = ()
+
+    def image(self, ref: str) -> EngineImage | None:
+        """The catalog's facts about an engine image, by its exact reference."""
+        return next((i for i in self.images if i.name == ref), None)
 
     def resolve(self, ref: str) -> tuple[ModelSpec, Quantization | None] | None:
         """A model by catalog name or repo id; a quantization's own repo id selects it too."""
@@ -120,7 +140,8 @@ class Catalog:
 def load_catalog(path: str | Path) -> Catalog:
     path = Path(path)
     raw = parse(CatalogFile, read_toml(path, CatalogError), path, error=CatalogError)
-    return Catalog(path, tuple(_named(name, m) for name, m in raw.models.items()))
+    images = tuple(replace(img, name=ref) for ref, img in raw.images.items())
+    return Catalog(path, tuple(_named(name, m) for name, m in raw.models.items()), images)
 
 
 def _named(name: str, m: ModelSpec) -> ModelSpec:

@@ -8,7 +8,7 @@ The Engine API is a stable, versioned REST API; each method below is one documen
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import httpx
@@ -35,6 +35,14 @@ class Container:
     labels: dict[str, str]
     started_at: str
     restart_count: int
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """What an image says about itself: its environment and labels (GET /images/{name}/json)."""
+
+    env: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 class Docker:
@@ -68,6 +76,12 @@ class Docker:
 
     def image_exists(self, ref: str) -> bool:
         return self._request("GET", f"/images/{ref}/json", ok=(200, 404)).status_code == 200
+
+    def image_config(self, ref: str) -> ImageConfig:
+        """The image's Config.Env and Config.Labels (the engine keeps the image's LD_LIBRARY_PATH,
+        and the CUDA gate reads its CUDA version from them)."""
+        config = self._request("GET", f"/images/{ref}/json").json().get("Config") or {}
+        return ImageConfig(env=tuple(config.get("Env") or ()), labels=dict(config.get("Labels") or {}))
 
     def pull(self, ref: str, progress: Callable[[str], None]) -> None:
         """Pull an image, reporting one line of progress at a time; raises if the pull fails."""

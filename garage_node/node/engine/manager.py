@@ -21,9 +21,9 @@ from garage_node.core.backoff import Backoff
 from garage_node.core.clock import SYSTEM, Clock
 from garage_node.core.wire import EngineState, EngineStatus
 from garage_node.node.config import EngineSection
-from garage_node.node.engine.docker import Container, Docker, DockerError
+from garage_node.node.engine.docker import Container, Docker, DockerError, ImageConfig
 from garage_node.node.engine.metrics import Metrics, parse_metrics
-from garage_node.node.engine.spec import LABEL_HASH, EngineConfigError, EngineSpec, secret_env
+from garage_node.node.engine.spec import LABEL_HASH, EngineConfigError, EngineSpec, check_image, secret_env
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class DockerApi(Protocol):
 
     def ping(self) -> None: ...
     def image_exists(self, ref: str) -> bool: ...
+    def image_config(self, ref: str) -> ImageConfig: ...
     def pull(self, ref: str, progress: Callable[[str], None]) -> None: ...
     def container(self, name: str) -> Container | None: ...
     def create(self, name: str, body: dict) -> str: ...
@@ -214,7 +215,10 @@ class EngineManager:
             self._stop_container(remove=True)
             current = None
         if current is None:
-            self._create_and_start(spec)
+            try:
+                self._create_and_start(spec)
+            except EngineConfigError as e:  # the CUDA gate: this image cannot run on this driver
+                self._set(S.REFUSED, str(e))
         elif not current.running:
             self._crashed(current.exit_code)
         else:
@@ -230,8 +234,12 @@ class EngineManager:
             return
         if not self.docker.image_exists(spec.image):
             self._pull(spec.image)
+        image = self.docker.image_config(spec.image)
+        note = check_image(spec, image.env, image.labels)  # raises EngineConfigError: refused
+        if note:
+            log.info("engine image %s: %s", spec.image, note)
         Path(spec.cache_dir).mkdir(parents=True, exist_ok=True)
-        cid = self.docker.create(self.name, spec.container_body(secret_env(self.cfg)))
+        cid = self.docker.create(self.name, spec.container_body(secret_env(self.cfg), image.env))
         self.docker.start(self.name)
         self._started_at = self.clock.monotonic()
         with self._lock:

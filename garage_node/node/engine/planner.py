@@ -19,7 +19,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from garage_node.node.engine.catalog import Catalog, CompCap, ModelSpec, Quantization, parse_compute_capability
+from garage_node.node.engine import cuda
+from garage_node.node.engine.catalog import (Catalog, CompCap, EngineImage, ModelSpec, Quantization,
+                                             parse_compute_capability)
 from garage_node.node.gpu import GPU, Inventory
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
@@ -177,8 +179,10 @@ def plan(
     pinned_quantization: str | None = None,
     max_model_len: int | None = None,
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    image: EngineImage | None = None,
 ) -> Plan:
-    """The model and engine arguments this node should serve; PlanError when there are none."""
+    """The model and engine arguments this node should serve; PlanError when there are none.
+    `image`: the catalog's facts about the engine image (driver and GPU generation it needs)."""
     if not 0 < gpu_memory_utilization <= 1:
         raise PlanError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     if max_model_len is not None and max_model_len < 1:
@@ -186,6 +190,8 @@ def plan(
     gpus = inventory.healthy_gpus
     if not gpus:
         raise CpuOnlyRefusal(_cpu_only_message(inventory))
+    if image is not None:
+        gpus = _image_gate(inventory, gpus, image)
     groups = _gpu_groups(gpus)
     if pinned_model is not None:
         return _plan_pinned(catalog, groups, pinned_model, pinned_quantization, max_model_len,
@@ -221,6 +227,22 @@ def _gpu_groups(gpus: GPUSet) -> list[GPUSet]:
     for g in sorted(gpus, key=lambda g: g.index):
         same.setdefault((g.name, g.memory_total_mib, g.compute_capability), []).append(g)
     return [tuple(s[:tp]) for s in same.values() for tp in TP_SIZES if tp <= len(s)]
+
+
+def _image_gate(inventory: Inventory, gpus: GPUSet, image: EngineImage) -> GPUSet:
+    """The GPUs the engine image can use on this driver; PlanError when none."""
+    try:
+        cuda.check_driver(image.name, image.min_driver, inventory.driver_version)
+        cuda.check(image.name, image.cuda, inventory.driver_version, inventory.cuda_version, "per the model catalog")
+    except cuda.CudaMismatch as e:
+        raise PlanError(str(e)) from None
+    usable = tuple(g for g in gpus if _gpu_cc(g) >= image.min_compute_capability)
+    if not usable:
+        ccs = ", ".join(sorted({g.compute_capability or "unknown" for g in gpus}))
+        raise PlanError(f"engine image {image.name} runs on GPUs of compute capability >= "
+                        f"{_fmt_cc(image.min_compute_capability)}; this node's are {ccs}. "
+                        "Set [engine] image to a build for older GPUs, or serve from a newer GPU")
+    return usable
 
 
 def _gpu_cc(gpu: GPU) -> CompCap:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from garage_node.node.config import EngineSection
-from garage_node.node.engine import planner
+from garage_node.node.engine import cuda, planner
 from garage_node.node.engine.catalog import Catalog, CatalogError, catalog_path, load_cached
+from garage_node.node.engine.nvidia import DriverHost, DriverHostError, Passthrough
 from garage_node.node.gpu import Inventory
 
 LABEL_MANAGED = "garage-node.managed"
@@ -38,6 +39,13 @@ class EngineSpec:
     model_dir: str
     env: tuple[tuple[str, str], ...]
     secret_env_digest: str = ""  # a hash of secret values, so a changed token replaces the container
+    # GPU engines: "devices" (passthrough below) or "nvidia-toolkit" (Docker device requests).
+    gpu_access: str = ""
+    passthrough: Passthrough | None = None
+    # The driver the engine will run on, for the CUDA gate against the image (and a new driver
+    # after a reboot replaces the container).
+    driver_version: str | None = None
+    driver_cuda: str | None = None
 
     @property
     def endpoint(self) -> str:
@@ -47,10 +55,13 @@ class EngineSpec:
     def spec_hash(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
-    def container_body(self, secret_env: dict[str, str]) -> dict[str, Any]:
+    def container_body(self, secret_env: dict[str, str], image_env: Sequence[str] = ()) -> dict[str, Any]:
+        """The body of POST /containers/create. image_env: the image's own Env (its
+        LD_LIBRARY_PATH is kept behind the driver's library directory)."""
         mounts = [{"Type": "bind", "Source": self.cache_dir, "Target": CACHE_IN_CONTAINER}]
         if self.model_dir:
             mounts.append({"Type": "bind", "Source": self.model_dir, "Target": "/models/served", "ReadOnly": True})
+        env_map = dict(self.env)
         host: dict[str, Any] = {
             # Only on the overlay address: Ray and vLLM have no authentication of their own.
             "PortBindings": {f"{CONTAINER_PORT}/tcp": [{"HostIp": self.bind_ip, "HostPort": str(self.port)}]},
@@ -59,14 +70,13 @@ class EngineSpec:
             "RestartPolicy": {"Name": "no"},  # the agent restarts it, with backoff, visibly
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "20m", "max-file": "2"}},
         }
-        if self.device == "gpu":
-            req: dict[str, Any] = {"Driver": "nvidia", "Capabilities": [["gpu"]]}
-            if self.gpu_ids:
-                req["DeviceIDs"] = list(self.gpu_ids)
-            else:
-                req["Count"] = -1
-            host["DeviceRequests"] = [req]
-        env = [f"{k}={v}" for k, v in self.env] + [f"{k}={v}" for k, v in sorted(secret_env.items())]
+        if self.device == "gpu" and self.passthrough is not None:
+            host["Devices"] = self.passthrough.devices_body()
+            mounts.extend(self.passthrough.mounts())
+            env_map.update(self.passthrough.environment(image_env, dict(self.env)))
+        elif self.device == "gpu":
+            host["DeviceRequests"] = [_device_request(self.gpu_ids)]
+        env = [f"{k}={v}" for k, v in env_map.items()] + [f"{k}={v}" for k, v in sorted(secret_env.items())]
         return {
             "Image": self.image,
             "Cmd": list(self.args) + ["--host", "0.0.0.0", "--port", str(CONTAINER_PORT)],
@@ -75,6 +85,30 @@ class EngineSpec:
             "Labels": {LABEL_MANAGED: "true", LABEL_HASH: self.spec_hash, LABEL_MODEL: self.model},
             "HostConfig": host,
         }
+
+
+def _device_request(gpu_ids: tuple[str, ...]) -> dict[str, Any]:
+    """GPUs through the NVIDIA container toolkit (gpu_access = "nvidia-toolkit")."""
+    req: dict[str, Any] = {"Driver": "nvidia", "Capabilities": [["gpu"]]}
+    if gpu_ids:
+        req["DeviceIDs"] = list(gpu_ids)
+    else:
+        req["Count"] = -1
+    return req
+
+
+def check_image(spec: EngineSpec, image_env: Sequence[str], image_labels: Mapping[str, str]) -> str:
+    """The CUDA gate on the pulled image: '' or a note when it runs on this node's driver;
+    raises EngineConfigError (the engine is refused, with what to do) when it cannot."""
+    if spec.device != "gpu":
+        return ""
+    found = cuda.image_cuda(image_env, image_labels)
+    if found is None:
+        return f"image {spec.image} states no CUDA version (CUDA_VERSION): not checked against the driver"
+    try:
+        return cuda.check(spec.image, found.version, spec.driver_version, spec.driver_cuda, found.source)
+    except cuda.CudaMismatch as e:
+        raise EngineConfigError(str(e)) from None
 
 
 def secret_env(cfg: EngineSection) -> dict[str, str]:
@@ -87,6 +121,7 @@ def desired_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str) -> tupl
         catalog = load_cached(catalog_path(cfg.catalog))
     except CatalogError as e:
         raise EngineConfigError(f"model catalog unusable: {e}") from None
+    passthrough: Passthrough | None = None
     if cfg.device == "cpu":
         args, model, why = _cpu_args(cfg, catalog)
         gpu_ids: tuple[str, ...] = ()
@@ -99,6 +134,8 @@ def desired_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str) -> tupl
         args = plan.engine_args() + ["--served-model-name", model]
         gpu_ids = tuple(str(i) for i in plan.gpu_indices)
         why = f"{plan.model.id} {plan.quantization.name}, TP {plan.tensor_parallel_size}, context {plan.max_model_len}"
+        if cfg.gpu_access == "devices":
+            passthrough = gpu_passthrough(cfg, inventory, plan.gpu_indices)
     if cfg.model_dir:
         args = _replace_arg(args, "--model", "/models/served")
     digest = hashlib.sha256(json.dumps(secret_env(cfg), sort_keys=True).encode()).hexdigest()[:16] if cfg.hub_token else ""
@@ -107,8 +144,19 @@ def desired_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str) -> tupl
         device=cfg.device, gpu_ids=gpu_ids, shm_bytes=cfg.shm_size_mib * 1024 * 1024,
         cache_dir=str(cfg.cache_dir), model_dir=cfg.model_dir, env=tuple(sorted(cfg.env.items())),
         secret_env_digest=digest,
+        gpu_access=cfg.gpu_access if cfg.device == "gpu" else "", passthrough=passthrough,
+        driver_version=inventory.driver_version if cfg.device == "gpu" else None,
+        driver_cuda=inventory.cuda_version if cfg.device == "gpu" else None,
     )
     return spec, why
+
+
+def gpu_passthrough(cfg: EngineSection, inventory: Inventory, indices: Sequence[int]) -> Passthrough:
+    """Devices and driver libraries for these GPUs (raises EngineConfigError with what to do)."""
+    try:
+        return DriverHost(cfg.driver_root).passthrough([(i, inventory.bus_id(i)) for i in indices])
+    except DriverHostError as e:
+        raise EngineConfigError(f"cannot give the engine its GPU: {e}") from None
 
 
 def plan_for(cfg: EngineSection, inventory: Inventory, catalog: Catalog) -> planner.Plan:
@@ -116,7 +164,8 @@ def plan_for(cfg: EngineSection, inventory: Inventory, catalog: Catalog) -> plan
     return planner.plan(inventory, catalog, pinned_model=cfg.model or None,
                         pinned_quantization=cfg.quantization or None,
                         max_model_len=cfg.max_model_len or None,
-                        gpu_memory_utilization=cfg.gpu_memory_utilization)
+                        gpu_memory_utilization=cfg.gpu_memory_utilization,
+                        image=catalog.image(cfg.image))
 
 
 def _cpu_args(cfg: EngineSection, catalog: Catalog) -> tuple[list[str], str, str]:
