@@ -8,14 +8,16 @@ random), and Linux accepts a packet for any local address on any interface. With
 anyone on a PC's home network, or with a forged route to an overlay address, reaches Ray,
 which runs code, and the engine. The rules:
 
-- prerouting (priority raw, before Docker's DNAT): a packet for an overlay address that did
-  not come through the WireGuard interface (or loopback) is dropped, for every port;
+- prerouting (priority raw, before Docker's DNAT): a packet for this machine's own overlay
+  address that did not come through the WireGuard interface (or loopback) is dropped, for
+  every port (passing traffic, such as a container's answer going back into the tunnel, is not);
 - input: through WireGuard and loopback, everything; from anywhere else, TCP only to the
   ports named open (the head's control API, SSH) and to connections this machine opened.
   Not a list of Ray's ports: some of them cannot be pinned, and a door left off a list stays
   open. UDP (WireGuard itself, DHCP, DNS answers) is left alone: Ray does not use it;
 - on the head (the hub): traffic between two nodes is forwarded for Ray's ports (workers talk
-  to each other) and ping, never for anything else: a PC cannot call another PC's engine.
+  to each other) and ping, never for anything else: a PC cannot call another PC's engine; and
+  nothing from outside the tunnel is forwarded into it.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ def ruleset(r: Rules) -> str:
         f"table inet {r.table} {{",
         "  chain prerouting {",
         "    type filter hook prerouting priority raw; policy accept;",
-        f"    iifname != {trusted} ip daddr {r.overlay_cidr} drop",
+        # Only packets for this machine's own overlay address: traffic passing through (a
+        # container's answer on docker0 going back into the tunnel) is not ours to drop.
+        f"    iifname != {trusted} ip daddr {r.overlay_cidr} fib daddr type local drop",
         "  }",
         "  chain input {",
         "    type filter hook input priority filter; policy accept;",
@@ -76,6 +80,9 @@ def ruleset(r: Rules) -> str:
             f"    {hub} icmp type echo-request accept",
             f"    {hub} tcp dport {{ {ray} }} accept",
             f"    {hub} drop",
+            # Into the tunnel only from the tunnel: the hub forwards nothing from its LAN or the
+            # internet to a node (WireGuard on the node would drop it too: wrong source address).
+            f'    oifname "{r.overlay_interface}" drop',
             "  }",
         ]
     lines.append("}")

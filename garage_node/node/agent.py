@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 
 GPU_REFRESH_S = 30.0
 FIREWALL_CHECK_S = 30.0  # rules flushed by someone else are put back within this
+# The hub is pinged through the tunnel this often; this many misses in a row mean the overlay
+# is down (a blocked UDP port, a dead tunnel) even while HTTPS to the head still works.
+HUB_PROBE_S = 5.0
+HUB_MISSES = 2
 # Supplementary groups of the Ray worker's account, where they exist: GPU device nodes.
 RAY_GROUPS = ("video", "render")
 
@@ -69,7 +73,8 @@ class Agent:
                  engine: Callable[..., EngineManager] | None = None,
                  read_inventory: Callable[[], gpu.Inventory] = gpu.read_inventory,
                  firewall: Firewall | None = None,
-                 lookup_account: Callable[[str, tuple[str, ...]], RunAs] = RunAs.lookup) -> None:
+                 lookup_account: Callable[[str, tuple[str, ...]], RunAs] = RunAs.lookup,
+                 probe_hub: Callable[[str], bool] | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.paths = StatePaths(cfg.node.state_dir)
@@ -77,6 +82,7 @@ class Agent:
         self.iface = iface or Interface(cfg.overlay.interface, cfg.overlay.implementation)
         self.firewall = firewall or Nftables()
         self.lookup_account = lookup_account
+        self.probe_hub = probe_hub or _ping
         # Ray authenticates every client with the cluster token; the worker reads it from a
         # file only its own account can read (never from the command line).
         # The runtime directory is root's (0755): the worker's account can read its own file
@@ -110,6 +116,8 @@ class Agent:
         self._client: Any = None  # the head client of the current identity
         self._overlay_ready = False  # interface up with the hub peer set, by this process
         self._firewall: tuple[Rules, float] | None = None  # rules applied, and when last checked
+        self._hub_misses = 0
+        self._next_hub_probe = 0.0
         self._ray_account: RunAs | None = None
         self._ray_token_written: str | None = None  # digest of the token in the worker's file
 
@@ -175,6 +183,7 @@ class Agent:
             if self._member():
                 self._ensure_overlay()
                 self._ensure_firewall()
+                self._probe_overlay()
                 self._heartbeat_if_due()
                 self._renew_credential_if_due()
                 self._ensure_ray()
@@ -275,6 +284,32 @@ class Agent:
         return self.cfg.node.name or socket.gethostname().split(".")[0]
 
     # -- overlay
+
+    def _probe_overlay(self) -> None:
+        """Is the tunnel really carrying traffic? A ping to the hub's overlay address, every few
+        seconds: the interface and a handshake that once happened prove nothing when UDP to the
+        hub is blocked while HTTPS to the head still gets through."""
+        now = self.clock.monotonic()
+        if not self._overlay_ready or now < self._next_hub_probe:
+            return
+        self._next_hub_probe = now + HUB_PROBE_S
+        ident = self.identity
+        assert ident is not None
+        if self.probe_hub(ident.hub_ip):
+            if self._hub_misses >= HUB_MISSES:
+                log.info("the hub answers through the overlay again")
+            self._hub_misses = 0
+            self._clear(Source.TUNNEL)
+            return
+        self._hub_misses += 1
+        if self._hub_misses >= HUB_MISSES:
+            self._fail(Source.TUNNEL, f"overlay down: the hub {ident.hub_ip} does not answer through WireGuard "
+                       f"({self._hub_misses} pings missed)",
+                       f"check that UDP to {ident.hub_endpoint} is not blocked (router, firewall); the node keeps "
+                       "trying by itself")
+
+    def _overlay_down(self) -> bool:
+        return self._overlay_ready and self._hub_misses >= HUB_MISSES
 
     def _ensure_overlay(self) -> None:
         ident = self.identity
@@ -531,6 +566,7 @@ class Agent:
         state, message = derive(Facts(
             joined=ident is not None, revoked=bool(ident and ident.revoked), enrollment=self._enrollment,
             version_mismatch=self.version_mismatch(), overlay_ready=self._overlay_ready,
+            overlay_down=self._overlay_down(),
             head_reachable=self.link.reachable, ray_running=self.ray.running,
             ray_alive_at_head=self.ray.alive_at_head, overlay_ip=ident.overlay_ip if ident else None,
             healthy_gpus=len(self.inventory.healthy_gpus), stopping=self._stopping,
@@ -638,3 +674,14 @@ def _own_dir(path, account: RunAs) -> None:
 def _renew_in(expires_in_s: float, lifetime_s: float) -> float:
     """Seconds until a renewal is due: when a third of the credential's lifetime is left."""
     return max(0.0, expires_in_s - lifetime_s / 3)
+
+
+def _ping(ip: str) -> bool:
+    """One ICMP echo to `ip` (the hub's overlay address, routed through WireGuard), 2 s to answer."""
+    import subprocess
+
+    try:
+        return subprocess.run(["ping", "-n", "-q", "-c", "1", "-W", "2", ip], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False

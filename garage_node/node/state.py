@@ -19,6 +19,7 @@ class Source(Enum):
     HEAD = "head"
     OVERLAY = "overlay"
     FIREWALL = "firewall"
+    TUNNEL = "tunnel"  # the overlay carries nothing (pings to the hub go unanswered)
     RAY = "ray"
     INTERNAL = "internal"
 
@@ -46,6 +47,7 @@ class Facts:
     overlay_ip: str | None
     healthy_gpus: int
     stopping: bool = False
+    overlay_down: bool = False  # the interface is up but the hub does not answer through it
 
 
 def derive(f: Facts) -> tuple[NodeState, str]:
@@ -63,6 +65,8 @@ def derive(f: Facts) -> tuple[NodeState, str]:
         return NodeState.JOINING, "bringing up the overlay"
     if f.head_reachable is False:
         return NodeState.DEGRADED, "head unreachable; retrying"
+    if f.overlay_down:
+        return NodeState.DEGRADED, "overlay down: the hub does not answer through WireGuard; Ray cannot work"
     if f.ray_alive_at_head and f.ray_running:
         offer = f"{f.healthy_gpus} GPU{'s' if f.healthy_gpus != 1 else ''}" if f.healthy_gpus else "CPU only"
         return NodeState.JOINED, f"joined as {f.overlay_ip}; Ray worker alive at the head ({offer})"

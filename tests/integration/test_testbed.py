@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import textwrap
 import time
 
@@ -159,6 +160,25 @@ def test_head_restart_nodes_come_back_by_themselves(region):
     wait_for(both_alive, 240, "both nodes alive in the restarted Ray head", interval=2)
     joined(n1, 60)
     joined(n2, 60)
+
+
+def test_blocked_wireguard_udp_gives_an_honest_status(region):
+    # Only WireGuard's UDP is blocked (HTTPS to the head still works): the PC must not keep
+    # saying "joined", and the head must hear that it is degraded.
+    head, n2 = region.head, region.hosts[2]
+    table = "gnt-block-wg"
+    script = f"table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n  udp dport 51820 drop\n }}\n}}\n"
+    subprocess.run(n2.wrap(["nft", "-f", "-"]), input=script, text=True, check=True)
+    try:
+        t0 = time.monotonic()
+        s = n2.wait_state("degraded", 60, predicate=lambda s: "overlay down" in s["message"])
+        took = time.monotonic() - t0
+        assert "UDP to" in s["last_error"]["hint"], s["last_error"]
+        wait_for(lambda: nodes_by_name(head)["n2"]["node_state"] == "degraded", 30, "the head to see n2 degraded")
+        print(f"UDP blocked -> status 'degraded: overlay down' after {took:.1f} s")
+    finally:
+        subprocess.run(n2.wrap(["nft", "delete", "table", "inet", table]), check=False)
+    joined(n2, 120)
 
 
 # ---------------------------------------------------------------- revoke

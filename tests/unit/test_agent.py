@@ -59,7 +59,7 @@ def rig(tmp_path, token: str = TOKEN, engine: EngineSection | None = None, regio
 
     agent = Agent(cfg, clock=clock, head_api=head, iface=iface, ray_child=ray, engine=make_engine,
                   read_inventory=lambda: Inventory((gpu(0),), "550.54.14", "12.4"), firewall=firewall,
-                  lookup_account=account)
+                  lookup_account=account, probe_hub=lambda ip: iface.tunnel_carries)
     return Rig(agent, clock, head, iface, ray, docker, probe, firewall)
 
 
@@ -420,3 +420,21 @@ def test_missing_or_root_account_keeps_ray_stopped(tmp_path):
     r = rig(tmp_path / "root", account=lambda user, groups=(): dataclasses.replace(ray_account(user), uid=0))
     r.passes()
     assert not r.ray.running and "root" in r.status().last_error.message
+
+
+def test_blocked_tunnel_is_not_called_joined(tmp_path):
+    # WireGuard's UDP blocked while HTTPS to the head still works: the head answers heartbeats,
+    # but the hub does not answer through the tunnel. Status must not say "joined".
+    r = rig(tmp_path)
+    r.head.ray_alive = True
+    r.passes(6)
+    assert r.agent.state is NodeState.JOINED
+    r.iface.tunnel_carries = False
+    r.passes(3, every_s=5.0)  # two probes missed, 5 s apart
+    s = r.status()
+    assert s.state is NodeState.DEGRADED and "overlay down" in s.message
+    assert "UDP to 10.9.0.1:51820" in s.last_error.hint
+    assert r.head.heartbeats[-1].state is NodeState.DEGRADED  # the head hears it too
+    r.iface.tunnel_carries = True
+    r.passes(3, every_s=5.0)
+    assert r.agent.state is NodeState.JOINED and r.status().last_error is None
