@@ -462,6 +462,9 @@ class Testbed:
         # still using this testbed's directory (a Ray worker orphaned by a killed agent).
         sh(["ip", "link", "delete", node.interface], check=False)
         sh(["ip", "link", "delete", node.ns], check=False)
+        # Its agent removes its firewall table when it stops; one killed leaves it in this
+        # machine's own namespace.
+        sh(["nft", "delete", "table", "inet", f"garage-node-{node.interface}"], check=False)
         for pid in _pids_using(self.dir):
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -8,9 +8,9 @@ random), and Linux accepts a packet for any local address on any interface. With
 anyone on a PC's home network, or with a forged route to an overlay address, reaches Ray,
 which runs code, and the engine. The rules:
 
-- prerouting (priority raw, before Docker's DNAT): a packet for this machine's own overlay
-  address that did not come through the WireGuard interface (or loopback) is dropped, for
-  every port (passing traffic, such as a container's answer going back into the tunnel, is not);
+- prerouting (after conntrack, before Docker's DNAT): a packet for this machine's own overlay
+  address that did not come through the WireGuard interface (or loopback) and opens or belongs
+  to no connection this machine knows is dropped, for every port;
 - input: through WireGuard and loopback, everything; from anywhere else, TCP only to the
   ports named open (the head's control API, SSH) and to connections this machine opened.
   Not a list of Ray's ports: some of them cannot be pinned, and a door left off a list stays
@@ -59,10 +59,13 @@ def ruleset(r: Rules) -> str:
         f"delete table inet {r.table}",
         f"table inet {r.table} {{",
         "  chain prerouting {",
-        "    type filter hook prerouting priority raw; policy accept;",
+        # After conntrack (-200), before Docker's DNAT (-100): answers within a connection
+        # this machine made (its own call to the engine on its overlay address, which Docker
+        # turns into a call to the container) come back on docker0 and must pass.
+        "    type filter hook prerouting priority mangle; policy accept;",
         # Only packets for this machine's own overlay address: traffic passing through (a
-        # container's answer on docker0 going back into the tunnel) is not ours to drop.
-        f"    iifname != {trusted} ip daddr {r.overlay_cidr} fib daddr type local drop",
+        # container's answer going back into the tunnel) is not ours to drop.
+        f"    iifname != {trusted} ip daddr {r.overlay_cidr} fib daddr type local ct state new,invalid,untracked drop",
         "  }",
         "  chain input {",
         "    type filter hook input priority filter; policy accept;",

@@ -21,7 +21,9 @@ def test_node_rules_shut_everything_but_the_tunnel():
     text = ruleset(NODE)
     # One transaction: the table is made (if missing), deleted and written anew.
     assert text.startswith("table inet garage-node-garage0 {}\ndelete table inet garage-node-garage0\n")
-    assert 'iifname != { "lo", "garage0" } ip daddr 100.96.0.0/16 fib daddr type local drop' in text
+    assert ('iifname != { "lo", "garage0" } ip daddr 100.96.0.0/16 fib daddr type local '
+            'ct state new,invalid,untracked drop') in text
+    assert "priority mangle" in text  # after conntrack, before Docker's DNAT
     assert "tcp dport { 22 } accept" in text and "meta l4proto tcp drop" in text
     assert "forward" not in text
 
@@ -29,7 +31,7 @@ def test_node_rules_shut_everything_but_the_tunnel():
 def test_a_machine_that_serves_others_closes_only_ray_and_the_engine():
     text = ruleset(SHARED)
     assert "tcp dport { 6379-6385, 10001, 10002-10999, 8000 } drop" in text and "meta l4proto tcp drop" not in text
-    assert 'ip daddr 100.96.0.0/16 fib daddr type local drop' in text  # the overlay address stays WireGuard-only
+    assert 'ip daddr 100.96.0.0/16 fib daddr type local ct state' in text  # the overlay address stays WireGuard-only
 
 
 def test_head_forwards_only_ray_between_nodes():
