@@ -46,6 +46,7 @@ class FleetRow:
     node_state: str | None
     last_seen_age_s: float | None
     ray_alive: bool
+    ray_checked_at: float | None  # when the Ray head last said so (never before the Ray head started)
     gpus: list[GpuRow]
     engine: EngineRow
     versions: NodeVersions | None
@@ -72,7 +73,7 @@ def row_of(n: NodeRow, now: float, offline_after_s: float) -> FleetRow:
         node_id=n.id, name=n.name, region=n.region, overlay_ip=n.overlay_ip, status=status,
         node_state=report.state.value if report else None,
         last_seen_age_s=round(now - n.last_seen, 1) if n.last_seen else None,
-        ray_alive=n.ray_alive,
+        ray_alive=n.ray_alive, ray_checked_at=n.ray_checked_at,
         gpus=[GpuRow(g.name, g.memory_total_mib, g.healthy) for g in report.gpus] if report else [],
         engine=EngineRow(e.state.value if e else None, e.model if e else None, e.endpoint if e else None,
                          e.draining if e else None),

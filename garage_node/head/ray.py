@@ -44,3 +44,16 @@ def probe(address: str, env: dict[str, str], python: str = sys.executable, timeo
     if res.returncode != 0:
         raise RuntimeError(f"Ray head at {address} did not answer: {res.stderr.strip().splitlines()[-1:] or '?'}")
     return [RayNode(**n) for n in json.loads(res.stdout)]
+
+
+def watch_command(address: str, every_s: float, python: str = sys.executable) -> list[str]:
+    """The long-lived membership watch the head keeps running (see rayprobe.py)."""
+    return [python, "-m", "garage_node.head.rayprobe", "--watch", str(every_s), address]
+
+
+def parse_watch_line(line: str) -> list[RayNode] | None:
+    """One line of the watch: the nodes, or None when the Ray head could not be asked."""
+    data = json.loads(line)
+    if isinstance(data, dict):
+        return None
+    return [RayNode(**n) for n in data]

@@ -8,7 +8,9 @@ The service starts and stops in the API's lifespan: uvicorn runs the server's li
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -23,7 +25,7 @@ from garage_node.core.supervise import Supervised
 from garage_node.head.api import create_app
 from garage_node.head.config import HeadConfig
 from garage_node.head.connguard import GuardLimits, guarded_loop_factory, guarded_protocol
-from garage_node.head.ray import head_argv, probe
+from garage_node.head.ray import head_argv, parse_watch_line, watch_command
 from garage_node.head.setup import HeadError, RayToken, open_registry, region_facts, require_init
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class HeadService:
         self.ray = Supervised("ray head", self.paths.ray_log, Backoff(1.0, 30.0),
                               env={**ray_env(), **self.ray_token.env()}, pid_file=cfg.head.state_dir / "ray-head.pid")
         self._ray_token_started: str | None = None
+        self._watcher: subprocess.Popen | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reconciler = threading.Thread(target=self._loop, name="head-reconcile", daemon=True)
@@ -59,6 +62,8 @@ class HeadService:
         self.firewall.apply(self.firewall_rules())
         self.iface.up(self.paths.wg_key.read_text().strip(), f"{hub.ip}/{self.facts.prefix_len}", self.cfg.overlay.listen_port)
         _enable_forwarding()
+        # Whatever the last head's Ray said about its nodes is stale before anyone can ask.
+        self.registry.record_ray_membership(set())
         self.sync_peers()
         # Two loops: a Ray probe can block for seconds while the Ray head starts, and peer
         # sync must not wait for it (a new node's first handshake depends on it).
@@ -73,10 +78,11 @@ class HeadService:
         self.ray.stop()
         self.iface.down()
         self.firewall.remove(self.firewall_rules().table)
-        # The prober may sit in a probe of the Ray head just stopped; it is a daemon thread
-        # with nothing of value left to write, so do not wait for it long.
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.kill()  # ends the prober's read of its output
         if self._prober.is_alive():
-            self._prober.join(timeout=2)
+            self._prober.join(timeout=5)
 
     def peers_changed(self) -> None:
         self._wake.set()
@@ -118,6 +124,9 @@ class HeadService:
         if not self.ray.running:
             # A stale pointer file from the previous Ray head blocks a new one from starting.
             (self.cfg.ray.temp_dir / "ray_current_cluster").unlink(missing_ok=True)
+            # What the last Ray head said is not what the next one will: no node is alive in
+            # it until it says so.
+            self.registry.record_ray_membership(set())
         r = self.cfg.ray
         started = self.ray.running
         self.ray.ensure(head_argv(ray_executable(r.command), self.facts.hub.ip, self.ray_ports, r.temp_dir,
@@ -126,17 +135,36 @@ class HeadService:
             self._ray_token_started = token
 
     def _probe_loop(self) -> None:
-        """Record which nodes the Ray head holds alive; nodes learn it with their heartbeat."""
-        while not self._stop.wait(RAY_PROBE_S):
+        """Record which nodes the Ray head holds alive (nodes learn it with their heartbeat),
+        from one long-lived watch process; a new one whenever it ends."""
+        while not self._stop.is_set():
             if not self.ray.running:
+                self._stop.wait(RAY_PROBE_S)
                 continue
-            try:
-                nodes = probe(self.facts.ray_address, self.ray_token.env())
-            except Exception as e:  # the Ray head may still be starting
-                log.debug("ray probe: %s", e)
-                continue
-            alive = {n.labels.get("garage.node_id", "") for n in nodes if n.alive and not n.is_head}
-            self.registry.record_ray_membership(alive)
+            self._watch_membership()
+            self._stop.wait(RAY_PROBE_S)
+
+    def _watch_membership(self) -> None:
+        proc = subprocess.Popen(watch_command(self.facts.ray_address, RAY_PROBE_S), stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, env={**os.environ, **self.ray_token.env()})
+        self._watcher = proc
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if self._stop.is_set():
+                    break
+                try:
+                    nodes = parse_watch_line(line)
+                except (ValueError, TypeError):
+                    continue
+                # No answer is no node alive: a value older than the Ray head it came from
+                # would let `head nodes` and the PCs believe in workers that are gone.
+                alive = {n.labels.get("garage.node_id", "") for n in nodes or [] if n.alive and not n.is_head}
+                self.registry.record_ray_membership(alive)
+        finally:
+            proc.kill()
+            proc.wait()
+            self._watcher = None
 
 
 def _enable_forwarding() -> None:

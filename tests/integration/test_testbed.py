@@ -152,7 +152,12 @@ def test_head_restart_nodes_come_back_by_themselves(region):
     head, n1, n2 = region.head, region.hosts[1], region.hosts[2]
     ids = {n1.status()["node_id"], n2.status()["node_id"]}
     assert head.stop(signal.SIGTERM) == 0
+    restarted = time.time()
     head.start()
+    # Never a value older than the Ray head it came from: right after the restart no node may
+    # show alive on the old Ray head's word.
+    stale = [r for r in head.nodes() if r["ray_alive"] and (r["ray_checked_at"] or 0) < restarted]
+    assert not stale, stale
 
     def both_alive():
         rows = head.nodes()
