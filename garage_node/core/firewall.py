@@ -126,7 +126,8 @@ class Nftables:
 
     @staticmethod
     def _binary() -> str:
-        nft = shutil.which("nft") or ("/usr/sbin/nft" if shutil.which("/usr/sbin/nft") else None)
+        # /usr/sbin too: a PATH without it (a user's shell, some test runners) must not hide nft.
+        nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
         if nft is None:
             raise FirewallError("the nft command is missing: install Debian's nftables package "
                                 "(apt-get install nftables); Ray stays stopped until the firewall is up")

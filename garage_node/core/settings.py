@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+import types
 import typing
 from dataclasses import MISSING, Field, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -140,7 +141,7 @@ class _Parser:
             return self.fail(where, f"must be {what}, got {_kind(value)}.")
 
         origin, args = typing.get_origin(expected), typing.get_args(expected)
-        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        if origin in (typing.Union, types.UnionType) and type(None) in args:
             inner = next(a for a in args if a is not type(None))
             return self.convert(value, inner, where)
         if expected is Path:

@@ -1,10 +1,8 @@
-"""The head's Ray: its command line, and a probe of which nodes the Ray head holds alive."""
+"""The head's Ray: its command line, and the watch of which nodes the Ray head holds alive."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,18 +30,6 @@ class RayNode:
     is_head: bool
     labels: dict[str, str]
     resources: dict[str, float]
-
-
-def probe(address: str, env: dict[str, str], python: str = sys.executable, timeout_s: float = 20.0) -> list[RayNode]:
-    """Nodes the Ray head's GCS knows, read in a child process (keeps ray out of our memory).
-    `env` carries the cluster token's path (Ray refuses a client without it)."""
-    res = subprocess.run(
-        [python, "-m", "garage_node.head.rayprobe", address],
-        capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **env},
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"Ray head at {address} did not answer: {res.stderr.strip().splitlines()[-1:] or '?'}")
-    return [RayNode(**n) for n in json.loads(res.stdout)]
 
 
 def watch_command(address: str, every_s: float, python: str = sys.executable) -> list[str]:

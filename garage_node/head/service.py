@@ -49,6 +49,7 @@ class HeadService:
                               env={**ray_env(), **self.ray_token.env()}, pid_file=cfg.head.state_dir / "ray-head.pid")
         self._ray_token_started: str | None = None
         self._watcher: subprocess.Popen | None = None
+        self._membership_cleared = False  # since the Ray head last went down
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reconciler = threading.Thread(target=self._loop, name="head-reconcile", daemon=True)
@@ -125,14 +126,17 @@ class HeadService:
             # A stale pointer file from the previous Ray head blocks a new one from starting.
             (self.cfg.ray.temp_dir / "ray_current_cluster").unlink(missing_ok=True)
             # What the last Ray head said is not what the next one will: no node is alive in
-            # it until it says so.
-            self.registry.record_ray_membership(set())
+            # it until it says so. Once per outage, not on every pass while it is down.
+            if not self._membership_cleared:
+                self.registry.record_ray_membership(set())
+                self._membership_cleared = True
         r = self.cfg.ray
         started = self.ray.running
         self.ray.ensure(head_argv(ray_executable(r.command), self.facts.hub.ip, self.ray_ports, r.temp_dir,
                                  self.cfg.head.region, r.num_cpus, r.memory_mib, r.object_store_mib))
         if self.ray.running and not started:
             self._ray_token_started = token
+            self._membership_cleared = False
 
     def _probe_loop(self) -> None:
         """Record which nodes the Ray head holds alive (nodes learn it with their heartbeat),

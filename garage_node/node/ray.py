@@ -106,9 +106,6 @@ class RayWorker:
         self.alive_at_head = alive
         self._absent_since = None if alive else (self._absent_since or now)
 
-    def forget_head(self) -> None:
-        self.alive_at_head = False
-
     def run(self, argv: list[str], head_reachable: bool, generation: str = "") -> None:
         """Keep the worker running with `argv`: restart it on new arguments or a new
         `generation` (the cluster token changed), or when the Ray head has not listed it for too long."""
