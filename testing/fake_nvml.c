@@ -17,7 +17,20 @@
  * default is driver 550.54.14 with CUDA 12.4 (12040).
  *
  * temp_c, power_mw or util_pct given as "-" answer NVML_ERROR_NOT_SUPPORTED (as on
- * some cards); fail=1 makes every query on that GPU answer NVML_ERROR_GPU_IS_LOST.
+ * some cards); fail=1 makes every query on that GPU answer NVML_ERROR_GPU_IS_LOST (fallen
+ * off the bus), any other nonzero fail that NVML error code (e.g. 999, NVML_ERROR_UNKNOWN).
+ *
+ * After the fixed fields come optional key=value fields:
+ *   plimit=<min_mw>:<max_mw>:<default_mw>  power limits (without it: NOT_SUPPORTED, as on
+ *       cards that do not allow them). The limit set is kept, as a driver keeps it, in
+ *       "<config>.limits" (one "index|mw" line per GPU), so it outlives the process that set
+ *       it and a test can read it after the agent exits.
+ *   xid=<n>  a critical Xid event on this GPU, delivered once to an event set that waits
+ *       (nvmlEventSetWait_v2) each time the value in the file changes to a nonzero one.
+ *
+ * The file is read again whenever it changes (checked on every call), so a test changes a
+ * temperature, a fault or an Xid of a running agent by writing the file anew (write a
+ * temporary file and rename it over, so no reader sees half a file).
  * Variable unset or file missing: nvmlInit answers NVML_ERROR_DRIVER_NOT_LOADED, what
  * the real library says when it is installed but the kernel module is not loaded.
  * An empty file is a driver with zero GPUs.
@@ -28,6 +41,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 typedef int nvmlReturn_t;
 enum {
@@ -35,7 +50,9 @@ enum {
     NVML_ERROR_UNINITIALIZED = 1,
     NVML_ERROR_INVALID_ARGUMENT = 2,
     NVML_ERROR_NOT_SUPPORTED = 3,
+    NVML_ERROR_NO_PERMISSION = 4,
     NVML_ERROR_INSUFFICIENT_SIZE = 7,
+    NVML_ERROR_TIMEOUT = 10,
     NVML_ERROR_DRIVER_NOT_LOADED = 9,
     NVML_ERROR_GPU_IS_LOST = 15,
     NVML_ERROR_UNKNOWN = 999,
@@ -52,7 +69,15 @@ typedef struct {
     long temp_c, power_mw, util_pct;
     int fail;
     char bus_id[32];
+    long plimit_min, plimit_max, plimit_default; /* mW; -1: not supported */
+    long xid; /* the xid= field as last read */
 } fake_gpu;
+
+/* What the "driver" holds per GPU index, kept across re-reads of the config. */
+static long limit_mw[16];     /* -1: the default */
+static long pending_xid[16];  /* an Xid not yet delivered, 0: none */
+static long last_xid[16];     /* the xid= value last seen in the file */
+static int registered[16];    /* registered with the event set */
 
 /* The opaque nvmlDevice_t handed to callers is a pointer into this array. */
 static fake_gpu gpus[MAX_GPUS];
@@ -72,13 +97,15 @@ static long reading(const char *field)
 /* Parse one config line into g; 0 on success. */
 static int parse_line(char *line, fake_gpu *g)
 {
-    char *f[11];
-    int n = 0;
+    char *f[16];
+    int n = 0, i;
     char *field;
-    while (n < 11 && (field = strsep(&line, "|")) != NULL)
+    while (n < 16 && (field = strsep(&line, "|")) != NULL)
         f[n++] = field;
     if (n < 10 || line != NULL)
         return -1;
+    /* Optional fields: a bus id (no '='), then key=value pairs. */
+    int fixed = (n >= 11 && strchr(f[10], '=') == NULL) ? 11 : 10;
     memset(g, 0, sizeof *g);
     snprintf(g->name, sizeof g->name, "%s", f[0]);
     snprintf(g->uuid, sizeof g->uuid, "%s", f[1]);
@@ -90,10 +117,21 @@ static int parse_line(char *line, fake_gpu *g)
     g->power_mw = reading(f[7]);
     g->util_pct = reading(f[8]);
     g->fail = atoi(f[9]);
-    if (n == 11)
+    if (fixed == 11)
         snprintf(g->bus_id, sizeof g->bus_id, "%s", f[10]);
     else
         snprintf(g->bus_id, sizeof g->bus_id, "00000000:%02X:00.0", gpu_count + 1);
+    g->plimit_min = g->plimit_max = g->plimit_default = -1;
+    for (i = fixed; i < n; i++) {
+        if (strncmp(f[i], "plimit=", 7) == 0) {
+            if (sscanf(f[i] + 7, "%ld:%ld:%ld", &g->plimit_min, &g->plimit_max, &g->plimit_default) != 3)
+                return -1;
+        } else if (strncmp(f[i], "xid=", 4) == 0) {
+            g->xid = strtol(f[i] + 4, NULL, 10);
+        } else {
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -114,6 +152,44 @@ static int parse_driver(char *line)
     return 0;
 }
 
+static void read_limits(const char *config)
+{
+    char path[4096], line[128];
+    unsigned i;
+    long idx, mw;
+    for (i = 0; i < MAX_GPUS; i++)
+        limit_mw[i] = -1;
+    snprintf(path, sizeof path, "%s.limits", config);
+    FILE *fp = fopen(path, "r");
+    if (!fp)
+        return;
+    while (fgets(line, sizeof line, fp))
+        if (sscanf(line, "%ld|%ld", &idx, &mw) == 2 && idx >= 0 && idx < MAX_GPUS)
+            limit_mw[idx] = mw;
+    fclose(fp);
+}
+
+static void write_limits(void)
+{
+    const char *config = getenv("GARAGE_FAKE_NVML_CONFIG");
+    char path[4096], tmp[4200];
+    unsigned i;
+    if (!config)
+        return;
+    snprintf(path, sizeof path, "%s.limits", config);
+    snprintf(tmp, sizeof tmp, "%s.%d", path, (int)getpid());
+    FILE *fp = fopen(tmp, "w");
+    if (!fp)
+        return;
+    for (i = 0; i < gpu_count; i++)
+        if (limit_mw[i] >= 0)
+            fprintf(fp, "%u|%ld\n", i, limit_mw[i]);
+    fclose(fp);
+    rename(tmp, path);
+}
+
+static struct stat loaded; /* the config file as last read: re-read when it changes */
+
 static nvmlReturn_t load_config(void)
 {
     const char *path = getenv("GARAGE_FAKE_NVML_CONFIG");
@@ -121,6 +197,8 @@ static nvmlReturn_t load_config(void)
     char line[512];
     if (!fp)
         return NVML_ERROR_DRIVER_NOT_LOADED;
+    fstat(fileno(fp), &loaded);
+    read_limits(path);
     gpu_count = 0;
     while (fgets(line, sizeof line, fp)) {
         line[strcspn(line, "\r\n")] = '\0';
@@ -140,10 +218,26 @@ static nvmlReturn_t load_config(void)
             fclose(fp);
             return NVML_ERROR_UNKNOWN;
         }
+        /* A new nonzero xid= value is an event that happened now. */
+        if (gpus[gpu_count].xid != last_xid[gpu_count] && gpus[gpu_count].xid != 0)
+            pending_xid[gpu_count] = gpus[gpu_count].xid;
+        last_xid[gpu_count] = gpus[gpu_count].xid;
         gpu_count++;
     }
     fclose(fp);
     return NVML_SUCCESS;
+}
+
+/* Called by every query: a test that rewrote the file is seen at once. */
+static void maybe_reload(void)
+{
+    const char *path = getenv("GARAGE_FAKE_NVML_CONFIG");
+    struct stat now;
+    if (!init_count || !path || stat(path, &now) != 0)
+        return;
+    if (now.st_ino != loaded.st_ino || now.st_size != loaded.st_size
+        || now.st_mtim.tv_sec != loaded.st_mtim.tv_sec || now.st_mtim.tv_nsec != loaded.st_mtim.tv_nsec)
+        load_config();
 }
 
 nvmlReturn_t nvmlInitWithFlags(unsigned int flags)
@@ -176,6 +270,8 @@ const char *nvmlErrorString(nvmlReturn_t result)
     case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
     case NVML_ERROR_DRIVER_NOT_LOADED: return "Driver Not Loaded";
     case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
+    case NVML_ERROR_NO_PERMISSION: return "Insufficient Permissions";
+    case NVML_ERROR_TIMEOUT: return "Timeout";
     default: return "Unknown Error";
     }
 }
@@ -214,6 +310,7 @@ nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count)
 {
     if (!init_count)
         return NVML_ERROR_UNINITIALIZED;
+    maybe_reload();
     if (!count)
         return NVML_ERROR_INVALID_ARGUMENT;
     *count = gpu_count;
@@ -237,7 +334,10 @@ static nvmlReturn_t check(const fake_gpu *g, const void *out)
         return NVML_ERROR_UNINITIALIZED;
     if (!out || g < gpus || g >= gpus + gpu_count)
         return NVML_ERROR_INVALID_ARGUMENT;
-    return g->fail ? NVML_ERROR_GPU_IS_LOST : NVML_SUCCESS;
+    maybe_reload();
+    if (g->fail == 1)
+        return NVML_ERROR_GPU_IS_LOST;
+    return g->fail ? g->fail : NVML_SUCCESS;
 }
 
 nvmlReturn_t nvmlDeviceGetName(fake_gpu *g, char *name, unsigned int length)
@@ -339,3 +439,144 @@ nvmlReturn_t nvmlDeviceGetPciInfo_v3(fake_gpu *g, nvmlPciInfo_t *pci)
 }
 
 nvmlReturn_t nvmlDeviceGetPciInfo_v2(fake_gpu *g, nvmlPciInfo_t *pci) { return nvmlDeviceGetPciInfo_v3(g, pci); }
+
+/* ---- power limits (mW) ---- */
+
+static nvmlReturn_t limits_of(fake_gpu *g, const void *out)
+{
+    nvmlReturn_t ret = check(g, out);
+    if (ret)
+        return ret;
+    return g->plimit_default < 0 ? NVML_ERROR_NOT_SUPPORTED : NVML_SUCCESS;
+}
+
+static long current_limit(fake_gpu *g)
+{
+    long mw = limit_mw[g - gpus];
+    return mw >= 0 ? mw : g->plimit_default;
+}
+
+nvmlReturn_t nvmlDeviceGetPowerManagementLimit(fake_gpu *g, unsigned int *limit)
+{
+    nvmlReturn_t ret = limits_of(g, limit);
+    if (!ret)
+        *limit = (unsigned int)current_limit(g);
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(fake_gpu *g, unsigned int *limit)
+{
+    return nvmlDeviceGetPowerManagementLimit(g, limit);
+}
+
+nvmlReturn_t nvmlDeviceGetPowerManagementDefaultLimit(fake_gpu *g, unsigned int *limit)
+{
+    nvmlReturn_t ret = limits_of(g, limit);
+    if (!ret)
+        *limit = (unsigned int)g->plimit_default;
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetPowerManagementLimitConstraints(fake_gpu *g, unsigned int *min, unsigned int *max)
+{
+    nvmlReturn_t ret = limits_of(g, max);
+    if (!ret && !min)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    if (!ret) {
+        *min = (unsigned int)g->plimit_min;
+        *max = (unsigned int)g->plimit_max;
+    }
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceSetPowerManagementLimit(fake_gpu *g, unsigned int limit)
+{
+    nvmlReturn_t ret = limits_of(g, g);
+    if (ret)
+        return ret;
+    if (geteuid() != 0) /* as the real library: root only */
+        return NVML_ERROR_NO_PERMISSION;
+    if ((long)limit < g->plimit_min || (long)limit > g->plimit_max)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    limit_mw[g - gpus] = limit;
+    write_limits();
+    return NVML_SUCCESS;
+}
+
+/* ---- events: one event set, critical Xids only ---- */
+
+typedef struct {
+    fake_gpu *device;
+    unsigned long long eventType, eventData;
+    unsigned int gpuInstanceId, computeInstanceId;
+} nvmlEventData_t;
+
+#define XID_CRITICAL 0x8ULL
+static int event_set; /* its address is the opaque nvmlEventSet_t */
+
+nvmlReturn_t nvmlEventSetCreate(int **set)
+{
+    if (!init_count)
+        return NVML_ERROR_UNINITIALIZED;
+    if (!set)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *set = &event_set;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetSupportedEventTypes(fake_gpu *g, unsigned long long *types)
+{
+    nvmlReturn_t ret = check(g, types);
+    if (!ret)
+        *types = XID_CRITICAL;
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceRegisterEvents(fake_gpu *g, unsigned long long types, int *set)
+{
+    nvmlReturn_t ret = check(g, g);
+    if (ret)
+        return ret;
+    if (set != &event_set || (types & ~XID_CRITICAL))
+        return NVML_ERROR_NOT_SUPPORTED;
+    registered[g - gpus] = 1;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlEventSetWait_v2(int *set, nvmlEventData_t *data, unsigned int timeout_ms)
+{
+    unsigned i;
+    if (!init_count)
+        return NVML_ERROR_UNINITIALIZED;
+    if (set != &event_set || !data)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    maybe_reload();
+    for (i = 0; i < gpu_count; i++) {
+        if (registered[i] && pending_xid[i]) {
+            memset(data, 0, sizeof *data);
+            data->device = &gpus[i];
+            data->eventType = XID_CRITICAL;
+            data->eventData = (unsigned long long)pending_xid[i];
+            pending_xid[i] = 0;
+            return NVML_SUCCESS;
+        }
+    }
+    if (timeout_ms)
+        usleep(timeout_ms > 100 ? 100000 : timeout_ms * 1000); /* nothing will come: a short nap */
+    return NVML_ERROR_TIMEOUT;
+}
+
+nvmlReturn_t nvmlEventSetWait(int *set, nvmlEventData_t *data, unsigned int timeout_ms)
+{
+    return nvmlEventSetWait_v2(set, data, timeout_ms);
+}
+
+nvmlReturn_t nvmlEventSetFree(int *set)
+{
+    unsigned i;
+    if (set != &event_set)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    for (i = 0; i < MAX_GPUS; i++)
+        registered[i] = 0;
+    return NVML_SUCCESS;
+}

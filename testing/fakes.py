@@ -16,6 +16,7 @@ from garage_node.core.firewall import FirewallError, Rules
 from garage_node.core.supervise import ChildState, RunAs
 from garage_node.core.token import JoinToken
 from garage_node.core.wire import (AgentVersions, CredentialReply, EngineReport, EngineState, EnrollReply, HeartbeatReply, HubInfo,
+                                   TokensServed,
                                    NodeReport, NodeState, RayState, RayStatus, RegionFacts, Versions)
 from garage_node.core.wireguard import Peer, PeerStatus, WireGuardError, generate_private_key, public_key_of
 from garage_node.node.engine.docker import Container, DockerError, ImageConfig
@@ -73,6 +74,8 @@ class FakeHead:
     revoked: bool = False
     ray_alive: bool = False
     ray_token: str = "ray-cluster-secret"
+    engine_api_key: str = "gne-engine-key"
+    tokens_served: TokensServed | None = None
     enrollments: int = 0
     heartbeats: list[NodeReport] = field(default_factory=list)
     # Credentials: lifetime told with heartbeats (None: a head that does not expire them),
@@ -113,7 +116,7 @@ class FakeHead:
             raise HeadUnreachable(f"head unreachable at {tok.api_url}: connection reset")
         number = int(node_id[1:])
         reply = EnrollReply(node_id=node_id, credential=self.credentials[node_id], overlay_ip=f"100.96.0.{1 + number}",
-                            ray_token=self.ray_token,
+                            ray_token=self.ray_token, engine_api_key=self.engine_api_key,
                             **{f: getattr(self.facts, f) for f in ("prefix_len", "hub", "ray_address", "region", "heartbeat_s", "versions")})
         return Identity.from_enrollment(name, tok.api_url, wg_private_key, reply, self.clock.time()), b"CA PEM"
 
@@ -137,6 +140,7 @@ class FakeHeadClient:
             raise HeadUnreachable("the head answered 401: the head does not recognise this node's credential")
         h.heartbeats.append(report)
         return HeartbeatReply(node_id=self.ident.node_id, ray_alive=h.ray_alive, ray_token=h.ray_token,
+                              engine_api_key=h.engine_api_key, tokens_served=h.tokens_served,
                               credential_expires_in_s=h.expires_in(self.ident.node_id), credential_lifetime_s=h.credential_lifetime_s,
                               **{f: getattr(h.facts, f) for f in ("prefix_len", "hub", "ray_address", "region", "heartbeat_s", "versions")})
 
@@ -338,3 +342,41 @@ class FakeFirewall:
 def ray_account(user: str, groups: tuple[str, ...] = ()) -> RunAs:
     """An unprivileged account, as RunAs.lookup would find it on a stick."""
     return RunAs(user, 990, 990, (), f"/var/lib/{user}")
+
+
+class FakeNvml:
+    """NvmlSession as the agent uses it (power limits, Xid events): cards that allow
+    `limits` = (min, max, default) watts, and Xids a test queues."""
+
+    def __init__(self, limits: tuple[int, int, int] | None = (100, 450, 450)) -> None:
+        self.limits = limits
+        self.set_w: dict[int, float] = {}  # index -> the limit in force, where changed
+        self.queued: list[tuple[int, int]] = []
+        self.watched: list[int] = []
+        self.closed = False
+
+    def watch(self, indices: list[int]) -> None:
+        self.watched = list(indices)
+
+    def xids(self) -> list[tuple[int, int]]:
+        found, self.queued = self.queued, []
+        return found
+
+    def set_power_limit(self, index: int, watts: int):
+        from garage_node.node.gpu import PowerLimit
+
+        if self.limits is None:
+            return PowerLimit(index, None, f"power limit not applied on GPU {index}: this card does not allow "
+                                           "its power limit to be set")
+        low, high, _ = self.limits
+        target = min(max(watts, low), high)
+        self.set_w[index] = target
+        return PowerLimit(index, float(target), "" if target == watts else f"{watts} W is outside this card's "
+                                                                            f"{low}-{high} W: set {target} W")
+
+    def restore(self) -> None:
+        self.set_w.clear()
+
+    def close(self) -> None:
+        self.restore()
+        self.closed = True

@@ -30,9 +30,15 @@ class FakeGPU:
     temp: int | None = 45
     power_w: float | None = 80.0
     util: int | None = 0
-    fail: bool = False  # every query on this GPU answers NVML_ERROR_GPU_IS_LOST
+    # True (or 1): every query on this GPU answers NVML_ERROR_GPU_IS_LOST (fallen off the
+    # bus); another number: that NVML error code (e.g. 999, NVML_ERROR_UNKNOWN) on this GPU.
+    fail: bool | int = False
     # The PCI address NVML reports ("00000000:01:00.0"); None: GPU i sits on bus i+1.
     bus_id: str | None = None
+    # (min, max, default) power limit in watts; None: the card does not allow power limits.
+    power_limits: tuple[int, int, int] | None = None
+    # A critical Xid: delivered once to a waiting event set whenever the value written changes.
+    xid: int = 0
 
     def line(self) -> str:
         """One line of the fake's config (format documented at the top of fake_nvml.c)."""
@@ -41,6 +47,10 @@ class FakeGPU:
                   self.temp, power_mw, self.util, int(self.fail)]
         if self.bus_id is not None:
             fields.append(self.bus_id)
+        if self.power_limits is not None:
+            fields.append("plimit=" + ":".join(str(w * 1000) for w in self.power_limits))
+        if self.xid:
+            fields.append(f"xid={self.xid}")
         text = ["-" if f is None else str(f) for f in fields]
         if any("|" in t or "\n" in t for t in text):
             raise ValueError(f"'|' and newlines cannot appear in a fake GPU field: {self}")
@@ -94,8 +104,25 @@ def write_config(path: Path, gpus: list[FakeGPU], driver: tuple[str, str] | None
     if driver is not None:
         major, minor = (int(x) for x in driver[1].split("."))
         head = f"driver|{driver[0]}|{major * 1000 + minor * 10}\n"  # NVML's encoding of CUDA versions
-    path.write_text(head + "".join(g.line() + "\n" for g in gpus))
+    # Renamed over, not rewritten: the fake re-reads the file of a running process when it
+    # changes, and must never see half of it.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(head + "".join(g.line() + "\n" for g in gpus))
+    os.replace(tmp, path)
     return path
+
+
+def power_limits_set(config_path: Path) -> dict[int, float]:
+    """The power limits (watts, by GPU index) the fake's "driver" holds for this config: what
+    a process set through nvmlDeviceSetPowerManagementLimit, kept after it exits."""
+    limits = Path(f"{config_path}.limits")
+    if not limits.exists():
+        return {}
+    out = {}
+    for line in limits.read_text().splitlines():
+        index, mw = line.split("|")
+        out[int(index)] = int(mw) / 1000
+    return out
 
 
 def env_for(lib_dir: Path, config_path: Path) -> dict[str, str]:

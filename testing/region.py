@@ -18,11 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from testing.nvml_double import FakeGPU, build_fake_nvml, env_for, write_config
+from testing.dockerd import TEST_IMAGE, NamespacedDockerd, reap_free_slots
 
 PREFIX = "gnt"
 SUBNET = "10.231.{n}.{host}/24"  # inside our own namespaces only
@@ -114,6 +116,7 @@ def cleanup_stale(prefix: str = PREFIX) -> list[str]:
                 kill_namespace(ns)
                 (OWNERS / owner).unlink(missing_ok=True)
                 gone.append(ns)
+    reap_free_slots()  # engines whose testbed dockerd was killed with its namespace
     return gone
 
 
@@ -272,6 +275,10 @@ class NodeHost(Host):
     def state_dir(self) -> Path:
         return self.dir / "state"
 
+    def engine_key(self) -> str:
+        """The key this PC's engine demands (the head's gateway gave it at enrollment)."""
+        return json.loads((self.state_dir / "identity.json").read_text())["engine_api_key"]
+
     interface: str = "garage0"
     firewall_mode = "all-tcp"  # a PC of its own: every TCP port but SSH closed to all but WireGuard
 
@@ -356,6 +363,45 @@ class RootNodeHost(NodeHost):
     @property
     def ns(self) -> str:  # not a namespace: the name of its link to the bridge
         return f"{self.testbed.prefix}-{self.name}"[:15]
+
+
+@dataclass
+class EngineNodeHost(NodeHost):
+    """A PC that serves a real engine: an ordinary NodeHost in its own network namespace, with
+    a dockerd of its own inside that namespace (testing/dockerd.py). Its agent talks to that
+    dockerd (`[engine] docker_socket`), which publishes port 8000 on this PC's own overlay
+    address, so several engine PCs run side by side. Made by `Testbed.add_engine_node`."""
+
+    dockerd: NamespacedDockerd | None = None
+    engine_section: str = ""  # the body of [engine] that configure() uses unless given another
+
+    def configure(self, token: str = "", extra: str = "", engine: str | None = None) -> None:
+        """As NodeHost.configure; `engine` defaults to the section given to add_engine_node,
+        and gets this PC's docker_socket (and a cache_dir of its own) unless it names them."""
+        body = self.engine_section if engine is None else engine
+        if body and not body.endswith("\n"):
+            body += "\n"
+        assert self.dockerd is not None
+        if "docker_socket" not in body:
+            body += f'docker_socket = "{self.dockerd.socket}"\n'
+        if "cache_dir" not in body:
+            body += f'cache_dir = "{self.dir / "models"}"\n'
+        super().configure(token, extra, engine=body)
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        """The docker CLI against this PC's own dockerd, e.g. node.docker("kill", "garage-engine")."""
+        assert self.dockerd is not None
+        return self.dockerd.docker(*args, check=check, timeout=timeout)
+
+    def engine_memory(self, container: str = "garage-engine") -> dict[str, int]:
+        """Bytes: rss (the container's anonymous memory), cache, rss_sum (its processes' VmRSS)."""
+        assert self.dockerd is not None
+        return self.dockerd.container_memory(container)
+
+    def stop_dockerd(self) -> None:
+        """Containers removed, dockerd stopped by its PID, leftovers killed by cgroup name."""
+        if self.dockerd is not None:
+            self.dockerd.stop()
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.5) -> None:
@@ -452,6 +498,21 @@ class Testbed:
         node.set_gpus(gpus or [])
         return node
 
+    def add_engine_node(self, name: str, engine: str, gpus: list[FakeGPU] | None = None) -> EngineNodeHost:
+        """A PC in its own namespace that runs a real engine through a dockerd of its own,
+        started here (the engine's image loaded into it from the machine's dockerd the first
+        time; see testing/dockerd.py). `engine` is the body of its [engine] section (e.g.
+        testing.dockerd.engine_toml(model_dir)); then `node.configure(head.token())` and
+        `node.start()` as for any node. Call it once per engine PC; cleanup stops each dockerd."""
+        node = EngineNodeHost(self, name, self._ip(10 + len(self.hosts)), engine_section=engine)
+        self._add_host(node)
+        node.env = env_for(self.nvml_dir(), node.dir / "gpus.conf")
+        node.set_gpus(gpus or [])
+        node.dockerd = NamespacedDockerd(node.ns, node.dir / "docker")
+        node.dockerd.start()
+        node.dockerd.ensure_image(tomllib.loads(engine).get("image", TEST_IMAGE))
+        return node
+
     def nvml_dir(self) -> Path:
         if self._nvml_dir is None:
             self._nvml_dir = build_fake_nvml(self.dir / "nvml")
@@ -479,6 +540,11 @@ class Testbed:
             if isinstance(host, RootNodeHost):
                 self._cleanup_root_node(host)
             else:
+                if isinstance(host, EngineNodeHost):
+                    try:
+                        host.stop_dockerd()
+                    except Exception as e:  # the namespace and the rest must still go
+                        print(f"testbed: stopping the dockerd of {host.name}: {e}", file=sys.stderr)
                 kill_namespace(host.ns)
         kill_namespace(self.switch)
         (OWNERS / self.prefix).unlink(missing_ok=True)

@@ -42,6 +42,22 @@ def add_commands(sub) -> None:
     rt = cmd("ray-token", ray_token, "rotate the Ray cluster token: the Ray head restarts with the new one, and every "
              "node gets it with its next heartbeat and restarts its Ray worker")
     rt.add_argument("action", choices=["rotate"])
+    key = cmd("key", key_cmd, "API keys for the region's OpenAI-compatible gateway: `key create NAME` prints a new "
+              "key once (only its hash is kept), `key list`, `key revoke NAME`")
+    key.add_argument("action", choices=["create", "list", "revoke"])
+    key.add_argument("name", nargs="?", help="the key's name (create, revoke): whom or what it is for")
+    key.add_argument("--models", help="comma-separated models the key may use (default: every model)")
+    key.add_argument("--rpm", type=int, help="requests per minute it may send")
+    key.add_argument("--tpm", type=int, help="tokens (prompt + completion) per minute it may use")
+    key.add_argument("--quota", type=int, help="tokens it may use in all")
+    key.add_argument("--ttl", type=duration, help="lifetime, e.g. 30d (default: until revoked)")
+    key.add_argument("--json", action="store_true", help="list as JSON")
+    usage = cmd("usage", usage_cmd, "tokens served through the gateway, from the usage ledger")
+    usage.add_argument("--by", choices=["key", "node", "model"], default="key", help="group by (default: key)")
+    usage.add_argument("--since", type=duration, help="only the last period, e.g. 24h or 7d (to the hour; default: ever)")
+    usage.add_argument("--json", action="store_true")
+    cmd("fleet-key", fleet_key, "make the fleet page's admin key (shown once, stored hashed); a new one replaces "
+        "the old and signs out everyone who used it")
 
 
 def init(args) -> int:
@@ -87,10 +103,12 @@ def token(args) -> int:
 
 def nodes(args) -> int:
     from garage_node.head import setup
-    from garage_node.head.fleet import node_rows, render_nodes
+    from garage_node.head.fleet import node_rows, render_nodes, with_tokens
+    from garage_node.head.gateway.ledger import Ledger
 
     cfg = load_head_config(args.config)
     rows = node_rows(setup.open_registry(cfg), cfg.options.offline_after_s)
+    rows = with_tokens(rows, Ledger(_gateway_store(cfg)).node_totals_all())
     print(json.dumps(encode(rows), indent=2) if args.json else render_nodes(rows))
     return 0
 
@@ -125,6 +143,117 @@ def ray_token(args) -> int:
         return EX_UNAVAILABLE
     print("Ray cluster token rotated: the running head restarts its Ray head within "
           f"{cfg.options.peer_sync_s:.0f} s; nodes restart their Ray workers after their next heartbeat.")
+    return 0
+
+
+def fleet_key(args) -> int:
+    import ipaddress
+
+    from garage_node.head.fleetpage.auth import key_file, make_key
+
+    cfg = load_head_config(args.config)
+    key = make_key(cfg.head.state_dir)
+    # The key alone on stdout (scripts capture it); where it works on stderr.
+    print(key)
+    f = cfg.fleet
+    ip = ipaddress.ip_address(f.listen_host)
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    where = f"{'http' if ip.is_loopback else 'https'}://{host}:{f.port}/"
+    print(f"fleet page admin key made (only its hash is kept, in {key_file(cfg.head.state_dir)}); it opens {where}"
+          + ("" if f.needs_key else " once [fleet] asks for it (listen_host off loopback, or require_key = true)"),
+          file=sys.stderr)
+    return 0
+
+
+def _gateway_store(cfg):
+    from garage_node.head import setup
+    from garage_node.head.gateway.gateway import database_path
+    from garage_node.head.gateway.store import Store
+
+    setup.require_init(cfg)
+    return Store(database_path(cfg.head.state_dir))
+
+
+def key_cmd(args) -> int:
+    import time
+
+    from garage_node.head.gateway.keys import KeyError_, KeyStore
+    from garage_node.head.setup import HeadError
+
+    cfg = load_head_config(args.config)
+    try:
+        keys = KeyStore(_gateway_store(cfg))
+    except HeadError as e:
+        print(f"garage-node head: {e}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if args.action in ("create", "revoke") and not args.name:
+        print(f"garage-node head key {args.action}: name the key, e.g. `garage-node head key {args.action} alice`",
+              file=sys.stderr)
+        return 2
+    now = time.time()
+    try:
+        if args.action == "create":
+            models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
+            record, secret = keys.create(args.name, now, models=models, rpm=args.rpm, tpm=args.tpm,
+                                         quota_tokens=args.quota, ttl_s=args.ttl)
+            print(secret)  # alone on stdout, for scripts; shown this once
+            print(f"key '{record.name}' made: {_key_terms(record)}. It is shown only now; keep it safe "
+                  f"(`garage-node head key revoke {record.name}` ends it).", file=sys.stderr)
+        elif args.action == "revoke":
+            record = keys.revoke(args.name, now)
+            print(f"key '{record.name}' revoked: the gateway refuses it from its next request")
+        else:
+            records = keys.all()
+            if args.json:
+                print(json.dumps([{"name": k.name, "hint": k.hint, "state": k.state(now), "models": list(k.models),
+                                   "rpm": k.rpm, "tpm": k.tpm, "quota_tokens": k.quota_tokens,
+                                   "created_at": k.created_at, "expires_at": k.expires_at, "revoked_at": k.revoked_at}
+                                  for k in records], indent=2))
+            else:
+                print(f"{'NAME':<20} {'KEY':<12} {'STATE':<8} TERMS")
+                for k in records:
+                    print(f"{k.name:<20} {k.hint + '…':<12} {k.state(now):<8} {_key_terms(k)}")
+    except KeyError_ as e:
+        print(f"garage-node head key {args.action}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _key_terms(k) -> str:
+    import time
+
+    terms = [f"models {', '.join(k.models)}" if k.models else "every model"]
+    terms += [f"{v} {unit}" for v, unit in ((k.rpm, "requests/min"), (k.tpm, "tokens/min"), (k.quota_tokens, "tokens in all"))
+              if v is not None]
+    if k.expires_at is not None:
+        terms.append("expires " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(k.expires_at)))
+    return ", ".join(terms)
+
+
+def usage_cmd(args) -> int:
+    import time
+
+    from garage_node.head.gateway.ledger import Ledger
+    from garage_node.head.setup import HeadError
+
+    cfg = load_head_config(args.config)
+    try:
+        ledger = Ledger(_gateway_store(cfg))
+    except HeadError as e:
+        print(f"garage-node head: {e}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    rows = ledger.usage(args.by, since=time.time() - args.since if args.since else 0.0)
+    if args.json:
+        print(json.dumps([{args.by: r.group, "requests": r.requests, "prompt_tokens": r.prompt_tokens,
+                           "completion_tokens": r.completion_tokens, "total_tokens": r.total_tokens} for r in rows],
+                         indent=2))
+        return 0
+    if not rows:
+        print("no usage recorded" + (" in that period" if args.since else " yet"))
+        return 0
+    print(f"{args.by.upper():<28} {'REQUESTS':>9} {'PROMPT':>10} {'COMPLETION':>11} {'TOTAL':>10}")
+    for r in rows:
+        print(f"{r.group:<28} {r.requests:>9} {r.prompt_tokens:>10} {r.completion_tokens:>11} {r.total_tokens:>10}")
     return 0
 
 

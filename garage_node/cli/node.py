@@ -1,4 +1,4 @@
-"""The node's commands: run, status, join, drain, resume, plan."""
+"""The node's commands: run, status, join, drain, resume, screen, plan."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def add_commands(sub) -> None:
     cmd("drain", drain, "stop taking work: let running requests finish, then stop the engine "
         "(survives reboots until `resume`)")
     cmd("resume", resume, "end a drain: the engine starts serving again")
+    cmd("screen", screen, "the live status screen on the PC's monitor, with keys to drain and resume "
+        "(what garage-screen.service runs on tty1)")
     pl = cmd("plan", plan, "show which model and vLLM settings fit this PC's GPUs, and the arithmetic")
     pl.add_argument("--json", action="store_true")
 
@@ -61,6 +63,13 @@ def status(args) -> int:
     doc, running = fetch(cfg)
     print(json.dumps(encode(doc), indent=2) if args.json else render(doc))
     return 0 if running else 3
+
+
+def screen(args) -> int:
+    from garage_node.node.screen import main
+
+    # Loaded by the screen itself, so a broken garage.toml is shown on the screen, not a crash loop.
+    return main(lambda: load_node_config(args.config, args.override))
 
 
 def join(args) -> int:

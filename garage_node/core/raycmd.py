@@ -20,7 +20,17 @@ MiB = 1024 * 1024
 # Ray refuses a node whose Python differs from the head's even in the patch level (3.11.2 on a
 # Debian node against 3.11.7 on a head) unless told to compare major.minor only, which is
 # what garage-node checks itself (Versions.mismatch) and what pickles need.
-RAY_ENV = {"RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL": "minor"}
+#
+# RAY_gcs_rpc_server_reconnect_timeout_s: how long a raylet keeps trying to reach a GCS that went
+# away before it gives up and exits (Ray's default: 60 s). The head's GCS keeps its state in
+# Redis (head/gcs.py), so a head that comes back after a crash, an upgrade or a reboot finds
+# the same cluster and the PC's raylet carries on with its node id; 10 minutes covers a
+# reboot of the head. A head that came back with a new cluster makes the raylet exit at once
+# (it checks the cluster id), so waiting longer costs nothing then.
+RAY_ENV = {
+    "RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL": "minor",
+    "RAY_gcs_rpc_server_reconnect_timeout_s": "600",
+}
 
 
 def local_versions() -> Versions:

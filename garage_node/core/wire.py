@@ -83,6 +83,9 @@ class NodeState(StrEnum):
     ERROR = "error"
     STOPPING = "stopping"
     AGENT_DOWN = "agent-down"  # only ever said by `status`, about an agent that is not running
+    # Joined, Ray worker alive, engine drained for a reason of the owner's: outside serving
+    # hours, or a GPU above [gpu] max_temp_c. Comes back by itself.
+    PAUSED = "paused"
 
 
 class RayState(StrEnum):
@@ -141,6 +144,10 @@ class GPU:
     utilization_pct: _int(0, 100) | None
     healthy: bool = True
     error: Message | None = None  # why this GPU is unhealthy, for a person to read
+    power_limit_w: _float(0.0, 1e5) | None = None  # the limit NVML enforces now
+    # Out of service until the agent restarts (a fault: NVML error, Xid, lost); `error` says why.
+    quarantined: bool = False
+    hot: bool = False  # above [gpu] max_temp_c and not yet cooled below the resume point
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,32 @@ class EngineStatus:
     last_log_lines: list[str] = field(default_factory=list)
     plan: str | None = None
     draining: bool | None = None
+    kv_cache_usage_pct: float | None = None
+    paused: str | None = None  # drained for the owner's serving hours or heat: why
+
+
+@dataclass(frozen=True)
+class TokensServed:
+    """Tokens (prompt + completion) a PC served through the gateway: since midnight UTC and
+    ever. The PC owner's visible contribution."""
+
+    today: Count = 0
+    total: Count = 0
+
+
+@dataclass(frozen=True)
+class ServingStatus:
+    """Whether the PC serves now and, if not, why (serving hours, heat): the owner's settings
+    at work. The owner's own `garage-node drain` is engine.draining, not this."""
+
+    serving: bool | None = True  # None: not known (the agent is down)
+    paused: Message | None = None  # why not, for a person
+    until: WallTime | None = None  # when the serving hours next change (wall clock)
+    schedule: Message | None = None  # the windows and zone, e.g. "mon-fri 23:00-08:00, sat-sun (Europe/Berlin)"
+    max_temp_c: _int(0, 200) | None = None
+    resume_temp_c: _int(0, 200) | None = None
+    power_limit_w: _int(0, 100000) | None = None  # what [gpu] power_limit_w asks for
+    power_note: Message | None = None  # what NVML made of it (clamped, refused, not supported)
 
 
 @dataclass(frozen=True)
@@ -238,6 +271,9 @@ class Status:
     versions: AgentVersions | None
     last_error: ProblemStatus | None
     agent: AgentInfo | None
+    # From the head's answer to the last heartbeat; None until the head has said.
+    tokens_served: TokensServed | None = None
+    serving: ServingStatus | None = None  # None: the agent is down
 
 
 # ---------------------------------------------------------------- node -> head
@@ -254,6 +290,9 @@ class EngineReport:
     healthy_since: WallTime | None = None
     requests_running: Count | None = None
     requests_waiting: Count | None = None
+    # The share of the engine's KV cache in use, 0-100 (vLLM's kv_cache_usage_perc): the
+    # gateway's router weighs it with the request counts.
+    kv_cache_usage_pct: _float(0.0, 100.0) | None = None
 
 
 @dataclass(frozen=True)
@@ -269,6 +308,7 @@ class NodeReport:
     versions: AgentVersions
     ray: RayStatus
     engine: EngineReport
+    serving: ServingStatus | None = None  # None: an older agent
 
 
 @dataclass(frozen=True)
@@ -300,6 +340,8 @@ class EnrollReply(RegionFacts):
     # enrolled can join Ray, even from inside the overlay. Sent again with every heartbeat
     # answer, so a rotated token reaches every node.
     ray_token: str = field(default="", repr=False)
+    # See HeartbeatReply.engine_api_key: given at enrollment too, so the first engine has it.
+    engine_api_key: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -314,6 +356,11 @@ class HeartbeatReply(RegionFacts):
     # PC's wrong clock does not matter. None from a head that does not expire credentials.
     credential_expires_in_s: float | None = None
     credential_lifetime_s: float | None = None
+    # The key this node's engine demands of every API call (vLLM's VLLM_API_KEY): only the
+    # head's gateway knows it, so nobody reaches the engine around keys and accounting.
+    engine_api_key: str = field(default="", repr=False)
+    # What this PC served through the region's gateway (the head's usage ledger).
+    tokens_served: TokensServed | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

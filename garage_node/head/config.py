@@ -75,14 +75,27 @@ class HeadRaySection:
     num_cpus: int = 0
     memory_mib: int = 0
     object_store_mib: int = 0
+    # Ray's GCS fault tolerance (head/gcs.py): the GCS keeps its state in a Redis of the head's
+    # own (Debian's redis-server, on 127.0.0.1:redis_port), so a restarted head keeps its Ray
+    # cluster and the PCs' raylets reconnect instead of dying. false: no Redis, and a head
+    # restart makes every PC restart its Ray worker.
+    gcs_fault_tolerance: bool = True
+    redis_port: int = setting(6390, check=positive())
+    redis_command: str = ""  # empty: redis-server from PATH
 
 
 @dataclass(frozen=True)
 class HeadOptions:
     default_token_ttl_s: int = 24 * 3600
-    heartbeat_s: float = 10.0
-    # A node unheard for this long is shown as offline.
-    offline_after_s: float = 45.0
+    # 5 s: a thousand PCs make 200 heartbeats/s, which one core holds (README, Benchmark).
+    heartbeat_s: float = 5.0
+    # A node unheard for this long is shown as offline: three heartbeats, so a PC lost is seen
+    # within 15 s (as Ray sees it, head/ray.py), and one late heartbeat is not an outage.
+    offline_after_s: float = 15.0
+    # The server acknowledges heartbeats from memory and writes them to the registry this often
+    # (head/registry.py): a crash loses at most this much of "last seen"; the `head nodes`
+    # command, which reads the file, is at most this far behind.
+    heartbeat_batch_s: float = setting(0.25, check=positive())
     peer_sync_s: float = 2.0
     # An enrollment whose node never came back with its credential (no authenticated
     # heartbeat) is removed after this long: its address and hub peer go, the token's use returns.
@@ -94,12 +107,80 @@ class HeadOptions:
 
 
 @dataclass(frozen=True)
+class GatewaySection:
+    """The region's OpenAI-compatible front door (head/gateway/)."""
+
+    enabled: bool = True
+    listen_host: str = "0.0.0.0"
+    port: int = setting(8080, check=(lambda v: 0 < v < 65536, "a TCP port (1-65535)"))
+    # A certificate and key (PEM files) to serve HTTPS; empty: plain HTTP, for a reverse proxy
+    # (Caddy, nginx) in front that holds the public certificate (see the README).
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Prometheus metrics for the whole region, on their own listener (loopback by default:
+    # they name keys and PCs).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = setting(9464, check=(lambda v: 0 < v < 65536, "a TCP port (1-65535)"))
+    max_body_bytes: int = setting(4 * 1024 * 1024, check=positive())
+    # How long to wait for a PC to accept the connection, and for its first byte; past either
+    # the request goes to another PC serving the model (at most max_attempts PCs in all).
+    connect_timeout_s: float = setting(3.0, check=positive())
+    first_byte_timeout_s: float = setting(120.0, check=positive())
+    # Once a stream has begun: this long without a byte from the PC ends it with an error event.
+    stream_idle_timeout_s: float = setting(60.0, check=positive())
+    max_attempts: int = setting(3, check=positive())
+    # A PC not heard from for this long takes no new requests.
+    stale_after_s: float = setting(15.0, check=positive())
+    # Routing (head/gateway/router.py): prefix affinity when at least this share of the prompt
+    # matches what a PC served, unless load is skewed by more than balance_abs requests and
+    # balance_rel times.
+    affinity_threshold: float = setting(0.3, check=(lambda v: 0.0 <= v <= 1.0, "a share between 0 and 1"))
+    balance_abs: int = setting(64, check=positive())
+    balance_rel: float = setting(1.5, check=positive())
+
+    def problems(self):
+        if bool(self.tls_cert) != bool(self.tls_key):
+            yield "tls_cert", "and tls_key go together: set both (HTTPS) or neither (plain HTTP behind a proxy)."
+
+
+@dataclass(frozen=True)
+class FleetSection:
+    """The operator's fleet page (head/fleetpage/): read-only, on a listener of its own, never
+    on the control API's or the gateway's."""
+
+    enabled: bool = True
+    # Loopback by default: open it through an SSH tunnel. Any other address needs the admin
+    # key (`garage-node head fleet-key`) and is served over HTTPS with the head's certificate.
+    listen_host: str = setting("127.0.0.1", check=(lambda v: _ip_address(v), "an IP address of this machine"))
+    port: int = setting(8444, check=(lambda v: 0 < v < 65536, "a TCP port (1-65535)"))
+    # Ask for the admin key on loopback too (anyone with a shell on the head reaches loopback).
+    require_key: bool = False
+    # How much of each PC's history (state changes, temperature, throughput) the page keeps,
+    # in memory only.
+    history_hours: float = setting(6.0, check=(lambda v: 0 < v <= 48, "between 0 and 48 hours"))
+
+    @property
+    def needs_key(self) -> bool:
+        return self.require_key or not ipaddress.ip_address(self.listen_host).is_loopback
+
+
+def _ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
 class HeadConfig:
     head: HeadSection = field(default_factory=HeadSection)
     api: ApiSection = field(default_factory=ApiSection)
     overlay: HubSection = field(default_factory=HubSection)
     ray: HeadRaySection = field(default_factory=HeadRaySection)
     options: HeadOptions = field(default_factory=HeadOptions)
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    fleet: FleetSection = field(default_factory=FleetSection)
 
     @property
     def network(self) -> ipaddress.IPv4Network:

@@ -19,6 +19,11 @@ class GpuRow:
     name: str
     memory_total_mib: int
     healthy: bool
+    temperature_c: int | None = None
+    quarantined: bool = False  # out until the node's agent restarts; `error` says why
+    hot: bool = False  # above the owner's max_temp_c
+    error: str | None = None
+    power_limit_w: float | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,9 @@ class FleetRow:
     enrolled_at: float
     revoked_at: float | None
     report_error: str | None = None
+    paused: str | None = None  # why the PC does not serve now: the owner's hours, heat
+    tokens_served_today: int = 0  # through the gateway (its usage ledger), since 00:00 UTC
+    tokens_served_total: int = 0
 
 
 def node_rows(reg: Registry, offline_after_s: float, now: float | None = None) -> list[FleetRow]:
@@ -74,11 +82,13 @@ def row_of(n: NodeRow, now: float, offline_after_s: float) -> FleetRow:
         node_state=report.state.value if report else None,
         last_seen_age_s=round(now - n.last_seen, 1) if n.last_seen else None,
         ray_alive=n.ray_alive, ray_checked_at=n.ray_checked_at,
-        gpus=[GpuRow(g.name, g.memory_total_mib, g.healthy) for g in report.gpus] if report else [],
+        gpus=[GpuRow(g.name, g.memory_total_mib, g.healthy, g.temperature_c, g.quarantined, g.hot, g.error,
+                     g.power_limit_w) for g in report.gpus] if report else [],
         engine=EngineRow(e.state.value if e else None, e.model if e else None, e.endpoint if e else None,
                          e.draining if e else None),
         versions=NodeVersions(report.versions.agent, report.versions.ray, report.versions.python) if report else None,
         enrolled_at=n.enrolled_at, revoked_at=n.revoked_at, report_error=error,
+        paused=report.serving.paused if report and report.serving else None,
     )
 
 
@@ -94,12 +104,37 @@ def _report(n: NodeRow) -> tuple[NodeReport | None, str | None]:
 def render_nodes(rows: list[FleetRow]) -> str:
     if not rows:
         return "No nodes yet. Make a join token with `garage-node head token create`."
-    out = [f"{'NODE':<13}{'NAME':<16}{'OVERLAY IP':<15}{'STATUS':<9}{'RAY':<6}{'SEEN':<7}{'ENGINE':<30}GPUS"]
+    out = [f"{'NODE':<13}{'NAME':<16}{'OVERLAY IP':<15}{'STATUS':<9}{'RAY':<6}{'SEEN':<7}{'ENGINE':<30}{'TOKENS':>8}  GPUS"]
     for r in rows:
-        gpus = ", ".join(f"{g.name} {g.memory_total_mib / 1024:.0f}G{'' if g.healthy else ' (bad)'}" for g in r.gpus) or "CPU only"
+        gpus = ", ".join(f"{g.name} {g.memory_total_mib / 1024:.0f}G{_gpu_flag(g)}" for g in r.gpus) or "CPU only"
         seen = f"{r.last_seen_age_s:.0f}s" if r.last_seen_age_s is not None else "-"
         e = r.engine
         engine = f"{e.state} {e.model or ''}".strip() if e.state else "-"
         out.append(f"{r.node_id:<13}{r.name[:15]:<16}{r.overlay_ip:<15}{r.status:<9}"
-                   f"{'alive' if r.ray_alive else '-':<6}{seen:<7}{engine[:29]:<30}{gpus}")
+                   f"{'alive' if r.ray_alive else '-':<6}{seen:<7}{engine[:29]:<30}{_count(r.tokens_served_total):>8}  {gpus}"
+                   + (f"  paused: {r.paused}" if r.paused else ""))
     return "\n".join(out)
+
+
+def _count(n: int) -> str:
+    """1234567 -> "1.2M": tokens at a glance."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def with_tokens(rows: list[FleetRow], totals: dict) -> list[FleetRow]:
+    """The rows with each PC's tokens served (`totals`: node id -> ledger Totals)."""
+    from dataclasses import replace
+
+    return [replace(r, tokens_served_today=totals[r.node_id].today, tokens_served_total=totals[r.node_id].total)
+            if r.node_id in totals else r for r in rows]
+
+
+def _gpu_flag(g: GpuRow) -> str:
+    if g.quarantined:
+        return " (quarantined)"
+    if not g.healthy:
+        return " (bad)"
+    return f" (hot {g.temperature_c}°C)" if g.hot else ""

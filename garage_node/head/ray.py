@@ -10,9 +10,29 @@ from pathlib import Path
 from garage_node.core.raycmd import RayPorts, label_value, sizing_args
 
 
+# How fast the GCS declares a PC dead. A check waits for its answer up to the timeout, then the
+# period, so a PC cut off is dead after about period + threshold x (timeout + period): Ray's
+# defaults (3 s, 10 s, 5) gave 65 s measured; 2 s / 2 s / 5 still gave 19 s. Here 2 s / 1 s / 4:
+# 14 s at worst, inside the 15 s in which the head calls a PC offline
+# (HeadOptions.offline_after_s). 1 s is still 20-50 times a home link's round trip, and the
+# check is a gRPC call the raylet answers off its main work, so a busy gaming PC is not called
+# dead. 1,000 PCs make 500 checks/s, small work for the GCS (C++).
+# Read by the GCS from its environment (Ray's RAY_<setting> convention).
+HEALTH_CHECK_ENV = {
+    "RAY_health_check_initial_delay_ms": "2000",
+    "RAY_health_check_period_ms": "2000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "4",
+}
+
+
 def head_argv(ray_cmd: str, ip: str, ports: RayPorts, temp_dir: Path, region: str,
-              num_cpus: int = 0, memory_mib: int = 0, object_store_mib: int = 0) -> list[str]:
-    return [
+              num_cpus: int = 0, memory_mib: int = 0, object_store_mib: int = 0,
+              redis_password: str = "") -> list[str]:
+    """`redis_password`: the GCS keeps its state in the head's Redis (head/gcs.py; its address
+    goes in the environment, RAY_REDIS_ADDRESS). Ray takes the password on this command line
+    only (see the README's Security section)."""
+    argv = [
         ray_cmd, "start", "--head", "--block",
         "--node-ip-address", ip, *ports.head_args(),
         "--temp-dir", str(temp_dir),
@@ -20,6 +40,9 @@ def head_argv(ray_cmd: str, ip: str, ports: RayPorts, temp_dir: Path, region: st
         "--labels", f"garage.role=head,garage.region={label_value(region)}",
         *sizing_args(num_cpus, memory_mib, object_store_mib),
     ]
+    if redis_password:
+        argv += ["--redis-password", redis_password]
+    return argv
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 from dataclasses import replace
 
@@ -25,12 +27,18 @@ from garage_node.core.supervise import Supervised
 from garage_node.head.api import create_app
 from garage_node.head.config import HeadConfig
 from garage_node.head.connguard import GuardLimits, guarded_loop_factory, guarded_protocol
-from garage_node.head.ray import head_argv, parse_watch_line, watch_command
+from garage_node.head.gcs import GcsStore, open_store
+from garage_node.head.ray import HEALTH_CHECK_ENV, head_argv, parse_watch_line, watch_command
+from garage_node.head.gateway.gateway import Gateway
+from garage_node.head.listener import BackgroundServer
+from garage_node.head.reports import Reports
 from garage_node.head.setup import HeadError, RayToken, open_registry, region_facts, require_init
 
 log = logging.getLogger(__name__)
 
 RAY_PROBE_S = 2.0
+# How often the head hands memory freed after a load back to the system (see _trim_memory).
+TRIM_EVERY_S = 30.0
 
 
 class HeadService:
@@ -38,15 +46,30 @@ class HeadService:
 
     def __init__(self, cfg: HeadConfig, firewall: Firewall | None = None) -> None:
         self.cfg = cfg
+        _fewer_malloc_arenas()  # before the API's worker threads exist
         self.paths = require_init(cfg)
-        self.registry = open_registry(cfg)
+        # Heartbeats are held in memory and written in batches (registry.py); stop() writes the rest.
+        self.registry = open_registry(cfg, batch_s=cfg.options.heartbeat_batch_s)
         self.facts = region_facts(cfg, self.paths)
         self.iface = wireguard.Interface(cfg.overlay.interface, cfg.overlay.implementation)
         self.ray_token = RayToken(self.paths.ray_token)
         self.ray_ports = replace(RAY_PORTS, gcs=cfg.ray.port)
         self.firewall = firewall or Nftables()
+        self.gcs: GcsStore | None = None
+        self.redis: Supervised | None = None
+        if cfg.ray.gcs_fault_tolerance:
+            self.gcs = open_store(cfg.head.state_dir / "redis", cfg.ray.redis_port, cfg.ray.redis_command)
+            if self.gcs is None:
+                log.warning("redis-server is not installed: the Ray head runs without GCS fault tolerance, so a "
+                            "head restart makes every PC restart its Ray worker (scripts/install-deps installs it)")
+            else:
+                self.redis = Supervised("redis (Ray GCS store)", cfg.head.state_dir / "logs" / "redis.log",
+                                        Backoff(1.0, 30.0), pid_file=self.gcs.paths.pid_file)
+        self._redis_waiting_since: float | None = None
         self.ray = Supervised("ray head", self.paths.ray_log, Backoff(1.0, 30.0),
-                              env={**ray_env(), **self.ray_token.env()}, pid_file=cfg.head.state_dir / "ray-head.pid")
+                              env={**ray_env(), **self.ray_token.env(), **HEALTH_CHECK_ENV,
+                                   **(self.gcs.ray_env() if self.gcs else {})},
+                              pid_file=cfg.head.state_dir / "ray-head.pid")
         self._ray_token_started: str | None = None
         self._watcher: subprocess.Popen | None = None
         self._membership_cleared = False  # since the Ray head last went down
@@ -76,7 +99,12 @@ class HeadService:
         self._wake.set()
         if self._reconciler.is_alive():
             self._reconciler.join(timeout=30)
+        self.registry.close()  # first: the heartbeats still in memory, before the slow stops below
         self.ray.stop()
+        if self.redis is not None:
+            # After the GCS: what it wrote stays in Redis' file for the next head (SIGTERM makes
+            # Redis write its append-only file out before it exits).
+            self.redis.stop()
         self.iface.down()
         self.firewall.remove(self.firewall_rules().table)
         watcher = self._watcher
@@ -92,11 +120,20 @@ class HeadService:
         api = self.cfg.api
         return Rules(table=f"garage-head-{self.cfg.overlay.interface}", overlay_interface=self.cfg.overlay.interface,
                      overlay_cidr=self.cfg.overlay.cidr, ray_ports=tuple(self.ray_ports.ranges()),
-                     open_tcp=tuple(sorted({api.port, *api.open_tcp})), hub=True)
+                     open_tcp=tuple(sorted({api.port, *api.open_tcp, *self._gateway_ports()})), hub=True)
+
+    def _gateway_ports(self) -> tuple[int, ...]:
+        # The OpenAI API is for everyone (its keys guard it); the metrics listener is opened
+        # only if the operator put it on a non-loopback address on purpose.
+        g = self.cfg.gateway
+        if not g.enabled:
+            return ()
+        return (g.port,) + (() if g.metrics_host.startswith("127.") else (g.metrics_port,))
 
     # -- reconcile
 
     def _loop(self) -> None:
+        trimmed = time.monotonic()
         while not self._stop.is_set():
             try:
                 self.sync_peers()
@@ -104,6 +141,9 @@ class HeadService:
                 sdnotify.watchdog()
             except Exception:  # keep the head serving; the next pass retries
                 log.exception("head reconcile pass failed")
+            if time.monotonic() - trimmed > TRIM_EVERY_S:
+                _trim_memory()
+                trimmed = time.monotonic()
             self._wake.wait(self.cfg.options.peer_sync_s)
             self._wake.clear()
 
@@ -132,11 +172,37 @@ class HeadService:
                 self._membership_cleared = True
         r = self.cfg.ray
         started = self.ray.running
+        if not self._gcs_store_ready():
+            return
         self.ray.ensure(head_argv(ray_executable(r.command), self.facts.hub.ip, self.ray_ports, r.temp_dir,
-                                 self.cfg.head.region, r.num_cpus, r.memory_mib, r.object_store_mib))
+                                 self.cfg.head.region, r.num_cpus, r.memory_mib, r.object_store_mib,
+                                 redis_password=self.gcs.password if self.gcs else ""))
         if self.ray.running and not started:
             self._ray_token_started = token
             self._membership_cleared = False
+
+    def _gcs_store_ready(self) -> bool:
+        """Redis running (restarted if it died) and, before a Ray head starts, answering: a
+        GCS started on a store that is not there yet would begin a new cluster. True without
+        fault tolerance."""
+        if self.gcs is None or self.redis is None:
+            return True
+        if not self.redis.running:
+            self.gcs.write_config()
+        self.redis.ensure(self.gcs.argv())
+        if self.ray.running:
+            return True
+        if self.redis.running and self.gcs.ready():
+            self._redis_waiting_since = None
+            return True
+        now = time.monotonic()
+        if self._redis_waiting_since is None:
+            self._redis_waiting_since = now
+        elif now - self._redis_waiting_since > 30:
+            log.warning("the Ray head waits for its GCS store (redis on %s), which does not answer yet; see %s",
+                        self.gcs.address, self.redis.log_path)
+            self._redis_waiting_since = now
+        return False
 
     def _probe_loop(self) -> None:
         """Record which nodes the Ray head holds alive (nodes learn it with their heartbeat),
@@ -171,6 +237,34 @@ class HeadService:
             self._watcher = None
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _fewer_malloc_arenas() -> None:
+    """glibc gives each thread that allocates its own malloc arena (up to 8 per core); the API
+    runs handlers in up to 40 threads, and a thousand PCs' connections left the head at 400 MB
+    after a load, most of it freed but scattered over those arenas. Two arenas hold the same
+    work (the GIL runs one thread at a time anyway). M_ARENA_MAX is mallopt's -8."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-8, 2)
+
+
+def _trim_memory() -> None:
+    """Return freed heap pages to the system, so the head's RSS comes back down after a load
+    (a burst of enrollments or reconnections) instead of staying at its peak."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def _enable_forwarding() -> None:
     # Hub and spoke: node-to-node packets arrive on the hub interface and leave through it again.
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
@@ -181,18 +275,48 @@ def run(cfg: HeadConfig) -> None:
 
     service = HeadService(cfg)
     p = service.paths
+    reports = Reports()
+    # Listeners beside the control API (the gateway, the fleet page), each built here and
+    # started once the service is up; a listener that cannot bind stops the head with why.
+    listeners: list[BackgroundServer] = []
+    node_extras: Callable[[str], dict[str, Any]] = lambda _node_id: {}  # noqa: E731
+    gateway = None
+    if cfg.gateway.enabled:
+        gateway = Gateway(cfg.gateway, cfg.head.state_dir,
+                          lambda: {n.id: n.name for n in service.registry.nodes()})
+        reports.subscribe(gateway.on_report)
+        node_extras = gateway.node_extras
+        listeners.extend(gateway_listeners(cfg, gateway))
+    if cfg.fleet.enabled:
+        # The operator's fleet page ([fleet]): a history fed by every accepted heartbeat.
+        from garage_node.head.fleetpage import History
+        from garage_node.head.fleetpage.listener import fleet_listener
+
+        history = History(cfg.options.offline_after_s, window_s=cfg.fleet.history_hours * 3600)
+        reports.subscribe(history.record)
+        usage = gateway.ledger.node_totals_all if gateway is not None else None  # tokens served per PC
+        listeners.append(fleet_listener(cfg, service.registry, history, p.pki, usage))
 
     def started() -> None:
         service.start()
+        if gateway is not None:
+            gateway.start()
+        for listener in listeners:
+            listener.start()
         sdnotify.ready(f"serving {cfg.api_url}, hub {service.facts.hub.ip} on {cfg.overlay.interface}")
 
     def stopping() -> None:
         sdnotify.stopping()
+        for listener in reversed(listeners):
+            listener.stop()
+        if gateway is not None:
+            gateway.stop()  # the usage ledger's last batch
         service.stop()
 
     app = create_app(service.registry, service.facts, p.pki.ca_cert.read_bytes(), service.peers_changed,
                      on_startup=started, on_shutdown=stopping, ray_token=service.ray_token.value,
-                     max_body_bytes=cfg.api.max_body_bytes)
+                     max_body_bytes=cfg.api.max_body_bytes, reports=reports,
+                     node_extras=lambda node_id: node_extras(node_id))
     # The API faces the internet: uvicorn's h11 protocol with a deadline for every request and
     # a cap on connections per address, and a loop that bounds TLS handshakes (connguard.py).
     limits = GuardLimits(request_timeout_s=cfg.api.request_timeout_s,
@@ -214,3 +338,23 @@ def run(cfg: HeadConfig) -> None:
     server.run()
     if not server.started:
         raise HeadError("the head could not start (the reason is in the log above)")
+
+
+def gateway_listeners(cfg: HeadConfig, gateway: Gateway) -> list[BackgroundServer]:
+    """The OpenAI API (facing users: the same guards as the control API) and the metrics."""
+    import uvicorn
+    from prometheus_client import make_asgi_app
+
+    from garage_node.head.gateway.app import create_gateway_app
+
+    g = cfg.gateway
+    limits = GuardLimits(request_timeout_s=cfg.api.request_timeout_s,
+                         max_connections_per_client=cfg.api.max_connections_per_client,
+                         tls_handshake_timeout_s=cfg.api.tls_handshake_timeout_s)
+    tls = {"ssl_certfile": g.tls_cert, "ssl_keyfile": g.tls_key} if g.tls_cert else {}
+    api = uvicorn.Config(create_gateway_app(gateway), host=g.listen_host, port=g.port, log_level="warning",
+                         access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=10,
+                         http=guarded_protocol(limits), loop=guarded_loop_factory(limits), **tls)  # type: ignore[arg-type]
+    metrics = uvicorn.Config(make_asgi_app(gateway.metrics.registry), host=g.metrics_host, port=g.metrics_port,
+                             log_level="warning", access_log=False)
+    return [BackgroundServer("gateway", api), BackgroundServer("metrics", metrics)]

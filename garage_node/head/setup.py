@@ -50,9 +50,11 @@ def paths(cfg: HeadConfig) -> HeadPaths:
     return HeadPaths(cfg.head.state_dir)
 
 
-def open_registry(cfg: HeadConfig) -> Registry:
+def open_registry(cfg: HeadConfig, batch_s: float | None = None) -> Registry:
+    """`batch_s`: the server's registry holds heartbeats in memory and writes them in batches;
+    the CLI's (the default) writes at once."""
     return Registry(paths(cfg).registry, cfg.network, credential_lifetime_s=cfg.options.credential_lifetime_s,
-                    credential_overlap_s=cfg.options.credential_overlap_s)
+                    credential_overlap_s=cfg.options.credential_overlap_s, batch_s=batch_s)
 
 
 def init(cfg: HeadConfig) -> list[str]:

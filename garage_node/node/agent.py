@@ -33,21 +33,24 @@ from garage_node.core.raycmd import RAY_PORTS, local_versions, ray_env
 from garage_node.core.supervise import RunAs, Supervised
 from garage_node.core.wire import MAX_GPUS, clip
 from garage_node.core.wire import (AgentInfo, AgentVersions, EngineReport, HeadStatus, HeartbeatReply, NodeReport,
-                                   NodeState, OverlayStatus, ProblemStatus, RayResources, RayStatus, Status)
+                                   NodeState, OverlayStatus, ProblemStatus, RayResources, RayStatus, Status,
+                                   TokensServed)
 from garage_node.core.wireguard import Interface, Peer, WireGuardError, public_key_of
 from garage_node.node import gpu, identity, keys
 from garage_node.node.config import NodeConfig
 from garage_node.node.engine.manager import EngineManager
 from garage_node.node.engine.spec import EngineConfigError, EngineSpec, desired_spec
-from garage_node.node.headclient import HeadApi, HeadError, Revoked
+from garage_node.node.headclient import BeatTimer, HeadApi, HeadError, Revoked
 from garage_node.node.identity import Identity
 from garage_node.node.paths import StatePaths
 from garage_node.node.ray import Child, RayWorker, ray_worker_command, worker_argv, worker_labels
 from garage_node.node.state import Facts, Problem, Source, derive
+from garage_node.core.wire import ServingStatus
+from garage_node.node.gpuguard import GpuGuard
+from garage_node.node.schedule import Schedule, system_timezone
 
 log = logging.getLogger(__name__)
 
-GPU_REFRESH_S = 30.0
 FIREWALL_CHECK_S = 30.0  # rules flushed by someone else are put back within this
 # The hub is pinged through the tunnel this often; this many misses in a row mean the overlay
 # is down (a blocked UDP port, a dead tunnel) even while HTTPS to the head still works.
@@ -74,7 +77,8 @@ class Agent:
                  read_inventory: Callable[[], gpu.Inventory] = gpu.read_inventory,
                  firewall: Firewall | None = None,
                  lookup_account: Callable[[str, tuple[str, ...]], RunAs] = RunAs.lookup,
-                 probe_hub: Callable[[str], bool] | None = None) -> None:
+                 probe_hub: Callable[[str], bool] | None = None,
+                 nvml: gpu.NvmlSession | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.paths = StatePaths(cfg.node.state_dir)
@@ -96,11 +100,19 @@ class Agent:
         # with a fake Docker): engine(cfg.engine, drain_flag, desired, clock=...).
         self.engine = (engine or EngineManager)(cfg.engine, self.paths.drain_flag, self._engine_desired, clock=clock)
         self.read_inventory = read_inventory
+        # Serving hours, power and heat, per-GPU faults (the owner's [schedule] and [gpu]).
+        self.nvml = nvml or gpu.NvmlSession()
+        self.guard = GpuGuard(cfg.gpu.max_temp_c, cfg.gpu.resume_below_c)
+        self.schedule = Schedule(cfg.schedule.windows, _zone(cfg.schedule.timezone))
+        self.serving = ServingStatus()
+        self._raw_inventory = gpu.Inventory()  # NVML's last reading, before the guard's judgement
+        self._power_notes: dict[int, str] = {}
         self.versions = local_versions()
         self.started_at = clock.monotonic()
         self.identity: Identity | None = None
         self.inventory = gpu.Inventory()
         self.link = HeadLink()
+        self.tokens_served: TokensServed | None = None  # as the head's last answer said
         self.problem: Problem | None = None
         self.state, self.message = NodeState.STARTING, "starting"
         self._enrollment: tuple[NodeState, str] | None = None  # what the enrollment step last said
@@ -118,6 +130,7 @@ class Agent:
         self._firewall: tuple[Rules, float] | None = None  # rules applied, and when last checked
         self._hub_misses = 0
         self._next_hub_probe = 0.0
+        self._beat_timer = BeatTimer()  # heartbeats spread over time (headclient.py)
         self._ray_account: RunAs | None = None
         self._ray_token_written: str | None = None  # digest of the token in the worker's file
 
@@ -153,6 +166,7 @@ class Agent:
         sdnotify.stopping()
         self._tell_head_now()
         self.engine.shutdown()
+        self.nvml.close()  # power limits back to the cards' defaults
         self.ray.stop()
         self.iface.down()
         self._remove_firewall()
@@ -200,9 +214,60 @@ class Agent:
 
     def _refresh_gpus(self) -> None:
         now = self.clock.monotonic()
-        if self._gpus_read_at is None or now - self._gpus_read_at > GPU_REFRESH_S:
-            self.inventory = self.read_inventory()
+        # Xid events are queued by NVML; asked for on every pass (it never waits) so a card
+        # that faults leaves the plan within a pass, not a refresh period.
+        xids = self.nvml.xids()
+        due = self._gpus_read_at is None or now - self._gpus_read_at >= self.cfg.gpu.refresh_s
+        if due:
+            self._raw_inventory = self._with_power_limits(self.read_inventory())
             self._gpus_read_at = now
+            self.nvml.watch([g.index for g in self._raw_inventory.gpus if g.healthy])
+        if due or xids:
+            self.inventory = self.guard.observe(self._raw_inventory, xids)
+        self._decide_serving()
+
+    def _with_power_limits(self, inv: gpu.Inventory) -> gpu.Inventory:
+        """[gpu] power_limit_w on every healthy GPU (NVML keeps it; re-set only if changed)."""
+        watts = self.cfg.gpu.power_limit_w
+        if not watts:
+            return inv
+        gpus = []
+        for g in inv.gpus:
+            if g.healthy and g.index not in self.guard.quarantined:
+                result = self.nvml.set_power_limit(g.index, watts)
+                if result.note and self._power_notes.get(g.index) != result.note:
+                    log.warning("%s", result.note)
+                self._power_notes[g.index] = result.note
+                if result.applied_w is not None:
+                    g = dataclasses.replace(g, power_limit_w=result.applied_w)
+            gpus.append(g)
+        return dataclasses.replace(inv, gpus=tuple(gpus))
+
+    def _decide_serving(self) -> None:
+        """Serve now? The owner's hours first, then heat on the GPUs the engine uses. The engine
+        drains for either and comes back by itself; the owner's own drain stays the owner's."""
+        g = self.cfg.gpu
+        hours = self.schedule.at(self.clock.time())
+        paused = None if hours.serving else f"outside serving hours until {hours.until_text()}"
+        paused = paused or self.guard.heat_reason(self._engine_gpus())
+        self.engine.hold(paused)
+        notes = sorted({n for n in self._power_notes.values() if n})
+        self.serving = ServingStatus(
+            serving=paused is None, paused=clip(paused, 512),
+            until=hours.until.timestamp() if hours.until else None,
+            schedule=clip(_schedule_words(self.cfg.schedule.windows, self.schedule.tz), 512),
+            max_temp_c=g.max_temp_c or None, resume_temp_c=g.resume_below_c if g.max_temp_c else None,
+            power_limit_w=g.power_limit_w or None, power_note=clip("; ".join(notes), 512) if notes else None)
+
+    def _engine_gpus(self) -> tuple[int, ...]:
+        """The GPU indices the engine runs on (or would), per the planner; () if none."""
+        if not self.cfg.engine.enabled:
+            return ()
+        try:
+            wanted = self._engine_desired()
+        except EngineConfigError:
+            return ()
+        return tuple(int(i) for i in wanted[0].gpu_ids) if wanted else ()
 
     # -- enrollment
 
@@ -355,13 +420,18 @@ class Agent:
         ident = self.identity
         assert ident is not None
         updated = ident.with_region(reply)
+        hub_moved = updated != ident
         if reply.ray_token:  # rotated at the head: the worker restarts with the new one
             updated = dataclasses.replace(updated, ray_token=reply.ray_token)
+        if reply.engine_api_key:  # a new key replaces the engine container (its spec changes)
+            updated = dataclasses.replace(updated, engine_api_key=reply.engine_api_key)
+        self.tokens_served = reply.tokens_served
         if updated != ident:
             identity.save(self.paths, updated)
             self.identity = updated
+        if hub_moved:
             self._overlay_ready = False  # re-apply the hub peer
-        self.link.next_call = now + updated.heartbeat_s
+        self.link.next_call = now + self._beat_timer.next_in(updated.heartbeat_s)  # jittered: see BeatTimer
         self._clear(Source.HEAD)
         if reply.credential_expires_in_s is not None and reply.credential_lifetime_s:
             self._renew_at = now + _renew_in(reply.credential_expires_in_s, reply.credential_lifetime_s)
@@ -536,7 +606,7 @@ class Agent:
         ident = self.identity
         if ident is None or ident.revoked or not self._overlay_ready or not self._firewall_up():
             return None
-        return desired_spec(self.cfg.engine, self.inventory, ident.overlay_ip)
+        return desired_spec(self.cfg.engine, self.inventory, ident.overlay_ip, ident.engine_api_key)
 
     def _engine_model(self) -> str | None:
         if not self.cfg.engine.enabled:
@@ -570,6 +640,7 @@ class Agent:
             head_reachable=self.link.reachable, ray_running=self.ray.running,
             ray_alive_at_head=self.ray.alive_at_head, overlay_ip=ident.overlay_ip if ident else None,
             healthy_gpus=len(self.inventory.healthy_gpus), stopping=self._stopping,
+            paused=self.serving.paused, gpu_notes=tuple(self.guard.notes()),
         ))
         with self._lock:
             if (state, message) != (self.state, self.message):
@@ -617,6 +688,8 @@ class Agent:
             versions=AgentVersions(agent=__version__, ray=self.versions.ray, python=self.versions.python),
             last_error=self._problem_status(now),
             agent=AgentInfo(pid=os.getpid(), uptime_s=round(now - self.started_at, 1)),
+            tokens_served=self.tokens_served,
+            serving=self.serving,
         )
 
     def _report(self) -> NodeReport:
@@ -627,9 +700,11 @@ class Agent:
         return NodeReport(
             state=s.state, message=clip(s.message, 512), gpus=s.gpus, gpu_note=clip(s.gpu_note, 512),
             driver_version=s.driver_version, cuda_version=s.cuda_version, versions=s.versions, ray=s.ray,
-            engine=EngineReport(state=e.state, model=e.model, endpoint=e.endpoint, draining=e.draining,
+            serving=s.serving,
+            # Paused for the owner's hours or heat: no new work, as with the owner's drain.
+            engine=EngineReport(state=e.state, model=e.model, endpoint=e.endpoint, draining=e.draining or bool(e.paused),
                                 healthy_since=e.healthy_since, requests_running=e.requests_running,
-                                requests_waiting=e.requests_waiting),
+                                requests_waiting=e.requests_waiting, kv_cache_usage_pct=e.kv_cache_usage_pct),
         )
 
     def _problem_status(self, now: float) -> ProblemStatus | None:
@@ -669,6 +744,16 @@ def _own_dir(path, account: RunAs) -> None:
                     os.lchown(name, account.uid, account.gid)
                 except FileNotFoundError:
                     pass
+
+
+def _zone(name: str):
+    from zoneinfo import ZoneInfo
+
+    return ZoneInfo(name) if name else system_timezone()
+
+
+def _schedule_words(windows: tuple[str, ...], tz) -> str:
+    return f"{', '.join(windows)} ({tz})" if windows else "always"
 
 
 def _renew_in(expires_in_s: float, lifetime_s: float) -> float:

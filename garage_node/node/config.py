@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from garage_node.core.settings import ConfigError, one_of, parse, read_toml, setting
+from garage_node.node.schedule import WINDOW_HELP, check_timezone, check_windows
 
 DEFAULT_NODE_CONFIG = Path("/etc/garage-node/node.toml")
 DEFAULT_NODE_OVERRIDE = Path("/boot/garage/garage.toml")
@@ -107,6 +108,7 @@ class EngineSection:
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     hub_token: str = setting("", secret=True)  # passed to the container, never shown
+    # The Docker Engine API's unix socket (the testbed points each engine PC at a dockerd of its own).
     docker_socket: str = "/var/run/docker.sock"
     container_name: str = "garage-engine"
     # Restarts within crash_window_s that turn "restarting" into "degraded".
@@ -115,6 +117,39 @@ class EngineSection:
     startup_timeout_s: float = 900.0  # a first start may download many GB
     drain_grace_s: float = 120.0
     stop_timeout_s: int = 30
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    """Serving hours: outside them the PC drains its engine and stays joined (node/schedule.py)."""
+
+    # Empty: always serving. E.g. ["mon-fri 23:00-08:00", "sat-sun"].
+    windows: tuple[str, ...] = setting((), check=(check_windows, "a list of " + WINDOW_HELP))
+    # An IANA zone ("Europe/Berlin"); empty: the PC's own (TZ, else /etc/localtime).
+    timezone: str = setting("", check=(check_timezone, "an IANA time zone such as Europe/Berlin, or empty for the PC's own"))
+
+
+def _temp_ok(v: int) -> bool:
+    return v == 0 or 40 <= v <= 110
+
+
+@dataclass(frozen=True)
+class GpuSection:
+    """Power and heat of this PC's GPUs, and how often NVML is read."""
+
+    # Watts per GPU, set through NVML and clamped to what each card allows; 0: leave the
+    # card's own limit. Restored to the card's default when the agent stops.
+    power_limit_w: int = setting(0, check=(lambda v: 0 <= v <= 2000, "0 (the card's own limit) or watts up to 2000"))
+    # Above this a GPU's engine is drained until the GPU cools to resume_temp_c; 0: no limit.
+    max_temp_c: int = setting(0, check=(_temp_ok, "0 (no limit) or between 40 and 110 °C"))
+    # 0: 10 °C below max_temp_c. Must be below max_temp_c, or the engine would flap.
+    resume_temp_c: int = setting(0, check=(lambda v: v == 0 or 20 <= v <= 105, "0 (10 °C below max_temp_c) or between 20 and 105 °C"))
+    # Seconds between NVML readings (temperatures, health, Xid events).
+    refresh_s: float = setting(10.0, check=(lambda v: 1.0 <= v <= 300.0, "between 1 and 300 seconds"))
+
+    @property
+    def resume_below_c(self) -> int:
+        return self.resume_temp_c or self.max_temp_c - 10
 
 
 @dataclass(frozen=True)
@@ -139,6 +174,8 @@ class NodeConfig:
     engine: EngineSection = field(default_factory=EngineSection)
     wifi: WifiSection = field(default_factory=WifiSection)
     ssh: SshSection = field(default_factory=SshSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    gpu: GpuSection = field(default_factory=GpuSection)
 
     @property
     def socket_path(self) -> Path:
@@ -153,7 +190,17 @@ def load_node_config(path: Path | None = None, override: Path | None = None) -> 
     for source in (path, override):
         if source.exists():
             cfg = parse(cfg, read_toml(source, ConfigError), source, error=ConfigError)
+    check_across(cfg, f"{path} with {override}")
     return cfg
+
+
+def check_across(cfg: NodeConfig, source: str) -> None:
+    """Rules between keys (each key's own rule is its setting's check)."""
+    g = cfg.gpu
+    # A resume point at or above the limit would drain and resume the engine on every reading.
+    if g.max_temp_c and g.resume_temp_c and g.resume_temp_c >= g.max_temp_c:
+        raise ConfigError(f"{source}: [gpu] resume_temp_c must be below max_temp_c (or 0 for 10 °C below it); "
+                          "lower resume_temp_c or raise max_temp_c.")
 
 
 def main(argv: list[str]) -> int:
@@ -166,7 +213,7 @@ def main(argv: list[str]) -> int:
         for name in argv:
             if not Path(name).is_file():
                 raise ConfigError(f"{name}: no such file")
-            parse(NodeConfig(), read_toml(Path(name), ConfigError), name, error=ConfigError)
+            check_across(parse(NodeConfig(), read_toml(Path(name), ConfigError), name, error=ConfigError), name)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 78

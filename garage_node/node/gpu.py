@@ -6,6 +6,7 @@ and a GPU that misbehaves is reported unhealthy while the others keep working.
 
 from __future__ import annotations
 
+import ctypes
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,7 @@ def _healthy_gpu(index: int, handle) -> GPU:
     memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
     major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
     power_mw = _optional(lambda: pynvml.nvmlDeviceGetPowerUsage(handle))
+    limit_mw = _optional(lambda: pynvml.nvmlDeviceGetPowerManagementLimit(handle))
     return GPU(
         index=index,
         name=_text(pynvml.nvmlDeviceGetName(handle)),
@@ -164,6 +166,7 @@ def _healthy_gpu(index: int, handle) -> GPU:
             lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)),
         power_w=None if power_mw is None else round(power_mw / 1000, 1),
         utilization_pct=_optional(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+        power_limit_w=None if limit_mw is None else round(limit_mw / 1000, 1),
     )
 
 
@@ -226,3 +229,148 @@ def _cuda_version(value: int) -> str:
 def _text(value) -> str:
     # Some pynvml versions return bytes, newer ones str.
     return value.decode() if isinstance(value, bytes) else value
+
+
+# ---------------------------------------------------------------- power limits and Xid events
+
+# Xids that an application's own bug causes (a bad kernel, a page fault, a killed context):
+# the card is fine, so they are logged, not held against it. Every other critical Xid
+# (ECC double-bit 48, fallen off the bus 79, GSP 119/120, ...) quarantines the GPU.
+APPLICATION_XIDS = frozenset({13, 31, 43, 45, 63})
+XID_NAMES = {48: "double-bit ECC error", 61: "internal micro-controller breakpoint", 62: "internal micro-controller halt",
+             64: "ECC page retirement failure", 74: "NVLink error", 79: "GPU has fallen off the bus",
+             92: "high single-bit ECC error rate", 94: "contained ECC error", 95: "uncontained ECC error",
+             119: "GSP RPC timeout", 120: "GSP error"}
+
+
+@dataclass(frozen=True)
+class PowerLimit:
+    """What became of [gpu] power_limit_w on one GPU."""
+
+    index: int
+    applied_w: float | None  # the limit set; None when NVML would not
+    note: str = ""  # clamped to the card's range, refused, not supported
+
+
+class NvmlSession:
+    """NVML held open for the agent's lifetime, for what a one-off read cannot do: power limits
+    (set once, undone when the agent stops) and Xid events (delivered only to an event set
+    registered beforehand). NVML counts inits, so read_inventory's own init/shutdown beside it
+    stays correct. Nothing here raises: a failure is a note, and the node serves on."""
+
+    def __init__(self) -> None:
+        self._open = False
+        self._events = None  # the event set, once registered
+        self._handles: dict[int, object] = {}
+        self._changed: dict[int, int] = {}  # index -> default limit (mW) to restore at exit
+        self.note: str | None = None  # why events or limits are unavailable, for the log
+
+    def _ensure_open(self) -> bool:
+        if self._open:
+            return True
+        if pynvml is None:
+            return False
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError:
+            return False  # read_inventory says why (CPU node); nothing to limit or watch
+        self._open = True
+        return True
+
+    def _handle(self, index: int):
+        if index not in self._handles:
+            self._handles[index] = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return self._handles[index]
+
+    def watch(self, indices: list[int]) -> None:
+        """Register each GPU for critical Xid events (once; GPUs that cannot are left out)."""
+        if not indices or self._events is not None or not self._ensure_open():
+            return
+        try:
+            events = pynvml.nvmlEventSetCreate()
+        except pynvml.NVMLError as err:
+            self.note = f"Xid events unavailable: {_describe(err)}"
+            return
+        for index in indices:
+            try:
+                pynvml.nvmlDeviceRegisterEvents(self._handle(index), pynvml.nvmlEventTypeXidCriticalError, events)
+            except pynvml.NVMLError as err:
+                # Not supported on this card, or the GPU is already lost: the others are watched.
+                self.note = f"Xid events unavailable on GPU {index}: {_describe(err)}"
+        self._events = events
+
+    def xids(self) -> list[tuple[int, int]]:
+        """(GPU index, Xid) for every event NVML has queued; never waits."""
+        if self._events is None:
+            return []
+        found: list[tuple[int, int]] = []
+        by_handle = {ctypes_address(h): i for i, h in self._handles.items()}
+        for _ in range(64):  # bounded: a storm of events must not hold the pass
+            try:
+                data = pynvml.nvmlEventSetWait_v2(self._events, 0)
+            except pynvml.NVMLError as err:
+                if err.value != pynvml.NVML_ERROR_TIMEOUT:
+                    self.note = f"reading Xid events failed: {_describe(err)}"
+                break
+            if data.eventType & pynvml.nvmlEventTypeXidCriticalError:
+                found.append((by_handle.get(ctypes_address(data.device), -1), int(data.eventData)))
+        return found
+
+    def set_power_limit(self, index: int, watts: int) -> PowerLimit:
+        """Set `watts` on GPU `index`, clamped to the card's range; remembered for restore()."""
+        if not self._ensure_open():
+            return PowerLimit(index, None, "NVML is not available")
+        try:
+            handle = self._handle(index)
+            low, high = pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)
+            default = pynvml.nvmlDeviceGetPowerManagementDefaultLimit(handle)
+            current = pynvml.nvmlDeviceGetPowerManagementLimit(handle)
+            target = min(max(watts * 1000, low), high)
+            note = "" if target == watts * 1000 else (
+                f"{watts} W is outside this card's {low / 1000:.0f}-{high / 1000:.0f} W: set {target / 1000:.0f} W")
+            if current != target:
+                pynvml.nvmlDeviceSetPowerManagementLimit(handle, target)
+                self._changed.setdefault(index, default)
+            return PowerLimit(index, target / 1000, note)
+        except pynvml.NVMLError as err:
+            code = getattr(err, "value", None)
+            if code == pynvml.NVML_ERROR_NO_PERMISSION:
+                why = "NVML refused (setting a power limit needs root)"
+            elif code in _not_available_codes():
+                why = "this card does not allow its power limit to be set"
+            else:
+                why = f"NVML failed: {_describe(err)}"
+            return PowerLimit(index, None, f"power limit not applied on GPU {index}: {why}")
+
+    def restore(self) -> None:
+        """Every limit this agent changed back to the card's default (the agent is stopping)."""
+        for index, default in list(self._changed.items()):
+            try:
+                pynvml.nvmlDeviceSetPowerManagementLimit(self._handle(index), default)
+            except pynvml.NVMLError:
+                pass  # a lost GPU keeps whatever it has; a reboot resets it anyway
+            del self._changed[index]
+
+    def close(self) -> None:
+        self.restore()
+        if not self._open:
+            return
+        if self._events is not None:
+            try:
+                pynvml.nvmlEventSetFree(self._events)
+            except pynvml.NVMLError:
+                pass
+            self._events = None
+        self._handles.clear()
+        self._open = False
+        _shutdown()
+
+
+def ctypes_address(handle) -> int:
+    """A device handle's pointer value: events name the device by the same pointer."""
+    return ctypes.cast(handle, ctypes.c_void_p).value or 0
+
+
+def describe_xid(xid: int) -> str:
+    name = XID_NAMES.get(xid)
+    return f"Xid {xid}" + (f" ({name})" if name else "")

@@ -7,6 +7,7 @@ typed messages of core.wire; failures become one of three exceptions the agent c
 
 from __future__ import annotations
 
+import random
 import ssl
 import time
 from typing import Any
@@ -19,6 +20,31 @@ from garage_node.core.wire import CredentialReply, EnrollReply, HeartbeatReply, 
 from garage_node.node.identity import Identity
 
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+# Each period between heartbeats is the head's heartbeat_s, give or take this much.
+HEARTBEAT_JITTER = 0.10
+
+
+class BeatTimer:
+    """How long until the next heartbeat: spread, so that a thousand PCs that came up together
+    (power back in a street, a LAN party) do not beat the head in step.
+
+    The first heartbeat goes at once (it is how a PC joins and shows up at the head); the wait
+    after it is a random part of a period (10-100 %), which scatters PCs that booted in the same
+    second over the whole period; every wait after that is the period ±10 %, which keeps them
+    scattered (the head's clock and network delays would otherwise pull them together again
+    only slowly, never apart). The agent adds these delays to its injectable clock."""
+
+    def __init__(self, rng: random.Random | None = None, jitter: float = HEARTBEAT_JITTER) -> None:
+        self.rng = rng or random.Random()
+        self.jitter = jitter
+        self._scattered = False
+
+    def next_in(self, period_s: float) -> float:
+        if not self._scattered:
+            self._scattered = True
+            return period_s * self.rng.uniform(0.1, 1.0)
+        return period_s * self.rng.uniform(1.0 - self.jitter, 1.0 + self.jitter)
 
 
 class HeadError(Exception):

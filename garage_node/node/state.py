@@ -48,6 +48,9 @@ class Facts:
     healthy_gpus: int
     stopping: bool = False
     overlay_down: bool = False  # the interface is up but the hub does not answer through it
+    # Why the PC does not serve now though it could: outside serving hours, a hot GPU.
+    paused: str | None = None
+    gpu_notes: tuple[str, ...] = ()  # quarantined or hot GPUs, in a few words each
 
 
 def derive(f: Facts) -> tuple[NodeState, str]:
@@ -68,6 +71,14 @@ def derive(f: Facts) -> tuple[NodeState, str]:
     if f.overlay_down:
         return NodeState.DEGRADED, "overlay down: the hub does not answer through WireGuard; Ray cannot work"
     if f.ray_alive_at_head and f.ray_running:
+        # Paused only once fully joined: a PC outside its hours still shows that it is part of
+        # the region and would serve, and any problem above outranks the owner's pause.
+        if f.paused:
+            # A quarantined GPU outlasts the pause, so it is said too (heat is in `paused`).
+            out = "".join(f"; {n}" for n in f.gpu_notes if "quarantined" in n)
+            return NodeState.PAUSED, f.paused + out
         offer = f"{f.healthy_gpus} GPU{'s' if f.healthy_gpus != 1 else ''}" if f.healthy_gpus else "CPU only"
-        return NodeState.JOINED, f"joined as {f.overlay_ip}; Ray worker alive at the head ({offer})"
+        # A quarantined GPU leaves the node serving on the others: joined, and it says so.
+        notes = "".join(f"; {n}" for n in f.gpu_notes)
+        return NodeState.JOINED, f"joined as {f.overlay_ip}; Ray worker alive at the head ({offer}{notes})"
     return NodeState.JOINING, "Ray worker starting" if f.ray_running else "Ray worker waiting to restart"

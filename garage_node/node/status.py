@@ -8,7 +8,7 @@ import time
 from garage_node import __version__
 from garage_node.core.raycmd import local_versions
 from garage_node.core.wire import (AgentVersions, EngineState, EngineStatus, HeadStatus, NodeState, OverlayStatus, ProblemStatus,
-                                   RayState, RayStatus, Status, WireError)
+                                   RayState, RayStatus, ServingStatus, Status, WireError)
 from garage_node.core.wireguard import Interface
 from garage_node.node import gpu, identity
 from garage_node.node.config import NodeConfig
@@ -65,7 +65,17 @@ def offline_status(cfg: NodeConfig, why: str) -> Status:
         last_error=ProblemStatus(message=why, age_s=0.0,
                                  hint="start the agent: systemctl start garage-node (logs: journalctl -u garage-node)"),
         agent=None,
+        serving=_configured_serving(cfg),
     )
+
+
+def _configured_serving(cfg: NodeConfig) -> ServingStatus:
+    """The owner's settings, as far as they are known without the agent (not whether it serves)."""
+    g, windows = cfg.gpu, cfg.schedule.windows
+    zone = cfg.schedule.timezone or "the PC's time zone"
+    return ServingStatus(serving=None, schedule=f"{', '.join(windows)} ({zone})" if windows else "always",
+                         max_temp_c=g.max_temp_c or None, resume_temp_c=g.resume_below_c if g.max_temp_c else None,
+                         power_limit_w=g.power_limit_w or None)
 
 
 def render(s: Status) -> str:
@@ -77,11 +87,17 @@ def render(s: Status) -> str:
 
     add("State:", f"{_dot(s.state)} {STATE_WORDS.get(s.state, s.state.value)}: {s.message}")
     _gpus(s, add, lines)
+    if s.serving is not None:
+        for i, text in enumerate(_serving(s)):
+            add("Serving:" if i == 0 else "", text)
     add("Overlay:", _overlay(s.overlay))
     add("Head:", _head(s.head))
     add("Ray:", _ray(s.ray))
     for i, text in enumerate(_engine(s.engine)):
         add("Engine:" if i == 0 else "", text)
+    if s.tokens_served is not None:
+        add("Served:", f"{_tokens(s.tokens_served.today)} tokens today, {_tokens(s.tokens_served.total)} in all "
+                       "(through the region's gateway)")
     err = s.last_error
     if err:
         retry = f" (retrying in {err.retry_in_s:.0f} s)" if err.retry_in_s is not None else ""
@@ -95,7 +111,7 @@ def render(s: Status) -> str:
 
 def _dot(state: NodeState) -> str:
     return {NodeState.JOINED: "●", NodeState.REVOKED: "✗", NodeState.ERROR: "✗", NodeState.AGENT_DOWN: "✗",
-            NodeState.DEGRADED: "!"}.get(state, "○")
+            NodeState.DEGRADED: "!", NodeState.PAUSED: "‖"}.get(state, "○")
 
 
 def _gpus(s: Status, add, lines: list[str]) -> None:
@@ -107,12 +123,33 @@ def _gpus(s: Status, add, lines: list[str]) -> None:
             extra = "  ".join(x for x in (
                 f"{g.temperature_c}°C" if g.temperature_c is not None else "",
                 f"{g.power_w:.0f} W" if g.power_w is not None else "",
-                f"{g.utilization_pct}% busy" if g.utilization_pct is not None else "") if x)
-            text = f"{g.index}  {g.name}  {g.memory_total_mib / 1024:.1f} GiB  {extra}  ok"
+                f"{g.utilization_pct}% busy" if g.utilization_pct is not None else "",
+                f"limit {g.power_limit_w:.0f} W" if g.power_limit_w is not None else "") if x)
+            health = "TOO HOT: engine paused until it cools" if g.hot else "ok"
+            text = f"{g.index}  {g.name}  {g.memory_total_mib / 1024:.1f} GiB  {extra}  {health}"
         else:
             text = f"{g.index}  {g.name}  UNHEALTHY: {g.error}"
         add("GPUs:" if i == 0 else "", text)
     lines.append(f"{'':<11}driver {s.driver_version}, CUDA {s.cuda_version}")
+
+
+def _serving(s: Status) -> list[str]:
+    v = s.serving
+    assert v is not None
+    first = {True: "yes", None: "unknown (agent not running)"}.get(v.serving, f"PAUSED: {v.paused}")
+    if v.schedule and v.schedule != "always":
+        first += f"; hours {v.schedule}"
+    lines = [first]
+    limits = []
+    if v.max_temp_c:
+        limits.append(f"max {v.max_temp_c}°C, back below {v.resume_temp_c}°C")
+    if v.power_limit_w:
+        limits.append(f"power limit {v.power_limit_w} W")
+    if limits:
+        lines.append("; ".join(limits))
+    if v.power_note:
+        lines.append(v.power_note)
+    return lines
 
 
 def _overlay(o: OverlayStatus) -> str:
@@ -174,6 +211,13 @@ def _engine(e: EngineStatus) -> list[str]:
         lines.append("last engine log lines:")
         lines += [f"  {line[:150]}" for line in e.last_log_lines[-8:]]
     return lines
+
+
+def _tokens(n: int) -> str:
+    for unit, size in ((" G", 1e9), (" M", 1e6), (" k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
 
 
 def _age(seconds: float | None) -> str:

@@ -29,6 +29,9 @@ from pathlib import Path
 
 import pytest
 
+from garage_node.core.wire import NodeState
+from screenshot import prove_screen
+
 pytestmark = pytest.mark.image
 
 if os.geteuid() != 0 or not shutil.which("qemu-system-x86_64"):
@@ -54,6 +57,8 @@ country = "DE"
 [ssh]
 authorized_keys = ["{SSH_KEY}"]
 """
+# What the screen may show in large type (garage_node.node.screen): every node state.
+SCREEN_STATES = {s.value.upper() for s in NodeState}
 # Boot went wrong: no point waiting for the marker.
 EMERGENCY = ("Reached target emergency.target", "Cannot open access to console", "Kernel panic")
 BOOT_TIMEOUT = int(os.environ.get("GARAGE_IMAGE_BOOT_TIMEOUT", "600"))
@@ -126,7 +131,8 @@ def _parse(log: str) -> dict:
 def booted(image: Path) -> dict:
     log = OUT / "serial.log"
     pidfile = OUT / "qemu.pid"
-    for f in (log, pidfile):
+    qmp = OUT / "qmp.sock"  # QEMU's control socket: screendump and send-key for the screen's tests
+    for f in (log, pidfile, qmp):
         f.unlink(missing_ok=True)
     # QEMU's user-mode network would forward the guest's traffic to wherever it asks: run it
     # in an empty network namespace of our own (loopback only), so nothing leaves this machine.
@@ -136,7 +142,7 @@ def booted(image: Path) -> dict:
     t0 = time.monotonic()
     runner = subprocess.Popen(
         [str(REPO / "image" / "qemu-run.sh"), str(image), "--grow", "2G", "--serial-log", str(log),
-         "--pidfile", str(pidfile), "--timeout", str(BOOT_TIMEOUT + 60), "--netns", netns],
+         "--pidfile", str(pidfile), "--timeout", str(BOOT_TIMEOUT + 300), "--netns", netns, "--qmp", str(qmp)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     booted_at = None
@@ -156,6 +162,10 @@ def booted(image: Path) -> dict:
                 break
             time.sleep(2)
         text = log.read_text(errors="replace") if log.exists() else ""
+        # The PC's screen, read from the VM's display while it still runs: this boot serves
+        # the screen's tests too (one boot less in CI). Artifacts: out/test/screen*.png.
+        screen = (prove_screen(qmp, OUT, SCREEN_STATES) if "GARAGE-NODE-END" in text
+                  else {"error": "the boot did not finish: no screen to read"})
     finally:
         # QEMU by its pid, then the qemu-run.sh wrapper (and its `timeout`) by pid.
         try:
@@ -172,6 +182,7 @@ def booted(image: Path) -> dict:
         subprocess.run(["ip", "netns", "delete", netns], check=False)
     info = _parse(text)
     info["log"] = text
+    info["screen"] = screen
     info["booted_s"] = booted_at
     print(f"serial log: {log}")
     print(f"boot to marker: {booted_at if booted_at is None else round(booted_at, 1)} s (QEMU start -> GARAGE-NODE-BOOTED)")
@@ -244,6 +255,64 @@ def test_ssh_and_wifi_follow_garage_toml(booted):
 def test_network_and_no_failed_units(booted):
     assert "10.0.2.15" in booted.get("ipv4", "")
     assert booted["failed_units"] == "none", booted["failed_units"]
+
+
+# ------------------------------------------------------------------ the PC's screen (tty1)
+# Read from QEMU's display (screendump) in the boot above: tests/image/screenshot.py.
+
+
+def _status_state(booted) -> str:
+    """The node state `garage-node status` printed in the marker's summary ("State:     x error:
+    ..."; a few states it words for a person, "agent not running" is agent-down)."""
+    from garage_node.node.status import STATE_WORDS
+
+    line = next((s for s in booted["status"] if s.startswith("State:")), "")
+    m = re.match(r"State:\s+\S+\s+([^:]+):", line)
+    assert m, booted["status"]
+    words = {w: state.value for state, w in STATE_WORDS.items()}
+    return words.get(m.group(1), m.group(1))
+
+
+def test_screen_shows_the_state_in_large_type(booted):
+    """garage-screen.service owns tty1 (no login prompt there) and shows the node's state in
+    block letters: read back cell by cell, it is the state `garage-node status` printed (this
+    node's token is unusable: `error`). The screenshot is kept as out/test/screen.png."""
+    screen = booted["screen"]
+    print(f"screen: {screen.get('png')} {screen.get('size')} word={screen.get('word')!r} error={screen.get('error')}")
+    assert screen.get("word"), screen.get("error")
+    assert screen["word"] == _status_state(booted).upper()
+
+
+def test_screen_text_reads_back(booted):
+    """The ordinary lines, by OCR (tesseract): the node's name and the problem in the words of
+    `garage-node status`."""
+    screen = booted["screen"]
+    assert screen.get("word"), screen.get("error")
+    # OCR reads the console font's hyphen as a dash now and then: one kind of dash, once.
+    text = re.sub(r"[-—–]+", "-", " ".join(screen["ocr"].split()).lower())
+    print(f"OCR: {text[:600]}")
+    assert NODE_NAME in text
+    assert "join token" in text
+    assert "alt+f2" in text.replace(" ", "")
+
+
+def test_screen_drain_key_says_when_it_is_safe_to_power_off(booted):
+    """`d` on the PC's keyboard drains through the agent, and the screen turns to SAFE TO POWER
+    OFF (a green banner) once the agent says the engine is drained; `r` resumes and it goes."""
+    screen = booted["screen"]
+    assert screen.get("word"), screen.get("error")
+    assert screen["drained_banner"], f"no banner after d: {screen.get('error')}"
+    assert "SAFE TO POWER OFF" in " ".join(screen["drained_ocr"].upper().split())
+    assert screen["resumed"], f"the banner stayed after r: {screen.get('error')}"
+    assert TOKEN not in screen["ocr"] and TOKEN not in screen["drained_ocr"]
+
+
+def test_screen_leaves_a_login_console_on_tty2(booted):
+    """Alt+F2 shows a login prompt (logind's autovt on tty2), Alt+F1 the screen again."""
+    screen = booted["screen"]
+    assert screen.get("word"), screen.get("error")
+    assert screen["tty2_login"], f"no login prompt on tty2: {screen.get('error')}"
+    assert screen["tty1_back"], f"Alt+F1 did not bring the screen back: {screen.get('error')}"
 
 
 # ------------------------------------------------------------------ garage-boot-config

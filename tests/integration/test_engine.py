@@ -98,10 +98,11 @@ def healthy(node, timeout=300, predicate=None):
     return node.wait_state("joined", timeout, predicate=ok)
 
 
-def complete(head, endpoint: str, prompt: str = "Hello", max_tokens: int = 8) -> dict:
+def complete(head, endpoint: str, key: str, prompt: str = "Hello", max_tokens: int = 8) -> dict:
+    """Straight to the engine, with its key (what the head's gateway does)."""
     body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens})
     out = head.run(["curl", "-sf", "--max-time", "60", "-H", "Content-Type: application/json",
-                    "-d", body, f"{endpoint}/v1/completions"], timeout=90).stdout
+                    "-H", f"Authorization: Bearer {key}", "-d", body, f"{endpoint}/v1/completions"], timeout=90).stdout
     return json.loads(out)
 
 
@@ -115,8 +116,14 @@ def test_engine_serves_a_completion_over_the_overlay(region):
     assert bindings == {"8000/tcp": [{"HostIp": s["overlay"]["address"], "HostPort": "8000"}]}
     labels = json.loads(docker("inspect", "-f", "{{json .Config.Labels}}", "garage-engine"))
     assert labels["garage-node.managed"] == "true" and len(labels["garage-node.spec-hash"]) == 16
-    reply = complete(head, e["endpoint"])
+    reply = complete(head, e["endpoint"], node.engine_key())
     assert reply["model"] == MODEL and reply["choices"][0]["text"]
+    # Without the engine's key (what any other PC has), the engine refuses.
+    body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1})
+    refused = head.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "30", "-H",
+                        "Content-Type: application/json", "-d", body, f"{e['endpoint']}/v1/completions"]).stdout
+    assert refused == "401"
+    assert node.engine_key() not in docker("inspect", "-f", "{{json .Config.Cmd}}", "garage-engine")
     # The head hears which model the node serves and where.
     def head_knows() -> bool:
         row = next(r for r in head.nodes() if r["name"] == "e1")
@@ -129,7 +136,7 @@ def test_engine_serves_a_completion_over_the_overlay(region):
 def test_metrics_reach_status(region):
     head, node = region.head, region.hosts[1]
     endpoint = node.status()["engine"]["endpoint"]
-    complete(head, endpoint, max_tokens=64)
+    complete(head, endpoint, node.engine_key(), max_tokens=64)
     s = healthy(node, 30, predicate=lambda s: s["engine"]["generation_tokens_per_s"] is not None)
     assert s["engine"]["requests_running"] == 0 and s["engine"]["requests_waiting"] == 0
 
@@ -174,7 +181,7 @@ def test_drain_lets_a_streaming_request_finish(region):
                        "ignore_eos": True, "min_tokens": 900})
     out = head.dir / "stream.txt"
     stream = head.spawn(["curl", "-sN", "--max-time", "240", "-H", "Content-Type: application/json",
-                         "-d", body, f"{endpoint}/v1/completions", "-o", str(out)], "stream.log")
+                         "-H", f"Authorization: Bearer {node.engine_key()}", "-d", body, f"{endpoint}/v1/completions", "-o", str(out)], "stream.log")
     wait_for(lambda: out.exists() and out.stat().st_size > 0, 60, "the stream to begin", interval=0.1)
     node.run(node.cmd("drain"))
     s = node.wait_state("joined", 240, predicate=lambda s: s["engine"]["state"] == "drained")

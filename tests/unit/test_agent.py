@@ -9,7 +9,8 @@ import dataclasses
 import pytest
 
 from garage_node.core.token import new_token
-from garage_node.core.wire import EngineState, NodeState, RayState, Status, Versions, decode, encode
+from garage_node.core.wire import EngineState, NodeState, RayState, Status, TokensServed, Versions, decode, encode
+from garage_node.node.status import render
 from garage_node.node.agent import Agent
 from garage_node.node.config import EngineSection, NodeConfig, NodeRaySection, NodeSection
 from garage_node.node.engine.manager import EngineManager
@@ -434,7 +435,25 @@ def test_blocked_tunnel_is_not_called_joined(tmp_path):
     s = r.status()
     assert s.state is NodeState.DEGRADED and "overlay down" in s.message
     assert "UDP to 10.9.0.1:51820" in s.last_error.hint
+    r.passes(3, every_s=5.0)  # the next heartbeat (every 10 s ±10 %, headclient.BeatTimer) carries it
     assert r.head.heartbeats[-1].state is NodeState.DEGRADED  # the head hears it too
     r.iface.tunnel_carries = True
     r.passes(3, every_s=5.0)
     assert r.agent.state is NodeState.JOINED and r.status().last_error is None
+
+
+def test_the_engine_gets_the_key_the_head_gave_and_status_shows_tokens_served(tmp_path):
+    r = rig(tmp_path, engine=dataclasses.replace(CPU_ENGINE, cache_dir=tmp_path / "models"))
+    r.head.tokens_served = TokensServed(today=1200, total=3_400_000)
+    r.passes(4)
+    assert r.agent.identity.engine_api_key == "gne-engine-key"
+    spec, _ = r.agent._engine_desired()
+    assert spec.api_key == "gne-engine-key" and "gne-engine-key" not in repr(spec)
+    s = r.status()
+    assert s.tokens_served == TokensServed(today=1200, total=3_400_000)
+    assert "1.2 k tokens today, 3.4 M in all" in render(s)
+    # A new key from the head replaces the engine's spec (its hash), so the container is made again.
+    r.head.engine_api_key = "gne-rotated"
+    r.passes(8)  # past the next heartbeat
+    new, _ = r.agent._engine_desired()
+    assert new.spec_hash != spec.spec_hash and new.api_key == "gne-rotated"

@@ -83,6 +83,8 @@ def test_4090_and_4060_node(fake_lib, tmp_path):
         "index": 0, "name": "NVIDIA GeForce RTX 4090", "uuid": RTX_4090.uuid,
         "memory_total_mib": 24564, "memory_free_mib": 23900, "compute_capability": "8.9",
         "temperature_c": 41, "power_w": 28.5, "utilization_pct": 0, "healthy": True, "error": None,
+        # No power limits in this fake card's line: NOT_SUPPORTED, read as unknown.
+        "power_limit_w": None, "quarantined": False, "hot": False,
     }
     assert (small["name"], small["memory_total_mib"], small["memory_free_mib"]) == (
         "NVIDIA GeForce RTX 4060", 8188, 7800)

@@ -20,15 +20,18 @@ from garage_node.head.api import enroll, nodes
 from garage_node.head.api.common import ApiError
 from garage_node.head.api.limits import BodyLimit
 from garage_node.head.registry import Registry
+from garage_node.head.reports import Reports
 
 
 def create_app(registry: Registry, facts: RegionFacts, ca_pem: bytes, on_change: Callable[[], None],
                on_startup: Callable[[], None] = lambda: None, on_shutdown: Callable[[], None] = lambda: None,
-               ray_token: Callable[[], str] = lambda: "", max_body_bytes: int = 32768) -> FastAPI:
+               ray_token: Callable[[], str] = lambda: "", max_body_bytes: int = 32768,
+               reports: Reports | None = None, node_extras: Callable[[str], dict[str, Any]] = lambda _: {}) -> FastAPI:
     """`on_change` is called after an enrollment so the hub adds the peer at once; `on_startup`
     and `on_shutdown` bracket the server's life (the head's service runs between them);
     `ray_token` gives the Ray cluster token enrolled nodes receive; a request body over
-    `max_body_bytes` is refused with 413 before anything parses it."""
+    `max_body_bytes` is refused with 413 before anything parses it; `reports` and `node_extras`:
+    see api.nodes.router."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -72,6 +75,7 @@ def create_app(registry: Registry, facts: RegionFacts, ca_pem: bytes, on_change:
     def health() -> dict[str, Any]:
         return {"ok": True, "region": facts.region, "versions": {"ray": facts.versions.ray, "python": facts.versions.python}}
 
-    app.include_router(enroll.router(registry, facts, on_change, ray_token))
-    app.include_router(nodes.router(registry, facts, ray_token, on_change))
+    app.include_router(enroll.router(registry, facts, on_change, ray_token,
+                                     lambda node_id: node_extras(node_id).get("engine_api_key", "")))
+    app.include_router(nodes.router(registry, facts, ray_token, on_change, reports, node_extras))
     return app

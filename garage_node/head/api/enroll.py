@@ -29,7 +29,8 @@ class EnrollRequest(BaseModel):
 
 
 def router(registry: Registry, facts: RegionFacts, on_change: Callable[[], None],
-           ray_token: Callable[[], str] = lambda: "") -> APIRouter:
+           ray_token: Callable[[], str] = lambda: "", engine_key: Callable[[str], str] = lambda _: "") -> APIRouter:
+    """`engine_key(node_id)`: the API key the node's engine will demand (the gateway's)."""
     r = APIRouter()
 
     @r.post("/v1/enroll", summary="Trade a join token for a node identity and an overlay address",
@@ -46,7 +47,7 @@ def router(registry: Registry, facts: RegionFacts, on_change: Callable[[], None]
         log.info("enrolled node %s (%s) at %s%s", result.node.id, result.node.name, result.node.overlay_ip, again)
         on_change()
         return EnrollReply(node_id=result.node.id, credential=result.credential, overlay_ip=result.node.overlay_ip,
-                           ray_token=ray_token(), **region_fields(facts))
+                           ray_token=ray_token(), engine_api_key=engine_key(result.node.id), **region_fields(facts))
 
     return r
 

@@ -4,7 +4,7 @@ node reports its state; the head answers with its own view) and credential renew
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Callable
+from typing import Annotated, Any, Callable
 
 from fastapi import APIRouter, Depends, Path
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from garage_node.core.wire import CredentialReply, HeartbeatReply, NodeReport, RegionFacts, encode
 from garage_node.head.api.common import CREDENTIAL_FORMAT, NODE_ID, ApiError, WgPublicKey, region_fields, responses
 from garage_node.head.registry import Auth, EnrollError, Registry
+from garage_node.head.reports import Reports
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,10 @@ class CredentialRequest(BaseModel):
 
 
 def router(registry: Registry, facts: RegionFacts, ray_token: Callable[[], str] = lambda: "",
-           on_change: Callable[[], None] = lambda: None) -> APIRouter:
+           on_change: Callable[[], None] = lambda: None, reports: Reports | None = None,
+           node_extras: Callable[[str], dict[str, Any]] = lambda _: {}) -> APIRouter:
+    """`reports` gets every accepted heartbeat's report; `node_extras(node_id)` adds the
+    gateway's part of the answer (the engine's API key, the tokens the PC served)."""
     r = APIRouter()
 
     def authenticated(node_id: str, creds: HTTPAuthorizationCredentials | None) -> Auth:
@@ -58,9 +62,11 @@ def router(registry: Registry, facts: RegionFacts, ray_token: Callable[[], str] 
         auth = authenticated(node_id, creds)
         node = auth.node
         registry.record_heartbeat(node_id, encode(req.report))
+        if reports is not None:
+            reports.publish(node_id, req.report)
         return HeartbeatReply(node_id=node_id, ray_alive=node.ray_alive, ray_checked_at=node.ray_checked_at,
                               ray_token=ray_token(), credential_expires_in_s=round(auth.expires_in_s, 1),
-                              credential_lifetime_s=auth.lifetime_s, **region_fields(facts))
+                              credential_lifetime_s=auth.lifetime_s, **node_extras(node_id), **region_fields(facts))
 
     @r.post("/v1/nodes/{node_id}/credential",
             summary="Renew the node's credential (and, if asked, its WireGuard key); the old credential stays "

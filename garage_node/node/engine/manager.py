@@ -87,6 +87,7 @@ class _Status:
     requests_running: int | None = None
     requests_waiting: int | None = None
     generation_tokens_per_s: float | None = None
+    kv_cache_usage_pct: float | None = None
     last_log_lines: list[str] = field(default_factory=list)
     plan: str | None = None
 
@@ -116,6 +117,7 @@ class EngineManager:
         self._spec: EngineSpec | None = None  # the last spec reconciled towards
         self._stand_down = threading.Event()
         self._pause = threading.Event()  # never set: the drain's pause, which a test clock skips
+        self._hold: str | None = None  # the owner's serving hours or heat: why the engine is off
 
     # -- control
 
@@ -136,6 +138,14 @@ class EngineManager:
     def resume(self) -> None:
         self.drain_flag.unlink(missing_ok=True)
         self._wake.set()
+
+    def hold(self, reason: str | None) -> None:
+        """Drain and keep the engine off for `reason` (outside serving hours, a hot GPU); None
+        serves again. Not persisted: the agent decides it afresh on every pass. The owner's
+        drain (the flag) wins over it, so a hold ending never resumes what the owner drained."""
+        if reason != self._hold:
+            self._hold = reason
+            self._wake.set()
 
     def stand_down(self) -> None:
         """The node left the region (revoked): drain and stop the engine until it joins again."""
@@ -163,8 +173,9 @@ class EngineManager:
             state=s.state, message=s.message, image=s.image, model=s.model, endpoint=s.endpoint,
             container_id=s.container_id, healthy_since=s.healthy_since, restarts=s.restarts,
             requests_running=s.requests_running, requests_waiting=s.requests_waiting,
-            generation_tokens_per_s=s.generation_tokens_per_s, last_log_lines=s.last_log_lines,
-            plan=s.plan, draining=self.draining,
+            generation_tokens_per_s=s.generation_tokens_per_s, kv_cache_usage_pct=s.kv_cache_usage_pct,
+            last_log_lines=s.last_log_lines,
+            plan=s.plan, draining=self.draining, paused=self._hold,
         )
 
     # -- loop
@@ -191,6 +202,18 @@ class EngineManager:
         if self.draining:
             if self.status.state is not S.DRAINED:
                 self._drain_and_stop(S.DRAINED, "drained: no new work; run `garage-node resume` to serve again")
+            return
+        hold = self._hold
+        if hold is not None:
+            if (self.status.state, self.status.message) != (S.DRAINED, f"paused: {hold}"):
+                try:
+                    self._drain_and_stop(S.DRAINED, f"paused: {hold}")
+                except DockerError as e:
+                    if not e.unavailable:
+                        raise
+                    # Docker is down, so no engine runs to drain: the pause is the news. The
+                    # message differs from the settled one, so the next pass looks again.
+                    self._set(S.DRAINED, f"paused: {hold} (Docker is not answering; checked again each pass)")
             return
         try:
             wanted = self.desired()
@@ -239,7 +262,7 @@ class EngineManager:
         if note:
             log.info("engine image %s: %s", spec.image, note)
         Path(spec.cache_dir).mkdir(parents=True, exist_ok=True)
-        cid = self.docker.create(self.name, spec.container_body(secret_env(self.cfg), image.env))
+        cid = self.docker.create(self.name, spec.container_body(secret_env(self.cfg, spec.api_key), image.env))
         self.docker.start(self.name)
         self._started_at = self.clock.monotonic()
         with self._lock:
@@ -314,6 +337,7 @@ class EngineManager:
         self._last_tokens = (now, m.generation_tokens_total)
         with self._lock:
             self.status.requests_running, self.status.requests_waiting = m.running, m.waiting
+            self.status.kv_cache_usage_pct = m.kv_cache_usage_pct
             self.status.generation_tokens_per_s = round(rate, 1) if rate is not None else None
         return m
 
@@ -339,6 +363,7 @@ class EngineManager:
         with self._lock:
             self.status.healthy_since, self.status.container_id = None, None
             self.status.requests_running = self.status.requests_waiting = None
+            self.status.kv_cache_usage_pct = None
         self._set(final_state, message)
 
     def _stop_container(self, remove: bool) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 from garage_node.node.config import EngineSection
@@ -46,6 +46,8 @@ class EngineSpec:
     # after a reboot replaces the container).
     driver_version: str | None = None
     driver_cuda: str | None = None
+    # Not part of the spec's hash or repr (secret_env_digest stands for it).
+    api_key: str = field(default="", repr=False, compare=False)
 
     @property
     def endpoint(self) -> str:
@@ -53,7 +55,9 @@ class EngineSpec:
 
     @property
     def spec_hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        fields.pop("api_key")
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def container_body(self, secret_env: dict[str, str], image_env: Sequence[str] = ()) -> dict[str, Any]:
         """The body of POST /containers/create. image_env: the image's own Env (its
@@ -111,11 +115,17 @@ def check_image(spec: EngineSpec, image_env: Sequence[str], image_labels: Mappin
         raise EngineConfigError(str(e)) from None
 
 
-def secret_env(cfg: EngineSection) -> dict[str, str]:
-    return {"HF_TOKEN": cfg.hub_token} if cfg.hub_token else {}
+def secret_env(cfg: EngineSection, api_key: str = "") -> dict[str, str]:
+    """Secrets the container gets in its environment (never on its command line, never in the
+    spec, whose hash labels the container): the model hub's token, and the API key the head's
+    gateway calls the engine with (vLLM then refuses /v1 calls without it)."""
+    env = {"HF_TOKEN": cfg.hub_token} if cfg.hub_token else {}
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    return env
 
 
-def desired_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str) -> tuple[EngineSpec, str]:
+def desired_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str, api_key: str = "") -> tuple[EngineSpec, str]:
     """(spec, one-line explanation); raises EngineConfigError with what to do."""
     try:
         catalog = load_cached(catalog_path(cfg.catalog))
@@ -138,12 +148,13 @@ def desired_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str) -> tupl
             passthrough = gpu_passthrough(cfg, inventory, plan.gpu_indices)
     if cfg.model_dir:
         args = _replace_arg(args, "--model", "/models/served")
-    digest = hashlib.sha256(json.dumps(secret_env(cfg), sort_keys=True).encode()).hexdigest()[:16] if cfg.hub_token else ""
+    secrets = secret_env(cfg, api_key)
+    digest = hashlib.sha256(json.dumps(secrets, sort_keys=True).encode()).hexdigest()[:16] if secrets else ""
     spec = EngineSpec(
         image=cfg.image, model=model, args=tuple(args) + tuple(cfg.extra_args), bind_ip=bind_ip, port=cfg.port,
         device=cfg.device, gpu_ids=gpu_ids, shm_bytes=cfg.shm_size_mib * 1024 * 1024,
         cache_dir=str(cfg.cache_dir), model_dir=cfg.model_dir, env=tuple(sorted(cfg.env.items())),
-        secret_env_digest=digest,
+        secret_env_digest=digest, api_key=api_key,
         gpu_access=cfg.gpu_access if cfg.device == "gpu" else "", passthrough=passthrough,
         driver_version=inventory.driver_version if cfg.device == "gpu" else None,
         driver_cuda=inventory.cuda_version if cfg.device == "gpu" else None,

@@ -1,0 +1,195 @@
+"""The head's gateway under a steady rate of short completions, against stand-in engines that
+answer at once (so what is measured is the gateway): latency through the gateway against the
+same load sent straight to a stand-in, in turns; the gateway process's CPU and RSS.
+
+Three processes on loopback: the stand-in engines (one uvicorn, several ports), the gateway
+(the real Gateway and its HTTP app, with an API key and PCs fed in as heartbeats would), and
+the load (open loop: requests start on schedule whether or not earlier ones are done).
+
+    .venv/bin/python bench/gateway_load.py [--rate 500] [--seconds 20] [--pcs 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout: testing/ is not installed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stub(ports: list[int]) -> None:
+    """Engines that answer a completion at once, as vLLM shapes it (any key accepted)."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    reply = {"id": "cmpl-x", "object": "text_completion", "model": "m",
+             "choices": [{"index": 0, "text": " ok", "finish_reason": "length"}],
+             "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
+
+    @app.post("/v1/completions")
+    async def complete() -> dict:
+        return reply
+
+    async def serve() -> None:
+        servers = [uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=p, log_level="error", access_log=False))
+                   for p in ports]
+        await asyncio.gather(*(s.serve() for s in servers))
+
+    asyncio.run(serve())
+
+
+def gateway(port: int, engine_ports: list[int], state: Path) -> None:
+    import uvicorn
+
+    from dataclasses import replace
+
+    from garage_node.core.wire import EngineReport, EngineState
+    from garage_node.head.config import GatewaySection
+    from garage_node.head.gateway.app import create_gateway_app
+    from garage_node.head.gateway.gateway import Gateway
+    from testing.fakes import sample_report
+
+    # The stand-ins never go stale: heartbeats are not what this measures.
+    gw = Gateway(GatewaySection(stale_after_s=1e9), state, lambda: {})
+    base = sample_report()
+    for i, p in enumerate(engine_ports):
+        gw.on_report(f"n{i}", replace(base, engine=EngineReport(
+            state=EngineState.HEALTHY, model="m", endpoint=f"http://127.0.0.1:{p}")))
+    _, secret = gw.keys.create("bench", now=time.time())
+    (state / "key").write_text(secret)
+    gw.start()
+    app = create_gateway_app(gw)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False)
+
+
+async def load(url: str, key: str, rate: float, seconds: float) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    body = {"model": "m", "prompt": "Hello", "max_tokens": 1}
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=256), timeout=30) as client:
+        async def one() -> None:
+            nonlocal errors
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(url, json=body, headers={"authorization": f"Bearer {key}"})
+                if r.status_code != 200:
+                    errors += 1
+                    return
+            except httpx.HTTPError:
+                errors += 1
+                return
+            latencies.append(time.perf_counter() - t0)
+
+        tasks = []
+        start = time.perf_counter()
+        n = int(rate * seconds)
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+    q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000 if latencies else float("nan")  # noqa: E731
+    return {"sent": n, "ok": len(latencies), "errors": errors, "achieved_rps": len(latencies) / elapsed,
+            "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": q(1.0)}
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_port(port: int) -> None:
+    for _ in range(300):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rate", type=float, default=500)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--pcs", type=int, default=8)
+    p.add_argument("--role", help=argparse.SUPPRESS)
+    p.add_argument("--ports", help=argparse.SUPPRESS)
+    p.add_argument("--state", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.role == "stub":
+        return stub([int(x) for x in args.ports.split(",")])
+    if args.role == "gateway":
+        port, *engines = [int(x) for x in args.ports.split(",")]
+        return gateway(port, engines, Path(args.state))
+
+    engine_ports = [free_port() for _ in range(args.pcs)]
+    gw_port = free_port()
+    state = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    me = [sys.executable, __file__]
+    procs = [subprocess.Popen(me + ["--role", "stub", "--ports", ",".join(map(str, engine_ports))])]
+    try:
+        procs.append(subprocess.Popen(me + ["--role", "gateway", "--state", str(state),
+                                            "--ports", ",".join(map(str, [gw_port, *engine_ports]))]))
+        for port in (*engine_ports, gw_port):
+            wait_port(port)
+        key = (state / "key").read_text()
+        gw_pid = procs[1].pid
+        asyncio.run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, 50, 2))  # warm up
+        results = {}
+        for turn in ("direct", "gateway", "direct", "gateway"):
+            url = (f"http://127.0.0.1:{engine_ports[0]}/v1/completions" if turn == "direct"
+                   else f"http://127.0.0.1:{gw_port}/v1/completions")
+            c0, t0 = cpu_s(gw_pid), time.monotonic()
+            r = asyncio.run(load(url, key, args.rate, args.seconds))
+            if turn == "gateway":
+                r["gateway_cpu_pct"] = 100 * (cpu_s(gw_pid) - c0) / (time.monotonic() - t0)
+                r["gateway_rss_mb"] = rss_mb(gw_pid)
+            results.setdefault(turn, []).append(r)
+            print(f"{turn:8} {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
+        d = min(results["direct"], key=lambda r: r["p99_ms"])
+        g = min(results["gateway"], key=lambda r: r["p99_ms"])
+        print(f"\n{args.rate:.0f} requests/s for {args.seconds:.0f} s over {args.pcs} stand-in PCs (best of two turns each):")
+        print(f"  direct : p50 {d['p50_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms, {d['achieved_rps']:.0f}/s, errors {d['errors']}")
+        print(f"  gateway: p50 {g['p50_ms']:.1f} ms, p99 {g['p99_ms']:.1f} ms, {g['achieved_rps']:.0f}/s, errors {g['errors']}")
+        print(f"  overhead: p50 +{g['p50_ms'] - d['p50_ms']:.1f} ms, p99 +{g['p99_ms'] - d['p99_ms']:.1f} ms; "
+              f"gateway CPU {g['gateway_cpu_pct']:.0f} % of a core, RSS {g['gateway_rss_mb']:.0f} MB")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The gateway's HTTP API: OpenAI's `/v1/chat/completions`, `/v1/completions`,
+`/v1/embeddings` and `/v1/models`, answered by the PCs of the region.
+
+Every request: the key (401 unknown, revoked or expired), the body (400 when it is not a JSON
+object with a model), the model (404 when no PC serves it, or the key may not use it — with the
+list it may use), the key's limits (429 with Retry-After), then the proxy (503 with Retry-After
+when no PC can take it). Answers are vLLM's own, with `x-garage-node` naming the PC."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from garage_node.head.gateway.errors import GatewayError
+from garage_node.head.gateway.keys import ApiKey
+from garage_node.head.gateway.proxy import Call
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+def create_gateway_app(gw: Any) -> FastAPI:
+    """`gw`: a gateway.Gateway (keys, ledger, limits, table, proxy, metrics)."""
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await gw.proxy.close()
+
+    app = FastAPI(title="garage-node gateway", version="1", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, _exc: Exception) -> JSONResponse:
+        return GatewayError(404, "unknown_url", f"{request.url.path} is not an endpoint of this API; it serves "
+                            f"{', '.join(ENDPOINTS)} and /v1/models").response()
+
+    @app.exception_handler(405)
+    async def _wrong_method(request: Request, _exc: Exception) -> JSONResponse:
+        return GatewayError(405, "method_not_allowed",
+                            f"{request.method} is not allowed on {request.url.path}").response()
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        key = gw.authenticate(request.headers.get("authorization", ""))
+        now = int(time.time())
+        data = [{"id": m.model, "object": "model", "created": now, "owned_by": "garage-node",
+                 "pcs_serving": m.pcs_serving, "pcs_known": m.pcs_known}
+                for m in gw.table.models() if key.allows(m.model)]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def handle(request: Request, path: str) -> Response:
+        started = time.monotonic()
+        key = gw.authenticate(request.headers.get("authorization", ""))
+        body = await _json_body(request, gw.max_body_bytes)
+        model = body.get("model")
+        status = "error"
+        try:
+            gw.admit(key, model)
+            call = _call(path, body, key, started, gw.router)
+            response = await gw.proxy.forward(call, request)
+            status = str(response.status_code)
+            return response
+        except GatewayError as e:
+            status = str(e.status)
+            raise
+        finally:
+            gw.metrics.requests.labels(model if isinstance(model, str) else "", key.name, status).inc()
+            gw.metrics.latency.labels(model if isinstance(model, str) else "").observe(time.monotonic() - started)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await handle(request, "/v1/chat/completions")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle(request, "/v1/completions")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await handle(request, "/v1/embeddings")
+
+    return app
+
+
+async def _json_body(request: Request, max_bytes: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise GatewayError(413, "body_too_large", f"the request body is over {max_bytes} bytes")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > max_bytes:
+            raise GatewayError(413, "body_too_large", f"the request body is over {max_bytes} bytes")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise GatewayError(400, "invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "invalid_body", "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model or len(model) > 256:
+        raise GatewayError(400, "missing_model", "the request body needs a 'model': the name of a model "
+                           "(GET /v1/models lists those served)", param="model")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise GatewayError(400, "invalid_stream", "'stream' must be true or false", param="stream")
+    return body
+
+
+def _call(path: str, body: dict[str, Any], key: ApiKey, started: float, router: Any) -> Call:
+    stream = bool(body.get("stream")) and path != "/v1/embeddings"
+    options = body.get("stream_options")
+    wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    if stream:
+        # vLLM sends its usage chunk only when asked; the ledger needs it for every stream.
+        body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
+    return Call(path=path, model=body["model"], body=json.dumps(body).encode(), stream=stream,
+                client_wants_usage=wants_usage, blocks=router.blocks(_prompt_text(body)), key=key,
+                started=started)
+
+
+def _prompt_text(body: dict[str, Any]) -> str:
+    """The prompt as one string, for prefix affinity only (never logged)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts = []
+        for m in messages:
+            if not isinstance(m, dict):
+                continue
+            content = m.get("content")
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+            parts.append(f"{m.get('role', '')}:{content if isinstance(content, str) else ''}\n")
+        return "".join(parts)
+    for field in ("prompt", "input"):
+        value = body.get(field)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            return value[0]
+        if isinstance(value, list) and value and isinstance(value[0], int):
+            return ",".join(str(t) for t in value[:4096])
+    return ""

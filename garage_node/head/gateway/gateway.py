@@ -1,0 +1,152 @@
+"""The gateway put together: what `garage-node head run` builds when `[gateway] enabled`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from garage_node.core.clock import SYSTEM, Clock
+from garage_node.core.wire import NodeReport, TokensServed
+from garage_node.head.gateway.enginekeys import EngineKeys
+from garage_node.head.gateway.errors import GatewayError
+from garage_node.head.gateway.keys import ApiKey, KeyStore
+from garage_node.head.gateway.keys import digest as keys_digest
+from garage_node.head.gateway.ledger import Ledger
+from garage_node.head.gateway.metrics import GatewayMetrics
+from garage_node.head.gateway.proxy import Call, Proxy, Usage
+from garage_node.head.gateway.ratelimit import RateLimits
+from garage_node.head.gateway.router import Router
+from garage_node.head.gateway.store import Store
+from garage_node.head.gateway.table import EndpointTable
+
+log = logging.getLogger(__name__)
+
+NAMES_TTL_S = 5.0
+KEY_CACHE_S = 2.0
+
+
+def database_path(state_dir: Path) -> Path:
+    return state_dir / "gateway.db"
+
+
+class Gateway:
+    def __init__(self, cfg: Any, state_dir: Path, node_names: Callable[[], dict[str, str]], clock: Clock = SYSTEM) -> None:
+        """`cfg`: the head's [gateway] section; `node_names()`: node id -> name, from the registry."""
+        self.cfg = cfg
+        self.clock = clock
+        self.store = Store(database_path(state_dir))
+        self.keys = KeyStore(self.store)
+        self.ledger = Ledger(self.store, clock)
+        self.engine_keys = EngineKeys(state_dir / "engine-key.secret")
+        self.table = EndpointTable(cfg.stale_after_s, clock)
+        self.router = Router(cfg.affinity_threshold, cfg.balance_abs, cfg.balance_rel)
+        self.limits = RateLimits()
+        self.max_body_bytes = cfg.max_body_bytes
+        self._key_cache: dict[str, tuple[float, ApiKey]] = {}
+        self._node_names = node_names
+        self._names: dict[str, str] = {}
+        self._names_at = float("-inf")
+        self._names_lock = threading.Lock()
+        self.metrics = GatewayMetrics(self.table, self.names,
+                                      lambda: {n: t.total for n, t in self.ledger.node_totals_all().items()})
+        self.proxy = Proxy(self.table, self.router, self.engine_keys.for_node, self.metrics, self.record_usage,
+                           self.node_name, connect_timeout_s=cfg.connect_timeout_s,
+                           first_byte_timeout_s=cfg.first_byte_timeout_s,
+                           stream_idle_timeout_s=cfg.stream_idle_timeout_s, max_attempts=cfg.max_attempts)
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        self.ledger.start()
+
+    def stop(self) -> None:
+        self.ledger.stop()
+
+    # -- what the control API asks
+
+    def on_report(self, node_id: str, report: NodeReport) -> None:
+        self.table.update(node_id, report)
+
+    def node_extras(self, node_id: str) -> dict[str, Any]:
+        totals = self.ledger.node_totals(node_id)
+        return {"engine_api_key": self.engine_keys.for_node(node_id),
+                "tokens_served": TokensServed(today=totals.today, total=totals.total)}
+
+    # -- per request
+
+    def names(self) -> dict[str, str]:
+        with self._names_lock:
+            now = self.clock.monotonic()
+            if now - self._names_at > NAMES_TTL_S:
+                try:
+                    self._names = self._node_names()
+                    self._names_at = now
+                except Exception:  # the registry is busy: the last names do
+                    log.exception("could not read node names")
+            return self._names
+
+    def node_name(self, node_id: str) -> str:
+        return self.names().get(node_id, node_id)
+
+    def authenticate(self, authorization: str) -> ApiKey:
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise GatewayError(401, "missing_api_key", "no API key: send 'Authorization: Bearer <key>' with a key "
+                               "from the region's operator (garage-node head key create)")
+        key = self._lookup(secret.strip())
+        if key is None:
+            raise GatewayError(401, "invalid_api_key", "this API key is not known here: check it, or ask the "
+                               "region's operator for one")
+        state = key.state(self.clock.time())
+        if state == "revoked":
+            raise GatewayError(401, "revoked_api_key", f"the API key '{key.name}' was revoked: ask the region's "
+                               "operator for a new one")
+        if state == "expired":
+            raise GatewayError(401, "expired_api_key", f"the API key '{key.name}' has expired: ask the region's "
+                               "operator for a new one")
+        return key
+
+    def _lookup(self, secret: str) -> ApiKey | None:
+        """The key, from a cache of KEY_CACHE_S (a revocation by `head key revoke`, another
+        process, takes effect within that); unknown keys are not cached, so a flood of made-up
+        keys cannot grow it."""
+        digest_ = keys_digest(secret)
+        now = self.clock.monotonic()
+        hit = self._key_cache.get(digest_)
+        if hit is not None and now - hit[0] < KEY_CACHE_S:
+            return hit[1]
+        key = self.keys.lookup(secret)
+        if key is not None:
+            if len(self._key_cache) > 10_000:
+                self._key_cache.clear()
+            self._key_cache[digest_] = (now, key)
+        return key
+
+    def admit(self, key: ApiKey, model: str) -> None:
+        """Raises GatewayError when this key may not send this request now."""
+        if not key.allows(model):
+            raise GatewayError(404, "model_not_found", f"the API key '{key.name}' may not use {model}; it may use: "
+                               f"{', '.join(key.models)}", param="model")
+        if not self.table.pool(model):
+            allowed = sorted(m.model for m in self.table.models() if key.allows(m.model))
+            raise GatewayError(404, "model_not_found", f"no PC in this region serves {model} now; served now: "
+                               f"{', '.join(allowed) or 'none'}", param="model")
+        if key.quota_tokens is not None and self.ledger.key_tokens(key.name) >= key.quota_tokens:
+            raise GatewayError(429, "insufficient_quota", f"the API key '{key.name}' has used its quota of "
+                               f"{key.quota_tokens} tokens: ask the region's operator for more")
+        wait = self.limits.take_request(key)
+        if wait is not None:
+            raise GatewayError(429, "rate_limit_exceeded", f"the API key '{key.name}' is over its limit of "
+                               f"{key.rpm} requests per minute", retry_after_s=wait)
+        wait = self.limits.tokens_left(key)
+        if wait is not None:
+            raise GatewayError(429, "rate_limit_exceeded", f"the API key '{key.name}' is over its limit of "
+                               f"{key.tpm} tokens per minute", retry_after_s=wait)
+
+    def record_usage(self, call: Call, usage: Usage) -> None:
+        self.ledger.add(call.key.name, usage.node_id, usage.model, usage.prompt_tokens, usage.completion_tokens)
+        self.limits.spend_tokens(call.key, usage.prompt_tokens + usage.completion_tokens)
+        self.metrics.tokens.labels(usage.node_id, usage.model, "prompt").inc(usage.prompt_tokens)
+        self.metrics.tokens.labels(usage.node_id, usage.model, "completion").inc(usage.completion_tokens)

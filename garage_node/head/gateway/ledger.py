@@ -1,0 +1,151 @@
+"""The usage ledger: tokens in and out per key × PC × model, in hourly rows.
+
+Requests add to an in-memory batch; a flusher writes it every second (and at shutdown), one
+transaction per batch, so the gateway's request path never waits on a disk write. A crash
+loses at most the last second of counts. Totals read the database plus the unwritten batch."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+
+from garage_node.core.clock import SYSTEM, Clock
+from garage_node.head.gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+BY = ("key", "node", "model")
+_COLUMN = {"key": "key", "node": "node_id", "model": "model"}
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    group: str  # the key name, node id or model, as asked
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Totals:
+    today: int  # since 00:00 UTC
+    total: int
+
+
+Bucket = tuple[int, str, str, str]  # hour, key, node_id, model
+
+
+class Ledger:
+    def __init__(self, store: Store, clock: Clock = SYSTEM, flush_every_s: float = 1.0) -> None:
+        self.store = store
+        self.clock = clock
+        self.flush_every_s = flush_every_s
+        self._pending: dict[Bucket, list[int]] = defaultdict(lambda: [0, 0, 0])
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="usage-ledger", daemon=True)
+
+    # -- writing
+
+    def add(self, key: str, node_id: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        bucket = (int(self.clock.time() // 3600), key, node_id, model)
+        with self._lock:
+            row = self._pending[bucket]
+            row[0] += 1
+            row[1] += max(0, prompt_tokens)
+            row[2] += max(0, completion_tokens)
+
+    def flush(self) -> int:
+        with self._lock:
+            batch, self._pending = self._pending, defaultdict(lambda: [0, 0, 0])
+        if not batch:
+            return 0
+        try:
+            with self.store.transaction() as db:
+                db.executemany(
+                    "INSERT INTO usage (hour, key, node_id, model, requests, prompt_tokens, completion_tokens)"
+                    " VALUES (?,?,?,?,?,?,?) ON CONFLICT (hour, key, node_id, model) DO UPDATE SET"
+                    " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+                    " completion_tokens = completion_tokens + excluded.completion_tokens",
+                    [(*b, *v) for b, v in batch.items()])
+        except Exception:
+            with self._lock:  # keep the counts for the next try
+                for b, v in batch.items():
+                    row = self._pending[b]
+                    for i in range(3):
+                        row[i] += v[i]
+            raise
+        return len(batch)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.flush_every_s):
+            try:
+                self.flush()
+            except Exception:  # the database is busy or the disk full: the batch waits in memory
+                log.exception("could not write the usage ledger; retrying")
+
+    # -- reading
+
+    def _since_hour(self, since: float) -> int:
+        return int(since // 3600)
+
+    def _pending_sum(self, column: int, value: str, since_hour: int) -> int:
+        with self._lock:
+            return sum(v[1] + v[2] for b, v in self._pending.items() if b[column] == value and b[0] >= since_hour)
+
+    def node_totals(self, node_id: str) -> Totals:
+        midnight = self.clock.time() // 86400 * 86400
+        return Totals(today=self._tokens("node_id", node_id, self._since_hour(midnight), 2),
+                      total=self._tokens("node_id", node_id, 0, 2))
+
+    def key_tokens(self, key: str, since: float = 0.0) -> int:
+        return self._tokens("key", key, self._since_hour(since), 1)
+
+    def _tokens(self, column: str, value: str, since_hour: int, pending_index: int) -> int:
+        rows = self.store.query(f"SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage"
+                                f" WHERE {column} = ? AND hour >= ?", (value, since_hour))
+        return int(rows[0][0]) + self._pending_sum(pending_index, value, since_hour)
+
+    def node_totals_all(self) -> dict[str, Totals]:
+        """Every PC's totals in one query (for `head nodes` and the metrics)."""
+        midnight_hour = self._since_hour(self.clock.time() // 86400 * 86400)
+        out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for r in self.store.query("SELECT node_id, hour >= ? AS today, SUM(prompt_tokens + completion_tokens)"
+                                  " FROM usage GROUP BY node_id, today", (midnight_hour,)):
+            out[r[0]][1] += r[2]
+            if r[1]:
+                out[r[0]][0] += r[2]
+        with self._lock:
+            for b, v in self._pending.items():
+                out[b[2]][1] += v[1] + v[2]
+                if b[0] >= midnight_hour:
+                    out[b[2]][0] += v[1] + v[2]
+        return {node: Totals(today=t[0], total=t[1]) for node, t in out.items()}
+
+    def usage(self, by: str, since: float = 0.0) -> list[UsageRow]:
+        """Rows grouped by key, node or model since a time (to the hour: rows are hourly),
+        biggest first."""
+        if by not in BY:
+            raise ValueError(f"usage is grouped by one of {', '.join(BY)}, not {by!r}")
+        self.flush()  # a reader sees what was served up to now
+        col = _COLUMN[by]
+        rows = self.store.query(f"SELECT {col}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) FROM usage"
+                                f" WHERE hour >= ? GROUP BY {col} ORDER BY SUM(prompt_tokens + completion_tokens) DESC, {col}",
+                                (self._since_hour(since),))
+        return [UsageRow(group=r[0], requests=r[1], prompt_tokens=r[2], completion_tokens=r[3]) for r in rows]
+

@@ -1,0 +1,91 @@
+"""What Prometheus scrapes from the head: the gateway's requests, latencies, tokens and
+retries, and — from the PCs' heartbeats — each PC's GPUs and engine, so one scrape of the head
+covers the region. A registry of its own (not prometheus_client's global one), so several
+gateways in one process (the tests) do not collide."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from garage_node.core.wire import EngineState
+from garage_node.head.gateway.table import EndpointTable
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class GatewayMetrics:
+    def __init__(self, table: EndpointTable, node_names: Callable[[], dict[str, str]],
+                 node_tokens: Callable[[], dict[str, int]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("garage_gateway_requests", "Requests answered by the gateway",
+                                ["model", "key", "status"], registry=r)
+        self.ttft = Histogram("garage_gateway_time_to_first_token_seconds",
+                              "From the request's arrival to the first byte of the answer", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("garage_gateway_request_seconds", "From the request's arrival to its end",
+                                 ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("garage_gateway_tokens", "Tokens served, by PC, model and kind",
+                              ["node", "model", "kind"], registry=r)
+        self.retries = Counter("garage_gateway_retries", "Requests sent on to another PC after one failed",
+                               ["model"], registry=r)
+        self.stream_errors = Counter("garage_gateway_stream_errors",
+                                     "Streams ended with an error event after they had begun", ["model"], registry=r)
+        r.register(_RegionCollector(table, node_names, node_tokens))
+
+
+class _RegionCollector(Collector):
+    """The endpoint table and each PC's last report, read at scrape time."""
+
+    def __init__(self, table: EndpointTable, node_names: Callable[[], dict[str, str]],
+                 node_tokens: Callable[[], dict[str, int]]) -> None:
+        self.table = table
+        self.node_names = node_names
+        self.node_tokens = node_tokens
+
+    def collect(self) -> Iterable[Metric]:
+        names = self.node_names()
+        endpoints = GaugeMetricFamily("garage_gateway_endpoints", "PCs in the endpoint table, by model and state",
+                                      labels=["model", "state"])
+        counts: dict[tuple[str, str], int] = {}
+        for ep in self.table.snapshot():
+            state = "draining" if ep.draining else str(ep.state)
+            counts[(ep.model, state)] = counts.get((ep.model, state), 0) + 1
+        for (model, state), n in sorted(counts.items()):
+            endpoints.add_metric([model, state], n)
+        yield endpoints
+
+        temp = GaugeMetricFamily("garage_node_gpu_temperature_celsius", "GPU temperature", labels=["node", "name", "gpu"])
+        power = GaugeMetricFamily("garage_node_gpu_power_watts", "GPU power draw", labels=["node", "name", "gpu"])
+        util = GaugeMetricFamily("garage_node_gpu_utilization_ratio", "GPU utilisation (0-1)", labels=["node", "name", "gpu"])
+        healthy = GaugeMetricFamily("garage_node_gpu_healthy", "1 if the GPU is healthy", labels=["node", "name", "gpu"])
+        engine = GaugeMetricFamily("garage_node_engine_state", "1 for the engine's current state",
+                                   labels=["node", "name", "state"])
+        running = GaugeMetricFamily("garage_node_engine_requests_running", "Requests the engine runs",
+                                    labels=["node", "name"])
+        for node_id, report in self.table.fresh_reports():
+            name = names.get(node_id, "")
+            for g in report.gpus:
+                labels = [node_id, name, str(g.index)]
+                if g.temperature_c is not None:
+                    temp.add_metric(labels, g.temperature_c)
+                if g.power_w is not None:
+                    power.add_metric(labels, g.power_w)
+                if g.utilization_pct is not None:
+                    util.add_metric(labels, g.utilization_pct / 100.0)
+                healthy.add_metric(labels, 1.0 if g.healthy else 0.0)
+            for state in EngineState:
+                engine.add_metric([node_id, name, str(state)], 1.0 if report.engine.state == state else 0.0)
+            if report.engine.requests_running is not None:
+                running.add_metric([node_id, name], report.engine.requests_running)
+        yield from (temp, power, util, healthy, engine, running)
+
+        served = GaugeMetricFamily("garage_node_tokens_served", "Tokens a PC served through the gateway, ever",
+                                   labels=["node", "name"])
+        for node_id, total in sorted(self.node_tokens().items()):
+            served.add_metric([node_id, names.get(node_id, "")], total)
+        yield served

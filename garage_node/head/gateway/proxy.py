@@ -1,0 +1,269 @@
+"""One OpenAI request to the PCs serving its model: pick a PC, call its engine with the
+engine's key, and relay the answer.
+
+Failover: a PC that cannot be reached, answers 502/503/504 or 401 (it has not got its key
+yet), or ends a stream before its first event is passed over, and the request goes to the
+next PC the router picks (at most `max_attempts` in all). Nothing has reached the client by
+then, so a retry is invisible. Once the first event is relayed the answer is committed to that
+PC: if it stops answering, the stream ends with an error event and [DONE], never a hang.
+
+Usage: every request's usage reaches `on_usage` (the ledger, the limits, the metrics). For a
+stream the gateway asks vLLM for its usage chunk (`stream_options.include_usage`) and, if the
+client did not ask for it, strips it again. A stream cut short (the client left, the PC died)
+is accounted by its content events, one token each, as vLLM streams them; its prompt is not
+known then and counts 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+import httpx
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from httpx_sse import EventSource, ServerSentEvent, SSEError
+
+from garage_node.head.gateway.errors import GatewayError, stream_error_event
+from garage_node.head.gateway.keys import ApiKey
+from garage_node.head.gateway.metrics import GatewayMetrics
+from garage_node.head.gateway.router import Router
+from garage_node.head.gateway.table import Endpoint, EndpointTable
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = (401, 502, 503, 504)
+
+
+@dataclass(frozen=True)
+class Usage:
+    node_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    complete: bool  # False: estimated from a stream cut short
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request, parsed and checked by the app."""
+
+    path: str  # /v1/chat/completions, /v1/completions, /v1/embeddings
+    model: str
+    body: bytes  # what goes to the engine
+    stream: bool
+    client_wants_usage: bool
+    blocks: list[int]  # the prompt's prefix blocks, for the router
+    key: ApiKey
+    started: float  # monotonic
+
+
+class Proxy:
+    def __init__(self, table: EndpointTable, router: Router, engine_key: Callable[[str], str],
+                 metrics: GatewayMetrics, on_usage: Callable[[Call, Usage], None], node_name: Callable[[str], str],
+                 connect_timeout_s: float = 3.0, first_byte_timeout_s: float = 120.0,
+                 stream_idle_timeout_s: float = 60.0, max_attempts: int = 3) -> None:
+        self.table, self.router, self.engine_key = table, router, engine_key
+        self.metrics, self.on_usage, self.node_name = metrics, on_usage, node_name
+        self.stream_idle_timeout_s = stream_idle_timeout_s
+        self.max_attempts = max_attempts
+        self._timeout = httpx.Timeout(connect=connect_timeout_s, read=first_byte_timeout_s, write=30.0, pool=10.0)
+        self._http: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """One pooled client (keep-alive connections to the engines), made in the event loop
+        that serves the gateway: an httpx client belongs to the loop it first ran in."""
+        if self._http is None or self._http.is_closed:
+            self._http = httpx.AsyncClient(
+                timeout=self._timeout,
+                limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200, keepalive_expiry=30.0))
+        return self._http
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+
+    def _pick(self, call: Call, tried: set[str]) -> Endpoint | None:
+        table = self.table
+        with table.lock:
+            takes = table.usable(table.clock.monotonic())
+            usable = (lambda ep: takes(ep) and ep.node_id not in tried) if tried else takes
+            decision = self.router.choose(table.pool(call.model), call.blocks, usable, table.get)
+            if decision is None:
+                return None
+            ep = table.get(decision.node_id)
+            assert ep is not None
+            ep.inflight += 1
+            self.router.served(call.blocks, ep.node_id)
+        return ep
+
+    async def forward(self, call: Call, request: Request) -> Response:
+        tried: set[str] = set()
+        last_problem = ""
+        for attempt in range(self.max_attempts):
+            ep = self._pick(call, tried)
+            if ep is None:
+                break
+            tried.add(ep.node_id)
+            if attempt:
+                self.metrics.retries.labels(call.model).inc()
+            try:
+                return await self._try(call, ep, request)
+            except (asyncio.CancelledError, GatewayError):
+                self.table.end(ep)
+                raise
+            except _Unusable as e:
+                self.table.end(ep)
+                self.table.suspend(ep.node_id)
+                last_problem = e.why
+                log.info("PC %s could not take a %s request (%s); trying another", ep.node_id, call.model, e.why)
+        if tried:
+            raise GatewayError(503, "no_pc_answered",
+                               f"no PC serving {call.model} could answer ({len(tried)} tried; the last: {last_problem}); "
+                               "retry shortly", retry_after_s=5)
+        raise GatewayError(503, "no_healthy_pc",
+                           f"no PC can take a request for {call.model} right now (all are starting, draining or "
+                           "busy failing over); retry shortly", retry_after_s=5)
+
+    async def _try(self, call: Call, ep: Endpoint, request: Request) -> Response:
+        req = self.client.build_request("POST", ep.url + call.path, content=call.body,
+                                        headers={"authorization": f"Bearer {self.engine_key(ep.node_id)}",
+                                                 "content-type": "application/json"})
+        try:
+            resp = await self.client.send(req, stream=True)
+        except httpx.TransportError as e:
+            raise _Unusable(type(e).__name__) from None
+        if resp.status_code in RETRY_STATUSES:
+            await resp.aclose()
+            raise _Unusable(f"HTTP {resp.status_code}")
+        headers = {"x-garage-node": self.node_name(ep.node_id), "x-garage-node-id": ep.node_id}
+        if not call.stream or resp.status_code != 200:
+            return await self._whole(call, ep, resp, headers, request)
+        events = EventSource(resp).aiter_sse()
+        try:
+            first = await asyncio.wait_for(events.__anext__(), self.stream_idle_timeout_s)
+        except (httpx.TransportError, SSEError, StopAsyncIteration, asyncio.TimeoutError) as e:
+            await resp.aclose()
+            raise _Unusable(f"the stream ended before it began ({type(e).__name__})") from None
+        self.metrics.ttft.labels(call.model).observe(time.monotonic() - call.started)
+        return StreamingResponse(self._relay(call, ep, resp, first, events), media_type="text/event-stream",
+                                 headers={**headers, "cache-control": "no-cache"})
+
+    async def _whole(self, call: Call, ep: Endpoint, resp: httpx.Response, headers: dict[str, str],
+                     request: Request) -> Response:
+        reading = asyncio.ensure_future(resp.aread())
+        try:
+            # A client that goes away cancels the request on the PC (closing the connection
+            # makes vLLM abort it) instead of letting it run to its end for nobody.
+            while not reading.done():
+                done, _ = await asyncio.wait({reading}, timeout=0.5)
+                if not done and await request.is_disconnected():
+                    reading.cancel()
+                    raise _ClientGone()
+            try:
+                data = reading.result()
+            except httpx.TransportError as e:
+                await resp.aclose()
+                raise _Unusable(f"the answer broke off ({type(e).__name__})") from None
+        except _ClientGone:
+            await resp.aclose()
+            self.table.end(ep)
+            return Response(status_code=499)
+        finally:
+            if not reading.done():
+                reading.cancel()
+        await resp.aclose()
+        self.table.end(ep)
+        self.metrics.ttft.labels(call.model).observe(time.monotonic() - call.started)
+        if resp.status_code == 200:
+            usage = _usage_of(data)
+            if usage is not None:
+                self.on_usage(call, Usage(ep.node_id, call.model, *usage, complete=True))
+        out = {k: v for k, v in resp.headers.items() if k.lower() == "content-type"}
+        return Response(content=data, status_code=resp.status_code, headers={**out, **headers})
+
+    async def _relay(self, call: Call, ep: Endpoint, resp: httpx.Response, first: ServerSentEvent,
+                     events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[bytes]:
+        usage: tuple[int, int] | None = None
+        content_events = 0
+        finished = False
+        try:
+            event: ServerSentEvent | None = first
+            while event is not None:
+                out, found, has_content = _pass_event(event.data, call.client_wants_usage)
+                if found is not None:
+                    usage = found
+                content_events += has_content
+                if out:
+                    yield out
+                if event.data.strip() == "[DONE]":
+                    finished = True
+                    break
+                try:
+                    event = await asyncio.wait_for(events.__anext__(), self.stream_idle_timeout_s)
+                except StopAsyncIteration:
+                    event = None
+            if not finished:
+                raise _Broken("the PC closed the stream without finishing it")
+        except (httpx.TransportError, SSEError, asyncio.TimeoutError, _Broken) as e:
+            self.metrics.stream_errors.labels(call.model).inc()
+            log.warning("stream from PC %s for %s broke off: %s", ep.node_id, call.model, type(e).__name__)
+            yield stream_error_event(f"the PC serving this request ({self.node_name(ep.node_id)}) stopped answering "
+                                     "mid-stream; the output above is incomplete. Send the request again.")
+        finally:
+            await resp.aclose()
+            self.table.end(ep)
+            if usage is not None:
+                self.on_usage(call, Usage(ep.node_id, call.model, usage[0], usage[1], complete=True))
+            elif content_events:
+                self.on_usage(call, Usage(ep.node_id, call.model, 0, content_events, complete=False))
+
+
+class _Unusable(Exception):
+    """This PC cannot take the request; nothing has reached the client yet."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+class _Broken(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _usage_of(data: bytes) -> tuple[int, int] | None:
+    try:
+        u = json.loads(data).get("usage") or {}
+        return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def _pass_event(data: str, client_wants_usage: bool) -> tuple[bytes, tuple[int, int] | None, int]:
+    """(the bytes to relay, the usage the event carries, 1 if it carries content)."""
+    if data.strip() == "[DONE]":
+        return b"data: [DONE]\n\n", None, 0
+    try:
+        obj: Any = json.loads(data)
+    except ValueError:
+        return f"data: {data}\n\n".encode(), None, 0
+    if not isinstance(obj, dict):
+        return f"data: {data}\n\n".encode(), None, 0
+    u = obj.get("usage")
+    found = (int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)) if isinstance(u, dict) else None
+    has_content = 1 if obj.get("choices") else 0
+    if client_wants_usage or "usage" not in obj:
+        return f"data: {data}\n\n".encode(), found, has_content
+    if not obj.get("choices"):
+        return b"", found, 0  # the usage-only chunk the client did not ask for
+    del obj["usage"]
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode(), found, has_content

@@ -1,0 +1,232 @@
+"""The region's front door on real parts: a real head (its gateway on port 8080) and two PCs,
+each serving the real vLLM CPU image through a dockerd of its own (testing/dockerd.py).
+
+Requests go to the head with an API key, as a user's would, and come back from a PC; the
+ledger's counts equal what vLLM reported; keys are refused as they should be; a draining PC
+takes nothing new and finishes its stream; a PC whose engine dies under load costs no request
+that had not begun to stream; Prometheus parses the head's metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from testing.dockerd import TEST_IMAGE, TINY_MODEL, engine_toml, tiny_model_dir
+from testing.region import Testbed, missing_prerequisite, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+GATEWAY = "http://127.0.0.1:8080"
+METRICS = "http://127.0.0.1:9464/metrics"
+
+
+def _engine_missing() -> str | None:
+    if why := missing_prerequisite():
+        return why
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        return "no running dockerd (image/engine/ensure-dockerd.sh starts one)"
+    if subprocess.run(["docker", "image", "inspect", TEST_IMAGE], capture_output=True).returncode != 0:
+        return f"image {TEST_IMAGE} not built (image/engine/build-vllm-cpu-image.sh)"
+    return None
+
+
+pytestmark = [pytest.mark.engine, pytest.mark.skipif(bool(_engine_missing()), reason=str(_engine_missing()))]
+
+
+def healthy(node, timeout=600, predicate=None) -> dict:
+    def ok(s):
+        return s["engine"]["state"] == "healthy" and (predicate is None or predicate(s))
+    return node.wait_state("joined", timeout, predicate=ok)
+
+
+@pytest.fixture(scope="module")
+def region():
+    model = tiny_model_dir()
+    tb = Testbed()
+    tb.setup()
+    try:
+        head = tb.start_head()
+        pcs = [tb.add_engine_node(name, engine_toml(model)) for name in ("pc-a", "pc-b")]
+        for pc in pcs:
+            pc.configure(head.token())
+            pc.start()
+        for pc in pcs:
+            healthy(pc)
+        tb.key = hc(head, "key", "create", "tester").stdout.strip()
+        wait_for(lambda: models(head, tb.key).get(TINY_MODEL) == 2, 60, "both PCs in the gateway's table")
+        yield tb
+    finally:
+        tb.cleanup()
+
+
+def hc(head, *args: str) -> subprocess.CompletedProcess:
+    """`garage-node head ...` with the testbed head's config."""
+    return head.cli("head", *args, "--config", str(head.config))
+
+
+def curl(head, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return head.run(["curl", "-s", "--max-time", str(int(timeout)), *args], check=False, timeout=timeout + 10)
+
+
+def post(head, key: str, path: str, body: dict, timeout: float = 120) -> tuple[int, dict, dict[str, str]]:
+    """(status, JSON body, headers) of a POST to the gateway from inside the head's namespace."""
+    res = curl(head, "-D", "-", "-H", "Content-Type: application/json", "-H", f"Authorization: Bearer {key}",
+               "-d", json.dumps(body), f"{GATEWAY}{path}", timeout=timeout)
+    head_part, _, body_part = res.stdout.replace("\r\n", "\n").partition("\n\n")
+    lines = head_part.splitlines()
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status, json.loads(body_part) if body_part.strip().startswith("{") else {}, headers
+
+
+def models(head, key: str) -> dict[str, int]:
+    res = curl(head, "-H", f"Authorization: Bearer {key}", f"{GATEWAY}/v1/models")
+    try:
+        return {m["id"]: m["pcs_serving"] for m in json.loads(res.stdout)["data"]}
+    except (ValueError, KeyError):
+        return {}
+
+
+def usage(head, by: str = "key") -> dict[str, dict]:
+    return {r[by]: r for r in json.loads(hc(head, "usage", "--by", by, "--json").stdout)}
+
+
+def load(head, key: str, *args: str, timeout: float = 300) -> list[dict]:
+    res = head.run([sys.executable, str(ROOT / "testing/loadgen.py"), GATEWAY, key, TINY_MODEL, *args],
+                   check=True, timeout=timeout)
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def test_a_completion_comes_back_from_a_pc(region):
+    head = region.head
+    names = {pc.name for pc in region.hosts[1:]}
+    status, body, headers = post(head, region.key, "/v1/completions",
+                                 {"model": TINY_MODEL, "prompt": "Hello", "max_tokens": 8})
+    assert status == 200, body
+    assert body["model"] == TINY_MODEL and body["choices"][0]["text"] and body["usage"]["completion_tokens"] == 8
+    assert headers["x-garage-node"] in names
+    status, chat, _ = post(head, region.key, "/v1/chat/completions",
+                           {"model": TINY_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    assert status == 200 and chat["object"] == "chat.completion", chat
+
+
+def test_streams_end_with_done_and_usage_is_accounted_exactly(region):
+    head = region.head
+    before = usage(head).get("tester", {"total_tokens": 0})
+    results = load(head, region.key, "--requests", "6", "--concurrency", "2", "--stream", "--max-tokens", "12")
+    assert all(r["status"] == 200 and r["done"] and r["error"] is None for r in results), results
+    # The client did not ask for usage: the gateway asked vLLM for it and stripped it again.
+    assert all(r["usage"] is None for r in results)
+    asked = post(head, region.key, "/v1/completions", {"model": TINY_MODEL, "prompt": "x", "max_tokens": 5})[1]["usage"]
+    expected = before["total_tokens"] + asked["total_tokens"]
+    # What vLLM counted for the streams: 12 completion tokens each, and the prompt's tokens.
+    prompt_tokens = post(head, region.key, "/v1/completions",
+                         {"model": TINY_MODEL, "prompt": "Hello", "max_tokens": 1})[1]["usage"]["prompt_tokens"]
+    expected += 6 * (12 + prompt_tokens) + prompt_tokens + 1
+    wait_for(lambda: usage(head)["tester"]["total_tokens"] == expected, 15, "the ledger to hold every token")
+    by_node = usage(head, "node")
+    assert sum(r["total_tokens"] for r in by_node.values()) >= expected
+
+
+def test_models_and_keys_are_refused_as_they_should_be(region):
+    head = region.head
+    assert models(head, region.key) == {TINY_MODEL: 2}
+    status, body, _ = post(head, "gk-wrong", "/v1/completions", {"model": TINY_MODEL, "prompt": "x"})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    status, body, _ = post(head, region.key, "/v1/completions", {"model": "no/such-model", "prompt": "x"})
+    assert status == 404 and TINY_MODEL in body["error"]["message"]
+    status, body, _ = post(head, region.key, "/v1/completions", {"prompt": "no model"})
+    assert status == 400 and body["error"]["param"] == "model"
+    other = hc(head, "key", "create", "other-model", "--models", "someone/else").stdout.strip()
+    assert post(head, other, "/v1/completions", {"model": TINY_MODEL, "prompt": "x"})[0] == 404
+    quota = hc(head, "key", "create", "small", "--quota", "5").stdout.strip()
+    assert post(head, quota, "/v1/completions", {"model": TINY_MODEL, "prompt": "x", "max_tokens": 8})[0] == 200
+    wait_for(lambda: usage(head).get("small", {}).get("total_tokens", 0) >= 5, 15, "the ledger")
+    status, body, _ = post(head, quota, "/v1/completions", {"model": TINY_MODEL, "prompt": "x"})
+    assert status == 429 and body["error"]["code"] == "insufficient_quota"
+    rpm = hc(head, "key", "create", "slow", "--rpm", "1").stdout.strip()
+    assert post(head, rpm, "/v1/completions", {"model": TINY_MODEL, "prompt": "x", "max_tokens": 1})[0] == 200
+    status, _, headers = post(head, rpm, "/v1/completions", {"model": TINY_MODEL, "prompt": "x", "max_tokens": 1})
+    assert status == 429 and int(headers["retry-after"]) >= 1
+    short = hc(head, "key", "create", "short", "--ttl", "1s").stdout.strip()
+    time.sleep(1.5)
+    assert post(head, short, "/v1/completions", {"model": TINY_MODEL, "prompt": "x"})[1]["error"]["code"] == "expired_api_key"
+    hc(head, "key", "revoke", "slow")
+    time.sleep(2.5)  # the gateway holds a key it checked for 2 s
+    assert post(head, rpm, "/v1/completions", {"model": TINY_MODEL, "prompt": "x"})[1]["error"]["code"] == "revoked_api_key"
+    listed = {k["name"]: k for k in json.loads(hc(head, "key", "list", "--json").stdout)}
+    assert listed["slow"]["state"] == "revoked" and listed["short"]["state"] == "expired"
+    assert all(k["hint"] and len(k["hint"]) <= 8 for k in listed.values())
+    assert region.key not in hc(head, "key", "list").stdout
+
+
+def test_metrics_parse_and_cover_the_region(region):
+    head = region.head
+    text = curl(head, METRICS).stdout
+    samples = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["garage_gateway_requests_total"].value >= 1
+    assert "garage_gateway_time_to_first_token_seconds_bucket" in samples
+    assert "garage_gateway_tokens_total" in samples and "garage_node_engine_state" in samples
+    endpoints = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "garage_gateway_endpoints"]
+    assert sum(s.value for s in endpoints if s.labels["state"] == "healthy") == 2
+
+
+def test_pcs_see_the_tokens_they_served(region):
+    head = region.head
+    served = usage(head, "node")
+    for pc in region.hosts[1:]:
+        node_id = pc.status()["node_id"]
+        if node_id not in served:
+            continue
+        pc.wait_state("joined", 30, predicate=lambda s: (s.get("tokens_served") or {}).get("total", 0)
+                      >= served[node_id]["total_tokens"])
+        assert "tokens today" in pc.run(pc.cmd("status")).stdout
+    assert "TOKENS" in hc(head, "nodes").stdout
+
+
+def test_a_draining_pc_finishes_its_stream_and_takes_nothing_new(region):
+    head = region.head
+    a, b = region.hosts[1], region.hosts[2]
+    out = head.dir / "gw-stream.txt"
+    body = json.dumps({"model": TINY_MODEL, "prompt": "Once", "max_tokens": 600, "min_tokens": 600,
+                       "ignore_eos": True, "stream": True})
+    stream = head.spawn(["curl", "-sN", "-D", str(head.dir / "gw-stream.headers"), "--max-time", "300", "-H",
+                         "Content-Type: application/json", "-H", f"Authorization: Bearer {region.key}", "-d", body,
+                         f"{GATEWAY}/v1/completions", "-o", str(out)], "gw-stream.log")
+    wait_for(lambda: out.exists() and out.stat().st_size > 0, 120, "the stream to begin", interval=0.2)
+    serving = (head.dir / "gw-stream.headers").read_text().lower().split("x-garage-node:")[1].split()[0]
+    drained, other = (a, b) if serving == a.name else (b, a)
+    drained.run(drained.cmd("drain"))
+    wait_for(lambda: models(head, region.key).get(TINY_MODEL) == 1, 30, "the table to drop the draining PC")
+    results = load(head, region.key, "--requests", "6", "--concurrency", "2", "--max-tokens", "2")
+    assert {r["node"] for r in results} == {other.name} and all(r["status"] == 200 for r in results)
+    assert stream.wait(timeout=300) == 0
+    text = out.read_text()
+    assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text
+    drained.run(drained.cmd("resume"))
+    healthy(drained)
+    wait_for(lambda: models(head, region.key).get(TINY_MODEL) == 2, 60, "the PC back in the table")
+
+
+def test_a_pc_dying_under_load_fails_no_request_that_had_not_begun(region):
+    head = region.head
+    victim = region.hosts[2]
+    gen = head.spawn([sys.executable, str(ROOT / "testing/loadgen.py"), GATEWAY, region.key, TINY_MODEL,
+                      "--seconds", "25", "--concurrency", "4", "--max-tokens", "16"], "gw-load.log")
+    time.sleep(8)
+    victim.docker("kill", "garage-engine")
+    assert gen.wait(timeout=200) == 0
+    results = [json.loads(line) for line in (head.dir / "gw-load.log").read_text().splitlines() if line.startswith("{")]
+    assert len(results) > 10
+    failed = [r for r in results if r["status"] != 200]
+    assert failed == [], failed  # non-streaming: none had begun, so each went on to the other PC
+    assert {r["node"] for r in results} == {pc.name for pc in region.hosts[1:]}
+    text = curl(head, METRICS).stdout
+    retries = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "garage_gateway_retries_total"]
+    assert sum(s.value for s in retries) >= 1
+    healthy(victim)

@@ -1,0 +1,354 @@
+"""The gateway's policy, keys, ledger and HTTP behaviour, against an engine stand-in served by
+a real uvicorn on loopback (the namespace-testbed tests use the real vLLM CPU image)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import generate_latest
+
+from garage_node.core.wire import EngineReport, EngineState
+from garage_node.head.config import GatewaySection
+from garage_node.head.gateway.app import create_gateway_app
+from garage_node.head.gateway.gateway import KEY_CACHE_S, Gateway
+from garage_node.head.gateway.keys import KeyError_, KeyStore
+from garage_node.head.gateway.ledger import Ledger
+from garage_node.head.gateway.router import Router
+from garage_node.head.gateway.store import Store
+from garage_node.head.gateway.table import EndpointTable
+from testing.fakes import FakeClock, sample_report
+
+MODEL = "tiny"
+
+
+# ---------------------------------------------------------------- router
+
+
+@dataclass
+class T:
+    node_id: str
+    inflight: int = 0
+    kv_cache_usage_pct: float = 0.0
+
+    @property
+    def load(self) -> int:
+        return self.inflight
+
+
+def test_router_least_load_then_affinity():
+    r = Router(block_chars=4)
+    a, b = T("a", inflight=3), T("b", inflight=1)
+    prompt = r.blocks("system: you are kind. user: hi")
+    first = r.choose([a, b], prompt)
+    assert first.node_id == "b" and first.reason == "least-load"
+    r.served(prompt, "b")
+    # b is now busier than a, but shares the prefix: affinity keeps it there.
+    b.inflight = 5
+    again = r.choose([a, b], r.blocks("system: you are kind. user: hello there"))
+    assert again.node_id == "b" and again.reason == "affinity" and again.match > 0.3
+
+
+def test_router_balance_overrules_affinity_when_skewed():
+    r = Router(block_chars=4, balance_abs=64, balance_rel=1.5)
+    blocks = r.blocks("shared prefix " * 10)
+    r.served(blocks, "b")
+    a, b = T("a", inflight=10), T("b", inflight=100)
+    assert r.choose([a, b], blocks).reason == "balance"
+    b.inflight = 70  # skewed by 60 requests: not past balance_abs
+    assert r.choose([a, b], blocks).node_id == "b"
+
+
+def test_router_no_affinity_below_threshold_and_bounded_memory():
+    r = Router(block_chars=4, max_entries=50)
+    r.served(r.blocks("abcd"), "b")
+    d = r.choose([T("a"), T("b", inflight=1)], r.blocks("abcd" + "x" * 400))
+    assert d.node_id == "a" and d.match < 0.3
+    for i in range(100):
+        r.served(r.blocks(f"{i:04d}" * 3), "a")
+    assert len(r._prefixes) <= 50
+    assert r.choose([], []) is None
+
+
+# ---------------------------------------------------------------- table
+
+
+def report(state=EngineState.HEALTHY, model=MODEL, endpoint="http://127.0.0.1:1", draining=False, running=0):
+    base = sample_report()
+    return replace(base, engine=EngineReport(state=state, model=model, endpoint=endpoint, draining=draining,
+                                             requests_running=running))
+
+
+def test_table_takes_only_healthy_fresh_undrained_pcs():
+    clock = FakeClock()
+    t = EndpointTable(stale_after_s=15, clock=clock)
+    t.update("n1", report())
+    t.update("n2", report(draining=True))
+    t.update("n3", report(state=EngineState.STARTING))
+    assert [e.node_id for e in t.serving(MODEL)] == ["n1"]
+    assert [(m.model, m.pcs_serving, m.pcs_known) for m in t.models()] == [(MODEL, 1, 3)]
+    t.suspend("n1", 10)
+    assert t.serving(MODEL) == []
+    clock.advance(11)
+    assert [e.node_id for e in t.serving(MODEL)] == ["n1"]
+    clock.advance(5)  # 16 s since the last heartbeat
+    assert t.serving(MODEL) == [] and t.models() == []
+    t.update("n1", report(model=None, endpoint=None))  # the engine stopped
+    assert t.snapshot() == [] or all(e.node_id != "n1" for e in t.snapshot())
+
+
+# ---------------------------------------------------------------- keys and ledger
+
+
+def test_keys_are_stored_hashed_and_checked(tmp_path):
+    store = Store(tmp_path / "gateway.db")
+    keys = KeyStore(store)
+    key, secret = keys.create("alice", now=100.0, models=("tiny",), rpm=5, ttl_s=60)
+    assert secret.startswith("gk-") and key.hint == secret[:8]
+    assert secret not in (tmp_path / "gateway.db").read_bytes().decode("latin-1")
+    assert keys.lookup(secret).name == "alice" and keys.lookup(secret + "x") is None
+    assert keys.lookup("not-a-key") is None
+    assert key.state(159.0) == "active" and key.state(160.0) == "expired"
+    with pytest.raises(KeyError_, match="exists already"):
+        keys.create("alice", now=1.0)
+    with pytest.raises(KeyError_, match="not usable"):
+        keys.create("bad name", now=1.0)
+    with pytest.raises(KeyError_, match="positive"):
+        keys.create("bob", now=1.0, rpm=0)
+    assert keys.revoke("alice", now=120.0).state(121.0) == "revoked"
+    with pytest.raises(KeyError_, match="no key"):
+        keys.revoke("nobody", now=1.0)
+
+
+def test_ledger_batches_and_survives_a_restart(tmp_path):
+    clock = FakeClock(wall=86400 * 100 + 3600 * 5)
+    ledger = Ledger(Store(tmp_path / "gateway.db"), clock)
+    ledger.add("alice", "n1", MODEL, 10, 5)
+    ledger.add("alice", "n2", MODEL, 3, 4)
+    # Unwritten counts are visible already.
+    assert ledger.node_totals("n1").today == 15 and ledger.key_tokens("alice") == 22
+    assert ledger.flush() == 2
+    clock.advance(86400)  # the next day
+    ledger.add("bob", "n1", MODEL, 1, 1)
+    ledger.flush()
+    again = Ledger(Store(tmp_path / "gateway.db"), clock)
+    assert again.node_totals("n1").total == 17 and again.node_totals("n1").today == 2
+    by_node = {r.group: r for r in again.usage("node")}
+    assert by_node["n1"].requests == 2 and by_node["n1"].total_tokens == 17
+    assert [r.group for r in again.usage("key")] == ["alice", "bob"]
+    assert {n: t.total for n, t in again.node_totals_all().items()} == {"n1": 17, "n2": 7}
+    with pytest.raises(ValueError):
+        again.usage("colour")
+
+
+# ---------------------------------------------------------------- the HTTP path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Engine:
+    """An engine stand-in speaking vLLM's OpenAI dialect, with a switch to misbehave."""
+
+    def __init__(self, name: str, key: str) -> None:
+        self.name, self.key = name, key
+        self.mode = "ok"  # "ok", "503", "break-stream"
+        self.calls: list[dict] = []
+        app = FastAPI()
+
+        @app.post("/v1/completions")
+        @app.post("/v1/chat/completions")
+        async def complete(request: Request):
+            if request.headers.get("authorization") != f"Bearer {self.key}":
+                return JSONResponse({"error": {"message": "Unauthorized"}}, status_code=401)
+            body = await request.json()
+            self.calls.append(body)
+            if self.mode == "503":
+                return JSONResponse({"error": "overloaded"}, status_code=503)
+            usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+            if not body.get("stream"):
+                return {"id": "cmpl-1", "object": "text_completion", "model": body["model"],
+                        "choices": [{"index": 0, "text": f"from {self.name}", "finish_reason": "length"}], "usage": usage}
+            with_usage = (body.get("stream_options") or {}).get("include_usage")
+
+            async def events():
+                for word in ("a", "b", "c"):
+                    chunk = {"id": "cmpl-1", "model": body["model"], "choices": [{"index": 0, "text": word}]}
+                    if with_usage:
+                        chunk["usage"] = None
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    if self.mode == "break-stream":
+                        raise RuntimeError("engine died")
+                if with_usage:
+                    yield f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+@pytest.fixture
+def gw(tmp_path):
+    cfg = GatewaySection(connect_timeout_s=1.0, stream_idle_timeout_s=5.0)
+    g = Gateway(cfg, tmp_path, lambda: {"n1": "alice-pc", "n2": "bob-pc"})
+    engines = {n: Engine(n, g.engine_keys.for_node(n)) for n in ("n1", "n2")}
+    for n, e in engines.items():
+        g.on_report(n, report(endpoint=e.url))
+    _, secret = g.keys.create("tester", now=time.time())
+    g.secret = secret
+    g.engines = engines
+    yield g
+    for e in engines.values():
+        e.stop()
+    g.stop()
+
+
+def call(g, method, path, body=None, key=None):
+    async def go():
+        transport = httpx.ASGITransport(app=create_gateway_app(g))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            headers = {"authorization": f"Bearer {key or g.secret}"}
+            r = await c.request(method, path, json=body, headers=headers)
+            await g.proxy.close()
+            return r
+    return asyncio.run(go())
+
+
+def test_completion_is_passed_through_with_the_pc_named(gw):
+    r = call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    assert r.headers["x-garage-node"] in ("alice-pc", "bob-pc")
+    assert body["choices"][0]["text"] == f"from {r.headers['x-garage-node-id']}"
+    assert gw.ledger.key_tokens("tester") == 10
+
+
+def test_stream_usage_is_captured_and_stripped_unless_asked(gw):
+    r = call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "hi", "stream": True})
+    assert r.status_code == 200
+    lines = [l for l in r.text.splitlines() if l.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(l[6:]) for l in lines[:-1]]
+    assert [c["choices"][0]["text"] for c in chunks] == ["a", "b", "c"]
+    assert all("usage" not in c for c in chunks)
+    engine_body = next(e for e in gw.engines.values() if e.calls).calls[-1]
+    assert engine_body["stream_options"] == {"include_usage": True}
+    assert gw.ledger.key_tokens("tester") == 10
+    asked = call(gw, "POST", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                      "stream": True, "stream_options": {"include_usage": True}})
+    chunks = [json.loads(l[6:]) for l in asked.text.splitlines() if l.startswith("data: {")]
+    assert chunks[-1]["usage"]["total_tokens"] == 10 and chunks[-1]["choices"] == []
+
+
+def test_failover_before_the_first_byte(gw):
+    gw.engines["n1"].mode = "503"
+    gw.engines["n2"].stop()  # refuses connections
+    gw.on_report("n3", report(endpoint=gw.engines["n1"].url))  # n3 shares n1's engine stand-in
+    gw.engines["n1"].mode = "ok"
+    gw.engines["n1"].key = gw.engine_keys.for_node("n1")
+    gw.table.get("n1").inflight = 5  # the busiest: the router tries the other two first
+    ok = 0
+    for _ in range(4):
+        r = call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "x"})
+        ok += r.status_code == 200
+        assert r.headers.get("x-garage-node-id") in (None, "n1")
+    assert ok == 4  # n2 refused, n3 (wrong key: 401) was passed over, n1 answered every time
+    retries = [s for f in text_string_to_metric_families(generate_latest(gw.metrics.registry).decode())
+               for s in f.samples if s.name == "garage_gateway_retries_total"]
+    assert retries and retries[0].value >= 1
+
+
+def test_a_stream_that_breaks_ends_with_an_error_event(gw):
+    for e in gw.engines.values():
+        e.mode = "break-stream"
+    r = call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "x", "stream": True})
+    assert r.status_code == 200
+    data = [l[6:] for l in r.text.splitlines() if l.startswith("data: ")]
+    assert json.loads(data[0])["choices"][0]["text"] == "a"
+    assert json.loads(data[-2])["error"]["code"] == "upstream_lost" and data[-1] == "[DONE]"
+    assert gw.ledger.key_tokens("tester") == 1  # the one content event that came
+
+
+def test_errors_are_openai_shaped_and_never_echo_the_key(gw):
+    bad = call(gw, "GET", "/v1/models", key="gk-not-a-real-key")
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+    assert "gk-not-a-real-key" not in bad.text
+    assert call(gw, "POST", "/v1/completions", {"prompt": "no model"}).status_code == 400
+    unknown = call(gw, "POST", "/v1/completions", {"model": "gpt-9", "prompt": "x"})
+    assert unknown.status_code == 404 and MODEL in unknown.json()["error"]["message"]
+    _, limited = gw.keys.create("limited", now=time.time(), rpm=1, models=(MODEL,))
+    assert call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "x"}, key=limited).status_code == 200
+    over = call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "x"}, key=limited)
+    assert over.status_code == 429 and int(over.headers["retry-after"]) >= 1
+    _, other = gw.keys.create("other-model", now=time.time(), models=("big",))
+    assert call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "x"}, key=other).status_code == 404
+    _, quota = gw.keys.create("quota", now=time.time(), quota_tokens=5)
+    assert call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "x"}, key=quota).status_code == 200
+    spent = call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "x"}, key=quota)
+    assert spent.status_code == 429 and spent.json()["error"]["code"] == "insufficient_quota"
+    gw.keys.revoke("tester", now=time.time())
+    time.sleep(KEY_CACHE_S + 0.1)  # the gateway holds a key it checked for this long
+    assert call(gw, "GET", "/v1/models").json()["error"]["code"] == "revoked_api_key"
+    for n in ("n1", "n2"):
+        gw.on_report(n, report(endpoint=gw.engines[n].url, draining=True))
+    none = call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "x"}, key=limited)
+    assert none.status_code in (429, 503)
+
+
+def test_models_lists_what_pcs_serve_and_metrics_parse(gw):
+    r = call(gw, "GET", "/v1/models")
+    assert r.json()["data"][0]["id"] == MODEL and r.json()["data"][0]["pcs_serving"] == 2
+    call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "x"})
+    gw.ledger.flush()
+    names = {s.name for f in text_string_to_metric_families(generate_latest(gw.metrics.registry).decode())
+             for s in f.samples}
+    assert {"garage_gateway_requests_total", "garage_gateway_tokens_total", "garage_gateway_endpoints",
+            "garage_node_engine_state", "garage_node_tokens_served",
+            "garage_gateway_time_to_first_token_seconds_bucket"} <= names
+
+
+def test_heartbeat_extras_give_each_pc_its_own_key_and_totals(gw):
+    call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "x"})
+    e1, e2 = gw.node_extras("n1"), gw.node_extras("n2")
+    assert e1["engine_api_key"] != e2["engine_api_key"] and e1["engine_api_key"].startswith("gne-")
+    assert e1["tokens_served"].total + e2["tokens_served"].total == 10
+
+
+def test_router_in_a_large_region_picks_only_usable_pcs_and_near_least_load():
+    r = Router()
+    targets = [T(f"n{i}", inflight=i % 10) for i in range(500)]
+    usable = lambda t: int(t.node_id[1:]) % 3 == 0  # noqa: E731 (two thirds are starting or draining)
+    picks = [r.choose(targets, [], usable).node_id for _ in range(300)]
+    assert all(int(p[1:]) % 3 == 0 for p in picks)
+    loads = [targets[int(p[1:])].inflight for p in picks]
+    assert sum(loads) / len(loads) < 4.5  # the mean of a random usable PC would be 4.5
+    assert r.choose(targets, [], lambda t: t.node_id == "n499").node_id == "n499"  # found by the full scan
+    assert r.choose(targets, [], lambda t: False) is None
