@@ -3,7 +3,7 @@ completions for a while, and one JSON line per request goes to stdout (status, t
 answered, time to first byte, latency, whether a stream ended with [DONE] or an error event).
 
     python testing/loadgen.py URL KEY MODEL [--concurrency 4] [--seconds 20 | --requests N]
-        [--stream] [--max-tokens 8] [--prompt TEXT] [--prefixes K]
+        [--stream [--usage]] [--max-tokens 8] [--prompt TEXT] [--prefixes K]
 
 Standard library and httpx only, so it runs in any namespace with the project's Python."""
 
@@ -25,6 +25,8 @@ async def one(client: httpx.AsyncClient, args, i: int) -> dict:
         prompt = f"[group {i % args.prefixes}] " + ("You are a careful assistant. " * 40) + f"Question {i}."
     body = {"model": args.model, "prompt": prompt, "max_tokens": args.max_tokens, "stream": args.stream,
             "temperature": 0}
+    if args.stream and args.usage:
+        body["stream_options"] = {"include_usage": True}
     t0 = time.monotonic()
     out = {"i": i, "status": 0, "node": None, "ttfb_s": None, "latency_s": None, "done": False, "error": None,
            "usage": None}
@@ -89,6 +91,7 @@ if __name__ == "__main__":
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--prompt", default="Hello")
     p.add_argument("--prefixes", type=int, default=0)
+    p.add_argument("--usage", action="store_true", help="streams ask for vLLM's usage chunk")
     a = p.parse_args()
     if a.seconds is None and a.requests is None:
         a.requests = 1

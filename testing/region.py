@@ -534,8 +534,11 @@ class Testbed:
 
     def cleanup(self) -> None:
         for host in self.hosts:
+            # An engine PC's agent would drain and stop its engine first (tens of seconds):
+            # its dockerd removes the container at once below.
+            sig = signal.SIGKILL if isinstance(host, EngineNodeHost) else signal.SIGTERM
             for proc in host.procs:
-                stop_process(proc, signal.SIGTERM, timeout=20)
+                stop_process(proc, sig, timeout=20)
         for host in self.hosts:
             if isinstance(host, RootNodeHost):
                 self._cleanup_root_node(host)

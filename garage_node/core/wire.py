@@ -293,6 +293,7 @@ class EngineReport:
     # The share of the engine's KV cache in use, 0-100 (vLLM's kv_cache_usage_perc): the
     # gateway's router weighs it with the request counts.
     kv_cache_usage_pct: _float(0.0, 100.0) | None = None
+    generation_tokens_per_s: _float(0.0, 1e7) | None = None  # for the fleet page's tokens/s
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class HeadService:
     def __init__(self, cfg: HeadConfig, firewall: Firewall | None = None) -> None:
         self.cfg = cfg
         _fewer_malloc_arenas()  # before the API's worker threads exist
+        _smaller_tls_buffers()  # before the first connection
         self.paths = require_init(cfg)
         # Heartbeats are held in memory and written in batches (registry.py); stop() writes the rest.
         self.registry = open_registry(cfg, batch_s=cfg.options.heartbeat_batch_s)
@@ -86,8 +87,10 @@ class HeadService:
         self.firewall.apply(self.firewall_rules())
         self.iface.up(self.paths.wg_key.read_text().strip(), f"{hub.ip}/{self.facts.prefix_len}", self.cfg.overlay.listen_port)
         _enable_forwarding()
-        # Whatever the last head's Ray said about its nodes is stale before anyone can ask.
+        # Whatever the last head's Ray said about its nodes is stale before anyone can ask
+        # (written at once, not with the next batch: `head nodes` reads the file).
         self.registry.record_ray_membership(set())
+        self.registry.flush()
         self.sync_peers()
         # Two loops: a Ray probe can block for seconds while the Ray head starts, and peer
         # sync must not wait for it (a new node's first handshake depends on it).
@@ -169,6 +172,7 @@ class HeadService:
             # it until it says so. Once per outage, not on every pass while it is down.
             if not self._membership_cleared:
                 self.registry.record_ray_membership(set())
+                self.registry.flush()
                 self._membership_cleared = True
         r = self.cfg.ray
         started = self.ray.running
@@ -255,6 +259,20 @@ def _fewer_malloc_arenas() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(-8, 2)
+
+
+# Per TLS connection, asyncio keeps a receive buffer of SSLProtocol.max_size (256 KiB in Python
+# 3.11), filled with zeros at once: with a thousand PCs each holding its kept-alive connection,
+# that was 250 MB of the head's 390 MB. A TLS record is at most 16 KiB and a heartbeat 1-2 KB
+# (bodies are capped at [api] max_body_bytes): 32 KiB reads lose nothing.
+TLS_READ_BUFFER = 32 * 1024
+
+
+def _smaller_tls_buffers() -> None:
+    import asyncio.sslproto
+
+    if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > TLS_READ_BUFFER:
+        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
 
 
 def _trim_memory() -> None:

@@ -704,7 +704,8 @@ class Agent:
             # Paused for the owner's hours or heat: no new work, as with the owner's drain.
             engine=EngineReport(state=e.state, model=e.model, endpoint=e.endpoint, draining=e.draining or bool(e.paused),
                                 healthy_since=e.healthy_since, requests_running=e.requests_running,
-                                requests_waiting=e.requests_waiting, kv_cache_usage_pct=e.kv_cache_usage_pct),
+                                requests_waiting=e.requests_waiting, kv_cache_usage_pct=e.kv_cache_usage_pct,
+                                generation_tokens_per_s=e.generation_tokens_per_s),
         )
 
     def _problem_status(self, now: float) -> ProblemStatus | None:

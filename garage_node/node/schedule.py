@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, tzinfo
+from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -123,7 +123,8 @@ def system_timezone() -> tzinfo:
         with localtime.open("rb") as f:
             return ZoneInfo.from_file(f, key="localtime")
     except (OSError, ValueError):
-        return ZoneInfo("UTC")
+        # Not ZoneInfo("UTC"): a system without tzdata (a minimal image) has no zone files at all.
+        return timezone.utc
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class Schedule:
 
     def __init__(self, windows: tuple[str, ...] = (), tz: tzinfo | None = None) -> None:
         self.windows = tuple(parse_window(w) for w in windows)
-        self.tz = tz or ZoneInfo("UTC")
+        self.tz = tz or timezone.utc
         spans: list[tuple[int, int]] = []
         for w in self.windows:
             for d in w.days:

@@ -142,11 +142,26 @@ def layout(s: Status, width: int = 80, height: int = 25, now: float | None = Non
 
     body: list[Line] = []
 
-    def add(label: str, text: str, style: str = "") -> None:
-        for i, chunk in enumerate(_wrap(text, width - 10) or [""]):
+    def add(label: str, text: str, style: str = "", max_lines: int = 3) -> None:
+        chunks = _wrap(text, width - 10) or [""]
+        if len(chunks) > max_lines:
+            chunks = chunks[:max_lines]
+            chunks[-1] = _fit(chunks[-1] + " ...", width - 10)
+        for i, chunk in enumerate(chunks):
             body.append(Line(f"{label if i == 0 else '':<10}{chunk}", style))
 
-    add("State:", f"{STATE_WORDS.get(s.state, state)}: {s.message}", "alert" if STATE_COLOUR.get(state) == "red" else "")
+    add("State:", f"{STATE_WORDS.get(s.state, state)}: {s.message}", "alert" if STATE_COLOUR.get(state) == "red" else "",
+        max_lines=2)
+    # The problem right under the state: it is what the owner must read when something is wrong,
+    # and what does not fit the screen is cut from the end.
+    err = s.last_error
+    if err:
+        retry = f" (retrying in {err.retry_in_s:.0f} s)" if err.retry_in_s is not None else ""
+        add("Problem:", err.message + retry, "alert", max_lines=4)
+        if err.hint:
+            add("To fix:", err.hint, "alert", max_lines=3)
+    else:
+        add("Problem:", "none")
     if s.gpus:
         for g in s.gpus:
             add(f"GPU {g.index}:", _gpu(g), "" if g.healthy else "alert")
@@ -162,14 +177,6 @@ def layout(s: Status, width: int = 80, height: int = 25, now: float | None = Non
     if served is not None:
         add("Served:", f"{_count(served.today)} tokens today, {_count(served.total)} in total")
     add("Network:", _network(s))
-    err = s.last_error
-    if err:
-        retry = f" (retrying in {err.retry_in_s:.0f} s)" if err.retry_in_s is not None else ""
-        add("Problem:", err.message + retry, "alert")
-        if err.hint:
-            add("To fix:", err.hint, "alert")
-    else:
-        add("Problem:", "none")
 
     foot: list[Line] = []
     advice = power_off_advice(s)
@@ -181,8 +188,8 @@ def layout(s: Status, width: int = 80, height: int = 25, now: float | None = Non
     foot += [Line(_fit(KEYS, width), "dim"),
              Line(_fit(f"{LOGIN}   updated {clock}", width), "dim")]
 
-    # What does not fit goes from the end of the body (the problem stays: it comes before
-    # only the network line, which is cut first).
+    # What does not fit goes from the end of the body: the network line first, then the
+    # model, the GPUs of a many-GPU PC; the state and the problem stay.
     room = max(0, height - len(head) - len(foot) - 1)
     if len(body) > room:
         body = body[:room]

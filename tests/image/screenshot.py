@@ -5,8 +5,8 @@ Two readers, because OCR alone is only as good as its guess:
   character cells (reverse-video spaces) in a font of our own (`garage_node.node.screen.BIG_FONT`).
   Sampling the screenshot cell by cell gives the exact letters back, whatever console font
   or resolution the guest picked: no guessing involved.
-- `ocr`: Debian's tesseract over the whole screen (inverted, grey, scaled up 3x, which suits
-  the 8x16 console font), for the ordinary text lines (the node's name, the problem).
+- `ocr`: Debian's tesseract over the whole screen (binarised to dark on white, scaled up 3x,
+  which suits the 8x16 console font), for the ordinary text lines (the node's name, the problem).
 Standard library only: the images are PPM from QEMU and PNG written here.
 """
 
@@ -226,19 +226,19 @@ def decode_grid(grid: list[str]) -> str | None:
 
 
 def ocr(img: Image, workdir: Path, scale: int = 3) -> str:
-    """Tesseract over the screen: inverted to dark-on-light grey and scaled up (it reads small
-    bitmap fonts badly at their own size)."""
+    """Tesseract over the screen: binarised to dark text on white and scaled up (it reads small
+    bitmap fonts badly at their own size, and light text on black worse)."""
     if not shutil.which("tesseract"):
         raise FileNotFoundError("tesseract not installed (scripts/install-deps installs tesseract-ocr)")
     w, h = img.width, img.height
     grey = bytearray()
     for y in range(h):
-        row = bytearray()
-        for x in range(w):
-            # Black on white, nothing in between: tesseract reads a bitmap font best binarised.
-            v = 0 if max(img.pixel(x, y)) > 80 else 255
-            row += bytes([v]) * scale
-        grey += bytes(row) * scale
+        lit = [max(img.pixel(x, y)) > 80 for x in range(w)]
+        # Black on white, nothing in between: tesseract reads a bitmap font best binarised. A
+        # mostly lit row is a banner (dark text on colour): its polarity is turned round.
+        ink = sum(lit) < 0.6 * w
+        row = b"".join(b"\x00" * scale if px == ink else b"\xff" * scale for px in lit)
+        grey += row * scale
     pgm = workdir / "ocr-input.pgm"
     pgm.write_bytes(b"P5 %d %d 255\n" % (w * scale, h * scale) + bytes(grey))
     # psm 6: one uniform block of text, as a console screen is.

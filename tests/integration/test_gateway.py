@@ -117,20 +117,23 @@ def test_a_completion_comes_back_from_a_pc(region):
 
 def test_streams_end_with_done_and_usage_is_accounted_exactly(region):
     head = region.head
-    before = usage(head).get("tester", {"total_tokens": 0})
-    results = load(head, region.key, "--requests", "6", "--concurrency", "2", "--stream", "--max-tokens", "12")
-    assert all(r["status"] == 200 and r["done"] and r["error"] is None for r in results), results
+    key = hc(head, "key", "create", "streams").stdout.strip()
+    plain = load(head, key, "--requests", "4", "--concurrency", "2", "--stream", "--max-tokens", "12")
+    assert all(r["status"] == 200 and r["done"] and r["error"] is None for r in plain), plain
     # The client did not ask for usage: the gateway asked vLLM for it and stripped it again.
-    assert all(r["usage"] is None for r in results)
-    asked = post(head, region.key, "/v1/completions", {"model": TINY_MODEL, "prompt": "x", "max_tokens": 5})[1]["usage"]
-    expected = before["total_tokens"] + asked["total_tokens"]
-    # What vLLM counted for the streams: 12 completion tokens each, and the prompt's tokens.
-    prompt_tokens = post(head, region.key, "/v1/completions",
-                         {"model": TINY_MODEL, "prompt": "Hello", "max_tokens": 1})[1]["usage"]["prompt_tokens"]
-    expected += 6 * (12 + prompt_tokens) + prompt_tokens + 1
-    wait_for(lambda: usage(head)["tester"]["total_tokens"] == expected, 15, "the ledger to hold every token")
-    by_node = usage(head, "node")
-    assert sum(r["total_tokens"] for r in by_node.values()) >= expected
+    assert all(r["usage"] is None for r in plain)
+    wait_for(lambda: usage(head).get("streams", {}).get("requests") == 4, 15, "the ledger to count the streams")
+    before = usage(head)["streams"]["total_tokens"]
+    asked = load(head, key, "--requests", "6", "--concurrency", "2", "--stream", "--usage", "--max-tokens", "12")
+    whole = load(head, key, "--requests", "3", "--concurrency", "2", "--max-tokens", "7")
+    reported = [r["usage"] for r in asked + whole]
+    assert all(u and u["total_tokens"] > 0 for u in reported), reported
+    # What vLLM reported, token for token, is what the ledger holds.
+    expected = before + sum(u["total_tokens"] for u in reported)
+    wait_for(lambda: usage(head)["streams"]["total_tokens"] == expected, 15, "the ledger to hold every token")
+    assert usage(head)["streams"]["requests"] == 13
+    by_model = usage(head, "model")
+    assert by_model[TINY_MODEL]["total_tokens"] >= expected
 
 
 def test_models_and_keys_are_refused_as_they_should_be(region):

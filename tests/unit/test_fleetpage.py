@@ -257,13 +257,15 @@ def test_fleet_shows_tokens_served_from_the_ledger_and_survives_its_failure() ->
     data = client.get("/api/fleet").json()
     pcs = {p["name"]: p for p in data["pcs"]}
     assert pcs["alice-pc"]["tokens_served"] == {"today": 1200, "total": 98000}
-    assert pcs["bob-pc"]["tokens_served"] is None  # served nothing yet
+    assert pcs["bob-pc"]["tokens_served"] == {"today": 0, "total": 0}  # not in the ledger: served nothing yet
     assert data["totals"]["tokens_served_today"] == 1200
     assert data["totals"]["tokens_served_total"] == 98000
     broken = True
     clock.t += 5
     data = client.get("/api/fleet").json()
+    # A ledger that fails: unknown, not zero, and the rest of the page is there.
     assert [p["tokens_served"] for p in data["pcs"]] == [None, None] and len(data["pcs"]) == 2
+    assert data["totals"]["tokens_served_today"] is None
 
 
 def test_fleet_prefers_the_fresher_report_from_the_fanout() -> None:

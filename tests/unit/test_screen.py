@@ -365,3 +365,17 @@ def test_the_key_answer_shows_until_the_banner_answers_it():
     assert "Drain asked" in draining and "DRAINING" in draining and "SAFE" not in draining.replace("Wait for SAFE", "")
     safe = text(layout(drained(), 80, 25, now=NOW, note=note))
     assert "SAFE TO POWER OFF: drained" in safe and "Drain asked" not in safe
+
+
+def test_the_problem_stays_on_a_full_80x25_screen():
+    """Four GPUs, the owner's drain note and a long problem: the problem and what to do stay
+    under the state; what is cut comes off the end."""
+    doc = dataclasses.replace(problem(), gpus=[gpu(i) for i in range(4)], engine=drained(state=EngineState.DRAINING).engine,
+                              agent=AgentInfo(1, 5.0))
+    lines = layout(doc, 80, 25, now=NOW, note="Drain asked: running requests finish, then the engine stops. Wait.")
+    out = text(lines)
+    assert len(lines) == 25 and "Alt+F2" in lines[-1].text
+    assert "Problem:  the join token in config" in out and "To fix:   Copy the whole token again" in out
+    assert "DRAINING" in out and "Drain asked" in out
+    state_row = next(i for i, line in enumerate(lines) if line.text.startswith("State:"))
+    assert lines[state_row + 1].text.startswith("Problem:")

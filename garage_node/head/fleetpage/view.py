@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Mapping
 
-from garage_node.core.wire import NodeReport, WireError, decode
+from garage_node.core.wire import NodeReport, TokensServed, WireError, decode
 from garage_node.head.fleet import row_of
 from garage_node.head.fleetpage.history import History, tokens_per_s
 from garage_node.head.registry import NodeRow
@@ -144,12 +144,14 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def fleet(nodes: list[NodeRow], now: float, offline_after_s: float, history: History,
           usage: Usage | None = None) -> dict[str, Any]:
     served: Mapping[str, Any] = {}
+    nothing_yet = None  # what a PC the ledger has no line for served: unknown without a ledger
     if usage is not None:
         try:
             served = usage()
+            nothing_yet = TokensServed(today=0, total=0)
         except Exception:  # the ledger is another part's: the page shows the rest without it
             log.exception("the fleet page could not read the usage ledger")
-    rows = [pc_row(n, now, offline_after_s, history, served.get(n.id)) for n in nodes]
+    rows = [pc_row(n, now, offline_after_s, history, served.get(n.id, nothing_yet)) for n in nodes]
     history.forget_missing({n.id for n in nodes})
     rows.sort(key=lambda r: (r["rank"], r["name"].lower(), r["id"]))
     return {"now": now, "offline_after_s": offline_after_s, "totals": totals(rows), "pcs": rows}

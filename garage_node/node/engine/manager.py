@@ -57,7 +57,9 @@ class EngineProbe:
         try:
             if self._http.get(f"{spec.endpoint}/health").status_code != 200:
                 return False
-            models = self._http.get(f"{spec.endpoint}/v1/models").json()
+            # vLLM guards /v1 with the engine's key (/health is open).
+            auth = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+            models = self._http.get(f"{spec.endpoint}/v1/models", headers=auth).json()
             return any(m.get("id") == spec.model for m in models.get("data", []))
         except (httpx.HTTPError, ValueError):
             return False
