@@ -75,7 +75,13 @@ def gateway(port: int, engine_ports: list[int], state: Path) -> None:
     (state / "key").write_text(secret)
     gw.start()
     app = create_gateway_app(gw)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False)
+    # The listener as `head run` builds it: the guarded h11 protocol and loop (connguard.py),
+    # with room for the load's connections from one address.
+    from garage_node.head.connguard import GuardLimits, guarded_loop_factory, guarded_protocol
+
+    limits = GuardLimits(max_connections_per_client=1024)
+    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", access_log=False,
+                                  http=guarded_protocol(limits), loop=guarded_loop_factory(limits))).run()
 
 
 async def load(url: str, key: str, rate: float, seconds: float) -> dict:

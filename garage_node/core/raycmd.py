@@ -25,8 +25,9 @@ MiB = 1024 * 1024
 # away before it gives up and exits (Ray's default: 60 s). The head's GCS keeps its state in
 # Redis (head/gcs.py), so a head that comes back after a crash, an upgrade or a reboot finds
 # the same cluster and the PC's raylet carries on with its node id; 10 minutes covers a
-# reboot of the head. A head that came back with a new cluster makes the raylet exit at once
-# (it checks the cluster id), so waiting longer costs nothing then.
+# reboot of the head. A head that came back with a new cluster still makes the raylet exit
+# when it reaches it (it checks the cluster id): the longer wait never keeps a raylet in the
+# wrong cluster, it only keeps one waiting for a head that is down.
 RAY_ENV = {
     "RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL": "minor",
     "RAY_gcs_rpc_server_reconnect_timeout_s": "600",
