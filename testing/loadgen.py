@@ -19,7 +19,7 @@ import httpx
 
 
 async def one(client: httpx.AsyncClient, args, i: int) -> dict:
-    prompt = args.prompt
+    prompt = f"{i}: {args.prompt}" if args.unique else args.prompt
     if args.prefixes:
         # K shared system prompts, each long: requests of one group share a prefix.
         prompt = f"[group {i % args.prefixes}] " + ("You are a careful assistant. " * 40) + f"Question {i}."
@@ -92,6 +92,8 @@ if __name__ == "__main__":
     p.add_argument("--prompt", default="Hello")
     p.add_argument("--prefixes", type=int, default=0)
     p.add_argument("--usage", action="store_true", help="streams ask for vLLM's usage chunk")
+    p.add_argument("--unique", action="store_true",
+                   help="no two prompts share a prefix (the router then balances by load alone)")
     a = p.parse_args()
     if a.seconds is None and a.requests is None:
         a.requests = 1

@@ -233,6 +233,7 @@ def _key_terms(k) -> str:
 def usage_cmd(args) -> int:
     import time
 
+    from garage_node.head import setup
     from garage_node.head.gateway.ledger import Ledger
     from garage_node.head.setup import HeadError
 
@@ -243,17 +244,21 @@ def usage_cmd(args) -> int:
         print(f"garage-node head: {e}", file=sys.stderr)
         return EX_UNAVAILABLE
     rows = ledger.usage(args.by, since=time.time() - args.since if args.since else 0.0)
+    names = {n.id: n.name for n in setup.open_registry(cfg).nodes()} if args.by == "node" else {}
     if args.json:
-        print(json.dumps([{args.by: r.group, "requests": r.requests, "prompt_tokens": r.prompt_tokens,
+        print(json.dumps([{args.by: r.group, **({"name": names.get(r.group)} if args.by == "node" else {}),
+                           "requests": r.requests, "prompt_tokens": r.prompt_tokens,
                            "completion_tokens": r.completion_tokens, "total_tokens": r.total_tokens} for r in rows],
                          indent=2))
         return 0
     if not rows:
         print("no usage recorded" + (" in that period" if args.since else " yet"))
         return 0
-    print(f"{args.by.upper():<28} {'REQUESTS':>9} {'PROMPT':>10} {'COMPLETION':>11} {'TOTAL':>10}")
+    label = {"node": "PC"}.get(args.by, args.by.upper())
+    print(f"{label:<28} {'REQUESTS':>9} {'PROMPT':>10} {'COMPLETION':>11} {'TOTAL':>10}")
     for r in rows:
-        print(f"{r.group:<28} {r.requests:>9} {r.prompt_tokens:>10} {r.completion_tokens:>11} {r.total_tokens:>10}")
+        group = f"{names[r.group]} ({r.group})" if r.group in names else r.group
+        print(f"{group:<28} {r.requests:>9} {r.prompt_tokens:>10} {r.completion_tokens:>11} {r.total_tokens:>10}")
     return 0
 
 

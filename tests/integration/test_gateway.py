@@ -9,6 +9,7 @@ that had not begun to stream; Prometheus parses the head's metrics."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -17,8 +18,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from testing.dockerd import TEST_IMAGE, TINY_MODEL, engine_toml, tiny_model_dir
-from testing.region import Testbed, missing_prerequisite, wait_for
+from testing.dockerd import CACHE, TEST_IMAGE, TINY_MODEL, cgroup_dirs, engine_toml, tiny_model_dir
+from testing.region import Testbed, missing_prerequisite, namespaces, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 GATEWAY = "http://127.0.0.1:8080"
@@ -61,7 +62,12 @@ def region():
         wait_for(lambda: models(head, tb.key).get(TINY_MODEL) == 2, 60, "both PCs in the gateway's table")
         yield tb
     finally:
+        slots = [h.dockerd.slot for h in tb.hosts if getattr(h, "dockerd", None) is not None]
         tb.cleanup()
+        # Nothing left behind: namespaces, the PCs' containers (by cgroup), their mounts.
+        assert not [ns for ns in namespaces() if ns.startswith(tb.prefix)]
+        assert not [s for s in slots if cgroup_dirs(s)]
+        assert str(CACHE) not in Path("/proc/mounts").read_text()
 
 
 def hc(head, *args: str) -> subprocess.CompletedProcess:
@@ -100,6 +106,25 @@ def load(head, key: str, *args: str, timeout: float = 300) -> list[dict]:
     res = head.run([sys.executable, str(ROOT / "testing/loadgen.py"), GATEWAY, key, TINY_MODEL, *args],
                    check=True, timeout=timeout)
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def test_a_pc_cannot_reach_another_pcs_engine(region):
+    """Only the head calls engines: the hub forwards no node-to-node TCP but Ray's ports, each
+    engine is published on its PC's overlay address only, and it demands its own key."""
+    a, b = region.hosts[1], region.hosts[2]
+    b_overlay = b.status()["overlay"]["address"]
+    a.run(["ping", "-c", "1", "-W", "5", b_overlay])  # the overlay path from A to B exists ...
+    res = a.run(["curl", "-s", "--max-time", "5", f"http://{b_overlay}:8000/v1/models"], check=False)
+    assert res.returncode != 0, res.stdout  # ... but not to B's engine
+    res = a.run(["curl", "-s", "--max-time", "5", f"http://{b.ip}:8000/v1/models"], check=False)
+    assert res.returncode != 0, res.stdout  # nor on B's LAN address
+    # From the head, B's engine answers only with B's key, which A does not have.
+    url = f"http://{b_overlay}:8000/v1/models"
+    assert curl(region.head, "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Authorization: Bearer {a.engine_key()}",
+                url).stdout == "401"
+    assert curl(region.head, "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Authorization: Bearer {b.engine_key()}",
+                url).stdout == "200"
+    assert a.engine_key() != b.engine_key()
 
 
 def test_a_completion_comes_back_from_a_pc(region):
@@ -220,9 +245,11 @@ def test_a_pc_dying_under_load_fails_no_request_that_had_not_begun(region):
     head = region.head
     victim = region.hosts[2]
     gen = head.spawn([sys.executable, str(ROOT / "testing/loadgen.py"), GATEWAY, region.key, TINY_MODEL,
-                      "--seconds", "25", "--concurrency", "4", "--max-tokens", "16"], "gw-load.log")
+                      "--seconds", "25", "--concurrency", "4", "--max-tokens", "16", "--unique"], "gw-load.log")
     time.sleep(8)
-    victim.docker("kill", "garage-engine")
+    # The PC dies: its agent is killed (no more heartbeats) and its engine with it.
+    victim.stop(signal.SIGKILL)
+    victim.docker("rm", "-f", "garage-engine", check=False)
     assert gen.wait(timeout=200) == 0
     results = [json.loads(line) for line in (head.dir / "gw-load.log").read_text().splitlines() if line.startswith("{")]
     assert len(results) > 10
@@ -232,4 +259,8 @@ def test_a_pc_dying_under_load_fails_no_request_that_had_not_begun(region):
     text = curl(head, METRICS).stdout
     retries = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "garage_gateway_retries_total"]
     assert sum(s.value for s in retries) >= 1
+    # Until its heartbeats are stale, the table still lists it; then the gateway no longer offers it.
+    wait_for(lambda: models(head, region.key).get(TINY_MODEL) == 1, 30, "the table to drop the dead PC")
+    victim.start()  # power back on: it rejoins and serves again
     healthy(victim)
+    wait_for(lambda: models(head, region.key).get(TINY_MODEL) == 2, 60, "the PC back in the table")

@@ -190,7 +190,7 @@ class Engine:
                     chunk = {"id": "cmpl-1", "model": body["model"], "choices": [{"index": 0, "text": word}]}
                     if with_usage:
                         chunk["usage"] = None
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"  # compact, as vLLM
                     if self.mode == "break-stream":
                         raise RuntimeError("engine died")
                 if with_usage:
@@ -352,3 +352,19 @@ def test_router_in_a_large_region_picks_only_usable_pcs_and_near_least_load():
     assert sum(loads) / len(loads) < 4.5  # the mean of a random usable PC would be 4.5
     assert r.choose(targets, [], lambda t: t.node_id == "n499").node_id == "n499"  # found by the full scan
     assert r.choose(targets, [], lambda t: False) is None
+
+
+def test_events_are_relayed_with_usage_found_and_stripped_in_any_spacing():
+    from garage_node.head.gateway.proxy import _pass_event
+
+    compact = '{"id":"c","choices":[{"index":0,"text":"a"}],"usage":null}'
+    spaced = '{"id": "c", "choices": [{"index": 0, "text": "a"}], "usage": null}'
+    for data in (compact, spaced):
+        out, usage, content = _pass_event(data, client_wants_usage=False)
+        assert usage is None and content == 1 and b"usage" not in out and json.loads(out[6:])["choices"][0]["text"] == "a"
+        out, _, _ = _pass_event(data, client_wants_usage=True)
+        assert b"usage" in out
+    final = '{"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+    assert _pass_event(final, client_wants_usage=False) == (b"", (3, 2), 0)
+    assert _pass_event(final, client_wants_usage=True)[1:] == ((3, 2), 0)
+    assert _pass_event("[DONE]", False) == (b"data: [DONE]\n\n", None, 0)
