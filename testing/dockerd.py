@@ -322,14 +322,14 @@ def tiny_model_dir(image: str = TEST_IMAGE) -> Path:
     return out
 
 
-def engine_toml(model_dir: Path, image: str = TEST_IMAGE, **over: str) -> str:
+def engine_toml(model_dir: Path, **over: str) -> str:
     """An [engine] section body for the CPU image and the tiny model, as tests/integration/
     test_engine.py uses; vLLM kept small (1 GiB KV cache, 2048 tokens, eager, dummy weights).
-    `over` replaces or adds keys (values are TOML: over(max_model_len="1024"))."""
+    `over` replaces or adds keys (values are TOML: max_model_len="1024", image='"other:tag"')."""
     values = {
         "enabled": "true",
         "device": '"cpu"',
-        "image": json.dumps(image),
+        "image": json.dumps(TEST_IMAGE),
         "model": json.dumps(TINY_MODEL),
         "model_dir": json.dumps(str(model_dir)),
         "max_model_len": "2048",

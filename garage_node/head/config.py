@@ -137,6 +137,8 @@ class GatewaySection:
     affinity_threshold: float = setting(0.3, check=(lambda v: 0.0 <= v <= 1.0, "a share between 0 and 1"))
     balance_abs: int = setting(64, check=positive())
     balance_rel: float = setting(1.5, check=positive())
+    # "least-load-affinity" (the above), or "round-robin" (each PC in turn; for comparison).
+    policy: str = setting("least-load-affinity", check=one_of("least-load-affinity", "round-robin"))
 
     def problems(self):
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -102,13 +102,18 @@ def test_ray_listens_on_every_address_so_the_firewall_matters(region):
     assert any(ip == "0.0.0.0" and port == 6379 for ip, port in listening(head))
 
 
-def test_nothing_but_the_control_api_answers_on_the_underlay(region):
+def test_nothing_but_the_control_api_and_the_gateway_answers_on_the_underlay(region):
     eve, head = region.eve, region.head
     n1, n2 = region.hosts[1], region.hosts[2]
     targets = targets_of(head, head.ip) + targets_of(n1, n1.ip) + targets_of(n2, n2.ip)
     assert len(targets) >= 7, targets  # Ray's GCS, raylets, object managers, workers...
     reached = try_from(eve, targets)
-    assert reached.pop(f"{head.ip}:8443") is True  # the one door that is meant to be open
+    # The two doors meant to be open, both guarded by their own credentials: the control API
+    # (join tokens, node credentials) and the gateway (API keys).
+    assert reached.pop(f"{head.ip}:8443") is True
+    assert reached.pop(f"{head.ip}:8080") is True
+    # The gateway's metrics listen on the head's loopback only: not a target at all.
+    assert not [t for t in targets if t.endswith(":9464")]
     print("tried from the attacker's namespace:", sorted(reached))
     assert not [t for t, ok in reached.items() if ok], reached
 

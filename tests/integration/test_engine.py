@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from testing.nvml_double import RTX_4060
+from testing.dockerd import engine_toml, tiny_model_dir
 from testing.region import Testbed, missing_prerequisite, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,33 +47,14 @@ def docker(*args: str, check: bool = True) -> str:
 
 
 def engine_section(model_dir: Path, cache: Path, **over: str) -> str:
-    values = {
-        "enabled": "true",
-        "device": '"cpu"',
-        "image": f'"{IMAGE}"',
-        "model": f'"{MODEL}"',
-        "model_dir": f'"{model_dir}"',
-        "max_model_len": "2048",
-        "cache_dir": f'"{cache}"',
-        "shm_size_mib": "1024",
-        # vLLM's default multi-process layout, as on a real node (its single-process mode starts
-        # faster but does not keep the request gauges in /metrics that a drain relies on).
-        "extra_args": '["--load-format", "dummy", "--enforce-eager"]',
-        "env": '{ VLLM_CPU_KVCACHE_SPACE = "1" }',
-        "drain_grace_s": "60",
-        "stop_timeout_s": "20",
-        "startup_timeout_s": "300",
-        **over,
-    }
-    return "".join(f"{k} = {v}\n" for k, v in values.items())
+    """The engine PCs' section (testing/dockerd.py), with this node's model cache; the
+    image is the one this file tests (GARAGE_ENGINE_TEST_IMAGE)."""
+    return engine_toml(model_dir, **{"cache_dir": f'"{cache}"', **over})
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-model")
-    subprocess.run([str(ROOT / "image/engine/make-tiny-model.sh"), str(out)], check=True, timeout=600)
-    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
-    return out
+def tiny_model() -> Path:
+    return tiny_model_dir(IMAGE)  # made once per image build, shared with the gateway tests
 
 
 @pytest.fixture(scope="module")

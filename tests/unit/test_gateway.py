@@ -368,3 +368,10 @@ def test_events_are_relayed_with_usage_found_and_stripped_in_any_spacing():
     assert _pass_event(final, client_wants_usage=False) == (b"", (3, 2), 0)
     assert _pass_event(final, client_wants_usage=True)[1:] == ((3, 2), 0)
     assert _pass_event("[DONE]", False) == (b"data: [DONE]\n\n", None, 0)
+
+
+def test_round_robin_takes_usable_pcs_in_turn():
+    r = Router(policy="round-robin")
+    targets = [T("a"), T("b", inflight=50), T("c")]
+    picks = [r.choose(targets, [], lambda t: t.node_id != "c").node_id for _ in range(4)]
+    assert picks == ["a", "b", "a", "b"]  # blind to load, skips what cannot take requests

@@ -41,7 +41,7 @@ class Gateway:
         self.ledger = Ledger(self.store, clock)
         self.engine_keys = EngineKeys(state_dir / "engine-key.secret")
         self.table = EndpointTable(cfg.stale_after_s, clock)
-        self.router = Router(cfg.affinity_threshold, cfg.balance_abs, cfg.balance_rel)
+        self.router = Router(cfg.affinity_threshold, cfg.balance_abs, cfg.balance_rel, policy=cfg.policy)
         self.limits = RateLimits()
         self.max_body_bytes = cfg.max_body_bytes
         self._key_cache: dict[str, tuple[float, ApiKey]] = {}

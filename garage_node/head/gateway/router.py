@@ -39,10 +39,17 @@ SMALL = 16  # up to this many candidates the least loaded is found exactly
 SAMPLES = 2  # above it, the less loaded of this many random eligible PCs (power of two choices)
 
 
+POLICIES = ("least-load-affinity", "round-robin")
+
+
 class Router:
     def __init__(self, affinity_threshold: float = 0.3, balance_abs: int = 64, balance_rel: float = 1.5,
                  block_chars: int = 128, max_blocks: int = 32, max_entries: int = 200_000,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, policy: str = "least-load-affinity") -> None:
+        """`policy` "round-robin" takes the usable PCs in turn, blind to load and prefixes: the
+        baseline bench/routing_policy.py compares against."""
+        self.policy = policy
+        self._turn = 0
         self.affinity_threshold = affinity_threshold
         self.balance_abs = balance_abs
         self.balance_rel = balance_rel
@@ -70,6 +77,8 @@ class Router:
         from SAMPLES random usable ones (within a request or two of the true minimum for a
         thousand PCs, at a constant cost), and the prefix's PC is found by `lookup` (node id ->
         target), not by a walk of the list."""
+        if self.policy == "round-robin":
+            return self._round_robin(targets, usable)
         least = self._least(targets, usable)
         if least is None:
             return None
@@ -79,6 +88,15 @@ class Router:
         if matched.load - least.load > self.balance_abs and matched.load > self.balance_rel * least.load:
             return Decision(least.node_id, "balance", share)
         return Decision(matched.node_id, "affinity", share)
+
+    def _round_robin(self, targets: Sequence[Target], usable: Callable[[Target], bool]) -> Decision | None:
+        n = len(targets)
+        for i in range(n):
+            t = targets[(self._turn + i) % n]
+            if usable(t):
+                self._turn = (self._turn + i + 1) % n
+                return Decision(t.node_id, "round-robin", 0.0)
+        return None
 
     def _least(self, targets: Sequence[Target], usable: Callable[[Target], bool]) -> Target | None:
         n = len(targets)
