@@ -301,7 +301,8 @@ def run(cfg: HeadConfig) -> None:
     gateway = None
     if cfg.gateway.enabled:
         gateway = Gateway(cfg.gateway, cfg.head.state_dir,
-                          lambda: {n.id: n.name for n in service.registry.nodes()})
+                          # Without the reports: the gateway asks every few seconds, on its loop.
+                          lambda: {n.id: n.name for n in service.registry.active_peers()})
         reports.subscribe(gateway.on_report)
         node_extras = gateway.node_extras
         listeners.extend(gateway_listeners(cfg, gateway))
