@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -152,13 +151,7 @@ class Proxy:
             await resp.aclose()
             raise _Unusable(f"the stream ended before it began ({type(e).__name__})") from None
         self.metrics.ttft.labels(call.model).observe(time.monotonic() - call.started)
-        release = _Release(self.table, ep, resp)
-        relay = self._relay(call, ep, release, first, events)
-        # A client that leaves before the relay's first step leaves an async generator that
-        # never ran, so its `finally` never runs: the slot and the connection are released when
-        # the relay is collected instead.
-        weakref.finalize(relay, release.later)
-        return StreamingResponse(relay, media_type="text/event-stream",
+        return StreamingResponse(self._relay(call, ep, resp, first, events), media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"})
 
     async def _whole(self, call: Call, ep: Endpoint, resp: httpx.Response, headers: dict[str, str],
@@ -194,7 +187,7 @@ class Proxy:
         out = {k: v for k, v in resp.headers.items() if k.lower() == "content-type"}
         return Response(content=data, status_code=resp.status_code, headers={**out, **headers})
 
-    async def _relay(self, call: Call, ep: Endpoint, release: "_Release", first: ServerSentEvent,
+    async def _relay(self, call: Call, ep: Endpoint, resp: httpx.Response, first: ServerSentEvent,
                      events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[bytes]:
         usage: tuple[int, int] | None = None
         content_events = 0
@@ -225,36 +218,12 @@ class Proxy:
             yield stream_error_event(f"the PC serving this request ({self.node_name(ep.node_id)}) stopped answering "
                                      "mid-stream; the output above is incomplete. Send the request again.")
         finally:
-            await release.now()
+            await resp.aclose()
+            self.table.end(ep)
             if usage is not None:
                 self.on_usage(call, Usage(ep.node_id, call.model, usage[0], usage[1], complete=True))
             elif content_events:
                 self.on_usage(call, Usage(ep.node_id, call.model, 0, content_events, complete=False))
-
-
-class _Release:
-    """Gives a PC's slot back and closes the engine's response, exactly once."""
-
-    def __init__(self, table: EndpointTable, ep: Endpoint, resp: httpx.Response) -> None:
-        self.table, self.ep, self.resp = table, ep, resp
-        self.done = False
-
-    async def now(self) -> None:
-        if not self.done:
-            self.done = True
-            await self.resp.aclose()
-            self.table.end(self.ep)
-
-    def later(self) -> None:
-        """From a finalizer: no awaiting here; the close is scheduled on the running loop."""
-        if self.done:
-            return
-        self.done = True
-        self.table.end(self.ep)
-        try:
-            asyncio.get_running_loop().create_task(self.resp.aclose())
-        except RuntimeError:  # no loop in this thread: the connection goes with the response
-            pass
 
 
 class _Unusable(Exception):
