@@ -108,7 +108,10 @@ def nodes(args) -> int:
 
     cfg = load_head_config(args.config)
     rows = node_rows(setup.open_registry(cfg), cfg.options.offline_after_s)
-    rows = with_tokens(rows, Ledger(_gateway_store(cfg)).node_totals_all())
+    store = _gateway_store(cfg)
+    if store is None:
+        return EX_UNAVAILABLE
+    rows = with_tokens(rows, Ledger(store).node_totals_all())
     print(json.dumps(encode(rows), indent=2) if args.json else render_nodes(rows))
     return 0
 
@@ -166,11 +169,16 @@ def fleet_key(args) -> int:
 
 
 def _gateway_store(cfg):
+    """The gateway's database, or None after saying why (the head is not initialised)."""
     from garage_node.head import setup
     from garage_node.head.gateway.gateway import database_path
     from garage_node.head.gateway.store import Store
 
-    setup.require_init(cfg)
+    try:
+        setup.require_init(cfg)
+    except setup.HeadError as e:
+        print(f"garage-node head: {e}", file=sys.stderr)
+        return None
     return Store(database_path(cfg.head.state_dir))
 
 
@@ -178,14 +186,12 @@ def key_cmd(args) -> int:
     import time
 
     from garage_node.head.gateway.keys import KeyError_, KeyStore
-    from garage_node.head.setup import HeadError
 
     cfg = load_head_config(args.config)
-    try:
-        keys = KeyStore(_gateway_store(cfg))
-    except HeadError as e:
-        print(f"garage-node head: {e}", file=sys.stderr)
+    store = _gateway_store(cfg)
+    if store is None:
         return EX_UNAVAILABLE
+    keys = KeyStore(store)
     if args.action in ("create", "revoke") and not args.name:
         print(f"garage-node head key {args.action}: name the key, e.g. `garage-node head key {args.action} alice`",
               file=sys.stderr)
@@ -235,14 +241,12 @@ def usage_cmd(args) -> int:
 
     from garage_node.head import setup
     from garage_node.head.gateway.ledger import Ledger
-    from garage_node.head.setup import HeadError
 
     cfg = load_head_config(args.config)
-    try:
-        ledger = Ledger(_gateway_store(cfg))
-    except HeadError as e:
-        print(f"garage-node head: {e}", file=sys.stderr)
+    store = _gateway_store(cfg)
+    if store is None:
         return EX_UNAVAILABLE
+    ledger = Ledger(store)
     rows = ledger.usage(args.by, since=time.time() - args.since if args.since else 0.0)
     names = {n.id: n.name for n in setup.open_registry(cfg).nodes()} if args.by == "node" else {}
     if args.json:

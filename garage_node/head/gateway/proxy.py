@@ -171,14 +171,14 @@ class Proxy:
                 await resp.aclose()
                 raise _Unusable(f"the answer broke off ({type(e).__name__})") from None
         except _ClientGone:
-            await resp.aclose()
             self.table.end(ep)
+            await resp.aclose()
             return Response(status_code=499)
         finally:
             if not reading.done():
                 reading.cancel()
-        await resp.aclose()
         self.table.end(ep)
+        await resp.aclose()
         self.metrics.ttft.labels(call.model).observe(time.monotonic() - call.started)
         if resp.status_code == 200:
             usage = _usage_of(data)
@@ -218,8 +218,10 @@ class Proxy:
             yield stream_error_event(f"the PC serving this request ({self.node_name(ep.node_id)}) stopped answering "
                                      "mid-stream; the output above is incomplete. Send the request again.")
         finally:
-            await resp.aclose()
+            # The slot first: a cancellation while the connection closes must not keep the PC
+            # looking busier to the router for ever.
             self.table.end(ep)
+            await resp.aclose()
             if usage is not None:
                 self.on_usage(call, Usage(ep.node_id, call.model, usage[0], usage[1], complete=True))
             elif content_events:
