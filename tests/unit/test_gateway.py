@@ -375,3 +375,66 @@ def test_round_robin_takes_usable_pcs_in_turn():
     targets = [T("a"), T("b", inflight=50), T("c")]
     picks = [r.choose(targets, [], lambda t: t.node_id != "c").node_id for _ in range(4)]
     assert picks == ["a", "b", "a", "b"]  # blind to load, skips what cannot take requests
+
+
+def _relay_to_a_client_that_leaves(g, leave_after_sends: int):
+    """Forward a stream, then play a client whose connection fails on send number
+    `leave_after_sends` + 1 (0: before the response starts, so the relay never runs)."""
+    from garage_node.head.gateway.app import _call
+    from garage_node.head.gateway.proxy import RelayResponse
+
+    async def go():
+        key = g.keys.lookup(g.secret)
+        call = _call("/v1/completions", {"model": MODEL, "prompt": "x", "stream": True}, key, time.monotonic(), g.router)
+        response = await g.proxy.forward(call, None)
+        assert isinstance(response, RelayResponse)
+        busy = sum(ep.inflight for ep in g.table.snapshot())
+        ended = []
+        response.on_end.append(lambda: ended.append(True))
+        sends = []
+
+        async def send(message):
+            if len(sends) == leave_after_sends:
+                raise OSError("the client went away")
+            sends.append(message)
+
+        async def receive():
+            await asyncio.sleep(3600)
+
+        with pytest.raises(Exception):
+            await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+        after = sum(ep.inflight for ep in g.table.snapshot())
+        await g.proxy.close()
+        return busy, after, ended, response.slot.resp.is_closed
+
+    return asyncio.run(go())
+
+
+def test_a_stream_the_client_left_before_it_began_gives_its_pc_back(gw):
+    busy, after, ended, closed = _relay_to_a_client_that_leaves(gw, 0)
+    assert (busy, after, ended, closed) == (1, 0, [True], True)
+    assert gw.ledger.key_tokens("tester") == 0  # nothing reached the client
+
+
+def test_a_stream_the_client_left_midway_gives_its_pc_back_and_is_accounted(gw):
+    busy, after, ended, closed = _relay_to_a_client_that_leaves(gw, 2)  # the start and one event went out
+    assert (busy, after, ended, closed) == (1, 0, [True], True)
+    gw.ledger.flush()
+    assert gw.ledger.key_tokens("tester") >= 1  # the events relayed, counted at once, not at collection
+
+
+def test_metrics_show_each_pcs_load_suspensions_and_heartbeat_times(gw):
+    def samples():
+        text = generate_latest(gw.metrics.registry).decode()
+        return [s for f in text_string_to_metric_families(text) for s in f.samples]
+
+    gw.table.get("n1").inflight = 3
+    gw.table.suspend("n2")
+    gw.on_heartbeat_s(0.004, 200)
+    s = samples()
+    inflight = {x.labels["name"]: x.value for x in s if x.name == "garage_gateway_inflight"}
+    assert inflight == {"alice-pc": 3, "bob-pc": 0}
+    states = {x.labels["state"]: x.value for x in s if x.name == "garage_gateway_endpoints"}
+    assert states == {"healthy": 1, "suspended": 1}
+    count = [x for x in s if x.name == "garage_head_heartbeat_seconds_count"]
+    assert [(x.labels["status"], x.value) for x in count] == [("200", 1.0)]

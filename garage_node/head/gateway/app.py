@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 
 from garage_node.head.gateway.errors import GatewayError
 from garage_node.head.gateway.keys import ApiKey
-from garage_node.head.gateway.proxy import Call
+from garage_node.head.gateway.proxy import Call, RelayResponse
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
@@ -62,18 +62,26 @@ def create_gateway_app(gw: Any) -> FastAPI:
         body = await _json_body(request, gw.max_body_bytes)
         model = body.get("model")
         status = "error"
+        label = model if isinstance(model, str) else ""
+
+        def ended() -> None:
+            gw.metrics.latency.labels(label).observe(time.monotonic() - started)
+
         try:
             gw.admit(key, model)
             call = _call(path, body, key, started, gw.router)
             response = await gw.proxy.forward(call, request)
             status = str(response.status_code)
+            if isinstance(response, RelayResponse):
+                response.on_end.append(ended)  # a stream ends after this returns
+                ended = _nothing
             return response
         except GatewayError as e:
             status = str(e.status)
             raise
         finally:
-            gw.metrics.requests.labels(model if isinstance(model, str) else "", key.name, status).inc()
-            gw.metrics.latency.labels(model if isinstance(model, str) else "").observe(time.monotonic() - started)
+            gw.metrics.requests.labels(label, key.name, status).inc()
+            ended()
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -112,6 +120,10 @@ async def _json_body(request: Request, max_bytes: int) -> dict[str, Any]:
     if "stream" in body and not isinstance(body["stream"], bool):
         raise GatewayError(400, "invalid_stream", "'stream' must be true or false", param="stream")
     return body
+
+
+def _nothing() -> None:
+    pass
 
 
 def _call(path: str, body: dict[str, Any], key: ApiKey, started: float, router: Any) -> Call:

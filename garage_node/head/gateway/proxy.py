@@ -150,9 +150,13 @@ class Proxy:
         except (httpx.TransportError, SSEError, StopAsyncIteration) as e:
             await resp.aclose()
             raise _Unusable(f"the stream ended before it began ({type(e).__name__})") from None
+        except asyncio.CancelledError:
+            await resp.aclose()  # the caller gives the slot back
+            raise
         self.metrics.ttft.labels(call.model).observe(time.monotonic() - call.started)
-        return StreamingResponse(self._relay(call, ep, resp, first, events), media_type="text/event-stream",
-                                 headers={**headers, "cache-control": "no-cache"})
+        slot = _Slot(self.table, ep, resp)
+        return RelayResponse(self._relay(call, ep, slot, first, events), slot, media_type="text/event-stream",
+                             headers={**headers, "cache-control": "no-cache"})
 
     async def _whole(self, call: Call, ep: Endpoint, resp: httpx.Response, headers: dict[str, str],
                      request: Request) -> Response:
@@ -174,6 +178,9 @@ class Proxy:
             self.table.end(ep)
             await resp.aclose()
             return Response(status_code=499)
+        except asyncio.CancelledError:
+            await resp.aclose()  # the caller gives the slot back
+            raise
         finally:
             if not reading.done():
                 reading.cancel()
@@ -187,7 +194,7 @@ class Proxy:
         out = {k: v for k, v in resp.headers.items() if k.lower() == "content-type"}
         return Response(content=data, status_code=resp.status_code, headers={**out, **headers})
 
-    async def _relay(self, call: Call, ep: Endpoint, resp: httpx.Response, first: ServerSentEvent,
+    async def _relay(self, call: Call, ep: Endpoint, slot: "_Slot", first: ServerSentEvent,
                      events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[bytes]:
         usage: tuple[int, int] | None = None
         content_events = 0
@@ -218,14 +225,54 @@ class Proxy:
             yield stream_error_event(f"the PC serving this request ({self.node_name(ep.node_id)}) stopped answering "
                                      "mid-stream; the output above is incomplete. Send the request again.")
         finally:
-            # The slot first: a cancellation while the connection closes must not keep the PC
-            # looking busier to the router for ever.
-            self.table.end(ep)
-            await resp.aclose()
+            await slot.release()
             if usage is not None:
                 self.on_usage(call, Usage(ep.node_id, call.model, usage[0], usage[1], complete=True))
             elif content_events:
                 self.on_usage(call, Usage(ep.node_id, call.model, 0, content_events, complete=False))
+
+
+class _Slot:
+    """A PC's slot taken by one stream and the engine's response behind it, given back once."""
+
+    def __init__(self, table: EndpointTable, ep: Endpoint, resp: httpx.Response) -> None:
+        self.table, self.ep, self.resp = table, ep, resp
+        self.released = False
+
+    async def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        # The slot first: a cancellation while the connection closes must not keep the PC
+        # looking busier to the router for ever.
+        self.table.end(self.ep)
+        await self.resp.aclose()
+
+
+class RelayResponse(StreamingResponse):
+    """A relayed stream that gives its PC's slot back however the response ends.
+
+    The relay's own `finally` cannot promise that: a client that leaves before Starlette first
+    steps the relay leaves an async generator that never ran, and one cancelled mid-stream is
+    closed only when it is collected. So the response closes its relay (running its `finally`:
+    the usage) and releases the slot when it is done with, and then runs `on_end` (the app's
+    latency, measured to the stream's real end)."""
+
+    def __init__(self, content: AsyncIterator[bytes], slot: _Slot, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.slot = slot
+        self.on_end: list[Callable[[], None]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            finally:
+                await self.slot.release()
+                for fn in self.on_end:
+                    fn()
 
 
 class _Unusable(Exception):
