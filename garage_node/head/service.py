@@ -335,7 +335,8 @@ def run(cfg: HeadConfig) -> None:
     app = create_app(service.registry, service.facts, p.pki.ca_cert.read_bytes(), service.peers_changed,
                      on_startup=started, on_shutdown=stopping, ray_token=service.ray_token.value,
                      max_body_bytes=cfg.api.max_body_bytes, reports=reports,
-                     node_extras=lambda node_id: node_extras(node_id))
+                     node_extras=lambda node_id: node_extras(node_id),
+                     on_heartbeat_s=gateway.on_heartbeat_s if gateway is not None else None)
     # The API faces the internet: uvicorn's h11 protocol with a deadline for every request and
     # a cap on connections per address, and a loop that bounds TLS handshakes (connguard.py).
     limits = GuardLimits(request_timeout_s=cfg.api.request_timeout_s,

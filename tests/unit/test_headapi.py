@@ -278,3 +278,19 @@ def test_openapi_documents_every_refusal_and_the_formats(api):
     enroll_schema = doc["components"]["schemas"]["EnrollRequest"]["properties"]
     assert enroll_schema["token_id"]["pattern"] and enroll_schema["secret"]["pattern"]
     assert enroll_schema["wg_public_key"]["pattern"]
+
+
+def test_each_heartbeat_answered_is_timed_once_with_its_status(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite", ipaddress.IPv4Network("100.96.0.0/16"))
+    reg.add_token("tok001", SECRET, 60, uses=1)
+    timed = []
+    client = TestClient(create_app(reg, region_facts(), b"PEM", lambda: None,
+                                   on_heartbeat_s=lambda s, status: timed.append((s, status))))
+    body = client.post("/v1/enroll", json=enroll_body()).json()
+    assert timed == []  # an enrollment is not a heartbeat
+    url = f"/v1/nodes/{body['node_id']}/heartbeat"
+    report = {"report": encode(sample_report())}
+    assert client.post(url, json=report, headers={"Authorization": f"Bearer {body['credential']}"}).status_code == 200
+    assert client.post(url, json=report, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert [status for _, status in timed] == [200, 401]
+    assert all(0 < s < 60 for s, _ in timed)

@@ -19,6 +19,7 @@ from garage_node.core.wire import RegionFacts
 from garage_node.head.api import enroll, nodes
 from garage_node.head.api.common import ApiError
 from garage_node.head.api.limits import BodyLimit
+from garage_node.head.api.timing import HeartbeatTimer
 from garage_node.head.registry import Registry
 from garage_node.head.reports import Reports
 
@@ -26,12 +27,14 @@ from garage_node.head.reports import Reports
 def create_app(registry: Registry, facts: RegionFacts, ca_pem: bytes, on_change: Callable[[], None],
                on_startup: Callable[[], None] = lambda: None, on_shutdown: Callable[[], None] = lambda: None,
                ray_token: Callable[[], str] = lambda: "", max_body_bytes: int = 32768,
-               reports: Reports | None = None, node_extras: Callable[[str], dict[str, Any]] = lambda _: {}) -> FastAPI:
+               reports: Reports | None = None, node_extras: Callable[[str], dict[str, Any]] = lambda _: {},
+               on_heartbeat_s: Callable[[float, int], None] | None = None) -> FastAPI:
     """`on_change` is called after an enrollment so the hub adds the peer at once; `on_startup`
     and `on_shutdown` bracket the server's life (the head's service runs between them);
     `ray_token` gives the Ray cluster token enrolled nodes receive; a request body over
     `max_body_bytes` is refused with 413 before anything parses it; `reports` and `node_extras`:
-    see api.nodes.router."""
+    see api.nodes.router; `on_heartbeat_s(seconds, status)` hears how long each heartbeat
+    took to answer (the gateway's metrics)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -43,6 +46,8 @@ def create_app(registry: Registry, facts: RegionFacts, ca_pem: bytes, on_change:
 
     app = FastAPI(title="garage-node head", version="1", docs_url="/docs", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if on_heartbeat_s is not None:
+        app.add_middleware(HeartbeatTimer, observe=on_heartbeat_s)  # outermost: the body limit's read counts
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -73,6 +73,9 @@ class Gateway:
     def on_report(self, node_id: str, report: NodeReport) -> None:
         self.table.update(node_id, report)
 
+    def on_heartbeat_s(self, seconds: float, status: int) -> None:
+        self.metrics.heartbeats.labels(str(status)).observe(seconds)
+
     def node_extras(self, node_id: str) -> dict[str, Any]:
         totals = self._all_totals().get(node_id)
         served = TokensServed(today=totals.today, total=totals.total) if totals else TokensServed()

@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from garage_node.core.wire import EngineState
 from garage_node.head.gateway.table import EndpointTable
 
+HEARTBEAT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -35,6 +36,9 @@ class GatewayMetrics:
                                ["model"], registry=r)
         self.stream_errors = Counter("garage_gateway_stream_errors",
                                      "Streams ended with an error event after they had begun", ["model"], registry=r)
+        self.heartbeats = Histogram("garage_head_heartbeat_seconds",
+                                    "How long the head took to answer a PC's heartbeat, by HTTP status",
+                                    ["status"], buckets=HEARTBEAT_BUCKETS, registry=r)
         r.register(_RegionCollector(table, node_names, node_tokens))
 
 
@@ -51,13 +55,19 @@ class _RegionCollector(Collector):
         names = self.node_names()
         endpoints = GaugeMetricFamily("garage_gateway_endpoints", "PCs in the endpoint table, by model and state",
                                       labels=["model", "state"])
+        inflight = GaugeMetricFamily("garage_gateway_inflight", "Requests the gateway has open on each PC now "
+                                     "(the router's measure of load)", labels=["node", "name", "model"])
         counts: dict[tuple[str, str], int] = {}
+        now = self.table.clock.monotonic()
         for ep in self.table.snapshot():
-            state = "draining" if ep.draining else str(ep.state)
+            # Suspended: the gateway failed to reach it just now and tries it again shortly.
+            state = "draining" if ep.draining else "suspended" if now < ep.suspended_until else str(ep.state)
             counts[(ep.model, state)] = counts.get((ep.model, state), 0) + 1
+            inflight.add_metric([ep.node_id, names.get(ep.node_id, ""), ep.model], ep.inflight)
         for (model, state), n in sorted(counts.items()):
             endpoints.add_metric([model, state], n)
         yield endpoints
+        yield inflight
 
         temp = GaugeMetricFamily("garage_node_gpu_temperature_celsius", "GPU temperature", labels=["node", "name", "gpu"])
         power = GaugeMetricFamily("garage_node_gpu_power_watts", "GPU power draw", labels=["node", "name", "gpu"])
