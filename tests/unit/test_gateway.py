@@ -170,6 +170,17 @@ class Engine:
         self.calls: list[dict] = []
         app = FastAPI()
 
+        @app.post("/v1/embeddings")
+        async def embed(request: Request):
+            if request.headers.get("authorization") != f"Bearer {self.key}":
+                return JSONResponse({"error": {"message": "Unauthorized"}}, status_code=401)
+            body = await request.json()
+            self.calls.append(body)
+            inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            return {"object": "list", "model": body["model"],
+                    "data": [{"object": "embedding", "index": i, "embedding": [0.5, -0.25]} for i in range(len(inputs))],
+                    "usage": {"prompt_tokens": 4 * len(inputs), "total_tokens": 4 * len(inputs)}}
+
         @app.post("/v1/completions")
         @app.post("/v1/chat/completions")
         async def complete(request: Request):
@@ -438,3 +449,16 @@ def test_metrics_show_each_pcs_load_suspensions_and_heartbeat_times(gw):
     assert states == {"healthy": 1, "suspended": 1}
     count = [x for x in s if x.name == "garage_head_heartbeat_seconds_count"]
     assert [(x.labels["status"], x.value) for x in count] == [("200", 1.0)]
+
+
+def test_embeddings_are_passed_through_and_their_prompt_tokens_accounted(gw):
+    r = call(gw, "POST", "/v1/embeddings", {"model": MODEL, "input": ["one", "two"]})
+    assert r.status_code == 200 and r.headers["x-garage-node"] in ("alice-pc", "bob-pc")
+    assert [d["embedding"] for d in r.json()["data"]] == [[0.5, -0.25], [0.5, -0.25]]
+    # "stream" means nothing to embeddings: the body goes through as the client sent it.
+    r = call(gw, "POST", "/v1/embeddings", {"model": MODEL, "input": "three", "stream": True})
+    assert r.status_code == 200 and r.json()["usage"] == {"prompt_tokens": 4, "total_tokens": 4}
+    sent = [c for e in gw.engines.values() for c in e.calls]
+    assert "stream_options" not in sent[-1]
+    gw.ledger.flush()
+    assert gw.ledger.key_tokens("tester") == 12
