@@ -56,7 +56,9 @@ def main() -> None:
     model = tiny_model_dir()
     with Testbed() as tb:
         head = tb.start_head()
-        pcs = [tb.add_engine_node(n, engine_toml(model)) for n in (("pc-a", "pc-b") if args.kill else ("pc-a",))]
+        # Each PC's engine on a CPU of its own, as on separate machines (testing/dockerd.py).
+        pcs = [tb.add_engine_node(n, engine_toml(model, cpus=str(i)))
+               for i, n in enumerate(("pc-a", "pc-b") if args.kill else ("pc-a",))]
         for pc in pcs:
             pc.configure(head.token())
             pc.start()

@@ -62,7 +62,8 @@ def main() -> None:
     model = tiny_model_dir()
     with Testbed() as tb:
         head = tb.start_head()
-        fast, slow = (tb.add_engine_node(n, engine_toml(model)) for n in ("fast-pc", "slow-pc"))
+        # Each PC's engine on a CPU of its own, as on separate machines (testing/dockerd.py).
+        fast, slow = (tb.add_engine_node(n, engine_toml(model, cpus=str(i))) for i, n in enumerate(("fast-pc", "slow-pc")))
         for pc in (fast, slow):
             pc.configure(head.token())
             pc.start()

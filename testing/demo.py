@@ -66,8 +66,9 @@ def run_demo(keep: bool = False, engine: bool = True) -> int:
         if engine:
             say("Starting each PC's own dockerd (the vLLM CPU image is loaded into it the first time: a minute or two) ...")
             model = tiny_model_dir()
-            nodes = [tb.add_engine_node("alice-pc", engine_toml(model), [RTX_4090, RTX_4060]),
-                     tb.add_engine_node("bob-pc", engine_toml(model), [RTX_3060_12GB])]
+            # Each PC's engine on a CPU of its own, as on separate machines (testing/dockerd.py).
+            nodes = [tb.add_engine_node("alice-pc", engine_toml(model, cpus="0"), [RTX_4090, RTX_4060]),
+                     tb.add_engine_node("bob-pc", engine_toml(model, cpus="1"), [RTX_3060_12GB])]
         else:
             nodes = [tb.add_node("alice-pc", [RTX_4090, RTX_4060]), tb.add_node("bob-pc", [RTX_3060_12GB])]
         for node in nodes:

@@ -52,7 +52,7 @@ def region():
     tb.setup()
     try:
         head = tb.start_head()
-        pcs = [tb.add_engine_node(name, engine_toml(model)) for name in ("pc-a", "pc-b")]
+        pcs = [tb.add_engine_node(name, engine_toml(model, cpus=str(i))) for i, name in enumerate(("pc-a", "pc-b"))]
         for pc in pcs:
             pc.configure(head.token())
             pc.start()
@@ -253,13 +253,20 @@ def served_by(head, region) -> dict[str, int]:
     return counts
 
 
-def gateway_view(head) -> str:
-    """What the gateway thought, for a failure's message: its table and the PCs it passed over."""
+def gateway_view(head, pcs=()) -> str:
+    """What the gateway thought, for a failure's message: its table and the PCs it passed over
+    (and what each PC's engine said last)."""
     metrics = [line for line in curl(head, METRICS).stdout.splitlines()
                if line.startswith(("garage_gateway_inflight", "garage_gateway_endpoints", "garage_node_engine_state"))
                and not line.rstrip().endswith(" 0.0")]
     passed_over = [line for line in (head.dir / "head.log").read_text().splitlines() if "could not take" in line]
-    return "\n".join(["gateway metrics:", *metrics, "PCs passed over:", *passed_over[-10:]])
+    engines = []
+    for pc in pcs:
+        res = pc.docker("logs", "--tail", "12", "garage-engine", check=False)
+        top = pc.docker("top", "garage-engine", "-o", "pid,pcpu,nlwp,psr,args", check=False)
+        engines += [f"{pc.name} engine log:", *(res.stdout + res.stderr).splitlines(), f"{pc.name} engine processes:",
+                    *[line[:160] for line in top.stdout.splitlines()]]
+    return "\n".join(["gateway metrics:", *metrics, "PCs passed over:", *passed_over[-10:], *engines])
 
 
 def test_a_pc_dying_under_load_fails_no_request_that_had_not_begun(region):
@@ -272,7 +279,7 @@ def test_a_pc_dying_under_load_fails_no_request_that_had_not_begun(region):
     try:
         wait_for(lambda: all(n >= 3 for n in served_by(head, region).values()), 12, "both PCs to answer requests")
     except TimeoutError as e:
-        raise AssertionError(f"{e}: {served_by(head, region)}\n{gateway_view(head)}") from None
+        raise AssertionError(f"{e}: {served_by(head, region)}\n{gateway_view(head, region.hosts[1:])}") from None
     # The PC dies: its agent is killed (no more heartbeats) and its engine with it.
     victim.stop(signal.SIGKILL)
     victim.docker("rm", "-f", "garage-engine", check=False)
