@@ -352,6 +352,11 @@ class HeartbeatReply(RegionFacts):
     ray_alive: bool = False  # whether the Ray head lists this node alive
     ray_checked_at: float | None = None
     ray_token: str = field(default="", repr=False)
+    # The id of the Ray cluster the head's Ray head runs (hex; "" while not known: Ray head
+    # down or starting, or an older head). A Ray head that came back as a new cluster (no GCS
+    # fault tolerance, or its store lost) changes it, and a node whose worker joined the old
+    # one restarts its worker at once.
+    ray_cluster_id: str = ""
     # How long the credential this heartbeat came with stays valid, and the lifetime a new one
     # gets: the node renews when a third of the lifetime is left. Seconds, not a date, so a
     # PC's wrong clock does not matter. None from a head that does not expire credentials.

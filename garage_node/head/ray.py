@@ -60,9 +60,23 @@ def watch_command(address: str, every_s: float, python: str = sys.executable) ->
     return [python, "-m", "garage_node.head.rayprobe", "--watch", str(every_s), address]
 
 
-def parse_watch_line(line: str) -> list[RayNode] | None:
-    """One line of the watch: the nodes, or None when the Ray head could not be asked."""
+@dataclass(frozen=True)
+class Membership:
+    """One answer of the Ray head: its nodes, and the id of its Ray cluster (hex; "" if the
+    probe could not tell). A Ray head that came back without its GCS state is a new cluster."""
+
+    nodes: list[RayNode]
+    cluster_id: str = ""
+
+
+def parse_watch_line(line: str) -> Membership | None:
+    """One line of the watch: the Ray head's answer, or None when it could not be asked."""
     data = json.loads(line)
-    if isinstance(data, dict):
+    if isinstance(data, list):  # the one-shot probe's form: the nodes alone
+        return Membership([RayNode(**n) for n in data])
+    if "nodes" not in data:  # {"error": ...}
         return None
-    return [RayNode(**n) for n in data]
+    cluster_id = data.get("cluster_id") or ""
+    if not isinstance(cluster_id, str):
+        raise TypeError("cluster_id is not a string")
+    return Membership([RayNode(**n) for n in data["nodes"]], cluster_id)

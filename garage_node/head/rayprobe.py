@@ -7,9 +7,12 @@ head's own memory):
 It talks to the GCS directly (ray._raylet.GcsClient) instead of `ray.init()`: no driver is
 registered and nothing is left behind in the cluster. `--watch` is what the head runs: one
 long-lived process, where starting a Python that imports Ray every 2 s cost 16-22 % of a core.
+A watch line is {"cluster_id": HEX, "nodes": [...]}: the id of the Ray cluster is the one this
+client joined, and the GCS answers a client only within that cluster (a Ray head that came back
+as a new cluster refuses it with WrongClusterID), so the nodes and the id always belong together.
 A failed query prints {"error": ...} (the head then treats no node as alive rather than keep an
 old answer); after a run of failures the watch exits and the head starts a new one, which also
-reconnects to a restarted Ray head.
+reconnects to a restarted Ray head, and learns the new cluster's id.
 """
 
 from __future__ import annotations
@@ -35,6 +38,17 @@ def nodes(client) -> list[dict]:
     return out
 
 
+def cluster_id(client) -> str:
+    """The Ray cluster's id as hex, "" if the client has none yet."""
+    cid = client.cluster_id
+    return "" if cid is None or cid.is_nil() else cid.hex()
+
+
+def answer(client) -> dict:
+    nodes_now = nodes(client)  # first: a client that got an answer knows its cluster's id
+    return {"cluster_id": cluster_id(client), "nodes": nodes_now}
+
+
 def once(address: str) -> int:
     from ray._raylet import GcsClient  # heavy; only in this child
 
@@ -49,7 +63,7 @@ def watch(address: str, every_s: float) -> int:
     failures = 0
     while True:
         try:
-            line = json.dumps(nodes(client))
+            line = json.dumps(answer(client))
             failures = 0
         except Exception as e:  # the Ray head is starting, restarting or gone
             failures += 1

@@ -198,6 +198,8 @@ class Registry:
         self._inflight_ray: tuple[frozenset[str], float] | None = None
         self._flusher: threading.Thread | None = None
         self._stop_flusher = threading.Event()
+        # The id of the Ray cluster the last membership came from (see record_ray_membership).
+        self._ray_cluster_id = ""
         with self._db() as db:
             db.executescript(SCHEMA)
             _migrate(db)
@@ -506,8 +508,12 @@ class Registry:
                 raise
         return [_node_row(r) for r in rows]
 
-    def record_ray_membership(self, alive_node_ids: set[str]) -> None:
+    def record_ray_membership(self, alive_node_ids: set[str], cluster_id: str = "") -> None:
+        """Which nodes the Ray head holds alive, and the id of the Ray cluster that said so
+        (hex; "" when not known). A call that clears the membership (no answer, the Ray head
+        down or starting) clears the id with it."""
         now = time.time()
+        self._ray_cluster_id = cluster_id  # in memory only: a restarted head asks its Ray head again
         if self._held():
             with self._pending_lock:
                 self._ray = (frozenset(alive_node_ids), now)
@@ -515,6 +521,12 @@ class Registry:
         with self._db() as db:
             db.execute("UPDATE nodes SET ray_alive = id IN (SELECT value FROM json_each(?)), ray_checked_at=?",
                        (json.dumps(sorted(alive_node_ids)), now))
+
+    @property
+    def ray_cluster_id(self) -> str:
+        """The Ray cluster the head's Ray head runs now, as the last membership said (nodes
+        learn it with their heartbeat: a PC whose worker joined another cluster restarts it)."""
+        return self._ray_cluster_id
 
     def revoke(self, node_id: str) -> NodeRow:
         with self._db() as db:

@@ -228,13 +228,14 @@ class HeadService:
                 if self._stop.is_set():
                     break
                 try:
-                    nodes = parse_watch_line(line)
-                except (ValueError, TypeError):
+                    seen = parse_watch_line(line)
+                except (ValueError, TypeError, KeyError, AttributeError):
                     continue
-                # No answer is no node alive: a value older than the Ray head it came from
-                # would let `head nodes` and the PCs believe in workers that are gone.
-                alive = {n.labels.get("garage.node_id", "") for n in nodes or [] if n.alive and not n.is_head}
-                self.registry.record_ray_membership(alive)
+                # No answer is no node alive and no cluster id: a value older than the Ray head
+                # it came from would let `head nodes` and the PCs believe in workers that are gone.
+                alive = {n.labels.get("garage.node_id", "") for n in (seen.nodes if seen else [])
+                         if n.alive and not n.is_head}
+                self.registry.record_ray_membership(alive, seen.cluster_id if seen else "")
         finally:
             proc.kill()
             proc.wait()

@@ -415,7 +415,7 @@ class Agent:
     def _heartbeat_ok(self, reply: HeartbeatReply) -> None:
         now = self.clock.monotonic()
         self.link.reachable, self.link.last_contact, self.link.last_error = True, now, None
-        self.ray.head_says(reply.ray_alive)
+        self.ray.head_says(reply.ray_alive, reply.ray_cluster_id)
         self._head_backoff.reset()
         ident = self.identity
         assert ident is not None

@@ -2,7 +2,9 @@
 
 `ray start --block` runs as a supervised child (the agent never imports ray). Ray workers do
 not rejoin a restarted head by themselves and may linger half-alive, so a worker the Ray head
-stopped listing is restarted; `RayWorker` makes that call from what the heartbeats tell.
+stopped listing is restarted; `RayWorker` makes that call from what the heartbeats tell. A
+head whose Ray came back as a new Ray cluster (no GCS fault tolerance, or its store lost) says
+so with the cluster's id, and a worker of the old cluster is restarted at once.
 """
 
 from __future__ import annotations
@@ -93,18 +95,40 @@ class RayWorker:
         self._absent_since: float | None = None  # monotonic, since when the head has not listed it
         self._argv: list[str] | None = None
         self._generation: str = ""
+        self._cluster_at_head = ""  # the Ray cluster id the head last reported ("": not known)
+        # (the worker's started_at, the cluster the head listed it alive in): which cluster this
+        # worker process joined, known only once the head has listed it.
+        self._joined: tuple[float, str] | None = None
 
     @property
     def running(self) -> bool:
         return self.child.running
 
-    def head_says(self, alive: bool) -> None:
-        """What the last heartbeat answer said: is this worker alive at the Ray head?"""
+    def head_says(self, alive: bool, cluster_id: str = "") -> None:
+        """What the last heartbeat answer said: is this worker alive at the Ray head, and which
+        Ray cluster the Ray head runs ("": not known, e.g. an older head, or its Ray starting)."""
         now = self.clock.monotonic()
         if alive and not self.alive_at_head:
             self._alive_since = now
         self.alive_at_head = alive
         self._absent_since = None if alive else (self._absent_since or now)
+        self._cluster_at_head = cluster_id
+        started = self.child.state.started_at
+        if alive and cluster_id and self.child.running and started is not None:
+            self._joined = (started, cluster_id)  # listed alive there: this worker is in that cluster
+
+    def joined_cluster(self) -> str:
+        """The Ray cluster this worker process joined, as the head told; "" if not known."""
+        if self._joined is None or not self.child.running or self._joined[0] != self.child.state.started_at:
+            return ""
+        return self._joined[1]
+
+    def in_another_cluster(self) -> bool:
+        """The head runs a Ray cluster other than the one this worker joined: Ray workers do
+        not move to a new cluster, so waiting for this one to be listed again is waiting in vain.
+        An unknown id on either side never counts."""
+        joined = self.joined_cluster()
+        return bool(joined and self._cluster_at_head and self._cluster_at_head != joined)
 
     def run(self, argv: list[str], head_reachable: bool, generation: str = "") -> None:
         """Keep the worker running with `argv`: restart it on new arguments or a new
@@ -116,6 +140,12 @@ class RayWorker:
             log.info("the Ray cluster token changed; restarting the Ray worker")
             self.child.stop()
         self._generation = generation
+        if self.in_another_cluster():
+            log.warning("the Ray head is a new Ray cluster (id %s, this worker joined %s): "
+                        "restarting the Ray worker now", self._cluster_at_head[:12], self.joined_cluster()[:12])
+            self.child.stop()
+            self._joined = None
+            self._absent_since = self.clock.monotonic()
         if head_reachable and self.stale_at_head():
             log.warning("the Ray head has not listed this worker for %.0f s; restarting it", self._allowance())
             self.child.stop()
@@ -126,6 +156,7 @@ class RayWorker:
     def stop(self) -> None:
         self.child.stop()
         self.alive_at_head = False
+        self._joined = None
 
     def stale_at_head(self) -> bool:
         started = self.child.state.started_at

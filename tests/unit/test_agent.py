@@ -155,6 +155,66 @@ def test_worker_the_ray_head_lost_is_restarted_after_the_allowance(tmp_path):
     assert len(r.ray.starts) == 2
 
 
+OLD_CLUSTER, NEW_CLUSTER = "aa" * 28, "bb" * 28
+
+
+def joined_in(tmp_path, cluster: str) -> Rig:
+    r = rig(tmp_path)
+    r.head.ray_alive, r.head.ray_cluster_id = True, cluster
+    r.passes(6)
+    assert r.agent.state is NodeState.JOINED and r.agent.ray.joined_cluster() == cluster and len(r.ray.starts) == 1
+    return r
+
+
+def test_a_new_ray_cluster_at_the_head_restarts_the_worker_at_once(tmp_path):
+    r = joined_in(tmp_path, OLD_CLUSTER)
+    # The head came back without its GCS state: its Ray head is a new cluster, which does not
+    # list this worker. While the head's Ray is starting it knows no id yet: nothing happens.
+    r.head.ray_alive, r.head.ray_cluster_id = False, ""
+    r.passes(10)
+    assert len(r.ray.starts) == 1
+    r.head.ray_cluster_id = NEW_CLUSTER
+    changed = r.clock.monotonic()
+    while len(r.ray.starts) == 1:
+        r.passes()
+        assert r.clock.monotonic() - changed <= 12.0  # the next heartbeat (10 s) and a pass, never the 60 s
+    assert r.clock.monotonic() - changed < ABSENT_RESTART_S / 4
+    assert r.ray.running and r.agent.ray.joined_cluster() == ""  # this worker's cluster: not known until listed
+    # The new worker joins the new cluster: listed there, it stays.
+    r.head.ray_alive = True
+    r.passes(10)
+    assert len(r.ray.starts) == 2 and r.agent.ray.joined_cluster() == NEW_CLUSTER
+    assert r.status().ray.state is RayState.ALIVE
+
+
+@pytest.mark.parametrize("said", [OLD_CLUSTER, ""])
+def test_the_same_or_an_unknown_cluster_id_waits_for_the_allowance(tmp_path, said):
+    r = joined_in(tmp_path, OLD_CLUSTER)
+    r.head.ray_alive, r.head.ray_cluster_id = False, said  # the same cluster (GCS fault tolerance), or not known
+    r.passes(int(ABSENT_RESTART_S / 2) - 2)
+    assert len(r.ray.starts) == 1  # Ray itself may still reconnect
+    r.passes(10)
+    assert len(r.ray.starts) == 2
+
+
+def test_a_cluster_id_counts_only_for_the_worker_the_head_listed(tmp_path):
+    # Never listed: which cluster this worker is in is not known, so a new id does not restart it.
+    r = rig(tmp_path)
+    r.head.ray_cluster_id = OLD_CLUSTER
+    r.passes(6)
+    r.head.ray_cluster_id = NEW_CLUSTER
+    r.passes(20)
+    assert len(r.ray.starts) == 1
+    # Listed, then the worker exited and came back by itself: the new process's cluster is not
+    # known either (what the head said of the old one does not carry over).
+    r = joined_in(tmp_path / "again", OLD_CLUSTER)
+    r.ray.exit(1)
+    r.clock.advance(r.ray.restart_delay_s)
+    r.head.ray_alive, r.head.ray_cluster_id = False, NEW_CLUSTER
+    r.passes(20)
+    assert len(r.ray.starts) == 2 and r.ray.running
+
+
 def test_first_join_gets_the_long_allowance(tmp_path):
     r = rig(tmp_path)
     r.passes(int(FIRST_JOIN_S / 2) - 5)  # never listed: a slow first start (an emulated PC)

@@ -65,7 +65,8 @@ def router(registry: Registry, facts: RegionFacts, ray_token: Callable[[], str] 
         if reports is not None:
             reports.publish(node_id, req.report)
         return HeartbeatReply(node_id=node_id, ray_alive=node.ray_alive, ray_checked_at=node.ray_checked_at,
-                              ray_token=ray_token(), credential_expires_in_s=round(auth.expires_in_s, 1),
+                              ray_token=ray_token(), ray_cluster_id=registry.ray_cluster_id,
+                              credential_expires_in_s=round(auth.expires_in_s, 1),
                               credential_lifetime_s=auth.lifetime_s, **node_extras(node_id), **region_fields(facts))
 
     @r.post("/v1/nodes/{node_id}/credential",

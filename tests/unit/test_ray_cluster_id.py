@@ -1,0 +1,104 @@
+"""The id of the head's Ray cluster (#10, the fallback to GCS fault tolerance): read by the
+Ray probe, kept by the head beside the membership, cleared with it, and told to every node in
+its heartbeat answer. The agent's side (a worker of another cluster restarted at once) is in
+test_agent.py; a real Ray head's id in test_ray_cluster_real.py."""
+
+import ipaddress
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from garage_node.core.wire import HeartbeatReply, decode, encode
+from garage_node.core.wireguard import generate_private_key, public_key_of
+from garage_node.head import rayprobe
+from garage_node.head.api import create_app
+from garage_node.head.ray import parse_watch_line
+from garage_node.head.registry import Registry
+from testing.fakes import region_facts, sample_report
+
+CLUSTER = "ab" * 28
+NODE = {"ray_node_id": "cd" * 28, "address": "100.96.0.2", "alive": True, "is_head": False,
+        "labels": {"garage.node_id": "n0001"}, "resources": {"GPU": 1.0}}
+
+
+class FakeId:
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def is_nil(self) -> bool:
+        return self.raw == b"\xff" * len(self.raw)
+
+    def hex(self) -> str:
+        return self.raw.hex()
+
+
+class FakeNodeInfo:
+    node_id = FakeId(bytes.fromhex("cd" * 28))
+    node_manager_address = "100.96.0.2"
+    state = 0
+    is_head_node = False
+    labels = {"garage.node_id": "n0001", "ray.io/node_id": "x"}
+    resources_total = {"GPU": 1.0}
+
+
+class FakeGcsClient:
+    def __init__(self, cluster: bytes) -> None:
+        self.cluster_id = FakeId(cluster)
+
+    def get_all_node_info(self, timeout: int):
+        return {b"1": FakeNodeInfo()}
+
+
+def test_the_watch_line_carries_the_cluster_id_with_the_nodes():
+    line = json.dumps(rayprobe.answer(FakeGcsClient(bytes.fromhex(CLUSTER))))
+    seen = parse_watch_line(line)
+    assert seen is not None and seen.cluster_id == CLUSTER
+    assert [n.labels for n in seen.nodes] == [{"garage.node_id": "n0001"}]
+    # A client without a cluster id yet (Ray's nil id) says none.
+    assert rayprobe.answer(FakeGcsClient(b"\xff" * 28))["cluster_id"] == ""
+
+
+def test_parsing_watch_lines():
+    assert parse_watch_line(json.dumps({"error": "Timed out while waiting for GCS"})) is None
+    assert parse_watch_line(json.dumps({"cluster_id": CLUSTER, "nodes": []})).cluster_id == CLUSTER
+    old = parse_watch_line(json.dumps([NODE]))  # the one-shot form: nodes, no id
+    assert old is not None and old.cluster_id == "" and old.nodes[0].ray_node_id == NODE["ray_node_id"]
+    assert parse_watch_line(json.dumps({"nodes": [NODE]})).cluster_id == ""
+    for bad in ('{"cluster_id": 7, "nodes": []}', '{"cluster_id": "x", "nodes": [{"alive": true}]}', "not json"):
+        with pytest.raises((ValueError, TypeError)):
+            parse_watch_line(bad)
+
+
+def test_the_registry_keeps_the_cluster_id_and_clears_it_with_the_membership(tmp_path):
+    for batch_s in (None, 60.0):
+        reg = Registry(tmp_path / f"r{batch_s}.sqlite", ipaddress.IPv4Network("100.96.0.0/16"), batch_s=batch_s)
+        assert reg.ray_cluster_id == ""
+        reg.record_ray_membership({"n0001"}, CLUSTER)
+        assert reg.ray_cluster_id == CLUSTER
+        reg.record_ray_membership(set())  # the Ray head down or restarting, or no answer
+        assert reg.ray_cluster_id == ""
+        reg.close()
+
+
+def test_the_heartbeat_answer_tells_the_cluster_id(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite", ipaddress.IPv4Network("100.96.0.0/16"))
+    reg.add_token("tok001", "s" * 43, 60, uses=1)
+    client = TestClient(create_app(reg, region_facts(), b"PEM", lambda: None))
+    body = client.post("/v1/enroll", json={"token_id": "tok001", "secret": "s" * 43, "name": "pc-1",
+                                           "wg_public_key": public_key_of(generate_private_key())}).json()
+
+    def beat() -> HeartbeatReply:
+        r = client.post(f"/v1/nodes/{body['node_id']}/heartbeat", json={"report": encode(sample_report())},
+                        headers={"Authorization": f"Bearer {body['credential']}"})
+        assert r.status_code == 200, r.text
+        return decode(r.json(), HeartbeatReply)
+
+    assert beat().ray_cluster_id == ""  # no Ray head answer yet
+    reg.record_ray_membership({body["node_id"]}, CLUSTER)
+    got = beat()
+    assert got.ray_cluster_id == CLUSTER and got.ray_alive
+    # An answer from an older head, without the field, reads as "not known".
+    old = encode(got)
+    del old["ray_cluster_id"]
+    assert decode(old, HeartbeatReply).ray_cluster_id == ""
