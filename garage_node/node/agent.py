@@ -523,7 +523,8 @@ class Agent:
         _own_dir(r.temp_dir, account)
         labels = worker_labels(ident.node_id, ident.region, self.inventory, self._engine_model())
         argv = worker_argv(ray_worker_command(r.command), ident.ray_address, ident.overlay_ip, r.temp_dir, labels,
-                           self.inventory, r.num_cpus, r.memory_mib, r.object_store_mib, ports=RAY_PORTS)
+                           self.inventory, r.num_cpus, r.memory_mib, r.object_store_mib, ports=RAY_PORTS,
+                           offer_gpus=self.serving.serving)
         self.ray.run(argv, head_reachable=self.link.reachable is True, generation=token_digest)
 
     def _ray_worker_account(self) -> RunAs | None:

@@ -53,7 +53,12 @@ def worker_labels(node_id: str, region: str, inventory: Inventory, model: str | 
 
 def worker_argv(ray_cmd: list[str], head_address: str, ip: str, temp_dir: Path, labels: dict[str, str],
                 inventory: Inventory, num_cpus: int = 0, memory_mib: int = 0,
-                object_store_mib: int = 0, ports: RayPorts | None = None) -> list[str]:
+                object_store_mib: int = 0, ports: RayPorts | None = None, offer_gpus: bool = True) -> list[str]:
+    """`offer_gpus` False (the PC is paused: outside its serving hours, or hot): the worker
+    stays in the cluster but offers Ray no GPU and no VRAM, so no Ray task lands on a GPU
+    the owner took back. Ray cannot change a running node's resources, so the changed
+    arguments restart the worker (RayWorker.run)."""
+    gpus = len(inventory.healthy_gpus) if offer_gpus else 0
     argv = [
         *ray_cmd, "start", "--block",
         "--address", head_address,
@@ -61,13 +66,13 @@ def worker_argv(ray_cmd: list[str], head_address: str, ip: str, temp_dir: Path, 
         "--temp-dir", str(temp_dir),
         "--disable-usage-stats",
         # Count only the GPUs NVML calls healthy; a bad GPU is quarantined, not scheduled.
-        "--num-gpus", str(len(inventory.healthy_gpus)),
+        "--num-gpus", str(gpus),
         "--labels", ",".join(f"{k}={v}" for k, v in sorted(labels.items())),
         *sizing_args(num_cpus, memory_mib, object_store_mib),
         # Pinned, so the firewall can name them (see core/firewall.py).
         *(ports.node_args() if ports else []),
     ]
-    if inventory.vram_mib:
+    if inventory.vram_mib and gpus:
         argv += ["--resources", json.dumps({"vram_mib": inventory.vram_mib})]
     return argv
 

@@ -281,3 +281,24 @@ def test_pause_with_docker_down_is_a_pause_not_an_error(tmp_path):
     r.passes(2)
     e = r.status().engine
     assert e.state is EngineState.DRAINED and e.message == "paused: outside serving hours until Wed 23:00 CET"
+
+
+def _offered_gpus(argv: list[str]) -> tuple[str, bool]:
+    return argv[argv.index("--num-gpus") + 1], "--resources" in argv
+
+
+def test_a_paused_pc_offers_ray_no_gpu_until_it_serves_again(tmp_path):
+    r = rig(tmp_path, schedule=NIGHTS, wall=datetime(2027, 3, 2, 23, 50, tzinfo=BERLIN))
+    r.joined()
+    assert _offered_gpus(r.ray.starts[-1]) == ("1", True)
+    r.clock.advance(8 * 3600 + 600)  # Wednesday, just past 08:00: outside the hours
+    r.passes(3)
+    assert r.status().state is NodeState.PAUSED
+    # The worker was restarted without GPUs or VRAM (Ray cannot change a running node's
+    # resources): no Ray task lands on the GPU the owner took back, and the PC stays in Ray.
+    assert len(r.ray.starts) == 2 and _offered_gpus(r.ray.starts[-1]) == ("0", False) and r.ray.running
+    r.passes(5)
+    assert len(r.ray.starts) == 2  # once, not on every pass
+    r.clock.wall = datetime(2027, 3, 3, 23, 0, tzinfo=BERLIN).timestamp()
+    r.passes(3)
+    assert len(r.ray.starts) == 3 and _offered_gpus(r.ray.starts[-1]) == ("1", True)
