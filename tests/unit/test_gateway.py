@@ -388,9 +388,11 @@ def test_round_robin_takes_usable_pcs_in_turn():
     assert picks == ["a", "b", "a", "b"]  # blind to load, skips what cannot take requests
 
 
-def _relay_to_a_client_that_leaves(g, leave_after_sends: int):
+def _relay_to_a_client_that_leaves(g, leave_after_sends: int, spec: str = "2.4"):
     """Forward a stream, then play a client whose connection fails on send number
-    `leave_after_sends` + 1 (0: before the response starts, so the relay never runs)."""
+    `leave_after_sends` + 1 (0: before the response starts, so the relay never runs). ASGI
+    spec 2.3 (uvicorn's): the client's leaving arrives as http.disconnect instead, and
+    Starlette cancels the stream in a task group."""
     from garage_node.head.gateway.app import _call
     from garage_node.head.gateway.proxy import RelayResponse
 
@@ -403,17 +405,27 @@ def _relay_to_a_client_that_leaves(g, leave_after_sends: int):
         ended = []
         response.on_end.append(lambda: ended.append(True))
         sends = []
+        gone = asyncio.Event()
 
         async def send(message):
             if len(sends) == leave_after_sends:
-                raise OSError("the client went away")
+                gone.set()
+                if spec == "2.4":
+                    raise OSError("the client went away")
+                await asyncio.sleep(3600)  # blocked until Starlette cancels the stream
             sends.append(message)
 
         async def receive():
-            await asyncio.sleep(3600)
+            if spec == "2.4":
+                await asyncio.sleep(3600)
+            await gone.wait()
+            return {"type": "http.disconnect"}
 
-        with pytest.raises(Exception):
-            await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+        if spec == "2.4":
+            with pytest.raises(Exception):
+                await response({"type": "http", "asgi": {"spec_version": spec}}, receive, send)
+        else:
+            await response({"type": "http", "asgi": {"spec_version": spec}}, receive, send)
         after = sum(ep.inflight for ep in g.table.snapshot())
         await g.proxy.close()
         return busy, after, ended, response.slot.resp.is_closed
@@ -427,8 +439,9 @@ def test_a_stream_the_client_left_before_it_began_gives_its_pc_back(gw):
     assert gw.ledger.key_tokens("tester") == 0  # nothing reached the client
 
 
-def test_a_stream_the_client_left_midway_gives_its_pc_back_and_is_accounted(gw):
-    busy, after, ended, closed = _relay_to_a_client_that_leaves(gw, 2)  # the start and one event went out
+@pytest.mark.parametrize("spec", ["2.4", "2.3"])
+def test_a_stream_the_client_left_midway_gives_its_pc_back_and_is_accounted(gw, spec):
+    busy, after, ended, closed = _relay_to_a_client_that_leaves(gw, 2, spec)  # the start and one event went out
     assert (busy, after, ended, closed) == (1, 0, [True], True)
     gw.ledger.flush()
     assert gw.ledger.key_tokens("tester") >= 1  # the events relayed, counted at once, not at collection

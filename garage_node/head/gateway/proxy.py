@@ -240,13 +240,16 @@ class _Slot:
         self.released = False
 
     async def release(self) -> None:
-        if self.released:
-            return
-        self.released = True
-        # The slot first: a cancellation while the connection closes must not keep the PC
-        # looking busier to the router for ever.
-        self.table.end(self.ep)
-        await self.resp.aclose()
+        """Safe to call again: the slot is given back once, and the close is tried until it is
+        done (inside a cancelled task group — Starlette's, when the client leaves mid-stream —
+        the await is cancelled again at once; the response's own call retries it outside)."""
+        if not self.released:
+            # The slot first: a cancellation while the connection closes must not keep the PC
+            # looking busier to the router for ever.
+            self.released = True
+            self.table.end(self.ep)
+        if not self.resp.is_closed:
+            await self.resp.aclose()
 
 
 class RelayResponse(StreamingResponse):
