@@ -5,6 +5,7 @@ took, and vLLM's prefix-cache hit rate over the run (from each engine's /metrics
 restarted between policies with `[gateway] policy` changed; the PCs keep running.
 
     .venv/bin/python bench/routing_policy.py [--seconds 40] [--concurrency 4] [--prefixes 6] [--slow-cpus 0.5]
+        [--balance-abs N ...]
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--prefixes", type=int, default=6)
     p.add_argument("--slow-cpus", default="0.5", help="CPU share the slow PC's engine container gets")
+    p.add_argument("--balance-abs", type=int, action="append", default=[],
+                   help="also run the default policy with this [gateway] balance_abs (repeatable)")
     args = p.parse_args()
     model = tiny_model_dir()
     with Testbed() as tb:
@@ -73,8 +76,12 @@ def main() -> None:
         key = head.cli("head", "key", "create", "bench", "--config", str(head.config)).stdout.strip()
         base_config = head.config.read_text()
         results = {}
-        for policy in ("round-robin", "least-load-affinity"):
-            head.config.write_text(base_config + f'\n[gateway]\npolicy = "{policy}"\n')
+        variants = [("round-robin", ""), ("least-load-affinity", "")]
+        variants += [(f"affinity, balance_abs {n}", f"policy = \"least-load-affinity\"\nbalance_abs = {n}\n")
+                     for n in args.balance_abs]
+        for policy, settings in variants:
+            settings = settings or f'policy = "{policy}"\n'
+            head.config.write_text(base_config + f'\n[gateway]\n{settings}')
             head.stop()
             head.start()
             head.wait_api()
@@ -103,7 +110,7 @@ def main() -> None:
         print(f"\ntwo PCs (slow-pc's engine at {args.slow_cpus} CPU), {args.prefixes} shared prompts, "
               f"{args.concurrency} clients, {args.seconds:.0f} s each:")
         for policy, r in results.items():
-            print(f"  {policy:20} p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, {r['requests']} requests "
+            print(f"  {policy:28} p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, {r['requests']} requests "
                   f"({r['errors']} errors), per PC {r['per_pc']}, prefix-cache hit rate {r['prefix_hit_rate']:.2f}")
 
 

@@ -133,9 +133,9 @@ class GatewaySection:
     stale_after_s: float = setting(15.0, check=positive())
     # Routing (head/gateway/router.py): prefix affinity when at least this share of the prompt
     # matches what a PC served, unless load is skewed by more than balance_abs requests and
-    # balance_rel times.
+    # balance_rel times (2, not vllm-router's 64: see router.py).
     affinity_threshold: float = setting(0.3, check=(lambda v: 0.0 <= v <= 1.0, "a share between 0 and 1"))
-    balance_abs: int = setting(64, check=positive())
+    balance_abs: int = setting(2, check=positive())
     balance_rel: float = setting(1.5, check=positive())
     # "least-load-affinity" (the above), or "round-robin" (each PC in turn; for comparison).
     policy: str = setting("least-load-affinity", check=one_of("least-load-affinity", "round-robin"))

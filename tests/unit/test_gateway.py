@@ -70,6 +70,21 @@ def test_router_balance_overrules_affinity_when_skewed():
     assert r.choose([a, b], blocks).node_id == "b"
 
 
+def test_router_defaults_let_a_prompt_group_leave_a_pc_a_few_requests_busier():
+    # A gaming PC runs a few requests at once: a skew of 3 already overrules affinity, and the
+    # group then belongs to the PC that took it (the next request of the group follows).
+    r = Router(block_chars=4)
+    blocks = r.blocks("shared system prompt " * 10)
+    r.served(blocks, "slow")
+    slow, fast = T("slow", inflight=4), T("fast", inflight=1)
+    d = r.choose([slow, fast], blocks)
+    assert (d.node_id, d.reason) == ("fast", "balance")
+    r.served(blocks, "fast")
+    slow.inflight, fast.inflight = 1, 2
+    d = r.choose([slow, fast], blocks)
+    assert (d.node_id, d.reason) == ("fast", "affinity")
+
+
 def test_router_no_affinity_below_threshold_and_bounded_memory():
     r = Router(block_chars=4, max_entries=50)
     r.served(r.blocks("abcd"), "b")

@@ -3,8 +3,13 @@
 Requests that share a prompt prefix go to the PC that served that prefix last, so vLLM's
 prefix cache answers the shared part without computing it again — unless that PC is
 overloaded compared with the least loaded one (by more than `balance_abs` requests *and*
-`balance_rel` times), when the least loaded PC wins. The thresholds start from vllm-router's
-defaults (affinity 0.3, 64 requests, 1.5×).
+`balance_rel` times), when the least loaded PC wins. The thresholds are vllm-router's
+(affinity 0.3, 1.5×) but for the absolute skew: 2 requests, not 64. A gaming PC runs a few
+requests at a time, not a datacenter GPU's hundreds, so a skew of 64 is never reached and
+affinity alone decides: a prompt group that first landed on a slow PC stays there. With 2,
+a group spills to the less busy PC, which then holds it (`served` remembers the last PC), so
+groups drift to the PCs that answer fastest (bench/routing_policy.py: 2.0× the requests of
+round robin on two PCs of unequal speed, where 64 made 0.87×).
 
 Prefixes are remembered as hashes of the prompt cut into fixed-size blocks of characters
 (the first `max_blocks` of them), in a bounded LRU map from block-chain hash to PC. Pure: no
@@ -43,7 +48,7 @@ POLICIES = ("least-load-affinity", "round-robin")
 
 
 class Router:
-    def __init__(self, affinity_threshold: float = 0.3, balance_abs: int = 64, balance_rel: float = 1.5,
+    def __init__(self, affinity_threshold: float = 0.3, balance_abs: int = 2, balance_rel: float = 1.5,
                  block_chars: int = 128, max_blocks: int = 32, max_entries: int = 200_000,
                  rng: random.Random | None = None, policy: str = "least-load-affinity") -> None:
         """`policy` "round-robin" takes the usable PCs in turn, blind to load and prefixes: the
