@@ -185,6 +185,9 @@ def main() -> int:
     ap.add_argument("--enroll-concurrency", type=int, default=32, help="enrollments in flight per client process")
     ap.add_argument("--settle", type=float, default=30.0, help="seconds after the load before the 'after' RSS")
     ap.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True, help="run the head's Ray head")
+    ap.add_argument("--gateway", action="store_true",
+                    help="run the gateway too, and split the heartbeat latency: the head's own share (its "
+                         "garage_head_heartbeat_seconds histogram) beside what the PCs measured")
     args = ap.parse_args()
 
     report = sample_report()
@@ -196,9 +199,10 @@ def main() -> int:
         text = text.replace("heartbeat_s = 2.0", f"heartbeat_s = {args.period}")
         if not args.ray:
             text = text.replace("[ray]\n", '[ray]\ncommand = "/bin/false"\n')
-        # The control plane alone: the gateway's share of a heartbeat (one ledger query a second
-        # for the whole region) is not in these figures.
-        head.config.write_text(text + "\n[gateway]\nenabled = false\n")
+        # By default the control plane alone: the gateway's share of a heartbeat (one ledger
+        # query a second for the whole region) is not in these figures.
+        if not args.gateway:
+            head.config.write_text(text + "\n[gateway]\nenabled = false\n")
         head.init()
         head.start()
         time.sleep(10)  # Ray head up, first membership answers
@@ -252,6 +256,7 @@ def main() -> int:
             time.sleep(0.2)
         peers_lag = time.monotonic() - t_peers
 
+        hist_a = heartbeat_histogram(head) if args.gateway else {}
         load_a = sampler.sample()
         for p in procs:
             p.stdin.write("go\n")
@@ -261,6 +266,7 @@ def main() -> int:
         for p in procs:
             p.wait(timeout=60)
         load_samples = [s for s in sampler.samples if load_a[0] <= s[0] <= load_b[0]]
+        head_side = head_side_quantiles(hist_a, heartbeat_histogram(head)) if args.gateway else None
 
         t = time.monotonic()
         rows = head.nodes()
@@ -289,8 +295,38 @@ def main() -> int:
                             "load_max": round(max(s[2] for s in load_samples) / 1e6, 1) if load_samples else None,
                             f"after_{args.settle:.0f}s": round(after[2] / 1e6, 1)},
             "head_nodes_json_s": round(nodes_json_s, 2), "rows": len(rows),
+            "head_side_ms": head_side,
         }, indent=2))
     return 0
+
+
+def heartbeat_histogram(head) -> dict[float, float]:
+    """The head's garage_head_heartbeat_seconds buckets (upper bound -> cumulative count), all statuses."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = head.run(["curl", "-s", "--max-time", "10", "http://127.0.0.1:9464/metrics"]).stdout
+    out: dict[float, float] = {}
+    for f in text_string_to_metric_families(text):
+        for s in f.samples:
+            if s.name == "garage_head_heartbeat_seconds_bucket":
+                le = float(s.labels["le"])
+                out[le] = out.get(le, 0.0) + s.value
+    return out
+
+
+def head_side_quantiles(before: dict[float, float], after: dict[float, float]) -> dict[str, float | None]:
+    """p50 and p99 of the heartbeats answered between two scrapes, as the histogram's bucket
+    bounds (so "p99_le_ms": 25 means p99 is at most 25 ms)."""
+    delta = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    total = delta[-1][1] if delta else 0.0
+
+    def bound(q: float) -> float | None:
+        for le, n in delta:
+            if total and n >= q * total:
+                return None if le == float("inf") else round(le * 1000, 1)
+        return None
+
+    return {"answered": total, "p50_le_ms": bound(0.5), "p99_le_ms": bound(0.99)}
 
 
 if __name__ == "__main__":
