@@ -332,6 +332,8 @@ def engine_toml(model_dir: Path, cpus: str | None = None, **over: str) -> str:
     to the same CPU, and one engine starves the other (measured: 3 tokens/s against 660 for its
     neighbour, for as long as both were busy) — which real PCs, each with its own CPU and GPU,
     never see."""
+    if cpus and not set(map(int, cpus.split(","))) <= os.sched_getaffinity(0):
+        cpus = None  # a machine without that CPU: vLLM would refuse the binding; let it choose
     env = 'VLLM_CPU_KVCACHE_SPACE = "1"' + (f", VLLM_CPU_OMP_THREADS_BIND = {json.dumps(cpus)}" if cpus else "")
     values = {
         "enabled": "true",
