@@ -1,7 +1,7 @@
 """The id of the head's Ray cluster (#10, the fallback to GCS fault tolerance): read by the
 Ray probe, kept by the head beside the membership, cleared with it, and told to every node in
 its heartbeat answer. The agent's side (a worker of another cluster restarted at once) is in
-test_agent.py; a real Ray head's id in test_ray_cluster_real.py."""
+test_agent.py; a real Ray head's id in tests/integration/test_ray_cluster_id.py."""
 
 import ipaddress
 import json
