@@ -290,7 +290,7 @@ def test_screen_text_reads_back(booted):
     assert screen.get("word"), screen.get("error")
     # OCR reads the console font's hyphen as a dash now and then: one kind of dash, once.
     text = re.sub(r"[-—–]+", "-", " ".join(screen["ocr"].split()).lower())
-    print(f"OCR: {text[:600]}")
+    print(f"OCR ({screen.get('ocr_reads')} reads): {text[:600]}")
     assert NODE_NAME in text
     assert "join token" in text
     assert "alt+f2" in text.replace(" ", "")
