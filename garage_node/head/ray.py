@@ -72,8 +72,6 @@ class Membership:
 def parse_watch_line(line: str) -> Membership | None:
     """One line of the watch: the Ray head's answer, or None when it could not be asked."""
     data = json.loads(line)
-    if isinstance(data, list):  # the one-shot probe's form: the nodes alone
-        return Membership([RayNode(**n) for n in data])
     if "nodes" not in data:  # {"error": ...}
         return None
     cluster_id = data.get("cluster_id") or ""

@@ -62,9 +62,8 @@ def test_the_watch_line_carries_the_cluster_id_with_the_nodes():
 def test_parsing_watch_lines():
     assert parse_watch_line(json.dumps({"error": "Timed out while waiting for GCS"})) is None
     assert parse_watch_line(json.dumps({"cluster_id": CLUSTER, "nodes": []})).cluster_id == CLUSTER
-    old = parse_watch_line(json.dumps([NODE]))  # the one-shot form: nodes, no id
-    assert old is not None and old.cluster_id == "" and old.nodes[0].ray_node_id == NODE["ray_node_id"]
-    assert parse_watch_line(json.dumps({"nodes": [NODE]})).cluster_id == ""
+    no_id = parse_watch_line(json.dumps({"nodes": [NODE]}))
+    assert no_id is not None and no_id.cluster_id == "" and no_id.nodes[0].ray_node_id == NODE["ray_node_id"]
     for bad in ('{"cluster_id": 7, "nodes": []}', '{"cluster_id": "x", "nodes": [{"alive": true}]}', "not json"):
         with pytest.raises((ValueError, TypeError)):
             parse_watch_line(bad)

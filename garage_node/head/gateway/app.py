@@ -63,6 +63,7 @@ def create_gateway_app(gw: Any) -> FastAPI:
         model = body.get("model")
         status = "error"
         label = model if isinstance(model, str) else ""
+        streaming = False
 
         def ended() -> None:
             gw.metrics.latency.labels(label).observe(time.monotonic() - started)
@@ -72,16 +73,17 @@ def create_gateway_app(gw: Any) -> FastAPI:
             call = _call(path, body, key, started, gw.router)
             response = await gw.proxy.forward(call, request)
             status = str(response.status_code)
-            if isinstance(response, RelayResponse):
+            streaming = isinstance(response, RelayResponse)
+            if streaming:
                 response.on_end.append(ended)  # a stream ends after this returns
-                ended = _nothing
             return response
         except GatewayError as e:
             status = str(e.status)
             raise
         finally:
             gw.metrics.requests.labels(label, key.name, status).inc()
-            ended()
+            if not streaming:
+                ended()
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -120,10 +122,6 @@ async def _json_body(request: Request, max_bytes: int) -> dict[str, Any]:
     if "stream" in body and not isinstance(body["stream"], bool):
         raise GatewayError(400, "invalid_stream", "'stream' must be true or false", param="stream")
     return body
-
-
-def _nothing() -> None:
-    pass
 
 
 def _call(path: str, body: dict[str, Any], key: ApiKey, started: float, router: Any) -> Call:
