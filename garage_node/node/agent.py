@@ -78,7 +78,7 @@ class Agent:
                  firewall: Firewall | None = None,
                  lookup_account: Callable[[str, tuple[str, ...]], RunAs] = RunAs.lookup,
                  probe_hub: Callable[[str], bool] | None = None,
-                 nvml: gpu.NvmlSession | None = None) -> None:
+                 nvml: gpu.NvmlSession | None = None, beats: BeatTimer | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.paths = StatePaths(cfg.node.state_dir)
@@ -130,7 +130,9 @@ class Agent:
         self._firewall: tuple[Rules, float] | None = None  # rules applied, and when last checked
         self._hub_misses = 0
         self._next_hub_probe = 0.0
-        self._beat_timer = BeatTimer()  # heartbeats spread over time (headclient.py)
+        # Heartbeats spread over time (headclient.py); a test gives a seeded one, so the number
+        # of heartbeats in a stretch of its clock is the same on every run.
+        self._beat_timer = beats or BeatTimer()
         self._ray_account: RunAs | None = None
         self._ray_token_written: str | None = None  # digest of the token in the worker's file
 

@@ -4,6 +4,7 @@ testbed suite proves the same behaviour on the real parts."""
 
 from __future__ import annotations
 
+import random
 import dataclasses
 
 import pytest
@@ -12,6 +13,7 @@ from garage_node.core.token import new_token
 from garage_node.core.wire import EngineState, NodeState, RayState, Status, TokensServed, Versions, decode, encode
 from garage_node.node.status import render
 from garage_node.node.agent import Agent
+from garage_node.node.headclient import BeatTimer
 from garage_node.node.config import EngineSection, NodeConfig, NodeRaySection, NodeSection
 from garage_node.node.engine.manager import EngineManager
 from garage_node.node.gpu import Inventory
@@ -60,7 +62,8 @@ def rig(tmp_path, token: str = TOKEN, engine: EngineSection | None = None, regio
 
     agent = Agent(cfg, clock=clock, head_api=head, iface=iface, ray_child=ray, engine=make_engine,
                   read_inventory=lambda: Inventory((gpu(0),), "550.54.14", "12.4"), firewall=firewall,
-                  lookup_account=account, probe_hub=lambda ip: iface.tunnel_carries)
+                  lookup_account=account, probe_hub=lambda ip: iface.tunnel_carries,
+                  beats=BeatTimer(random.Random(0)))
     return Rig(agent, clock, head, iface, ray, docker, probe, firewall)
 
 

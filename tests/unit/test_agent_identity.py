@@ -4,12 +4,14 @@ both on the real head, WireGuard and Ray."""
 
 from __future__ import annotations
 
+import random
 import json
 import stat
 
 from garage_node.core.wire import NodeState
 from garage_node.core.wireguard import public_key_of
 from garage_node.node.agent import Agent
+from garage_node.node.headclient import BeatTimer
 from garage_node.node.identity import load
 from tests.unit.test_agent import rig
 
@@ -19,7 +21,7 @@ def restart(r, tmp_path):
     old = r.agent
     r.agent = Agent(old.cfg, clock=r.clock, head_api=r.head, iface=r.iface, ray_child=r.ray,
                     engine=lambda *a, **kw: old.engine, read_inventory=old.read_inventory, firewall=r.firewall,
-                    lookup_account=old.lookup_account)
+                    lookup_account=old.lookup_account, beats=BeatTimer(random.Random(1)))
     r.agent.identity = load(r.agent.paths)
     return r.agent
 

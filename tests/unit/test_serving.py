@@ -5,6 +5,7 @@ test_gpu_faults.py (the real pynvml over the NVML double) and in the testbed."""
 
 from __future__ import annotations
 
+import random
 import dataclasses
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -12,6 +13,7 @@ from zoneinfo import ZoneInfo
 from garage_node.core.token import new_token
 from garage_node.core.wire import EngineState, NodeState, Status, decode, encode
 from garage_node.node.agent import Agent
+from garage_node.node.headclient import BeatTimer
 from garage_node.node.config import EngineSection, GpuSection, NodeConfig, NodeRaySection, NodeSection, ScheduleSection
 from garage_node.node.engine.manager import EngineManager
 from garage_node.node.engine.metrics import Metrics
@@ -82,7 +84,8 @@ def rig(tmp_path, *, gpus: list[GPU] | None = None, engine: EngineSection = CPU_
 
     agent = Agent(cfg, clock=clock, head_api=head, iface=iface, ray_child=ray, engine=make_engine,
                   read_inventory=lambda: Inventory(tuple(cards), "550.54.14", "12.4"), firewall=FakeFirewall(),
-                  lookup_account=ray_account, probe_hub=lambda ip: True, nvml=nvml)
+                  lookup_account=ray_account, probe_hub=lambda ip: True, nvml=nvml,
+                  beats=BeatTimer(random.Random(0)))
     return Rig(agent, clock, head, docker, probe, nvml, ray, cards)
 
 
