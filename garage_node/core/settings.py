@@ -2,9 +2,9 @@
 the stick's garage.toml, the head config, and the model catalog (build-image.sh checks
 garage.toml with it too).
 
-Each file maps onto frozen dataclasses; the field types say what a key holds. Every error
-names the file and the key and says what was expected, and never echoes the value (a key may
-hold a secret). Unknown keys are errors, not ignored: a typo must not be silently dropped.
+Each file maps onto frozen dataclasses; the field types say what a key holds, and a field's
+own check (`setting(check=...)`) is the only rule on its range. Every error names the file and
+the key and says what was expected, and never echoes the value (a key may hold a secret). Unknown keys are errors, not ignored: a typo must not be silently dropped.
 
 Written here rather than with pydantic: the agent has an RSS budget of 60 MB, pydantic alone
 costs a good part of it, and the checks we need are a page of code. msgspec (which the wire
@@ -59,6 +59,14 @@ def one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
 
 def positive() -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v > 0 and (not isinstance(v, float) or math.isfinite(v))), "greater than 0"
+
+
+def nonnegative() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= 0), "0 or more"
+
+
+def tcp_port() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: 0 < v < 65536), "a TCP port (1-65535)"
 
 
 def read_toml(path: Path, error: type[Exception] = SettingsError) -> dict[str, Any]:
@@ -152,13 +160,15 @@ class _Parser:
             if not isinstance(value, bool):
                 raise fail("true or false")
             return value
+        # The type only: which range a number may take is its field's own check (a share may
+        # be 0, a period may not), never a rule for every number.
         if expected is int:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise fail("a whole number ≥ 0")
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise fail("a whole number")
             return value
         if expected is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-                raise fail("a number > 0")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise fail("a number")
             return float(value)
         if expected is str:
             if not isinstance(value, str):

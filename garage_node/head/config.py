@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from garage_node.core.settings import ConfigError, one_of, parse, positive, read_toml, setting
-from garage_node.node.config import IFNAME, WG_IMPLEMENTATIONS
+from garage_node.core.overlay import IFNAME, WG_IMPLEMENTATIONS
+from garage_node.core.settings import ConfigError, nonnegative, one_of, parse, positive, read_toml, setting, tcp_port
 
 DEFAULT_HEAD_CONFIG = Path("/etc/garage-node/head.toml")
 
@@ -29,7 +29,7 @@ class HeadSection:
 @dataclass(frozen=True)
 class ApiSection:
     listen_host: str = "0.0.0.0"
-    port: int = 8443
+    port: int = setting(8443, check=tcp_port())
     # The address nodes use, written into join tokens and the server certificate.
     advertise_host: str = ""
     # TCP ports open to everyone besides the control API (the firewall closes all others, Ray's
@@ -50,7 +50,7 @@ class HubSection:
     interface: str = setting("garage-hub", check=IFNAME)
     implementation: str = setting("auto", check=one_of(*WG_IMPLEMENTATIONS))
     cidr: str = setting("100.96.0.0/16", check=(lambda v: _valid_cidr(v), "an IPv4 network like 100.96.0.0/16"))
-    listen_port: int = 51820
+    listen_port: int = setting(51820, check=tcp_port())
     # host:port nodes send WireGuard to; empty: advertise_host and listen_port.
     endpoint: str = ""
 
@@ -70,33 +70,33 @@ def _valid_cidr(text: str) -> bool:
 @dataclass(frozen=True)
 class HeadRaySection:
     command: str = ""
-    port: int = 6379
+    port: int = setting(6379, check=tcp_port())
     temp_dir: Path = Path("/tmp/garage-ray-head")
-    num_cpus: int = 0
-    memory_mib: int = 0
-    object_store_mib: int = 0
+    num_cpus: int = setting(0, check=nonnegative())  # 0: let Ray count them
+    memory_mib: int = setting(0, check=nonnegative())  # 0: let Ray decide
+    object_store_mib: int = setting(0, check=nonnegative())
     # Ray's GCS fault tolerance (head/gcs.py): the GCS keeps its state in a Redis of the head's
     # own (Debian's redis-server, on 127.0.0.1:redis_port), so a restarted head keeps its Ray
     # cluster and the PCs' raylets reconnect instead of dying. false: no Redis, and a head
     # restart makes every PC restart its Ray worker.
     gcs_fault_tolerance: bool = True
-    redis_port: int = setting(6390, check=positive())
+    redis_port: int = setting(6390, check=tcp_port())
     redis_command: str = ""  # empty: redis-server from PATH
 
 
 @dataclass(frozen=True)
 class HeadOptions:
-    default_token_ttl_s: int = 24 * 3600
+    default_token_ttl_s: int = setting(24 * 3600, check=positive())
     # 5 s: a thousand PCs make 200 heartbeats/s, which one core holds (README, Benchmark).
-    heartbeat_s: float = 5.0
+    heartbeat_s: float = setting(5.0, check=positive())
     # A node unheard for this long is shown as offline: three heartbeats, so a PC lost is seen
     # within 15 s (as Ray sees it, head/ray.py), and one late heartbeat is not an outage.
-    offline_after_s: float = 15.0
+    offline_after_s: float = setting(15.0, check=positive())
     # The server acknowledges heartbeats from memory and writes them to the registry this often
     # (head/registry.py): a crash loses at most this much of "last seen"; the `head nodes`
     # command, which reads the file, is at most this far behind.
     heartbeat_batch_s: float = setting(0.25, check=positive())
-    peer_sync_s: float = 2.0
+    peer_sync_s: float = setting(2.0, check=positive())
     # An enrollment whose node never came back with its credential (no authenticated
     # heartbeat) is removed after this long: its address and hub peer go, the token's use returns.
     reclaim_unconfirmed_after_s: float = setting(3600.0, check=positive())
@@ -112,7 +112,7 @@ class GatewaySection:
 
     enabled: bool = True
     listen_host: str = "0.0.0.0"
-    port: int = setting(8080, check=(lambda v: 0 < v < 65536, "a TCP port (1-65535)"))
+    port: int = setting(8080, check=tcp_port())
     # A certificate and key (PEM files) to serve HTTPS; empty: plain HTTP, for a reverse proxy
     # (Caddy, nginx) in front that holds the public certificate (see the README).
     tls_cert: str = ""
@@ -120,7 +120,7 @@ class GatewaySection:
     # Prometheus metrics for the whole region, on their own listener (loopback by default:
     # they name keys and PCs).
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = setting(9464, check=(lambda v: 0 < v < 65536, "a TCP port (1-65535)"))
+    metrics_port: int = setting(9464, check=tcp_port())
     max_body_bytes: int = setting(4 * 1024 * 1024, check=positive())
     # How long to wait for a PC to accept the connection, and for its first byte; past either
     # the request goes to another PC serving the model (at most max_attempts PCs in all).
@@ -154,7 +154,7 @@ class FleetSection:
     # Loopback by default: open it through an SSH tunnel. Any other address needs the admin
     # key (`garage-node head fleet-key`) and is served over HTTPS with the head's certificate.
     listen_host: str = setting("127.0.0.1", check=(lambda v: _ip_address(v), "an IP address of this machine"))
-    port: int = setting(8444, check=(lambda v: 0 < v < 65536, "a TCP port (1-65535)"))
+    port: int = setting(8444, check=tcp_port())
     # Ask for the admin key on loopback too (anyone with a shell on the head reaches loopback).
     require_key: bool = False
     # How much of each PC's history (state changes, temperature, throughput) the page keeps,

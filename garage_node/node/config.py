@@ -1,8 +1,8 @@
 """The node's typed configuration: /etc/garage-node/node.toml, with the USB stick's garage.toml
 laid over it section by section (keys in the override replace those of the base).
 
-Only the standard library and core.settings are imported here: build-image.sh validates a
-garage.toml with this module before the image is built (`python -m garage_node.node.config`).
+Only the standard library, core.settings and core.overlay are imported here: build-image.sh
+validates a garage.toml with this module before the image is built (`python -m garage_node.node.config`).
 """
 
 from __future__ import annotations
@@ -12,21 +12,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from garage_node.core.settings import ConfigError, one_of, parse, read_toml, setting
+from garage_node.core.overlay import IFNAME, WG_IMPLEMENTATIONS
+from garage_node.core.settings import ConfigError, nonnegative, one_of, parse, positive, read_toml, setting, tcp_port
 from garage_node.node.schedule import WINDOW_HELP, check_timezone, check_windows
 
 DEFAULT_NODE_CONFIG = Path("/etc/garage-node/node.toml")
 DEFAULT_NODE_OVERRIDE = Path("/boot/garage/garage.toml")
-WG_IMPLEMENTATIONS = ("auto", "kernel", "wireguard-go")
-
-
-
-def _ifname_ok(name: str) -> bool:
-    # Linux limits interface names to 15 bytes; wireguard-go would take "--help" as a name.
-    return 0 < len(name) <= 15 and not name.startswith("-") and "/" not in name and " " not in name
-
-
-IFNAME = (_ifname_ok, "a Linux interface name (1-15 characters, no '/', ' ' or leading '-')")
 
 
 @dataclass(frozen=True)
@@ -45,7 +36,7 @@ class OverlaySection:
     interface: str = setting("garage0", check=IFNAME)
     # "auto": kernel WireGuard when the module loads, else wireguard-go.
     implementation: str = setting("auto", check=one_of(*WG_IMPLEMENTATIONS))
-    keepalive_s: int = 25
+    keepalive_s: int = setting(25, check=nonnegative())  # 0: none (a PC behind NAT then cannot be reached)
     # TCP ports anyone on the PC's own network may still reach; everything else (Ray, the
     # engine) only through WireGuard. 22: SSH, when garage.toml gives keys.
     open_tcp: tuple[int, ...] = (22,)
@@ -64,17 +55,17 @@ class NodeRaySection:
     # root on someone's PC. The image creates it; by hand: see README ("Running a real region").
     user: str = setting("garage-ray", check=((lambda v: v not in ("", "root")), "an account other than root"))
     temp_dir: Path = Path("/tmp/garage-ray")
-    num_cpus: int = 0  # 0: let Ray count them
-    memory_mib: int = 0  # 0: let Ray decide
-    object_store_mib: int = 0
+    num_cpus: int = setting(0, check=nonnegative())  # 0: let Ray count them
+    memory_mib: int = setting(0, check=nonnegative())  # 0: let Ray decide
+    object_store_mib: int = setting(0, check=nonnegative())
 
 
 @dataclass(frozen=True)
 class AgentSection:
-    reconcile_s: float = 2.0
+    reconcile_s: float = setting(2.0, check=positive())
     # Retry delays for the head and for children (Ray): exponential with jitter, capped.
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 60.0
+    backoff_initial_s: float = setting(1.0, check=positive())
+    backoff_max_s: float = setting(60.0, check=positive())
 
 
 @dataclass(frozen=True)
@@ -97,13 +88,13 @@ class EngineSection:
     # Empty: the planner picks the largest catalog model that fits. Else a catalog name or id.
     model: str = ""
     quantization: str = ""
-    max_model_len: int = 0  # 0: the planner decides
+    max_model_len: int = setting(0, check=nonnegative())  # 0: the planner decides
     gpu_memory_utilization: float = setting(0.90, check=(lambda v: 0.1 <= v <= 0.99, "between 0.1 and 0.99"))
     # A local model directory, mounted read-only and served instead of downloading from a hub.
     model_dir: str = ""
     catalog: str = ""  # empty: /etc/garage-node/models.toml, else the catalog shipped with garage-node
-    port: int = 8000
-    shm_size_mib: int = 2048
+    port: int = setting(8000, check=tcp_port())
+    shm_size_mib: int = setting(2048, check=nonnegative())
     cache_dir: Path = Path("/var/lib/garage-node/models")
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
@@ -112,11 +103,11 @@ class EngineSection:
     docker_socket: str = "/var/run/docker.sock"
     container_name: str = "garage-engine"
     # Restarts within crash_window_s that turn "restarting" into "degraded".
-    crash_loop_restarts: int = 3
-    crash_window_s: float = 600.0
-    startup_timeout_s: float = 900.0  # a first start may download many GB
-    drain_grace_s: float = 120.0
-    stop_timeout_s: int = 30
+    crash_loop_restarts: int = setting(3, check=nonnegative())
+    crash_window_s: float = setting(600.0, check=positive())
+    startup_timeout_s: float = setting(900.0, check=positive())  # a first start may download many GB
+    drain_grace_s: float = setting(120.0, check=positive())
+    stop_timeout_s: int = setting(30, check=nonnegative())
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,11 @@ def test_missing_files_give_defaults(tmp_path):
     ('[node]\njoin_tokn = "x"\n', ["unknown key 'node.join_tokn'", "join_token"]),
     ('[nod]\nname = "x"\n', ["unknown key 'nod'"]),
     ('[agent]\nreconcile_s = "fast"\n', ["'agent.reconcile_s' must be a number"]),
-    ('[agent]\nreconcile_s = -1\n', ["'agent.reconcile_s' must be a number > 0"]),
+    ('[agent]\nreconcile_s = -1\n', ["'agent.reconcile_s' must be greater than 0"]),
+    ('[agent]\nreconcile_s = 0.0\n', ["'agent.reconcile_s' must be greater than 0"]),
+    ('[ray]\nnum_cpus = -1\n', ["'ray.num_cpus' must be 0 or more"]),
+    ('[engine]\nport = 70000\n', ["'engine.port' must be a TCP port (1-65535)"]),
+    ('[agent]\nreconcile_s = inf\n', ["'agent.reconcile_s' must be a number"]),
     ('[agent]\nheartbeat_s = 5\n', ["unknown key 'agent.heartbeat_s'"]),
     ('[ray]\nnum_cpus = 1.5\n', ["'ray.num_cpus' must be a whole number"]),
     ('[node]\nname = \n', ["not valid TOML"]),
@@ -90,3 +94,46 @@ def test_garage_toml_saved_by_notepad(tmp_path):
     over = tmp_path / "garage.toml"
     over.write_bytes("\ufeff[node]\r\nname = \"alice\"\r\n".encode())
     assert load_node_config(tmp_path / "none.toml", over).node.name == "alice"
+
+
+HEAD = '[api]\nadvertise_host = "203.0.113.7"\n'
+
+
+def test_a_field_own_range_is_the_rule(tmp_path):
+    """A share may be 0 (its check says 0-1), though no period may: the reader itself puts no
+    range on numbers (it once refused every float <= 0, this one included)."""
+    cfg = load_head_config(write(tmp_path, "head.toml", HEAD + "[gateway]\naffinity_threshold = 0.0\n"))
+    assert cfg.gateway.affinity_threshold == 0.0
+    for text, words in [("[gateway]\naffinity_threshold = 1.5\n", "'gateway.affinity_threshold' must be a share"),
+                        ("[options]\nheartbeat_s = 0\n", "'options.heartbeat_s' must be greater than 0"),
+                        ("[gateway]\nbalance_abs = 0\n", "'gateway.balance_abs' must be greater than 0"),
+                        ("[ray]\nnum_cpus = -2\n", "'ray.num_cpus' must be 0 or more")]:
+        with pytest.raises(ConfigError) as e:
+            load_head_config(write(tmp_path, "head.toml", HEAD + text))
+        assert words in str(e.value), text
+
+
+def test_every_number_has_its_own_check():
+    """The reader checks a number's type only, so a numeric field without a check would take
+    -5 seconds or port 70000: each says its range."""
+    import dataclasses
+    import typing
+
+    from garage_node.core import settings
+    from garage_node.head.config import HeadConfig
+    from garage_node.node.config import NodeConfig
+
+    unchecked = []
+
+    def walk(cls, where):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = hints[f.name]
+            if dataclasses.is_dataclass(kind):
+                walk(kind, f"{where}.{f.name}")
+            elif kind in (int, float) and not {settings._CHECK, settings._PARSE, settings._SKIP} & set(f.metadata):
+                unchecked.append(f"{where}.{f.name}")
+
+    walk(NodeConfig, "node.toml")
+    walk(HeadConfig, "head.toml")
+    assert unchecked == []
