@@ -70,12 +70,12 @@ def init(args) -> int:
 
 def run(args) -> int:
     from garage_node.head import service
-    from garage_node.head.setup import HeadError
+    from garage_node.head.setup import SetupError
 
     cfg = load_head_config(args.config)
     try:
         service.run(cfg)
-    except HeadError as e:
+    except SetupError as e:
         print(f"garage-node head: {e}", file=sys.stderr)
         return EX_UNAVAILABLE
     return 0
@@ -90,7 +90,7 @@ def token(args) -> int:
         return 2
     try:
         tok = setup.create_token(cfg, args.ttl, args.uses)
-    except setup.HeadError as e:
+    except setup.SetupError as e:
         print(f"garage-node head: {e}", file=sys.stderr)
         return EX_UNAVAILABLE
     # The token alone on stdout, so scripts can capture it; the rest on stderr.
@@ -141,7 +141,7 @@ def ray_token(args) -> int:
     cfg = load_head_config(args.config)
     try:
         setup.rotate_ray_token(cfg)
-    except setup.HeadError as e:
+    except setup.SetupError as e:
         print(f"garage-node head: {e}", file=sys.stderr)
         return EX_UNAVAILABLE
     print("Ray cluster token rotated: the running head restarts its Ray head within "
@@ -176,7 +176,7 @@ def _gateway_store(cfg):
 
     try:
         setup.require_init(cfg)
-    except setup.HeadError as e:
+    except setup.SetupError as e:
         print(f"garage-node head: {e}", file=sys.stderr)
         return None
     return Store(database_path(cfg.head.state_dir))

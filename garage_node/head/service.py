@@ -32,7 +32,7 @@ from garage_node.head.ray import HEALTH_CHECK_ENV, head_argv, parse_watch_line, 
 from garage_node.head.gateway.gateway import Gateway
 from garage_node.head.listener import BackgroundServer
 from garage_node.head.reports import Reports
-from garage_node.head.setup import HeadError, RayToken, open_registry, region_facts, require_init
+from garage_node.head.setup import RayToken, SetupError, open_registry, region_facts, require_init
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ def run(cfg: HeadConfig) -> None:
         signal.signal(sig, lambda *_: sys.exit(0))
     server.run()
     if not server.started:
-        raise HeadError("the head could not start (the reason is in the log above)")
+        raise SetupError("the head could not start (the reason is in the log above)")
 
 
 def gateway_listeners(cfg: HeadConfig, gateway: Gateway) -> list[BackgroundServer]:

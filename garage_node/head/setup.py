@@ -17,8 +17,10 @@ from garage_node.head.config import HeadConfig
 from garage_node.head.registry import Registry
 
 
-class HeadError(Exception):
-    pass
+class SetupError(Exception):
+    """The head cannot do what was asked as it is set up: not initialised (`head init` not run),
+    or its server could not start. The CLI prints it and exits EX_UNAVAILABLE. (Not the node's
+    node/headclient.HeadError, which is a PC failing to talk to a head.)"""
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ def require_init(cfg: HeadConfig) -> HeadPaths:
     p = paths(cfg)
     missing = [f for f in (p.pki.ca_cert, p.pki.server_cert, p.wg_key, p.ray_token) if not f.exists()]
     if missing:
-        raise HeadError(f"the head is not initialised ({missing[0]} is missing): run `garage-node head init` first.")
+        raise SetupError(f"the head is not initialised ({missing[0]} is missing): run `garage-node head init` first.")
     return p
 
 
