@@ -490,3 +490,41 @@ def test_embeddings_are_passed_through_and_their_prompt_tokens_accounted(gw):
     assert "stream_options" not in sent[-1]
     gw.ledger.flush()
     assert gw.ledger.key_tokens("tester") == 12
+
+
+def test_a_pc_gone_silent_leaves_the_healthy_endpoints_and_is_forgotten(tmp_path):
+    """/v1/models drops a PC silent past stale_after_s; the metrics must not go on calling it
+    healthy, and after FORGET_AFTER_S (or once the registry no longer lists it) the gateway
+    forgets it, prefixes included."""
+    from garage_node.head.gateway.gateway import FORGET_AFTER_S, NAMES_TTL_S
+
+    clock = FakeClock()
+    registered = {"n1": "alice-pc", "n2": "bob-pc", "n3": "carol-pc"}
+    g = Gateway(GatewaySection(), tmp_path, lambda: dict(registered), clock=clock)
+    for n in registered:
+        g.on_report(n, report())
+    blocks = g.router.blocks("a shared system prompt " * 40)
+    g.router.served(blocks, "n1")
+
+    def healthy():
+        text = generate_latest(g.metrics.registry).decode()
+        return {s.labels["state"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "garage_gateway_endpoints"}
+
+    assert healthy() == {"healthy": 3}
+    clock.advance(NAMES_TTL_S + 1)
+    g.on_report("n2", report())
+    g.on_report("n3", report())
+    del registered["n3"]  # revoked: its heartbeats are refused from now on
+    assert healthy() == {"healthy": 3}  # n3 is still fresh: unregistered but not stale, it stays
+    clock.advance(16)  # n1 and n3 past stale_after_s (n2 keeps reporting)
+    g.on_report("n2", report())
+    assert healthy() == {"healthy": 1, "stale": 1}  # n3 forgotten (unregistered and stale), n1 stale
+    assert [m.pcs_known for m in g.table.models()] == [1]
+    clock.advance(FORGET_AFTER_S)
+    g.on_report("n2", report())
+    assert healthy() == {"healthy": 1}
+    assert g.table.get("n1") is None and g.table.get("n3") is None
+    assert not [h for h in blocks if g.router._prefixes.get(h) == "n1"]
+    assert {n for n, _ in g.table.fresh_reports()} == {"n2"}
+    g.stop()

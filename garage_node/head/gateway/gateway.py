@@ -24,6 +24,10 @@ from garage_node.head.gateway.table import EndpointTable
 log = logging.getLogger(__name__)
 
 NAMES_TTL_S = 5.0
+# A PC silent this long is forgotten (its endpoint, last report and prefixes), as is a PC the
+# registry no longer lists once it is stale. Not at stale_after_s: a PC back after a short
+# outage keeps its count of open requests and its prefixes.
+FORGET_AFTER_S = 600.0
 KEY_CACHE_S = 2.0
 TOTALS_TTL_S = 1.0
 
@@ -102,7 +106,20 @@ class Gateway:
                     self._names_at = now
                 except Exception:  # the registry is busy: the last names do
                     log.exception("could not read node names")
+                else:
+                    self._forget_gone(self._names)
             return self._names
+
+    def _forget_gone(self, registered: dict[str, str]) -> None:
+        """Forget the PCs long silent, and those revoked or removed from the registry once they
+        are stale (a PC newer than the last read of the registry is never stale)."""
+        gone = self.table.forget_silent(FORGET_AFTER_S)
+        gone += self.table.forget_silent(self.table.stale_after_s, only=lambda n: n not in registered)
+        if gone:
+            with self.table.lock:  # the router is used under the table's lock (proxy.py)
+                for node_id in gone:
+                    self.router.forget_node(node_id)
+            log.info("gateway: forgot %d PC(s) silent or no longer registered", len(gone))
 
     def node_name(self, node_id: str) -> str:
         return self.names().get(node_id, node_id)

@@ -61,7 +61,10 @@ class _RegionCollector(Collector):
         now = self.table.clock.monotonic()
         for ep in self.table.snapshot():
             # Suspended: the gateway failed to reach it just now and tries it again shortly.
-            state = "draining" if ep.draining else "suspended" if now < ep.suspended_until else str(ep.state)
+            # Stale: silent for longer than stale_after_s; its last state is no longer news
+            # (the gateway forgets it after FORGET_AFTER_S, /v1/models already leaves it out).
+            state = ("stale" if self.table.is_stale(ep, now) else "draining" if ep.draining
+                     else "suspended" if now < ep.suspended_until else str(ep.state))
             counts[(ep.model, state)] = counts.get((ep.model, state), 0) + 1
             inflight.add_metric([ep.node_id, names.get(ep.node_id, ""), ep.model], ep.inflight)
         for (model, state), n in sorted(counts.items()):

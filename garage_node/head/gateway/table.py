@@ -76,10 +76,19 @@ class EndpointTable:
             cur.kv_cache_usage_pct = e.kv_cache_usage_pct or 0.0
             cur.report = report
 
-    def forget(self, node_id: str) -> None:
+    def forget_silent(self, for_s: float, only: Callable[[str], bool] = lambda _: True) -> list[str]:
+        """Forget the PCs not heard from for longer than `for_s` (those `only` names) and say
+        which; checked and dropped under one hold of the lock, so a PC that reports meanwhile stays."""
+        now = self.clock.monotonic()
         with self.lock:
-            self._drop(node_id)
-            self._reports.pop(node_id, None)
+            gone = [n for n, (t, _) in self._reports.items() if now - t > for_s and only(n)]
+            for node_id in gone:
+                self._drop(node_id)
+                del self._reports[node_id]
+        return gone
+
+    def is_stale(self, ep: Endpoint, now: float) -> bool:
+        return now - ep.seen_at > self.stale_after_s
 
     def _drop(self, node_id: str) -> None:
         old = self._by_node.pop(node_id, None)
