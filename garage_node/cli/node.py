@@ -25,7 +25,7 @@ def add_commands(sub) -> None:
 
     cmd("run", run, "run the node agent (what garage-node.service starts)")
     st = cmd("status", status, "show this node's state: GPUs, overlay, head, Ray, engine")
-    st.add_argument("--json", action="store_true", help="the status document as JSON (stable keys; see README)")
+    st.add_argument("--json", action="store_true", help="the status document as JSON (stable keys; see docs/node.md)")
     jn = cmd("join", join, "store a join token for the agent (for a PC set up by hand)")
     jn.add_argument("token", help="the token printed by `garage-node head token create`")
     cmd("drain", drain, "stop taking work: let running requests finish, then stop the engine "

@@ -87,7 +87,7 @@ class HeadRaySection:
 @dataclass(frozen=True)
 class HeadOptions:
     default_token_ttl_s: int = setting(24 * 3600, check=positive())
-    # 5 s: a thousand PCs make 200 heartbeats/s, which one core holds (README, Benchmark).
+    # 5 s: a thousand PCs make 200 heartbeats/s, which one core holds (docs/benchmarks.md).
     heartbeat_s: float = setting(5.0, check=positive())
     # A node unheard for this long is shown as offline: three heartbeats, so a PC lost is seen
     # within 15 s (as Ray sees it, head/ray.py), and one late heartbeat is not an outage.
@@ -114,7 +114,7 @@ class GatewaySection:
     listen_host: str = "0.0.0.0"
     port: int = setting(8080, check=tcp_port())
     # A certificate and key (PEM files) to serve HTTPS; empty: plain HTTP, for a reverse proxy
-    # (Caddy, nginx) in front that holds the public certificate (see the README).
+    # (Caddy, nginx) in front that holds the public certificate (see docs/operating.md).
     tls_cert: str = ""
     tls_key: str = ""
     # Prometheus metrics for the whole region, on their own listener (loopback by default:

@@ -15,8 +15,8 @@ Redis is Debian's `redis-server`, run by the head as a supervised child (core/su
 - with an append-only file in `<state_dir>/redis/` (fsync every second), so a Redis that dies
   with the head, or is ended by the next head as a leftover, comes back with the cluster.
 
-Ray itself only takes the password on `ray start --redis-password`; see the README's Security
-section for where Ray passes it on.
+Ray itself only takes the password on `ray start --redis-password`; see docs/operating.md
+(Security, the head's Redis) for where Ray passes it on.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def head_argv(ray_cmd: str, ip: str, ports: RayPorts, temp_dir: Path, region: st
               redis_password: str = "") -> list[str]:
     """`redis_password`: the GCS keeps its state in the head's Redis (head/gcs.py; its address
     goes in the environment, RAY_REDIS_ADDRESS). Ray takes the password on this command line
-    only (see the README's Security section)."""
+    only (see docs/operating.md, Security)."""
     argv = [
         ray_cmd, "start", "--head", "--block",
         "--node-ip-address", ip, *ports.head_args(),

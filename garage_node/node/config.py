@@ -52,7 +52,7 @@ class NodeRaySection:
     # through garage_node.node.raystart; set, the command is run as it is (`CMD start ...`).
     command: str = ""
     # The unprivileged account Ray and its tasks run as: code from the region never runs as
-    # root on someone's PC. The image creates it; by hand: see README ("Running a real region").
+    # root on someone's PC. The image creates it; by hand: scripts/install-deps (docs/operating.md).
     user: str = setting("garage-ray", check=((lambda v: v not in ("", "root")), "an account other than root"))
     temp_dir: Path = Path("/tmp/garage-ray")
     num_cpus: int = setting(0, check=nonnegative())  # 0: let Ray count them
