@@ -253,7 +253,7 @@ class AgentInfo:
 @dataclass(frozen=True)
 class Status:
     """The status document: the agent's local API serves it, `garage-node status` renders it.
-    Its keys are documented in the README."""
+    Its keys are documented in docs/node.md (`garage-node status`)."""
 
     state: NodeState
     message: str

@@ -5,7 +5,7 @@ Chromium runs inside the head's network namespace and opens the page on the head
 as an operator's SSH tunnel would; it is driven over the DevTools protocol on a pipe (no port,
 no extra library). The page is loaded once: every later change it shows came from its own
 polling. Screenshots are kept under the test's tmp dir (the path is printed);
-GARAGE_FLEET_DOCS=1 also writes docs/fleet.png for the README.
+GARAGE_FLEET_DOCS=1 also writes docs/fleet.png, the picture in docs/operating.md.
 """
 
 from __future__ import annotations
