@@ -10,9 +10,9 @@ answers with msgspec (`decode`). JSON keys are the field names; every key is alw
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, overload
 
 import annotated_types as at
 import msgspec
@@ -25,28 +25,49 @@ T = TypeVar("T")
 # (and re-read every few seconds) megabytes. Each bound is stated once and read by both
 # validators: msgspec.Meta by msgspec (the node, `head nodes`), annotated_types by pydantic (the
 # head's API, which answers 422 to a report out of bounds). A real report is far inside them.
-
-def _text(max_length: int) -> Any:
-    return Annotated[str, msgspec.Meta(max_length=max_length), at.MaxLen(max_length)]
-
-
-def _int(lo: int, hi: int) -> Any:
-    return Annotated[int, msgspec.Meta(ge=lo, le=hi), at.Ge(lo), at.Le(hi)]
+# The aliases are `Annotated[base, ...]` written out, so mypy and editors see `str`, `int` and
+# `float` (the metadata after the base type is invisible to them).
 
 
-def _float(lo: float, hi: float) -> Any:
-    # The bounds also refuse NaN and infinities (no comparison with them holds).
-    return Annotated[float, msgspec.Meta(ge=lo, le=hi), at.Ge(lo), at.Le(hi)]
+def _at_most(max_length: int) -> tuple[msgspec.Meta, at.MaxLen]:
+    return msgspec.Meta(max_length=max_length), at.MaxLen(max_length)
+
+
+def _between(lo: float, hi: float) -> tuple[msgspec.Meta, at.Interval]:
+    # Closed bounds also refuse NaN and infinities (no comparison with them holds).
+    return msgspec.Meta(ge=lo, le=hi), at.Interval(ge=lo, le=hi)
 
 
 MAX_GPUS = 16            # per node; gaming PCs have one to four
-ShortText = _text(96)    # names, ids, versions, addresses
-Message = _text(512)     # a sentence for a person
-Count = _int(0, 2**31 - 1)
-MiB = _int(0, 2**31 - 1)
-WallTime = _float(0.0, 1e11)
+SHORT_TEXT_MAX = 96
+MESSAGE_MAX = 512
+MODEL_NAME_MAX = 256
+INT32_MAX = 2**31 - 1
+
+ShortText = Annotated[str, *_at_most(SHORT_TEXT_MAX)]   # names, ids, versions, addresses
+Message = Annotated[str, *_at_most(MESSAGE_MAX)]        # a sentence for a person
+ModelName = Annotated[str, *_at_most(MODEL_NAME_MAX)]              # a Hugging Face id, e.g. "Qwen/Qwen2.5-7B-Instruct-AWQ"
+ComputeCapability = Annotated[str, *_at_most(16)]       # e.g. "8.9"
+Count = Annotated[int, *_between(0, INT32_MAX)]
+MiB = Annotated[int, *_between(0, INT32_MAX)]
+GpuIndex = Annotated[int, *_between(0, 255)]
+GpuCount = Annotated[int, *_between(0, MAX_GPUS)]
+Celsius = Annotated[int, *_between(-100, 1000)]         # what a sensor may say, however wrong
+TempLimit = Annotated[int, *_between(0, 200)]           # what an owner may ask for
+Watts = Annotated[float, *_between(0.0, 1e6)]
+WattLimit = Annotated[float, *_between(0.0, 1e5)]
+WattSetting = Annotated[int, *_between(0, 100000)]
+PercentInt = Annotated[int, *_between(0, 100)]
+Percent = Annotated[float, *_between(0.0, 100.0)]
+TokensPerSecond = Annotated[float, *_between(0.0, 1e7)]
+ExitCode = Annotated[int, *_between(-1024, 1024)]
+WallTime = Annotated[float, *_between(0.0, 1e11)]       # seconds since the epoch
 
 
+@overload
+def clip(text: str, max_length: int) -> str: ...
+@overload
+def clip(text: str | None, max_length: int) -> str | None: ...
 def clip(text: str | None, max_length: int) -> str | None:
     """`text` cut to a bound (the agent's reports stay inside what the head accepts)."""
     return text if text is None or len(text) <= max_length else text[: max_length - 1] + "…"
@@ -120,7 +141,7 @@ class Versions:
     ray: str
     python: str  # major.minor: Ray's wire protocol and pickles need the same on every node
 
-    def mismatch(self, head: "Versions") -> str | None:
+    def mismatch(self, head: Versions) -> str | None:
         problems = []
         if self.ray != head.ray:
             problems.append(f"Ray {self.ray} here but the head runs Ray {head.ray}")
@@ -133,18 +154,18 @@ class Versions:
 
 @dataclass(frozen=True)
 class GPU:
-    index: _int(0, 255)
+    index: GpuIndex
     name: ShortText
     uuid: ShortText
     memory_total_mib: MiB
     memory_free_mib: MiB
-    compute_capability: _text(16) | None  # e.g. "8.9"
-    temperature_c: _int(-100, 1000) | None
-    power_w: _float(0.0, 1e6) | None
-    utilization_pct: _int(0, 100) | None
+    compute_capability: ComputeCapability | None  # e.g. "8.9"
+    temperature_c: Celsius | None
+    power_w: Watts | None
+    utilization_pct: PercentInt | None
     healthy: bool = True
     error: Message | None = None  # why this GPU is unhealthy, for a person to read
-    power_limit_w: _float(0.0, 1e5) | None = None  # the limit NVML enforces now
+    power_limit_w: WattLimit | None = None  # the limit NVML enforces now
     # Out of service until the agent restarts (a fault: NVML error, Xid, lost); `error` says why.
     quarantined: bool = False
     hot: bool = False  # above [gpu] max_temp_c and not yet cooled below the resume point
@@ -177,7 +198,7 @@ class HeadStatus:
 
 @dataclass(frozen=True)
 class RayResources:
-    GPU: _int(0, MAX_GPUS)
+    GPU: GpuCount
     vram_mib: MiB
 
 
@@ -188,7 +209,7 @@ class RayStatus:
     alive_at_head: bool | None = None
     pid: Count | None = None
     restarts: Count | None = None
-    last_exit_code: _int(-1024, 1024) | None = None
+    last_exit_code: ExitCode | None = None
     resources: RayResources | None = None
 
 
@@ -230,9 +251,9 @@ class ServingStatus:
     paused: Message | None = None  # why not, for a person
     until: WallTime | None = None  # when the serving hours next change (wall clock)
     schedule: Message | None = None  # the windows and zone, e.g. "mon-fri 23:00-08:00, sat-sun (Europe/Berlin)"
-    max_temp_c: _int(0, 200) | None = None
-    resume_temp_c: _int(0, 200) | None = None
-    power_limit_w: _int(0, 100000) | None = None  # what [gpu] power_limit_w asks for
+    max_temp_c: TempLimit | None = None
+    resume_temp_c: TempLimit | None = None
+    power_limit_w: WattSetting | None = None  # what [gpu] power_limit_w asks for
     power_note: Message | None = None  # what NVML made of it (clamped, refused, not supported)
 
 
@@ -242,6 +263,7 @@ class ProblemStatus:
     hint: str = ""
     age_s: float | None = None
     retry_in_s: float | None = None
+    source: str | None = None  # which part of the agent has it (node/health.py's Source)
 
 
 @dataclass(frozen=True)
@@ -274,6 +296,8 @@ class Status:
     # From the head's answer to the last heartbeat; None until the head has said.
     tokens_served: TokensServed | None = None
     serving: ServingStatus | None = None  # None: the agent is down
+    # Every current problem, worst first (`last_error` is the first of them).
+    problems: list[ProblemStatus] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- node -> head
@@ -284,7 +308,7 @@ class EngineReport:
     """What the head learns of a node's engine (the gateway routes by it)."""
 
     state: EngineState
-    model: _text(256) | None = None
+    model: ModelName | None = None
     endpoint: ShortText | None = None
     draining: bool | None = None
     healthy_since: WallTime | None = None
@@ -292,8 +316,21 @@ class EngineReport:
     requests_waiting: Count | None = None
     # The share of the engine's KV cache in use, 0-100 (vLLM's kv_cache_usage_perc): the
     # gateway's router weighs it with the request counts.
-    kv_cache_usage_pct: _float(0.0, 100.0) | None = None
-    generation_tokens_per_s: _float(0.0, 1e7) | None = None  # for the fleet page's tokens/s
+    kv_cache_usage_pct: Percent | None = None
+    generation_tokens_per_s: TokensPerSecond | None = None  # for the fleet page's tokens/s
+
+    @classmethod
+    def of(cls, engine: EngineStatus) -> EngineReport:
+        """The report of an engine's status. Each field is carried from EngineStatus's field
+        of the same name, so a new metric needs only its two declarations (a test fails if
+        EngineStatus lacks one of these fields); the exceptions are written out here."""
+        carried = {f.name: getattr(engine, f.name) for f in fields(cls)}
+        carried.update(
+            model=clip(engine.model, MODEL_NAME_MAX), endpoint=clip(engine.endpoint, SHORT_TEXT_MAX),
+            # Paused for the owner's hours or heat: no new work, as with the owner's drain.
+            draining=engine.draining or bool(engine.paused),
+        )
+        return cls(**carried)
 
 
 @dataclass(frozen=True)
@@ -302,7 +339,7 @@ class NodeReport:
 
     state: NodeState
     message: Message
-    gpus: Annotated[list[GPU], msgspec.Meta(max_length=MAX_GPUS), at.MaxLen(MAX_GPUS)]
+    gpus: Annotated[list[GPU], *_at_most(MAX_GPUS)]
     gpu_note: Message | None
     driver_version: ShortText | None
     cuda_version: ShortText | None
@@ -310,6 +347,22 @@ class NodeReport:
     ray: RayStatus
     engine: EngineReport
     serving: ServingStatus | None = None  # None: an older agent
+
+    @classmethod
+    def of(cls, status: Status) -> NodeReport:
+        """What the head learns of a node whose status is `status` (the agent's snapshot): each
+        field carried from Status's of the same name, cut to the bounds the head checks, since
+        a long message must not cost the heartbeat. Raises ValueError for a status without
+        versions (only `status` of a stopped agent has none)."""
+        if status.versions is None:
+            raise ValueError("a node report needs the agent's versions, and this status has none")
+        carried = {f.name: getattr(status, f.name) for f in fields(cls)}
+        carried.update(
+            message=clip(status.message, MESSAGE_MAX), gpu_note=clip(status.gpu_note, MESSAGE_MAX),
+            gpus=[replace(g, error=clip(g.error, MESSAGE_MAX)) for g in status.gpus[:MAX_GPUS]],
+            engine=EngineReport.of(status.engine),
+        )
+        return cls(**carried)
 
 
 @dataclass(frozen=True)
