@@ -29,7 +29,7 @@ class RunAs:
     home: str
 
     @classmethod
-    def lookup(cls, user: str, extra_groups: tuple[str, ...] = ()) -> "RunAs":
+    def lookup(cls, user: str, extra_groups: tuple[str, ...] = ()) -> RunAs:
         """Raises KeyError if the user does not exist; groups that do not exist are skipped."""
         import grp
         import pwd

@@ -28,7 +28,7 @@ class BackgroundServer:
     """`start()` returns once the socket is bound (or raises with why not); `stop()` lets open
     requests finish for up to uvicorn's graceful-shutdown time, then returns."""
 
-    def __init__(self, name: str, config: "uvicorn.Config") -> None:
+    def __init__(self, name: str, config: uvicorn.Config) -> None:
         import uvicorn  # only the head needs it
 
         self.name = name

@@ -43,14 +43,14 @@ class Identity:
     engine_api_key: str = field(default="", repr=False)
 
     @classmethod
-    def from_enrollment(cls, name: str, api_url: str, wg_private_key: str, reply: EnrollReply, now: float) -> "Identity":
+    def from_enrollment(cls, name: str, api_url: str, wg_private_key: str, reply: EnrollReply, now: float) -> Identity:
         return cls(
             node_id=reply.node_id, name=name, region=reply.region, credential=reply.credential,
             wg_private_key=wg_private_key, overlay_ip=reply.overlay_ip, api_url=api_url, enrolled_at=now,
             ray_token=reply.ray_token, engine_api_key=reply.engine_api_key,
         ).with_region(reply)
 
-    def with_region(self, facts: RegionFacts) -> "Identity":
+    def with_region(self, facts: RegionFacts) -> Identity:
         """Fold in what the head sends with every enrollment and heartbeat."""
         return dataclasses.replace(
             self,

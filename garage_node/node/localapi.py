@@ -99,7 +99,7 @@ class AgentClient:
         self.path = path
         self._http = httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://agent", timeout=timeout)
 
-    def __enter__(self) -> "AgentClient":
+    def __enter__(self) -> AgentClient:
         return self
 
     def __exit__(self, *_: Any) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import datetime, timedelta, tzinfo, UTC
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -124,7 +124,7 @@ def system_timezone() -> tzinfo:
             return ZoneInfo.from_file(f, key="localtime")
     except (OSError, ValueError):
         # Not ZoneInfo("UTC"): a system without tzdata (a minimal image) has no zone files at all.
-        return timezone.utc
+        return UTC
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class Schedule:
 
     def __init__(self, windows: tuple[str, ...] = (), tz: tzinfo | None = None) -> None:
         self.windows = tuple(parse_window(w) for w in windows)
-        self.tz = tz or timezone.utc
+        self.tz = tz or UTC
         spans: list[tuple[int, int]] = []
         for w in self.windows:
             for d in w.days:

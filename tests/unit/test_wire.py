@@ -151,3 +151,16 @@ def test_the_report_stays_inside_the_bounds_the_head_checks():
 def test_a_status_without_versions_cannot_be_reported():
     with pytest.raises(ValueError, match="versions"):
         wire.NodeReport.of(sample_status(versions=None))
+
+
+def test_the_engine_load_names_engine_status_fields():
+    from garage_node.node.engine.manager import Load
+    from garage_node.node.engine.metrics import Metrics
+
+    load = Load.of(Metrics(running=1, waiting=2, generation_tokens_total=3.0, kv_cache_usage_pct=4.0), 5.04)
+    status = dataclasses.replace(wire.EngineStatus(state=wire.EngineState.HEALTHY), **dataclasses.asdict(load))
+    assert (status.requests_running, status.requests_waiting, status.kv_cache_usage_pct,
+            status.generation_tokens_per_s) == (1, 2, 4.0, 5.0)
+    # No engine, no load: every field back to "not measured".
+    idle = dataclasses.replace(status, **dataclasses.asdict(Load()))
+    assert all(getattr(idle, f.name) is None for f in dataclasses.fields(Load))

@@ -194,7 +194,7 @@ class Proxy:
         out = {k: v for k, v in resp.headers.items() if k.lower() == "content-type"}
         return Response(content=data, status_code=resp.status_code, headers={**out, **headers})
 
-    async def _relay(self, call: Call, ep: Endpoint, slot: "_Slot", first: ServerSentEvent,
+    async def _relay(self, call: Call, ep: Endpoint, slot: _Slot, first: ServerSentEvent,
                      events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[bytes]:
         usage: tuple[int, int] | None = None
         content_events = 0
@@ -219,7 +219,7 @@ class Proxy:
                     event = None
             if not finished:
                 raise _Broken("the PC closed the stream without finishing it")
-        except (httpx.TransportError, SSEError, asyncio.TimeoutError, _Broken) as e:
+        except (TimeoutError, httpx.TransportError, SSEError, _Broken) as e:
             self.metrics.stream_errors.labels(call.model).inc()
             log.warning("stream from PC %s for %s broke off: %s", ep.node_id, call.model, type(e).__name__)
             yield stream_error_event(f"the PC serving this request ({self.node_name(ep.node_id)}) stopped answering "

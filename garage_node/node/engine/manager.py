@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import httpx
 
@@ -39,7 +39,7 @@ class DockerApi(Protocol):
     def image_config(self, ref: str) -> ImageConfig: ...
     def pull(self, ref: str, progress: Callable[[str], None]) -> None: ...
     def container(self, name: str) -> Container | None: ...
-    def create(self, name: str, body: dict) -> str: ...
+    def create(self, name: str, body: dict[str, Any]) -> str: ...
     def start(self, name: str) -> None: ...
     def stop(self, name: str, timeout_s: int) -> None: ...
     def remove(self, name: str) -> None: ...
@@ -74,24 +74,21 @@ class EngineProbe:
         self._http.close()
 
 
-@dataclass
-class _Status:
-    """The manager's mutable view; `snapshot()` hands out the typed, frozen EngineStatus."""
+@dataclass(frozen=True)
+class Load:
+    """What the engine's /metrics say, named as EngineStatus's fields, which it replaces as a
+    whole (all None: not measured, or no engine runs). A new metric is parsed in metrics.py,
+    named here, and declared in EngineStatus (and EngineReport, for the head to see it)."""
 
-    state: EngineState = S.STARTING
-    message: str = ""
-    image: str | None = None
-    model: str | None = None
-    endpoint: str | None = None
-    container_id: str | None = None
-    healthy_since: float | None = None
-    restarts: int = 0
     requests_running: int | None = None
     requests_waiting: int | None = None
-    generation_tokens_per_s: float | None = None
     kv_cache_usage_pct: float | None = None
-    last_log_lines: list[str] = field(default_factory=list)
-    plan: str | None = None
+    generation_tokens_per_s: float | None = None
+
+    @classmethod
+    def of(cls, m: Metrics, tokens_per_s: float | None) -> Load:
+        return cls(requests_running=m.running, requests_waiting=m.waiting, kv_cache_usage_pct=m.kv_cache_usage_pct,
+                   generation_tokens_per_s=round(tokens_per_s, 1) if tokens_per_s is not None else None)
 
 
 class EngineManager:
@@ -106,7 +103,8 @@ class EngineManager:
         self.probe = probe or EngineProbe()
         self.clock = clock
         self.name = cfg.container_name
-        self.status = _Status(state=S.DISABLED if not cfg.enabled else S.STARTING)
+        # Replaced, never changed in place (under _lock): snapshot() hands it out as it is.
+        self.status = EngineStatus(state=S.DISABLED if not cfg.enabled else S.STARTING, restarts=0)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -170,15 +168,12 @@ class EngineManager:
 
     def snapshot(self) -> EngineStatus:
         with self._lock:
-            s = replace(self.status, last_log_lines=list(self.status.last_log_lines))
-        return EngineStatus(
-            state=s.state, message=s.message, image=s.image, model=s.model, endpoint=s.endpoint,
-            container_id=s.container_id, healthy_since=s.healthy_since, restarts=s.restarts,
-            requests_running=s.requests_running, requests_waiting=s.requests_waiting,
-            generation_tokens_per_s=s.generation_tokens_per_s, kv_cache_usage_pct=s.kv_cache_usage_pct,
-            last_log_lines=s.last_log_lines,
-            plan=s.plan, draining=self.draining, paused=self._hold,
-        )
+            status = self.status
+        return replace(status, draining=self.draining, paused=self._hold)
+
+    def _update(self, **changes: Any) -> None:
+        with self._lock:
+            self.status = replace(self.status, **changes)
 
     # -- loop
 
@@ -231,8 +226,7 @@ class EngineManager:
         self._stand_down.clear()
         spec, why = wanted
         self._spec = spec
-        with self._lock:
-            self.status.image, self.status.model, self.status.endpoint, self.status.plan = spec.image, spec.model, spec.endpoint, why
+        self._update(image=spec.image, model=spec.model, endpoint=spec.endpoint, plan=why)
         self.docker.ping()
         current = self.docker.container(self.name)
         if current is not None and current.labels.get(LABEL_HASH) != spec.spec_hash:
@@ -250,8 +244,7 @@ class EngineManager:
             if self.status.container_id != current.id:
                 log.info("adopted running engine container %s", current.id[:12])
                 self._started_at = self._started_at or self.clock.monotonic()
-            with self._lock:
-                self.status.container_id = current.id
+            self._update(container_id=current.id)
             self._check_health(spec)
 
     def _create_and_start(self, spec: EngineSpec) -> None:
@@ -267,8 +260,7 @@ class EngineManager:
         cid = self.docker.create(self.name, spec.container_body(secret_env(self.cfg, spec.api_key), image.env))
         self.docker.start(self.name)
         self._started_at = self.clock.monotonic()
-        with self._lock:
-            self.status.container_id, self.status.healthy_since = cid, None
+        self._update(container_id=cid, healthy_since=None)
         self._set(S.STARTING, f"engine container started; loading {spec.model}")
 
     def _pull(self, image: str) -> None:
@@ -296,9 +288,8 @@ class EngineManager:
             self._next_start = now + delay
             lines = self.docker.logs(self.name, tail=15)
             with self._lock:
-                self.status.restarts += 1
-                self.status.last_log_lines = lines
-                self.status.healthy_since = None
+                self.status = replace(self.status, restarts=(self.status.restarts or 0) + 1, last_log_lines=lines,
+                                      healthy_since=None)
             if len(self._crashes) >= self.cfg.crash_loop_restarts:
                 self._set(S.DEGRADED, f"engine keeps crashing (exit code {exit_code}, {len(self._crashes)} times in "
                                       f"{self.cfg.crash_window_s / 60:.0f} min); retrying in {delay:.0f} s. Its last log lines are in status.")
@@ -313,14 +304,12 @@ class EngineManager:
     def _check_health(self, spec: EngineSpec) -> None:
         if self.probe.ready(spec):
             if self.status.state is not S.HEALTHY:
-                with self._lock:
-                    self.status.healthy_since = self.clock.time()
+                self._update(healthy_since=self.clock.time())
                 self._backoff.reset()
             self._set(S.HEALTHY, f"serving {spec.model} at {spec.endpoint}")
             self._read_metrics(spec)
             return
-        with self._lock:
-            self.status.healthy_since = None
+        self._update(healthy_since=None)
         age = self.clock.monotonic() - (self._started_at or self.clock.monotonic())
         if age > self.cfg.startup_timeout_s:
             self._set(S.DEGRADED, f"engine running for {age:.0f} s but not answering /health; restarting it")
@@ -337,10 +326,7 @@ class EngineManager:
         if self._last_tokens is not None and now > self._last_tokens[0]:
             rate = max(0.0, (m.generation_tokens_total - self._last_tokens[1]) / (now - self._last_tokens[0]))
         self._last_tokens = (now, m.generation_tokens_total)
-        with self._lock:
-            self.status.requests_running, self.status.requests_waiting = m.running, m.waiting
-            self.status.kv_cache_usage_pct = m.kv_cache_usage_pct
-            self.status.generation_tokens_per_s = round(rate, 1) if rate is not None else None
+        self._update(**asdict(Load.of(m, rate)))
         return m
 
     # -- drain and stop
@@ -362,10 +348,7 @@ class EngineManager:
             self.clock.wait(self._pause, 0.5)
         # Removed, not just stopped: a stopped container would look like a crash on resume.
         self._stop_container(remove=True)
-        with self._lock:
-            self.status.healthy_since, self.status.container_id = None, None
-            self.status.requests_running = self.status.requests_waiting = None
-            self.status.kv_cache_usage_pct = None
+        self._update(healthy_since=None, container_id=None, **asdict(Load()))
         self._set(final_state, message)
 
     def _stop_container(self, remove: bool) -> None:
@@ -377,6 +360,6 @@ class EngineManager:
     def _set(self, state: EngineState, message: str) -> None:
         with self._lock:
             changed = state is not self.status.state
-            self.status.state, self.status.message = state, message
+            self.status = replace(self.status, state=state, message=message)
         if changed:  # messages tick (progress, seconds); the log gets state changes only
             log.info("engine %s: %s", state.value, message)

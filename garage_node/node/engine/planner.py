@@ -15,7 +15,6 @@ gives the longest context, then the fewest GPUs. It imports nothing heavy: the a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 

@@ -62,7 +62,7 @@ class EngineSpec:
     def container_body(self, secret_env: dict[str, str], image_env: Sequence[str] = ()) -> dict[str, Any]:
         """The body of POST /containers/create. image_env: the image's own Env (its
         LD_LIBRARY_PATH is kept behind the driver's library directory)."""
-        mounts = [{"Type": "bind", "Source": self.cache_dir, "Target": CACHE_IN_CONTAINER}]
+        mounts: list[dict[str, Any]] = [{"Type": "bind", "Source": self.cache_dir, "Target": CACHE_IN_CONTAINER}]
         if self.model_dir:
             mounts.append({"Type": "bind", "Source": self.model_dir, "Target": "/models/served", "ReadOnly": True})
         env_map = dict(self.env)
