@@ -48,10 +48,15 @@ class FakeClock:
         return False
 
 
+# The versions the fake head states and the rigs' agents run (handed in, so the agent's tests
+# do not depend on the Ray and Python of the machine that runs them).
+VERSIONS = Versions("2.60.0", "3.11")
+
+
 def region_facts(**kw) -> RegionFacts:
     base = dict(prefix_len=16, hub=HubInfo("100.96.0.1", public_key_of(generate_private_key()), "10.9.0.1:51820"),
                 ray_address="100.96.0.1:6379", region="testland", heartbeat_s=10.0,
-                versions=Versions("2.60.0", "3.11"))
+                versions=VERSIONS)
     return RegionFacts(**{**base, **kw})
 
 

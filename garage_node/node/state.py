@@ -7,30 +7,8 @@ and tests can hold every combination against it without a network, a Ray or a cl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 from garage_node.core.wire import NodeState
-
-
-class Source(Enum):
-    """Where a problem came from, so that the step that fixes it can clear it."""
-
-    ENROLL = "enroll"
-    HEAD = "head"
-    OVERLAY = "overlay"
-    FIREWALL = "firewall"
-    TUNNEL = "tunnel"  # the overlay carries nothing (pings to the hub go unanswered)
-    RAY = "ray"
-    INTERNAL = "internal"
-
-
-@dataclass
-class Problem:
-    message: str
-    hint: str
-    source: Source
-    at: float  # monotonic
-    retry_at: float | None = None  # monotonic: when the agent tries again, if it will
 
 
 @dataclass(frozen=True)

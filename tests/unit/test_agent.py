@@ -19,7 +19,7 @@ from garage_node.node.engine.manager import EngineManager
 from garage_node.node.gpu import Inventory
 from garage_node.node.identity import load
 from garage_node.node.ray import ABSENT_RESTART_S, FIRST_JOIN_S
-from testing.fakes import (FakeChild, FakeClock, FakeDocker, FakeFirewall, FakeHead, FakeInterface, FakeProbe, ray_account,
+from testing.fakes import (VERSIONS, FakeChild, FakeClock, FakeDocker, FakeFirewall, FakeHead, FakeInterface, FakeProbe, ray_account,
                            region_facts)
 from tests.unit.test_units import gpu
 
@@ -63,7 +63,7 @@ def rig(tmp_path, token: str = TOKEN, engine: EngineSection | None = None, regio
     agent = Agent(cfg, clock=clock, head_api=head, iface=iface, ray_child=ray, engine=make_engine,
                   read_inventory=lambda: Inventory((gpu(0),), "550.54.14", "12.4"), firewall=firewall,
                   lookup_account=account, probe_hub=lambda ip: iface.tunnel_carries,
-                  beats=BeatTimer(random.Random(0)))
+                  beats=BeatTimer(random.Random(0)), versions=lambda: VERSIONS)
     return Rig(agent, clock, head, iface, ray, docker, probe, firewall)
 
 
@@ -385,6 +385,7 @@ def test_changed_spec_replaces_the_container(engine_rig):
     old = r.docker.containers["garage-engine"].id
     r.agent.engine.cfg = dataclasses.replace(r.agent.engine.cfg, extra_args=("--seed", "7"))
     r.agent.cfg = dataclasses.replace(r.agent.cfg, engine=r.agent.engine.cfg)
+    r.agent.reconcile_once()  # the engine runs the plan of the agent's last pass
     engine_pass(r)
     assert r.docker.containers["garage-engine"].id != old and "garage-engine" in r.docker.stops
 
@@ -444,7 +445,7 @@ def test_no_firewall_no_ray_and_no_engine(tmp_path):
     r.passes()
     s = r.status()
     assert "firewall could not be set up" in s.last_error.message and not r.ray.running
-    assert r.agent._engine_desired() is None
+    assert r.agent.plan.engine_wanted() is None
     r.firewall.fail = None
     r.passes()
     assert r.ray.running and r.status().last_error is None
@@ -461,7 +462,7 @@ def test_flushed_firewall_is_put_back(tmp_path):
 def test_ray_runs_as_its_own_account_with_the_cluster_token(tmp_path):
     r = rig(tmp_path)
     r.passes()
-    token_file = r.agent.ray_token_path
+    token_file = r.agent.ray_part.token_path
     assert token_file.read_text() == "ray-cluster-secret" and oct(token_file.stat().st_mode & 0o777) == "0o600"
     argv = " ".join(r.ray.starts[0])
     assert r.ray.run_as.user == "garage-ray" and r.ray.run_as.uid != 0
@@ -510,7 +511,7 @@ def test_the_engine_gets_the_key_the_head_gave_and_status_shows_tokens_served(tm
     r.head.tokens_served = TokensServed(today=1200, total=3_400_000)
     r.passes(4)
     assert r.agent.identity.engine_api_key == "gne-engine-key"
-    spec, _ = r.agent._engine_desired()
+    spec, _ = r.agent.plan.engine_wanted()
     assert spec.api_key == "gne-engine-key" and "gne-engine-key" not in repr(spec)
     s = r.status()
     assert s.tokens_served == TokensServed(today=1200, total=3_400_000)
@@ -518,5 +519,5 @@ def test_the_engine_gets_the_key_the_head_gave_and_status_shows_tokens_served(tm
     # A new key from the head replaces the engine's spec (its hash), so the container is made again.
     r.head.engine_api_key = "gne-rotated"
     r.passes(8)  # past the next heartbeat
-    new, _ = r.agent._engine_desired()
+    new, _ = r.agent.plan.engine_wanted()
     assert new.spec_hash != spec.spec_hash and new.api_key == "gne-rotated"

@@ -13,6 +13,7 @@ from garage_node.core.wireguard import public_key_of
 from garage_node.node.agent import Agent
 from garage_node.node.headclient import BeatTimer
 from garage_node.node.identity import load
+from testing.fakes import VERSIONS
 from tests.unit.test_agent import rig
 
 
@@ -20,8 +21,8 @@ def restart(r, tmp_path):
     """A new agent on the same state directory, as after a crash (the fakes live on)."""
     old = r.agent
     r.agent = Agent(old.cfg, clock=r.clock, head_api=r.head, iface=r.iface, ray_child=r.ray,
-                    engine=lambda *a, **kw: old.engine, read_inventory=old.read_inventory, firewall=r.firewall,
-                    lookup_account=old.lookup_account, beats=BeatTimer(random.Random(1)))
+                    engine=lambda *a, **kw: old.engine, read_inventory=old.gpus.read_inventory, firewall=r.firewall,
+                    lookup_account=old.ray_part.lookup_account, beats=BeatTimer(random.Random(1)), versions=lambda: VERSIONS)
     r.agent.identity = load(r.agent.paths)
     return r.agent
 
@@ -77,7 +78,7 @@ def test_credential_and_wireguard_key_are_renewed_while_running_without_a_failed
     beats = len(r.head.heartbeats)
     for _ in range(10):  # 100 s: four or five more rotations, and every heartbeat answered
         r.passes(5)
-        assert r.agent.snapshot().last_error is None and r.agent.link.reachable
+        assert r.agent.snapshot().last_error is None and r.agent.session.link.reachable
     assert len(r.head.renewals) >= 5
     assert len(r.head.heartbeats) >= beats + 9 and r.head.credentials[ident.node_id] == load(r.agent.paths).credential
     assert len(r.ray.starts) == 1  # Ray was never restarted by a rotation

@@ -39,13 +39,13 @@ def test_agent_waits_a_jittered_period_on_its_clock(tmp_path):
     from tests.unit.test_agent import rig
 
     r = rig(tmp_path)
-    r.agent._beat_timer = BeatTimer(random.Random(1))
+    r.agent.session.beats = BeatTimer(random.Random(1))
     expected = BeatTimer(random.Random(1))
     r.agent.reconcile_once()  # joins and sends its first heartbeat now
     first = r.clock.monotonic()
     assert len(r.head.heartbeats) >= 1
     wait = expected.next_in(r.head.facts.heartbeat_s)
-    assert r.agent.link.next_call == first + wait
+    assert r.agent.session.link.next_call == first + wait
     before = len(r.head.heartbeats)
     r.clock.advance(wait - 0.01)
     r.agent.reconcile_once()
@@ -53,4 +53,4 @@ def test_agent_waits_a_jittered_period_on_its_clock(tmp_path):
     r.clock.advance(0.02)
     r.agent.reconcile_once()
     assert len(r.head.heartbeats) == before + 1
-    assert r.agent.link.next_call == r.clock.monotonic() + expected.next_in(r.head.facts.heartbeat_s)
+    assert r.agent.session.link.next_call == r.clock.monotonic() + expected.next_in(r.head.facts.heartbeat_s)

@@ -19,7 +19,7 @@ from garage_node.node.engine.manager import EngineManager
 from garage_node.node.engine.metrics import Metrics
 from garage_node.node.gpu import GPU, Inventory
 from garage_node.node.status import render
-from testing.fakes import (FakeChild, FakeClock, FakeDocker, FakeFirewall, FakeHead, FakeInterface, FakeNvml, FakeProbe,
+from testing.fakes import (VERSIONS, FakeChild, FakeClock, FakeDocker, FakeFirewall, FakeHead, FakeInterface, FakeNvml, FakeProbe,
                            ray_account)
 
 TOKEN = new_token("https://10.9.0.1:8443", "sha256:" + "0" * 64).encode()
@@ -85,7 +85,7 @@ def rig(tmp_path, *, gpus: list[GPU] | None = None, engine: EngineSection = CPU_
     agent = Agent(cfg, clock=clock, head_api=head, iface=iface, ray_child=ray, engine=make_engine,
                   read_inventory=lambda: Inventory(tuple(cards), "550.54.14", "12.4"), firewall=FakeFirewall(),
                   lookup_account=ray_account, probe_hub=lambda ip: True, nvml=nvml,
-                  beats=BeatTimer(random.Random(0)))
+                  beats=BeatTimer(random.Random(0)), versions=lambda: VERSIONS)
     return Rig(agent, clock, head, docker, probe, nvml, ray, cards)
 
 
@@ -221,7 +221,7 @@ def test_lost_gpu_is_quarantined_and_the_node_keeps_serving(tmp_path):
     s = r.status()
     assert s.gpus[0].quarantined and "GPU is lost" in s.gpus[0].error and "restart the agent" in s.gpus[0].error
     assert r.docker.bodies["garage-engine"]["HostConfig"]["DeviceRequests"][0]["DeviceIDs"] == ["1"]
-    assert s.state is NodeState.JOINED and r.agent.problem is None
+    assert s.state is NodeState.JOINED and r.agent.health.worst() is None
     r.gpus[0] = card(0)
     r.passes(3)
     assert r.status().gpus[0].quarantined
