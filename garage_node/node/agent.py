@@ -34,7 +34,7 @@ from garage_node.core.clock import SYSTEM, Clock
 from garage_node.core.firewall import Firewall, Nftables
 from garage_node.core.raycmd import local_versions, ray_env
 from garage_node.core.supervise import RunAs, Supervised
-from garage_node.core.wire import (MAX_GPUS, AgentInfo, AgentVersions, EngineReport, HeadStatus, NodeReport,
+from garage_node.core.wire import (MAX_GPUS, AgentInfo, AgentVersions, HeadStatus, NodeReport,
                                    NodeState, RayResources, RayStatus, Status, Versions, clip)
 from garage_node.core.wireguard import Interface
 from garage_node.node import gpu, identity
@@ -317,17 +317,5 @@ class Agent:
         )
 
     def _report(self) -> NodeReport:
-        """What the head learns with each heartbeat (never a secret)."""
-        s = self.snapshot()
-        e = s.engine
-        # Inside the bounds the head checks (core/wire.py): a long message must not cost the heartbeat.
-        return NodeReport(
-            state=s.state, message=clip(s.message, 512), gpus=s.gpus, gpu_note=clip(s.gpu_note, 512),
-            driver_version=s.driver_version, cuda_version=s.cuda_version, versions=s.versions, ray=s.ray,
-            serving=s.serving,
-            # Paused for the owner's hours or heat: no new work, as with the owner's drain.
-            engine=EngineReport(state=e.state, model=e.model, endpoint=e.endpoint, draining=e.draining or bool(e.paused),
-                                healthy_since=e.healthy_since, requests_running=e.requests_running,
-                                requests_waiting=e.requests_waiting, kv_cache_usage_pct=e.kv_cache_usage_pct,
-                                generation_tokens_per_s=e.generation_tokens_per_s),
-        )
+        """What the head learns with each heartbeat (never a secret): one mapping, core/wire.py."""
+        return NodeReport.of(self.snapshot())

@@ -98,13 +98,14 @@ def render(s: Status) -> str:
     if s.tokens_served is not None:
         add("Served:", f"{_tokens(s.tokens_served.today)} tokens today, {_tokens(s.tokens_served.total)} in all "
                        "(through the region's gateway)")
-    err = s.last_error
-    if err:
+    # Every problem, worst first; an older agent's status has only last_error.
+    problems = s.problems or ([s.last_error] if s.last_error else [])
+    for err in problems:
         retry = f" (retrying in {err.retry_in_s:.0f} s)" if err.retry_in_s is not None else ""
         add("Problem:", err.message + retry)
         if err.hint:
             add("  To fix:", err.hint)
-    else:
+    if not problems:
         add("Problem:", "none")
     return "\n".join(lines)
 

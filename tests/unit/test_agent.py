@@ -521,3 +521,35 @@ def test_the_engine_gets_the_key_the_head_gave_and_status_shows_tokens_served(tm
     r.passes(8)  # past the next heartbeat
     new, _ = r.agent.plan.engine_wanted()
     assert new.spec_hash != spec.spec_hash and new.api_key == "gne-rotated"
+
+
+def test_two_outages_at_once_keep_one_problem_each_and_log_once(tmp_path, caplog):
+    # A joined PC loses its network: the head is unreachable and the tunnel blocked together.
+    # Before problems were kept per source, last_error flipped between the two 20 times in
+    # 120 s and 32 warnings were logged; now each source has its entry, each logged once.
+    r = rig(tmp_path)
+    r.head.ray_alive = True
+    r.passes(6)
+    assert r.agent.state is NodeState.JOINED
+    r.head.up, r.iface.tunnel_carries = False, False
+    seen = []
+    with caplog.at_level("INFO", logger="garage_node"):
+        for _ in range(60):  # 120 s of 2 s passes
+            r.passes()
+            err = r.status().last_error
+            seen.append(err.message if err else None)
+        s = r.status()
+        assert [p.source for p in s.problems] == ["head", "tunnel"]  # both, the worst first
+        assert s.last_error == s.problems[0] and "head unreachable" in s.last_error.message
+        # Once the first heartbeat failed, last_error never changed hands.
+        first = next(i for i, m in enumerate(seen) if m and "head unreachable" in m)
+        assert all("head unreachable" in m for m in seen[first:])
+        warnings = [rec for rec in caplog.records if rec.levelname == "WARNING"]
+        assert len(warnings) == 2, [w.getMessage() for w in warnings]
+        assert "resolved" not in caplog.text
+        r.head.up, r.iface.tunnel_carries = True, True
+        r.passes(10)
+    assert r.status().problems == [] and r.status().last_error is None
+    resolved = [rec.getMessage() for rec in caplog.records if "resolved" in rec.getMessage()]
+    assert len(resolved) == 2, resolved  # once each
+    assert "Problem:" in render(s) and render(s).count("To fix:") == 2
