@@ -63,7 +63,7 @@ class Change:
     reapply_overlay: bool  # same node, new WireGuard key (renewal) or the hub moved
 
     @classmethod
-    def between(cls, old: Identity | None, new: Identity) -> "Change":
+    def between(cls, old: Identity | None, new: Identity) -> Change:
         if old is None:
             return cls(revoked=False, rejoined=False, reapply_overlay=False)
         hub = ("hub_ip", "hub_public_key", "hub_endpoint", "prefix_len")
@@ -244,7 +244,7 @@ class Agent:
             self.ray.stop()
             return
         self.ray_part.ensure(WorkerWants(ident, self.gpus.inventory, self.plan.model,
-                                         offer_gpus=self.gpus.serving.serving,
+                                         offer_gpus=self.gpus.serving.serving is not False,
                                          head_reachable=self.session.link.reachable is True))
 
     def version_mismatch(self) -> str | None:
