@@ -4,67 +4,18 @@ testbed suite proves the same behaviour on the real parts."""
 
 from __future__ import annotations
 
-import random
 import dataclasses
 
 import pytest
 
-from garage_node.core.token import new_token
 from garage_node.core.wire import EngineState, NodeState, RayState, Status, TokensServed, Versions, decode, encode
 from garage_node.node.status import render
-from garage_node.node.agent import Agent
-from garage_node.node.headclient import BeatTimer
-from garage_node.node.config import EngineSection, NodeConfig, NodeRaySection, NodeSection
-from garage_node.node.engine.manager import EngineManager
-from garage_node.node.gpu import Inventory
+from garage_node.node.config import EngineSection
 from garage_node.node.identity import load
 from garage_node.node.ray import ABSENT_RESTART_S, FIRST_JOIN_S
-from testing.fakes import (VERSIONS, FakeChild, FakeClock, FakeDocker, FakeFirewall, FakeHead, FakeInterface, FakeProbe, ray_account,
+from testing.fakes import (ray_account,
                            region_facts)
-from tests.unit.test_units import gpu
-
-TOKEN = new_token("https://10.9.0.1:8443", "sha256:" + "0" * 64).encode()
-
-
-@dataclasses.dataclass
-class Rig:
-    agent: Agent
-    clock: FakeClock
-    head: FakeHead
-    iface: FakeInterface
-    ray: FakeChild
-    docker: FakeDocker
-    probe: FakeProbe
-    firewall: FakeFirewall
-
-    def passes(self, n: int = 1, every_s: float = 2.0) -> None:
-        for _ in range(n):
-            self.agent.reconcile_once()
-            self.clock.advance(every_s)
-
-    def status(self) -> Status:
-        # Through JSON and back, as `garage-node status` reads it from the local API.
-        return decode(encode(self.agent.snapshot()), Status)
-
-
-def rig(tmp_path, token: str = TOKEN, engine: EngineSection | None = None, region: str = "",
-        account=ray_account) -> Rig:
-    clock = FakeClock()
-    cfg = NodeConfig(node=NodeSection(join_token=token, name="pc-1", region=region, state_dir=tmp_path / "state",
-                                      runtime_dir=tmp_path / "run"),
-                     ray=NodeRaySection(temp_dir=tmp_path / "ray"),
-                     engine=engine or EngineSection(enabled=False))
-    head, iface, ray, docker, probe = FakeHead(clock), FakeInterface(), FakeChild(clock), FakeDocker(), FakeProbe()
-    firewall = FakeFirewall()
-
-    def make_engine(*args, **kw):
-        return EngineManager(*args, docker=docker, probe=probe, **kw)
-
-    agent = Agent(cfg, clock=clock, head_api=head, iface=iface, ray_child=ray, engine=make_engine,
-                  read_inventory=lambda: Inventory((gpu(0),), "550.54.14", "12.4"), firewall=firewall,
-                  lookup_account=account, probe_hub=lambda ip: iface.tunnel_carries,
-                  beats=BeatTimer(random.Random(0)), versions=lambda: VERSIONS)
-    return Rig(agent, clock, head, iface, ray, docker, probe, firewall)
+from testing.agentrig import TOKEN, Rig, rig
 
 
 def test_joins_then_is_listed_by_ray(tmp_path):

@@ -1,30 +1,23 @@
 """The agent's side of idempotent enrollment and credential rotation (issue #9), in-process
-with the fakes of test_agent.py. The testbed (tests/integration/test_head_hardening.py) proves
+with the agent rig (testing/agentrig.py). The testbed (tests/integration/test_head_hardening.py) proves
 both on the real head, WireGuard and Ray."""
 
 from __future__ import annotations
 
-import random
 import json
 import stat
 
 from garage_node.core.wire import NodeState
 from garage_node.core.wireguard import public_key_of
-from garage_node.node.agent import Agent
-from garage_node.node.headclient import BeatTimer
 from garage_node.node.identity import load
-from testing.fakes import VERSIONS
-from tests.unit.test_agent import rig
+from testing.agentrig import rig
 
 
 def restart(r, tmp_path):
     """A new agent on the same state directory, as after a crash (the fakes live on)."""
-    old = r.agent
-    r.agent = Agent(old.cfg, clock=r.clock, head_api=r.head, iface=r.iface, ray_child=r.ray,
-                    engine=lambda *a, **kw: old.engine, read_inventory=old.gpus.read_inventory, firewall=r.firewall,
-                    lookup_account=old.ray_part.lookup_account, beats=BeatTimer(random.Random(1)), versions=lambda: VERSIONS)
-    r.agent.identity = load(r.agent.paths)
-    return r.agent
+    agent = r.restart()
+    agent.identity = load(agent.paths)
+    return agent
 
 
 def test_the_key_is_stored_before_the_head_is_asked(tmp_path):

@@ -36,7 +36,7 @@ def test_a_thousand_pcs_that_booted_together_do_not_beat_in_step():
 
 def test_agent_waits_a_jittered_period_on_its_clock(tmp_path):
     """The agent's next heartbeat is its clock's now plus the timer's delay (it reads no other time)."""
-    from tests.unit.test_agent import rig
+    from testing.agentrig import rig
 
     r = rig(tmp_path)
     r.agent.session.beats = BeatTimer(random.Random(1))

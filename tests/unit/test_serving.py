@@ -5,24 +5,18 @@ test_gpu_faults.py (the real pynvml over the NVML double) and in the testbed."""
 
 from __future__ import annotations
 
-import random
 import dataclasses
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from garage_node.core.token import new_token
-from garage_node.core.wire import EngineState, NodeState, Status, decode, encode
-from garage_node.node.agent import Agent
-from garage_node.node.headclient import BeatTimer
-from garage_node.node.config import EngineSection, GpuSection, NodeConfig, NodeRaySection, NodeSection, ScheduleSection
-from garage_node.node.engine.manager import EngineManager
+from garage_node.core.wire import EngineState, NodeState, encode
+from garage_node.node.config import EngineSection, GpuSection, ScheduleSection
 from garage_node.node.engine.metrics import Metrics
-from garage_node.node.gpu import GPU, Inventory
+from garage_node.node.gpu import GPU
 from garage_node.node.status import render
-from testing.fakes import (VERSIONS, FakeChild, FakeClock, FakeDocker, FakeFirewall, FakeHead, FakeInterface, FakeNvml, FakeProbe,
-                           ray_account)
+from testing import agentrig
+from testing.agentrig import Rig
 
-TOKEN = new_token("https://10.9.0.1:8443", "sha256:" + "0" * 64).encode()
 BERLIN = ZoneInfo("Europe/Berlin")
 CPU_ENGINE = EngineSection(enabled=True, device="cpu", image="garage-node/vllm-cpu:test", model="tiny-llama-test",
                            drain_grace_s=60.0)
@@ -35,58 +29,14 @@ def card(i: int, temp: int = 45, healthy: bool = True) -> GPU:
                None if healthy else f"NVML could not read GPU {i}: GPU is lost (NVML_ERROR_GPU_IS_LOST)")
 
 
-@dataclasses.dataclass
-class Rig:
-    agent: Agent
-    clock: FakeClock
-    head: FakeHead
-    docker: FakeDocker
-    probe: FakeProbe
-    nvml: FakeNvml
-    ray: FakeChild
-    gpus: list[GPU]
-
-    def passes(self, n: int = 1, every_s: float = 2.0) -> None:
-        """Agent passes, each followed by an engine pass (the engine's thread, in step)."""
-        for _ in range(n):
-            self.agent.reconcile_once()
-            self.agent.engine.reconcile_safely()
-            self.clock.advance(every_s)
-
-    def status(self) -> Status:
-        return decode(encode(self.agent.snapshot()), Status)
-
-    def set_temp(self, i: int, temp: int) -> None:
-        self.gpus[i] = dataclasses.replace(self.gpus[i], temperature_c=temp)
-
-    def joined(self) -> None:
-        self.head.ray_alive = True
-        self.passes(6)
-
-
 def rig(tmp_path, *, gpus: list[GPU] | None = None, engine: EngineSection = CPU_ENGINE,
         schedule: ScheduleSection = ScheduleSection(), gpu: GpuSection = GpuSection(refresh_s=1.0),
         wall: datetime | None = None) -> Rig:
-    clock = FakeClock()
-    if wall is not None:
-        clock.wall = wall.timestamp()
-    cfg = NodeConfig(node=NodeSection(join_token=TOKEN, name="pc-1", state_dir=tmp_path / "state",
-                                      runtime_dir=tmp_path / "run"),
-                     ray=NodeRaySection(temp_dir=tmp_path / "ray"),
-                     engine=dataclasses.replace(engine, cache_dir=tmp_path / "models"),
-                     schedule=schedule, gpu=gpu)
-    head, iface, ray, docker, probe, nvml = FakeHead(clock), FakeInterface(), FakeChild(clock), FakeDocker(), FakeProbe(), FakeNvml()
-    docker.images.add(engine.image)
-    cards = list(gpus if gpus is not None else [card(0)])
-
-    def make_engine(*args, **kw):
-        return EngineManager(*args, docker=docker, probe=probe, **kw)
-
-    agent = Agent(cfg, clock=clock, head_api=head, iface=iface, ray_child=ray, engine=make_engine,
-                  read_inventory=lambda: Inventory(tuple(cards), "550.54.14", "12.4"), firewall=FakeFirewall(),
-                  lookup_account=ray_account, probe_hub=lambda ip: True, nvml=nvml,
-                  beats=BeatTimer(random.Random(0)), versions=lambda: VERSIONS)
-    return Rig(agent, clock, head, docker, probe, nvml, ray, cards)
+    """The agent rig with the engine's image at hand and each agent pass followed by an engine
+    pass (the engine's thread, in step)."""
+    return agentrig.rig(tmp_path, engine=dataclasses.replace(engine, cache_dir=tmp_path / "models"),
+                        gpus=gpus if gpus is not None else [card(0)], schedule=schedule, gpu_cfg=gpu, wall=wall,
+                        images=(engine.image,), engine_in_step=True)
 
 
 NIGHTS = ScheduleSection(windows=("mon-fri 23:00-08:00", "sat-sun"), timezone="Europe/Berlin")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from garage_node.core import sdnotify
 from garage_node.core.backoff import Backoff
-from garage_node.node.gpu import GPU, Inventory
+from garage_node.node.gpu import Inventory
 from garage_node.core.supervise import Supervised
 from garage_node.core.raycmd import label_value
 from garage_node.core.wire import Versions
@@ -17,6 +17,7 @@ from garage_node.node.raystart import with_runtime_env_agent_port
 from garage_node.node.status import render
 from garage_node.core.wireguard import generate_private_key, parse_dump, public_key_of
 from garage_node.core.wire import Status, decode
+from testing.agentrig import gpu
 from testing.fakes import FakeClock
 
 DUMP = (
@@ -124,11 +125,6 @@ def test_versions_mismatch_message():
     assert Versions("2.60.0", "3.11").mismatch(Versions("2.60.0", "3.11")) is None
     msg = Versions("2.59.0", "3.11").mismatch(Versions("2.60.0", "3.11"))
     assert "Ray 2.59.0 here but the head runs Ray 2.60.0" in msg and "ray==2.60.0" in msg
-
-
-def gpu(i, healthy=True, mib=24564):
-    return GPU(i, "NVIDIA GeForce RTX 4090", f"GPU-{i}", mib, mib, "8.9", 40, 30.0, 0, healthy,
-               None if healthy else "GPU is lost")
 
 
 def test_worker_args_count_only_healthy_gpus():
