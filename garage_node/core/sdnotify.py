@@ -11,7 +11,7 @@ import os
 import socket
 
 try:
-    from systemd import daemon as _daemon  # type: ignore[import-not-found]
+    from systemd import daemon as _daemon
 except ImportError:  # pragma: no cover - depends on the host
     _daemon = None
 

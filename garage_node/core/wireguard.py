@@ -145,13 +145,13 @@ class Interface:
             )
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
         # Foreground mode keeps it our child, so we know when it dies.
-        self._userspace = subprocess.Popen(
-            ["wireguard-go", self.name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        self._userspace = proc = subprocess.Popen(
+            ["wireguard-go", self.name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=False
         )
         deadline = time.monotonic() + 10
         while not self.exists():
-            if self._userspace.poll() is not None:
-                err = self._userspace.stderr.read().decode(errors="replace").strip()
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
                 raise WireGuardError(f"wireguard-go could not create {self.name}: {err or 'it exited'}")
             if time.monotonic() > deadline:
                 raise WireGuardError(f"wireguard-go did not create {self.name} within 10 s")

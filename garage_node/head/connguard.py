@@ -154,7 +154,7 @@ def guarded_loop_factory(limits: GuardLimits) -> Callable[[], asyncio.AbstractEv
     handshake after `tls_handshake_timeout_s`."""
 
     class GuardedEventLoop(asyncio.SelectorEventLoop):
-        async def create_server(self, *args: Any, **kw: Any) -> asyncio.Server:  # type: ignore[override]
+        async def create_server(self, *args: Any, **kw: Any) -> asyncio.Server:
             if kw.get("ssl") is not None and kw.get("ssl_handshake_timeout") is None:
                 kw["ssl_handshake_timeout"] = limits.tls_handshake_timeout_s
             return await super().create_server(*args, **kw)

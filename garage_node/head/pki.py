@@ -57,6 +57,8 @@ def create_ca(paths: PkiPaths, region: str) -> None:
 def issue_server_cert(paths: PkiPaths, host: str) -> None:
     """Sign a server certificate for `host` (an IP address or a DNS name)."""
     ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):  # the head made it so (create_ca)
+        raise ValueError(f"{paths.ca_key} is not the elliptic-curve key the head makes for its CA")
     ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 from garage_node.node.gpu import APPLICATION_XIDS, GPU, Inventory, describe_xid
 
@@ -35,7 +36,7 @@ class GpuGuard:
         # per reading); the GPU's own line shows its temperature now.
         self.hot: dict[int, int] = {}
 
-    def observe(self, inv: Inventory, xids: list[tuple[int, int]] = ()) -> Inventory:
+    def observe(self, inv: Inventory, xids: Sequence[tuple[int, int]] = ()) -> Inventory:
         """`inv` as the node should use it: faulted GPUs quarantined, hot GPUs flagged."""
         for index, xid in xids:
             if xid in APPLICATION_XIDS:

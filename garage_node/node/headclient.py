@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from garage_node.core import token, wireguard
+from garage_node.core.errors import ErrorCode
 from garage_node.core.token import JoinToken
 from garage_node.core.wire import CredentialReply, EnrollReply, HeartbeatReply, NodeReport, WireError, decode, encode
 from garage_node.node.identity import Identity
@@ -48,9 +49,10 @@ class BeatTimer:
 
 
 class HeadError(Exception):
-    """Talking to the head failed; `retry` says whether trying again later can help."""
+    """Talking to the head failed; `retry` says whether trying again later can help; `code`:
+    the head's (or this client's) ErrorCode, a str for a code this version does not know."""
 
-    def __init__(self, message: str, retry: bool, code: str = "") -> None:
+    def __init__(self, message: str, retry: bool, code: ErrorCode | str = "") -> None:
         super().__init__(message)
         self.retry, self.code = retry, code
 
@@ -59,19 +61,19 @@ class HeadUnreachable(HeadError):
     """No answer, or a broken one (head down, network, a 5xx): retried with backoff."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, retry=True, code="unreachable")
+        super().__init__(message, retry=True, code=ErrorCode.UNREACHABLE)
 
 
 class Refused(HeadError):
     """The head said no for good (token refused, wrong head, wrong region)."""
 
-    def __init__(self, message: str, code: str) -> None:
+    def __init__(self, message: str, code: ErrorCode | str) -> None:
         super().__init__(message, retry=False, code=code)
 
 
 class Revoked(HeadError):
     def __init__(self, message: str) -> None:
-        super().__init__(message, retry=False, code="revoked")
+        super().__init__(message, retry=False, code=ErrorCode.REVOKED)
 
 
 def fetch_pinned_ca(tok: JoinToken) -> bytes:
@@ -91,7 +93,7 @@ def fetch_pinned_ca(tok: JoinToken) -> bytes:
         raise Refused(
             f"the server at {tok.api_url} is not the head this token was made for (its certificate "
             "does not match the token's pin). Check the address, or ask the operator for a new token.",
-            code="pin_mismatch",
+            code=ErrorCode.PIN_MISMATCH,
         )
     return ca_pem
 
@@ -129,7 +131,7 @@ def _check_region(c: httpx.Client, api_url: str, expected: str) -> None:
     if region is not None and region != expected:
         raise Refused(f"this PC is set up for region '{expected}' ([node] region) but the head at {api_url} "
                       f"serves region '{region}'. Fix [node] region in garage.toml, or use a token of "
-                      f"region '{expected}'.", code="wrong_region")
+                      f"region '{expected}'.", code=ErrorCode.WRONG_REGION)
 
 
 class HeadClient:
@@ -194,10 +196,10 @@ def _decode(resp: httpx.Response, cls: type, api_url: str):
                               "is it running the same garage-node version?") from None
 
 
-def error_of(resp: httpx.Response) -> tuple[str, str]:
+def error_of(resp: httpx.Response) -> tuple[ErrorCode | str, str]:
     try:
         data = resp.json()
-        return str(data.get("error", resp.status_code)), str(data.get("message", resp.reason_phrase))
+        return ErrorCode.of(str(data.get("error", resp.status_code))), str(data.get("message", resp.reason_phrase))
     except ValueError:
         return str(resp.status_code), f"HTTP {resp.status_code} {resp.reason_phrase}"
 

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from garage_node.core.errors import ErrorCode
 from garage_node.core.wire import RegionFacts
 from garage_node.head.api import enroll, nodes
 from garage_node.head.api.common import ApiError
@@ -58,7 +59,7 @@ def create_app(registry: Registry, facts: RegionFacts, ca_pem: bytes, on_change:
         # FastAPI answers 400 to a body it cannot even decode (not UTF-8, not JSON): for a
         # client that is the same mistake as any other malformed body, so the same 422.
         if exc.status_code == 400:
-            return JSONResponse({"error": "invalid_request", "message": "the request body is not valid JSON"},
+            return JSONResponse({"error": ErrorCode.INVALID_REQUEST, "message": "the request body is not valid JSON"},
                                 status_code=422)
         return JSONResponse({"error": f"http_{exc.status_code}", "message": str(exc.detail)},
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
@@ -70,7 +71,7 @@ def create_app(registry: Registry, facts: RegionFacts, ca_pem: bytes, on_change:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in errors[:5])
         if len(errors) > 5:
             problems += f"; and {len(errors) - 5} more"
-        return JSONResponse({"error": "invalid_request", "message": problems}, status_code=422)
+        return JSONResponse({"error": ErrorCode.INVALID_REQUEST, "message": problems}, status_code=422)
 
     @app.get("/v1/ca", response_class=PlainTextResponse, summary="The head's CA certificate (PEM); nodes check it against their token's pin")
     def get_ca() -> str:

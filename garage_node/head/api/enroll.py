@@ -8,6 +8,7 @@ from typing import Callable
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from garage_node.core.errors import CONFLICTS
 from garage_node.core.wire import EnrollReply, NodeReport, RegionFacts, encode
 from garage_node.head.api.common import SECRET, TOKEN_ID, ApiError, WgPublicKey, region_fields, responses
 from garage_node.head.registry import EnrollError, Registry
@@ -39,7 +40,7 @@ def router(registry: Registry, facts: RegionFacts, on_change: Callable[[], None]
         try:
             result = registry.enroll(req.token_id, req.secret, req.name, facts.region, req.wg_public_key)
         except EnrollError as e:
-            status = 409 if e.code in ("key_in_use", "network_full") else 401
+            status = 409 if e.code in CONFLICTS else 401
             raise ApiError(status, e.code, str(e)) from None
         if req.report is not None:
             registry.record_heartbeat(result.node.id, encode(req.report), confirm=False)

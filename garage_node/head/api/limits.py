@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any, Awaitable, Callable
 
+from garage_node.core.errors import ErrorCode
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -48,7 +50,7 @@ class BodyLimit:
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 
     async def _too_large(self, send: Send) -> None:
-        body = json.dumps({"error": "body_too_large",
+        body = json.dumps({"error": ErrorCode.BODY_TOO_LARGE,
                            "message": f"the request body is over {self.max_bytes} bytes, more than any valid "
                                       "request to this head; check what the client sends"}).encode()
         await send({"type": "http.response.start", "status": 413,

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Path
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
+from garage_node.core.errors import ErrorCode
 from garage_node.core.wire import CredentialReply, HeartbeatReply, NodeReport, RegionFacts, encode
 from garage_node.head.api.common import CREDENTIAL_FORMAT, NODE_ID, ApiError, WgPublicKey, region_fields, responses
 from garage_node.head.registry import Auth, EnrollError, Registry
@@ -46,11 +47,11 @@ def router(registry: Registry, facts: RegionFacts, ray_token: Callable[[], str] 
         auth = registry.authenticate(node_id, creds.credentials if creds else "")
         # Unknown node, wrong credential, no credential: one answer, so ids cannot be probed.
         if auth is None:
-            raise ApiError(401, "unauthorized", "the head does not recognise this node's credential: join again with a new token")
+            raise ApiError(401, ErrorCode.UNAUTHORIZED, "the head does not recognise this node's credential: join again with a new token")
         if auth.node.revoked:
-            raise ApiError(403, "revoked", "the operator revoked this node: it needs a new join token to rejoin")
+            raise ApiError(403, ErrorCode.REVOKED, "the operator revoked this node: it needs a new join token to rejoin")
         if auth.expires_in_s <= 0:
-            raise ApiError(401, "credential_expired",
+            raise ApiError(401, ErrorCode.CREDENTIAL_EXPIRED,
                            "this node's credential has expired (a running node renews it by itself; one that was off "
                            "for longer than its lifetime must join again with a new token)")
         return auth

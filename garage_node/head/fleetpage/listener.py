@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
+
 from garage_node.head.config import HeadConfig
 from garage_node.head.connguard import GuardLimits, guarded_loop_factory, guarded_protocol
 from garage_node.head.fleetpage.app import NodeSource, create_fleet_app
@@ -22,7 +24,7 @@ def fleet_listener(cfg: HeadConfig, registry: NodeSource, history: History, pki:
     # Off loopback the admin key crosses a network: HTTPS with the head's own certificate (the
     # browser trusts it once the head's CA is imported, or warns). On loopback the SSH tunnel
     # already encrypts.
-    tls = {} if loopback else {"ssl_certfile": str(pki.server_cert), "ssl_keyfile": str(pki.server_key)}
+    tls: dict[str, Any] = {} if loopback else {"ssl_certfile": str(pki.server_cert), "ssl_keyfile": str(pki.server_key)}
     app = create_fleet_app(registry, history, cfg.options.offline_after_s, region=cfg.head.region,
                            key_path=key_file(cfg.head.state_dir), require_key=f.needs_key,
                            secure_cookie=not loopback, usage=usage)
