@@ -24,7 +24,7 @@ from garage_node.core.backoff import Backoff
 from garage_node.core.firewall import Firewall, Nftables, Rules
 from garage_node.core.raycmd import RAY_PORTS, ray_env, ray_executable
 from garage_node.core.supervise import Supervised
-from garage_node.head.api import create_app
+from garage_node.head.api import ApiHooks, create_app
 from garage_node.head.config import HeadConfig
 from garage_node.head.connguard import GuardLimits, guarded_loop_factory, guarded_protocol
 from garage_node.head.gcs import GcsStore, open_store
@@ -333,11 +333,11 @@ def run(cfg: HeadConfig) -> None:
             gateway.stop()  # the usage ledger's last batch
         service.stop()
 
-    app = create_app(service.registry, service.facts, p.pki.ca_cert.read_bytes(), service.peers_changed,
-                     on_startup=started, on_shutdown=stopping, ray_token=service.ray_token.value,
-                     max_body_bytes=cfg.api.max_body_bytes, reports=reports,
-                     node_extras=lambda node_id: node_extras(node_id),
+    hooks = ApiHooks(on_change=service.peers_changed, on_startup=started, on_shutdown=stopping,
+                     ray_token=service.ray_token.value, reports=reports, node_extras=node_extras,
                      on_heartbeat_s=gateway.on_heartbeat_s if gateway is not None else None)
+    app = create_app(service.registry, service.facts, p.pki.ca_cert.read_bytes(), hooks,
+                     max_body_bytes=cfg.api.max_body_bytes)
     # The API faces the internet: uvicorn's h11 protocol with a deadline for every request and
     # a cap on connections per address, and a loop that bounds TLS handshakes (connguard.py).
     limits = GuardLimits(request_timeout_s=cfg.api.request_timeout_s,

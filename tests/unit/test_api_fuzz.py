@@ -37,7 +37,7 @@ def head(tmp_path_factory):
     reg = Registry(tmp_path_factory.mktemp("fuzz") / "r.sqlite", ipaddress.IPv4Network("100.96.0.0/16"),
                    credential_overlap_s=86400)  # renewals by the fuzzer must not lock it out
     reg.add_token("tok001", SECRET, 3600, uses=None)
-    app = create_app(reg, region_facts(), b"PEM", lambda: None)
+    app = create_app(reg, region_facts(), b"PEM")
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     enrolled = reg.enroll("tok001", SECRET, "fuzz-node", "testland", public_key_of(generate_private_key()))
     return schema, enrolled

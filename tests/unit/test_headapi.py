@@ -5,7 +5,7 @@ import ipaddress
 import pytest
 from fastapi.testclient import TestClient
 
-from garage_node.head.api import create_app
+from garage_node.head.api import ApiHooks, create_app
 from garage_node.core.wire import HubInfo
 from garage_node.head.registry import Registry
 from garage_node.core.wireguard import generate_private_key, public_key_of
@@ -23,7 +23,7 @@ def api(tmp_path):
     facts = region_facts(hub=HubInfo("100.96.0.1", public_key_of(generate_private_key()), "203.0.113.10:51820"),
                          region="eu")
     changes = []
-    client = TestClient(create_app(reg, facts, b"PEM", lambda: changes.append(1)))
+    client = TestClient(create_app(reg, facts, b"PEM", ApiHooks(on_change=lambda: changes.append(1))))
     return client, reg, changes
 
 
@@ -257,7 +257,7 @@ def test_credential_renewal_and_wireguard_key_rotation(api):
 def test_an_expired_credential_is_refused(tmp_path):
     reg = Registry(tmp_path / "r.sqlite", ipaddress.IPv4Network("100.96.0.0/16"), credential_lifetime_s=0.05)
     reg.add_token("tok001", SECRET, 60, uses=1)
-    client = TestClient(create_app(reg, region_facts(), b"PEM", lambda: None))
+    client = TestClient(create_app(reg, region_facts(), b"PEM"))
     node_id, auth = enrolled(client)
     import time
     time.sleep(0.1)
@@ -284,8 +284,8 @@ def test_each_heartbeat_answered_is_timed_once_with_its_status(tmp_path):
     reg = Registry(tmp_path / "r.sqlite", ipaddress.IPv4Network("100.96.0.0/16"))
     reg.add_token("tok001", SECRET, 60, uses=1)
     timed = []
-    client = TestClient(create_app(reg, region_facts(), b"PEM", lambda: None,
-                                   on_heartbeat_s=lambda s, status: timed.append((s, status))))
+    client = TestClient(create_app(reg, region_facts(), b"PEM",
+                                   ApiHooks(on_heartbeat_s=lambda s, status: timed.append((s, status)))))
     body = client.post("/v1/enroll", json=enroll_body()).json()
     assert timed == []  # an enrollment is not a heartbeat
     url = f"/v1/nodes/{body['node_id']}/heartbeat"

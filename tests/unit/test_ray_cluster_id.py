@@ -83,7 +83,7 @@ def test_the_registry_keeps_the_cluster_id_and_clears_it_with_the_membership(tmp
 def test_the_heartbeat_answer_tells_the_cluster_id(tmp_path):
     reg = Registry(tmp_path / "r.sqlite", ipaddress.IPv4Network("100.96.0.0/16"))
     reg.add_token("tok001", "s" * 43, 60, uses=1)
-    client = TestClient(create_app(reg, region_facts(), b"PEM", lambda: None))
+    client = TestClient(create_app(reg, region_facts(), b"PEM"))
     body = client.post("/v1/enroll", json={"token_id": "tok001", "secret": "s" * 43, "name": "pc-1",
                                            "wg_public_key": public_key_of(generate_private_key())}).json()
 

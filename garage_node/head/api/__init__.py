@@ -8,6 +8,7 @@ description is served at /openapi.json and /docs.
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -25,30 +26,47 @@ from garage_node.head.registry import Registry
 from garage_node.head.reports import Reports
 
 
-def create_app(registry: Registry, facts: RegionFacts, ca_pem: bytes, on_change: Callable[[], None],
-               on_startup: Callable[[], None] = lambda: None, on_shutdown: Callable[[], None] = lambda: None,
-               ray_token: Callable[[], str] = lambda: "", max_body_bytes: int = 32768,
-               reports: Reports | None = None, node_extras: Callable[[str], dict[str, Any]] = lambda _: {},
-               on_heartbeat_s: Callable[[float, int], None] | None = None) -> FastAPI:
-    """`on_change` is called after an enrollment so the hub adds the peer at once; `on_startup`
-    and `on_shutdown` bracket the server's life (the head's service runs between them);
-    `ray_token` gives the Ray cluster token enrolled nodes receive; a request body over
-    `max_body_bytes` is refused with 413 before anything parses it; `reports` and `node_extras`:
-    see api.nodes.router; `on_heartbeat_s(seconds, status)` hears how long each heartbeat
-    took to answer (the gateway's metrics)."""
+def _nothing() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ApiHooks:
+    """What the control API calls out to besides the registry, each with a default that does
+    nothing, so a test names only those it watches."""
+
+    # After an enrollment or a WireGuard key change: the hub adds the peer at once.
+    on_change: Callable[[], None] = _nothing
+    # Bracket the server's life: the head's service runs between them.
+    on_startup: Callable[[], None] = _nothing
+    on_shutdown: Callable[[], None] = _nothing
+    # The Ray cluster token enrolled nodes receive (read again after a rotation).
+    ray_token: Callable[[], str] = lambda: ""
+    # Every accepted heartbeat's report goes to its subscribers (the gateway, the fleet page).
+    reports: Reports | None = None
+    # node id -> extra fields of its heartbeat answer (its engine key, tokens served).
+    node_extras: Callable[[str], dict[str, Any]] = lambda _node_id: {}
+    # (seconds, HTTP status) of each heartbeat answered: the gateway's metrics.
+    on_heartbeat_s: Callable[[float, int], None] | None = None
+
+
+def create_app(registry: Registry, facts: RegionFacts, ca_pem: bytes, hooks: ApiHooks | None = None,
+               max_body_bytes: int = 32768) -> FastAPI:
+    """A request body over `max_body_bytes` is refused with 413 before anything parses it."""
+    hooks = hooks or ApiHooks()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        on_startup()
+        hooks.on_startup()
         try:
             yield
         finally:
-            on_shutdown()
+            hooks.on_shutdown()
 
     app = FastAPI(title="garage-node head", version="1", docs_url="/docs", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    if on_heartbeat_s is not None:
-        app.add_middleware(HeartbeatTimer, observe=on_heartbeat_s)  # outermost: the body limit's read counts
+    if hooks.on_heartbeat_s is not None:
+        app.add_middleware(HeartbeatTimer, observe=hooks.on_heartbeat_s)  # outermost: the body limit's read counts
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -81,7 +99,8 @@ def create_app(registry: Registry, facts: RegionFacts, ca_pem: bytes, on_change:
     def health() -> dict[str, Any]:
         return {"ok": True, "region": facts.region, "versions": {"ray": facts.versions.ray, "python": facts.versions.python}}
 
-    app.include_router(enroll.router(registry, facts, on_change, ray_token,
+    node_extras = hooks.node_extras
+    app.include_router(enroll.router(registry, facts, hooks.on_change, hooks.ray_token,
                                      lambda node_id: node_extras(node_id).get("engine_api_key", "")))
-    app.include_router(nodes.router(registry, facts, ray_token, on_change, reports, node_extras))
+    app.include_router(nodes.router(registry, facts, hooks.ray_token, hooks.on_change, hooks.reports, node_extras))
     return app

@@ -11,20 +11,36 @@ from __future__ import annotations
 import json
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from garage_node.head.gateway.errors import GatewayError
 from garage_node.head.gateway.keys import ApiKey
-from garage_node.head.gateway.proxy import Call, RelayResponse
+from garage_node.head.gateway.metrics import GatewayMetrics
+from garage_node.head.gateway.proxy import Call, Proxy, RelayResponse
+from garage_node.head.gateway.router import Router
+from garage_node.head.gateway.table import EndpointTable
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
-def create_gateway_app(gw: Any) -> FastAPI:
-    """`gw`: a gateway.Gateway (keys, ledger, limits, table, proxy, metrics)."""
+class GatewayParts(Protocol):
+    """What the HTTP API uses of the gateway (gateway.Gateway is one)."""
+
+    table: EndpointTable
+    router: Router
+    proxy: Proxy
+    metrics: GatewayMetrics
+    max_body_bytes: int
+
+    def authenticate(self, authorization: str) -> ApiKey: ...
+
+    def admit(self, key: ApiKey, model: str) -> None: ...
+
+
+def create_gateway_app(gw: GatewayParts) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
@@ -60,9 +76,9 @@ def create_gateway_app(gw: Any) -> FastAPI:
         started = time.monotonic()
         key = gw.authenticate(request.headers.get("authorization", ""))
         body = await _json_body(request, gw.max_body_bytes)
-        model = body.get("model")
+        model: str = body["model"]  # _json_body refused a body without one
         status = "error"
-        label = model if isinstance(model, str) else ""
+        label = model
         streaming = False
 
         def ended() -> None:
@@ -73,8 +89,8 @@ def create_gateway_app(gw: Any) -> FastAPI:
             call = _call(path, body, key, started, gw.router)
             response = await gw.proxy.forward(call, request)
             status = str(response.status_code)
-            streaming = isinstance(response, RelayResponse)
-            if streaming:
+            if isinstance(response, RelayResponse):
+                streaming = True
                 response.on_end.append(ended)  # a stream ends after this returns
             return response
         except GatewayError as e:
@@ -124,7 +140,7 @@ async def _json_body(request: Request, max_bytes: int) -> dict[str, Any]:
     return body
 
 
-def _call(path: str, body: dict[str, Any], key: ApiKey, started: float, router: Any) -> Call:
+def _call(path: str, body: dict[str, Any], key: ApiKey, started: float, router: Router) -> Call:
     stream = bool(body.get("stream")) and path != "/v1/embeddings"
     options = body.get("stream_options")
     wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
