@@ -73,7 +73,7 @@ class Rig:
 
 def rig(tmp_path: Path, *, token: str = TOKEN, engine: EngineSection | None = None, region: str = "",
         account: Callable[[str, tuple[str, ...]], RunAs] = ray_account, gpus: list[GPU] | None = None,
-        schedule: ScheduleSection = ScheduleSection(), gpu_cfg: GpuSection | None = None,
+        schedule: ScheduleSection | None = None, gpu_cfg: GpuSection | None = None,
         wall: datetime | None = None, images: tuple[str, ...] = (), engine_in_step: bool = False) -> Rig:
     clock = FakeClock()
     if wall is not None:
@@ -81,7 +81,8 @@ def rig(tmp_path: Path, *, token: str = TOKEN, engine: EngineSection | None = No
     cfg = NodeConfig(node=NodeSection(join_token=token, name="pc-1", region=region, state_dir=tmp_path / "state",
                                       runtime_dir=tmp_path / "run"),
                      ray=NodeRaySection(temp_dir=tmp_path / "ray"),
-                     engine=engine or EngineSection(enabled=False), schedule=schedule, gpu=gpu_cfg or GpuSection())
+                     engine=engine or EngineSection(enabled=False), schedule=schedule or ScheduleSection(),
+                     gpu=gpu_cfg or GpuSection())
     docker = FakeDocker()
     docker.images.update(images)
     r = Rig(None, clock, FakeHead(clock), FakeInterface(), FakeChild(clock), docker,  # type: ignore[arg-type]
