@@ -2,25 +2,16 @@
 gaming PC must not load the head's web stack or Ray into the agent's memory (its RSS goal is
 60 MB). Ray runs as a child process; FastAPI, pydantic and uvicorn are the head's."""
 
-import json
 import subprocess
 import sys
 
-FORBIDDEN = ("fastapi", "pydantic", "pydantic_core", "uvicorn", "starlette", "ray", "torch", "vllm", "docker")
+from testing.imports import FORBIDDEN, loaded_after_importing
 
 AGENT_MODULES = (
     "garage_node.cli", "garage_node.cli.node", "garage_node.node.agent", "garage_node.node.localapi",
     "garage_node.node.status", "garage_node.node.headclient", "garage_node.node.engine.manager",
     "garage_node.node.engine.planner", "garage_node.node.raystart",
 )
-
-
-def loaded_after_importing(modules: tuple[str, ...]) -> set[str]:
-    code = ("import importlib, json, sys\n"
-            f"for m in {list(modules)!r}: importlib.import_module(m)\n"
-            "print(json.dumps(sorted(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return {name.split(".")[0] for name in json.loads(out)}
 
 
 def test_agent_imports_no_web_stack_and_no_ray():

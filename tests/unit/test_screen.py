@@ -284,7 +284,7 @@ def test_keys_reach_a_running_agent(tmp_path):
 
 def test_screen_loads_no_web_stack_and_no_ray():
     """The screen runs on the PC beside the agent: the agent's import budget applies."""
-    from tests.unit.test_deps import FORBIDDEN, loaded_after_importing
+    from testing.imports import FORBIDDEN, loaded_after_importing
 
     loaded = loaded_after_importing(("garage_node.node.screen", "garage_node.cli"))
     assert not loaded & set(FORBIDDEN), sorted(loaded & set(FORBIDDEN))
