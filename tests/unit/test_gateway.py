@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import httpx
 import pytest
@@ -280,9 +279,9 @@ def test_completion_is_passed_through_with_the_pc_named(gw):
 def test_stream_usage_is_captured_and_stripped_unless_asked(gw):
     r = call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "hi", "stream": True})
     assert r.status_code == 200
-    lines = [l for l in r.text.splitlines() if l.startswith("data: ")]
+    lines = [line for line in r.text.splitlines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
-    chunks = [json.loads(l[6:]) for l in lines[:-1]]
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert [c["choices"][0]["text"] for c in chunks] == ["a", "b", "c"]
     assert all("usage" not in c for c in chunks)
     engine_body = next(e for e in gw.engines.values() if e.calls).calls[-1]
@@ -290,7 +289,7 @@ def test_stream_usage_is_captured_and_stripped_unless_asked(gw):
     assert gw.ledger.key_tokens("tester") == 10
     asked = call(gw, "POST", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                                       "stream": True, "stream_options": {"include_usage": True}})
-    chunks = [json.loads(l[6:]) for l in asked.text.splitlines() if l.startswith("data: {")]
+    chunks = [json.loads(line[6:]) for line in asked.text.splitlines() if line.startswith("data: {")]
     assert chunks[-1]["usage"]["total_tokens"] == 10 and chunks[-1]["choices"] == []
 
 
@@ -317,7 +316,7 @@ def test_a_stream_that_breaks_ends_with_an_error_event(gw):
         e.mode = "break-stream"
     r = call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "x", "stream": True})
     assert r.status_code == 200
-    data = [l[6:] for l in r.text.splitlines() if l.startswith("data: ")]
+    data = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
     assert json.loads(data[0])["choices"][0]["text"] == "a"
     assert json.loads(data[-2])["error"]["code"] == "upstream_lost" and data[-1] == "[DONE]"
     assert gw.ledger.key_tokens("tester") == 1  # the one content event that came
@@ -437,7 +436,9 @@ def _relay_to_a_client_that_leaves(g, leave_after_sends: int, spec: str = "2.4")
             return {"type": "http.disconnect"}
 
         if spec == "2.4":
-            with pytest.raises(Exception):
+            # Starlette re-raises the send's OSError as its ClientDisconnect in some versions:
+            # what is tested is the slot afterwards, not the exception's type.
+            with pytest.raises(Exception):  # noqa: B017
                 await response({"type": "http", "asgi": {"spec_version": spec}}, receive, send)
         else:
             await response({"type": "http", "asgi": {"spec_version": spec}}, receive, send)

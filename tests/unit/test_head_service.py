@@ -177,7 +177,8 @@ def test_hub_peers_follow_the_registry_and_unconfirmed_enrollments_are_reclaimed
     cfg = head_config(tmp_path, reclaim_unconfirmed_after_s=0.05)
     setup.init(cfg)
     svc = make_service(cfg, journal, monkeypatch)
-    kept, lost = enroll(svc.registry, "kept"), enroll(svc.registry, "lost")
+    kept = enroll(svc.registry, "kept")
+    enroll(svc.registry, "lost")
     svc.registry.record_heartbeat(kept, {}, confirm=True)  # came back with its credential
     svc.sync_peers()
     assert len(svc.iface.peers) == 2  # too young to reclaim
