@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import ssl
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -21,6 +21,7 @@ from garage_node.core.wire import CredentialReply, EnrollReply, HeartbeatReply, 
 from garage_node.node.identity import Identity
 
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+T = TypeVar("T")
 
 # Each period between heartbeats is the head's heartbeat_s, give or take this much.
 HEARTBEAT_JITTER = 0.10
@@ -188,7 +189,7 @@ def _post(c: httpx.Client, url: str, body: dict[str, Any], **kw: Any) -> httpx.R
         raise HeadUnreachable(f"head unreachable at {url.split('/v1/')[0]}: {_reason(e)}") from None
 
 
-def _decode(resp: httpx.Response, cls: type, api_url: str):
+def _decode(resp: httpx.Response, cls: type[T], api_url: str) -> T:
     try:
         return decode(resp.json(), cls)
     except (ValueError, WireError) as e:
