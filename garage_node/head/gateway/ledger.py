@@ -1,20 +1,20 @@
 """The usage ledger: tokens in and out per key × PC × model, in hourly rows.
 
 Requests add to an in-memory batch; a flusher writes it every second (and at shutdown), one
-transaction per batch, so the gateway's request path never waits on a disk write. A crash
-loses at most the last second of counts. Totals read the database plus the unwritten batch."""
+transaction per batch (`head/writebehind.py`), so the gateway's request path never waits on a
+disk write. A crash loses at most the last second of counts. Totals read the database plus the
+counts not yet written (waiting, or in the batch being written)."""
 
 from __future__ import annotations
 
-import logging
-import threading
+import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 from garage_node.core.clock import SYSTEM, Clock
 from garage_node.head.gateway.store import Store
-
-log = logging.getLogger(__name__)
+from garage_node.head.writebehind import WriteBehind
 
 BY = ("key", "node", "model")
 _COLUMN = {"key": "key", "node": "node_id", "model": "model"}
@@ -41,72 +41,57 @@ class Totals:
 Bucket = tuple[int, str, str, str]  # hour, key, node_id, model
 
 
+Usage = dict[Bucket, list[int]]  # requests, prompt tokens, completion tokens
+
+
+def _fold(acc: Usage, newer: Usage) -> None:
+    for bucket, counts in newer.items():
+        row = acc.setdefault(bucket, [0, 0, 0])
+        for i in range(3):
+            row[i] += counts[i]
+
+
 class Ledger:
     def __init__(self, store: Store, clock: Clock = SYSTEM, flush_every_s: float = 1.0) -> None:
         self.store = store
         self.clock = clock
         self.flush_every_s = flush_every_s
-        self._pending: dict[Bucket, list[int]] = defaultdict(lambda: [0, 0, 0])
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="usage-ledger", daemon=True)
+        self._buffer: WriteBehind[Usage] = WriteBehind("usage-ledger", dict, _fold, self._write)
 
     # -- writing
 
     def add(self, key: str, node_id: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         bucket = (int(self.clock.time() // 3600), key, node_id, model)
-        with self._lock:
-            row = self._pending[bucket]
-            row[0] += 1
-            row[1] += max(0, prompt_tokens)
-            row[2] += max(0, completion_tokens)
+        self._buffer.add({bucket: [1, max(0, prompt_tokens), max(0, completion_tokens)]})
 
     def flush(self) -> int:
-        with self._lock:
-            batch, self._pending = self._pending, defaultdict(lambda: [0, 0, 0])
-        if not batch:
-            return 0
-        try:
-            with self.store.transaction() as db:
-                db.executemany(
-                    "INSERT INTO usage (hour, key, node_id, model, requests, prompt_tokens, completion_tokens)"
-                    " VALUES (?,?,?,?,?,?,?) ON CONFLICT (hour, key, node_id, model) DO UPDATE SET"
-                    " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-                    " completion_tokens = completion_tokens + excluded.completion_tokens",
-                    [(*b, *v) for b, v in batch.items()])
-        except Exception:
-            with self._lock:  # keep the counts for the next try
-                for b, v in batch.items():
-                    row = self._pending[b]
-                    for i in range(3):
-                        row[i] += v[i]
-            raise
-        return len(batch)
+        return len(self._buffer.flush())
+
+    def _write(self, batch: Usage) -> None:
+        with self.store.transaction() as db:
+            db.executemany(
+                "INSERT INTO usage (hour, key, node_id, model, requests, prompt_tokens, completion_tokens)"
+                " VALUES (?,?,?,?,?,?,?) ON CONFLICT (hour, key, node_id, model) DO UPDATE SET"
+                " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+                " completion_tokens = completion_tokens + excluded.completion_tokens",
+                [(*b, *v) for b, v in batch.items()])
 
     def start(self) -> None:
-        self._thread.start()
+        self._buffer.start(self.flush_every_s)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-        self.flush()
+        self._buffer.stop()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.flush_every_s):
-            try:
-                self.flush()
-            except Exception:  # the database is busy or the disk full: the batch waits in memory
-                log.exception("could not write the usage ledger; retrying")
-
-    # -- reading
+    # -- reading: the file plus what memory holds (waiting, or being written)
 
     def _since_hour(self, since: float) -> int:
         return int(since // 3600)
 
-    def _pending_sum(self, column: int, value: str, since_hour: int) -> int:
-        with self._lock:
-            return sum(v[1] + v[2] for b, v in self._pending.items() if b[column] == value and b[0] >= since_hour)
+    def _read(self, sql: str, args: tuple[Any, ...]) -> tuple[list[sqlite3.Row], Usage]:
+        """Rows from the file and the counts not yet written in it, each count in exactly one of
+        the two: every read of usage goes through here (or flushes first, as `usage` does)."""
+        with self._buffer.settled():  # nothing in flight meanwhile: pending is all the file lacks
+            return self.store.query(sql, args), self._buffer.view(lambda pending, _: {b: list(v) for b, v in pending.items()})
 
     def node_totals(self, node_id: str) -> Totals:
         midnight = self.clock.time() // 86400 * 86400
@@ -117,24 +102,25 @@ class Ledger:
         return self._tokens("key", key, self._since_hour(since), 1)
 
     def _tokens(self, column: str, value: str, since_hour: int, pending_index: int) -> int:
-        rows = self.store.query(f"SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage"
+        rows, held = self._read(f"SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage"
                                 f" WHERE {column} = ? AND hour >= ?", (value, since_hour))
-        return int(rows[0][0]) + self._pending_sum(pending_index, value, since_hour)
+        return int(rows[0][0]) + sum(v[1] + v[2] for b, v in held.items()
+                                     if b[pending_index] == value and b[0] >= since_hour)
 
     def node_totals_all(self) -> dict[str, Totals]:
         """Every PC's totals in one query (for `head nodes` and the metrics)."""
         midnight_hour = self._since_hour(self.clock.time() // 86400 * 86400)
         out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for r in self.store.query("SELECT node_id, hour >= ? AS today, SUM(prompt_tokens + completion_tokens)"
-                                  " FROM usage GROUP BY node_id, today", (midnight_hour,)):
+        rows, held = self._read("SELECT node_id, hour >= ? AS today, SUM(prompt_tokens + completion_tokens)"
+                                " FROM usage GROUP BY node_id, today", (midnight_hour,))
+        for r in rows:
             out[r[0]][1] += r[2]
             if r[1]:
                 out[r[0]][0] += r[2]
-        with self._lock:
-            for b, v in self._pending.items():
-                out[b[2]][1] += v[1] + v[2]
-                if b[0] >= midnight_hour:
-                    out[b[2]][0] += v[1] + v[2]
+        for b, v in held.items():
+            out[b[2]][1] += v[1] + v[2]
+            if b[0] >= midnight_hour:
+                out[b[2]][0] += v[1] + v[2]
         return {node: Totals(today=t[0], total=t[1]) for node, t in out.items()}
 
     def usage(self, by: str, since: float = 0.0) -> list[UsageRow]:
