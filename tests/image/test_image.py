@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from garage_node.core.wire import NodeState
+from testing.image import GARAGE_TOML, NODE_NAME, OUT, PSK, REPO, SSH_KEY, TOKEN, parse_boot_log
 from screenshot import prove_screen
 
 pytestmark = pytest.mark.image
@@ -37,94 +38,11 @@ pytestmark = pytest.mark.image
 if os.geteuid() != 0 or not shutil.which("qemu-system-x86_64"):
     pytest.skip("image tests need root and qemu-system-x86_64", allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[2]
-OUT = REPO / "out" / "test"
-TOKEN = "gn1.imagetest-7f3c9a1e5b2d4c60a8e9f1d2c3b4a596-notreal"
-PSK = "imagetest-wifi-secret-91d2"
-NODE_NAME = "garage-test-node"
-SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFH8/63YlwNL179vMsqLBD1onNWleKW3fv39PRLU4Tsj garage-image-test"
-GARAGE_TOML = f"""\
-[node]
-join_token = "{TOKEN}"
-name = "{NODE_NAME}"
-region = "test"
-
-[wifi]
-ssid = "garage-test-wifi"
-psk = "{PSK}"
-country = "DE"
-
-[ssh]
-authorized_keys = ["{SSH_KEY}"]
-"""
 # What the screen may show in large type (garage_node.node.screen): every node state.
 SCREEN_STATES = {s.value.upper() for s in NodeState}
 # Boot went wrong: no point waiting for the marker.
 EMERGENCY = ("Reached target emergency.target", "Cannot open access to console", "Kernel panic")
 BOOT_TIMEOUT = int(os.environ.get("GARAGE_IMAGE_BOOT_TIMEOUT", "600"))
-BUILD_TIMEOUT = 45 * 60
-
-
-def _version() -> str:
-    import tomllib
-
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-
-
-def build_image(variant: str, garage_toml: str, conf_name: str) -> tuple[Path, str]:
-    """build-image.sh for a variant into out/test/ (reused when no input changed); returns
-    the raw image and the build's output."""
-    OUT.mkdir(parents=True, exist_ok=True)
-    conf = OUT / conf_name
-    if not conf.exists() or conf.read_text() != garage_toml:
-        conf.write_text(garage_toml)
-    img = OUT / f"garage-node-{_version()}-{variant}-amd64.img"
-    t0 = time.monotonic()
-    proc = subprocess.run(
-        [str(REPO / "build-image.sh"), "--variant", variant, "--config", str(conf),
-         "--output", str(img), "--no-compress", "--if-changed"],
-        cwd=REPO, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
-    )
-    sys.stdout.write(proc.stdout[-4000:])
-    assert proc.returncode == 0, f"build-image.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    print(f"{variant} image build (or reuse): {time.monotonic() - t0:.1f} s")
-    assert img.exists()
-    return img, proc.stdout + proc.stderr
-
-
-@pytest.fixture(scope="module")
-def image() -> Path:
-    img, output = build_image("base", GARAGE_TOML, "garage.toml")
-    assert TOKEN not in output, "the build printed the join token"
-    return img
-
-
-def _parse(log: str) -> dict:
-    info: dict = {"status": []}
-    for line in log.splitlines():
-        # Only the marker's own console lines; the journal copy on the serial log
-        # ("[  12.3] garage-boot-marker[1]: GARAGE-NODE-...") may be cut short.
-        line = re.sub(r"\x1b\[[0-9;=?]*[A-Za-z]", "", line).strip("\r ")
-        if "garage-boot-marker[" in line:
-            continue
-        m = re.search(r"GARAGE-NODE-(BOOTED|INFO|STATUS|END) ?(.*)$", line)
-        if not m:
-            continue
-        kind, rest = m.groups()
-        if kind == "BOOTED":
-            info["hostname"] = rest.split()[0] if rest else ""
-        elif kind == "INFO":
-            for k, v in re.findall(r"(\S+?)=(\S*)", rest):
-                info.setdefault(k, v)
-            if rest.startswith("garage-node.service"):
-                info["unit"] = dict(re.findall(r"(\w+)=(\S*)", rest))
-            if rest.startswith("watchdog "):
-                info["watchdog"] = dict(re.findall(r"(\w+)=(\S*)", rest))
-        elif kind == "STATUS":
-            info["status"].append(rest)
-        elif kind == "END":
-            info["end"] = True
-    return info
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +98,7 @@ def booted(image: Path) -> dict:
             os.killpg(runner.pid, signal.SIGKILL)
             runner.wait(timeout=10)
         subprocess.run(["ip", "netns", "delete", netns], check=False)
-    info = _parse(text)
+    info = parse_boot_log(text)
     info["log"] = text
     info["screen"] = screen
     info["booted_s"] = booted_at

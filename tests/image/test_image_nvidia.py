@@ -9,19 +9,14 @@ network namespace; the join token written into the GARAGE partition with mtools)
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
 
 import pytest
 
+from testing.image import JOIN_TIMEOUT, VM, build_image, handshake_age, parse_boot_log, wait_joined, write_garage_toml
 from testing.region import Testbed, missing_prerequisite, sh, wait_for
-
-from test_image import _parse, build_image
-from test_image_join import VM, handshake_age, wait_joined, write_garage_toml
-
-JOIN_TIMEOUT = int(os.environ.get("GARAGE_IMAGE_JOIN_TIMEOUT", "1200"))
 NO_GPU = "NVIDIA driver installed, no NVIDIA GPU found"
 
 pytestmark = [pytest.mark.image,
@@ -59,7 +54,7 @@ def booted_nvidia(nvidia_image, tmp_path_factory):
         for line in text.splitlines():
             if "GARAGE-NODE-" in line and "garage-boot-marker[" not in line or "garage-nvidia" in line:
                 print(line.strip())
-        yield {"row": row, "log": text, "info": _parse(text), "head": head, "token": token}
+        yield {"row": row, "log": text, "info": parse_boot_log(text), "head": head, "token": token}
     finally:
         if vm:
             vm.power_off()
