@@ -15,35 +15,32 @@ Credentials expire (`credential_lifetime_s`); a node renews its credential over 
 authenticated channel, and the one it replaces stays valid for `credential_overlap_s`, so an
 answer lost on the way does not lock the node out.
 
-Built for a thousand PCs beating every 5 s: one long-lived connection (WAL) behind a lock, as
-the API runs its handlers in threads, where a connection per call and an fsync per heartbeat
-capped the head near 150 heartbeats/s. With `batch_s` (the server's registry), a heartbeat and
-Ray's membership are taken into memory and acknowledged at once; a background flusher writes
-them in one transaction every `batch_s`, and `close()` writes what is left. A crash loses at
-most the last batch: a "last seen", a report and a membership the next heartbeat or Ray
-answer brings back. Every read of this object lays the values not yet written over the rows, so
-the head itself (heartbeat answers, the fleet) never sees an older value; another process (the
-CLI) reads the file, at most `batch_s` behind.
+Built for a thousand PCs beating every 5 s: long-lived connections (WAL, `head/sqlite.py`),
+and, in the server, heartbeats and Ray membership held in memory and written in batches
+(`head/heartbeats.py`). Every node row this object returns is read through `_select`, which lays
+the values not yet written over the file's, so the head itself (heartbeat answers, the fleet)
+never sees an older value; another process (the CLI) reads the file, at most `batch_s` behind.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 import secrets
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from garage_node.core import token as tokens
+from garage_node.head import sqlite
+from garage_node.head.heartbeats import HeartbeatBuffer
 
-log = logging.getLogger(__name__)
-
+# The first release's tables, as it made them. Frozen: version 1 (_adopt) builds on it, and every
+# change after is a step added to MIGRATIONS.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,
@@ -70,9 +67,9 @@ CREATE TABLE IF NOT EXISTS nodes (
 );
 """
 
-# Columns added after the first release; a registry made before them gets them at open.
-# Rows that existed before are taken as confirmed, and their credentials as issued at enrollment.
-MIGRATIONS = (
+# Columns added after the first release, before versions were numbered (see _adopt). Rows that
+# existed before are taken as confirmed, and their credentials as issued at enrollment.
+UNNUMBERED_COLUMNS = (
     ("confirmed_at", "REAL", "UPDATE nodes SET confirmed_at = COALESCE(last_seen, enrolled_at)"),
     ("credential_issued_at", "REAL", "UPDATE nodes SET credential_issued_at = enrolled_at"),
     ("prev_credential_hash", "TEXT", None),
@@ -146,21 +143,6 @@ class Renewal:
     key_changed: bool
 
 
-@dataclass
-class _Beat:
-    """A heartbeat taken into memory and not yet written."""
-
-    last_seen: float
-    report: dict[str, Any]
-    confirmed_at: float | None  # the first authenticated heartbeat among those not yet written
-
-
-@dataclass
-class _Held:
-    beats: dict[str, list[_Beat]]
-    rays: list[tuple[frozenset[str], float]]
-
-
 class Registry:
     def __init__(self, path: Path, network: ipaddress.IPv4Network,
                  credential_lifetime_s: float = DEFAULT_CREDENTIAL_LIFETIME_S,
@@ -172,161 +154,63 @@ class Registry:
         self.network = network
         self.credential_lifetime_s = credential_lifetime_s
         self.credential_overlap_s = credential_overlap_s
-        self.batch_s = batch_s
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Long-lived connections, each behind its own lock (the API runs handlers in threads;
-        # a sqlite3 connection must not be used by two at once). With WAL, readers never wait
-        # for a writer: a heartbeat's credential check does not queue behind a batch's fsync.
+        # Three connections, each behind its own lock; with WAL, readers never wait for a writer.
         # - writes (enrollment, renewal, revocation, tokens): fsync'd at every commit, as an
         #   identity handed out must not be forgotten by a power cut;
-        # - batches of heartbeats: synchronous=NORMAL (WAL: synced at checkpoints), since a lost
-        #   batch costs only a "last seen";
+        # - batches of heartbeats (synchronous=NORMAL, see heartbeats.py);
         # - reads.
-        self._lock = threading.RLock()
-        self._conn = _connect(path)
-        self._read_lock = threading.Lock()
-        self._read_conn = _connect(path)
-        self._batch_lock = threading.Lock()
-        self._batch_conn = _connect(path)
-        self._batch_conn.execute("PRAGMA synchronous=NORMAL")
-        # Separate from the connections' locks: taking a heartbeat into memory never waits for the disk.
-        self._pending_lock = threading.Lock()
-        self._beats: dict[str, _Beat] = {}
-        self._ray: tuple[frozenset[str], float] | None = None  # membership not yet written
-        # What a flush is writing right now: still laid over reads until its commit is done.
-        self._inflight_beats: dict[str, _Beat] = {}
-        self._inflight_ray: tuple[frozenset[str], float] | None = None
-        self._flusher: threading.Thread | None = None
-        self._stop_flusher = threading.Event()
+        self._writes = sqlite.Database(path)
+        self._reads = sqlite.Database(path)
+        self._heartbeats = HeartbeatBuffer(sqlite.Database(path, synchronous="NORMAL"), batch_s)
         # The id of the Ray cluster the last membership came from (see record_ray_membership).
         self._ray_cluster_id = ""
-        with self._db() as db:
-            db.executescript(SCHEMA)
-            _migrate(db)
+        self._writes.migrate(MIGRATIONS)
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            yield self._conn
+    @property
+    def batch_s(self) -> float | None:
+        return self._heartbeats.batch_s
 
-    @contextmanager
-    def _reader(self) -> Iterator[sqlite3.Connection]:
-        with self._read_lock:
-            yield self._read_conn
+    @property
+    def _flusher(self) -> threading.Thread | None:
+        # The flusher thread, started by the first heartbeat held (tests check none starts without batching).
+        return self._heartbeats.thread
 
     # -- batching
 
     def flush(self) -> int:
         """Write the heartbeats and membership held in memory, in one transaction; returns how
-        many heartbeats were written. What is being written stays laid over reads until the
-        commit is done, so a reader sees each value in memory or in the file, never in neither."""
-        with self._batch_lock:
-            with self._pending_lock:
-                beats, self._beats = self._beats, {}
-                ray, self._ray = self._ray, None
-                self._inflight_beats, self._inflight_ray = beats, ray
-            if not beats and ray is None:
-                return 0
-            db = self._batch_conn
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                if beats:
-                    db.executemany(
-                        "UPDATE nodes SET last_seen=?, report=?, confirmed_at=COALESCE(confirmed_at, ?) WHERE id=?",
-                        [(b.last_seen, json.dumps(b.report), b.confirmed_at, node_id) for node_id, b in beats.items()])
-                if ray is not None:
-                    alive, checked_at = ray
-                    db.execute("UPDATE nodes SET ray_alive = id IN (SELECT value FROM json_each(?)), ray_checked_at=?",
-                               (json.dumps(sorted(alive)), checked_at))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                # Put them back unless newer values came in meanwhile: the next pass retries.
-                with self._pending_lock:
-                    for node_id, b in beats.items():
-                        self._beats.setdefault(node_id, b)
-                    if self._ray is None:
-                        self._ray = ray
-                raise
-            finally:
-                with self._pending_lock:
-                    self._inflight_beats, self._inflight_ray = {}, None
-        return len(beats)
+        many heartbeats were written."""
+        return self._heartbeats.flush()
 
     def close(self) -> None:
         """Stop the flusher and write what is left (the head's shutdown). The registry still
         works afterwards, writing at once."""
-        self._stop_flusher.set()
-        flusher, self._flusher = self._flusher, None
-        if flusher is not None:
-            flusher.join(timeout=10)
-        self.batch_s = None
-        self.flush()
+        self._heartbeats.close()
 
-    def _flush_loop(self) -> None:
-        assert self.batch_s is not None
-        while not self._stop_flusher.wait(self.batch_s):
-            try:
-                self.flush()
-            except Exception:  # a locked or full disk: keep them in memory, try again
-                log.exception("writing heartbeats to the registry failed; retrying")
+    # -- the one read of node rows
 
-    def _held(self) -> bool:
-        """Whether to hold this write in memory (and start the flusher on first use)."""
-        if self.batch_s is None or self._stop_flusher.is_set():
-            return False
-        if self._flusher is None:
-            with self._pending_lock:
-                if self._flusher is None:
-                    self._flusher = threading.Thread(target=self._flush_loop, name="registry-flush", daemon=True)
-                    self._flusher.start()
-        return True
+    def _select(self, sql: str, args: Sequence[Any] = (), node_id: str | None = None,
+                db: sqlite3.Connection | None = None, reports: bool = True) -> list[tuple[NodeRow, sqlite3.Row]]:
+        """Node rows as the head knows them (what memory holds laid over the file), each beside
+        the row as read (for columns a NodeRow does not carry). Every NodeRow this class returns
+        is made here, so a new query cannot forget the heartbeats not yet written. `node_id`:
+        the one node the query can return (only its held values are copied); `db`: a
+        connection inside a write transaction."""
+        before = self._heartbeats.held(node_id)
+        rows = self._reads.query(sql, args) if db is None else db.execute(sql, args).fetchall()
+        # A batch may have been written while the rows were read: the newest of the three wins.
+        held = before.then(self._heartbeats.held(node_id))
+        return [(held.lay_over(_file_row(r), reports), r) for r in rows]
 
-    def _confirmed_in_memory(self, node_id: str) -> bool:
-        with self._pending_lock:
-            beats = (self._beats.get(node_id), self._inflight_beats.get(node_id))
-        return any(b is not None and b.confirmed_at is not None for b in beats)
-
-    def _held_now(self, node_id: str | None = None) -> _Held:
-        """What memory holds (waiting, or being written) for one node, or for all."""
-        with self._pending_lock:
-            if node_id is None:
-                ids = self._beats.keys() | self._inflight_beats.keys()
-            else:
-                ids = {node_id}
-            beats = {}
-            for i in ids:
-                got = [b for b in (self._beats.get(i), self._inflight_beats.get(i)) if b is not None]
-                if got:
-                    beats[i] = got
-            rays = [r for r in (self._ray, self._inflight_ray) if r is not None]
-        return _Held(beats, rays)
-
-    def _fresh(self, row: sqlite3.Row, before: _Held, after: _Held) -> NodeRow:
-        """A row with what memory holds newer than the file laid over it. `before` and `after`
-        are what memory held just before and just after the row was read: a batch may have
-        been written in between, so the newest of the three wins (by its own timestamp)."""
-        node = _node_row(row)
-        beats = before.beats.get(node.id, []) + after.beats.get(node.id, [])
-        if beats:
-            beat = max(beats, key=lambda b: b.last_seen)
-            if node.last_seen is None or beat.last_seen >= node.last_seen:
-                node = replace(node, last_seen=beat.last_seen, report=beat.report)
-            if node.confirmed_at is None:
-                node = replace(node, confirmed_at=min((b.confirmed_at for b in beats if b.confirmed_at is not None),
-                                                      default=None))
-        rays = before.rays + after.rays
-        if rays:
-            alive, checked_at = max(rays, key=lambda r: r[1])
-            if node.ray_checked_at is None or checked_at >= node.ray_checked_at:
-                node = replace(node, ray_alive=node.id in alive, ray_checked_at=checked_at)
-        return node
+    def _nodes(self, sql: str, args: Sequence[Any] = (), node_id: str | None = None) -> list[NodeRow]:
+        return [node for node, _ in self._select(sql, args, node_id)]
 
     # -- tokens
 
     def add_token(self, token_id: str, secret: str, ttl_s: float, uses: int | None) -> TokenRow:
         now = time.time()
-        with self._db() as db:
+        with self._writes.use() as db:
             db.execute(
                 "INSERT INTO tokens (id, secret_hash, created_at, expires_at, uses_left) VALUES (?,?,?,?,?)",
                 (token_id, tokens.hash_secret(secret), now, now + ttl_s, uses),
@@ -334,8 +218,7 @@ class Registry:
         return TokenRow(token_id, now, now + ttl_s, uses, 0)
 
     def tokens(self) -> list[TokenRow]:
-        with self._reader() as db:
-            rows = db.execute("SELECT id, created_at, expires_at, uses_left, uses FROM tokens ORDER BY created_at").fetchall()
+        rows = self._reads.query("SELECT id, created_at, expires_at, uses_left, uses FROM tokens ORDER BY created_at")
         return [TokenRow(**dict(r)) for r in rows]
 
     # -- enrollment
@@ -345,40 +228,35 @@ class Registry:
         the same token and key as an enrollment not yet confirmed, hand out that row again."""
         now = time.time()
         credential = secrets.token_urlsafe(32)
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                node_id = self._unconfirmed_enrollment(db, token_id, secret, wg_public_key)
-                resumed = node_id is not None
-                if node_id is None:
-                    self._spend_token(db, token_id, secret)
-                    if db.execute("SELECT 1 FROM nodes WHERE wg_public_key=?", (wg_public_key,)).fetchone():
-                        raise EnrollError("key_in_use", "this WireGuard key is already enrolled; the node must make a new key")
-                    node_id = "n" + secrets.token_hex(5)
-                    db.execute(
-                        "INSERT INTO nodes (id, name, region, wg_public_key, overlay_ip, credential_hash, token_id,"
-                        " enrolled_at) VALUES (?,?,?,?,?,?,?,?)",
-                        (node_id, name, region, wg_public_key, self._next_free_ip(db), "", token_id, now),
-                    )
-                # A resumed enrollment gets a fresh credential: the first one never reached the node.
-                db.execute("UPDATE nodes SET credential_hash=?, credential_issued_at=?, prev_credential_hash=NULL,"
-                           " prev_credential_until=NULL WHERE id=?", (tokens.hash_secret(credential), now, node_id))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self._writes.transaction() as db:
+            node_id = self._unconfirmed_enrollment(db, token_id, secret, wg_public_key)
+            resumed = node_id is not None
+            if node_id is None:
+                self._spend_token(db, token_id, secret)
+                if db.execute("SELECT 1 FROM nodes WHERE wg_public_key=?", (wg_public_key,)).fetchone():
+                    raise EnrollError("key_in_use", "this WireGuard key is already enrolled; the node must make a new key")
+                node_id = "n" + secrets.token_hex(5)
+                db.execute(
+                    "INSERT INTO nodes (id, name, region, wg_public_key, overlay_ip, credential_hash, token_id,"
+                    " enrolled_at) VALUES (?,?,?,?,?,?,?,?)",
+                    (node_id, name, region, wg_public_key, self._next_free_ip(db), "", token_id, now),
+                )
+            # A resumed enrollment gets a fresh credential: the first one never reached the node.
+            db.execute("UPDATE nodes SET credential_hash=?, credential_issued_at=?, prev_credential_hash=NULL,"
+                       " prev_credential_until=NULL WHERE id=?", (tokens.hash_secret(credential), now, node_id))
         return Enrollment(self.node(node_id), credential, resumed)
 
     def _unconfirmed_enrollment(self, db: sqlite3.Connection, token_id: str, secret: str, wg_public_key: str) -> str | None:
         """The node id of an enrollment with this token and key that its node never confirmed
-        (no authenticated heartbeat yet), if the secret is right. No use is spent on it, so
-        the token's expiry and remaining uses do not matter here."""
-        row = db.execute("SELECT n.id, t.secret_hash FROM nodes n JOIN tokens t ON t.id = n.token_id"
-                         " WHERE n.wg_public_key=? AND n.token_id=? AND n.confirmed_at IS NULL AND n.revoked_at IS NULL",
-                         (wg_public_key, token_id)).fetchone()
-        if row is None or not tokens.secret_matches(secret, row["secret_hash"]) or self._confirmed_in_memory(row["id"]):
-            return None
-        return row["id"]
+        (no authenticated heartbeat yet, in the file or in memory), if the secret is right. No
+        use is spent on it, so the token's expiry and remaining uses do not matter here."""
+        found = self._select("SELECT n.*, t.secret_hash AS token_secret_hash FROM nodes n JOIN tokens t ON t.id = n.token_id"
+                             " WHERE n.wg_public_key=? AND n.token_id=? AND n.confirmed_at IS NULL"
+                             " AND n.revoked_at IS NULL", (wg_public_key, token_id), db=db)
+        for node, row in found:
+            if node.confirmed_at is None and tokens.secret_matches(secret, row["token_secret_hash"]):
+                return node.id
+        return None
 
     def _spend_token(self, db: sqlite3.Connection, token_id: str, secret: str) -> None:
         row = db.execute("SELECT * FROM tokens WHERE id=?", (token_id,)).fetchone()
@@ -404,61 +282,42 @@ class Registry:
     # -- nodes
 
     def node(self, node_id: str) -> NodeRow:
-        before = self._held_now(node_id)
-        with self._reader() as db:
-            row = db.execute("SELECT * FROM nodes WHERE id=?", (node_id,)).fetchone()
-        if row is None:
+        rows = self._nodes("SELECT * FROM nodes WHERE id=?", (node_id,), node_id)
+        if not rows:
             raise KeyError(node_id)
-        return self._fresh(row, before, self._held_now(node_id))
+        return rows[0]
 
     def find_node(self, id_or_name: str) -> NodeRow:
-        before = self._held_now()
-        with self._reader() as db:
-            rows = db.execute("SELECT * FROM nodes WHERE id=? OR name=?", (id_or_name, id_or_name)).fetchall()
+        rows = self._nodes("SELECT * FROM nodes WHERE id=? OR name=?", (id_or_name, id_or_name))
         if not rows:
             raise KeyError(id_or_name)
         if len(rows) > 1:
-            raise LookupError(f"'{id_or_name}' names {len(rows)} nodes: use the node id ({', '.join(r['id'] for r in rows)})")
-        return self._fresh(rows[0], before, self._held_now())
+            raise LookupError(f"'{id_or_name}' names {len(rows)} nodes: use the node id ({', '.join(r.id for r in rows)})")
+        return rows[0]
 
     def nodes(self) -> list[NodeRow]:
-        before = self._held_now()
-        with self._reader() as db:
-            rows = db.execute("SELECT * FROM nodes ORDER BY enrolled_at").fetchall()
-        after = self._held_now()
-        return [self._fresh(r, before, after) for r in rows]
+        return self._nodes("SELECT * FROM nodes ORDER BY enrolled_at")
 
     def authenticate(self, node_id: str, credential: str) -> Auth | None:
         """The node, if `credential` is its current credential or the one a renewal replaced
         (during the overlap). An expired credential still authenticates here, with
         `expires_in_s` <= 0: the API refuses it with its own message."""
-        before = self._held_now(node_id)
-        with self._reader() as db:
-            row = db.execute("SELECT * FROM nodes WHERE id=?", (node_id,)).fetchone()
-        if row is None or not credential:
+        found = self._select("SELECT * FROM nodes WHERE id=?", (node_id,), node_id)
+        if not found or not credential:
             return None
-        after = self._held_now(node_id)
+        node, row = found[0]
         now = time.time()
         if row["credential_hash"] and tokens.secret_matches(credential, row["credential_hash"]):
             issued = row["credential_issued_at"] or row["enrolled_at"]
-            return Auth(self._fresh(row, before, after), issued + self.credential_lifetime_s - now, self.credential_lifetime_s, False)
+            return Auth(node, issued + self.credential_lifetime_s - now, self.credential_lifetime_s, False)
         if row["prev_credential_hash"] and tokens.secret_matches(credential, row["prev_credential_hash"]):
-            return Auth(self._fresh(row, before, after), (row["prev_credential_until"] or 0.0) - now, self.credential_lifetime_s, True)
+            return Auth(node, (row["prev_credential_until"] or 0.0) - now, self.credential_lifetime_s, True)
         return None
 
     def record_heartbeat(self, node_id: str, report: dict[str, Any], confirm: bool = True) -> None:
         """Store a node's report. `confirm`: it came with the node's credential, which proves
         the node holds its identity (an enrollment's report does not)."""
-        now = time.time()
-        if self._held():
-            with self._pending_lock:
-                before = self._beats.get(node_id)
-                first = before.confirmed_at if before is not None and before.confirmed_at is not None else None
-                self._beats[node_id] = _Beat(now, report, first if first is not None else (now if confirm else None))
-            return
-        with self._db() as db:
-            db.execute("UPDATE nodes SET last_seen=?, report=?, confirmed_at=CASE WHEN ? THEN COALESCE(confirmed_at, ?)"
-                       " ELSE confirmed_at END WHERE id=?", (now, json.dumps(report), confirm, now, node_id))
+        self._heartbeats.beat(node_id, report, time.time(), confirm)
 
     def renew_credential(self, auth: Auth, credential: str, wg_public_key: str | None = None) -> Renewal:
         """A new credential for an authenticated node (and, if given, a new WireGuard key).
@@ -468,21 +327,15 @@ class Registry:
         node_id = auth.node.id
         new = secrets.token_urlsafe(32)
         key = wg_public_key or auth.node.wg_public_key
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                if db.execute("SELECT 1 FROM nodes WHERE wg_public_key=? AND id<>?", (key, node_id)).fetchone():
-                    raise EnrollError("key_in_use", "this WireGuard key belongs to another node: make a new key")
-                db.execute(
-                    "UPDATE nodes SET credential_hash=?, credential_issued_at=?, prev_credential_hash=?,"
-                    " prev_credential_until=?, wg_public_key=?, confirmed_at=COALESCE(confirmed_at, ?) WHERE id=?",
-                    (tokens.hash_secret(new), now, tokens.hash_secret(credential),
-                     now + min(self.credential_overlap_s, max(0.0, auth.expires_in_s)), key, now, node_id),
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self._writes.transaction() as db:
+            if db.execute("SELECT 1 FROM nodes WHERE wg_public_key=? AND id<>?", (key, node_id)).fetchone():
+                raise EnrollError("key_in_use", "this WireGuard key belongs to another node: make a new key")
+            db.execute(
+                "UPDATE nodes SET credential_hash=?, credential_issued_at=?, prev_credential_hash=?,"
+                " prev_credential_until=?, wg_public_key=?, confirmed_at=COALESCE(confirmed_at, ?) WHERE id=?",
+                (tokens.hash_secret(new), now, tokens.hash_secret(credential),
+                 now + min(self.credential_overlap_s, max(0.0, auth.expires_in_s)), key, now, node_id),
+            )
         return Renewal(self.node(node_id), new, self.credential_lifetime_s, self.credential_lifetime_s,
                        key_changed=key != auth.node.wg_public_key)
 
@@ -491,36 +344,22 @@ class Registry:
         credential) within `older_than_s`: the address is free again, the hub peer goes with
         the next sync, and the token gets its use back. Revoked rows stay (the operator's)."""
         cutoff = time.time() - older_than_s
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = db.execute("SELECT * FROM nodes WHERE confirmed_at IS NULL AND revoked_at IS NULL"
-                                  " AND enrolled_at < ?", (cutoff,)).fetchall()
-                # A confirmation still in memory keeps its row.
-                rows = [r for r in rows if not self._confirmed_in_memory(r["id"])]
-                for row in rows:
-                    db.execute("DELETE FROM nodes WHERE id=?", (row["id"],))
-                    db.execute("UPDATE tokens SET uses = MAX(uses - 1, 0), uses_left = CASE WHEN uses_left IS NULL"
-                               " THEN NULL ELSE uses_left + 1 END WHERE id=?", (row["token_id"],))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        return [_node_row(r) for r in rows]
+        with self._writes.transaction() as db:
+            found = self._select("SELECT * FROM nodes WHERE confirmed_at IS NULL AND revoked_at IS NULL"
+                                 " AND enrolled_at < ?", (cutoff,), db=db)
+            gone = [(node, row) for node, row in found if node.confirmed_at is None]  # one confirmed in memory stays
+            for node, row in gone:
+                db.execute("DELETE FROM nodes WHERE id=?", (node.id,))
+                db.execute("UPDATE tokens SET uses = MAX(uses - 1, 0), uses_left = CASE WHEN uses_left IS NULL"
+                           " THEN NULL ELSE uses_left + 1 END WHERE id=?", (row["token_id"],))
+        return [node for node, _ in gone]
 
     def record_ray_membership(self, alive_node_ids: set[str], cluster_id: str = "") -> None:
         """Which nodes the Ray head holds alive, and the id of the Ray cluster that said so
         (hex; "" when not known). A call that clears the membership (no answer, the Ray head
         down or starting) clears the id with it."""
-        now = time.time()
         self._ray_cluster_id = cluster_id  # in memory only: a restarted head asks its Ray head again
-        if self._held():
-            with self._pending_lock:
-                self._ray = (frozenset(alive_node_ids), now)
-            return
-        with self._db() as db:
-            db.execute("UPDATE nodes SET ray_alive = id IN (SELECT value FROM json_each(?)), ray_checked_at=?",
-                       (json.dumps(sorted(alive_node_ids)), now))
+        self._heartbeats.membership(alive_node_ids, time.time())
 
     @property
     def ray_cluster_id(self) -> str:
@@ -529,7 +368,7 @@ class Registry:
         return self._ray_cluster_id
 
     def revoke(self, node_id: str) -> NodeRow:
-        with self._db() as db:
+        with self._writes.use() as db:
             db.execute("UPDATE nodes SET revoked_at=COALESCE(revoked_at, ?) WHERE id=?", (time.time(), node_id))
         return self.node(node_id)
 
@@ -537,21 +376,14 @@ class Registry:
         """The rows the hub needs (not revoked), without their reports: the head asks every
         couple of seconds, and decoding a thousand reports each time cost the heartbeats'
         latency (the reports are the one large column). `report` is {} in these rows."""
-        with self._reader() as db:
-            rows = db.execute("SELECT id, name, region, wg_public_key, overlay_ip, enrolled_at, last_seen, revoked_at,"
-                              " '{}' AS report, ray_alive, ray_checked_at, confirmed_at FROM nodes"
-                              " WHERE revoked_at IS NULL ORDER BY enrolled_at").fetchall()
-        return [_node_row(r) for r in rows]
+        found = self._select("SELECT id, name, region, wg_public_key, overlay_ip, enrolled_at, last_seen,"
+                             " revoked_at, '{}' AS report, ray_alive, ray_checked_at, confirmed_at FROM nodes"
+                             " WHERE revoked_at IS NULL ORDER BY enrolled_at", reports=False)
+        return [node for node, _ in found]
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
-    return db
-
-
-def _node_row(row: sqlite3.Row) -> NodeRow:
+def _file_row(row: sqlite3.Row) -> NodeRow:
+    """A row as the file has it. Only `Registry._select` calls this: what memory holds goes over it there."""
     d = dict(row)
     return NodeRow(
         id=d["id"], name=d["name"], region=d["region"], wg_public_key=d["wg_public_key"],
@@ -570,17 +402,20 @@ def _report(text: Any) -> Any:
         return str(text)
 
 
-def _migrate(db: sqlite3.Connection) -> None:
-    # In one write transaction: the server and a CLI command may open an old registry at once.
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        have = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
-        for column, kind, backfill in MIGRATIONS:
-            if column not in have:
-                db.execute(f"ALTER TABLE nodes ADD COLUMN {column} {kind}")
-                if backfill:
-                    db.execute(backfill)
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
+def _adopt(db: sqlite3.Connection) -> None:
+    """Version 1: whatever a registry from before numbered versions holds, brought to the schema
+    of the release that began numbering them. Such a file may be empty, the first release's, or
+    have some of the columns added since (each was added at open when missing), so this step
+    looks before it adds; a column it adds is backfilled, one already there is left alone."""
+    for statement in sqlite.statements(SCHEMA):
+        db.execute(statement)
+    have = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
+    for column, kind, backfill in UNNUMBERED_COLUMNS:
+        if column not in have:
+            db.execute(f"ALTER TABLE nodes ADD COLUMN {column} {kind}")
+            if backfill:
+                db.execute(backfill)
+
+
+# Step i brings the file to user_version i + 1; add new steps at the end, never edit one shipped.
+MIGRATIONS: list[sqlite.Step] = [_adopt]

@@ -4,13 +4,13 @@ delays, the heartbeat path, and the registry's schema stays the control plane's 
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-SCHEMA = [
+from garage_node.head import sqlite
+
+# Step i brings the file to user_version i + 1 (this file has been numbered from its first
+# release); add new steps at the end, never edit one shipped.
+MIGRATIONS: list[sqlite.Step] = [
     # v1
     """
     CREATE TABLE api_keys (
@@ -35,47 +35,13 @@ SCHEMA = [
 ]
 
 
-class Store:
+class Store(sqlite.Database):
     """One long-lived connection (WAL), serialised by a lock: the gateway's event loop, the
     control API's threads and the ledger's flusher all use it, each call short."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
         # The ledger's batches are its own durability unit; a crash loses at most the last one.
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._lock = threading.Lock()
-        with self.transaction() as db:
-            _migrate(db)
-        path.chmod(0o600)
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(sql, args).fetchall()
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    for number, script in enumerate(SCHEMA[version:], start=version + 1):
-        for statement in script.split(";"):
-            if statement.strip():
-                db.execute(statement)
-        db.execute(f"PRAGMA user_version = {number}")
+        super().__init__(path, synchronous="NORMAL")
+        self.migrate(MIGRATIONS)
+        path.chmod(0o600)  # key hashes and who used what: the operator's alone
