@@ -399,6 +399,15 @@ class EnrollReply(RegionFacts):
 
 
 @dataclass(frozen=True, kw_only=True)
+class HeartbeatExtras:
+    """The gateway's part of a heartbeat's answer (see HeartbeatReply): the head's control API
+    asks for it by node id and adds it; a head without a gateway gives the defaults."""
+
+    engine_api_key: str = field(default="", repr=False)
+    tokens_served: TokensServed | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class HeartbeatReply(RegionFacts):
     node_id: str
     state: str = "active"

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from dataclasses import replace
 
@@ -24,6 +24,7 @@ from garage_node.core.backoff import Backoff
 from garage_node.core.firewall import Firewall, Nftables, Rules
 from garage_node.core.raycmd import RAY_PORTS, ray_env, ray_executable
 from garage_node.core.supervise import Supervised
+from garage_node.core.wire import HeartbeatExtras
 from garage_node.head.api import ApiHooks, create_app
 from garage_node.head.config import HeadConfig
 from garage_node.head.connguard import GuardLimits, guarded_loop_factory, guarded_protocol
@@ -298,14 +299,15 @@ def run(cfg: HeadConfig) -> None:
     # Listeners beside the control API (the gateway, the fleet page), each built here and
     # started once the service is up; a listener that cannot bind stops the head with why.
     listeners: list[BackgroundServer] = []
-    node_extras: Callable[[str], dict[str, Any]] = lambda _node_id: {}  # noqa: E731
+    node_extras: Callable[[str], HeartbeatExtras] = lambda _node_id: HeartbeatExtras()  # noqa: E731
     gateway = None
     if cfg.gateway.enabled:
         gateway = Gateway(cfg.gateway, cfg.head.state_dir,
                           # Without the reports: the gateway asks every few seconds, on its loop.
                           lambda: {n.id: n.name for n in service.registry.active_peers()})
         reports.subscribe(gateway.on_report)
-        node_extras = gateway.node_extras
+        extras_of = gateway.node_extras
+        node_extras = lambda node_id: HeartbeatExtras(**extras_of(node_id))  # noqa: E731
         listeners.extend(gateway_listeners(cfg, gateway))
     if cfg.fleet.enabled:
         # The operator's fleet page ([fleet]): a history fed by every accepted heartbeat.

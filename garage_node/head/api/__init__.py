@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from garage_node.core.errors import ErrorCode
-from garage_node.core.wire import RegionFacts
+from garage_node.core.wire import HeartbeatExtras, RegionFacts
 from garage_node.head.api import enroll, nodes
 from garage_node.head.api.common import ApiError
 from garage_node.head.api.limits import BodyLimit
@@ -45,7 +45,7 @@ class ApiHooks:
     # Every accepted heartbeat's report goes to its subscribers (the gateway, the fleet page).
     reports: Reports | None = None
     # node id -> extra fields of its heartbeat answer (its engine key, tokens served).
-    node_extras: Callable[[str], dict[str, Any]] = lambda _node_id: {}
+    node_extras: Callable[[str], HeartbeatExtras] = lambda _node_id: HeartbeatExtras()
     # (seconds, HTTP status) of each heartbeat answered: the gateway's metrics.
     on_heartbeat_s: Callable[[float, int], None] | None = None
 
@@ -101,6 +101,6 @@ def create_app(registry: Registry, facts: RegionFacts, ca_pem: bytes, hooks: Api
 
     node_extras = hooks.node_extras
     app.include_router(enroll.router(registry, facts, hooks.on_change, hooks.ray_token,
-                                     lambda node_id: node_extras(node_id).get("engine_api_key", "")))
+                                     lambda node_id: node_extras(node_id).engine_api_key))
     app.include_router(nodes.router(registry, facts, hooks.ray_token, hooks.on_change, hooks.reports, node_extras))
     return app

@@ -4,14 +4,14 @@ node reports its state; the head answers with its own view) and credential renew
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Callable
+from typing import Annotated, Callable
 
 from fastapi import APIRouter, Depends, Path
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from garage_node.core.errors import ErrorCode
-from garage_node.core.wire import CredentialReply, HeartbeatReply, NodeReport, RegionFacts, encode
+from garage_node.core.wire import CredentialReply, HeartbeatExtras, HeartbeatReply, NodeReport, RegionFacts, encode
 from garage_node.head.api.common import CREDENTIAL_FORMAT, NODE_ID, ApiError, WgPublicKey, region_fields, responses
 from garage_node.head.registry import Auth, EnrollError, Registry
 from garage_node.head.reports import Reports
@@ -38,7 +38,7 @@ class CredentialRequest(BaseModel):
 
 def router(registry: Registry, facts: RegionFacts, ray_token: Callable[[], str] = lambda: "",
            on_change: Callable[[], None] = lambda: None, reports: Reports | None = None,
-           node_extras: Callable[[str], dict[str, Any]] = lambda _: {}) -> APIRouter:
+           node_extras: Callable[[str], HeartbeatExtras] = lambda _: HeartbeatExtras()) -> APIRouter:
     """`reports` gets every accepted heartbeat's report; `node_extras(node_id)` adds the
     gateway's part of the answer (the engine's API key, the tokens the PC served)."""
     r = APIRouter()
@@ -65,10 +65,12 @@ def router(registry: Registry, facts: RegionFacts, ray_token: Callable[[], str] 
         registry.record_heartbeat(node_id, encode(req.report))
         if reports is not None:
             reports.publish(node_id, req.report)
+        extras = node_extras(node_id)
         return HeartbeatReply(node_id=node_id, ray_alive=node.ray_alive, ray_checked_at=node.ray_checked_at,
                               ray_token=ray_token(), ray_cluster_id=registry.ray_cluster_id,
                               credential_expires_in_s=round(auth.expires_in_s, 1),
-                              credential_lifetime_s=auth.lifetime_s, **node_extras(node_id), **region_fields(facts))
+                              credential_lifetime_s=auth.lifetime_s, engine_api_key=extras.engine_api_key,
+                              tokens_served=extras.tokens_served, **region_fields(facts))
 
     @r.post("/v1/nodes/{node_id}/credential",
             summary="Renew the node's credential (and, if asked, its WireGuard key); the old credential stays "
