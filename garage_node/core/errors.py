@@ -39,6 +39,9 @@ class ErrorCode(StrEnum):
             return code
 
 
+# What the head's API answers (the rest the node says of the head).
+SENT_BY_HEAD = frozenset(ErrorCode) - {ErrorCode.UNREACHABLE, ErrorCode.PIN_MISMATCH, ErrorCode.WRONG_REGION}
+
 # Enrollment refusals answered 409, not 401: the same request may succeed after a change (a new
 # key, a wider network).
 CONFLICTS = frozenset({ErrorCode.KEY_IN_USE, ErrorCode.NETWORK_FULL})

@@ -3,9 +3,13 @@ OpenAPI description, so a client or a schema fuzzer knows every answer it can ge
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
+
+from garage_node.core.errors import SENT_BY_HEAD
+from garage_node.core.wire import RegionFacts
 
 # Formats of what clients send. Join tokens and credentials come from `secrets.token_urlsafe`.
 TOKEN_ID = r"^[a-z0-9]{6,32}$"
@@ -21,7 +25,9 @@ WgPublicKey = Annotated[str, Field(pattern=WG_PUBLIC_KEY, description="a WireGua
 class ErrorBody(BaseModel):
     """Every refusal: a machine-readable code and a sentence that says what to do."""
 
-    error: str
+    # A str, not the enum: the framework's own refusals are http_<status> (404, 405...).
+    error: str = Field(description="a machine-readable code: one of " + ", ".join(sorted(SENT_BY_HEAD))
+                       + ", or http_<status> for the framework's own refusals")
     message: str
 
 
@@ -45,8 +51,6 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def region_fields(facts) -> dict:
+def region_fields(facts: RegionFacts) -> dict[str, Any]:
     """The RegionFacts part of an answer, as keyword arguments (EnrollReply, HeartbeatReply)."""
-    from dataclasses import fields
-
-    return {f.name: getattr(facts, f.name) for f in fields(facts)}
+    return {f.name: getattr(facts, f.name) for f in fields(RegionFacts)}
