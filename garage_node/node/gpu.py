@@ -10,6 +10,7 @@ import ctypes
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from garage_node.core.wire import GPU
 
@@ -260,7 +261,7 @@ class NvmlSession:
 
     def __init__(self) -> None:
         self._open = False
-        self._events = None  # the event set, once registered
+        self._events: Any = None  # the event set (an NVML handle), once registered
         self._handles: dict[int, object] = {}
         self._changed: dict[int, int] = {}  # index -> default limit (mW) to restore at exit
         self.note: str | None = None  # why events or limits are unavailable, for the log
