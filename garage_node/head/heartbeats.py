@@ -53,7 +53,7 @@ def fold(acc: Batch, newer: Batch) -> None:
     for node_id, beat in newer.beats.items():
         old = acc.beats.get(node_id)
         if old is not None and old.confirmed_at is not None:
-            beat = replace(beat, confirmed_at=old.confirmed_at)
+            beat = Beat(beat.last_seen, beat.report, old.confirmed_at)  # not replace(): the slowest call here, once per heartbeat
         acc.beats[node_id] = beat
     if newer.ray is not None:
         acc.ray = newer.ray
@@ -73,19 +73,22 @@ class Held:
     def lay_over(self, node: NodeRow, reports: bool = True) -> NodeRow:
         """The row with what memory holds newer than the file laid over it. `reports`: False
         for rows read without their report (it stays as read)."""
+        changes: dict[str, Any] = {}  # one replace() per row: it is the costliest step of a read
         beats = self.beats.get(node.id, [])
         if beats:
             beat = max(beats, key=lambda b: b.last_seen)
             if node.last_seen is None or beat.last_seen >= node.last_seen:
-                node = replace(node, last_seen=beat.last_seen, report=beat.report if reports else node.report)
+                changes["last_seen"] = beat.last_seen
+                if reports:
+                    changes["report"] = beat.report
             if node.confirmed_at is None:
-                first = min((b.confirmed_at for b in beats if b.confirmed_at is not None), default=None)
-                node = replace(node, confirmed_at=first)
+                changes["confirmed_at"] = min((b.confirmed_at for b in beats if b.confirmed_at is not None), default=None)
         if self.rays:
             ray = max(self.rays, key=lambda r: r.checked_at)
             if node.ray_checked_at is None or ray.checked_at >= node.ray_checked_at:
-                node = replace(node, ray_alive=node.id in ray.alive, ray_checked_at=ray.checked_at)
-        return node
+                changes["ray_alive"] = node.id in ray.alive
+                changes["ray_checked_at"] = ray.checked_at
+        return replace(node, **changes) if changes else node
 
 
 class HeartbeatBuffer:
@@ -138,10 +141,13 @@ class HeartbeatBuffer:
 
 
 def _copy(node_id: str | None, *batches: Batch) -> Held:
-    ids = {node_id} if node_id is not None else {i for b in batches for i in b.beats}
     beats: dict[str, list[Beat]] = {}
-    for i in ids:
-        got = [b.beats[i] for b in batches if i in b.beats]
+    if node_id is not None:  # a heartbeat's own read: one lookup, not a copy of every node's
+        got = [b.beats[node_id] for b in batches if node_id in b.beats]
         if got:
-            beats[i] = got
+            beats[node_id] = got
+    else:
+        for batch in batches:
+            for i, beat in batch.beats.items():
+                beats.setdefault(i, []).append(beat)
     return Held(beats, [b.ray for b in batches if b.ray is not None])
