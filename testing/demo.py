@@ -16,7 +16,7 @@ import time
 
 from testing.dockerd import TINY_MODEL, engine_toml, tiny_model_dir
 from testing.nvml_double import RTX_4060, RTX_4090, RTX_3060_12GB
-from testing.region import Testbed, TestbedError, missing_prerequisite
+from testing.region import HeadHost, NodeHost, Testbed, TestbedError, missing_prerequisite
 
 
 def say(text: str) -> None:
@@ -39,9 +39,10 @@ def wait_engines(nodes, start: float, timeout: float = 900) -> None:
     raise TimeoutError("the engines did not become healthy in time; see each PC's `garage-node status`")
 
 
-def ask(head, key: str, prompt: str) -> tuple[str, str, dict]:
+def ask(head, key: str, prompt: str, max_tokens: int = 12) -> tuple[str, str, dict]:
     """A chat completion sent to the head's gateway: (the PC that answered, the text, usage)."""
-    body = json.dumps({"model": TINY_MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 12})
+    body = json.dumps({"model": TINY_MODEL, "messages": [{"role": "user", "content": prompt}],
+                       "max_tokens": max_tokens})
     res = head.run(["curl", "-s", "-D", "-", "--max-time", "120", "-H", "Content-Type: application/json",
                     "-H", f"Authorization: Bearer {key}", "-d", body, "http://127.0.0.1:8080/v1/chat/completions"],
                    timeout=130)
@@ -54,33 +55,43 @@ def ask(head, key: str, prompt: str) -> tuple[str, str, dict]:
     return pc, reply["choices"][0]["message"]["content"], reply["usage"]
 
 
+def start_region(tb: Testbed, engine: bool, start: float) -> tuple[HeadHost, list[NodeHost]]:
+    """The demo's region in `tb`: a head, and two PCs (alice-pc with two simulated GPUs, bob-pc
+    with one) started with single-use tokens and joined (WireGuard, Ray); with `engine`, each
+    PC has a dockerd of its own and an engine on a CPU of its own (not yet healthy: see
+    wait_engines). Says what it does; raises TimeoutError or TestbedError."""
+    say(f"Region '{tb.prefix}': namespaces on a private bridge; work files in {tb.dir}")
+    head = tb.start_head()
+    say(f"  head      {head.ip}  control API https://{head.ip}:8443, WireGuard hub 100.96.0.1, Ray head")
+    nodes: list[NodeHost]
+    if engine:
+        say("Starting each PC's own dockerd (the vLLM CPU image is loaded into it the first time: a minute or two) ...")
+        model = tiny_model_dir()
+        # Each PC's engine on a CPU of its own, as on separate machines (testing/dockerd.py).
+        nodes = [tb.add_engine_node("alice-pc", engine_toml(model, cpus="0"), [RTX_4090, RTX_4060]),
+                 tb.add_engine_node("bob-pc", engine_toml(model, cpus="1"), [RTX_3060_12GB])]
+    else:
+        nodes = [tb.add_node("alice-pc", [RTX_4090, RTX_4060]), tb.add_node("bob-pc", [RTX_3060_12GB])]
+    for node in nodes:
+        # Each PC gets what its USB stick would carry: a name and a single-use join token.
+        node.configure(head.token("--uses", "1", "--ttl", "10m"))
+        node.start()
+        say(f"  node      {node.ip}  {node.name}: agent started with a single-use token ({len(node.gpus)} simulated GPU)")
+    say("Waiting for both PCs to enroll, bring up WireGuard and join Ray ...")
+    for node in nodes:
+        node.wait_state("joined", 180)
+        say(f"  {node.name} joined after {time.monotonic() - start:.0f} s")
+    return head, nodes
+
+
 def run_demo(keep: bool = False, engine: bool = True) -> int:
     if why := missing_prerequisite():
         say(f"demo: {why}. Run it as root: ./scripts/demo")
         return 2
     start = time.monotonic()
     with Testbed() as tb:
-        say(f"Region '{tb.prefix}': namespaces on a private bridge; work files in {tb.dir}")
-        head = tb.start_head()
-        say(f"  head      {head.ip}  control API https://{head.ip}:8443, WireGuard hub 100.96.0.1, Ray head")
-        if engine:
-            say("Starting each PC's own dockerd (the vLLM CPU image is loaded into it the first time: a minute or two) ...")
-            model = tiny_model_dir()
-            # Each PC's engine on a CPU of its own, as on separate machines (testing/dockerd.py).
-            nodes = [tb.add_engine_node("alice-pc", engine_toml(model, cpus="0"), [RTX_4090, RTX_4060]),
-                     tb.add_engine_node("bob-pc", engine_toml(model, cpus="1"), [RTX_3060_12GB])]
-        else:
-            nodes = [tb.add_node("alice-pc", [RTX_4090, RTX_4060]), tb.add_node("bob-pc", [RTX_3060_12GB])]
-        for node in nodes:
-            # Each PC gets what its USB stick would carry: a name and a single-use join token.
-            node.configure(head.token("--uses", "1", "--ttl", "10m"))
-            node.start()
-            say(f"  node      {node.ip}  {node.name}: agent started with a single-use token ({len(node.gpus)} simulated GPU)")
-        say("Waiting for both PCs to enroll, bring up WireGuard and join Ray ...")
         try:
-            for node in nodes:
-                node.wait_state("joined", 180)
-                say(f"  {node.name} joined after {time.monotonic() - start:.0f} s")
+            head, nodes = start_region(tb, engine, start)
         except (TimeoutError, TestbedError) as e:
             say(f"demo failed: {e}")
             return 1
