@@ -40,26 +40,22 @@ LISTENER = "import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SO
 
 
 @pytest.fixture(scope="module")
-def region():
-    tb = Testbed()
-    tb.setup()
-    try:
-        head = tb.start_head()
-        n1 = tb.add_node("n1", [RTX_4090])
-        n2 = tb.add_node("n2", [RTX_3060_12GB])
-        for n in (n1, n2):
-            n.configure(head.token("--uses", "1"))
-            n.start()
-        for n in (n1, n2):
-            n.wait_state("joined", 180)
-        eve = Host(tb, "eve", tb._ip(99))
-        tb._add_host(eve)
-        tb.eve = eve
-        n2_overlay = n2.status()["overlay"]["address"]
-        tb.engine_stand_in = n2.spawn([PYTHON, "-c", LISTENER.format(ip=n2_overlay, port=ENGINE_PORT)], "stand-in.log")
-        yield tb
-    finally:
-        tb.cleanup()
+def region(testbed: Testbed) -> Testbed:
+    tb = testbed
+    head = tb.start_head()
+    n1 = tb.add_node("n1", [RTX_4090])
+    n2 = tb.add_node("n2", [RTX_3060_12GB])
+    for n in (n1, n2):
+        n.configure(head.token("--uses", "1"))
+        n.start()
+    for n in (n1, n2):
+        n.wait_state("joined", 180)
+    eve = Host(tb, "eve", tb._ip(99))
+    tb._add_host(eve)
+    tb.eve = eve
+    n2_overlay = n2.status()["overlay"]["address"]
+    tb.engine_stand_in = n2.spawn([PYTHON, "-c", LISTENER.format(ip=n2_overlay, port=ENGINE_PORT)], "stand-in.log")
+    return tb
 
 
 def listening(host: Host) -> set[tuple[str, int]]:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -58,20 +59,23 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="module")
-def region(tiny_model, tmp_path_factory):
+def no_engine_container() -> Iterator[None]:
+    """The machine's dockerd holds no garage-engine before the testbed and none after its
+    cleanup (set up before `testbed`, so torn down after it)."""
     docker("rm", "-f", "garage-engine", check=False)
-    tb = Testbed()
-    tb.setup()
-    try:
-        head = tb.start_head()
-        node = tb.add_root_node("e1")
-        tb.engine_args = (tiny_model, tmp_path_factory.mktemp("model-cache"))
-        node.configure(head.token(), engine=engine_section(*tb.engine_args))
-        node.start()
-        yield tb
-    finally:
-        tb.cleanup()
-        docker("rm", "-f", "garage-engine", check=False)
+    yield
+    docker("rm", "-f", "garage-engine", check=False)
+
+
+@pytest.fixture(scope="module")
+def region(tiny_model, tmp_path_factory, no_engine_container: None, testbed: Testbed) -> Testbed:
+    tb = testbed
+    head = tb.start_head()
+    node = tb.add_root_node("e1")
+    tb.engine_args = (tiny_model, tmp_path_factory.mktemp("model-cache"))
+    node.configure(head.token(), engine=engine_section(*tb.engine_args))
+    node.start()
+    return tb
 
 
 def healthy(node, timeout=300, predicate=None):
@@ -150,7 +154,7 @@ def test_spec_change_replaces_the_engine(region):
     model_dir, cache = region.engine_args
     node.configure("", engine=engine_section(model_dir, cache, max_model_len="1024"))
     node.start()
-    s = healthy(node, 300, predicate=lambda s: s["engine"]["container_id"] not in (None, old_id))
+    healthy(node, 300, predicate=lambda s: s["engine"]["container_id"] not in (None, old_id))
     new_hash = docker("inspect", "-f", '{{index .Config.Labels "garage-node.spec-hash"}}', "garage-engine")
     assert new_hash != old_hash
     assert "--max-model-len 1024" in " ".join(json.loads(docker("inspect", "-f", "{{json .Config.Cmd}}", "garage-engine")))

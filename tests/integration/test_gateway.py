@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -46,28 +47,34 @@ def healthy(node, timeout=600, predicate=None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def region():
-    model = tiny_model_dir()
-    tb = Testbed()
-    tb.setup()
-    try:
-        head = tb.start_head()
-        pcs = [tb.add_engine_node(name, engine_toml(model, cpus=str(i))) for i, name in enumerate(("pc-a", "pc-b"))]
-        for pc in pcs:
-            pc.configure(head.token())
-            pc.start()
-        for pc in pcs:
-            healthy(pc)
-        tb.key = hc(head, "key", "create", "tester").stdout.strip()
-        wait_for(lambda: models(head, tb.key).get(TINY_MODEL) == 2, 60, "both PCs in the gateway's table")
-        yield tb
-    finally:
+def left_behind() -> Iterator[list[Testbed]]:
+    """Checks, once the testbed is cleaned up (this fixture is set up before `testbed`, so it is
+    torn down after it), that nothing was left behind: namespaces, the PCs' containers (by
+    cgroup), their mounts."""
+    beds: list[Testbed] = []
+    yield beds
+    for tb in beds:
         slots = [h.dockerd.slot for h in tb.hosts if getattr(h, "dockerd", None) is not None]
-        tb.cleanup()
-        # Nothing left behind: namespaces, the PCs' containers (by cgroup), their mounts.
         assert not [ns for ns in namespaces() if ns.startswith(tb.prefix)]
         assert not [s for s in slots if cgroup_dirs(s)]
         assert str(CACHE) not in Path("/proc/mounts").read_text()
+
+
+@pytest.fixture(scope="module")
+def region(left_behind: list[Testbed], testbed: Testbed) -> Testbed:
+    model = tiny_model_dir()
+    tb = testbed
+    left_behind.append(tb)
+    head = tb.start_head()
+    pcs = [tb.add_engine_node(name, engine_toml(model, cpus=str(i))) for i, name in enumerate(("pc-a", "pc-b"))]
+    for pc in pcs:
+        pc.configure(head.token())
+        pc.start()
+    for pc in pcs:
+        healthy(pc)
+    tb.key = hc(head, "key", "create", "tester").stdout.strip()
+    wait_for(lambda: models(head, tb.key).get(TINY_MODEL) == 2, 60, "both PCs in the gateway's table")
+    return tb
 
 
 def hc(head, *args: str) -> subprocess.CompletedProcess:
@@ -211,8 +218,8 @@ def test_pcs_see_the_tokens_they_served(region):
         node_id = pc.status()["node_id"]
         if node_id not in served:
             continue
-        pc.wait_state("joined", 30, predicate=lambda s: (s.get("tokens_served") or {}).get("total", 0)
-                      >= served[node_id]["total_tokens"])
+        want = served[node_id]["total_tokens"]
+        pc.wait_state("joined", 30, predicate=lambda s, want=want: (s.get("tokens_served") or {}).get("total", 0) >= want)
         assert "tokens today" in pc.run(pc.cmd("status")).stdout
     assert "TOKENS" in hc(head, "nodes").stdout
 

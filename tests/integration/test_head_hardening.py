@@ -33,23 +33,19 @@ RECLAIM_AFTER_S = 20.0
 
 
 @pytest.fixture(scope="module")
-def region():
-    tb = Testbed()
-    tb.setup()
-    try:
-        head = tb.add_head()
-        text = head.config.read_text()
-        assert "[options]\n" in text
-        head.config.write_text(text.replace("[options]\n", f"""[options]
+def region(testbed: Testbed) -> Testbed:
+    tb = testbed
+    head = tb.add_head()
+    text = head.config.read_text()
+    assert "[options]\n" in text
+    head.config.write_text(text.replace("[options]\n", f"""[options]
 credential_lifetime_s = {CREDENTIAL_LIFETIME_S}
 credential_overlap_s = 60.0
 reclaim_unconfirmed_after_s = {RECLAIM_AFTER_S}
 """, 1))
-        head.init()
-        head.start()
-        yield tb
-    finally:
-        tb.cleanup()
+    head.init()
+    head.start()
+    return tb
 
 
 def registry(tb) -> sqlite3.Connection:

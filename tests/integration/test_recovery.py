@@ -28,24 +28,20 @@ pytestmark = [pytest.mark.testbed, pytest.mark.skipif(bool(missing_prerequisite(
 
 
 @pytest.fixture(scope="module")
-def region():
-    tb = Testbed()
-    tb.setup()
-    try:
-        head = tb.add_head()
-        with head.config.open("a") as f:  # the gateway is not what this file is about: one listener less
-            f.write("\n[gateway]\nenabled = false\n")
-        head.init()
-        head.start()
-        for name in ("r1", "r2"):
-            node = tb.add_node(name, [])
-            node.configure(head.token("--uses", "1"))
-            node.start()
-        for node in tb.hosts[1:]:
-            node.wait_state("joined", 180)
-        yield tb
-    finally:
-        tb.cleanup()
+def region(testbed: Testbed) -> Testbed:
+    tb = testbed
+    head = tb.add_head()
+    with head.config.open("a") as f:  # the gateway is not what this file is about: one listener less
+        f.write("\n[gateway]\nenabled = false\n")
+    head.init()
+    head.start()
+    for name in ("r1", "r2"):
+        node = tb.add_node(name, [])
+        node.configure(head.token("--uses", "1"))
+        node.start()
+    for node in tb.hosts[1:]:
+        node.wait_state("joined", 180)
+    return tb
 
 
 def ray_workers(head) -> dict[str, dict]:

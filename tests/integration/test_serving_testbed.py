@@ -26,20 +26,16 @@ CARD1 = dataclasses.replace(RTX_4060, power_limits=(100, 115, 115), temp=40)
 
 
 @pytest.fixture(scope="module")
-def region():
-    tb = Testbed()
-    tb.setup()
-    try:
-        head = tb.start_head()
-        pc = tb.add_node("pc", [CARD0, CARD1])
-        engine = (f'enabled = true\ndevice = "gpu"\ngpu_access = "nvidia-toolkit"\n'
-                  f'docker_socket = "{pc.dir / "no-docker.sock"}"\ncache_dir = "{pc.dir / "models"}"\n')
-        pc.configure(head.token("--uses", "1"), engine=engine,
-                     extra="[gpu]\npower_limit_w = 300\nmax_temp_c = 85\nrefresh_s = 1\n")
-        pc.start()
-        yield tb
-    finally:
-        tb.cleanup()
+def region(testbed: Testbed) -> Testbed:
+    tb = testbed
+    head = tb.start_head()
+    pc = tb.add_node("pc", [CARD0, CARD1])
+    engine = (f'enabled = true\ndevice = "gpu"\ngpu_access = "nvidia-toolkit"\n'
+              f'docker_socket = "{pc.dir / "no-docker.sock"}"\ncache_dir = "{pc.dir / "models"}"\n')
+    pc.configure(head.token("--uses", "1"), engine=engine,
+                 extra="[gpu]\npower_limit_w = 300\nmax_temp_c = 85\nrefresh_s = 1\n")
+    pc.start()
+    return tb
 
 
 def head_row(tb, name="pc"):

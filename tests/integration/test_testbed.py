@@ -24,22 +24,18 @@ BROKEN_4060_TI = RTX_4060_TI_16GB.__class__(**{**RTX_4060_TI_16GB.__dict__, "fai
 
 
 @pytest.fixture(scope="module")
-def region():
-    tb = Testbed()
-    tb.setup()
-    try:
-        head = tb.start_head()
-        token = head.token("--uses", "1")
-        n1 = tb.add_node("n1", [RTX_4090, RTX_4060])
-        n1.configure(token)
-        n2 = tb.add_node("n2", [RTX_3060_12GB, BROKEN_4060_TI])
-        n2.configure(head.token("--uses", "1"))
-        n1.start()
-        n2.start()
-        tb.spent_token = token  # single-use, consumed by n1
-        yield tb
-    finally:
-        tb.cleanup()
+def region(testbed: Testbed) -> Testbed:
+    tb = testbed
+    head = tb.start_head()
+    token = head.token("--uses", "1")
+    n1 = tb.add_node("n1", [RTX_4090, RTX_4060])
+    n1.configure(token)
+    n2 = tb.add_node("n2", [RTX_3060_12GB, BROKEN_4060_TI])
+    n2.configure(head.token("--uses", "1"))
+    n1.start()
+    n2.start()
+    tb.spent_token = token  # single-use, consumed by n1
+    return tb
 
 
 def joined(node, timeout=120):
