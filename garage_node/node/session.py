@@ -18,6 +18,7 @@ from typing import Callable
 from garage_node.core import token
 from garage_node.core.backoff import Backoff
 from garage_node.core.clock import Clock
+from garage_node.core.errors import ErrorCode
 from garage_node.core.wire import HeartbeatReply, NodeReport, NodeState, TokensServed
 from garage_node.core.wireguard import public_key_of
 from garage_node.node import identity, keys
@@ -118,7 +119,7 @@ class HeadSession:
         try:
             ident, ca_pem = self.head_api.enroll(tok, self.node_name(), report(), wg_key, self.cfg.node.region)
         except HeadError as e:
-            if e.code == "key_in_use":
+            if e.code == ErrorCode.KEY_IN_USE:
                 keys.done(self.paths.enroll_key)  # a new token then comes with a new key
             self._enroll_failed(e, digest)
             return None
@@ -220,7 +221,7 @@ class HeadSession:
         except Revoked as e:
             return self._revoked(ident, str(e))
         except HeadError as e:
-            if e.code == "key_in_use":
+            if e.code == ErrorCode.KEY_IN_USE:
                 keys.done(self.paths.rotate_key)  # the next try makes another key
             delay = self._renew_backoff.next_delay()
             self._renew_at = now + delay
