@@ -103,13 +103,15 @@ def serving(doc: dict) -> bool:
 
 # What the picture must show, read from the page itself (the table's cells: status, PC,
 # problem/state, GPUs, temp, model, load, tokens/s, served today / total, last seen): both
-# PCs online, serving the model, producing tokens now, with tokens served.
+# PCs online, serving the model, producing tokens now, with tokens served, and requests
+# running somewhere.
 FLEET_READY = """(() => {
   const rows = [...document.querySelectorAll('#pcs tbody tr')].map(tr => ({
     status: tr.dataset.status, cells: [...tr.cells].map(td => td.textContent)}));
   return rows.length === 2 && rows.every(r => r.status === 'online' && r.cells[5] === MODEL
-    && parseFloat(r.cells[7]) > 0 && !/^0 \\//.test(r.cells[8]));
+    && parseFloat(r.cells[7]) > 0 && !/^0 \\//.test(r.cells[8])) && rows.some(r => parseInt(r.cells[6]) > 0);
 })()""".replace("MODEL", json.dumps(TINY_MODEL))
+WARM_UP_S = 15.0  # of load before the pictures: the engines' tokens/s is a rate over heartbeats
 
 
 def run(out_dir: Path, pc: str, load_s: float) -> int:
@@ -141,6 +143,7 @@ def run(out_dir: Path, pc: str, load_s: float) -> int:
                         "--prompt", "Tell me about gaming PCs."], "loadgen.log")
             browser = Browser(["ip", "netns", "exec", head.ns], tb.dir / "chromium-profile", tb.dir / "chromium.log")
             browser.open(FLEET_URL, 1440, 900)
+            time.sleep(WARM_UP_S)
             browser.wait(FLEET_READY, 180, "the fleet page to show both PCs online, serving, with tokens/s and tokens served")
             bottom = browser.js("Math.ceil(document.getElementById('pcs').getBoundingClientRect().bottom)")
             browser.screenshot(out_dir / "fleet.png", height=min(900, int(bottom) + 24))
