@@ -306,8 +306,7 @@ def run(cfg: HeadConfig) -> None:
                           # Without the reports: the gateway asks every few seconds, on its loop.
                           lambda: {n.id: n.name for n in service.registry.active_peers()})
         reports.subscribe(gateway.on_report)
-        extras_of = gateway.node_extras
-        node_extras = lambda node_id: HeartbeatExtras(**extras_of(node_id))  # noqa: E731
+        node_extras = gateway.node_extras
         listeners.extend(gateway_listeners(cfg, gateway))
     if cfg.fleet.enabled:
         # The operator's fleet page ([fleet]): a history fed by every accepted heartbeat.

@@ -363,8 +363,8 @@ def test_models_lists_what_pcs_serve_and_metrics_parse(gw):
 def test_heartbeat_extras_give_each_pc_its_own_key_and_totals(gw):
     call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": "x"})
     e1, e2 = gw.node_extras("n1"), gw.node_extras("n2")
-    assert e1["engine_api_key"] != e2["engine_api_key"] and e1["engine_api_key"].startswith("gne-")
-    assert e1["tokens_served"].total + e2["tokens_served"].total == 10
+    assert e1.engine_api_key != e2.engine_api_key and e1.engine_api_key.startswith("gne-")
+    assert e1.tokens_served.total + e2.tokens_served.total == 10
 
 
 def test_router_in_a_large_region_picks_only_usable_pcs_and_near_least_load():

@@ -49,14 +49,13 @@ def test_without_a_gateway_the_answer_has_no_key_and_no_totals(tmp_path):
 
 
 def test_the_gateways_extras_fit_the_typed_shape(tmp_path):
-    # service.py turns Gateway.node_extras's dict into HeartbeatExtras: a key it lacks would
-    # raise there, on every heartbeat.
+    # service.py hands Gateway.node_extras to the control API as it is.
     from garage_node.head.gateway.gateway import Gateway
     from garage_node.head.config import GatewaySection
 
     gw = Gateway(GatewaySection(), tmp_path, lambda: {})
     try:
-        extras = HeartbeatExtras(**gw.node_extras("n0123456789"))
+        extras = gw.node_extras("n0123456789")
         assert extras.engine_api_key.startswith("gne-") and extras.tokens_served == TokensServed()
     finally:
         gw.stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from garage_node.core.clock import SYSTEM, Clock
-from garage_node.core.wire import NodeReport, TokensServed
+from garage_node.core.wire import HeartbeatExtras, NodeReport, TokensServed
 from garage_node.head.gateway.enginekeys import EngineKeys
 from garage_node.head.gateway.errors import GatewayError
 from garage_node.head.gateway.keys import ApiKey, KeyStore
@@ -80,10 +80,11 @@ class Gateway:
     def on_heartbeat_s(self, seconds: float, status: int) -> None:
         self.metrics.heartbeats.labels(str(status)).observe(seconds)
 
-    def node_extras(self, node_id: str) -> dict[str, Any]:
+    def node_extras(self, node_id: str) -> HeartbeatExtras:
+        """The gateway's part of a heartbeat's answer: the PC's engine key, its tokens served."""
         totals = self._all_totals().get(node_id)
         served = TokensServed(today=totals.today, total=totals.total) if totals else TokensServed()
-        return {"engine_api_key": self.engine_keys.for_node(node_id), "tokens_served": served}
+        return HeartbeatExtras(engine_api_key=self.engine_keys.for_node(node_id), tokens_served=served)
 
     def _all_totals(self) -> dict[str, Any]:
         """Every PC's totals, read at most once a second: one query for the whole region

@@ -93,9 +93,7 @@ class Proxy:
         with table.lock:
             takes = table.usable(table.clock.monotonic())
             usable = (lambda ep: takes(ep) and ep.node_id not in tried) if tried else takes
-            # Router.choose only hands `usable` the targets it was given (Endpoints), but its
-            # signature says any Target: a choose() generic over the target type would end this.
-            decision = self.router.choose(table.pool(call.model), call.blocks, usable, table.get)  # type: ignore[arg-type]
+            decision = self.router.choose(table.pool(call.model), call.blocks, usable, table.get)
             if decision is None:
                 return None
             ep = table.get(decision.node_id)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence, TypeVar
 
 
 class Target(Protocol):
@@ -31,6 +31,11 @@ class Target(Protocol):
     def load(self) -> int: ...
 
     kv_cache_usage_pct: float
+
+
+# The router hands `usable` and `lookup` only the targets it was given: generic over their
+# type, so a caller's predicate may read its own type's fields.
+T = TypeVar("T", bound=Target)
 
 
 @dataclass(frozen=True)
@@ -73,9 +78,9 @@ class Router:
             out.append(h)
         return out
 
-    def choose(self, targets: Sequence[Target], blocks: Sequence[int],
-               usable: Callable[[Target], bool] = lambda _: True,
-               lookup: Callable[[str], Target | None] | None = None) -> Decision | None:
+    def choose(self, targets: Sequence[T], blocks: Sequence[int],
+               usable: Callable[[T], bool] = lambda _: True,
+               lookup: Callable[[str], T | None] | None = None) -> Decision | None:
         """The PC for a request among `targets` (those `usable` says may take it).
 
         Cost does not grow with the region: above SMALL targets the least loaded is estimated
@@ -94,7 +99,7 @@ class Router:
             return Decision(least.node_id, "balance", share)
         return Decision(matched.node_id, "affinity", share)
 
-    def _round_robin(self, targets: Sequence[Target], usable: Callable[[Target], bool]) -> Decision | None:
+    def _round_robin(self, targets: Sequence[T], usable: Callable[[T], bool]) -> Decision | None:
         n = len(targets)
         for i in range(n):
             t = targets[(self._turn + i) % n]
@@ -103,7 +108,7 @@ class Router:
                 return Decision(t.node_id, "round-robin", 0.0)
         return None
 
-    def _least(self, targets: Sequence[Target], usable: Callable[[Target], bool]) -> Target | None:
+    def _least(self, targets: Sequence[T], usable: Callable[[T], bool]) -> T | None:
         n = len(targets)
         if n > SMALL:
             picked = []
@@ -117,16 +122,16 @@ class Router:
                 return min(picked, key=lambda t: (t.load, t.kv_cache_usage_pct))
             # Most PCs are unusable (starting, draining, failed): look at every one.
         offset = self._rng.randrange(n) if n else 0  # ties go round, not always to the first
-        best: Target | None = None
+        best: T | None = None
         for i in range(n):
             t = targets[(offset + i) % n]
             if usable(t) and (best is None or (t.load, t.kv_cache_usage_pct) < (best.load, best.kv_cache_usage_pct)):
                 best = t
         return best
 
-    def _affinity(self, blocks: Sequence[int], usable: Callable[[Target], bool],
-                  lookup: Callable[[str], Target | None]) -> tuple[Target | None, float]:
-        matched: Target | None = None
+    def _affinity(self, blocks: Sequence[int], usable: Callable[[T], bool],
+                  lookup: Callable[[str], T | None]) -> tuple[T | None, float]:
+        matched: T | None = None
         count = 0
         for i, h in enumerate(blocks):
             node = self._prefixes.get(h)
