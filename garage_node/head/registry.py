@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from garage_node.core import token as tokens
+from garage_node.core.errors import ErrorCode
 from garage_node.head import sqlite
 from garage_node.head.heartbeats import HeartbeatBuffer
 
@@ -83,7 +84,7 @@ DEFAULT_CREDENTIAL_OVERLAP_S = 3600
 class EnrollError(Exception):
     """A token was refused; `code` is machine-readable, the message is for a person."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -234,7 +235,7 @@ class Registry:
             if node_id is None:
                 self._spend_token(db, token_id, secret)
                 if db.execute("SELECT 1 FROM nodes WHERE wg_public_key=?", (wg_public_key,)).fetchone():
-                    raise EnrollError("key_in_use", "this WireGuard key is already enrolled; the node must make a new key")
+                    raise EnrollError(ErrorCode.KEY_IN_USE, "this WireGuard key is already enrolled; the node must make a new key")
                 node_id = "n" + secrets.token_hex(5)
                 db.execute(
                     "INSERT INTO nodes (id, name, region, wg_public_key, overlay_ip, credential_hash, token_id,"
@@ -261,11 +262,11 @@ class Registry:
     def _spend_token(self, db: sqlite3.Connection, token_id: str, secret: str) -> None:
         row = db.execute("SELECT * FROM tokens WHERE id=?", (token_id,)).fetchone()
         if row is None or not tokens.secret_matches(secret, row["secret_hash"]):
-            raise EnrollError("token_unknown", "the head does not know this join token: ask the operator for a new one")
+            raise EnrollError(ErrorCode.TOKEN_UNKNOWN, "the head does not know this join token: ask the operator for a new one")
         if row["expires_at"] < time.time():
-            raise EnrollError("token_expired", "this join token has expired: ask the operator for a new one")
+            raise EnrollError(ErrorCode.TOKEN_EXPIRED, "this join token has expired: ask the operator for a new one")
         if row["uses_left"] is not None and row["uses_left"] <= 0:
-            raise EnrollError("token_used", "this join token was already used: ask the operator for a new one")
+            raise EnrollError(ErrorCode.TOKEN_USED, "this join token was already used: ask the operator for a new one")
         db.execute(
             "UPDATE tokens SET uses = uses + 1, uses_left = CASE WHEN uses_left IS NULL THEN NULL ELSE uses_left - 1 END WHERE id=?",
             (token_id,),
@@ -277,7 +278,7 @@ class Registry:
         for ip in self.network.hosts():
             if ip != hub and str(ip) not in taken:
                 return str(ip)
-        raise EnrollError("network_full", f"the overlay {self.network} has no free address left: the operator must widen it")
+        raise EnrollError(ErrorCode.NETWORK_FULL, f"the overlay {self.network} has no free address left: the operator must widen it")
 
     # -- nodes
 
@@ -329,7 +330,7 @@ class Registry:
         key = wg_public_key or auth.node.wg_public_key
         with self._writes.transaction() as db:
             if db.execute("SELECT 1 FROM nodes WHERE wg_public_key=? AND id<>?", (key, node_id)).fetchone():
-                raise EnrollError("key_in_use", "this WireGuard key belongs to another node: make a new key")
+                raise EnrollError(ErrorCode.KEY_IN_USE, "this WireGuard key belongs to another node: make a new key")
             db.execute(
                 "UPDATE nodes SET credential_hash=?, credential_issued_at=?, prev_credential_hash=?,"
                 " prev_credential_until=?, wg_public_key=?, confirmed_at=COALESCE(confirmed_at, ?) WHERE id=?",
