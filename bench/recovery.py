@@ -8,12 +8,14 @@ settings (5 s, offline after 15 s):
    run on every PC (a driver started after the restart; its own start-up time on a healthy
    cluster is printed beside it);
 2. a PC's link cut (its bridge port down: HTTPS and WireGuard alike): seconds until the head
-   calls it offline, and until Ray calls it dead;
-3. that link healed: seconds until Ray lists it alive again, and whether with the same node id;
+   calls it offline, and until Ray calls it dead; cuts of several lengths (--cuts), one shorter
+   than Ray's detection among them;
+3. that link healed: seconds until Ray lists it alive again, whether with the same node id,
+   whether the worker was restarted, and what the PC's status said meanwhile;
 4. only WireGuard's UDP blocked on another PC (HTTPS still fine): seconds until its status
    leaves `joined`; unblocked: seconds until it is `joined` and alive in Ray again.
 
-Run as root:  .venv/bin/python bench/recovery.py
+Run as root:  .venv/bin/python bench/recovery.py [--cuts 0,-6,20,60,300] [--no-head-kill] [--no-udp-block]
 Prints figures; asserts nothing.
 """
 
@@ -143,7 +145,113 @@ def password_files(head) -> list[str]:
     return sorted(found)
 
 
+def cut_and_heal(tb, head, watch: Watch, pc, nid: str, cut_s: float) -> dict:
+    """Cut `pc`'s link (its bridge port down: HTTPS and WireGuard alike) for `cut_s` seconds, or
+    until Ray calls it dead if that comes later (0: heal as soon as Ray calls it dead; a cut
+    shorter than Ray's detection when `cut_s` is negative, for -cut_s seconds). Then heal it and
+    time the way back, with what the PC's status said while it waited."""
+    ray_before = watch.alive().get(nid)
+    st = pc.status()
+    worker_before = (st["ray"]["pid"], st["ray"]["restarts"])
+    port = f"p-{pc.name}"[:15]
+    seen = last_seen(head, nid) or time.time()
+    sh(["ip", "-n", tb.switch, "link", "set", port, "down"])
+    t_cut = time.time()
+    out: dict = {"cut_s": None, "last_heartbeat_before_cut_s": round(t_cut - seen, 1)}
+    if cut_s < 0:
+        time.sleep(-cut_s)
+        out["dead_in_ray_s"] = None if nid in watch.alive() else "dead"
+    else:
+        offline = until(lambda: time.time() - (last_seen(head, nid) or 0) > OFFLINE_AFTER_S, 120)
+        # Offline at the head is decided at read time from last_seen; count from the cut.
+        dead = until(lambda: nid not in watch.alive(), 120 - (time.time() - t_cut))
+        out.update(offline_at_head_s=offline,
+                   dead_in_ray_s=round(time.time() - t_cut, 1) if dead is not None else None)
+        time.sleep(max(0.0, cut_s - (time.time() - t_cut)))
+    out["cut_s"] = round(time.time() - t_cut, 1)
+    sh(["ip", "-n", tb.switch, "link", "set", port, "up"])
+    t_heal = time.time()
+    said: list[str] = []
+
+    def back_in_ray() -> bool:
+        try:
+            msg = pc.status()["message"]
+            if not said or said[-1] != msg:
+                said.append(msg)
+        except Exception:
+            pass
+        return nid in watch.alive()
+
+    back = until(back_in_ray, 180, interval=0.5)
+    joined = until(lambda: pc.status()["state"] == "joined", 120, interval=0.5)
+    st = pc.status()
+    out["heal"] = {"alive_in_ray_s": back, "same_ray_node_id": watch.alive().get(nid) == ray_before,
+                   "worker_restarted": (st["ray"]["pid"], st["ray"]["restarts"]) != worker_before,
+                   "status_joined_s": round(time.time() - t_heal, 1) if joined is not None else None,
+                   "status_said_meanwhile": said}
+    return out
+
+
+def head_kill(head, pcs, ids, watch: Watch, before: dict, workers: dict, results: dict) -> None:
+    head.stop(signal.SIGKILL)
+    t_kill = time.time()
+    head.start()
+    up = time.time()
+    took = until(lambda: set(ids.values()) <= set(watch.alive()) and watch.last.get("t", 0) > up, 180)
+    after = watch.alive()
+    tasks = run_tasks(head, [after.get(i, before[i]) for i in ids.values()])
+    results["head_kill"] = {
+        "restart_to_api_s": round(up - t_kill, 1),
+        "api_to_all_alive_in_ray_s": took,
+        "same_ray_node_ids": all(after.get(i) == before[i] for i in ids.values()),
+        "workers_restarted": [pc.name for pc in pcs
+                              if (pc.status()["ray"]["pid"], pc.status()["ray"]["restarts"]) != workers[pc.name]],
+        "api_to_task_ran_on_every_pc_s": round(tasks["t"] - up, 1),
+    }
+    print(json.dumps(results, indent=2), flush=True)
+    for pc in pcs:
+        pc.wait_state("joined", 120)
+
+
+def udp_block(pc2, ids: dict, watch: Watch, results: dict) -> None:
+    """Only WireGuard's UDP blocked on `pc2` (HTTPS still fine), then unblocked."""
+    nid2 = ids[pc2.name]
+    pc2.wait_state("joined", 120)
+    table = "gnt-bench-block"
+    rules = f"table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n  udp dport 51820 drop\n }}\n}}\n"
+    subprocess.run(pc2.wrap(["nft", "-f", "-"]), input=rules, text=True, check=True)
+    t_block = time.time()
+    try:
+        left = until(lambda: pc2.status()["state"] != "joined", 120, interval=0.3)
+        state = pc2.status()
+        dead2 = until(lambda: nid2 not in watch.alive(), 60)
+        results["udp_block"] = {"status_left_joined_s": left, "now": f"{state['state']}: {state['message']}",
+                                "dead_in_ray_s": round(time.time() - t_block, 1) if dead2 is not None else None}
+    finally:
+        subprocess.run(pc2.wrap(["nft", "delete", "table", "inet", table]), check=False)
+    t_unblock = time.time()
+    back2 = until(lambda: nid2 in watch.alive(), 180)
+    joined2 = until(lambda: pc2.status()["state"] == "joined", 120, interval=0.5)
+    results["udp_unblock"] = {"alive_in_ray_s": back2,
+                              "status_joined_s": round(time.time() - t_unblock, 1) if joined2 is not None else None}
+
+
+def parse_args(argv: list[str]):
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cuts", default="0,-6",
+                   help="link cuts to time, in seconds, comma-separated: 0 heals as soon as Ray calls the PC "
+                        "dead, N > 0 cuts for N s (at least until Ray calls it dead), -N cuts for N s, shorter "
+                        "than Ray's detection (default: 0,-6; the issue's set is 0,-6,20,60,300)")
+    p.add_argument("--no-head-kill", action="store_true", help="skip the head's SIGKILL and restart")
+    p.add_argument("--no-udp-block", action="store_true", help="skip the WireGuard-only block")
+    return p.parse_args(argv)
+
+
 def main() -> int:
+    args = parse_args(sys.argv[1:])
+    cuts = [float(c) for c in args.cuts.split(",") if c.strip()]
     results: dict = {}
     with Testbed() as tb:
         head = tb.add_head()
@@ -172,70 +280,22 @@ def main() -> int:
         results["driver_on_a_healthy_cluster_s"] = round(baseline["t"] - baseline["t0"], 1)
 
         # 1. head SIGKILL + restart
-        head.stop(signal.SIGKILL)
-        t_kill = time.time()
-        head.start()
-        up = time.time()
-        took = until(lambda: set(ids.values()) <= set(watch.alive()) and watch.last.get("t", 0) > up, 180)
-        after = watch.alive()
-        tasks = run_tasks(head, [after.get(i, before[i]) for i in ids.values()])
-        results["head_kill"] = {
-            "restart_to_api_s": round(up - t_kill, 1),
-            "api_to_all_alive_in_ray_s": took,
-            "same_ray_node_ids": all(after.get(i) == before[i] for i in ids.values()),
-            "workers_restarted": [pc.name for pc in pcs
-                                  if (pc.status()["ray"]["pid"], pc.status()["ray"]["restarts"]) != workers[pc.name]],
-            "api_to_task_ran_on_every_pc_s": round(tasks["t"] - up, 1),
-        }
-        print(json.dumps(results, indent=2), flush=True)
-        for pc in pcs:
-            pc.wait_state("joined", 120)
+        if not args.no_head_kill:
+            head_kill(head, pcs, ids, watch, before, workers, results)
 
-        # 2. a PC's link cut
+        # 2-3. a PC's link cut, and healed: once as soon as Ray declares it dead, then for each
+        # --cuts length (longer than Ray's detection: Ray never takes the node back), and once
+        # shorter than Ray's detection (no restart expected).
         pc3 = pcs[2]
-        nid = ids[pc3.name]
-        ray_before = watch.alive().get(nid)
-        port = f"p-{pc3.name}"[:15]
-        seen = last_seen(head, nid) or time.time()
-        sh(["ip", "-n", tb.switch, "link", "set", port, "down"])
-        t_cut = time.time()
-        offline = until(lambda: time.time() - (last_seen(head, nid) or 0) > OFFLINE_AFTER_S, 120)
-        # Offline at the head is decided at read time from last_seen; count from the cut.
-        dead = until(lambda: nid not in watch.alive(), 120 - (time.time() - t_cut))
-        dead_s = round(time.time() - t_cut, 1) if dead is not None else None
-        results["link_cut"] = {"last_heartbeat_before_cut_s": round(t_cut - seen, 1), "offline_at_head_s": offline,
-                               "dead_in_ray_s": dead_s}
-        # 3. heal
-        sh(["ip", "-n", tb.switch, "link", "set", port, "up"])
-        t_heal = time.time()
-        back = until(lambda: nid in watch.alive(), 180)
-        joined = until(lambda: pc3.status()["state"] == "joined", 120, interval=0.5)
-        results["link_heal"] = {"alive_in_ray_s": back,
-                                "same_ray_node_id": watch.alive().get(nid) == ray_before,
-                                "status_joined_s": round(time.time() - t_heal, 1) if joined is not None else None}
-        print(json.dumps(results, indent=2), flush=True)
+        for cut_s in cuts:
+            pc3.wait_state("joined", 180)
+            until(lambda: ids[pc3.name] in watch.alive(), 60)
+            results[f"link_cut_{cut_s:g}s" if cut_s else "link_cut"] = cut_and_heal(tb, head, watch, pc3, ids[pc3.name], cut_s)
+            print(json.dumps(results, indent=2), flush=True)
 
         # 4. only WireGuard's UDP blocked
-        pc2 = pcs[1]
-        nid2 = ids[pc2.name]
-        pc2.wait_state("joined", 120)
-        table = "gnt-bench-block"
-        rules = f"table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n  udp dport 51820 drop\n }}\n}}\n"
-        subprocess.run(pc2.wrap(["nft", "-f", "-"]), input=rules, text=True, check=True)
-        t_block = time.time()
-        try:
-            left = until(lambda: pc2.status()["state"] != "joined", 120, interval=0.3)
-            state = pc2.status()
-            dead2 = until(lambda: nid2 not in watch.alive(), 60)
-            results["udp_block"] = {"status_left_joined_s": left, "now": f"{state['state']}: {state['message']}",
-                                    "dead_in_ray_s": round(time.time() - t_block, 1) if dead2 is not None else None}
-        finally:
-            subprocess.run(pc2.wrap(["nft", "delete", "table", "inet", table]), check=False)
-        t_unblock = time.time()
-        back2 = until(lambda: nid2 in watch.alive(), 180)
-        joined2 = until(lambda: pc2.status()["state"] == "joined", 120, interval=0.5)
-        results["udp_unblock"] = {"alive_in_ray_s": back2,
-                                  "status_joined_s": round(time.time() - t_unblock, 1) if joined2 is not None else None}
+        if not args.no_udp_block:
+            udp_block(pcs[1], ids, watch, results)
         watch.stop()
         results["files_holding_the_redis_password"] = password_files(head)
     print(json.dumps(results, indent=2))

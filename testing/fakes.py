@@ -80,6 +80,7 @@ class FakeHead:
     ray_alive: bool = False
     ray_token: str = "ray-cluster-secret"
     ray_cluster_id: str = ""  # the Ray cluster the head's Ray runs ("": not known)
+    ray_dead: bool = False  # the head's Ray declared this node's Ray node dead
     engine_api_key: str = "gne-engine-key"
     tokens_served: TokensServed | None = None
     enrollments: int = 0
@@ -146,7 +147,7 @@ class FakeHeadClient:
             raise HeadUnreachable("the head answered 401: the head does not recognise this node's credential")
         h.heartbeats.append(report)
         return HeartbeatReply(node_id=self.ident.node_id, ray_alive=h.ray_alive, ray_token=h.ray_token,
-                              ray_cluster_id=h.ray_cluster_id,
+                              ray_cluster_id=h.ray_cluster_id, ray_dead=h.ray_dead,
                               engine_api_key=h.engine_api_key, tokens_served=h.tokens_served,
                               credential_expires_in_s=h.expires_in(self.ident.node_id), credential_lifetime_s=h.credential_lifetime_s,
                               **{f: getattr(h.facts, f) for f in ("prefix_len", "hub", "ray_address", "region", "heartbeat_s", "versions")})
@@ -231,6 +232,9 @@ class FakeChild:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         self.state = replace(self.state, running=False, pid=None)
+
+    def retry_now(self) -> None:
+        self.state = replace(self.state, next_start_at=0.0)
 
 
 class FakeDocker:

@@ -127,6 +127,13 @@ class Supervised:
         log.info("started %s (pid %d)", self.name, self._proc.pid)
         return True
 
+    def retry_now(self) -> None:
+        """What made the child fail is gone (the network is back): the next ensure() starts it
+        at once, and the backoff starts over, instead of waiting out a delay that grew while
+        the cause lasted."""
+        self.backoff.reset()
+        self.state.next_start_at = 0.0
+
     def _env(self) -> dict[str, str] | None:
         if self.run_as is None:
             return self.env

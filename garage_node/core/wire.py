@@ -419,6 +419,11 @@ class HeartbeatReply(RegionFacts):
     # fault tolerance, or its store lost) changes it, and a node whose worker joined the old
     # one restarts its worker at once.
     ray_cluster_id: str = ""
+    # The Ray head has declared this node's Ray node dead (Ray never takes a dead node back: a
+    # raylet cut off longer than Ray's health checks allow is refused when it reconnects), so a
+    # worker that was listed alive restarts at once instead of waiting to be missed. False from
+    # an older head, and while the Ray head is down or starting (nothing is known then).
+    ray_dead: bool = False
     # How long the credential this heartbeat came with stays valid, and the lifetime a new one
     # gets: the node renews when a third of the lifetime is left. Seconds, not a date, so a
     # PC's wrong clock does not matter. None from a head that does not expire credentials.

@@ -69,6 +69,20 @@ class Membership:
     cluster_id: str = ""
 
 
+def garage_ids(nodes: list[RayNode]) -> tuple[set[str], set[str]]:
+    """(alive, dead): the garage node ids with a live Ray node, and those whose Ray nodes are
+    all dead (a PC whose worker restarted has its old node dead and the new one alive: alive)."""
+    alive, seen = set(), set()
+    for n in nodes:
+        node_id = n.labels.get("garage.node_id", "")
+        if n.is_head or not node_id:
+            continue
+        seen.add(node_id)
+        if n.alive:
+            alive.add(node_id)
+    return alive, seen - alive
+
+
 def parse_watch_line(line: str) -> Membership | None:
     """One line of the watch: the Ray head's answer, or None when it could not be asked."""
     data = json.loads(line)

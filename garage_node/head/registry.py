@@ -166,6 +166,7 @@ class Registry:
         self._heartbeats = HeartbeatBuffer(sqlite.Database(path, synchronous="NORMAL"), batch_s)
         # The id of the Ray cluster the last membership came from (see record_ray_membership).
         self._ray_cluster_id = ""
+        self._ray_dead: frozenset[str] = frozenset()
         self._writes.migrate(MIGRATIONS)
 
     @property
@@ -355,12 +356,19 @@ class Registry:
                            " THEN NULL ELSE uses_left + 1 END WHERE id=?", (row["token_id"],))
         return [node for node, _ in gone]
 
-    def record_ray_membership(self, alive_node_ids: set[str], cluster_id: str = "") -> None:
-        """Which nodes the Ray head holds alive, and the id of the Ray cluster that said so
-        (hex; "" when not known). A call that clears the membership (no answer, the Ray head
-        down or starting) clears the id with it."""
-        self._ray_cluster_id = cluster_id  # in memory only: a restarted head asks its Ray head again
+    def record_ray_membership(self, alive_node_ids: set[str], cluster_id: str = "",
+                              dead_node_ids: set[str] | frozenset[str] = frozenset()) -> None:
+        """Which nodes the Ray head holds alive, the id of the Ray cluster that said so (hex; ""
+        when not known), and which nodes it has declared dead. A call that clears the membership
+        (no answer, the Ray head down or starting) clears the id and the dead with it."""
+        # In memory only: a restarted head asks its Ray head again.
+        self._ray_cluster_id = cluster_id
+        self._ray_dead = frozenset(dead_node_ids)
         self._heartbeats.membership(alive_node_ids, time.time())
+
+    def ray_dead(self, node_id: str) -> bool:
+        """The Ray head has declared every Ray node of this node dead (see HeartbeatReply.ray_dead)."""
+        return node_id in self._ray_dead
 
     @property
     def ray_cluster_id(self) -> str:

@@ -29,7 +29,7 @@ from garage_node.head.api import ApiHooks, create_app
 from garage_node.head.config import HeadConfig
 from garage_node.head.connguard import GuardLimits, guarded_loop_factory, guarded_protocol
 from garage_node.head.gcs import GcsStore, open_store
-from garage_node.head.ray import HEALTH_CHECK_ENV, head_argv, parse_watch_line, watch_command
+from garage_node.head.ray import HEALTH_CHECK_ENV, garage_ids, head_argv, parse_watch_line, watch_command
 from garage_node.head.gateway.gateway import Gateway
 from garage_node.head.listener import BackgroundServer
 from garage_node.head.reports import Reports
@@ -234,9 +234,8 @@ class HeadService:
                     continue
                 # No answer is no node alive and no cluster id: a value older than the Ray head
                 # it came from would let `head nodes` and the PCs believe in workers that are gone.
-                alive = {n.labels.get("garage.node_id", "") for n in (seen.nodes if seen else [])
-                         if n.alive and not n.is_head}
-                self.registry.record_ray_membership(alive, seen.cluster_id if seen else "")
+                alive, dead = garage_ids(seen.nodes) if seen else (set(), set())
+                self.registry.record_ray_membership(alive, seen.cluster_id if seen else "", dead)
         finally:
             proc.kill()
             proc.wait()

@@ -198,7 +198,8 @@ class Agent:
         if answer is not None:
             self.adopt(answer.identity)
             if answer.reply is not None:
-                self.ray.head_says(answer.reply.ray_alive, answer.reply.ray_cluster_id)
+                reply = answer.reply
+                self.ray.head_says(reply.ray_alive, reply.ray_cluster_id, reply.ray_dead)
         if self._member():
             assert self.identity is not None
             renewed = self.session.renew_if_due(self.identity)
@@ -245,7 +246,8 @@ class Agent:
             return
         self.ray_part.ensure(WorkerWants(ident, self.gpus.inventory, self.plan.model,
                                          offer_gpus=self.gpus.serving.serving is not False,
-                                         head_reachable=self.session.link.reachable is True))
+                                         head_reachable=self.session.link.reachable is True,
+                                         tunnel_ok=not self.overlay.tunnel_down))
 
     def version_mismatch(self) -> str | None:
         head = self.identity.head_versions if self.identity else None
@@ -260,7 +262,8 @@ class Agent:
             version_mismatch=self.version_mismatch(), overlay_ready=self.overlay.interface_ready,
             overlay_down=self.overlay.tunnel_down,
             head_reachable=self.session.link.reachable, ray_running=self.ray.running,
-            ray_alive_at_head=self.ray.alive_at_head, overlay_ip=ident.overlay_ip if ident else None,
+            ray_alive_at_head=self.ray.alive_at_head, ray_note=self.ray.note,
+            overlay_ip=ident.overlay_ip if ident else None,
             healthy_gpus=len(self.gpus.inventory.healthy_gpus), stopping=self._stopping,
             paused=self.gpus.serving.paused, gpu_notes=self.gpus.notes(),
         ))

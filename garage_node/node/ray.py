@@ -97,6 +97,8 @@ class Child(Protocol):
 
     def stop(self, timeout_s: float = 15.0) -> None: ...
 
+    def retry_now(self) -> None: ...
+
 
 class RayWorker:
     def __init__(self, child: Child, clock: Clock = SYSTEM) -> None:
@@ -111,18 +113,26 @@ class RayWorker:
         # (the worker's started_at, the cluster the head listed it alive in): which cluster this
         # worker process joined, known only once the head has listed it.
         self._joined: tuple[float, str] | None = None
+        self._dead_at_head = False  # the Ray head declared this PC's Ray node dead
+        self._link_was_ok = True  # the head reachable and the tunnel carrying, at the last run
+        # Why the worker is not alive at the head while it should be, for status; None: no word.
+        self.note: str | None = None
 
     @property
     def running(self) -> bool:
         return self.child.running
 
-    def head_says(self, alive: bool, cluster_id: str = "") -> None:
-        """What the last heartbeat answer said: is this worker alive at the Ray head, and which
-        Ray cluster the Ray head runs ("": not known, e.g. an older head, or its Ray starting)."""
+    def head_says(self, alive: bool, cluster_id: str = "", dead: bool = False) -> None:
+        """What the last heartbeat answer said: is this worker alive at the Ray head, which
+        Ray cluster the Ray head runs ("": not known, e.g. an older head, or its Ray starting),
+        and whether the Ray head declared this PC's Ray node dead."""
         now = self.clock.monotonic()
         if alive and not self.alive_at_head:
             self._alive_since = now
+        if alive:
+            self.note = None
         self.alive_at_head = alive
+        self._dead_at_head = dead and not alive
         self._absent_since = None if alive else (self._absent_since or now)
         self._cluster_at_head = cluster_id
         started = self.child.state.started_at
@@ -142,9 +152,10 @@ class RayWorker:
         joined = self.joined_cluster()
         return bool(joined and self._cluster_at_head and self._cluster_at_head != joined)
 
-    def run(self, argv: list[str], head_reachable: bool, generation: str = "") -> None:
+    def run(self, argv: list[str], head_reachable: bool, generation: str = "", tunnel_ok: bool = True) -> None:
         """Keep the worker running with `argv`: restart it on new arguments or a new
-        `generation` (the cluster token changed), or when the Ray head has not listed it for too long."""
+        `generation` (the cluster token changed), when the Ray head declared it dead or has not
+        listed it for too long. `tunnel_ok`: the hub answers through the overlay (Ray's path)."""
         if self._argv is not None and argv != self._argv and self.child.running:
             log.info("GPU inventory or model changed; restarting the Ray worker with new resources")
             self.child.stop()
@@ -158,6 +169,21 @@ class RayWorker:
             self.child.stop()
             self._joined = None
             self._absent_since = self.clock.monotonic()
+        link_ok = head_reachable and tunnel_ok
+        if link_ok and not self._link_was_ok and not self.child.running:
+            # Back from a cut: the restart delay grew while Ray could not reach its head.
+            log.info("the head answers through the overlay again; starting the Ray worker now")
+            self.child.retry_now()
+        self._link_was_ok = link_ok
+        if link_ok and self._dead_at_head and self._listed_since_start():
+            # Ray never takes a node it declared dead back, and its raylet can take half a
+            # minute to learn it (#24): a new worker rejoins as a new Ray node in seconds.
+            log.warning("the Ray head declared this PC's Ray node dead (cut off longer than Ray's health "
+                        "checks allow); restarting the Ray worker now")
+            self.child.stop()
+            self.child.retry_now()
+            self._joined = None
+            self.note = "rejoining as a new Ray node: Ray declared the last one dead during a network cut"
         if head_reachable and self.stale_at_head():
             log.warning("the Ray head has not listed this worker for %.0f s; restarting it", self._allowance())
             self.child.stop()
@@ -170,6 +196,12 @@ class RayWorker:
         self.alive_at_head = False
         self._joined = None
 
+    def _listed_since_start(self) -> bool:
+        """The Ray head has listed this very worker process alive at least once."""
+        started = self.child.state.started_at
+        return self.child.running and self._alive_since is not None and started is not None \
+            and self._alive_since >= started
+
     def stale_at_head(self) -> bool:
         started = self.child.state.started_at
         if not (self.child.running and not self.alive_at_head and self._absent_since is not None and started is not None):
@@ -179,9 +211,7 @@ class RayWorker:
         return now - started > allowance and now - self._absent_since > allowance
 
     def _allowance(self) -> float:
-        started = self.child.state.started_at
-        was_listed = self._alive_since is not None and started is not None and self._alive_since >= started
-        return ABSENT_RESTART_S if was_listed else FIRST_JOIN_S
+        return ABSENT_RESTART_S if self._listed_since_start() else FIRST_JOIN_S
 
     def state(self, version_mismatch: bool) -> RayState:
         if version_mismatch:
@@ -204,6 +234,7 @@ class WorkerWants:
     model: str | None  # the engine's model, a label other Ray jobs can select on
     offer_gpus: bool  # False while the PC is paused (hours, heat): Ray gets no GPU
     head_reachable: bool
+    tunnel_ok: bool = True  # the hub answers pings through the overlay
 
 
 class RayPart:
@@ -237,7 +268,7 @@ class RayPart:
         argv = worker_argv(ray_worker_command(r.command), ident.ray_address, ident.overlay_ip, r.temp_dir, labels,
                            wants.inventory, r.num_cpus, r.memory_mib, r.object_store_mib, ports=RAY_PORTS,
                            offer_gpus=wants.offer_gpus)
-        self.worker.run(argv, head_reachable=wants.head_reachable, generation=token_digest)
+        self.worker.run(argv, head_reachable=wants.head_reachable, generation=token_digest, tunnel_ok=wants.tunnel_ok)
 
     def _worker_account(self) -> RunAs | None:
         """The unprivileged account for Ray (looked up once); None, with a problem, if missing."""

@@ -29,6 +29,7 @@ class Facts:
     # Why the PC does not serve now though it could: outside serving hours, a hot GPU.
     paused: str | None = None
     gpu_notes: tuple[str, ...] = ()  # quarantined or hot GPUs, in a few words each
+    ray_note: str | None = None  # why the Ray worker is not alive at the head yet, if known
 
 
 def derive(f: Facts) -> tuple[NodeState, str]:
@@ -59,4 +60,5 @@ def derive(f: Facts) -> tuple[NodeState, str]:
         # A quarantined GPU leaves the node serving on the others: joined, and it says so.
         notes = "".join(f"; {n}" for n in f.gpu_notes)
         return NodeState.JOINED, f"joined as {f.overlay_ip}; Ray worker alive at the head ({offer}{notes})"
-    return NodeState.JOINING, "Ray worker starting" if f.ray_running else "Ray worker waiting to restart"
+    why = f" ({f.ray_note})" if f.ray_note else ""
+    return NodeState.JOINING, ("Ray worker starting" if f.ray_running else "Ray worker waiting to restart") + why

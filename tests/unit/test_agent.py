@@ -504,3 +504,84 @@ def test_two_outages_at_once_keep_one_problem_each_and_log_once(tmp_path, caplog
     resolved = [rec.getMessage() for rec in caplog.records if "resolved" in rec.getMessage()]
     assert len(resolved) == 2, resolved  # once each
     assert "Problem:" in render(s) and render(s).count("To fix:") == 2
+
+
+def listed_then_cut(tmp_path, cut_s: float) -> Rig:
+    """A joined PC listed alive in Ray, then its network cut for `cut_s` (no heartbeat gets
+    through) and healed."""
+    r = rig(tmp_path)
+    r.head.ray_alive = True
+    r.passes(6)
+    assert r.agent.state is NodeState.JOINED and len(r.ray.starts) == 1
+    r.head.up = False
+    r.passes(int(cut_s / 2))
+    r.head.up = True
+    return r
+
+
+def test_a_worker_ray_declared_dead_in_a_cut_restarts_at_the_first_heartbeat(tmp_path):
+    # A cut longer than Ray's health checks: Ray declared the node dead and never takes it
+    # back (#24). The worker restarts as soon as the head says so, not after 60 s unlisted.
+    r = listed_then_cut(tmp_path, 30)
+    r.head.ray_alive, r.head.ray_dead = False, True
+    beats = len(r.head.heartbeats)
+    for _ in range(5):  # 10 s: the first heartbeat after the cut comes within a period (5 s cap)
+        r.passes()
+        if len(r.ray.starts) == 2:
+            break
+    assert len(r.ray.starts) == 2 and len(r.head.heartbeats) > beats
+    s = r.status()
+    assert s.state is NodeState.JOINING and "Ray declared the last one dead" in s.message
+    # The head still lists the old Ray node dead until the new one registers: no second restart.
+    r.passes(10)
+    assert len(r.ray.starts) == 2
+    r.head.ray_alive, r.head.ray_dead = True, False
+    r.passes(6)
+    assert r.agent.state is NodeState.JOINED and "dead" not in r.status().message
+
+
+def test_a_worker_that_died_in_a_long_cut_starts_at_once_when_the_head_is_back(tmp_path):
+    # Cut off for minutes the raylet gives up, and each `ray start` fails: the restart delay
+    # grows. Once the head answers again the worker starts at once, not after that delay.
+    r = listed_then_cut(tmp_path, 4)
+    r.head.up = False
+    r.ray.restart_delay_s = 300.0  # what the backoff grew to
+    r.ray.exit(1)
+    r.passes(60)  # two minutes cut
+    assert not r.ray.running
+    r.head.up = True
+    r.head.ray_alive = False
+    r.passes(3)
+    assert r.ray.running and len(r.ray.starts) == 2
+
+
+def test_no_restart_for_a_cut_shorter_than_rays_detection(tmp_path):
+    r = listed_then_cut(tmp_path, 8)  # Ray still holds the node alive
+    r.passes(10)
+    assert len(r.ray.starts) == 1 and r.ray.running and r.agent.state is NodeState.JOINED
+
+
+def test_not_listed_is_not_dead(tmp_path):
+    # A head back from a restart lists nobody until its Ray probe answers: that is no verdict,
+    # and the worker (whose raylet survives with GCS fault tolerance) keeps running.
+    r = listed_then_cut(tmp_path, 20)
+    r.head.ray_alive = False
+    r.passes(20)  # 40 s, under the 60 s a listed worker may go unlisted
+    assert len(r.ray.starts) == 1 and r.ray.running
+
+
+def test_a_dead_verdict_waits_for_the_tunnel(tmp_path):
+    # Only WireGuard's UDP blocked: the head still answers over HTTPS and says Ray declared the
+    # node dead, but a new worker could not reach Ray either. It restarts once the hub answers
+    # through the tunnel again.
+    r = rig(tmp_path)
+    r.head.ray_alive = True
+    r.passes(6)
+    r.iface.tunnel_carries = False
+    r.passes(4, every_s=5.0)
+    r.head.ray_alive, r.head.ray_dead = False, True
+    r.passes(6, every_s=5.0)
+    assert len(r.ray.starts) == 1 and "overlay down" in r.status().message
+    r.iface.tunnel_carries = True
+    r.passes(3, every_s=5.0)
+    assert len(r.ray.starts) == 2

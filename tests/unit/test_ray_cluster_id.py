@@ -101,3 +101,40 @@ def test_the_heartbeat_answer_tells_the_cluster_id(tmp_path):
     old = encode(got)
     del old["ray_cluster_id"]
     assert decode(old, HeartbeatReply).ray_cluster_id == ""
+
+
+def test_a_node_is_dead_only_when_all_its_ray_nodes_are():
+    from garage_node.head.ray import RayNode, garage_ids
+
+    def node(ray_id: str, garage_id: str, alive: bool, head: bool = False) -> RayNode:
+        return RayNode(ray_id, "100.96.0.2", alive, head, {"garage.node_id": garage_id} if garage_id else {}, {})
+
+    alive, dead = garage_ids([
+        node("r1", "n0001", False), node("r2", "n0001", True),  # restarted: its old Ray node dead, the new alive
+        node("r3", "n0002", False),  # cut off past Ray's health checks
+        node("r4", "n0003", True), node("r5", "", False), node("r6", "n0009", False, head=True),
+    ])
+    assert alive == {"n0001", "n0003"} and dead == {"n0002"}
+
+
+def test_the_heartbeat_answer_says_when_ray_declared_the_node_dead(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite", ipaddress.IPv4Network("100.96.0.0/16"))
+    reg.add_token("tok001", "s" * 43, 60, uses=1)
+    client = TestClient(create_app(reg, region_facts(), b"PEM"))
+    body = client.post("/v1/enroll", json={"token_id": "tok001", "secret": "s" * 43, "name": "pc-1",
+                                           "wg_public_key": public_key_of(generate_private_key())}).json()
+
+    def beat() -> HeartbeatReply:
+        r = client.post(f"/v1/nodes/{body['node_id']}/heartbeat", json={"report": encode(sample_report())},
+                        headers={"Authorization": f"Bearer {body['credential']}"})
+        return decode(r.json(), HeartbeatReply)
+
+    assert beat().ray_dead is False
+    reg.record_ray_membership(set(), CLUSTER, {body["node_id"]})
+    got = beat()
+    assert got.ray_dead and not got.ray_alive
+    reg.record_ray_membership(set())  # no answer from the Ray head: nothing is known, nobody is dead
+    assert beat().ray_dead is False
+    old = encode(got)
+    del old["ray_dead"]
+    assert decode(old, HeartbeatReply).ray_dead is False  # an older head never says it

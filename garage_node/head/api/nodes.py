@@ -68,6 +68,7 @@ def router(registry: Registry, facts: RegionFacts, ray_token: Callable[[], str] 
         extras = node_extras(node_id)
         return HeartbeatReply(node_id=node_id, ray_alive=node.ray_alive, ray_checked_at=node.ray_checked_at,
                               ray_token=ray_token(), ray_cluster_id=registry.ray_cluster_id,
+                              ray_dead=registry.ray_dead(node_id),
                               credential_expires_in_s=round(auth.expires_in_s, 1),
                               credential_lifetime_s=auth.lifetime_s, engine_api_key=extras.engine_api_key,
                               tokens_served=extras.tokens_served, **region_fields(facts))
