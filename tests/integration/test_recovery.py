@@ -5,6 +5,9 @@ and its wireguard-go hub, and two PCs with real agents and Ray workers, each in 
   PCs' raylets reconnect to the new GCS with the node ids they had (Ray's GCS fault tolerance,
   head/gcs.py), their Ray workers are never restarted, and the Redis password is in no log
   of ours nor on the PCs.
+- A PC cut off longer than Ray's health checks allow is declared dead by Ray, which never takes
+  a dead node back: once the link heals the head says so in its heartbeat answer and the agent
+  restarts the worker at once, which rejoins as a new Ray node (#24).
 - Heartbeats acknowledged from memory are on disk after a clean stop of the head (the last
   batch is written on the way down, head/registry.py).
 
@@ -21,7 +24,7 @@ import time
 
 import pytest
 
-from testing.region import PYTHON, Testbed, missing_prerequisite, wait_for
+from testing.region import PYTHON, Testbed, missing_prerequisite, sh, wait_for
 from garage_node.head.gcs import open_store
 
 pytestmark = [pytest.mark.testbed, pytest.mark.skipif(bool(missing_prerequisite()), reason=str(missing_prerequisite()))]
@@ -111,6 +114,25 @@ def test_the_redis_password_is_in_no_log_and_no_status(region):
             if path.is_file() and path.stat().st_size < 50_000_000:
                 assert password.encode() not in path.read_bytes(), path
     assert password not in head.cli("head", "nodes", "--json", "--config", str(head.config)).stdout
+
+
+def test_a_pc_ray_declared_dead_in_a_cut_rejoins_as_a_new_ray_node(region):
+    head, pc = region.head, region.hosts[1]
+    pc.wait_state("joined", 60)
+    node_id = pc.status()["node_id"]
+    wait_for(lambda: node_id in ray_workers(head), 60, "the PC alive in Ray", interval=1)
+    before = ray_workers(head)[node_id]["ray_node_id"]
+    port = f"p-{pc.name}"[:15]
+    sh(["ip", "-n", region.switch, "link", "set", port, "down"])  # HTTPS and WireGuard alike
+    try:
+        wait_for(lambda: node_id not in ray_workers(head), 90, "Ray declaring the cut PC dead", interval=1)
+    finally:
+        sh(["ip", "-n", region.switch, "link", "set", port, "up"])
+    wait_for(lambda: node_id in ray_workers(head), 120, "the PC alive in Ray again", interval=1)
+    assert ray_workers(head)[node_id]["ray_node_id"] != before  # a new Ray node: the old one stays dead
+    log = pc.log_tail("agent.log", 400)
+    assert "declared this PC's Ray node dead" in log, log[-3000:]
+    pc.wait_state("joined", 60)
 
 
 HEARTBEAT = """
