@@ -203,7 +203,7 @@ inputs_hash() {
     {
         echo "variant=$VARIANT version=$VERSION epoch=$SOURCE_DATE_EPOCH compress=$COMPRESS"
         echo "mkosi=$(mkosi --version)"
-        (cd "$REPO" && find build-image.sh image systemd garage_node pyproject.toml README.md \
+        (cd "$REPO" && find build-image.sh image systemd garage_node pyproject.toml README.md docs/node.md \
             -path image/engine -prune -o -path '*/__pycache__' -prune -o -type f -print0 \
             | sort -z | xargs -0 sha256sum)
         (cd "$STAGE/extra" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
