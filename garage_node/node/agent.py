@@ -5,7 +5,7 @@ each part take its next idempotent step, in order:
 
   GPUs (serving.GpuWatch) -> head session: enroll (session.HeadSession) -> overlay: interface,
   firewall, tunnel probe (overlay.Overlay) -> the pass's plan (plan.make_plan) and the serving
-  decision -> heartbeat and credential renewal (session) -> Ray worker (ray.RayPart)
+  decision -> heartbeat and credential renewal (session) -> Ray worker (raystep.RayPart)
 
 The engine reconciles in its own thread and reads the last plan. The agent owns the two things
 that tie the parts together: the identity (one place adopts a new one and derives what must be
@@ -46,7 +46,8 @@ from garage_node.node.identity import Identity
 from garage_node.node.overlay import Overlay
 from garage_node.node.paths import StatePaths
 from garage_node.node.plan import Plan, make_plan
-from garage_node.node.ray import Child, RayPart, RayWorker, WorkerWants
+from garage_node.node.ray import Child, RayWorker
+from garage_node.node.raystep import RayPart, WorkerWants
 from garage_node.node.serving import GpuWatch
 from garage_node.node.session import HeadSession
 from garage_node.node.state import Facts, derive
