@@ -28,7 +28,6 @@ import ipaddress
 import json
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -172,11 +171,6 @@ class Registry:
     @property
     def batch_s(self) -> float | None:
         return self._heartbeats.batch_s
-
-    @property
-    def _flusher(self) -> threading.Thread | None:
-        # The flusher thread, started by the first heartbeat held (tests check none starts without batching).
-        return self._heartbeats.thread
 
     # -- batching
 

@@ -283,7 +283,7 @@ class Agent:
         with self._lock:
             state, message = self.state, self.message
         link = self.session.link
-        problems = self.health.all()
+        problems = self.health.statuses()
         return Status(
             state=state,
             message=message,
@@ -313,11 +313,11 @@ class Agent:
             ),
             engine=self.engine.snapshot(),
             versions=AgentVersions(agent=__version__, ray=self.versions.ray, python=self.versions.python),
-            last_error=self.health.status(problems[0] if problems else None),
+            last_error=problems[0] if problems else None,
             agent=AgentInfo(pid=os.getpid(), uptime_s=round(now - self.started_at, 1)),
             tokens_served=self.session.tokens_served,
             serving=self.gpus.serving,
-            problems=[p for p in map(self.health.status, problems) if p is not None],
+            problems=problems,
         )
 
     def _report(self) -> NodeReport:

@@ -78,9 +78,6 @@ class Health:
                 if gone is not None:
                     log.info("resolved (%s): %s", source.value, gone.message)
 
-    def clear_all(self) -> None:
-        self.clear(*Source)
-
     def get(self, source: Source) -> Problem | None:
         with self._lock:
             return self._problems.get(source)
@@ -94,9 +91,14 @@ class Health:
         problems = self.all()
         return problems[0] if problems else None
 
+    def statuses(self) -> list[ProblemStatus]:
+        """Every current problem as status shows it, worst first."""
+        return [self._status(p) for p in self.all()]
+
     def status(self, problem: Problem | None) -> ProblemStatus | None:
-        if problem is None:
-            return None
+        return self._status(problem) if problem is not None else None
+
+    def _status(self, problem: Problem) -> ProblemStatus:
         now = self.clock.monotonic()
         retry = round(max(0.0, problem.retry_at - now), 1) if problem.retry_at is not None else None
         return ProblemStatus(message=problem.message, hint=problem.hint, age_s=round(now - problem.at, 1),

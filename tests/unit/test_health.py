@@ -51,7 +51,7 @@ def test_the_worst_problem_follows_the_order_of_the_steps_not_the_last_write():
     assert [p.source for p in h.all()] == [Source.HEAD, Source.TUNNEL, Source.RAY]
     h.clear(Source.HEAD)
     assert h.worst().source is Source.TUNNEL
-    h.clear_all()
+    h.clear(*Source)
     assert h.worst() is None and h.status(None) is None
 
 

@@ -7,15 +7,12 @@ import ipaddress
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 
 from garage_node.core.wire import HeartbeatReply, decode, encode
-from garage_node.core.wireguard import generate_private_key, public_key_of
 from garage_node.head import rayprobe
-from garage_node.head.api import create_app
 from garage_node.head.ray import parse_watch_line
 from garage_node.head.registry import Registry
-from testing.fakes import region_facts, sample_report
+from testing.headapi import enrolled_pc
 
 CLUSTER = "ab" * 28
 NODE = {"ray_node_id": "cd" * 28, "address": "100.96.0.2", "alive": True, "is_head": False,
@@ -81,21 +78,10 @@ def test_the_registry_keeps_the_cluster_id_and_clears_it_with_the_membership(tmp
 
 
 def test_the_heartbeat_answer_tells_the_cluster_id(tmp_path):
-    reg = Registry(tmp_path / "r.sqlite", ipaddress.IPv4Network("100.96.0.0/16"))
-    reg.add_token("tok001", "s" * 43, 60, uses=1)
-    client = TestClient(create_app(reg, region_facts(), b"PEM"))
-    body = client.post("/v1/enroll", json={"token_id": "tok001", "secret": "s" * 43, "name": "pc-1",
-                                           "wg_public_key": public_key_of(generate_private_key())}).json()
-
-    def beat() -> HeartbeatReply:
-        r = client.post(f"/v1/nodes/{body['node_id']}/heartbeat", json={"report": encode(sample_report())},
-                        headers={"Authorization": f"Bearer {body['credential']}"})
-        assert r.status_code == 200, r.text
-        return decode(r.json(), HeartbeatReply)
-
-    assert beat().ray_cluster_id == ""  # no Ray head answer yet
-    reg.record_ray_membership({body["node_id"]}, CLUSTER)
-    got = beat()
+    pc = enrolled_pc(tmp_path)
+    assert pc.beat().ray_cluster_id == ""  # no Ray head answer yet
+    pc.registry.record_ray_membership({pc.node_id}, CLUSTER)
+    got = pc.beat()
     assert got.ray_cluster_id == CLUSTER and got.ray_alive
     # An answer from an older head, without the field, reads as "not known".
     old = encode(got)
@@ -118,23 +104,13 @@ def test_a_node_is_dead_only_when_all_its_ray_nodes_are():
 
 
 def test_the_heartbeat_answer_says_when_ray_declared_the_node_dead(tmp_path):
-    reg = Registry(tmp_path / "r.sqlite", ipaddress.IPv4Network("100.96.0.0/16"))
-    reg.add_token("tok001", "s" * 43, 60, uses=1)
-    client = TestClient(create_app(reg, region_facts(), b"PEM"))
-    body = client.post("/v1/enroll", json={"token_id": "tok001", "secret": "s" * 43, "name": "pc-1",
-                                           "wg_public_key": public_key_of(generate_private_key())}).json()
-
-    def beat() -> HeartbeatReply:
-        r = client.post(f"/v1/nodes/{body['node_id']}/heartbeat", json={"report": encode(sample_report())},
-                        headers={"Authorization": f"Bearer {body['credential']}"})
-        return decode(r.json(), HeartbeatReply)
-
-    assert beat().ray_dead is False
-    reg.record_ray_membership(set(), CLUSTER, {body["node_id"]})
-    got = beat()
+    pc = enrolled_pc(tmp_path)
+    assert pc.beat().ray_dead is False
+    pc.registry.record_ray_membership(set(), CLUSTER, {pc.node_id})
+    got = pc.beat()
     assert got.ray_dead and not got.ray_alive
-    reg.record_ray_membership(set())  # no answer from the Ray head: nothing is known, nobody is dead
-    assert beat().ray_dead is False
+    pc.registry.record_ray_membership(set())  # no answer from the Ray head: nothing is known, nobody is dead
+    assert pc.beat().ray_dead is False
     old = encode(got)
     del old["ray_dead"]
     assert decode(old, HeartbeatReply).ray_dead is False  # an older head never says it

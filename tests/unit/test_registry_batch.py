@@ -98,7 +98,7 @@ def test_write_through_without_batching(paths):
     reg.record_ray_membership({e.node.id})
     row = Registry(paths, NET).node(e.node.id)
     assert row.report == {"x": 1} and row.ray_alive
-    assert reg._flusher is None
+    assert reg._heartbeats.thread is None  # no flusher thread without batching
 
 
 def test_the_flusher_writes_by_itself(paths):
