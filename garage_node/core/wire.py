@@ -298,6 +298,9 @@ class Status:
     serving: ServingStatus | None = None  # None: the agent is down
     # Every current problem, worst first (`last_error` is the first of them).
     problems: list[ProblemStatus] = field(default_factory=list)
+    # What the head's placement knows of this PC, and what it assigned (None: nothing yet).
+    placement: PlacementFacts | None = None
+    assignment: Assignment | None = None
 
 
 # ---------------------------------------------------------------- node -> head
@@ -334,6 +337,51 @@ class EngineReport:
 
 
 @dataclass(frozen=True)
+class PlacementFacts:
+    """What the head's placement must know of a PC beyond its GPUs (issue #18). None in a
+    report from an older agent: the head then never assigns that PC anything."""
+
+    device: ShortText = "gpu"  # [engine] device: "gpu", or "cpu" (a vLLM CPU build; tests)
+    # The owner's pin in garage.toml: "only this model or nothing". None: any model.
+    pinned_model: ModelName | None = None
+    pinned_quantization: ShortText | None = None
+    # Paused for the owner's serving hours or heat (or drained by the owner): nothing new.
+    paused: bool = False
+    # Catalog names of the models whose weights this PC holds, checked against their manifest.
+    weights_held: Annotated[list[ModelName], *_at_most(64)] = field(default_factory=list)
+    free_disk_mib: MiB | None = None  # room left for weights on the data partition
+    # The generation of the head's assignment the agent is carrying out (0: none yet).
+    assignment_generation: Count = 0
+    # Set from the moment a switch begins until the new engine is healthy: the gateway sends
+    # this PC no new requests meanwhile (the old engine drains).
+    switching_to: ModelName | None = None
+    fetch_pct: Percent | None = None  # weights of `switching_to` fetched so far
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What the head wants a PC to serve, in the heartbeat's answer (issue #18). The agent
+    carries it out; with none (an older head, or placement off) the PC plans for itself."""
+
+    # Grows with every change the head makes to this PC's assignment, so an agent never
+    # carries out an older one than it has seen.
+    generation: Count
+    # The catalog name to serve; None: the head wants this PC to serve nothing now.
+    model: ModelName | None = None
+    quantization: ShortText | None = None  # None: the highest precision that fits
+    max_model_len: Count | None = None
+    gpu_indices: Annotated[list[GpuIndex], *_at_most(MAX_GPUS)] = field(default_factory=list)
+    tensor_parallel_size: GpuCount = 1
+    pipeline_parallel_size: GpuCount = 1
+    # vLLM's VLLM_PP_LAYER_PARTITION for unequal GPUs: layers per pipeline stage (empty: even).
+    layer_partition: Annotated[list[Count], *_at_most(MAX_GPUS)] = field(default_factory=list)
+    # Where the head's model store holds this model's weights (a path on the head's control
+    # API, e.g. "/v1/models/tiny-a/"); None: fetch from the model hub as before.
+    weights_path: ShortText | None = None
+    reason: Message = ""  # why the head chose this, in words and numbers
+
+
+@dataclass(frozen=True)
 class NodeReport:
     """Sent with every enrollment and heartbeat; never a secret. Bounded (see "bounds" above)."""
 
@@ -347,6 +395,7 @@ class NodeReport:
     ray: RayStatus
     engine: EngineReport
     serving: ServingStatus | None = None  # None: an older agent
+    placement: PlacementFacts | None = None  # None: an older agent (never assigned anything)
 
     @classmethod
     def of(cls, status: Status) -> NodeReport:
@@ -434,6 +483,8 @@ class HeartbeatReply(RegionFacts):
     engine_api_key: str = field(default="", repr=False)
     # What this PC served through the region's gateway (the head's usage ledger).
     tokens_served: TokensServed | None = None
+    # What the head wants this PC to serve (issue #18); None: plan for yourself.
+    assignment: Assignment | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

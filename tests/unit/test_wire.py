@@ -98,6 +98,7 @@ def sample_status(**over) -> wire.Status:
         versions=wire.AgentVersions(agent="0.1.0", ray="2.60.0", python="3.11"),
         last_error=None, agent=wire.AgentInfo(pid=1, uptime_s=2.0),
         serving=wire.ServingStatus(serving=True, max_temp_c=85),
+        placement=wire.PlacementFacts(device="gpu", weights_held=["qwen2.5-7b"], assignment_generation=3),
     )
     values.update(over)
     return wire.Status(**values)
