@@ -137,8 +137,8 @@ def _drain(args, on: bool) -> int:
 
 def plan(args) -> int:
     from garage_node.node import gpu
-    from garage_node.node.engine import planner
-    from garage_node.node.engine.catalog import CatalogError, catalog_path, load_catalog
+    from garage_node.placement import fit as planner
+    from garage_node.placement.catalog import CatalogError, catalog_path, load_catalog
     from garage_node.node.engine.spec import plan_for
 
     cfg = load_node_config(args.config, args.override)
@@ -155,7 +155,7 @@ def plan(args) -> int:
 
 def _image_line(image: str, catalog, inv) -> str:
     """What the plan assumed of the engine image (the planner refused it otherwise)."""
-    from garage_node.node.engine import cuda
+    from garage_node.placement import cuda
 
     facts = catalog.image(image)
     if facts is None:

@@ -10,7 +10,7 @@ from testing.imports import FORBIDDEN, loaded_after_importing
 AGENT_MODULES = (
     "garage_node.cli", "garage_node.cli.node", "garage_node.node.agent", "garage_node.node.localapi",
     "garage_node.node.status", "garage_node.node.headclient", "garage_node.node.engine.manager",
-    "garage_node.node.engine.planner", "garage_node.node.raystart",
+    "garage_node.placement.fit", "garage_node.node.raystart",
 )
 
 
@@ -36,7 +36,7 @@ def test_wheel_ships_no_test_harness(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert "garage_node" in top and all(t == "garage_node" or t.endswith(".dist-info") for t in top), top
-    assert "garage_node/node/engine/models.toml" in names
+    assert "garage_node/placement/models.toml" in names
     assert not [n for n in names if n.endswith(".c") or "/testing/" in n or n.startswith(("testing/", "tests/"))]
 
 
@@ -76,6 +76,8 @@ def test_head_and_node_do_not_import_each_other():
     assert _importers("head", "node") == []
     assert _importers("node", "head") == []
     assert _importers("core", "node") == [] and _importers("core", "head") == []
+    # Placement (fit arithmetic, catalog, the head's decision) is shared by both sides.
+    assert _importers("placement", "node") == [] and _importers("placement", "head") == []
 
 
 def test_the_import_check_would_notice():

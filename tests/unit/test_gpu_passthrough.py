@@ -11,8 +11,9 @@ import pytest
 
 from garage_node.core.wire import EngineState
 from garage_node.node.config import EngineSection
-from garage_node.node.engine import cuda, planner
-from garage_node.node.engine.catalog import load_catalog
+from garage_node.placement import cuda
+from garage_node.placement import fit as planner
+from garage_node.placement.catalog import load_catalog
 from garage_node.node.engine.nvidia import CONTAINER_LIB_DIR, DriverHost, DriverHostError
 from garage_node.node.engine.spec import EngineConfigError, check_image, desired_spec
 from garage_node.node.gpu import GPU, Inventory

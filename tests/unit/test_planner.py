@@ -18,8 +18,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from garage_node.node.gpu import GPU, Inventory  # noqa: E402
-from garage_node.node.engine.catalog import CatalogError, load_catalog  # noqa: E402
-from garage_node.node.engine.planner import (  # noqa: E402
+from garage_node.placement.catalog import CatalogError, load_catalog  # noqa: E402
+from garage_node.placement.fit import (  # noqa: E402
     MIB,
     OVERHEAD_FIXED_MIB,
     OVERHEAD_WEIGHT_FRACTION,

@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 from garage_node.node.config import EngineSection
-from garage_node.node.engine import cuda, planner
-from garage_node.node.engine.catalog import Catalog, CatalogError, catalog_path, load_cached
+from garage_node.placement import cuda
+from garage_node.placement import fit as planner
+from garage_node.placement.catalog import Catalog, CatalogError, catalog_path, load_cached
 from garage_node.node.engine.nvidia import DriverHost, DriverHostError, Passthrough
 from garage_node.node.gpu import Inventory
 

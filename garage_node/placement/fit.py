@@ -15,13 +15,14 @@ gives the longest context, then the fewest GPUs. It imports nothing heavy: the a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from garage_node.node.engine import cuda
-from garage_node.node.engine.catalog import (Catalog, CompCap, EngineImage, ModelSpec, Quantization,
+from garage_node.placement import cuda
+from garage_node.placement.catalog import (Catalog, CompCap, EngineImage, ModelSpec, Quantization,
                                              parse_compute_capability)
-from garage_node.node.gpu import GPU, Inventory
+from garage_node.core.wire import GPU
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
 # Below this a chat model is of little use, so a model that fits only with less does not fit.
@@ -38,6 +39,20 @@ MIB = 1024 * 1024
 GIB_PER_MIB = 1 / 1024
 
 GPUSet = tuple[GPU, ...]
+
+
+class Inventory(Protocol):
+    """The GPU facts a plan needs: the agent's node.gpu.Inventory, or the same read from a
+    NodeReport at the head (placement.facts), so both make the same plan."""
+
+    @property
+    def gpus(self) -> Sequence[GPU]: ...
+    @property
+    def driver_version(self) -> str | None: ...
+    @property
+    def cuda_version(self) -> str | None: ...
+    @property
+    def nvml_error(self) -> str | None: ...
 
 
 class PlanError(Exception):
@@ -186,7 +201,7 @@ def plan(
         raise PlanError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     if max_model_len is not None and max_model_len < 1:
         raise PlanError(f"max_model_len must be a positive number of tokens, got {max_model_len}")
-    gpus = inventory.healthy_gpus
+    gpus = tuple(g for g in inventory.gpus if g.healthy)
     if not gpus:
         raise CpuOnlyRefusal(_cpu_only_message(inventory))
     if image is not None:

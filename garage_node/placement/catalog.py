@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from garage_node.core.settings import SettingsError, one_of, parse, read_toml, setting
-from garage_node.node.engine.cuda import CudaVersion, DriverVersion, parse_cuda, parse_driver
+from garage_node.placement.cuda import CudaVersion, DriverVersion, parse_cuda, parse_driver
 
 VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 _FLOAT32_DTYPES = ("float", "float32")
