@@ -139,10 +139,34 @@ class GatewaySection:
     balance_rel: float = setting(1.5, check=positive())
     # "least-load-affinity" (the above), or "round-robin" (each PC in turn; for comparison).
     policy: str = setting("least-load-affinity", check=one_of("least-load-affinity", "round-robin"))
+    # A request for a model in the region's catalog that no PC serves yet waits here while the
+    # head places the model (head/placement.py): at most hold_queue such requests at once, each
+    # at most hold_s (a 7B model's first start on a PC takes a minute or two); past either, 503
+    # with Retry-After and "the model is loading". A model outside the catalog: 404 at once.
+    hold_queue: int = setting(64, check=nonnegative())
+    hold_s: float = setting(120.0, check=positive())
 
     def problems(self):
         if bool(self.tls_cert) != bool(self.tls_key):
             yield "tls_cert", "and tls_key go together: set both (HTTPS) or neither (plain HTTP behind a proxy)."
+
+
+@dataclass(frozen=True)
+class PlacementSection:
+    """The head decides what each PC serves (head/placement.py, issue #18). With an empty region
+    catalog (`garage-node head model add` never run) the head assigns nothing and every PC plans
+    for itself, as before; so it is on by default."""
+
+    enabled: bool = True
+    # How often the head decides (a pass over a thousand PCs takes milliseconds, see
+    # bench/placement.py); a new model or a burst of demand is acted on within this.
+    interval_s: float = setting(5.0, check=positive())
+    # At most this many PCs start a switch per minute, region-wide: a switch empties a PC for
+    # the minute or two its new engine takes to start.
+    moves_per_minute: int = setting(6, check=positive())
+    # The model catalog the region's models come from (plus `head model import`); empty:
+    # /etc/garage-node/models.toml, else the catalog shipped with garage-node.
+    catalog: str = ""
 
 
 @dataclass(frozen=True)
@@ -183,6 +207,7 @@ class HeadConfig:
     options: HeadOptions = field(default_factory=HeadOptions)
     gateway: GatewaySection = field(default_factory=GatewaySection)
     fleet: FleetSection = field(default_factory=FleetSection)
+    placement: PlacementSection = field(default_factory=PlacementSection)
 
     @property
     def network(self) -> ipaddress.IPv4Network:

@@ -167,6 +167,8 @@ class Registry:
         self._ray_cluster_id = ""
         self._ray_dead: frozenset[str] = frozenset()
         self._writes.migrate(MIGRATIONS)
+        # The region's catalog and the head's assignments (#18).
+        self.region = RegionCatalog(self._writes, self._reads)
 
     @property
     def batch_s(self) -> float | None:
@@ -385,6 +387,106 @@ class Registry:
         return [node for node, _ in found]
 
 
+@dataclass(frozen=True)
+class RegionModel:
+    """A model the operator wants the region to serve (`garage-node head model add`)."""
+
+    model: str
+    min_replicas: int = 0
+    max_replicas: int | None = None
+    weight: float = 1.0
+    added_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A catalog table imported by `garage-node head model import`, as the file had it."""
+
+    kind: str  # "model" or "image"
+    name: str
+    body: dict[str, Any]
+    source: str
+    imported_at: float
+
+
+class RegionCatalog:
+    """The registry's part for issue #18: the region's models, imported catalog entries, each
+    PC's assignment with its generation, and the last placement decision. Written by the CLI
+    (models, imports) and by the head's placement loop (assignments, decision); every write is
+    fsync'd at once (an assignment handed out must not be forgotten: its generation with it)."""
+
+    def __init__(self, writes: sqlite.Database, reads: sqlite.Database) -> None:
+        self._writes, self._reads = writes, reads
+
+    # -- the region's models
+
+    def put_model(self, m: RegionModel) -> RegionModel:
+        """Add or change a model (its min, max and weight); returns it as stored."""
+        with self._writes.transaction() as db:
+            row = db.execute("SELECT added_at FROM region_models WHERE model=?", (m.model,)).fetchone()
+            added = row["added_at"] if row else (m.added_at or time.time())
+            db.execute("INSERT OR REPLACE INTO region_models (model, min_replicas, max_replicas, weight, added_at)"
+                       " VALUES (?,?,?,?,?)", (m.model, m.min_replicas, m.max_replicas, m.weight, added))
+        return RegionModel(m.model, m.min_replicas, m.max_replicas, m.weight, added)
+
+    def remove_model(self, model: str) -> bool:
+        with self._writes.use() as db:
+            return db.execute("DELETE FROM region_models WHERE model=?", (model,)).rowcount > 0
+
+    def models(self) -> list[RegionModel]:
+        rows = self._reads.query("SELECT * FROM region_models ORDER BY added_at, model")
+        return [RegionModel(r["model"], r["min_replicas"], r["max_replicas"], r["weight"], r["added_at"]) for r in rows]
+
+    # -- imported catalog entries
+
+    def import_entries(self, entries: Sequence[tuple[str, str, dict[str, Any]]], source: str) -> None:
+        """(kind, name, table) each; an entry of the same kind and name is replaced. All or none."""
+        now = time.time()
+        with self._writes.transaction() as db:
+            for kind, name, body in entries:
+                db.execute("INSERT OR REPLACE INTO catalog_entries (kind, name, body, source, imported_at)"
+                           " VALUES (?,?,?,?,?)", (kind, name, json.dumps(body), source, now))
+
+    def entries(self) -> list[CatalogEntry]:
+        rows = self._reads.query("SELECT * FROM catalog_entries ORDER BY imported_at, kind, name")
+        return [CatalogEntry(r["kind"], r["name"], json.loads(r["body"]), r["source"], r["imported_at"]) for r in rows]
+
+    # -- assignments
+
+    def assignments(self) -> dict[str, dict[str, Any]]:
+        """node id -> its last assignment as stored (a wire.Assignment's JSON)."""
+        return {r["node_id"]: json.loads(r["body"]) for r in self._reads.query("SELECT node_id, body FROM assignments")}
+
+    def store_assignments(self, changed: dict[str, dict[str, Any]]) -> None:
+        """Store the assignments that changed (node id -> wire.Assignment's JSON, with its
+        "generation"), in one transaction. A generation lower than the one stored is refused
+        (ValueError, nothing written): a PC must never be told an older plan than it has seen."""
+        if not changed:
+            return
+        now = time.time()
+        with self._writes.transaction() as db:
+            for node_id, body in changed.items():
+                generation = int(body["generation"])
+                row = db.execute("SELECT generation FROM assignments WHERE node_id=?", (node_id,)).fetchone()
+                if row is not None and generation < row["generation"]:
+                    raise ValueError(f"assignment generation {generation} for {node_id} is below the stored "
+                                     f"{row['generation']}")
+                db.execute("INSERT OR REPLACE INTO assignments (node_id, generation, body, updated_at) VALUES (?,?,?,?)",
+                           (node_id, generation, json.dumps(body), now))
+
+    # -- the last decision, for `head model list`
+
+    def store_state(self, body: dict[str, Any]) -> None:
+        with self._writes.use() as db:
+            db.execute("INSERT OR REPLACE INTO placement_state (key, body, updated_at) VALUES ('last', ?, ?)",
+                       (json.dumps(body), time.time()))
+
+    def state(self) -> tuple[dict[str, Any], float] | None:
+        """The last decision the head stored and when (time.time()), or None before the first."""
+        rows = self._reads.query("SELECT body, updated_at FROM placement_state WHERE key='last'")
+        return (json.loads(rows[0]["body"]), rows[0]["updated_at"]) if rows else None
+
+
 def _file_row(row: sqlite3.Row) -> NodeRow:
     """A row as the file has it. Only `Registry._select` calls this: what memory holds goes over it there."""
     d = dict(row)
@@ -420,5 +522,38 @@ def _adopt(db: sqlite3.Connection) -> None:
                 db.execute(backfill)
 
 
+# Version 2 (#18): the region's catalog (the models the operator wants served, and catalog entries
+# imported from a file) and the head's assignment of each PC, with its generation. An assignment's
+# row is never deleted (a PC revoked or idle keeps its generation), so a generation never goes
+# back, across head restarts included.
+REGION_CATALOG = """
+CREATE TABLE region_models (
+    model TEXT PRIMARY KEY,           -- a catalog name
+    min_replicas INTEGER NOT NULL DEFAULT 0,
+    max_replicas INTEGER,             -- NULL: as many as demand asks
+    weight REAL NOT NULL DEFAULT 1.0,
+    added_at REAL NOT NULL
+);
+CREATE TABLE catalog_entries (
+    kind TEXT NOT NULL,               -- 'model' or 'image'
+    name TEXT NOT NULL,
+    body TEXT NOT NULL,               -- the entry's TOML table, as JSON
+    source TEXT NOT NULL,             -- the file it was imported from
+    imported_at REAL NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+CREATE TABLE assignments (
+    node_id TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL,
+    body TEXT NOT NULL,               -- the wire.Assignment, as JSON
+    updated_at REAL NOT NULL
+);
+CREATE TABLE placement_state (
+    key TEXT PRIMARY KEY,             -- 'last': the last decision (models, explanations), for `head model list`
+    body TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
 # Step i brings the file to user_version i + 1; add new steps at the end, never edit one shipped.
-MIGRATIONS: list[sqlite.Step] = [_adopt]
+MIGRATIONS: list[sqlite.Step] = [_adopt, REGION_CATALOG]

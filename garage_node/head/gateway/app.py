@@ -2,9 +2,12 @@
 `/v1/embeddings` and `/v1/models`, answered by the PCs of the region.
 
 Every request: the key (401 unknown, revoked or expired), the body (400 when it is not a JSON
-object with a model), the model (404 when no PC serves it, or the key may not use it — with the
-list it may use), the key's limits (429 with Retry-After), then the proxy (503 with Retry-After
-when no PC can take it). Answers are vLLM's own, with `x-garage-node` naming the PC."""
+object with a model), the model (held while the head places a model of the region's catalog
+that no PC serves yet, 503 with Retry-After past [gateway] hold_s; 404 when no PC serves it and
+it is not in the catalog, or the key may not use it — with the list it may use), the key's
+limits (429 with Retry-After), then the proxy (503 with Retry-After when no PC can take it).
+Answers are vLLM's own, with `x-garage-node` naming the PC. Each request known to the gateway
+counts towards its model's demand (demand.py), which the head's placement reads."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Any, AsyncIterator, Protocol
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from garage_node.head.gateway.demand import Demand
 from garage_node.head.gateway.errors import GatewayError
 from garage_node.head.gateway.keys import ApiKey
 from garage_node.head.gateway.metrics import GatewayMetrics
@@ -34,8 +38,13 @@ class GatewayParts(Protocol):
     proxy: Proxy
     metrics: GatewayMetrics
     max_body_bytes: int
+    demand: Demand
 
     def authenticate(self, authorization: str) -> ApiKey: ...
+
+    def known(self, model: str) -> bool: ...
+
+    async def hold(self, key: ApiKey, model: str) -> None: ...
 
     def admit(self, key: ApiKey, model: str) -> None: ...
 
@@ -75,18 +84,28 @@ def create_gateway_app(gw: GatewayParts) -> FastAPI:
     async def handle(request: Request, path: str) -> Response:
         started = time.monotonic()
         key = gw.authenticate(request.headers.get("authorization", ""))
-        body = await _json_body(request, gw.max_body_bytes)
+        body, size = await _json_body(request, gw.max_body_bytes)
         model: str = body["model"]  # _json_body refused a body without one
         status = "error"
         label = model
         streaming = False
+        counted = gw.known(model)  # demand: only models served or in the region's catalog
+        opened = False
 
         def ended() -> None:
             gw.metrics.latency.labels(label).observe(time.monotonic() - started)
+            if opened:
+                gw.demand.closed(model)
 
         try:
+            if counted:
+                gw.demand.arrived(model, size, body.get("max_tokens"))
+            await gw.hold(key, model)
             gw.admit(key, model)
             call = _call(path, body, key, started, gw.router)
+            if counted:
+                gw.demand.opened(model)
+                opened = True
             response = await gw.proxy.forward(call, request)
             status = str(response.status_code)
             if isinstance(response, RelayResponse):
@@ -95,6 +114,8 @@ def create_gateway_app(gw: GatewayParts) -> FastAPI:
             return response
         except GatewayError as e:
             status = str(e.status)
+            if counted and e.status == 503 and e.code != "model_loading":  # hold() counted its own
+                gw.demand.unserved(model)
             raise
         finally:
             gw.metrics.requests.labels(label, key.name, status).inc()
@@ -116,7 +137,8 @@ def create_gateway_app(gw: GatewayParts) -> FastAPI:
     return app
 
 
-async def _json_body(request: Request, max_bytes: int) -> dict[str, Any]:
+async def _json_body(request: Request, max_bytes: int) -> tuple[dict[str, Any], int]:
+    """The body as a JSON object with a model, and its size in bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise GatewayError(413, "body_too_large", f"the request body is over {max_bytes} bytes")
@@ -137,7 +159,7 @@ async def _json_body(request: Request, max_bytes: int) -> dict[str, Any]:
                            "(GET /v1/models lists those served)", param="model")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise GatewayError(400, "invalid_stream", "'stream' must be true or false", param="stream")
-    return body
+    return body, len(raw)
 
 
 def _call(path: str, body: dict[str, Any], key: ApiKey, started: float, router: Router) -> Call:

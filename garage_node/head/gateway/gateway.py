@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, Callable
 
 from garage_node.core.clock import SYSTEM, Clock
 from garage_node.core.wire import HeartbeatExtras, NodeReport, TokensServed
+from garage_node.head.gateway.demand import Demand
 from garage_node.head.gateway.enginekeys import EngineKeys
 from garage_node.head.gateway.errors import GatewayError
 from garage_node.head.gateway.keys import ApiKey, KeyStore
@@ -30,6 +32,8 @@ NAMES_TTL_S = 5.0
 FORGET_AFTER_S = 600.0
 KEY_CACHE_S = 2.0
 TOTALS_TTL_S = 1.0
+# How often a request held for a model being placed looks whether a PC serves it yet.
+HOLD_POLL_S = 0.25
 
 
 def database_path(state_dir: Path) -> Path:
@@ -49,6 +53,11 @@ class Gateway:
         self.router = Router(cfg.affinity_threshold, cfg.balance_abs, cfg.balance_rel, policy=cfg.policy)
         self.limits = RateLimits()
         self.max_body_bytes = cfg.max_body_bytes
+        self.demand = Demand(clock=clock)
+        # The models of the region's catalog (`head model add`): a request for one that no PC
+        # serves yet is held while the head places it. Set by the head's placement loop.
+        self.placed: Callable[[], frozenset[str]] = frozenset
+        self._held = 0  # requests held now, all models (bounded by [gateway] hold_queue)
         self._key_cache: dict[str, tuple[float, ApiKey]] = {}
         self._totals: dict[str, Any] = {}
         self._totals_at = float("-inf")
@@ -158,6 +167,39 @@ class Gateway:
                 self._key_cache.clear()
             self._key_cache[digest_] = (now, key)
         return key
+
+    def known(self, model: str) -> bool:
+        """Served by some PC (in any state) or in the region's catalog: demand counts only these."""
+        return bool(self.table.pool(model)) or model in self.placed()
+
+    async def hold(self, key: ApiKey, model: str) -> None:
+        """Wait while no PC takes requests for `model`, if the head is placing it (it is in the
+        region's catalog): until one does, or past [gateway] hold_s (503, "loading"), or at
+        once when hold_queue requests are held already (503). Returns at once for a model
+        some PC serves, and for one outside the catalog (admit answers 404 for it)."""
+        if not key.allows(model) or self.table.serving(model) or model not in self.placed():
+            return
+        loading = (f"{model} is loading: the region is starting it on a PC (a first start takes a minute or "
+                   "two); retry shortly")
+        self.demand.unserved(model)
+        if self._held >= self.cfg.hold_queue:
+            raise GatewayError(503, "model_loading", loading + f" ({self._held} requests wait already)",
+                               retry_after_s=min(30.0, self.cfg.hold_s))
+        self._held += 1  # the event loop's own count: only its tasks touch it
+        self.demand.opened(model, held=True)
+        try:
+            deadline = self.clock.monotonic() + self.cfg.hold_s
+            while not self.table.serving(model):
+                if self.clock.monotonic() >= deadline:
+                    raise GatewayError(503, "model_loading", loading, retry_after_s=min(30.0, self.cfg.hold_s))
+                await asyncio.sleep(HOLD_POLL_S)
+        finally:
+            self._held -= 1
+            self.demand.closed(model, held=True)
+
+    @property
+    def held(self) -> int:
+        return self._held
 
     def admit(self, key: ApiKey, model: str) -> None:
         """Raises GatewayError when this key may not send this request now."""
