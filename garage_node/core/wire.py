@@ -449,11 +449,13 @@ class EnrollReply(RegionFacts):
 
 @dataclass(frozen=True, kw_only=True)
 class HeartbeatExtras:
-    """The gateway's part of a heartbeat's answer (see HeartbeatReply): the head's control API
-    asks for it by node id and adds it; a head without a gateway gives the defaults."""
+    """The gateway's and the placement's part of a heartbeat's answer (see HeartbeatReply): the
+    head's control API asks for it by node id and adds it; a head without them gives the defaults."""
 
     engine_api_key: str = field(default="", repr=False)
     tokens_served: TokensServed | None = None
+    # The head's placement's part (head/placement.py): the PC's assignment, or None.
+    assignment: Assignment | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -40,7 +40,8 @@ def router(registry: Registry, facts: RegionFacts, ray_token: Callable[[], str] 
            on_change: Callable[[], None] = lambda: None, reports: Reports | None = None,
            node_extras: Callable[[str], HeartbeatExtras] = lambda _: HeartbeatExtras()) -> APIRouter:
     """`reports` gets every accepted heartbeat's report; `node_extras(node_id)` adds the
-    gateway's part of the answer (the engine's API key, the tokens the PC served)."""
+    gateway's part of the answer (the engine's API key, the tokens the PC served) and the
+    placement's (the PC's assignment, head/placement.py)."""
     r = APIRouter()
 
     def authenticated(node_id: str, creds: HTTPAuthorizationCredentials | None) -> Auth:
@@ -71,7 +72,8 @@ def router(registry: Registry, facts: RegionFacts, ray_token: Callable[[], str] 
                               ray_dead=registry.ray_dead(node_id),
                               credential_expires_in_s=round(auth.expires_in_s, 1),
                               credential_lifetime_s=auth.lifetime_s, engine_api_key=extras.engine_api_key,
-                              tokens_served=extras.tokens_served, **region_fields(facts))
+                              tokens_served=extras.tokens_served, assignment=extras.assignment,
+                              **region_fields(facts))
 
     @r.post("/v1/nodes/{node_id}/credential",
             summary="Renew the node's credential (and, if asked, its WireGuard key); the old credential stays "

@@ -5,10 +5,10 @@ gateways in one process (the tests) do not collide."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from garage_node.core.wire import EngineState
@@ -16,6 +16,13 @@ from garage_node.head.gateway.table import EndpointTable
 
 HEARTBEAT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class PlacementSource(Protocol):
+    """What the metrics read of the head's placement (head/placement.py's PlacementLoop)."""
+
+    last: Any  # the last pass: .decision.models, each with model, demand, wanted, running
+    switches: dict[str, int]
 
 
 class GatewayMetrics:
@@ -40,6 +47,42 @@ class GatewayMetrics:
                                     "How long the head took to answer a PC's heartbeat, by HTTP status",
                                     ["status"], buckets=HEARTBEAT_BUCKETS, registry=r)
         r.register(_RegionCollector(table, node_names, node_tokens))
+        self._placement = _PlacementCollector()
+        r.register(self._placement)
+
+    def watch_placement(self, source: PlacementSource) -> None:
+        """Export the head's placement per model: demand, replicas wanted and running, switches."""
+        self._placement.source = source
+
+
+class _PlacementCollector(Collector):
+    def __init__(self) -> None:
+        self.source: PlacementSource | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        wanted = GaugeMetricFamily("garage_placement_replicas_wanted", "PCs the head wants serving each model",
+                                   labels=["model"])
+        running = GaugeMetricFamily("garage_placement_replicas_running", "PCs serving each model now",
+                                    labels=["model"])
+        tokens = GaugeMetricFamily("garage_placement_demand_tokens_per_second",
+                                   "Tokens per second requested of each model (the gateway's last 60 s)", labels=["model"])
+        queue = GaugeMetricFamily("garage_placement_demand_queue", "Requests open for each model now (in flight "
+                                  "and held)", labels=["model"])
+        unserved = GaugeMetricFamily("garage_placement_demand_unserved_per_second",
+                                     "Requests per second that found no PC for their model", labels=["model"])
+        switches = CounterMetricFamily("garage_placement_switches", "Assignments the head changed to each model "
+                                       "since it started", labels=["model"])
+        source = self.source
+        last = source.last if source is not None else None
+        for m in (last.decision.models if last is not None and last.decision is not None else []):
+            wanted.add_metric([m.model], m.wanted)
+            running.add_metric([m.model], m.running)
+            tokens.add_metric([m.model], m.demand.tokens_per_s)
+            queue.add_metric([m.model], m.demand.queue_depth)
+            unserved.add_metric([m.model], m.demand.unserved_per_s)
+        for model, n in sorted(dict(source.switches if source is not None else {}).items()):
+            switches.add_metric([model], n)
+        yield from (wanted, running, tokens, queue, unserved, switches)
 
 
 class _RegionCollector(Collector):
