@@ -27,6 +27,9 @@ PROBLEM, OK, REVOKED = 0, 1, 2
 # Every PC's tokens served, {node_id: an object with .today and .total} (the gateway's ledger:
 # Ledger.node_totals_all, one query for the whole region).
 Usage = Callable[[], Mapping[str, Any]]
+# The region's models as the head's placement last decided them (head/placement.py's
+# PlacementLoop.fleet_models): model, replicas wanted and running, where, demand, why.
+Models = Callable[[], list[dict[str, Any]]]
 
 
 def _decode(report: Any) -> NodeReport | None:
@@ -142,7 +145,7 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def fleet(nodes: list[NodeRow], now: float, offline_after_s: float, history: History,
-          usage: Usage | None = None) -> dict[str, Any]:
+          usage: Usage | None = None, models: Models | None = None) -> dict[str, Any]:
     served: Mapping[str, Any] = {}
     nothing_yet = None  # what a PC the ledger has no line for served: unknown without a ledger
     if usage is not None:
@@ -154,4 +157,10 @@ def fleet(nodes: list[NodeRow], now: float, offline_after_s: float, history: His
     rows = [pc_row(n, now, offline_after_s, history, served.get(n.id, nothing_yet)) for n in nodes]
     history.forget_missing({n.id for n in nodes})
     rows.sort(key=lambda r: (r["rank"], r["name"].lower(), r["id"]))
-    return {"now": now, "offline_after_s": offline_after_s, "totals": totals(rows), "pcs": rows}
+    placed: list[dict[str, Any]] = []
+    if models is not None:
+        try:
+            placed = models()
+        except Exception:  # the placement is another part's: the page shows the rest without it
+            log.exception("the fleet page could not read the head's placement")
+    return {"now": now, "offline_after_s": offline_after_s, "totals": totals(rows), "pcs": rows, "models": placed}

@@ -136,10 +136,30 @@ function pcRow(pc, now) {
   );
 }
 
+// The region's models as the head's placement last decided them (empty: every PC plans for itself).
+function modelsView(models) {
+  document.getElementById("models").hidden = !models.length;
+  document.querySelector("#models-table tbody").replaceChildren(...models.map((m) => {
+    const d = m.demand || {};
+    const short = m.running < m.wanted;
+    return el("tr", { "data-model": m.model, class: short ? "attn" : "" },
+      el("td", { text: m.model }),
+      el("td", { class: "num", text: `${m.wanted} / ${m.running}` }),
+      el("td", { class: "num", text: dash(d.tokens_per_s, (v) => v.toFixed(1)) }),
+      el("td", { class: "num", text: dash(d.queue_depth) }),
+      el("td", { class: "num", text: dash(d.unserved_per_s, (v) => v.toFixed(2)) }),
+      el("td", {}, ...(m.pcs.length ? m.pcs.flatMap((pc, i) => [i ? ", " : "",
+        el("a", { href: `/pc/${encodeURIComponent(pc.id)}`, text: pc.name || pc.id })]) : ["–"])),
+      el("td", { class: "small", text: m.why || "" }),
+    );
+  }));
+}
+
 function drawFleet() {
   const fleet = lastFleet;
   if (!fleet) return;
   totalsView(fleet.totals, fleet.now);
+  modelsView(fleet.models || []);
   const words = document.getElementById("filter").value.toLowerCase().split(/\s+/).filter(Boolean);
   const show = document.getElementById("show").value;
   let pcs = fleet.pcs.filter((p) => visible(p, show, words));
