@@ -338,6 +338,12 @@ def run(cfg: HeadConfig) -> None:
                      on_heartbeat_s=gateway.on_heartbeat_s if gateway is not None else None)
     app = create_app(service.registry, service.facts, p.pki.ca_cert.read_bytes(), hooks,
                      max_body_bytes=cfg.api.max_body_bytes)
+    # The region's model store (head/modelstore.py, in the state directory): enrolled PCs fetch
+    # model weights from it over the overlay (head/api/store.py).
+    from garage_node.head.api import store as store_api
+    from garage_node.head.modelstore import ModelStore, store_root
+
+    app.include_router(store_api.router(service.registry, ModelStore(store_root(cfg.head.state_dir))))
     # The API faces the internet: uvicorn's h11 protocol with a deadline for every request and
     # a cap on connections per address, and a loop that bounds TLS handshakes (connguard.py).
     limits = GuardLimits(request_timeout_s=cfg.api.request_timeout_s,
