@@ -67,6 +67,9 @@ class ModelSpec:
     min_compute_capability: CompCap = setting(parse=_CC)
     quantizations: dict[str, Quantization] = setting(check=(bool, "a non-empty table of quantizations"))
     test_only: bool = False
+    # The head may place it on a PC whose engine is vLLM's CPU build ([engine] device = "cpu"),
+    # with the catalog's default context and first precision: only models small enough for that.
+    cpu: bool = False
     name: str = setting("", skip=True)  # the catalog key, what a person pins
 
     def problems(self):

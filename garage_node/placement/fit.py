@@ -10,7 +10,19 @@ arithmetic needs. Per GPU of a tensor-parallel group, with B = total VRAM x gpu_
     weights + overhead + max_model_len x KV/token <= B
 
 The planner prefers the largest model, then the highest precision of it, then the GPU set that
-gives the longest context, then the fewest GPUs. It imports nothing heavy: the agent runs it.
+gives the longest context, then the fewest GPUs. It imports nothing heavy: the agent runs it, and
+so does the head's placement (decide.py), on the same GPU facts read from the PC's report.
+
+Unequal GPUs in one PC (an RTX 4090 and a 4060): a model and precision that fit no tensor-parallel
+group of identical GPUs may fit their sum as a pipeline, one stage per GPU, with the layers split
+so that every stage has room for the same context (vLLM's VLLM_PP_LAYER_PARTITION; it sizes every
+stage's KV cache to the smallest one). Per stage of l of the model's L layers:
+
+    weights   = parameters x bytes_per_param x l / L   (embeddings counted with the layers)
+    overhead  = OVERHEAD_FIXED_MIB + OVERHEAD_WEIGHT_FRACTION x weights
+    KV/token  = 2 x l x KV heads x head_dim x KV bytes
+
+Never across PCs: over home links a two-stage pipeline caps a stream at ~20 tokens/s.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from typing import Any, Protocol
 from garage_node.placement import cuda
 from garage_node.placement.catalog import (Catalog, CompCap, EngineImage, ModelSpec, Quantization,
                                              parse_compute_capability)
-from garage_node.core.wire import GPU
+from garage_node.core.wire import GPU, NodeReport
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
 # Below this a chat model is of little use, so a model that fits only with less does not fit.
@@ -55,6 +67,21 @@ class Inventory(Protocol):
     def nvml_error(self) -> str | None: ...
 
 
+@dataclass(frozen=True)
+class GpuFacts:
+    """The GPU facts of a PC as the head knows them, from its report: the same numbers the
+    agent plans with (its Status carries its Inventory's GPUs, driver and NVML note)."""
+
+    gpus: tuple[GPU, ...] = ()
+    driver_version: str | None = None
+    cuda_version: str | None = None
+    nvml_error: str | None = None
+
+    @classmethod
+    def of_report(cls, report: NodeReport) -> GpuFacts:
+        return cls(tuple(report.gpus), report.driver_version, report.cuda_version, report.gpu_note)
+
+
 class PlanError(Exception):
     """No plan: the message says why, with numbers, and what would work instead."""
 
@@ -71,21 +98,48 @@ def _fmt_cc(cc: CompCap) -> str:
 
 
 @dataclass(frozen=True)
-class Plan:
-    model: ModelSpec
-    quantization: Quantization
-    gpus: GPUSet  # the tensor-parallel group, identical GPUs
-    max_model_len: int
-    gpu_memory_utilization: float
-    # Per GPU of the group, MiB:
+class Stage:
+    """One pipeline stage: a GPU and its share of the layers, MiB on that GPU."""
+
+    gpu: GPU
+    layers: int
     budget_mib: float
     weights_mib: float
     overhead_mib: float
     kv_bytes_per_token: int
 
     @property
+    def tokens(self) -> int:
+        """The longest single sequence this stage has KV cache room for."""
+        return int(max(0.0, self.budget_mib - self.weights_mib - self.overhead_mib) * MIB // self.kv_bytes_per_token)
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelSpec
+    quantization: Quantization
+    gpus: GPUSet  # the tensor-parallel group (identical GPUs), or the pipeline's GPUs in stage order
+    max_model_len: int
+    gpu_memory_utilization: float
+    # Per GPU of the group (of a pipeline: of its tightest stage), MiB:
+    budget_mib: float
+    weights_mib: float
+    overhead_mib: float
+    kv_bytes_per_token: int
+    stages: tuple[Stage, ...] = ()  # pipeline parallel: one per GPU; empty: tensor parallel only
+
+    @property
     def tensor_parallel_size(self) -> int:
-        return len(self.gpus)
+        return 1 if self.stages else len(self.gpus)
+
+    @property
+    def pipeline_parallel_size(self) -> int:
+        return len(self.stages) or 1
+
+    @property
+    def layer_partition(self) -> tuple[int, ...]:
+        """Layers per pipeline stage, in stage order (empty without a pipeline)."""
+        return tuple(s.layers for s in self.stages)
 
     @property
     def gpu_indices(self) -> tuple[int, ...]:
@@ -110,13 +164,25 @@ class Plan:
         args = ["--model", q.model_id, "--dtype", q.dtype]
         if q.vllm_quantization:
             args += ["--quantization", q.vllm_quantization]
-        return args + [
+        args += [
             "--max-model-len", str(self.max_model_len),
             "--gpu-memory-utilization", f"{self.gpu_memory_utilization:.2f}",
             "--tensor-parallel-size", str(self.tensor_parallel_size),
         ]
+        if self.stages:
+            args += ["--pipeline-parallel-size", str(self.pipeline_parallel_size)]
+        return args
+
+    def engine_env(self) -> dict[str, str]:
+        """Environment the engine needs besides its arguments: a pipeline's layer split (vLLM
+        splits evenly without it, which overfills the smaller GPU)."""
+        if not self.stages:
+            return {}
+        return {"VLLM_PP_LAYER_PARTITION": ",".join(str(n) for n in self.layer_partition)}
 
     def explain(self) -> str:
+        if self.stages:
+            return self._explain_pipeline()
         m, q, tp = self.model, self.quantization, self.tensor_parallel_size
         g = self.gpus[0]
         kv_heads = m.kv_heads_per_gpu(tp)
@@ -138,6 +204,30 @@ class Plan:
             f"total per GPU: {self.weights_mib * GIB_PER_MIB:.2f} + {self.overhead_mib * GIB_PER_MIB:.2f}"
             f" + {self.kv_cache_mib * GIB_PER_MIB:.2f} = {_gib(self.total_mib)}"
             f" <= budget {_gib(self.budget_mib)} ({_gib(self.spare_mib)} spare for more sequences)",
+            f"max_model_len: {self.max_model_len} (model default {m.default_context_length},"
+            f" minimum {min(MIN_CONTEXT, m.default_context_length)}, steps of {CONTEXT_STEP})",
+        ]
+        return "\n".join(lines)
+
+    def _explain_pipeline(self) -> str:
+        m, q = self.model, self.quantization
+        lines = [
+            f"GPUs: {', '.join(f'#{s.gpu.index} {s.gpu.name} {s.gpu.memory_total_mib} MiB' for s in self.stages)};"
+            f" no identical GPUs hold it: pipeline parallel {self.pipeline_parallel_size}, tensor parallel 1",
+            f"model: {m.name} ({q.model_id}), {q.name}: --dtype {q.dtype}"
+            + (f" --quantization {q.vllm_quantization}" if q.vllm_quantization else ""),
+            f"weights: {m.parameters / 1e9:.2f}e9 params x {q.bytes_per_param:g} B"
+            f" = {_gib(m.weights_mib(q))}, split by layers ({m.num_layers} in all)",
+        ]
+        for i, s in enumerate(self.stages):
+            lines.append(
+                f"stage {i} (GPU #{s.gpu.index}): {s.layers} layers; budget {_gib(s.gpu.memory_total_mib)} x"
+                f" {self.gpu_memory_utilization:.2f} = {_gib(s.budget_mib)}; weights {_gib(s.weights_mib)}"
+                f" + overhead {_gib(s.overhead_mib)}; KV {s.kv_bytes_per_token / 1024:g} KiB/token:"
+                f" room for {s.tokens} tokens")
+        lines += [
+            f"layer split (VLLM_PP_LAYER_PARTITION): {','.join(str(n) for n in self.layer_partition)},"
+            " chosen so that the tightest stage has the most room (vLLM sizes every stage's KV cache alike)",
             f"max_model_len: {self.max_model_len} (model default {m.default_context_length},"
             f" minimum {min(MIN_CONTEXT, m.default_context_length)}, steps of {CONTEXT_STEP})",
         ]
@@ -165,6 +255,9 @@ class Plan:
             },
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "engine_args": self.engine_args(),
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "layer_partition": list(self.layer_partition),
+            "engine_env": self.engine_env(),
         }
 
 
@@ -209,9 +302,9 @@ def plan(
     groups = _gpu_groups(gpus)
     if pinned_model is not None:
         return _plan_pinned(catalog, groups, pinned_model, pinned_quantization, max_model_len,
-                            gpu_memory_utilization)
+                            gpu_memory_utilization, gpus)
     models = [m for m in catalog.models if not m.test_only]
-    best = _best(models, groups, pinned_quantization, max_model_len, gpu_memory_utilization)
+    best = _best(models, groups, pinned_quantization, max_model_len, gpu_memory_utilization, gpus)
     if best is None:
         raise PlanError(_nothing_fits_message(models, groups, pinned_quantization, max_model_len,
                                               gpu_memory_utilization))
@@ -219,7 +312,7 @@ def plan(
 
 
 def _best(models: list[ModelSpec], groups: list[GPUSet], quant_name: str | None,
-          max_model_len: int | None, util: float) -> Plan | None:
+          max_model_len: int | None, util: float, gpus: GPUSet = ()) -> Plan | None:
     # Largest model first (quality), then highest precision; catalog order breaks ties (bf16 > fp16).
     for model in sorted(models, key=lambda m: -m.parameters):
         for quant in _by_precision(model, quant_name):
@@ -227,6 +320,10 @@ def _best(models: list[ModelSpec], groups: list[GPUSet], quant_name: str | None,
             if fits:
                 # Longest context first: a second GPU is worth using when it saves context.
                 return max(fits, key=lambda p: (p.max_model_len, -p.tensor_parallel_size))
+            # Only what fits no group of identical GPUs goes to a pipeline over unequal ones:
+            # a pipeline adds a hop per token and runs at the pace of its slowest GPU.
+            if (pp := _fit_pipeline(model, quant, gpus, max_model_len, util)) is not None:
+                return pp
     return None
 
 
@@ -285,14 +382,54 @@ def _fit(model: ModelSpec, quant: Quantization, gpus: GPUSet, max_model_len: int
     weights, overhead = _weights_and_overhead(model, quant, tp)
     per_token = model.kv_bytes_per_token(quant, tp)
     tokens = int(max(0.0, budget - weights - overhead) * MIB // per_token)
-    if max_model_len is not None:
-        length = max_model_len if tokens >= max_model_len else 0
-    else:
-        length = min(model.default_context_length, tokens // CONTEXT_STEP * CONTEXT_STEP)
-        length = length if length >= min(MIN_CONTEXT, model.default_context_length) else 0
+    length = _context(model, tokens, max_model_len)
     if not length:
         return None
     return Plan(model, quant, gpus, length, util, budget, weights, overhead, per_token)
+
+
+def _fit_pipeline(model: ModelSpec, quant: Quantization, gpus: GPUSet, max_model_len: int | None,
+                  util: float) -> Plan | None:
+    """The plan with one pipeline stage per GPU of unequal GPUs, or None when it does not fit."""
+    usable = tuple(sorted((g for g in gpus if _usable(model, quant, (g,))), key=lambda g: g.index))
+    kinds = {(g.name, g.memory_total_mib, g.compute_capability) for g in usable}
+    if len(usable) < 2 or len(kinds) < 2 or len(usable) > model.num_layers:
+        return None
+    if max_model_len is not None and max_model_len > model.default_context_length:
+        return None
+    stages = _split_layers(model, quant, usable, util)
+    tightest = min(stages, key=lambda s: s.tokens)
+    length = _context(model, tightest.tokens, max_model_len)
+    if not length:
+        return None
+    return Plan(model, quant, usable, length, util, tightest.budget_mib, tightest.weights_mib,
+                tightest.overhead_mib, tightest.kv_bytes_per_token, stages)
+
+
+def _split_layers(model: ModelSpec, quant: Quantization, gpus: GPUSet, util: float) -> tuple[Stage, ...]:
+    """Layers per stage so that the tightest stage has the most room: every stage's room shrinks
+    with each layer it takes, so giving each next layer to the stage left with the most room is
+    optimal for the smallest room (a max-min allocation of decreasing functions)."""
+    def stage(g: GPU, layers: int) -> Stage:
+        weights = model.weights_mib(quant) * layers / model.num_layers
+        per_token = 2 * layers * model.num_kv_heads * model.head_dim * quant.kv_bytes
+        return Stage(g, layers, g.memory_total_mib * util, weights,
+                     OVERHEAD_FIXED_MIB + OVERHEAD_WEIGHT_FRACTION * weights, per_token)
+
+    counts = [1] * len(gpus)
+    for _ in range(model.num_layers - len(gpus)):
+        # Ties go to the earlier stage, so the split is the same on the head and on the PC.
+        i = max(range(len(gpus)), key=lambda k: (stage(gpus[k], counts[k] + 1).tokens, -k))
+        counts[i] += 1
+    return tuple(stage(g, n) for g, n in zip(gpus, counts, strict=True))
+
+
+def _context(model: ModelSpec, tokens: int, max_model_len: int | None) -> int:
+    """The context to serve with room for `tokens`: 0 when that is too little."""
+    if max_model_len is not None:
+        return max_model_len if tokens >= max_model_len else 0
+    length = min(model.default_context_length, tokens // CONTEXT_STEP * CONTEXT_STEP)
+    return length if length >= min(MIN_CONTEXT, model.default_context_length) else 0
 
 
 def _weights_and_overhead(model: ModelSpec, quant: Quantization, tp: int) -> tuple[float, float]:
@@ -324,7 +461,7 @@ def _closest_miss(models: list[ModelSpec], groups: list[GPUSet], quant_name: str
 
 
 def _plan_pinned(catalog: Catalog, groups: list[GPUSet], ref: str, quant_name: str | None,
-                 max_model_len: int | None, util: float) -> Plan:
+                 max_model_len: int | None, util: float, gpus: GPUSet = ()) -> Plan:
     found = catalog.resolve(ref)
     if found is None:
         names = ", ".join(m.name for m in catalog.models)
@@ -339,7 +476,7 @@ def _plan_pinned(catalog: Catalog, groups: list[GPUSet], ref: str, quant_name: s
     if max_model_len is not None and max_model_len > model.default_context_length:
         raise PlanError(f"max_model_len {max_model_len} exceeds {model.name}'s context length "
                         f"{model.default_context_length}")
-    best = _best([model], groups, quant_name, max_model_len, util)
+    best = _best([model], groups, quant_name, max_model_len, util, gpus)
     if best is not None:
         return best
     why = _why_not(model, groups, quant_name, max_model_len, util)
