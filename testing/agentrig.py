@@ -1,26 +1,38 @@
 """The agent rig: the real Agent and EngineManager in-process, with fakes at every edge (head,
 WireGuard interface, firewall, Ray child, Docker, the engine's probe, NVML) and a FakeClock the
 test moves. No root, no network, no Ray: the agent's unit tests (tests/unit/test_agent*.py,
-test_serving.py, test_heartbeat_jitter.py) share it, and no test file imports another."""
+test_serving.py, test_heartbeat_jitter.py, test_assign.py) share it, and no test file imports
+another. The head's assignment (issue #18) is `rig.head.assignment`; the weights it names come
+from `rig.store`, a model store served in-process to the real node/weights.py."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import random
+import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Mapping
+
+import httpx
 
 from garage_node.core.supervise import RunAs
 from garage_node.core.token import new_token
-from garage_node.core.wire import Status, decode, encode
+from garage_node.core import modelfiles
+from garage_node.core.wire import Assignment, HeartbeatReply, NodeReport, Status, decode, encode
 from garage_node.node.agent import Agent
+from garage_node.node.assign import HeadWeights
 from garage_node.node.config import EngineSection, GpuSection, NodeConfig, NodeRaySection, NodeSection, ScheduleSection
 from garage_node.node.engine.manager import EngineManager
 from garage_node.node.gpu import GPU, Inventory
 from garage_node.node.headclient import BeatTimer
-from testing.fakes import (VERSIONS, FakeChild, FakeClock, FakeDocker, FakeFirewall, FakeHead, FakeInterface, FakeNvml,
-                           FakeProbe, ray_account)
+from garage_node.node.identity import Identity
+from garage_node.node.weights import Weights
+from testing.fakes import (VERSIONS, FakeChild, FakeClock, FakeDocker, FakeFirewall, FakeHead, FakeHeadClient,
+                           FakeInterface, FakeNvml, FakeProbe, ray_account)
 
 TOKEN = new_token("https://10.9.0.1:8443", "sha256:" + "0" * 64).encode()
 
@@ -31,10 +43,66 @@ def gpu(i: int, healthy: bool = True, mib: int = 24564) -> GPU:
 
 
 @dataclasses.dataclass
+class AssigningHead(FakeHead):
+    """The fake head, answering every heartbeat with `assignment` (None: an older head)."""
+
+    assignment: Assignment | None = None
+
+    def connect(self, ident: Identity, ca_pem: bytes) -> FakeHeadClient:
+        return _AssigningClient(self, ident)
+
+
+@dataclasses.dataclass
+class _AssigningClient(FakeHeadClient):
+    def heartbeat(self, report: NodeReport) -> HeartbeatReply:
+        reply = super().heartbeat(report)
+        head = self.head
+        assert isinstance(head, AssigningHead)
+        return dataclasses.replace(reply, assignment=head.assignment)
+
+
+class StoreSource:
+    """The head's model store (modelfiles.py's routes: a manifest, files with ranges), served
+    in-process to the real node/weights.py. `gate` cleared holds every file request (a download
+    under way); `up` False fails them as an unreachable head does; `damaged` names models whose
+    files arrive other than their manifest says."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, dict[str, bytes]] = {}
+        self.gate = threading.Event()
+        self.gate.set()
+        self.up = True
+        self.damaged: set[str] = set()
+
+    def add(self, name: str, files: Mapping[str, bytes]) -> str:
+        """Stores a model; returns its Assignment.weights_path."""
+        self.models[name] = dict(files)
+        return modelfiles.weights_path(name)
+
+    @contextlib.contextmanager
+    def get(self, path: str, headers: Mapping[str, str]) -> Iterator[httpx.Response]:
+        if not self.up:
+            raise httpx.ConnectError("connection refused")
+        name, _, rest = path.removeprefix(modelfiles.STORE_PREFIX).partition("/")
+        files = self.models.get(name)
+        if files is None:
+            yield httpx.Response(404, json={"message": f"no model {name}"})
+        elif rest == modelfiles.MANIFEST:
+            entries = [modelfiles.ModelFile(p, len(b), hashlib.sha256(b).hexdigest()) for p, b in files.items()]
+            yield httpx.Response(200, content=json.dumps(encode(modelfiles.Manifest.build(name, entries))).encode())
+        else:
+            self.gate.wait(30)
+            if not self.up:
+                raise httpx.ConnectError("connection refused")
+            body = files[rest.removeprefix(modelfiles.FILES)]
+            yield httpx.Response(200, content=b"x" * len(body) if name in self.damaged else body)
+
+
+@dataclasses.dataclass
 class Rig:
     agent: Agent
     clock: FakeClock
-    head: FakeHead
+    head: AssigningHead
     iface: FakeInterface
     ray: FakeChild
     docker: FakeDocker
@@ -43,6 +111,7 @@ class Rig:
     nvml: FakeNvml
     gpus: list[GPU]  # what NVML reads on its next refresh; a test may change it
     engine_in_step: bool = False  # each agent pass followed by an engine pass
+    store: StoreSource = dataclasses.field(default_factory=StoreSource)
 
     def passes(self, n: int = 1, every_s: float = 2.0) -> None:
         for _ in range(n):
@@ -76,6 +145,8 @@ def rig(tmp_path: Path, *, token: str = TOKEN, engine: EngineSection | None = No
         schedule: ScheduleSection | None = None, gpu_cfg: GpuSection | None = None,
         wall: datetime | None = None, images: tuple[str, ...] = (), engine_in_step: bool = False) -> Rig:
     clock = FakeClock()
+    if engine is not None and engine.weights_dir == EngineSection().weights_dir:
+        engine = dataclasses.replace(engine, weights_dir=tmp_path / "weights")  # never the machine's own
     if wall is not None:
         clock.wall = wall.timestamp()
     cfg = NodeConfig(node=NodeSection(join_token=token, name="pc-1", region=region, state_dir=tmp_path / "state",
@@ -85,7 +156,7 @@ def rig(tmp_path: Path, *, token: str = TOKEN, engine: EngineSection | None = No
                      gpu=gpu_cfg or GpuSection())
     docker = FakeDocker()
     docker.images.update(images)
-    r = Rig(None, clock, FakeHead(clock), FakeInterface(), FakeChild(clock), docker,  # type: ignore[arg-type]
+    r = Rig(None, clock, AssigningHead(clock), FakeInterface(), FakeChild(clock), docker,  # type: ignore[arg-type]
             FakeProbe(), FakeFirewall(), FakeNvml(), list(gpus if gpus is not None else [gpu(0)]), engine_in_step)
 
     def make_engine(*args, **kw):
@@ -99,4 +170,5 @@ def _agent(cfg: NodeConfig, r: Rig, engine, account, seed: int) -> Agent:
     return Agent(cfg, clock=r.clock, head_api=r.head, iface=r.iface, ray_child=r.ray, engine=engine,
                  read_inventory=lambda: Inventory(tuple(r.gpus), "550.54.14", "12.4"), firewall=r.firewall,
                  lookup_account=account, probe_hub=lambda ip: r.iface.tunnel_carries, nvml=r.nvml,
-                 beats=BeatTimer(random.Random(seed)), versions=lambda: VERSIONS)
+                 beats=BeatTimer(random.Random(seed)), versions=lambda: VERSIONS,
+                 weights=HeadWeights(Weights(cfg.engine.weights_dir), lambda: r.store))

@@ -4,8 +4,9 @@ Each pass compares what should be (config, identity, what the head says) with wh
 each part take its next idempotent step, in order:
 
   GPUs (serving.GpuWatch) -> head session: enroll (session.HeadSession) -> overlay: interface,
-  firewall, tunnel probe (overlay.Overlay) -> the pass's plan (plan.make_plan) and the serving
-  decision -> heartbeat and credential renewal (session) -> Ray worker (raystep.RayPart)
+  firewall, tunnel probe (overlay.Overlay) -> the pass's plan (plan.make_plan, or the head's
+  assignment carried out by assign.AssignPart) and the serving decision -> heartbeat and
+  credential renewal (session) -> Ray worker (raystep.RayPart)
 
 The engine reconciles in its own thread and reads the last plan. The agent owns the two things
 that tie the parts together: the identity (one place adopts a new one and derives what must be
@@ -38,6 +39,7 @@ from garage_node.core.wire import (MAX_GPUS, AgentInfo, AgentVersions, HeadStatu
                                    NodeState, RayResources, RayStatus, Status, Versions, clip)
 from garage_node.core.wireguard import Interface
 from garage_node.node import gpu, identity
+from garage_node.node.assign import AssignPart, HeadWeights, WeightStore
 from garage_node.node.config import NodeConfig
 from garage_node.node.engine.manager import EngineManager
 from garage_node.node.headclient import BeatTimer, HeadApi
@@ -51,6 +53,7 @@ from garage_node.node.raystep import RayPart, WorkerWants
 from garage_node.node.serving import GpuWatch
 from garage_node.node.session import HeadSession
 from garage_node.node.state import Facts, derive
+from garage_node.node.weights import Weights, head_source
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ class Agent:
                  lookup_account: Callable[[str, tuple[str, ...]], RunAs] = RunAs.lookup,
                  probe_hub: Callable[[str], bool] | None = None,
                  nvml: gpu.NvmlSession | None = None, beats: BeatTimer | None = None,
-                 versions: Callable[[], Versions] = local_versions) -> None:
+                 versions: Callable[[], Versions] = local_versions, weights: WeightStore | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.paths = StatePaths(cfg.node.state_dir)
@@ -101,6 +104,9 @@ class Agent:
             pid_file=cfg.node.runtime_dir / "ray-worker.pid", clock=clock), clock)
         self.ray_part = RayPart(cfg, self.ray, self.health, lookup_account, token_path)
         self.plan = Plan()
+        # What the head assigns this PC to serve, carried out (weights, then the switch).
+        self.assign = AssignPart(cfg.engine, clock, self.health, weights or HeadWeights(
+            Weights(cfg.engine.weights_dir, cfg.engine.weights_max_mib or None), self._weight_source))
         # The engine's thread asks what it should run; it gets the last plan's answer.
         # `engine` builds it (tests hand in one with a fake Docker).
         self.engine = (engine or EngineManager)(cfg.engine, self.paths.drain_flag, lambda: self.plan.engine_wanted(),
@@ -195,12 +201,16 @@ class Agent:
         if not self._member():
             return
         assert self.identity is not None
+        assigned = self.session.assignment
         answer = self.session.heartbeat_if_due(self.identity, self._report)
+        self.assign.told(answer is not None and answer.reply is not None)
         if answer is not None:
             self.adopt(answer.identity)
             if answer.reply is not None:
                 reply = answer.reply
                 self.ray.head_says(reply.ray_alive, reply.ray_cluster_id, reply.ray_dead)
+            if self.session.assignment != assigned:
+                self._replan()  # the head's new word takes effect now, not a pass later
         if self._member():
             assert self.identity is not None
             renewed = self.session.renew_if_due(self.identity)
@@ -234,11 +244,28 @@ class Agent:
     def _replan(self) -> None:
         """The plan, and with it whether the PC serves now: once per pass, and again when the
         identity changes."""
-        self.plan = make_plan(self.cfg.engine, self.gpus.inventory, self.identity if self._member() else None,
-                              self.overlay.ready)
+        ident = self.identity if self._member() else None
+        plan = make_plan(self.cfg.engine, self.gpus.inventory, ident, self.overlay.ready)
+        if self.cfg.engine.enabled:
+            directive = self.assign.step(self.session.assignment, self.gpus.inventory, ident, self.engine.snapshot(),
+                                         self.engine.spec)
+            plan = plan.with_assignment(directive)
+            if self.assign.wants_beat:
+                self.session.beat_now()  # the head hears of the switch before the engine drains
+        if plan.engine != self.plan.engine or plan.idle != self.plan.idle:
+            self.engine.wake()
+        self.plan = plan
         # Paused for the owner's hours or heat: the engine drains and comes back by itself;
-        # the owner's own drain stays the owner's.
-        self.engine.hold(self.gpus.decide(self.plan.engine_gpus))
+        # the owner's own drain stays the owner's. The head assigning nothing holds it off too.
+        self.engine.hold(self.gpus.decide(self.plan.engine_gpus) or plan.idle)
+
+    def _weight_source(self) -> Any:
+        """Where weights come from: the head's control API, with this node's credential."""
+        return head_source(lambda: self._identity(), self.paths.head_ca.read_bytes())
+
+    def _identity(self) -> Identity:
+        assert self.identity is not None
+        return self.identity
 
     def _ensure_ray(self) -> None:
         ident = self.identity
@@ -284,6 +311,10 @@ class Agent:
             state, message = self.state, self.message
         link = self.session.link
         problems = self.health.statuses()
+        engine = self.engine.snapshot()
+        if self.assign.draining:  # a switch under way: the gateway sends this engine nothing new
+            engine = dataclasses.replace(engine, draining=True)
+        paused = self.gpus.serving.paused is not None or self.engine.draining
         return Status(
             state=state,
             message=message,
@@ -311,15 +342,18 @@ class Agent:
                 last_exit_code=self.ray.child.state.last_exit_code,
                 resources=RayResources(GPU=len(inv.healthy_gpus), vram_mib=inv.vram_mib),
             ),
-            engine=self.engine.snapshot(),
+            engine=engine,
             versions=AgentVersions(agent=__version__, ray=self.versions.ray, python=self.versions.python),
             last_error=problems[0] if problems else None,
             agent=AgentInfo(pid=os.getpid(), uptime_s=round(now - self.started_at, 1)),
             tokens_served=self.session.tokens_served,
             serving=self.gpus.serving,
             problems=problems,
+            placement=self.assign.facts(paused) if self.cfg.engine.enabled else None,
+            assignment=self.session.assignment,
         )
 
     def _report(self) -> NodeReport:
         """What the head learns with each heartbeat (never a secret): one mapping, core/wire.py."""
+        self.assign.reported()  # the announcement of a switch, if one is under way, goes with it
         return NodeReport.of(self.snapshot())

@@ -96,6 +96,10 @@ class EngineSection:
     port: int = setting(8000, check=tcp_port())
     shm_size_mib: int = setting(2048, check=nonnegative())
     cache_dir: Path = Path("/var/lib/garage-node/models")
+    # Model weights fetched from the head's model store (node/weights.py), on the data partition;
+    # at most weights_max_mib of them (0: as much as the partition has, less a reserve).
+    weights_dir: Path = Path("/var/lib/garage-node/weights")
+    weights_max_mib: int = setting(0, check=nonnegative())
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     hub_token: str = setting("", secret=True)  # passed to the container, never shown

@@ -33,6 +33,7 @@ class Source(Enum):
     FIREWALL = "firewall"
     TUNNEL = "tunnel"  # the overlay carries nothing (pings to the hub go unanswered)
     RAY = "ray"
+    PLACEMENT = "placement"  # the head's assignment refused, or its weights not fetched (node/assign.py)
 
 
 _RANK = {s: i for i, s in enumerate(Source)}

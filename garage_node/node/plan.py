@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from garage_node.node.assign import Directive
 from garage_node.node.config import EngineSection
 from garage_node.node.engine.spec import EngineConfigError, EngineSpec, desired_spec
 from garage_node.node.gpu import Inventory
@@ -26,6 +27,16 @@ class Plan:
     blocked: str | None = "not joined yet"
     engine: Wanted | None = None  # what the engine should run; None: nothing (blocked, or [engine] off)
     engine_error: EngineConfigError | None = None  # why the planner found nothing to run
+    # The head's assignment decides (node/assign.py): its reason; "" when the PC plans for itself.
+    assigned: str = ""
+    idle: str | None = None  # the head assigned no model: why the engine is held off
+
+    def with_assignment(self, d: Directive) -> Plan:
+        """This plan with the engine the head's assignment asks for (a blocked PC runs nothing)."""
+        if d.own_plan or not self.may_run:
+            return self
+        return Plan(blocked=None, engine=d.engine, engine_error=d.engine_error, assigned=d.reason or "assigned",
+                    idle=d.idle)
 
     @property
     def may_run(self) -> bool:

@@ -19,7 +19,7 @@ from garage_node.core import token
 from garage_node.core.backoff import Backoff
 from garage_node.core.clock import Clock
 from garage_node.core.errors import ErrorCode
-from garage_node.core.wire import HeartbeatReply, NodeReport, NodeState, TokensServed
+from garage_node.core.wire import Assignment, HeartbeatReply, NodeReport, NodeState, TokensServed
 from garage_node.core.wireguard import public_key_of
 from garage_node.node import identity, keys
 from garage_node.node.config import NodeConfig
@@ -64,6 +64,10 @@ class HeadSession:
         self.beats = beats
         self.link = HeadLink()
         self.tokens_served: TokensServed | None = None  # as the head's last answer said
+        # What the head wants this PC to serve (issue #18), as its last answer said; kept while
+        # the head is unreachable (the PC goes on serving it). None: an older head, or placement
+        # off: the PC plans for itself (node/assign.py carries it out).
+        self.assignment: Assignment | None = None
         # Before the first join, what the enrollment step last said (for node/state.py).
         self.enrollment: tuple[NodeState, str] | None = None
         self._backoff = backoff()
@@ -162,6 +166,12 @@ class HeadSession:
             return None
         return Answer(self._heartbeat_ok(ident, reply), reply)
 
+    def beat_now(self) -> None:
+        """The next pass sends a heartbeat whenever it was due (a switch tells the head first,
+        node/assign.py). A head that is failing keeps its backoff."""
+        if self.link.reachable is not False:
+            self.link.next_call = 0.0
+
     def tell_now(self, ident: Identity, report: Report) -> None:
         """One last heartbeat on the way down, so the head knows at once (best effort)."""
         self.link.next_call = 0.0
@@ -173,6 +183,7 @@ class HeadSession:
         self._backoff.reset()
         updated = updated_by(ident, reply)
         self.tokens_served = reply.tokens_served
+        self.assignment = reply.assignment
         if updated != ident:
             identity.save(self.paths, updated)
         self.link.next_call = now + self.beats.next_in(updated.heartbeat_s)  # jittered: see BeatTimer

@@ -93,8 +93,10 @@ def render(s: Status) -> str:
     add("Overlay:", _overlay(s.overlay))
     add("Head:", _head(s.head))
     add("Ray:", _ray(s.ray))
-    for i, text in enumerate(_engine(s.engine)):
+    for i, text in enumerate(_engine(s.engine, switching=bool(s.placement and s.placement.switching_to))):
         add("Engine:" if i == 0 else "", text)
+    for i, text in enumerate(placement_lines(s)):
+        add("Model:" if i == 0 else "", text)
     if s.tokens_served is not None:
         add("Served:", f"{_tokens(s.tokens_served.today)} tokens today, {_tokens(s.tokens_served.total)} in all "
                        "(through the region's gateway)")
@@ -195,7 +197,31 @@ def _ray(r: RayStatus) -> str:
     return text
 
 
-def _engine(e: EngineStatus) -> list[str]:
+def placement_lines(s: Status) -> list[str]:
+    """Who decides what this PC serves, and where a switch the head asked for stands (#18)."""
+    a, p = s.assignment, s.placement
+    if p is None:
+        return []
+    if p.switching_to:
+        doing = (f"downloading {p.fetch_pct:.0f} %" if p.fetch_pct is not None
+                 else "draining the old engine, starting the new one")
+        lines = [f"switching to {p.switching_to} ({doing})"]
+    elif a is None:
+        return ["chosen by this PC (the head assigns nothing: placement off, or an older head)"]
+    elif p.assignment_generation < a.generation:
+        lines = [f"the head assigns {a.model or 'nothing'} (generation {a.generation}); not carried out"
+                 " (see Problem)" if any(x.source == "placement" for x in s.problems) else
+                 f"the head assigns {a.model or 'nothing'} (generation {a.generation}); taking it over"]
+    elif a.model is None:
+        lines = ["serving nothing, as the head assigned"]
+    else:
+        lines = [f"serving {a.model}, assigned by the head"]
+    if a is not None and a.reason:
+        lines.append(f"why: {a.reason}")
+    return lines
+
+
+def _engine(e: EngineStatus, switching: bool = False) -> list[str]:
     lines = [f"{e.state.value}: {e.message or ''}".rstrip(": ")]
     if e.state is EngineState.HEALTHY:
         since = f", healthy for {_age(time.time() - e.healthy_since)}" if e.healthy_since else ""
@@ -206,7 +232,7 @@ def _engine(e: EngineStatus) -> list[str]:
         lines.append(f"{e.image}{since}{load}")
     if e.restarts:
         lines.append(f"{e.restarts} restarts")
-    if e.draining and e.state is not EngineState.DRAINING:
+    if e.draining and e.state is not EngineState.DRAINING and not switching:
         lines.append("drained by the owner: `garage-node resume` to serve again")
     if e.state in (EngineState.DEGRADED, EngineState.RESTARTING) and e.last_log_lines:
         lines.append("last engine log lines:")

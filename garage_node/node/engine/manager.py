@@ -147,6 +147,15 @@ class EngineManager:
             self._hold = reason
             self._wake.set()
 
+    def wake(self) -> None:
+        """Reconcile now (the plan changed: a switch the head asked for)."""
+        self._wake.set()
+
+    @property
+    def spec(self) -> EngineSpec | None:
+        """The spec last reconciled towards (None: none yet)."""
+        return self._spec
+
     def stand_down(self) -> None:
         """The node left the region (revoked): drain and stop the engine until it joins again."""
         self._stand_down.set()
@@ -225,14 +234,19 @@ class EngineManager:
             return
         self._stand_down.clear()
         spec, why = wanted
-        self._spec = spec
-        self._update(image=spec.image, model=spec.model, endpoint=spec.endpoint, plan=why)
+        previous, self._spec = self._spec, spec
         self.docker.ping()
         current = self.docker.container(self.name)
         if current is not None and current.labels.get(LABEL_HASH) != spec.spec_hash:
             log.info("engine spec changed (%s -> %s): replacing the container", current.labels.get(LABEL_HASH), spec.spec_hash)
-            self._stop_container(remove=True)
+            # Running requests finish first (another model assigned by the head, a new key):
+            # the old engine's endpoint is the one to watch.
+            if current.running:
+                self._drain_and_stop(S.STARTING, f"replaced: starting {spec.model}", watch=previous)
+            else:
+                self._stop_container(remove=True)
             current = None
+        self._update(image=spec.image, model=spec.model, endpoint=spec.endpoint, plan=why)
         if current is None:
             try:
                 self._create_and_start(spec)
@@ -331,12 +345,14 @@ class EngineManager:
 
     # -- drain and stop
 
-    def _drain_and_stop(self, final_state: EngineState, message: str) -> None:
+    def _drain_and_stop(self, final_state: EngineState, message: str, watch: EngineSpec | None = None) -> None:
+        """Wait (up to drain_grace_s) for the running requests of the engine at `watch` (default:
+        the last spec reconciled towards) to finish, then stop and remove its container."""
         current = self.docker.container(self.name)
         if current is None or not current.running:
             self._set(final_state, message)
             return
-        spec = self._spec
+        spec = watch or self._spec
         self._set(S.DRAINING, f"draining: waiting up to {self.cfg.drain_grace_s:.0f} s for running requests to finish")
         # No spec: this agent never ran the engine (it adopted nothing), so it has no endpoint to watch.
         deadline = self.clock.monotonic() + (self.cfg.drain_grace_s if spec else 0)

@@ -13,6 +13,7 @@ from garage_node.placement import cuda
 from garage_node.placement import fit as planner
 from garage_node.placement.catalog import Catalog, CatalogError, catalog_path, load_cached
 from garage_node.node.engine.nvidia import DriverHost, DriverHostError, Passthrough
+from garage_node.core.wire import GPU, Assignment
 from garage_node.node.gpu import Inventory
 
 LABEL_MANAGED = "garage-node.managed"
@@ -128,10 +129,7 @@ def secret_env(cfg: EngineSection, api_key: str = "") -> dict[str, str]:
 
 def desired_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str, api_key: str = "") -> tuple[EngineSpec, str]:
     """(spec, one-line explanation); raises EngineConfigError with what to do."""
-    try:
-        catalog = load_cached(catalog_path(cfg.catalog))
-    except CatalogError as e:
-        raise EngineConfigError(f"model catalog unusable: {e}") from None
+    catalog = _catalog(cfg)
     passthrough: Passthrough | None = None
     if cfg.device == "cpu":
         args, model, why = _cpu_args(cfg, catalog)
@@ -147,20 +145,139 @@ def desired_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str, api_key
         why = f"{plan.model.id} {plan.quantization.name}, TP {plan.tensor_parallel_size}, context {plan.max_model_len}"
         if cfg.gpu_access == "devices":
             passthrough = gpu_passthrough(cfg, inventory, plan.gpu_indices)
-    if cfg.model_dir:
+    spec = _spec(cfg, inventory, bind_ip, api_key, model, args, gpu_ids, passthrough, cfg.model_dir, {})
+    return spec, why
+
+
+def _spec(cfg: EngineSection, inventory: Inventory, bind_ip: str, api_key: str, model: str, args: list[str],
+          gpu_ids: tuple[str, ...], passthrough: Passthrough | None, model_dir: str, env: dict[str, str]) -> EngineSpec:
+    """The spec of an engine serving `model` with `args`, from [engine]'s other settings."""
+    if model_dir:
         args = _replace_arg(args, "--model", "/models/served")
     secrets = secret_env(cfg, api_key)
     digest = hashlib.sha256(json.dumps(secrets, sort_keys=True).encode()).hexdigest()[:16] if secrets else ""
-    spec = EngineSpec(
+    return EngineSpec(
         image=cfg.image, model=model, args=tuple(args) + tuple(cfg.extra_args), bind_ip=bind_ip, port=cfg.port,
         device=cfg.device, gpu_ids=gpu_ids, shm_bytes=cfg.shm_size_mib * 1024 * 1024,
-        cache_dir=str(cfg.cache_dir), model_dir=cfg.model_dir, env=tuple(sorted(cfg.env.items())),
+        cache_dir=str(cfg.cache_dir), model_dir=model_dir, env=tuple(sorted({**cfg.env, **env}.items())),
         secret_env_digest=digest, api_key=api_key,
         gpu_access=cfg.gpu_access if cfg.device == "gpu" else "", passthrough=passthrough,
         driver_version=inventory.driver_version if cfg.device == "gpu" else None,
         driver_cuda=inventory.cuda_version if cfg.device == "gpu" else None,
     )
-    return spec, why
+
+
+def _catalog(cfg: EngineSection) -> Catalog:
+    try:
+        return load_cached(catalog_path(cfg.catalog))
+    except CatalogError as e:
+        raise EngineConfigError(f"model catalog unusable: {e}") from None
+
+
+def resolve_pin(cfg: EngineSection) -> tuple[str, str | None] | None:
+    """The owner's pin ([engine] model and quantization) as catalog names; None: no pin.
+    A pin the catalog does not know stays as written (it matches no assignment then)."""
+    if not cfg.model:
+        return None
+    found = _catalog(cfg).resolve(cfg.model)
+    if found is None:
+        return cfg.model, cfg.quantization or None
+    model, quant = found
+    return model.name, cfg.quantization or (quant.name if quant else None)
+
+
+def assigned_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str, api_key: str, a: Assignment,
+                  model_dir: str = "") -> tuple[EngineSpec, str]:
+    """(spec, one line) for what the head assigned (issue #18): its model, precision, context,
+    GPUs and parallelism. `model_dir`: the weights fetched from the head's store (else [engine]
+    model_dir, else the model hub). Raises EngineConfigError when this PC cannot serve it."""
+    catalog = _catalog(cfg)
+    found = catalog.resolve(a.model or "")
+    if a.model is None or found is None:
+        raise EngineConfigError(f"the assigned model {a.model} is not in this PC's catalog {catalog.path}")
+    model, quant = found
+    if a.quantization is not None:
+        quant = model.quantization(a.quantization)
+        if quant is None:
+            raise EngineConfigError(f"{model.name} is not offered in {a.quantization} (catalog {catalog.path})")
+    folder = model_dir or cfg.model_dir
+    env: dict[str, str] = {}
+    passthrough: Passthrough | None = None
+    if cfg.device == "cpu":
+        quant = quant or model.offered[0]
+        length = a.max_model_len or cfg.max_model_len or model.default_context_length
+        args = ["--model", quant.model_id, "--served-model-name", model.id, "--dtype", quant.dtype,
+                "--max-model-len", str(length)]
+        spec = _spec(cfg, inventory, bind_ip, api_key, model.id, args, (), None, folder, env)
+        return spec, f"{model.id} {quant.name} on CPU, context {length} (assigned by the head)"
+    gpus = _assigned_gpus(inventory, a)
+    if a.pipeline_parallel_size == 1:
+        # The same arithmetic the head ran (placement/fit.py), on the GPUs it named: a PC
+        # whose GPUs changed since its last report refuses what no longer fits.
+        try:
+            plan = planner.plan(_Only(inventory, gpus), catalog, pinned_model=model.name,
+                                pinned_quantization=quant.name if quant else None, max_model_len=a.max_model_len,
+                                gpu_memory_utilization=cfg.gpu_memory_utilization, image=catalog.image(cfg.image))
+        except planner.PlanError as e:
+            raise EngineConfigError(f"the assignment does not fit this PC's GPUs {list(a.gpu_indices)}: {e}") from None
+        quant, length = plan.quantization, plan.max_model_len
+    else:
+        quant = quant or model.offered[0]
+        length = a.max_model_len or model.default_context_length
+    args = ["--model", quant.model_id, "--served-model-name", model.id, "--dtype", quant.dtype]
+    if quant.vllm_quantization:
+        args += ["--quantization", quant.vllm_quantization]
+    args += ["--max-model-len", str(length), "--gpu-memory-utilization", f"{cfg.gpu_memory_utilization:.2f}",
+             "--tensor-parallel-size", str(a.tensor_parallel_size)]
+    if a.pipeline_parallel_size > 1:
+        args += ["--pipeline-parallel-size", str(a.pipeline_parallel_size)]
+        if a.layer_partition:
+            # Layers per stage, by each GPU's memory (unequal GPUs in one PC).
+            env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in a.layer_partition)
+    indices = tuple(g.index for g in gpus)
+    if cfg.gpu_access == "devices":
+        passthrough = gpu_passthrough(cfg, inventory, indices)
+    spec = _spec(cfg, inventory, bind_ip, api_key, model.id, args, tuple(str(i) for i in indices), passthrough,
+                 folder, env)
+    parallel = f"TP {a.tensor_parallel_size}" + (f", PP {a.pipeline_parallel_size}" if a.pipeline_parallel_size > 1 else "")
+    return spec, f"{model.id} {quant.name}, {parallel}, context {length} (assigned by the head)"
+
+
+def _assigned_gpus(inventory: Inventory, a: Assignment) -> tuple[GPU, ...]:
+    by_index = {g.index: g for g in inventory.gpus}
+    if not a.gpu_indices:
+        raise EngineConfigError("the assignment names no GPU for a GPU engine")
+    missing = [i for i in a.gpu_indices if i not in by_index or not by_index[i].healthy]
+    if missing:
+        raise EngineConfigError(f"the assigned GPUs {missing} are not healthy GPUs of this PC")
+    if a.tensor_parallel_size * a.pipeline_parallel_size != len(a.gpu_indices):
+        raise EngineConfigError(f"TP {a.tensor_parallel_size} x PP {a.pipeline_parallel_size} does not match "
+                                f"the {len(a.gpu_indices)} GPUs assigned")
+    return tuple(by_index[i] for i in a.gpu_indices)
+
+
+@dataclass(frozen=True)
+class _Only:
+    """An inventory seen through the GPUs an assignment names (for the fit check)."""
+
+    whole: Inventory
+    only: tuple[GPU, ...]
+
+    @property
+    def gpus(self) -> tuple[GPU, ...]:
+        return self.only
+
+    @property
+    def driver_version(self) -> str | None:
+        return self.whole.driver_version
+
+    @property
+    def cuda_version(self) -> str | None:
+        return self.whole.cuda_version
+
+    @property
+    def nvml_error(self) -> str | None:
+        return self.whole.nvml_error
 
 
 def gpu_passthrough(cfg: EngineSection, inventory: Inventory, indices: Sequence[int]) -> Passthrough:

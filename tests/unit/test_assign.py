@@ -1,0 +1,228 @@
+"""The agent carries out the head's assignment (issue #18), in-process on the agent rig: the real
+Agent, EngineManager and node/weights.py, with the head, Docker and the head's model store as
+fakes (testing/agentrig.py) on a clock the test moves."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import pytest
+
+from garage_node.core.wire import Assignment, EngineState, NodeReport
+from garage_node.node.config import EngineSection
+from garage_node.node.status import render
+from testing.agentrig import Rig, rig
+
+CATALOG = """
+[models.tiny-a]
+id = "garage/tiny-a"
+test_only = true
+cpu = true
+parameters = 4_200_000
+num_layers = 2
+num_attention_heads = 4
+num_kv_heads = 4
+head_dim = 16
+default_context_length = 2048
+min_compute_capability = "7.5"
+
+[models.tiny-a.quantizations.fp32]
+bytes_per_param = 4.0
+dtype = "float32"
+
+[models.tiny-b]
+id = "garage/tiny-b"
+test_only = true
+cpu = true
+parameters = 4_200_000
+num_layers = 2
+num_attention_heads = 4
+num_kv_heads = 4
+head_dim = 16
+default_context_length = 2048
+min_compute_capability = "7.5"
+
+[models.tiny-b.quantizations.fp32]
+bytes_per_param = 4.0
+dtype = "float32"
+"""
+
+IMAGE = "garage-node/vllm-cpu:test"
+
+
+def engine(tmp_path: Path, **kw) -> EngineSection:
+    (tmp_path / "catalog.toml").write_text(CATALOG)
+    base = EngineSection(enabled=True, device="cpu", image=IMAGE, catalog=str(tmp_path / "catalog.toml"),
+                         cache_dir=tmp_path / "models", weights_dir=tmp_path / "weights", drain_grace_s=60.0)
+    return dataclasses.replace(base, **kw)
+
+
+def assigned(generation: int, model: str | None, weights_path: str | None = None) -> Assignment:
+    return Assignment(generation=generation, model=model, weights_path=weights_path,
+                      reason=f"demand for {model}" if model else "no demand")
+
+
+@pytest.fixture
+def r(tmp_path) -> Rig:
+    r = rig(tmp_path, engine=engine(tmp_path), engine_in_step=True, images=(IMAGE,))
+    r.probe.is_ready = True  # every engine the manager starts answers /health
+    r.passes()
+    return r
+
+
+def serving(r: Rig) -> str | None:
+    """The model the engine container serves (from its labels), None if none runs."""
+    c = r.docker.containers.get("garage-engine")
+    return c.labels.get("garage-node.model") if c is not None and c.running else None
+
+
+def until(r: Rig, what, n: int = 30) -> None:
+    """Agent passes (each followed by an engine pass) until `what()` holds; a fetch runs in a
+    thread of its own, so each pass leaves it a moment."""
+    for _ in range(n):
+        if what():
+            return
+        r.passes()
+        time.sleep(0.01)
+    raise AssertionError(f"not reached in {n} passes")
+
+
+def last_placement(r: Rig):
+    return r.head.heartbeats[-1].placement
+
+
+def test_a_newer_generation_is_carried_out_and_an_older_one_ignored(r):
+    r.head.assignment = assigned(1, "tiny-a")
+    until(r, lambda: serving(r) == "garage/tiny-a" and r.status().placement.assignment_generation == 1)
+    s = r.status()
+    assert s.engine.state is EngineState.HEALTHY and s.assignment.model == "tiny-a"
+    assert "serving tiny-a, assigned by the head" in render(s) and "why: demand for tiny-a" in render(s)
+    until(r, lambda: last_placement(r).assignment_generation == 1)  # and the head hears it
+
+    r.head.assignment = assigned(2, "tiny-b")
+    until(r, lambda: serving(r) == "garage/tiny-b" and r.status().placement.switching_to is None)
+    assert r.status().placement.assignment_generation == 2
+    r.head.assignment = assigned(1, "tiny-a")  # an older word (a stale answer): ignored
+    r.passes(10)
+    assert serving(r) == "garage/tiny-b" and r.status().placement.assignment_generation == 2
+
+
+def test_the_head_hears_of_a_switch_before_the_engine_stops(r):
+    r.head.assignment = assigned(1, "tiny-a")
+    until(r, lambda: serving(r) == "garage/tiny-a" and r.status().placement.assignment_generation == 1)
+    path = r.store.add("tiny-b", {"config.json": b'{"model": "b"}', "model.safetensors": b"\x01" * 4096})
+    r.store.gate.clear()  # the download is under way until the test lets it finish
+    stops: list[int] = []  # how many reports the head had when the old engine was stopped
+    real_stop = r.docker.stop
+    r.docker.stop = lambda name, timeout_s: (stops.append(len(r.head.heartbeats)), real_stop(name, timeout_s))[1]
+    r.head.assignment = assigned(2, "tiny-b", path)
+    until(r, lambda: r.status().placement.switching_to == "tiny-b")
+    r.passes(8)  # downloading: the old engine serves on, and is not reported as draining
+    s = r.status()
+    assert serving(r) == "garage/tiny-a" and s.engine.state is EngineState.HEALTHY and not s.engine.draining
+    assert s.placement.fetch_pct is not None and "switching to tiny-b (downloading 0 %)" in render(s)
+    assert not last_placement(r).switching_to or not r.head.heartbeats[-1].engine.draining
+    assert stops == []
+
+    r.store.gate.set()
+    until(r, lambda: serving(r) == "garage/tiny-b" and r.status().placement.switching_to is None)
+    told = [i for i, rep in enumerate(r.head.heartbeats)
+            if rep.placement and rep.placement.switching_to == "tiny-b" and rep.engine.draining]
+    assert told and stops and told[0] < stops[0], (told, stops)  # the head knew first
+    body = r.docker.bodies["garage-engine"]
+    mount = next(m for m in body["HostConfig"]["Mounts"] if m["Target"] == "/models/served")
+    assert Path(mount["Source"]) == r.agent.cfg.engine.weights_dir / "tiny-b" / "model"
+    assert (Path(mount["Source"]) / "model.safetensors").read_bytes() == b"\x01" * 4096
+    s = r.status()
+    assert s.placement.assignment_generation == 2 and not s.engine.draining and s.placement.weights_held == ["tiny-b"]
+    until(r, lambda: not r.head.heartbeats[-1].engine.draining and last_placement(r).assignment_generation == 2)
+
+
+def test_an_unreachable_head_leaves_the_pc_serving_what_it_serves(r):
+    r.head.assignment = assigned(1, "tiny-a")
+    until(r, lambda: serving(r) == "garage/tiny-a" and r.status().placement.assignment_generation == 1)
+    r.head.up = False
+    r.passes(30)
+    s = r.status()
+    assert serving(r) == "garage/tiny-a" and s.engine.state is EngineState.HEALTHY and s.head.reachable is False
+    assert "serving tiny-a, assigned by the head" in render(s)
+    # A switch whose weights cannot be fetched (the store is the head): the old engine serves on.
+    r.head.up = True
+    r.store.up = False
+    path = r.store.add("tiny-b", {"config.json": b"{}"})
+    r.head.assignment = assigned(2, "tiny-b", path)
+    until(r, lambda: any(p.source == "placement" for p in r.status().problems))
+    r.passes(5)
+    s = r.status()
+    problem = next(p for p in s.problems if p.source == "placement")
+    assert "fetching the weights of tiny-b from the head failed" in problem.message and problem.retry_in_s
+    assert serving(r) == "garage/tiny-a" and not s.engine.draining
+    r.store.up = True
+    until(r, lambda: serving(r) == "garage/tiny-b" and r.status().placement.assignment_generation == 2, n=40)
+    assert not any(p.source == "placement" for p in r.status().problems)
+
+
+def test_without_an_assignment_the_pc_plans_for_itself(tmp_path):
+    r = rig(tmp_path, engine=engine(tmp_path, model="tiny-a"), engine_in_step=True, images=(IMAGE,))
+    r.probe.is_ready = True
+    r.passes(10)
+    s = r.status()
+    assert serving(r) == "garage/tiny-a" and s.assignment is None and s.placement.assignment_generation == 0
+    assert s.placement.pinned_model == "tiny-a" and s.placement.device == "cpu"
+    assert "chosen by this PC" in render(s)
+    report: NodeReport = r.head.heartbeats[-1]
+    assert report.placement is not None and report.placement.pinned_model == "tiny-a"
+
+
+def test_an_assignment_the_pc_cannot_carry_out_is_refused_visibly(tmp_path):
+    # The owner pinned tiny-a: "only this model or nothing".
+    r = rig(tmp_path, engine=engine(tmp_path, model="tiny-a"), engine_in_step=True, images=(IMAGE,))
+    r.probe.is_ready = True
+    r.passes(5)
+    r.head.assignment = assigned(1, "tiny-b")
+    r.passes(10)
+    s = r.status()
+    assert serving(r) == "garage/tiny-a" and s.placement.assignment_generation == 0
+    problem = next(p for p in s.problems if p.source == "placement")
+    assert "refused the head's assignment of tiny-b (generation 1)" in problem.message
+    assert "the owner pinned tiny-a" in problem.message and "not carried out (see Problem)" in render(s)
+    assert r.head.heartbeats[-1].placement.assignment_generation == 0  # what the head sees
+    # The pinned model is carried out, and the refusal is gone.
+    r.head.assignment = assigned(3, "tiny-a")
+    until(r, lambda: r.status().placement.assignment_generation == 3)
+    assert serving(r) == "garage/tiny-a" and not any(p.source == "placement" for p in r.status().problems)
+
+
+def test_a_model_outside_the_pcs_catalog_is_refused(r):
+    r.head.assignment = assigned(1, "tiny-a")
+    until(r, lambda: serving(r) == "garage/tiny-a" and r.status().placement.assignment_generation == 1)
+    r.head.assignment = assigned(2, "no-such-model")
+    until(r, lambda: bool(r.status().problems))
+    s = r.status()
+    assert "the assigned model no-such-model is not in this PC's catalog" in s.problems[-1].message
+    assert serving(r) == "garage/tiny-a" and s.placement.assignment_generation == 1
+
+
+def test_weights_that_fail_their_check_are_refused_and_never_served(r):
+    r.head.assignment = assigned(1, "tiny-a")
+    until(r, lambda: serving(r) == "garage/tiny-a" and r.status().placement.assignment_generation == 1)
+    path = r.store.add("tiny-b", {"model.safetensors": b"\x02" * 1024})
+    r.store.damaged.add("tiny-b")
+    r.head.assignment = assigned(2, "tiny-b", path)
+    until(r, lambda: any(p.source == "placement" and "refused" in p.message for p in r.status().problems))
+    s = r.status()
+    assert "its weights failed the check" in s.problems[-1].message
+    assert serving(r) == "garage/tiny-a" and s.placement.switching_to is None and s.placement.weights_held == []
+
+
+def test_an_assignment_of_nothing_drains_the_engine(r):
+    r.head.assignment = assigned(1, "tiny-a")
+    until(r, lambda: serving(r) == "garage/tiny-a" and r.status().placement.assignment_generation == 1)
+    r.head.assignment = assigned(2, None)
+    until(r, lambda: r.status().placement.assignment_generation == 2)
+    s = r.status()
+    assert serving(r) is None and s.engine.state is EngineState.DRAINED
+    assert "serving nothing, as the head assigned" in render(s)
+    assert s.placement.paused is False  # the head's word, not the owner's: it may assign again
