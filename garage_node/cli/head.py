@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from garage_node.cli import headmodel
 from garage_node.cli import headweights
 from garage_node.core.wire import encode
 from garage_node.head.config import load_head_config
@@ -59,6 +60,7 @@ def add_commands(sub) -> None:
     usage.add_argument("--json", action="store_true")
     cmd("fleet-key", fleet_key, "make the fleet page's admin key (shown once, stored hashed); a new one replaces "
         "the old and signs out everyone who used it")
+    headmodel.add_command(cmd)  # `head model ...`: the region's catalog (cli/headmodel.py)
     headweights.add_command(cmd)  # `head weights ...`: the model store (cli/headweights.py)
 
 

@@ -24,7 +24,7 @@ from garage_node.core.backoff import Backoff
 from garage_node.core.firewall import Firewall, Nftables, Rules
 from garage_node.core.raycmd import RAY_PORTS, ray_env, ray_executable
 from garage_node.core.supervise import Supervised
-from garage_node.core.wire import HeartbeatExtras
+from garage_node.core.wire import Assignment, HeartbeatExtras
 from garage_node.head.api import ApiHooks, create_app
 from garage_node.head.config import HeadConfig
 from garage_node.head.connguard import GuardLimits, guarded_loop_factory, guarded_protocol
@@ -307,6 +307,15 @@ def run(cfg: HeadConfig) -> None:
         reports.subscribe(gateway.on_report)
         node_extras = gateway.node_extras
         listeners.extend(gateway_listeners(cfg, gateway))
+    # The head decides what each PC serves (head/placement.py), from the region's catalog and
+    # the gateway's demand; its part of each heartbeat's answer is the PC's assignment.
+    from garage_node.head.placement import PlacementLoop
+
+    placement = PlacementLoop(service.registry, cfg, gateway.demand.snapshot if gateway is not None else dict)
+    if gateway is not None:
+        gateway.placed = placement.placed  # requests for these wait while a model is placed
+        gateway.metrics.watch_placement(placement)
+    node_extras = _with_assignment(node_extras, placement.assignment)
     if cfg.fleet.enabled:
         # The operator's fleet page ([fleet]): a history fed by every accepted heartbeat.
         from garage_node.head.fleetpage import History
@@ -315,10 +324,11 @@ def run(cfg: HeadConfig) -> None:
         history = History(cfg.options.offline_after_s, window_s=cfg.fleet.history_hours * 3600)
         reports.subscribe(history.record)
         usage = gateway.ledger.node_totals_all if gateway is not None else None  # tokens served per PC
-        listeners.append(fleet_listener(cfg, service.registry, history, p.pki, usage))
+        listeners.append(fleet_listener(cfg, service.registry, history, p.pki, usage, placement.fleet_models))
 
     def started() -> None:
         service.start()
+        placement.start()
         if gateway is not None:
             gateway.start()
         for listener in listeners:
@@ -329,6 +339,7 @@ def run(cfg: HeadConfig) -> None:
         sdnotify.stopping()
         for listener in reversed(listeners):
             listener.stop()
+        placement.stop()
         if gateway is not None:
             gateway.stop()  # the usage ledger's last batch
         service.stop()
@@ -365,6 +376,16 @@ def run(cfg: HeadConfig) -> None:
     server.run()
     if not server.started:
         raise SetupError("the head could not start (the reason is in the log above)")
+
+
+def _with_assignment(extras: Callable[[str], HeartbeatExtras],
+                     assignment: Callable[[str], Assignment | None]) -> Callable[[str], HeartbeatExtras]:
+    """The heartbeat's extras with the PC's assignment added (when the head has one for it)."""
+    def both(node_id: str) -> HeartbeatExtras:
+        e = extras(node_id)
+        a = assignment(node_id)
+        return e if a is None else replace(e, assignment=a)
+    return both
 
 
 def gateway_listeners(cfg: HeadConfig, gateway: Gateway) -> list[BackgroundServer]:
