@@ -7,19 +7,28 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import pytest
 
-from garage_node.core.wire import Assignment, EngineReport, EngineState, encode
-from garage_node.head.config import GatewaySection
+from garage_node.cli import main
+from garage_node.core.wire import (Assignment, EngineReport, EngineState, HeartbeatExtras, HeartbeatReply,
+                                   PlacementFacts, decode, encode)
+from garage_node.head.api import ApiHooks
+from garage_node.head.config import GatewaySection, HeadConfig, HeadSection, PlacementSection, load_head_config
 from garage_node.head.gateway.app import create_gateway_app
 from garage_node.head.gateway.demand import DEFAULT_MAX_TOKENS, Demand
 from garage_node.head.gateway.gateway import Gateway
+from garage_node.head.placement import ModelError, PlacementLoop, add_model, import_catalog, region_catalog
 from garage_node.head.registry import Registry, RegionModel
+from garage_node.head.service import _with_assignment
+from garage_node.placement.catalog import PACKAGED_CATALOG, CatalogError
 from testing.fakes import FakeClock, sample_report
+from testing.headapi import enrolled_pc
 from tests.unit.test_gateway import Engine
 
 NET = ipaddress.IPv4Network("100.96.0.0/16")
@@ -36,6 +45,7 @@ head_dim = 16
 default_context_length = 512
 min_compute_capability = "7.0"
 test_only = true
+cpu = true
 
 [models.tiny-b.quantizations.fp32]
 bytes_per_param = 4.0
@@ -205,3 +215,201 @@ def test_a_served_model_is_not_held_and_its_demand_is_counted(held_gw):
     assert r.status_code == 200
     d = g.demand.snapshot()["wanted"]
     assert d.requests_per_s == pytest.approx(1 / 60) and d.unserved_per_s == 0 and d.queue_depth == 0
+
+
+# ---------------------------------------------------------------- the placement loop
+
+
+def head_config(tmp_path: Path, **placement) -> HeadConfig:
+    return HeadConfig(head=HeadSection(state_dir=tmp_path / "state"),
+                      placement=PlacementSection(catalog=str(PACKAGED_CATALOG), **placement))
+
+
+def cpu_report(model: str | None = None, generation: int = 0, state=EngineState.HEALTHY, **facts):
+    """A CPU PC's report (vLLM's CPU build: the head places only `cpu = true` models on it)."""
+    engine = EngineReport(state=state, model=model, endpoint="http://100.96.0.9:8000") if model else \
+        EngineReport(state=EngineState.DISABLED)
+    return replace(sample_report(), engine=engine,
+                   placement=PlacementFacts(device="cpu", assignment_generation=generation, **facts))
+
+
+def enroll(reg: Registry, name: str) -> str:
+    from garage_node.core.wireguard import generate_private_key, public_key_of
+
+    if not any(t.id == "tok999" for t in reg.tokens()):
+        reg.add_token("tok999", "t" * 43, 600, uses=None)
+    return reg.enroll("tok999", "t" * 43, name, "home", public_key_of(generate_private_key())).node.id
+
+
+def beat(reg: Registry, node_id: str, report) -> None:
+    reg.record_heartbeat(node_id, encode(report))  # confirmed, as an authenticated heartbeat is
+
+
+def test_the_loop_assigns_nothing_until_a_model_is_wanted_then_keeps_generations_across_a_restart(tmp_path):
+    cfg = head_config(tmp_path)
+    reg = Registry(tmp_path / "r.sqlite", NET)
+    pcs = [enroll(reg, f"pc-{i}") for i in (1, 2)]
+    for n in pcs:
+        beat(reg, n, cpu_report())
+    loop = PlacementLoop(reg, cfg)
+    result = loop.step()
+    assert result.decision is None and loop.assignment(pcs[0]) is None and loop.placed() == frozenset()
+
+    catalog = region_catalog(PACKAGED_CATALOG, [])
+    add_model(reg, catalog, TINY, min_replicas=2)
+    result = loop.step()
+    assert set(result.changed) == set(pcs) and loop.placed() == {TINY}
+    for n in pcs:
+        a = loop.assignment(n)
+        assert a is not None and a.model == TINY and a.generation == 1 and a.quantization == "fp32"
+        assert reg.region.assignments()[n]["generation"] == 1  # stored before any PC hears of it
+    view = next(v for v in result.decision.models if v.model == TINY)
+    assert view.wanted == 2 and sorted(view.pcs) == sorted(pcs)
+    assert loop.step().changed == {}  # nothing new: nothing changes, no generation grows
+
+    # The PCs carry it out; the head restarts (a new registry object and loop on the same file).
+    for n in pcs:
+        beat(reg, n, cpu_report(TINY, generation=1))
+    reg.close()
+    reg2 = Registry(tmp_path / "r.sqlite", NET)
+    loop2 = PlacementLoop(reg2, cfg)
+    assert loop2.assignment(pcs[0]) == loop.assignment(pcs[0])  # answered before the first pass
+    result = loop2.step()
+    assert result.changed == {} and loop2.assignment(pcs[1]).generation == 1
+    running = next(v for v in result.decision.models if v.model == TINY)
+    assert running.running == 2
+    listed = reg2.region.state()[0]
+    assert listed["pcs"][pcs[0]]["name"] == "pc-1" and listed["pcs"][pcs[0]]["model"] == TINY
+
+    # The operator empties the catalog: no assignment (the PCs plan for themselves), and the
+    # generations stay stored, so a later assignment is newer than anything the PCs saw.
+    reg2.region.remove_model(TINY)
+    assert loop2.step().decision is None and loop2.assignment(pcs[0]) is None
+    assert reg2.region.assignments()[pcs[0]]["generation"] == 1
+
+
+def test_demand_for_a_second_model_moves_one_pc_and_the_heartbeat_answer_carries_it(tmp_path):
+    cfg = head_config(tmp_path)
+    extra = tmp_path / "extra.toml"
+    extra.write_text(EXTRA_MODEL)
+    demand: dict = {}
+    holder: dict = {}
+    pc = enrolled_pc(tmp_path, ApiHooks(node_extras=_with_assignment(lambda _n: HeartbeatExtras(),
+                                                                      lambda n: holder["loop"].assignment(n) if holder else None)))
+    reg = pc.registry
+    other = enroll(reg, "pc-2")
+    ids = [pc.node_id, other]
+    assert import_catalog(reg, PACKAGED_CATALOG, extra) == ["tiny-b"]
+    catalog = region_catalog(PACKAGED_CATALOG, reg.region.entries())
+    add_model(reg, catalog, TINY)
+    add_model(reg, catalog, "tiny-b")
+    loop = holder["loop"] = PlacementLoop(reg, cfg, demand=lambda: demand)
+
+    def post(report) -> HeartbeatReply:
+        r = pc.client.post(f"/v1/nodes/{pc.node_id}/heartbeat", json={"report": encode(report)},
+                           headers={"Authorization": f"Bearer {pc.enrollment['credential']}"})
+        assert r.status_code == 200, r.text
+        return decode(r.json(), HeartbeatReply)
+
+    from garage_node.head.gateway.demand import ModelDemand
+
+    demand[TINY] = ModelDemand(tokens_per_s=500.0, queue_depth=4, unserved_per_s=0.0, requests_per_s=2.0, held=0)
+    assert post(cpu_report()).assignment is None  # no pass yet: nothing to say
+    beat(reg, other, cpu_report())
+    loop.step()
+    assert {loop.assignment(n).model for n in ids} == {TINY}  # demand on A only: both serve A
+    assert post(cpu_report(TINY, generation=1)).assignment.model == TINY
+    beat(reg, other, cpu_report(TINY, generation=1))
+
+    # A load of requests for B starts: held at the gateway, so unserved.
+    demand["tiny-b"] = ModelDemand(tokens_per_s=500.0, queue_depth=8, unserved_per_s=2.0, requests_per_s=2.0, held=8)
+    result = loop.step()
+    moved = [n for n in ids if loop.assignment(n).model == "tiny-b"]
+    assert len(moved) == 1 and len(result.decision.moves) == 1
+    assert loop.assignment(moved[0]).generation == 2 and reg.region.assignments()[moved[0]]["generation"] == 2
+    if moved[0] == pc.node_id:
+        answer = post(cpu_report(TINY, generation=1))
+        assert answer.assignment.model == "tiny-b" and answer.assignment.generation == 2
+    assert loop.switches == {TINY: 2, "tiny-b": 1}
+    assert "tiny-b" in result.decision.explain[moved[0]]
+
+    fleet = {m["model"]: m for m in loop.fleet_models()}
+    assert fleet["tiny-b"]["pcs"][0]["id"] == moved[0] and fleet["tiny-b"]["demand"]["unserved_per_s"] == 2.0
+
+    # Placement off: the heartbeat answers carry no assignment, whatever is stored.
+    off = PlacementLoop(reg, head_config(tmp_path, enabled=False))
+    holder["loop"] = off
+    assert off.step().decision is None and post(cpu_report(TINY, generation=1)).assignment is None
+
+
+def test_a_model_must_be_in_the_catalog_and_an_import_is_checked_whole(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite", NET)
+    catalog = region_catalog(PACKAGED_CATALOG, [])
+    with pytest.raises(ModelError, match="head model import FILE") as e:
+        add_model(reg, catalog, "no-such-model")
+    assert "qwen2.5-7b" in str(e.value)
+    assert add_model(reg, catalog, "Qwen/Qwen2.5-7B-Instruct").model == "qwen2.5-7b"  # a repo id names it too
+    with pytest.raises(ModelError, match="--max"):
+        add_model(reg, catalog, "qwen2.5-7b", min_replicas=3, max_replicas=2)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXTRA_MODEL.replace("num_layers = 2", "num_layers = -2"))
+    with pytest.raises(CatalogError, match="num_layers"):
+        import_catalog(reg, PACKAGED_CATALOG, bad)
+    assert reg.region.entries() == []
+
+
+# ---------------------------------------------------------------- the CLI, against a real head state dir
+
+
+def cli(capsys, config: Path, *args: str) -> tuple[int, str, str]:
+    rc = main(["head", *args, "--config", str(config)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_head_model_commands_against_a_real_head(tmp_path, capsys):
+    config = tmp_path / "head.toml"
+    config.write_text(f'[head]\nstate_dir = "{tmp_path / "state"}"\n[api]\nadvertise_host = "127.0.0.1"\n'
+                      f'[placement]\ncatalog = "{PACKAGED_CATALOG}"\n')
+    rc, out, err = cli(capsys, config, "model", "list")
+    assert rc == 69 and "head init" in err  # not initialised: says what to do
+    assert cli(capsys, config, "init")[0] == 0
+    rc, out, _ = cli(capsys, config, "model", "list")
+    assert rc == 0 and "catalog is empty" in out
+    assert json.loads(cli(capsys, config, "model", "list", "--json")[1])["models"] == []
+
+    rc, _, err = cli(capsys, config, "model", "add", "tiny-b")
+    assert rc == 2 and "not in the model catalog" in err and "head model import FILE" in err
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXTRA_MODEL.replace("head_dim = 16", "head_dim = 16\nhead_dims = 3"))
+    rc, _, err = cli(capsys, config, "model", "import", str(bad))
+    assert rc == 2 and "head_dims" in err and "Nothing was imported" in err
+    good = tmp_path / "extra.toml"
+    good.write_text(EXTRA_MODEL)
+    rc, out, _ = cli(capsys, config, "model", "import", str(good), "--json")
+    assert rc == 0 and json.loads(out)["imported"] == ["tiny-b"]
+    rc, out, _ = cli(capsys, config, "model", "add", "tiny-b", "--min", "1", "--max", "2", "--weight", "2", "--json")
+    assert rc == 0 and json.loads(out) | {"added_at": 0} == {"model": "tiny-b", "min_replicas": 1, "max_replicas": 2,
+                                                             "weight": 2.0, "added_at": 0}
+    listed = json.loads(cli(capsys, config, "model", "list", "--json")[1])
+    assert [m["model"] for m in listed["models"]] == ["tiny-b"] and listed["models"][0]["wanted"] is None
+    assert listed["placement"]["last_pass_at"] is None
+
+    # The running head's placement pass (the loop, on the same state dir), then the list again.
+    cfg = load_head_config(config)
+    from garage_node.head import setup
+
+    reg = setup.open_registry(cfg)
+    node = enroll(reg, "alice-pc")
+    beat(reg, node, cpu_report())
+    PlacementLoop(reg, cfg).step()
+    listed = json.loads(cli(capsys, config, "model", "list", "--json")[1])
+    m = listed["models"][0]
+    assert (m["wanted"], m["running"], m["pcs"]) == (1, 0, [{"node_id": node, "name": "alice-pc"}])
+    assert "min 1, max 2, weight 2" in m["why"] and listed["pcs"][node]["model"] == "tiny-b"
+    rc, out, _ = cli(capsys, config, "model", "list")
+    assert rc == 0 and "alice-pc" in out and "why:" in out and "tiny-b" in out
+
+    assert cli(capsys, config, "model", "remove", "tiny-b")[0] == 0
+    rc, _, err = cli(capsys, config, "model", "remove", "tiny-b")
+    assert rc == 2 and "not in the region's catalog" in err
