@@ -30,7 +30,7 @@ import uuid
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection, Mapping, Protocol
+from typing import Any, Callable, Collection, Mapping, Protocol
 
 import httpx
 
@@ -55,6 +55,12 @@ RESERVE_MIB = 512
 READ_TIMEOUT_S = 60.0
 
 Progress = Callable[[int], None]  # percent, 0-100
+
+
+def weights_root(state_dir: Path) -> Path:
+    """Where a PC keeps the weights it fetched: in its state directory on the data partition
+    (beside [engine] cache_dir, the model hub's cache, which this does not touch)."""
+    return state_dir / "weights"
 
 
 class WeightsError(Exception):
@@ -188,11 +194,12 @@ class Weights:
     # -- fetching
 
     def fetch(self, name: str, weights_path: str, source: Source, progress: Progress | None = None,
-              keep: Collection[str] = ()) -> Path:
+              keep: Collection[str] = (), stop: threading.Event | None = None) -> Path:
         """Make model `name` held, from the head's store at `weights_path` (Assignment.weights_path),
         and return its directory. Resumes an interrupted download; checks every file's SHA-256;
         evicts the least recently used models (never `name`, nor one in `keep`: the model in use)
-        when room runs short; reports `progress` in percent. Held already at the head's version:
+        when room runs short; reports `progress` in percent; `stop` set: stops soon (WeightsError,
+        retry; what arrived is kept and resumed). Held already at the head's version:
         returns at once. The head unreachable but the model held (any version): returns it.
         Raises WeightsError."""
         try:
@@ -217,7 +224,8 @@ class Weights:
                 self.touch(name)
                 _report(progress, 100)
                 return held_model.path
-            return self._download(manifest, weights_path, source, progress, {name, *keep})
+            job = _Job(manifest, weights_path, source, _ProgressReporter(progress, manifest.total_bytes), stop)
+            return self._download(job, {name, *keep})
 
     def _remote_manifest(self, name: str, weights_path: str, source: Source) -> Manifest:
         try:
@@ -240,21 +248,24 @@ class Weights:
                                "report this to the operator")
         return manifest
 
-    def _download(self, manifest: Manifest, weights_path: str, source: Source, progress: Progress | None,
-                  keep: set[str]) -> Path:
-        name = manifest.name
-        work = self._incoming(manifest)
-        progress_of = _ProgressReporter(progress, manifest.total_bytes)
-        progress_of.set(self._bytes_present(work, manifest))
-        self._make_room(manifest.total_bytes - self._bytes_present(work, manifest), keep, name)
-        for f in manifest.files:
-            done = work / MODEL_DIR / f.path
-            if done.is_file() and done.stat().st_size == f.size:
-                continue  # complete and checked by an earlier (interrupted) fetch
-            self._fetch_file(manifest, f, weights_path, source, work, progress_of)
-        write_private(work / LAST_USED, f"{self.clock():.3f}\n".encode(), mode=0o644)
-        self._swap_in(name, work)
-        progress_of.set(manifest.total_bytes)
+    def _download(self, job: _Job, keep: set[str]) -> Path:
+        manifest, name = job.manifest, job.manifest.name
+        try:
+            job.work = self._incoming(manifest)
+            job.progress.set(self._bytes_present(job.work, manifest))
+            self._make_room(manifest.total_bytes - self._bytes_present(job.work, manifest), keep, name)
+            for f in manifest.files:
+                done = job.work / MODEL_DIR / f.path
+                if done.is_file() and done.stat().st_size == f.size:
+                    continue  # complete and checked by an earlier (interrupted) fetch
+                self._fetch_file(job, f)
+            write_private(job.work / LAST_USED, f"{self.clock():.3f}\n".encode(), mode=0o644)
+            self._swap_in(name, job.work)
+        except OSError as e:
+            # The data partition full, or failing: what arrived stays for the next try.
+            raise WeightsError(f"writing {name} under {self.root} failed ({e.strerror or e}): check the data "
+                               "partition (free space, errors in the kernel log)", retry=True) from None
+        job.progress.set(manifest.total_bytes)
         log.info("weights for %s held: %d files, %.1f MiB, checked", name, len(manifest.files),
                  manifest.total_bytes / MIB)
         return self.root / name / MODEL_DIR
@@ -287,75 +298,81 @@ class Weights:
                     continue
         return n
 
-    def _fetch_file(self, manifest: Manifest, f: ModelFile, weights_path: str, source: Source, work: Path,
-                    progress_of: _ProgressReporter) -> None:
+    def _fetch_file(self, job: _Job, f: ModelFile) -> None:
         """Download one file to parts/, resuming what is there; check its sum; move it to model/."""
-        part = work / PARTS / f.path
+        name = job.manifest.name
+        part = job.work / PARTS / f.path
         part.parent.mkdir(parents=True, exist_ok=True)
-        url = weights_path + modelfiles.FILES + f.path
         broken = mismatched = 0
         while True:
             try:
-                self._stream_into(part, f, url, source, progress_of, manifest.name)
+                digest = self._stream_into(job, part, f)
             except _Broken as e:
                 broken += 1
                 if broken >= self.attempts:
-                    raise WeightsError(f"the download of {manifest.name} broke off {broken} times ({e}); it resumes "
+                    raise WeightsError(f"the download of {name} broke off {broken} times ({e}); it resumes "
                                        "where it stopped on the next try", retry=True) from None
-                log.warning("download of %s/%s broke off (%s): resuming", manifest.name, f.path, e)
+                log.warning("download of %s/%s broke off (%s): resuming", name, f.path, e)
                 continue
-            if _sha256_of(part) == f.sha256:
+            if digest == f.sha256:
                 break
             # Never used: deleted and fetched again whole.
             mismatched += 1
             part.unlink()
-            progress_of.set(self._bytes_present(work, manifest))
+            job.progress.set(self._bytes_present(job.work, job.manifest))
             if mismatched >= self.attempts:
-                raise WeightsError(f"{manifest.name}/{f.path} from the head's store does not match the SHA-256 in its "
+                raise WeightsError(f"{name}/{f.path} from the head's store does not match the SHA-256 in its "
                                    f"manifest ({mismatched} tries): the head's copy is damaged; the operator must add "
-                                   f"the model again (`garage-node head weights add {manifest.name} DIR`)")
-            log.warning("%s/%s did not match its SHA-256: deleted, fetching it again", manifest.name, f.path)
-        done = work / MODEL_DIR / f.path
+                                   f"the model again (`garage-node head weights add {name} DIR`)")
+            log.warning("%s/%s did not match its SHA-256: deleted, fetching it again", name, f.path)
+        done = job.work / MODEL_DIR / f.path
         done.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, done)
 
-    def _stream_into(self, part: Path, f: ModelFile, url: str, source: Source, progress_of: _ProgressReporter,
-                     name: str) -> None:
+    def _stream_into(self, job: _Job, part: Path, f: ModelFile) -> str:
+        """Bring `part` to the file's full size (resuming what it holds) and return the SHA-256
+        of the whole; the sum is taken as the bytes arrive (what was there is read once)."""
         have = part.stat().st_size if part.exists() else 0
         if have > f.size:
             part.unlink()
             have = 0
+        h = _sha256_of(part) if have else hashlib.sha256()
         if have == f.size:
-            return
+            return h.hexdigest()
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
-            with source.get(url, headers) as resp:
+            with job.source.get(job.weights_path + modelfiles.FILES + f.path, headers) as resp:
                 if resp.status_code == 206 and have:
                     if _range_start(resp) != have:
                         part.unlink(missing_ok=True)
                         raise _Broken("the head answered another range than asked: starting the file over")
                     mode = "ab"
                 elif resp.status_code == 200:
-                    mode, have = "wb", 0  # the whole file (the server ignored the range)
+                    mode, have, h = "wb", 0, hashlib.sha256()  # the whole file (the server ignored the range)
                 elif resp.status_code == 416:
                     part.unlink(missing_ok=True)
                     raise _Broken("the head refused the range asked for: starting the file over")
                 else:
                     resp.read()
-                    raise _refusal(name, resp.status_code, resp.content)
+                    raise _refusal(job.manifest.name, resp.status_code, resp.content)
                 with open(part, mode) as out:
                     for chunk in resp.iter_bytes(CHUNK):
+                        if job.stop is not None and job.stop.is_set():
+                            raise WeightsError(f"the download of {job.manifest.name} was stopped; it resumes where "
+                                               "it stopped on the next try", retry=True)
                         if have + len(chunk) > f.size:
                             raise _Broken(f"the head sent more than the {f.size} bytes of {f.path}")
                         out.write(chunk)
+                        h.update(chunk)
                         have += len(chunk)
-                        progress_of.add(len(chunk))
+                        job.progress.add(len(chunk))
                     out.flush()
                     os.fsync(out.fileno())
         except httpx.HTTPError as e:
             raise _Broken(_reason(e)) from None
         if have != f.size:
             raise _Broken(f"{f.path}: {have} of {f.size} bytes arrived")
+        return h.hexdigest()
 
     def _swap_in(self, name: str, work: Path) -> None:
         """The download becomes the held model, by renames (an older version steps aside first)."""
@@ -373,15 +390,20 @@ class Weights:
     # -- room
 
     def _make_room(self, need: int, keep: set[str], name: str) -> None:
-        """Evict until `need` more bytes fit: first interrupted downloads of other models, then
-        held models, least recently used first; never one in `keep`."""
+        """Evict until `need` more bytes fit: first what no engine can use (interrupted downloads
+        of other models, damaged copies), then held models, least recently used first; never a
+        held model in `keep`."""
         candidates: list[tuple[int, float, Path, str]] = []
         incoming = self.root / INCOMING
         if incoming.is_dir():
             for p in incoming.iterdir():
                 if p.name != name:
-                    candidates.append((0, p.stat().st_mtime, p, f"an interrupted download of {p.name}"))
-        for m in sorted(self.models(), key=lambda m: m.last_used):
+                    candidates.append((0, _mtime(p), p, f"an interrupted download of {p.name}"))
+        held = {m.name: m for m in self.models()}
+        for p in self.root.iterdir():
+            if modelfiles.MODEL_NAME.match(p.name) and p.name not in held:
+                candidates.append((0, _mtime(p), p, f"a damaged copy of {p.name}"))
+        for m in held.values():
             if m.name not in keep:
                 candidates.append((1, m.last_used, self.root / m.name, m.name))
         candidates.sort(key=lambda c: (c[0], c[1]))
@@ -403,6 +425,18 @@ class Weights:
         if self.max_mib is not None:
             room = min(room, self.max_mib * MIB - _du(self.root))
         return room
+
+
+@dataclass
+class _Job:
+    """One model's download: what, from where, and who watches."""
+
+    manifest: Manifest
+    weights_path: str
+    source: Source
+    progress: _ProgressReporter
+    stop: threading.Event | None
+    work: Path = Path()
 
 
 class _Broken(Exception):
@@ -457,12 +491,12 @@ def _range_start(resp: httpx.Response) -> int:
         return -1
 
 
-def _sha256_of(path: Path) -> str:
+def _sha256_of(path: Path) -> Any:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+    return h
 
 
 def _manifest_json(m: Manifest) -> bytes:
@@ -478,6 +512,13 @@ def _delete(path: Path, root: Path) -> None:
     except OSError:
         aside = path
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _du(root: Path) -> int:

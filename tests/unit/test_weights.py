@@ -225,6 +225,28 @@ def test_a_break_within_one_fetch_resumes_in_the_same_fetch(head, tmp_path):
     assert w.held() == ["tiny-a"]
 
 
+def test_a_stopped_fetch_keeps_what_arrived_and_resumes(head, tmp_path):
+    head.store.add("tiny-a", tiny_model(tmp_path, "tiny-a", weights_kib=4096))
+    stop = threading.Event()
+    w = Weights(tmp_path / "pc", reserve_mib=0)
+
+    def progress(pct: int) -> None:
+        if pct > 0:
+            stop.set()  # the head assigned another model while this one downloads
+
+    with pytest.raises(WeightsError, match="was stopped") as e:
+        w.fetch("tiny-a", "/v1/store/tiny-a/", head.source(), progress=progress, stop=stop)
+    assert e.value.retry and w.held() == []
+    part = tmp_path / "pc" / ".incoming" / "tiny-a" / "parts" / "model.safetensors"
+    kept = part.stat().st_size
+    assert 0 < kept < 4096 * KIB
+    head.seen.clear()
+    w.fetch("tiny-a", "/v1/store/tiny-a/", head.source())
+    (resumed,) = head.file_requests("tiny-a", "model.safetensors")
+    assert resumed.range == f"bytes={kept}-"
+    assert w.held() == ["tiny-a"]
+
+
 def test_a_part_corrupted_at_the_pc_is_refused_and_fetched_again(head, tmp_path):
     src = tiny_model(tmp_path, "tiny-a", weights_kib=512)
     head.store.add("tiny-a", src)
@@ -296,6 +318,20 @@ def test_the_least_recently_used_model_makes_room(head, tmp_path):
     with pytest.raises(WeightsError, match="no room for tiny-b.*kept, in use: tiny-a, tiny-d.*raise the cap"):
         fetch("tiny-b", keep=("tiny-a", "tiny-d"))
     assert w.held() == ["tiny-a", "tiny-d"]
+
+
+def test_a_damaged_copy_is_evicted_before_any_held_model(head, tmp_path):
+    for name in ("tiny-a", "tiny-b", "tiny-c"):
+        head.store.add(name, tiny_model(tmp_path, name, weights_kib=400))
+    w = Weights(tmp_path / "pc", max_mib=1, reserve_mib=0)
+    w.fetch("tiny-a", "/v1/store/tiny-a/", head.source())
+    w.fetch("tiny-b", "/v1/store/tiny-b/", head.source())
+    # A's weights damaged behind the agent's back: not held, yet its bytes count against the cap.
+    with open(w.root / "tiny-a" / "model" / "model.safetensors", "ab") as f:
+        f.write(b"x")
+    assert w.held() == ["tiny-b"]
+    w.fetch("tiny-c", "/v1/store/tiny-c/", head.source())
+    assert w.held() == ["tiny-b", "tiny-c"] and not (w.root / "tiny-a").exists()
 
 
 def test_a_readded_model_is_fetched_again_and_replaces_the_old(head, tmp_path):
