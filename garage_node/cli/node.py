@@ -136,21 +136,85 @@ def _drain(args, on: bool) -> int:
 
 
 def plan(args) -> int:
+    """The head's assignment and why, when the agent has one (issue #18); then the plan this PC
+    makes by itself, with the arithmetic (what it serves without an assignment)."""
     from garage_node.node import gpu
+    from garage_node.node.engine.spec import plan_for
     from garage_node.placement import fit as planner
     from garage_node.placement.catalog import CatalogError, catalog_path, load_catalog
-    from garage_node.node.engine.spec import plan_for
 
     cfg = load_node_config(args.config, args.override)
+    status = _agent_status(cfg)
+    a = status.assignment if status is not None else None
     inv = gpu.read_inventory()
+    local, error = None, ""
     try:
         catalog = load_catalog(catalog_path(cfg.engine.catalog))
-        p = plan_for(cfg.engine, inv, catalog)
+        local = plan_for(cfg.engine, inv, catalog)
     except (planner.PlanError, CatalogError) as e:
-        print(f"garage-node plan: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(p.to_dict(), indent=2) if args.json else p.explain() + "\n" + _image_line(cfg.engine.image, catalog, inv))
+        error = str(e)
+    if args.json:
+        doc: dict[str, object] = local.to_dict() if local is not None else {"error": error}
+        doc.update(decided_by="head" if a is not None else "this PC", assignment=encode(a) if a else None,
+                   assignment_carried_out=_carried(status))
+        print(json.dumps(doc, indent=2))
+        return 0 if local is not None or a is not None else 1
+    if a is not None and status is not None:
+        print(_assignment_text(cfg, inv, status))
+        print("\nWithout the head, this PC would choose:")
+    if local is None:
+        print(f"garage-node plan: {error}", file=sys.stderr)
+        return 0 if a is not None else 1
+    print(local.explain() + "\n" + _image_line(cfg.engine.image, catalog, inv))
     return 0
+
+
+def _agent_status(cfg):
+    """The running agent's status (None: the agent is down: only the local plan is known)."""
+    from garage_node.core.wire import WireError
+    from garage_node.node.localapi import AgentClient, AgentDown
+
+    try:
+        with AgentClient(cfg.socket_path, timeout=5) as c:
+            return c.status()
+    except (AgentDown, WireError):
+        return None
+
+
+def _carried(status) -> bool | None:
+    if status is None or status.assignment is None or status.placement is None:
+        return None
+    return status.placement.assignment_generation >= status.assignment.generation
+
+
+def _assignment_text(cfg, inv, status) -> str:
+    """The head's assignment in words: what, on which GPUs, why, where it stands, and the
+    engine's arguments it makes on this PC."""
+    from garage_node.node.engine.spec import EngineConfigError, assigned_spec
+    from garage_node.node.status import placement_lines
+
+    a = status.assignment
+    if a.model is None:
+        lines = [f"Assigned by the head (generation {a.generation}): serve nothing now"]
+    else:
+        parallel = f"TP {a.tensor_parallel_size}" + (f", PP {a.pipeline_parallel_size}" if a.pipeline_parallel_size > 1 else "")
+        lines = [f"Assigned by the head (generation {a.generation}): {a.model}"
+                 + (f" {a.quantization}" if a.quantization else "")
+                 + (f", context {a.max_model_len}" if a.max_model_len else "")
+                 + (f", GPUs {list(a.gpu_indices)}, {parallel}" if a.gpu_indices else "")
+                 + (f", layers per stage {list(a.layer_partition)}" if a.layer_partition else "")
+                 + (", weights from the head's store" if a.weights_path else "")]
+    lines.append(f"why: {a.reason or 'the head gave no reason'}")
+    lines += [f"now: {text}" for text in placement_lines(status)[:1]]
+    lines += [f"refused: {p.message}" for p in status.problems if p.source == "placement"]
+    if a.model is not None:
+        try:
+            spec, why = assigned_spec(cfg.engine, inv, "0.0.0.0", "", a)
+            lines.append(f"engine: {why}; {' '.join(spec.args)}"
+                         + "".join(f"; {k}={v}" for k, v in spec.env if k == "VLLM_PP_LAYER_PARTITION"))
+        except EngineConfigError as e:
+            lines.append(f"engine: cannot be planned here: {e}")
+    return "\n".join(lines)
 
 
 def _image_line(image: str, catalog, inv) -> str:

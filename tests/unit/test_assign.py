@@ -226,3 +226,35 @@ def test_an_assignment_of_nothing_drains_the_engine(r):
     assert serving(r) is None and s.engine.state is EngineState.DRAINED
     assert "serving nothing, as the head assigned" in render(s)
     assert s.placement.paused is False  # the head's word, not the owner's: it may assign again
+
+
+def test_plan_explains_the_heads_assignment_then_the_pcs_own_choice(r, tmp_path, capsys):
+    import argparse
+    import json
+
+    from garage_node.cli.node import plan
+    from garage_node.node.localapi import LocalApi, Routes
+
+    r.head.assignment = dataclasses.replace(assigned(4, "tiny-b"), max_model_len=1024)
+    until(r, lambda: serving(r) == "garage/tiny-b" and r.status().placement.assignment_generation == 4)
+    cfg = r.agent.cfg
+    conf = tmp_path / "node.toml"
+    conf.write_text(f'[node]\nruntime_dir = "{cfg.node.runtime_dir}"\nstate_dir = "{cfg.node.state_dir}"\n'
+                    f'[engine]\ndevice = "cpu"\ncatalog = "{cfg.engine.catalog}"\n')
+    api = LocalApi(cfg.socket_path, Routes(status=r.agent.snapshot, reconcile=lambda: None, drain=lambda: None,
+                                           resume=lambda: None))
+    api.start()
+    try:
+        args = argparse.Namespace(config=conf, override=tmp_path / "none.toml", json=False)
+        assert plan(args) == 0
+        out = capsys.readouterr().out
+        assert "Assigned by the head (generation 4): tiny-b, context 1024" in out
+        assert "why: demand for tiny-b" in out and "now: serving tiny-b, assigned by the head" in out
+        assert "--served-model-name garage/tiny-b" in out and "--max-model-len 1024" in out
+        assert "Without the head, this PC would choose:" in out
+        assert plan(argparse.Namespace(config=conf, override=tmp_path / "none.toml", json=True)) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["decided_by"] == "head" and doc["assignment"]["model"] == "tiny-b"
+        assert doc["assignment_carried_out"] is True
+    finally:
+        api.stop()
