@@ -166,6 +166,14 @@ def test_paths_outside_a_models_manifest_are_not_served(pc, tmp_path):
         assert b"TOP-SECRET" not in r.content and b"sha256" not in r.content
 
 
+def test_the_routes_are_in_the_openapi_description(pc):
+    pc_, _ = pc
+    paths = pc_.client.get("/openapi.json").json()["paths"]
+    assert {"/v1/store/{name}/manifest", "/v1/store/{name}/files/{path}"} <= set(paths)
+    params = paths["/v1/store/{name}/manifest"]["get"]["parameters"]
+    assert modelfiles.NODE_HEADER in {p["name"] for p in params}
+
+
 def test_an_unknown_model_is_a_404_that_says_what_to_do(pc):
     pc_, _ = pc
     for path in ("/v1/store/qwen2.5-7b/manifest", "/v1/store/qwen2.5-7b/files/config.json"):

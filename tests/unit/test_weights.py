@@ -36,6 +36,7 @@ from garage_node.node.weights import HttpSource, Weights, WeightsError, head_sou
 from testing.fakes import region_facts
 
 KIB = 1024
+REQUEST_TIMEOUT_S = 1.0
 
 
 def tiny_model(root: Path, name: str, weights_kib: int = 256) -> Path:
@@ -120,7 +121,9 @@ def server(tmp_path_factory) -> Iterator[Head]:
     app.include_router(store_api.router(reg, store))
     seen: list[Seen] = []
     port = free_port()
-    limits = GuardLimits()  # as `head run` (request deadline, per-address cap)
+    # As `head run` (request deadline, per-address cap), with a deadline far shorter than its
+    # 10 s default: it bounds how long a request may take to arrive, never a download.
+    limits = GuardLimits(request_timeout_s=REQUEST_TIMEOUT_S)
     srv = uvicorn.Server(uvicorn.Config(Recorder(app, seen), host="127.0.0.1", port=port, log_level="warning",
                                         ssl_certfile=str(paths.server_cert), ssl_keyfile=str(paths.server_key),
                                         http=guarded_protocol(limits), loop=guarded_loop_factory(limits),  # type: ignore[arg-type]
@@ -191,6 +194,20 @@ def test_a_pc_fetches_a_model_and_holds_it_checked(head, tmp_path):
     head.seen.clear()
     assert w.fetch("tiny-a", head.store.weights_path("tiny-a"), head.source()) == got
     assert [s.path for s in head.seen] == ["/v1/store/tiny-a/manifest"]
+
+
+def test_a_download_may_take_longer_than_the_request_deadline(head, tmp_path):
+    # 16 MiB: well over what the loopback's socket buffers hold, so the server is still sending
+    # long after the deadline.
+    head.store.add("tiny-a", tiny_model(tmp_path, "tiny-a", weights_kib=16 * 1024))
+    w = Weights(tmp_path / "pc", reserve_mib=0)
+    started = time.monotonic()
+    # A slow link: the PC takes its time over every MiB (the server waits on TCP flow control).
+    w.fetch("tiny-a", "/v1/store/tiny-a/", head.source(), progress=lambda pct: time.sleep(0.15))
+    assert time.monotonic() - started > 2 * REQUEST_TIMEOUT_S
+    (req,) = head.file_requests("tiny-a", "model.safetensors")
+    assert req.range is None and req.sent == 16 * 1024 * KIB  # one request, not cut off and resumed
+    assert w.held() == ["tiny-a"]
 
 
 def test_an_interrupted_fetch_resumes_where_it_stopped(head, tmp_path):
