@@ -336,31 +336,35 @@ class Placer:
             if m in stuck or count[m] >= t.cap:
                 continue
             urgency, gap = _urgency(t, count[m]), t.ideal - count[m]
-            if urgency == 0 and gap < self._margin(t):
+            if urgency == 0 and gap < 0.5 + self.hysteresis:  # the least margin of any pair
                 continue
             key = (urgency, gap / max(t.ideal, 1.0), m)
             if best is None or key > best:
                 best, pick = key, m
         return pick
 
-    def _margin(self, t: Target) -> float:
-        """How far from its ideal a model may be before a PC moves: half a PC (rounding) and a
-        share of the ideal (hysteresis), so a demand that wobbles moves nothing."""
-        return 0.5 + self.hysteresis * max(t.ideal, 1.0)
+    def _margin(self, a: Target, b: Target) -> float:
+        """How far from their ideals two models must be (one short, the other over) before a PC
+        moves between them: half a PC (rounding) and `hysteresis` of the smaller ideal, so a
+        demand that wobbles moves nothing, and a move back needs the demand to swing by more
+        than a PC and twice that share. Symmetric, so the way back faces the same bar."""
+        return 0.5 + self.hysteresis * max(min(a.ideal, b.ideal), 1.0)
 
     def _donor(self, short: str, tg: Mapping[str, Target], count: Mapping[str, int],
                by_model: Mapping[str, list[_Pc]]) -> _Pc | None:
         """The PC to move to `short`: from a model over its ideal by more than the margin (or,
         for a model that is urgent, any model that keeps its own floor), holders of `short`'s
         weights first, then the model furthest over."""
-        urgent = _urgency(tg[short], count[short]) > 0
+        s = tg[short]
+        urgent = _urgency(s, count[short]) > 0
+        gap = s.ideal - count[short]
         donors = []
         for m, rows in by_model.items():
             t = tg[m]
             if m == short or not rows or count[m] - 1 < t.floor or _urgency(t, count[m] - 1) > 0:
                 continue
             over = count[m] - t.ideal
-            if not urgent and over < self._margin(t):
+            if not urgent and min(over, gap) < self._margin(s, t):
                 continue
             donors.append((over / max(t.ideal, 1.0), m))
         donors.sort(reverse=True)
