@@ -413,3 +413,30 @@ def test_head_model_commands_against_a_real_head(tmp_path, capsys):
     assert cli(capsys, config, "model", "remove", "tiny-b")[0] == 0
     rc, _, err = cli(capsys, config, "model", "remove", "tiny-b")
     assert rc == 2 and "not in the region's catalog" in err
+
+
+def test_metrics_and_the_dashboard_show_placement_per_model(tmp_path):
+    import re
+
+    from prometheus_client import generate_latest
+
+    cfg = head_config(tmp_path)
+    g = Gateway(GatewaySection(), tmp_path, lambda: {})
+    reg = Registry(tmp_path / "r.sqlite", NET)
+    node = enroll(reg, "pc-1")
+    beat(reg, node, cpu_report())
+    add_model(reg, region_catalog(PACKAGED_CATALOG, []), TINY, min_replicas=1)
+    g.placed = lambda: frozenset({TINY})
+    g.demand.arrived(TINY, 400, 100)
+    loop = PlacementLoop(reg, cfg, demand=g.demand.snapshot)
+    g.metrics.watch_placement(loop)
+    loop.step()
+    text = generate_latest(g.metrics.registry).decode()
+    g.stop()
+    assert f'garage_placement_replicas_wanted{{model="{TINY}"}} 1.0' in text
+    assert f'garage_placement_replicas_running{{model="{TINY}"}} 0.0' in text  # assigned, not yet serving
+    assert f'garage_placement_switches_total{{model="{TINY}"}} 1.0' in text
+    assert f'garage_placement_demand_tokens_per_second{{model="{TINY}"}} {200 / 60}' in text
+    dashboard = (Path(__file__).resolve().parents[2] / "configs/grafana-region.json").read_text()
+    used = set(re.findall(r"garage_placement_[a-z_]+", dashboard))
+    assert used and all(name in text for name in used), used
