@@ -320,6 +320,7 @@ class Weights:
             mismatched += 1
             part.unlink()
             job.progress.set(self._bytes_present(job.work, job.manifest))
+            self._check_unchanged(job)
             if mismatched >= self.attempts:
                 raise WeightsError(f"{name}/{f.path} from the head's store does not match the SHA-256 in its "
                                    f"manifest ({mismatched} tries): the head's copy is damaged; the operator must add "
@@ -328,6 +329,14 @@ class Weights:
         done = job.work / MODEL_DIR / f.path
         done.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, done)
+
+    def _check_unchanged(self, job: _Job) -> None:
+        """After a file failed its sum: if the operator re-added the model meanwhile, the file
+        came from the new version. Not damage: the next fetch starts over on the new manifest."""
+        name = job.manifest.name
+        if self._remote_manifest(name, job.weights_path, job.source).digest != job.manifest.digest:
+            raise WeightsError(f"the head's copy of {name} changed during the download (the operator added it "
+                               "again): the next try fetches the new one", retry=True)
 
     def _stream_into(self, job: _Job, part: Path, f: ModelFile) -> str:
         """Bring `part` to the file's full size (resuming what it holds) and return the SHA-256

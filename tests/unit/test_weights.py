@@ -362,6 +362,31 @@ def test_a_readded_model_is_fetched_again_and_replaces_the_old(head, tmp_path):
     assert w.held() == ["tiny-a"]
 
 
+class ReaddsFirst:
+    """A Source before whose first request for `suffix` the operator adds the model again."""
+
+    def __init__(self, real: HttpSource, suffix: str, readd: Any) -> None:
+        self.real, self.suffix, self.readd = real, suffix, readd
+
+    def get(self, path: str, headers: Mapping[str, str]) -> Any:
+        if path.endswith(self.suffix) and self.readd is not None:
+            self.readd()
+            self.readd = None
+        return self.real.get(path, headers)
+
+
+def test_a_model_readded_during_a_download_is_fetched_anew_not_refused(head, tmp_path):
+    head.store.add("tiny-a", tiny_model(tmp_path / "v1", "tiny-a"))
+    v2 = tiny_model(tmp_path / "v2", "tiny-a")
+    w = Weights(tmp_path / "pc", reserve_mib=0)
+    source = ReaddsFirst(head.source(), "model.safetensors", lambda: head.store.add("tiny-a", v2))
+    with pytest.raises(WeightsError, match="changed during the download") as e:
+        w.fetch("tiny-a", "/v1/store/tiny-a/", source)
+    assert e.value.retry  # not "damaged": the agent tries again rather than refusing the model
+    got = w.fetch("tiny-a", "/v1/store/tiny-a/", source)
+    assert (got / "model.safetensors").read_bytes() == (v2 / "model.safetensors").read_bytes()
+
+
 def test_refusals_say_what_to_do_and_never_show_the_credential(head, tmp_path):
     w = Weights(tmp_path / "pc", reserve_mib=0)
     with pytest.raises(WeightsError, match="does not hold tiny-x.*head weights add tiny-x") as e:
