@@ -28,6 +28,7 @@ from garage_node.core.settings import parse, read_toml
 from garage_node.core.wire import Assignment, NodeReport, WireError, decode, encode
 from garage_node.head.config import HeadConfig
 from garage_node.head.gateway.demand import ModelDemand
+from garage_node.head.modelstore import ModelStore, store_root
 from garage_node.head.registry import CatalogEntry, Registry, RegionModel
 from garage_node.placement.catalog import Catalog, CatalogError, CatalogFile, ModelSpec, catalog_path, load_catalog
 from garage_node.placement.decide import Decision, PcView, Placer, Wanted
@@ -123,10 +124,13 @@ class PassResult:
 
 class PlacementLoop:
     def __init__(self, registry: Registry, cfg: HeadConfig,
-                 demand: Callable[[], dict[str, ModelDemand]] = dict, clock: Clock = SYSTEM) -> None:
+                 demand: Callable[[], dict[str, ModelDemand]] = dict, clock: Clock = SYSTEM,
+                 store: ModelStore | None = None) -> None:
         """`demand()`: the gateway's demand per model (gateway.demand.snapshot); a head without
-        a gateway places by the catalog's min and weight alone."""
+        a gateway places by the catalog's min and weight alone. `store`: the head's model store
+        (default: the one in the state dir); a new assignment of a model it holds says where."""
         self.registry = registry
+        self.store = store or ModelStore(store_root(cfg.head.state_dir))
         self.cfg = cfg
         self.demand = demand
         self.clock = clock
@@ -223,10 +227,16 @@ class PlacementLoop:
         previous = self._assignments
         decision = placer.decide(self._pcs(previous), wanted, self._demand(wanted))
         changed = {}
+        held = set(self.store.names())  # one directory listing per pass
         for node_id, a in decision.assignments.items():
             before = previous.get(node_id)
             if before == a:
                 continue
+            if a.model is not None and a.model in held and a.weights_path is None:
+                # Fetched from the head's store over the overlay, not from the internet. Set on a
+                # new assignment only: the placer compares assignments without it, so a model
+                # stored later changes nothing for a PC already given it.
+                a = replace(a, weights_path=self.store.weights_path(a.model))
             if before is not None and a.generation <= before.generation:
                 a = replace(a, generation=before.generation + 1)  # never tell a PC an older plan
             changed[node_id] = a

@@ -440,3 +440,25 @@ def test_metrics_and_the_dashboard_show_placement_per_model(tmp_path):
     dashboard = (Path(__file__).resolve().parents[2] / "configs/grafana-region.json").read_text()
     used = set(re.findall(r"garage_placement_[a-z_]+", dashboard))
     assert used and all(name in text for name in used), used
+
+
+def test_a_new_assignment_of_a_model_the_heads_store_holds_says_where_to_fetch_it(tmp_path):
+    from garage_node.head.modelstore import ModelStore, store_root
+
+    cfg = head_config(tmp_path)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (weights / "model.safetensors").write_bytes(b"\0" * 1024)
+    store = ModelStore(store_root(cfg.head.state_dir))
+    store.add(TINY, weights)
+    reg = Registry(tmp_path / "r.sqlite", NET)
+    node = enroll(reg, "pc-1")
+    beat(reg, node, cpu_report())
+    add_model(reg, region_catalog(PACKAGED_CATALOG, []), TINY)
+    loop = PlacementLoop(reg, cfg)  # the store in the state dir, as `head weights add` wrote it
+    loop.step()
+    a = loop.assignment(node)
+    assert a.model == TINY and a.weights_path == ModelStore.weights_path(TINY) and a.generation == 1
+    beat(reg, node, cpu_report(TINY, generation=1))
+    assert loop.step().changed == {}  # the path is not a change: no generation grows
