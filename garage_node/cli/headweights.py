@@ -14,14 +14,14 @@ from garage_node.head.config import load_head_config
 
 HELP = ("the head's model store, from which PCs fetch weights over the overlay instead of the internet: "
         "`weights add NAME DIR` copies a local model directory in (replacing one of that name), `weights list`, "
-        "`weights remove NAME`")
+        "`weights remove NAME`, `weights verify NAME` (reads every file again against its SHA-256)")
 
 
 def add_command(cmd: Callable[..., argparse.ArgumentParser]) -> None:
     """Adds `weights` with `cmd`, head.py's helper that makes a `head` subcommand."""
     w = cmd("weights", weights, HELP)
-    w.add_argument("action", choices=["add", "list", "remove"])
-    w.add_argument("name", nargs="?", help="the model's catalog name (add, remove), e.g. qwen2.5-7b")
+    w.add_argument("action", choices=["add", "list", "remove", "verify"])
+    w.add_argument("name", nargs="?", help="the model's catalog name (add, remove, verify), e.g. qwen2.5-7b")
     w.add_argument("dir", nargs="?", type=Path, help="add: the model's local directory (the one holding config.json)")
     w.add_argument("--json", action="store_true", help="print as JSON")
 
@@ -32,7 +32,7 @@ def weights(args: Any) -> int:
     cfg = load_head_config(args.config)
     store = ModelStore(store_root(cfg.head.state_dir))
     say = f"garage-node head weights {args.action}"
-    if args.action in ("add", "remove") and not args.name:
+    if args.action in ("add", "remove", "verify") and not args.name:
         example = "qwen2.5-7b /srv/models/Qwen2.5-7B-Instruct" if args.action == "add" else "qwen2.5-7b"
         print(f"{say}: name the model, e.g. `garage-node head weights {args.action} {example}`", file=sys.stderr)
         return 2
@@ -51,6 +51,19 @@ def weights(args: Any) -> int:
         else:
             print(f"added {m.name}: {len(m.files)} files, {_size(m.total_bytes)}, digest {m.digest[:12]}; "
                   f"PCs assigned it fetch it from the head ({store.weights_path(m.name)})")
+        return 0
+    if args.action == "verify":
+        try:
+            bad = store.verify(args.name)
+        except StoreError as e:
+            print(f"{say}: {e}", file=sys.stderr)
+            return 2
+        if bad:
+            print(f"{say}: {args.name} is damaged: {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''} no longer "
+                  f"match the manifest; PCs refuse these files. Add the model again: `garage-node head weights add "
+                  f"{args.name} DIR`", file=sys.stderr)
+            return 1
+        print(f"{args.name}: every file matches its SHA-256")
         return 0
     if args.action == "remove":
         if not store.remove(args.name):

@@ -102,6 +102,28 @@ class ModelStore:
                 out.append(StoredModel(name, len(m.files), m.total_bytes, m.digest, m.added_at, self.weights_path(name)))
         return out
 
+    def verify(self, name: str) -> list[str]:
+        """Read every file of model `name` again: the paths whose size or SHA-256 no longer match
+        its manifest (empty: all sound). Raises StoreError if the store does not hold it."""
+        import hashlib
+
+        m = self.manifest(name)
+        if m is None:
+            raise StoreError(f"the store does not hold {name[:100]!r} (see `garage-node head weights list`)")
+        bad = []
+        for f in m.files:
+            h = hashlib.sha256()
+            try:
+                with open(self.root / name / FILES_DIR / f.path, "rb") as fin:
+                    while chunk := fin.read(CHUNK):
+                        h.update(chunk)
+            except OSError:
+                bad.append(f.path)
+                continue
+            if h.hexdigest() != f.sha256:
+                bad.append(f.path)
+        return bad
+
     @staticmethod
     def weights_path(name: str) -> str:
         """The path prefix on the control API a PC is given (Assignment.weights_path)."""

@@ -210,12 +210,27 @@ def test_head_weights_add_list_remove(head_config, tmp_path, capsys):
     assert "holds no model" in capsys.readouterr().out
 
 
+def test_head_weights_verify_finds_a_damaged_file(head_config, tmp_path, capsys):
+    assert main(["head", "weights", "add", "tiny-a", str(tiny_model(tmp_path, "tiny-a")), "--config",
+                 str(head_config)]) == 0
+    assert main(["head", "weights", "verify", "tiny-a", "--config", str(head_config)]) == 0
+    assert "every file matches" in capsys.readouterr().out
+    disk = store_root(tmp_path / "state") / "tiny-a" / "files" / "model.safetensors"
+    data = bytearray(disk.read_bytes())
+    data[0] ^= 1
+    disk.write_bytes(bytes(data))
+    assert main(["head", "weights", "verify", "tiny-a", "--config", str(head_config)]) == 1
+    err = capsys.readouterr().err
+    assert "tiny-a is damaged: model.safetensors" in err and "head weights add tiny-a DIR" in err
+
+
 @pytest.mark.parametrize("argv, says", [
     (["add", "tiny-a", "/nonexistent/model"], "does not exist"),
     (["add", "tiny-a"], "give the model's directory"),
     (["add"], "name the model"),
     (["add", "bad/name", "."], "not a valid model name"),
     (["remove", "tiny-z"], "does not hold 'tiny-z'"),
+    (["verify", "tiny-z"], "does not hold 'tiny-z'"),
 ])
 def test_head_weights_errors_say_what_to_do(head_config, capsys, argv, says):
     assert main(["head", "weights", *argv, "--config", str(head_config)]) == 2
