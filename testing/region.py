@@ -183,8 +183,9 @@ class HeadHost(Host):
     def config(self) -> Path:
         return self.dir / "head.toml"
 
-    def configure(self, advertise_host: str = "") -> None:
-        """`advertise_host`: the address nodes use (default: the head's bridge address)."""
+    def configure(self, advertise_host: str = "", extra: str = "") -> None:
+        """`advertise_host`: the address nodes use (default: the head's bridge address);
+        `extra`: more sections (e.g. "[placement]\ninterval_s = 2\n"), appended."""
         d = self.dir
         self.config.write_text(f"""\
 [head]
@@ -210,7 +211,7 @@ object_store_mib = 128
 heartbeat_s = 2.0
 offline_after_s = 15.0
 peer_sync_s = 1.0
-""")
+""" + extra)
 
     def init(self) -> None:
         self.cli("head", "init", "--config", str(self.config))
@@ -468,11 +469,11 @@ class Testbed:
         self.head = head
         return head
 
-    def start_head(self, advertise_host: str = "") -> HeadHost:
-        """A head, initialised and serving its API."""
+    def start_head(self, advertise_host: str = "", extra: str = "") -> HeadHost:
+        """A head, initialised and serving its API; `extra`: config sections added to its own."""
         head = self.add_head()
-        if advertise_host:
-            head.configure(advertise_host=advertise_host)
+        if advertise_host or extra:
+            head.configure(advertise_host=advertise_host, extra=extra)
         head.init()
         head.start()
         return head
