@@ -177,7 +177,9 @@ class Gateway:
         region's catalog): until one does, or past [gateway] hold_s (503, "loading"), or at
         once when hold_queue requests are held already (503). Returns at once for a model
         some PC serves, and for one outside the catalog (admit answers 404 for it)."""
-        if not key.allows(model) or self.table.serving(model) or model not in self.placed():
+        # The catalog first: with none (placement off, or nothing added) a request pays one
+        # set lookup here, not a walk of the model's PCs under the table's lock.
+        if model not in self.placed() or not key.allows(model) or self.table.serving(model):
             return
         loading = (f"{model} is loading: the region is starting it on a PC (a first start takes a minute or "
                    "two); retry shortly")
