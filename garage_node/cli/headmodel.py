@@ -120,8 +120,10 @@ def _terms(m: Any) -> dict[str, Any]:
 
 
 def _terms_text(m: Any) -> str:
-    top = "as demand asks" if m.max_replicas is None else f"at most {m.max_replicas}"
-    return f"at least {m.min_replicas} PC{'s' if m.min_replicas != 1 else ''}, {top}, weight {m.weight:g}"
+    top = "as many as demand asks" if m.max_replicas is None else f"at most {m.max_replicas}"
+    low = "only while asked for" if m.min_replicas == 0 else \
+        f"at least {m.min_replicas} PC{'s' if m.min_replicas != 1 else ''} whatever the demand"
+    return f"{low}, {top}, weight {m.weight:g}"
 
 
 def listing(cfg: Any, registry: Any) -> dict[str, Any]:
