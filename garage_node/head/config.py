@@ -126,6 +126,11 @@ class GatewaySection:
     # the request goes to another PC serving the model (at most max_attempts PCs in all).
     connect_timeout_s: float = setting(3.0, check=positive())
     first_byte_timeout_s: float = setting(120.0, check=positive())
+    # A request still without its first byte once the PC, heartbeating, reports its engine
+    # holding no request (none running, none waiting) in a report sent this long after the
+    # request: lost on that PC, and sent to another. Above the engine's metrics interval plus
+    # a heartbeat (~11 s); a long prompt is safe, the engine reports it running.
+    silent_first_byte_s: float = setting(20.0, check=positive())
     # Once a stream has begun: this long without a byte from the PC ends it with an error event.
     stream_idle_timeout_s: float = setting(60.0, check=positive())
     max_attempts: int = setting(3, check=positive())

@@ -71,7 +71,8 @@ class Gateway:
         self.proxy = Proxy(self.table, self.router, self.engine_keys.for_node, self.metrics, self.record_usage,
                            self.node_name, connect_timeout_s=cfg.connect_timeout_s,
                            first_byte_timeout_s=cfg.first_byte_timeout_s,
-                           stream_idle_timeout_s=cfg.stream_idle_timeout_s, max_attempts=cfg.max_attempts)
+                           stream_idle_timeout_s=cfg.stream_idle_timeout_s, max_attempts=cfg.max_attempts,
+                           silent_first_byte_s=cfg.silent_first_byte_s)
 
     # -- lifecycle
 

@@ -32,6 +32,10 @@ class Endpoint:
     kv_cache_usage_pct: float = 0.0
     inflight: int = 0  # requests the gateway has open on this PC now
     suspended_until: float = 0.0
+    # Its last report measured the engine holding no request (none running, none waiting);
+    # False while that is not measured. A request sent well before such a report and still
+    # without its first byte is lost on the PC (proxy.py: `silent_first_byte_s`).
+    engine_idle: bool = False
     report: NodeReport | None = field(default=None, repr=False)
 
     @property
@@ -74,6 +78,7 @@ class EndpointTable:
             cur.requests_running = e.requests_running or 0
             cur.requests_waiting = e.requests_waiting or 0
             cur.kv_cache_usage_pct = e.kv_cache_usage_pct or 0.0
+            cur.engine_idle = e.requests_running == 0 and e.requests_waiting == 0
             cur.report = report
 
     def forget_silent(self, for_s: float, only: Callable[[str], bool] = lambda _: True) -> list[str]:
@@ -89,6 +94,12 @@ class EndpointTable:
 
     def is_stale(self, ep: Endpoint, now: float) -> bool:
         return now - ep.seen_at > self.stale_after_s
+
+    def given_up(self, ep: Endpoint, now: float) -> bool:
+        """Whether the head has given this PC up (under `lock`): silent past stale_after_s, or
+        no longer in the table as this endpoint (dropped, forgotten, or serving something else
+        now). What the gateway still has open on it cannot be answered, or not as asked."""
+        return self._by_node.get(ep.node_id) is not ep or now - ep.seen_at > self.stale_after_s
 
     def _drop(self, node_id: str) -> None:
         old = self._by_node.pop(node_id, None)

@@ -1,0 +1,260 @@
+"""The gateway ends what it holds open when nobody will get the answer (issue #23): a client
+that leaves, a PC the head has given up, a PC alive but silent. The gateway is served by a real
+uvicorn with the head's guarded protocol (how a client's leaving reaches it matters), the
+engines by stand-ins that hold their answers and note when the gateway hangs up on them; the
+table's clock is a FakeClock, so a PC goes stale when a test says so."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from dataclasses import replace
+from typing import Any, Callable
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from garage_node.core.wire import EngineReport, EngineState
+from garage_node.head.config import GatewaySection
+from garage_node.head.connguard import GuardLimits, guarded_loop_factory, guarded_protocol
+from garage_node.head.gateway.app import create_gateway_app
+from garage_node.head.gateway.gateway import Gateway
+from testing.fakes import FakeClock, sample_report
+
+MODEL = "tiny"
+USAGE = {"prompt_tokens": 7, "completion_tokens": 50, "total_tokens": 57}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(app: Any, **kwargs: Any) -> tuple[uvicorn.Server, threading.Thread, int]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", **kwargs))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    return server, thread, port
+
+
+class HoldingEngine:
+    """A vLLM stand-in that answers after `hold_s` (a stream: its first event at once when
+    `first_at_once`, the rest after `hold_s`), noting whether the gateway hung up first."""
+
+    def __init__(self, name: str, hold_s: float, first_at_once: bool = False) -> None:
+        self.name, self.hold_s, self.first_at_once = name, hold_s, first_at_once
+        self.calls = 0
+        self.hung_up = threading.Event()  # the gateway closed the request before its end
+        self.finished = threading.Event()
+        app = FastAPI()
+
+        @app.post("/v1/completions")
+        async def complete(request: Request) -> Any:
+            body = await request.json()
+            self.calls += 1
+            if not body.get("stream"):
+                if await self._held(request):
+                    return {"id": "c", "object": "text_completion", "model": MODEL, "usage": USAGE,
+                            "choices": [{"index": 0, "text": f"from {self.name}", "finish_reason": "length"}]}
+                return {}
+
+            async def events():
+                if self.first_at_once:
+                    yield 'data: {"id":"c","choices":[{"index":0,"text":"a"}],"usage":null}\n\n'
+                if await self._held(request):
+                    yield 'data: {"id":"c","choices":[{"index":0,"text":"b"}],"usage":null}\n\n'
+                    yield f"data: {json.dumps({'id': 'c', 'choices': [], 'usage': USAGE})}\n\n"
+                    yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        self.server, self.thread, self.port = serve(app)
+
+    async def _held(self, request: Request) -> bool:
+        """True once held to the end; False when the gateway hung up first."""
+        end = time.monotonic() + self.hold_s
+        try:
+            while time.monotonic() < end:
+                await asyncio.sleep(0.05)
+                if await request.is_disconnected():
+                    self.hung_up.set()
+                    return False
+        except asyncio.CancelledError:  # a stream: Starlette cancels it when the client leaves
+            self.hung_up.set()
+            raise
+        self.finished.set()
+        return True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+def engine_report(endpoint: str, running: int | None = None, waiting: int | None = None):
+    return replace(sample_report(), engine=EngineReport(state=EngineState.HEALTHY, model=MODEL, endpoint=endpoint,
+                                                        requests_running=running, requests_waiting=waiting))
+
+
+class Region:
+    """A gateway on uvicorn (as `head run` serves it) in front of the given engines."""
+
+    def __init__(self, tmp_path: Any, engines: dict[str, HoldingEngine], **cfg: Any) -> None:
+        self.clock = FakeClock()
+        # A long first_byte_timeout_s and stream_idle_timeout_s: only the verdicts end a wait.
+        section = GatewaySection(**{"first_byte_timeout_s": 600.0, "stream_idle_timeout_s": 600.0, **cfg})
+        self.gw = Gateway(section, tmp_path, lambda: {n: f"{n}-pc" for n in engines}, clock=self.clock)
+        self.engines = engines
+        for n, e in engines.items():
+            self.gw.on_report(n, engine_report(e.url))
+        _, self.secret = self.gw.keys.create("tester", now=time.time())
+        limits = GuardLimits(max_connections_per_client=64)
+        self.server, self.thread, self.port = serve(create_gateway_app(self.gw), http=guarded_protocol(limits),
+                                                    loop=guarded_loop_factory(limits))
+
+    def post(self, body: dict[str, Any], timeout_s: float) -> httpx.Response:
+        return httpx.post(f"http://127.0.0.1:{self.port}/v1/completions", json={"model": MODEL, **body},
+                          headers={"authorization": f"Bearer {self.secret}"}, timeout=timeout_s)
+
+    def in_background(self, body: dict[str, Any], timeout_s: float) -> Callable[[], httpx.Response]:
+        out: list[Any] = []
+
+        def run() -> None:
+            try:
+                out.append(self.post(body, timeout_s))
+            except Exception as e:  # handed to the test by result()
+                out.append(e)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+
+        def result() -> httpx.Response:
+            t.join(timeout_s + 5)
+            if isinstance(out[0], Exception):
+                raise out[0]
+            return out[0]
+        return result
+
+    def inflight(self) -> int:
+        return sum(ep.inflight for ep in self.gw.table.snapshot())
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        for e in self.engines.values():
+            e.stop()
+        self.gw.stop()
+
+
+def wait_for(check: Callable[[], bool], within_s: float) -> bool:
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+@pytest.fixture
+def regions(tmp_path):
+    made: list[Region] = []
+
+    def make(engines: dict[str, HoldingEngine], **cfg: Any) -> Region:
+        made.append(Region(tmp_path / str(len(made)), engines, **cfg))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_before_its_answer_cancels_it_on_the_pc_and_is_billed_nothing(regions, stream):
+    """Non-streamed, the engine's answer (headers included) comes in one piece at its end: the
+    gateway used to wait for it, blind to the client, and bill all of it. A stream left before
+    its first event (a long prompt's prefill) is the same wait."""
+    region = regions({"n1": HoldingEngine("n1", hold_s=30)})
+    with pytest.raises(httpx.ReadTimeout):
+        region.post({"prompt": "a long question", "stream": stream}, timeout_s=1.0)
+    engine = region.engines["n1"]
+    assert engine.hung_up.wait(10), "the gateway kept the request open on the PC after its client left"
+    assert not engine.finished.is_set()
+    assert wait_for(lambda: region.inflight() == 0, 5)
+    region.gw.ledger.flush()
+    rows = region.gw.ledger.usage("key")
+    assert [(r.group, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [("tester", 1, 0, 0)]
+
+
+def test_requests_on_a_pc_the_head_gives_up_go_elsewhere_or_end_at_once(regions):
+    """n1 takes a non-streamed request and a stream that has begun, then stops heartbeating.
+    Once the table calls it stale, the request without a first byte is answered by n2 and the
+    stream ends with upstream_lost — not after first_byte_timeout_s / stream_idle_timeout_s."""
+    region = regions({"n1": HoldingEngine("n1", hold_s=300, first_at_once=True)})
+    waiting = region.in_background({"prompt": "q"}, timeout_s=20)
+    streaming = region.in_background({"prompt": "q", "stream": True}, timeout_s=20)
+    n1 = region.engines["n1"]
+    assert wait_for(lambda: n1.calls == 2 and region.inflight() == 2, 10)
+    n2 = region.engines["n2"] = HoldingEngine("n2", hold_s=0)
+    region.clock.advance(region.gw.table.stale_after_s + 1)  # n1 silent past stale_after_s ...
+    region.gw.on_report("n2", engine_report(n2.url))  # ... while n2 reports
+    answer = waiting()
+    assert answer.status_code == 200 and answer.headers["x-garage-node-id"] == "n2"
+    assert answer.json()["choices"][0]["text"] == "from n2"
+    stream = streaming()
+    events = [line[6:] for line in stream.text.splitlines() if line.startswith("data: ")]
+    assert stream.headers["x-garage-node-id"] == "n1"
+    assert json.loads(events[-2])["error"]["code"] == "upstream_lost" and events[-1] == "[DONE]"
+    assert n1.hung_up.wait(5) and wait_for(lambda: region.inflight() == 0, 5)
+
+
+def test_a_pc_alive_but_silent_loses_a_request_its_engine_does_not_hold(regions):
+    """n1 heartbeats, but its engine reports no request running or waiting long after ours
+    was sent: ours is lost there, and n2 answers it (silent_first_byte_s after it was sent)."""
+    region = regions({"n1": HoldingEngine("n1", hold_s=300)}, silent_first_byte_s=20.0)
+    pending = region.in_background({"prompt": "q"}, timeout_s=20)
+    n1 = region.engines["n1"]
+    assert wait_for(lambda: n1.calls == 1, 10)
+    n2 = region.engines["n2"] = HoldingEngine("n2", hold_s=0)
+    region.gw.on_report("n2", engine_report(n2.url))
+    def ten_seconds_on() -> None:
+        region.clock.advance(10)
+        region.gw.on_report("n2", engine_report(n2.url))
+        region.gw.on_report("n1", engine_report(n1.url, running=0, waiting=0))
+
+    ten_seconds_on()
+    time.sleep(1.0)  # four sweeps: a report sent 10 s after the request is too soon to tell
+    assert not n1.hung_up.is_set()
+    ten_seconds_on()
+    answer = pending()
+    assert answer.status_code == 200 and answer.headers["x-garage-node-id"] == "n2"
+    assert n1.hung_up.wait(5)
+
+
+def test_a_long_prompt_keeps_its_pc_while_the_engine_reports_it_running(regions):
+    """The same wait past silent_first_byte_s, but n1's engine reports a request running (a
+    long prefill, on CPU): the request stays on n1 and is answered there."""
+    region = regions({"n1": HoldingEngine("n1", hold_s=2.5)}, silent_first_byte_s=20.0)
+    pending = region.in_background({"prompt": "a very long prompt"}, timeout_s=20)
+    n1 = region.engines["n1"]
+    assert wait_for(lambda: n1.calls == 1, 10)
+    n2 = HoldingEngine("n2", hold_s=0)
+    region.engines["n2"] = n2
+    region.gw.on_report("n2", engine_report(n2.url))
+    region.clock.advance(25)
+    region.gw.on_report("n1", engine_report(n1.url, running=1, waiting=0))
+    region.gw.on_report("n2", engine_report(n2.url))
+    answer = pending()
+    assert answer.status_code == 200 and answer.headers["x-garage-node-id"] == "n1"
+    assert n2.calls == 0 and not n1.hung_up.is_set()
