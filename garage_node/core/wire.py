@@ -85,6 +85,28 @@ def decode(data: Any, cls: type[T]) -> T:
         raise WireError(str(e)) from None
 
 
+def check_strictly(data: Any, cls: type) -> None:
+    """Raise WireError unless `data` (parsed JSON) is a `cls` exactly as its JSON Schema says:
+    no `true` for a number, no `"1"` for an integer, no `0` for a boolean, no `1.5` for an
+    integer (the coercions pydantic's lax mode makes). `2.0` is an integer to JSON Schema, and
+    so here too. The head's API runs it before pydantic, so what it accepts is what its
+    published schema describes (schemathesis' negative_data_rejection)."""
+    try:
+        msgspec.convert(_whole_floats_as_ints(data), cls, strict=True)
+    except msgspec.ValidationError as e:
+        raise WireError(str(e)) from None
+
+
+def _whole_floats_as_ints(data: Any) -> Any:
+    if isinstance(data, float) and data.is_integer():
+        return int(data)
+    if isinstance(data, dict):
+        return {k: _whole_floats_as_ints(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_whole_floats_as_ints(v) for v in data]
+    return data
+
+
 def encode(value: Any) -> Any:
     """A dataclass (or list of them) as JSON-ready builtins."""
     return msgspec.to_builtins(value)

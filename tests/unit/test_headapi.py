@@ -178,6 +178,34 @@ def test_nan_and_infinity_are_refused(api):
     assert reg.node(node_id).report == {}
 
 
+@pytest.mark.parametrize("where, field, bad", [
+    ("gpus", "healthy", 0), ("gpus", "power_w", True), ("gpus", "memory_total_mib", "8192"),
+    ("gpus", "temperature_c", 61.5), ("engine", "draining", "false"), ("ray", "pid", False),
+], ids=["0-for-bool", "true-for-number", "string-for-int", "fraction-for-int", "string-for-bool", "false-for-int"])
+def test_a_value_of_the_wrong_json_type_is_422_not_coerced(api, where, field, bad):
+    """The schema says integer, number or boolean, and the head takes exactly that (issue #23):
+    pydantic alone would coerce each of these and store the report."""
+    client, reg, _ = api
+    node_id, auth = enrolled(client)
+    report = encode(sample_report())
+    part = {**encode(big_gpu(0)), field: bad} if where == "gpus" else {**(report[where] or {}), field: bad}
+    report[where] = [part] if where == "gpus" else part
+    r = client.post(f"/v1/nodes/{node_id}/heartbeat", json={"report": report}, headers=auth)
+    assert r.status_code == 422, r.text
+    assert field in r.json()["message"]
+    assert reg.node(node_id).report == {}
+
+
+def test_a_whole_float_is_an_integer_as_json_schema_says(api):
+    client, reg, _ = api
+    node_id, auth = enrolled(client)
+    report = encode(sample_report())
+    report["gpus"] = [{**encode(big_gpu(0)), "temperature_c": 61.0, "memory_total_mib": 8192.0}]
+    r = client.post(f"/v1/nodes/{node_id}/heartbeat", json={"report": report}, headers=auth)
+    assert r.status_code == 200, r.text
+    assert reg.node(node_id).report["gpus"][0]["temperature_c"] == 61
+
+
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
                     max_leaves=30)

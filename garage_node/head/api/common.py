@@ -4,12 +4,12 @@ OpenAPI description, so a client or a schema fuzzer knows every answer it can ge
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from garage_node.core.errors import SENT_BY_HEAD
-from garage_node.core.wire import RegionFacts
+from garage_node.core.wire import NodeReport, RegionFacts, check_strictly
 
 # Formats of what clients send. Join tokens and credentials come from `secrets.token_urlsafe`.
 TOKEN_ID = r"^[a-z0-9]{6,32}$"
@@ -20,6 +20,22 @@ WG_PUBLIC_KEY = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
 CREDENTIAL_FORMAT = "43 characters of base64url (A-Z a-z 0-9 - _), as `Authorization: Bearer <credential>`"
 
 WgPublicKey = Annotated[str, Field(pattern=WG_PUBLIC_KEY, description="a WireGuard public key (base64 of 32 bytes)")]
+
+
+def _exactly(cls: type) -> Callable[[Any], Any]:
+    """A check, before pydantic's, that the raw JSON is a `cls` without coercion. Pydantic's lax
+    mode would take `true` for a number, `1.0` or `"3"` for an integer and `0` for a boolean,
+    none of which the published schema allows (schemathesis found 27 such requests accepted);
+    its strict mode cannot be used, as it refuses the dicts our dataclasses arrive as."""
+    def check(value: Any) -> Any:
+        if isinstance(value, dict):  # anything else: pydantic's own "not an object" answer
+            check_strictly(value, cls)  # WireError is a ValueError: a 422 naming the field
+        return value
+    return check
+
+
+# A node's report, validated as exactly as the schema describes it (see _exactly).
+StrictNodeReport = Annotated[NodeReport, BeforeValidator(_exactly(NodeReport))]
 
 
 class ErrorBody(BaseModel):

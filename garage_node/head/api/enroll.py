@@ -9,8 +9,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from garage_node.core.errors import CONFLICTS
-from garage_node.core.wire import EnrollReply, NodeReport, RegionFacts, encode
-from garage_node.head.api.common import SECRET, TOKEN_ID, ApiError, WgPublicKey, region_fields, responses
+from garage_node.core.wire import EnrollReply, RegionFacts, encode
+from garage_node.head.api.common import (SECRET, TOKEN_ID, ApiError, StrictNodeReport, WgPublicKey, region_fields,
+                                         responses)
 from garage_node.head.registry import EnrollError, Registry
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class EnrollRequest(BaseModel):
     secret: str = Field(pattern=SECRET, repr=False, description="the join token's secret (base64url)")
     name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     wg_public_key: WgPublicKey
-    report: NodeReport | None = None
+    report: StrictNodeReport | None = None
 
 
 def router(registry: Registry, facts: RegionFacts, on_change: Callable[[], None],

@@ -11,8 +11,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from garage_node.core.errors import ErrorCode
-from garage_node.core.wire import CredentialReply, HeartbeatExtras, HeartbeatReply, NodeReport, RegionFacts, encode
-from garage_node.head.api.common import CREDENTIAL_FORMAT, NODE_ID, ApiError, WgPublicKey, region_fields, responses
+from garage_node.core.wire import CredentialReply, HeartbeatExtras, HeartbeatReply, RegionFacts, encode
+from garage_node.head.api.common import (CREDENTIAL_FORMAT, NODE_ID, ApiError, StrictNodeReport, WgPublicKey,
+                                         region_fields, responses)
 from garage_node.head.registry import Auth, EnrollError, Registry
 from garage_node.head.reports import Reports
 
@@ -26,7 +27,7 @@ NodeIdPath = Annotated[str, Path(pattern=NODE_ID, description="the node's id, e.
 
 
 class HeartbeatRequest(BaseModel):
-    report: NodeReport
+    report: StrictNodeReport
 
 
 class CredentialRequest(BaseModel):
