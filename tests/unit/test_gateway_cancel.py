@@ -258,3 +258,35 @@ def test_a_long_prompt_keeps_its_pc_while_the_engine_reports_it_running(regions)
     answer = pending()
     assert answer.status_code == 200 and answer.headers["x-garage-node-id"] == "n1"
     assert n2.calls == 0 and not n1.hung_up.is_set()
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_counted_not_a_traceback(tmp_path):
+    """Starlette raises ClientDisconnect from the body read; unhandled it reached uvicorn as
+    'Exception in ASGI application' with a traceback (seen under bench/gateway_load.py)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gw = Gateway(GatewaySection(), tmp_path, lambda: {})
+    _, secret = gw.keys.create("tester", now=time.time())
+    app = create_gateway_app(gw)
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "server": ("127.0.0.1", 8080), "client": ("127.0.0.1", 5000),
+             "headers": [(b"authorization", f"Bearer {secret}".encode()), (b"content-type", b"application/json"),
+                         (b"content-length", b"100")]}
+    incoming = [{"type": "http.request", "body": b'{"model": "ti', "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))  # raised ClientDisconnect before
+    assert sent[0]["status"] == 499
+    text = generate_latest(gw.metrics.registry).decode()
+    counted = {s.labels["status"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "garage_gateway_requests_total"}
+    assert counted == {"499": 1.0}
+    gw.stop()

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from garage_node.head.gateway.demand import Demand
 from garage_node.head.gateway.errors import GatewayError
@@ -84,7 +85,11 @@ def create_gateway_app(gw: GatewayParts) -> FastAPI:
     async def handle(request: Request, path: str) -> Response:
         started = time.monotonic()
         key = gw.authenticate(request.headers.get("authorization", ""))
-        body, size = await _json_body(request, gw.max_body_bytes)
+        try:
+            body, size = await _json_body(request, gw.max_body_bytes)
+        except ClientDisconnect:  # the client left while sending its body: no one to answer, no traceback
+            gw.metrics.requests.labels("", key.name, "499").inc()
+            return Response(status_code=499)
         model: str = body["model"]  # _json_body refused a body without one
         status = "error"
         label = model
