@@ -11,8 +11,9 @@ also keeps a burst of inference traffic from delaying heartbeats and enrollments
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import uvicorn
@@ -22,6 +23,24 @@ log = logging.getLogger(__name__)
 
 class ListenerError(RuntimeError):
     pass
+
+
+def tls13_config(app: Any, **kw: Any) -> uvicorn.Config:
+    """uvicorn.Config whose TLS (when it has a certificate) speaks TLS 1.3 only. Both ends of
+    the control API are ours (the agent's client asks for 1.3 too, node/headclient.py), and so
+    is the fleet page's browser-facing listener, where every current browser speaks 1.3: no
+    TLS 1.2, so none of its CBC-SHA1 suites (issue #23 found ECDHE-ECDSA-AES128-SHA accepted).
+    uvicorn builds its SSLContext in Config.load() and has no setting for the lowest version,
+    so the subclass sets it on the context it built."""
+    import uvicorn  # only the head needs it
+
+    class Tls13Config(uvicorn.Config):
+        def load(self) -> None:
+            super().load()
+            if self.ssl is not None:
+                self.ssl.minimum_version = ssl.TLSVersion.TLSv1_3
+
+    return Tls13Config(app, **kw)
 
 
 class BackgroundServer:

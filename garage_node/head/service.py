@@ -31,7 +31,7 @@ from garage_node.head.connguard import GuardLimits, guarded_loop_factory, guarde
 from garage_node.head.gcs import GcsStore, open_store
 from garage_node.head.ray import HEALTH_CHECK_ENV, garage_ids, head_argv, parse_watch_line, watch_command
 from garage_node.head.gateway.gateway import Gateway
-from garage_node.head.listener import BackgroundServer
+from garage_node.head.listener import BackgroundServer, tls13_config
 from garage_node.head.reports import Reports
 from garage_node.head.setup import RayToken, SetupError, open_registry, region_facts, require_init
 
@@ -360,14 +360,14 @@ def run(cfg: HeadConfig) -> None:
     limits = GuardLimits(request_timeout_s=cfg.api.request_timeout_s,
                          max_connections_per_client=cfg.api.max_connections_per_client,
                          tls_handshake_timeout_s=cfg.api.tls_handshake_timeout_s)
-    server = uvicorn.Server(uvicorn.Config(
+    server = uvicorn.Server(tls13_config(  # TLS 1.3 only (listener.py)
         app, host=cfg.api.listen_host, port=cfg.api.port,
         ssl_certfile=str(p.pki.server_cert), ssl_keyfile=str(p.pki.server_key),
         log_level="info", access_log=False,
         # Longer than the heartbeat period: a node's connection is still open for its next
         # heartbeat (at uvicorn's default 5 s, 3-5 % of heartbeats met a closing connection).
         timeout_keep_alive=max(30, int(3 * cfg.options.heartbeat_s)),
-        http=guarded_protocol(limits), loop=guarded_loop_factory(limits),  # type: ignore[arg-type]
+        http=guarded_protocol(limits), loop=guarded_loop_factory(limits),
     ))
     # uvicorn finishes its shutdown (the lifespan above included), then raises again the signal
     # that stopped it; by then everything is cleaned up, so that signal means a clean exit.

@@ -80,8 +80,8 @@ class Revoked(HeadError):
 def fetch_pinned_ca(tok: JoinToken) -> bytes:
     """Download the head's CA without trusting it yet, and accept it only if it matches the pin."""
     try:
-        # verify=False is deliberate: the CA is checked below against the pin the token carries.
-        resp = httpx.get(f"{tok.api_url}/v1/ca", verify=False, timeout=TIMEOUT)
+        # No verification is deliberate: the CA is checked below against the pin the token carries.
+        resp = httpx.get(f"{tok.api_url}/v1/ca", verify=tls_context(None), timeout=TIMEOUT)
         resp.raise_for_status()
     except httpx.HTTPError as e:
         raise HeadUnreachable(f"head unreachable at {tok.api_url}: {_reason(e)}") from None
@@ -172,9 +172,22 @@ class HeadClient:
         self._client.close()
 
 
+def tls_context(ca_pem: bytes | None) -> ssl.SSLContext:
+    """TLS 1.3 only, as the head's listener (head/listener.py): trusting the head's CA, or,
+    with None, trusting nothing yet (the first fetch of the CA, checked against the token's
+    pin afterwards)."""
+    if ca_pem is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx = ssl.create_default_context(cadata=ca_pem.decode())
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
 def client(ca_pem: bytes) -> httpx.Client:
-    ctx = ssl.create_default_context(cadata=ca_pem.decode())
-    return httpx.Client(verify=ctx, timeout=TIMEOUT)
+    return httpx.Client(verify=tls_context(ca_pem), timeout=TIMEOUT)
 
 
 def _post(c: httpx.Client, url: str, body: dict[str, Any], **kw: Any) -> httpx.Response:

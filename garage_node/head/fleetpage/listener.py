@@ -11,14 +11,12 @@ from garage_node.head.fleetpage.app import NodeSource, create_fleet_app
 from garage_node.head.fleetpage.auth import key_file
 from garage_node.head.fleetpage.history import History
 from garage_node.head.fleetpage.view import Models, Usage
-from garage_node.head.listener import BackgroundServer
+from garage_node.head.listener import BackgroundServer, tls13_config
 from garage_node.head.pki import PkiPaths
 
 
 def fleet_listener(cfg: HeadConfig, registry: NodeSource, history: History, pki: PkiPaths,
                    usage: Usage | None = None, models: Models | None = None) -> BackgroundServer:
-    import uvicorn  # only the head needs it
-
     f = cfg.fleet
     loopback = ipaddress.ip_address(f.listen_host).is_loopback
     # Off loopback the admin key crosses a network: HTTPS with the head's own certificate (the
@@ -33,8 +31,8 @@ def fleet_listener(cfg: HeadConfig, registry: NodeSource, history: History, pki:
     limits = GuardLimits(request_timeout_s=cfg.api.request_timeout_s,
                          max_connections_per_client=cfg.api.max_connections_per_client,
                          tls_handshake_timeout_s=cfg.api.tls_handshake_timeout_s)
-    config = uvicorn.Config(app, host=f.listen_host, port=f.port, log_level="warning", access_log=False,
+    config = tls13_config(app, host=f.listen_host, port=f.port, log_level="warning", access_log=False,
                             timeout_keep_alive=30, timeout_graceful_shutdown=5,
-                            http=guarded_protocol(limits), loop=guarded_loop_factory(limits),  # type: ignore[arg-type]
+                            http=guarded_protocol(limits), loop=guarded_loop_factory(limits),
                             **tls)
     return BackgroundServer("fleet page", config)
