@@ -305,7 +305,7 @@ class FakeDocker:
         self._check()
         self.containers.pop(name, None)
 
-    def logs(self, name: str, tail: int = 20) -> list[str]:
+    def logs(self, name: str, tail: int = 20, since: int = 0) -> list[str]:
         return ["RuntimeError: CUDA out of memory"]
 
     def close(self) -> None:

@@ -125,8 +125,11 @@ class Docker:
     def remove(self, name: str) -> None:
         self._request("DELETE", f"/containers/{name}", params={"force": "true"}, ok=(200, 204, 404))
 
-    def logs(self, name: str, tail: int = 20) -> list[str]:
-        resp = self._request("GET", f"/containers/{name}/logs", params={"stdout": 1, "stderr": 1, "tail": tail}, ok=(200, 404))
+    def logs(self, name: str, tail: int = 20, since: int = 0) -> list[str]:
+        """The last `tail` lines, of those written at or after `since` (Unix seconds; 0: all,
+        including a restarted container's earlier runs)."""
+        params = {"stdout": 1, "stderr": 1, "tail": tail, "since": since}
+        resp = self._request("GET", f"/containers/{name}/logs", params=params, ok=(200, 404))
         return _demux(resp.content).splitlines()[-tail:] if resp.status_code == 200 else []
 
 

@@ -23,6 +23,7 @@ from garage_node.core.wire import EngineState, EngineStatus
 from garage_node.node.config import EngineSection
 from garage_node.node.engine.docker import Container, Docker, DockerError, ImageConfig
 from garage_node.node.engine.metrics import Metrics, parse_metrics
+from garage_node.node.engine.startup import StartupWatch
 from garage_node.node.engine.spec import LABEL_HASH, EngineConfigError, EngineSpec, check_image, secret_env
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class DockerApi(Protocol):
     def start(self, name: str) -> None: ...
     def stop(self, name: str, timeout_s: int) -> None: ...
     def remove(self, name: str) -> None: ...
-    def logs(self, name: str, tail: int = 20) -> list[str]: ...
+    def logs(self, name: str, tail: int = 20, since: int = 0) -> list[str]: ...
     def close(self) -> None: ...
 
 
@@ -113,6 +114,7 @@ class EngineManager:
         self._next_start = 0.0
         self._crashes: list[float] = []
         self._started_at: float | None = None
+        self._startup: StartupWatch | None = None  # what a starting engine waits for
         self._last_tokens: tuple[float, float] | None = None  # (monotonic time, counter)
         self._spec: EngineSpec | None = None  # the last spec reconciled towards
         self._stand_down = threading.Event()
@@ -329,7 +331,20 @@ class EngineManager:
             self._set(S.DEGRADED, f"engine running for {age:.0f} s but not answering /health; restarting it")
             self._stop_container(remove=False)
         else:
-            self._set(S.STARTING, f"engine loading {spec.model} ({age:.0f} s)")
+            self._set(S.STARTING, self._startup_message(spec, age))
+
+    def _startup_message(self, spec: EngineSpec, age: float) -> str:
+        """What the starting engine waits for, from its log since this start (startup.py)."""
+        started = self._started_at or self.clock.monotonic()
+        if self._startup is None or self._startup.started_at != started:
+            self._startup = StartupWatch(started)
+        try:
+            # From this start on (a restarted container's log holds its earlier runs too); whole
+            # seconds, rounded down, as Docker's `since` takes them.
+            lines = self.docker.logs(self.name, tail=60, since=int(self.clock.time() - age))
+        except DockerError:
+            lines = []
+        return self._startup.message(spec.model, lines, self.clock.monotonic(), secret=spec.api_key)
 
     def _read_metrics(self, spec: EngineSpec) -> Metrics | None:
         m = self.probe.metrics(spec)
