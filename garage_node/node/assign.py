@@ -322,7 +322,10 @@ class AssignPart:
         if self.phase is Phase.FETCHING:
             self._fetching(target)
         if self.phase is Phase.ANNOUNCING:
-            if not self._engine_serves(engine) or self._told:
+            # Nothing to tell the head when no engine takes requests, or when the one running
+            # is already the assigned one (an agent restarted under its engine).
+            if not self._engine_serves(engine) or self._told or self._switched(target, inventory, ident, engine,
+                                                                                   engine_spec):
                 self.phase = Phase.SWITCHING
             else:
                 self.wants_beat = True

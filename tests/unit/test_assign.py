@@ -12,6 +12,7 @@ import pytest
 
 from garage_node.core.wire import Assignment, EngineState, NodeReport
 from garage_node.node.config import EngineSection
+from garage_node.node.identity import load
 from garage_node.node.status import render
 from testing.agentrig import Rig, rig
 
@@ -258,3 +259,16 @@ def test_plan_explains_the_heads_assignment_then_the_pcs_own_choice(r, tmp_path,
         assert doc["assignment_carried_out"] is True
     finally:
         api.stop()
+
+
+def test_an_agent_restarted_under_its_assigned_engine_keeps_it_without_a_switch(r):
+    r.head.assignment = assigned(1, "tiny-a")
+    until(r, lambda: serving(r) == "garage/tiny-a" and r.status().placement.assignment_generation == 1)
+    cid = r.docker.containers["garage-engine"].id
+    again = r.restart()
+    again.identity = load(again.paths)  # as startup() does
+    r.passes(6)
+    s = r.status()
+    assert r.docker.containers["garage-engine"].id == cid and r.docker.stops == []
+    assert s.placement.assignment_generation == 1 and s.placement.switching_to is None
+    assert not any(rep.engine.draining for rep in r.head.heartbeats)  # the gateway never lost it
