@@ -225,9 +225,10 @@ def head_config(tmp_path: Path, **placement) -> HeadConfig:
                       placement=PlacementSection(catalog=str(PACKAGED_CATALOG), **placement))
 
 
-def cpu_report(model: str | None = None, generation: int = 0, state=EngineState.HEALTHY, **facts):
+def cpu_report(model: str | None = None, generation: int = 0, state=EngineState.HEALTHY,
+               endpoint: str = "http://127.0.0.1:9", **facts):
     """A CPU PC's report (vLLM's CPU build: the head places only `cpu = true` models on it)."""
-    engine = EngineReport(state=state, model=model, endpoint="http://100.96.0.9:8000") if model else \
+    engine = EngineReport(state=state, model=model, endpoint=endpoint) if model else \
         EngineReport(state=EngineState.DISABLED)
     return replace(sample_report(), engine=engine,
                    placement=PlacementFacts(device="cpu", assignment_generation=generation, **facts))
@@ -462,3 +463,131 @@ def test_a_new_assignment_of_a_model_the_heads_store_holds_says_where_to_fetch_i
     assert a.model == TINY and a.weights_path == ModelStore.weights_path(TINY) and a.generation == 1
     beat(reg, node, cpu_report(TINY, generation=1))
     assert loop.step().changed == {}  # the path is not a change: no generation grows
+
+
+# ---------------------------------------------------------------- the head's half of the proof
+
+
+class SwitchingPc:
+    """A PC as the head sees it, carrying out its assignment as the agent does (node/assign.py):
+    report the switch first (engine draining, switching_to), then the new engine starting, then
+    healthy. Its engine is a stand-in that answers any model."""
+
+    def __init__(self, node_id: str, engine: Engine, reg: Registry, g: Gateway, loop: PlacementLoop) -> None:
+        self.node_id, self.engine, self.reg, self.g, self.loop = node_id, engine, reg, g, loop
+        self.model: str | None = None
+        self.generation = 0
+        self.phase = "idle"  # idle, serving, draining, starting
+        self.log: list[tuple[float, str]] = []
+
+    def tick(self) -> None:
+        a = self.loop.assignment(self.node_id)
+        if a is not None and a.generation > self.generation and a.model != self.model:
+            if self.phase == "serving":
+                self.phase, self.target = "draining", a
+            elif self.phase in ("idle", "draining"):
+                self.phase, self.target = "starting", a
+                self.model, self.generation = a.model, a.generation
+            elif self.phase == "starting":
+                self.phase = "serving"
+        elif self.phase == "starting":
+            self.phase = "serving"
+        self.log.append((time.monotonic(), f"{self.phase} {self.model}"))
+        state = {"serving": EngineState.HEALTHY, "draining": EngineState.HEALTHY,
+                 "starting": EngineState.STARTING}.get(self.phase)
+        report = cpu_report(self.model, self.generation, state or EngineState.DISABLED, self.engine.url,
+                            switching_to=self.target.model if self.phase == "draining" else None) \
+            if self.model else cpu_report()
+        if self.phase == "draining":
+            report = replace(report, engine=replace(report.engine, draining=True))
+        beat(self.reg, self.node_id, report)
+        self.g.on_report(self.node_id, report)
+
+
+def test_demand_moves_one_pc_to_a_new_model_and_no_request_fails_at_the_gateway(tmp_path):
+    """The head's half of issue #18's proof, in one process: two PCs serve A; requests for B
+    start; the gateway holds them, the loop moves one PC to B, the PC switches (draining first:
+    the gateway stops sending it A's requests), and every request for A and for B is answered."""
+    cfg = head_config(tmp_path, moves_per_minute=6)
+    extra = tmp_path / "extra.toml"
+    extra.write_text(EXTRA_MODEL)
+    g = Gateway(GatewaySection(connect_timeout_s=1.0, hold_s=30.0), tmp_path, lambda: {})
+    _, secret = g.keys.create("load", now=time.time())
+    reg = Registry(tmp_path / "r.sqlite", NET)
+    import_catalog(reg, PACKAGED_CATALOG, extra)
+    catalog = region_catalog(PACKAGED_CATALOG, reg.region.entries())
+    add_model(reg, catalog, TINY)
+    add_model(reg, catalog, "tiny-b")
+    loop = PlacementLoop(reg, cfg, demand=g.demand.snapshot)
+    g.placed = loop.placed
+    pcs = []
+    for name in ("pc-1", "pc-2"):
+        node = enroll(reg, name)
+        pcs.append(SwitchingPc(node, Engine(node, g.engine_keys.for_node(node)), reg, g, loop))
+    g.demand.arrived(TINY, 400, 100)  # demand on A only, before anything runs
+    answered: dict[str, list[int]] = {TINY: [], "tiny-b": []}
+    served_by: dict[str, set[str]] = {TINY: set(), "tiny-b": set()}
+
+    async def client(c: httpx.AsyncClient, model: str, until: float) -> None:
+        while time.monotonic() < until:
+            r = await c.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 3},
+                             headers={"authorization": f"Bearer {secret}"})
+            answered[model].append(r.status_code)
+            if r.status_code == 200:
+                served_by[model].add(r.headers["x-garage-node-id"])
+            await asyncio.sleep(0.05)
+
+    async def control(until: float) -> None:
+        while time.monotonic() < until:
+            loop.step()
+            for pc in pcs:
+                pc.tick()
+            await asyncio.sleep(0.2)
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_gateway_app(g)), base_url="http://gw",
+                                     timeout=60) as c:
+            start = time.monotonic()
+            ctl = asyncio.create_task(control(start + 7))
+            await asyncio.sleep(1.0)  # both PCs come up on A
+            assert {pc.model for pc in pcs} == {TINY} and all(pc.phase == "serving" for pc in pcs)
+            await asyncio.gather(client(c, TINY, start + 6), client(c, TINY, start + 6),
+                                 client(c, "tiny-b", start + 6), client(c, "tiny-b", start + 6))
+            await ctl
+            await g.proxy.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        for pc in pcs:
+            pc.engine.stop()
+        g.stop()
+    assert {pc.model for pc in pcs} == {TINY, "tiny-b"}  # one PC moved to B, the other kept A
+    assert answered[TINY] and set(answered[TINY]) == {200}, answered[TINY]
+    assert answered["tiny-b"] and set(answered["tiny-b"]) == {200}, answered["tiny-b"]
+    mover = next(pc for pc in pcs if pc.model == "tiny-b")
+    assert served_by["tiny-b"] == {mover.node_id}
+    assert any("draining" in s for _, s in mover.log)  # it told the head before it switched
+    assert len(loop.last.decision.moves) <= 1 and loop.switches["tiny-b"] == 1
+
+
+def test_prefix_affinity_never_sends_a_request_to_a_pc_serving_another_model(held_gw):
+    """Two models' requests share a prompt (a system prompt): the PC that served it for A must
+    not take B's request by affinity (a real engine would answer 404 for a model it does not serve)."""
+    g = held_gw
+    other = Engine("n2", g.engine_keys.for_node("n2"))
+    try:
+        g.on_report("n1", _report("model-a", g.engine.url))
+        g.on_report("n2", _report("model-b", other.url))
+
+        async def go():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_gateway_app(g)),
+                                         base_url="http://gw") as c:
+                out = [await _post(c, g, m) for m in ("model-a", "model-b", "model-a", "model-b")]
+                await g.proxy.close()
+                return out
+
+        rs = asyncio.run(go())
+    finally:
+        other.stop()
+    assert [r.headers["x-garage-node-id"] for r in rs] == ["n1", "n2", "n1", "n2"]
