@@ -113,8 +113,8 @@ class _Pc:
     served: str | None  # the catalog model its engine runs now
     current: str | None  # what it is assigned (or, with no assignment yet, serves)
     active: bool  # alive, not paused: may be given a model
-    options: dict[str, Option] = field(default_factory=dict)
-    refusals: list[Refusal] = field(default_factory=list)
+    options: dict[str, Option] = field(default_factory=dict)  # shared with PCs alike: read only
+    refusals: tuple[Refusal, ...] = ()
     switching: bool = False
     held_down: bool = False
     choice: str | None = None
@@ -148,6 +148,12 @@ class Placer:
         self.hold_down_s = hold_down_s
         self.clock = clock
         self.options = Options(catalog, _image(catalog, image))
+        # Catalog name, repo id or a precision's repo id -> catalog name (Catalog.resolve's
+        # answers, looked up once: every PC's engine names its model by repo id).
+        self._names: dict[str, str] = {}
+        for m in catalog.models:
+            for ref in (m.name, m.id, *(q.model_id for q in m.offered)):
+                self._names.setdefault(ref, m.name)
         self._recent: deque[float] = deque()  # when each recent move was made (monotonic)
         self._moved_at: dict[str, float] = {}  # node id -> when it was last moved
 
@@ -159,14 +165,15 @@ class Placer:
         now = self.clock.monotonic()
         self._forget(now)
         specs, unknown = self._wanted(wanted)
-        rows = [r for pc in pcs if (r := self._row(pc, specs, now)) is not None]
+        menu_all = [(spec, w.max_model_len) for w, spec in specs.values()]
+        menu_key = tuple((spec.name, ctx) for spec, ctx in menu_all)
+        rows = [r for pc in pcs if (r := self._row(pc, specs, menu_all, menu_key)) is not None]
         active = [r for r in rows if r.active and r.options]
-        tg = self._targets(specs, demand, active)
-        count = {m: 0 for m in specs}
+        tg, count = self._targets(specs, demand, active)
         for r in active:
             if r.current in r.options:
                 r.choice = r.current
-                count[r.current] += 1
+                count.add(r, r.current)
                 r.why = self._keep_why(r, tg)
         budget = max(0, self.moves_per_minute - len(self._recent))
         moves: list[str] = []
@@ -194,10 +201,10 @@ class Placer:
         return specs, unknown
 
     def _resolve(self, ref: str | None) -> str | None:
-        found = self.catalog.resolve(ref) if ref else None
-        return found[0].name if found else None
+        return self._names.get(ref) if ref else None
 
-    def _row(self, pc: PcView, specs: Mapping[str, tuple[Wanted, ModelSpec]], now: float) -> _Pc | None:
+    def _row(self, pc: PcView, specs: Mapping[str, tuple[Wanted, ModelSpec]],
+             menu_all: list[tuple[ModelSpec, int | None]], menu_key: tuple) -> _Pc | None:
         facts = pc.report.placement
         if facts is None:
             return None
@@ -221,36 +228,44 @@ class Placer:
             r.why = (f"its owner pinned {facts.pinned_model}, which is not in the region's wanted models: "
                      "serves nothing (the owner's pin means that model or nothing)")
             return r
-        hardware = self.options.hardware(pc.report, facts)
-        for name, (w, spec) in specs.items():
-            if pin is not None and name != pin:
-                continue
-            got = self.options.of(pc.report, facts, spec, w.max_model_len, hardware)
-            if isinstance(got, Option):
-                r.options[name] = got
-            else:
-                r.refusals.append(got)
+        if pin is None:
+            menu = self.options.menu(pc.report, facts, menu_all, menu_key)
+        else:
+            w, spec = specs[pin]
+            menu = self.options.menu(pc.report, facts, [(spec, w.max_model_len)])
+        r.options, r.refusals = menu.options, menu.refusals
         if not r.options:
             r.why = "no wanted model fits: " + "; ".join(f"{x.model}: {x.why}" for x in r.refusals[:3]) \
                 if r.refusals else "the region wants no model"
         return r
 
     def _targets(self, specs: Mapping[str, tuple[Wanted, ModelSpec]], demand: Mapping[str, Demand],
-                 active: list[_Pc]) -> dict[str, Target]:
+                 active: list[_Pc]) -> tuple[dict[str, Target], _Tally]:
         eligible = {m: 0 for m in specs}
+        rate = {m: 0.0 for m in specs}
+        groups: dict[str, set[int]] = {m: set() for m in specs}
+        alike: dict[int, tuple[dict[str, Option], int]] = {}  # PCs alike share their options
         for r in active:
-            for m in r.options:
-                eligible[m] += 1
+            opts, n = alike.get(id(r.options), (r.options, 0))
+            alike[id(r.options)] = (opts, n + 1)
+        for key, (opts, n) in alike.items():
+            for m, o in opts.items():
+                eligible[m] += n
+                rate[m] += n * o.rate
+                groups[m].add(key)
         needs = []
-        for name, (w, spec) in specs.items():
+        for name, (w, _) in specs.items():
             d = demand.get(w.model) or demand.get(name) or Demand()
+            rate[name] = rate[name] / eligible[name] if eligible[name] else 0.0
             needs.append(ModelNeed(name, w.weight, d.tokens_per_s, d.unserved_per_s, d.any,
-                                   spec.parameters / 1e9, w.min_replicas, w.max_replicas, eligible[name]))
-        return targets(needs, len(active))
+                                   rate[name], w.min_replicas, w.max_replicas, eligible[name],
+                                   frozenset(groups[name])))
+        sizes = {key: n for key, (_, n) in alike.items()}
+        return targets(needs, len(active), sizes), _Tally(rate)
 
     # ------------------------------------------------------------ PCs without a model
 
-    def _place_free(self, active: list[_Pc], tg: Mapping[str, Target], count: dict[str, int],
+    def _place_free(self, active: list[_Pc], tg: Mapping[str, Target], count: _Tally,
                     demand: Mapping[str, Demand], budget: int, moves: list[str], now: float) -> int:
         """Every PC without a valid model takes the one it is most needed for. One that serves
         a model now (no longer wanted, or no longer fitting) spends the move budget."""
@@ -258,7 +273,7 @@ class Placer:
         # Idle PCs first (they cost no move), then those with the fewest options: a PC that can
         # serve only small models should take one before a big card has to.
         free.sort(key=lambda r: (r.served is not None, len(r.options), r.node_id))
-        avail = {m: 0 for m in count}
+        avail = {m: 0 for m in count.pcs}
         for r in free:
             for m in r.options:
                 avail[m] += 1
@@ -276,66 +291,123 @@ class Placer:
                     continue
                 budget -= 1
                 self._moved(r, now, moves, r.served, pick)
-            r.choice = pick
-            count[pick] += 1
-            t = tg[pick]
-            r.why = (f"{pick} ({r.options[pick].summary}): {_need_words(t, count[pick] - 1, demand.get(pick))}"
+            r.why = (f"{pick} ({r.options[pick].summary}): {_need_words(tg[pick], count, demand.get(pick))}"
                      + (", and it holds the weights" if r.holds(pick) else ""))
+            r.choice = pick
+            count.add(r, pick)
         return budget
 
-    def _best_for(self, r: _Pc, tg: Mapping[str, Target], count: Mapping[str, int],
+    def _best_for(self, r: _Pc, tg: Mapping[str, Target], count: _Tally,
                   demand: Mapping[str, Demand], avail: Mapping[str, int]) -> str | None:
         best: tuple | None = None
         pick = None
         for m in r.options:
             t = tg[m]
-            if count[m] >= t.cap:
+            if count.pcs[m] >= t.cap:
                 continue
-            gap = t.ideal - count[m]
-            key = (_urgency(t, count[m]), gap > 0, r.holds(m), gap / max(1, avail[m] + 1), gap, m)
+            gap = t.ideal - count.units[m]
+            key = (_urgency(t, count.pcs[m]), gap > 0, r.holds(m), gap / max(1, avail[m] + 1), gap, m)
             if best is None or key > best:
                 best, pick = key, m
         return pick
 
     # ------------------------------------------------------------ moving PCs between models
 
-    def _rebalance(self, active: list[_Pc], tg: Mapping[str, Target], count: dict[str, int],
+    def _rebalance(self, active: list[_Pc], tg: Mapping[str, Target], count: _Tally,
                    demand: Mapping[str, Demand], budget: int, moves: list[str], now: float) -> None:
-        by_model: dict[str, list[_Pc]] = {m: [] for m in count}
+        by_model: dict[str, list[_Pc]] = {m: [] for m in count.pcs}
         for r in active:
             if r.choice is not None and r.movable:
                 by_model[r.choice].append(r)
+        # `active` is in the caller's order; sorting by node id makes the choice of donor the
+        # same however the head lists its PCs (a restarted head lists them anew).
         for rows in by_model.values():
-            rows.sort(key=lambda r: r.node_id)
+            rows.sort(key=_node_id)
+        holders: dict[str, list[_Pc]] = {}  # model -> movable PCs that hold its weights
+        for r in active:
+            if r.movable:
+                for m in r.facts.weights_held:
+                    holders.setdefault(m, []).append(r)
         stuck: set[str] = set()
         while budget > 0:
             short = self._shortest(tg, count, stuck)
             if short is None:
                 return
-            donor = self._donor(short, tg, count, by_model)
-            if donor is None:
+            donor = self._donor(short, tg, count, by_model, holders)
+            if donor is not None:
+                self._move(donor, short, tg, count, demand, by_model, moves, now)
+                budget -= 1
+                continue
+            chain = self._chain(short, tg, count, by_model) if budget >= 2 else None
+            if chain is None:
                 stuck.add(short)
                 continue
-            old = donor.choice
-            assert old is not None
-            by_model[old].remove(donor)
-            count[old] -= 1
-            count[short] += 1
-            donor.choice = short
-            budget -= 1
-            self._moved(donor, now, moves, old, short)
-            t, o = tg[short], tg[old]
-            donor.why = (f"moved {old} -> {short} ({donor.options[short].summary}): {short} "
-                         f"{_need_words(t, count[short] - 1, demand.get(short))}; {old} had {count[old] + 1} PCs"
-                         f" for an ideal {o.ideal:.1f}" + (", and it holds the weights" if donor.holds(short) else ""))
+            # The PC that can serve `short` leaves a model that is not over; a PC from a model
+            # that is over (which cannot serve `short` itself) takes its place.
+            first, second = chain
+            via = first.choice
+            assert via is not None
+            self._move(first, short, tg, count, demand, by_model, moves, now)
+            self._move(second, via, tg, count, demand, by_model, moves, now)
+            second.why += f" (in place of {first.view.name}, which moved to {short})"
+            budget -= 2
 
-    def _shortest(self, tg: Mapping[str, Target], count: Mapping[str, int], stuck: set[str]) -> str | None:
+    def _move(self, r: _Pc, new: str, tg: Mapping[str, Target], count: _Tally, demand: Mapping[str, Demand],
+              by_model: dict[str, list[_Pc]], moves: list[str], now: float) -> None:
+        old = r.choice
+        assert old is not None
+        r.why = (f"moved {old} -> {new} ({r.options[new].summary}): {new} "
+                 f"{_need_words(tg[new], count, demand.get(new))}; {old} had"
+                 f" {count.words(old)} for an ideal {tg[old].ideal:.1f}"
+                 + (", and it holds the weights" if r.holds(new) else ""))
+        by_model[old].remove(r)
+        count.remove(r, old)
+        count.add(r, new)
+        r.choice = new
+        self._moved(r, now, moves, old, new)
+
+    def _chain(self, short: str, tg: Mapping[str, Target], count: _Tally,
+               by_model: Mapping[str, list[_Pc]]) -> tuple[_Pc, _Pc] | None:
+        """Two moves where one cannot do: the PCs that could serve `short` all serve models that
+        are not over their ideal, and the models that are over run on PCs too small for `short`
+        (8 GB cards on a 7B while a 14B needs 12 GB ones). Then a PC X -> short and a PC from an
+        over model Y -> X, if Y is over by the margin (X ends where it was)."""
+        s = tg[short]
+        gap = s.ideal - count.units[short]
+        fit_short: dict[str, _Pc] = {}  # model X -> a movable PC on X that can serve `short`
+        for m, rows in by_model.items():
+            if m == short:
+                continue
+            for r in rows:
+                if short in r.options:
+                    fit_short[m] = r
+                    break
+        if not fit_short:
+            return None
+        donors = []
+        for m, rows in by_model.items():
+            t = tg[m]
+            if m == short or not rows or count.pcs[m] - 1 < t.floor or _urgency(t, count.pcs[m] - 1) > 0:
+                continue
+            over = count.units[m] - t.ideal
+            if min(over, gap) >= self._margin(s, t) or (_urgency(s, count.pcs[short]) > 0 and over > 0):
+                donors.append((over / max(t.ideal, 1.0), m))
+        for _, y in sorted(donors, reverse=True):
+            for q in by_model[y]:
+                for x in q.options:
+                    first = fit_short.get(x)
+                    if x not in (y, short) and first is not None and first is not q \
+                            and count.pcs[x] < tg[x].cap + 1:
+                        return first, q
+        return None
+
+    def _shortest(self, tg: Mapping[str, Target], count: _Tally, stuck: set[str]) -> str | None:
         best: tuple | None = None
         pick = None
         for m, t in tg.items():
-            if m in stuck or count[m] >= t.cap:
+            if m in stuck or count.pcs[m] >= t.cap:
                 continue
-            urgency, gap = _urgency(t, count[m]), t.ideal - count[m]
+            urgency, gap = _urgency(t, count.pcs[m]), t.ideal - count.units[m]
             if urgency == 0 and gap < 0.5 + self.hysteresis:  # the least margin of any pair
                 continue
             key = (urgency, gap / max(t.ideal, 1.0), m)
@@ -350,36 +422,38 @@ class Placer:
         than a PC and twice that share. Symmetric, so the way back faces the same bar."""
         return 0.5 + self.hysteresis * max(min(a.ideal, b.ideal), 1.0)
 
-    def _donor(self, short: str, tg: Mapping[str, Target], count: Mapping[str, int],
-               by_model: Mapping[str, list[_Pc]]) -> _Pc | None:
+    def _donor(self, short: str, tg: Mapping[str, Target], count: _Tally,
+               by_model: Mapping[str, list[_Pc]], holders: Mapping[str, list[_Pc]]) -> _Pc | None:
         """The PC to move to `short`: from a model over its ideal by more than the margin (or,
         for a model that is urgent, any model that keeps its own floor), holders of `short`'s
         weights first, then the model furthest over."""
         s = tg[short]
-        urgent = _urgency(s, count[short]) > 0
-        gap = s.ideal - count[short]
+        urgent = _urgency(s, count.pcs[short]) > 0
+        gap = s.ideal - count.units[short]
         donors = []
         for m, rows in by_model.items():
             t = tg[m]
-            if m == short or not rows or count[m] - 1 < t.floor or _urgency(t, count[m] - 1) > 0:
+            if m == short or not rows or count.pcs[m] - 1 < t.floor or _urgency(t, count.pcs[m] - 1) > 0:
                 continue
-            over = count[m] - t.ideal
+            over = count.units[m] - t.ideal
             if not urgent and min(over, gap) < self._margin(s, t):
                 continue
             donors.append((over / max(t.ideal, 1.0), m))
         donors.sort(reverse=True)
-        first: _Pc | None = None
+        rank = {m: i for i, (_, m) in enumerate(donors)}
+        held = [r for r in holders.get(short, ()) if r.choice in rank and r.movable and short in r.options]
+        if held:
+            return min(held, key=lambda r: (rank[r.choice or ""], r.node_id))
         for _, m in donors:
             for r in by_model[m]:
                 if short in r.options:
-                    if r.holds(short):
-                        return r
-                    first = first or r
-        return first
+                    return r
+        return None
 
     def _moved(self, r: _Pc, now: float, moves: list[str], old: str | None, new: str) -> None:
         self._recent.append(now)
         self._moved_at[r.node_id] = now
+        r.held_down = True  # not moved twice in one decision either
         moves.append(f"{r.view.name} ({r.node_id}): {old or 'nothing'} -> {new}")
 
     def _keep_why(self, r: _Pc, tg: Mapping[str, Target]) -> str:
@@ -407,7 +481,7 @@ class Placer:
         return out, explain
 
     def _views(self, specs: Mapping[str, tuple[Wanted, ModelSpec]], unknown: list[Wanted],
-               tg: Mapping[str, Target], count: Mapping[str, int], demand: Mapping[str, Demand],
+               tg: Mapping[str, Target], count: _Tally, demand: Mapping[str, Demand],
                rows: list[_Pc]) -> list[ModelView]:
         pcs: dict[str, list[str]] = {m: [] for m in specs}
         running = {m: 0 for m in specs}
@@ -420,7 +494,7 @@ class Placer:
         for name, (w, _) in specs.items():
             t, d = tg[name], demand.get(w.model) or demand.get(name) or Demand()
             views.append(ModelView(name, d, round(t.ideal), running[name], sorted(pcs[name]),
-                                   _model_why(t, d, count[name], running[name], w)))
+                                   _model_why(t, d, count, running[name], w)))
         for w in unknown:
             views.append(ModelView(w.model, demand.get(w.model) or Demand(), 0, 0, [],
                                    f"{w.model} is not in the region's catalog: import its entry "
@@ -429,6 +503,35 @@ class Placer:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _node_id(r: _Pc) -> str:
+    return r.view.node_id
+
+
+class _Tally:
+    """PCs per model (for the floors and caps, in PCs) and what they are worth in typical PCs of
+    that model (decode rate over the mean rate of the PCs that could serve it: for the ideals)."""
+
+    def __init__(self, rate: Mapping[str, float]) -> None:
+        self.rate = rate
+        self.pcs = {m: 0 for m in rate}
+        self.units = {m: 0.0 for m in rate}
+
+    def unit(self, r: _Pc, m: str) -> float:
+        return r.options[m].rate / self.rate[m] if self.rate[m] > 0 else 1.0
+
+    def add(self, r: _Pc, m: str) -> None:
+        self.pcs[m] += 1
+        self.units[m] += self.unit(r, m)
+
+    def remove(self, r: _Pc, m: str) -> None:
+        self.pcs[m] -= 1
+        self.units[m] -= self.unit(r, m)
+
+    def words(self, m: str) -> str:
+        n, u = self.pcs[m], self.units[m]
+        return f"{n} PC{'' if n == 1 else 's'}" + (f" (worth {u:.1f} typical)" if abs(u - n) >= 0.05 else "")
 
 
 def _image(catalog: Catalog, ref: str | None) -> EngineImage | None:
@@ -444,18 +547,19 @@ def _urgency(t: Target, count: int) -> int:
     return 1 if count < t.floor else 0
 
 
-def _need_words(t: Target, had: int, d: Demand | None) -> str:
+def _need_words(t: Target, count: _Tally, d: Demand | None) -> str:
     d = d or Demand()
+    had = count.pcs[t.model]
     if had == 0 and d.any:
         return (f"had no PC and has demand ({d.tokens_per_s:.0f} tokens/s, {d.queue_depth} open,"
                 f" {d.unserved_per_s:.2f} unserved/s)")
     if had < t.floor:
         return f"had {had} PCs, under its minimum {t.floor}"
-    return (f"had {had} PCs for an ideal {t.ideal:.1f} ({t.share:.0%} of the region's demand,"
+    return (f"had {count.words(t.model)} for an ideal {t.ideal:.1f} ({t.share:.0%} of the region's demand,"
             f" {d.tokens_per_s:.0f} tokens/s)")
 
 
-def _model_why(t: Target, d: Demand, assigned: int, running: int, w: Wanted) -> str:
+def _model_why(t: Target, d: Demand, count: _Tally, running: int, w: Wanted) -> str:
     limits = f"min {w.min_replicas}" + (f", max {w.max_replicas}" if w.max_replicas is not None else "") + \
         f", weight {w.weight:g}"
     if t.cap == 0:
@@ -463,8 +567,8 @@ def _model_why(t: Target, d: Demand, assigned: int, running: int, w: Wanted) -> 
     demand_words = (f"{d.tokens_per_s:.0f} tokens/s, {d.queue_depth} open, {d.unserved_per_s:.2f} unserved/s,"
                     f" {t.share:.0%} of the region's demand" if t.pressure > 0
                     else f"no demand: {t.share:.0%} of the region by weight" if t.share > 0 else "no demand")
-    return (f"{demand_words}; ideal {t.ideal:.1f} PCs ({limits}, {t.cap} could serve it);"
-            f" {assigned} assigned, {running} running")
+    return (f"{demand_words}; ideal {t.ideal:.1f} typical PCs ({limits}, {t.cap} could serve it);"
+            f" {count.words(t.model)} assigned, {running} running")
 
 
 def _assignment(r: _Pc, prev: Assignment | None) -> Assignment | None:
@@ -475,17 +579,17 @@ def _assignment(r: _Pc, prev: Assignment | None) -> Assignment | None:
             return prev or Assignment(generation=1, model=None, reason=clip(r.why, MESSAGE_MAX))
         return Assignment(generation=generation + 1, model=None, reason=clip(r.why, MESSAGE_MAX))
     o = r.options[r.choice]
-    new = Assignment(generation=generation + 1, model=o.model, quantization=o.quantization,
+    if prev is not None and _same(prev, o):
+        return prev
+    return Assignment(generation=generation + 1, model=o.model, quantization=o.quantization,
                      max_model_len=o.max_model_len, gpu_indices=list(o.gpu_indices),
                      tensor_parallel_size=o.tensor_parallel_size, pipeline_parallel_size=o.pipeline_parallel_size,
                      layer_partition=list(o.layer_partition), reason=clip(r.why, MESSAGE_MAX))
-    if prev is not None and _same(prev, new):
-        return prev
-    return new
 
 
-def _same(a: Assignment, b: Assignment) -> bool:
-    return (a.model, a.quantization, a.max_model_len, list(a.gpu_indices), a.tensor_parallel_size,
-            a.pipeline_parallel_size, list(a.layer_partition)) == \
-        (b.model, b.quantization, b.max_model_len, list(b.gpu_indices), b.tensor_parallel_size,
-         b.pipeline_parallel_size, list(b.layer_partition))
+def _same(a: Assignment, o: Option) -> bool:
+    """Whether the assignment already says what the option does (the reason aside)."""
+    return (a.model == o.model and a.quantization == o.quantization and a.max_model_len == o.max_model_len
+            and tuple(a.gpu_indices) == o.gpu_indices and a.tensor_parallel_size == o.tensor_parallel_size
+            and a.pipeline_parallel_size == o.pipeline_parallel_size
+            and tuple(a.layer_partition) == o.layer_partition)

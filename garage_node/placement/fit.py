@@ -27,6 +27,7 @@ Never across PCs: over home links a two-stage pipeline caps a stream at ~20 toke
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -357,9 +358,14 @@ def _image_gate(inventory: Inventory, gpus: GPUSet, image: EngineImage) -> GPUSe
 
 
 def _gpu_cc(gpu: GPU) -> CompCap:
+    return _cc(gpu.compute_capability)
+
+
+@functools.lru_cache(maxsize=64)
+def _cc(text: str | None) -> CompCap:
     # An unknown compute capability satisfies no requirement: better refuse than crash the engine.
     try:
-        return parse_compute_capability(gpu.compute_capability)
+        return parse_compute_capability(text)
     except ValueError:
         return (0, 0)
 
