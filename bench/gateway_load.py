@@ -6,7 +6,11 @@ Three processes on loopback: the stand-in engines (one uvicorn, several ports), 
 (the real Gateway and its HTTP app, with an API key and PCs fed in as heartbeats would), and
 the load (open loop: requests start on schedule whether or not earlier ones are done).
 
-    .venv/bin/python bench/gateway_load.py [--rate 500] [--seconds 20] [--pcs 8]
+    .venv/bin/python bench/gateway_load.py [--rate 500] [--seconds 20] [--pcs 8] [--grace 10]
+
+Every turn ends `--grace` seconds after its last request is sent at the latest: requests not
+answered by then are cancelled (the client leaves) and printed as unfinished, so the bench ends
+in bounded time however far behind the target falls.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -84,18 +89,28 @@ def gateway(port: int, engine_ports: list[int], state: Path) -> None:
                                   http=guarded_protocol(limits), loop=guarded_loop_factory(limits))).run()
 
 
-async def load(url: str, key: str, rate: float, seconds: float) -> dict:
+async def load(url: str, key: str, rate: float, seconds: float, grace_s: float) -> dict:
+    """Open loop for `seconds`, then at most `grace_s` more for the answers: what is not
+    finished by then is cancelled and counted as `unfinished` (the target fell behind)."""
     import httpx
 
     latencies: list[float] = []
     errors = 0
     body = {"model": "m", "prompt": "Hello", "max_tokens": 1}
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=256), timeout=30) as client:
+    timeout = httpx.Timeout(seconds + grace_s)
+    # At most `connections` requests in httpx at once; the late ones queue on a semaphore (their
+    # wait counts in their latency: the loop stays open). Left to httpx's pool, thousands of
+    # late requests made each connection's hand-over and each cancellation cost a walk of the
+    # whole queue, and a turn that fell behind did not end (344 s for a 10 s turn, killed).
+    connections = 256
+    slots = asyncio.Semaphore(connections)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=connections), timeout=timeout) as client:
         async def one() -> None:
             nonlocal errors
             t0 = time.perf_counter()
             try:
-                r = await client.post(url, json=body, headers={"authorization": f"Bearer {key}"})
+                async with slots:
+                    r = await client.post(url, json=body, headers={"authorization": f"Bearer {key}"})
                 if r.status_code != 200:
                     errors += 1
                     return
@@ -112,12 +127,16 @@ async def load(url: str, key: str, rate: float, seconds: float) -> dict:
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
+        left = start + seconds + grace_s - time.perf_counter()
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, left))
+        for t in pending:
+            t.cancel()  # the client leaves: the gateway sees these requests end here
+        await asyncio.gather(*pending, return_exceptions=True)
         elapsed = time.perf_counter() - start
     latencies.sort()
     q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000 if latencies else float("nan")  # noqa: E731
-    return {"sent": n, "ok": len(latencies), "errors": errors, "achieved_rps": len(latencies) / elapsed,
-            "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": q(1.0)}
+    return {"sent": n, "ok": len(latencies), "errors": errors, "unfinished": len(pending),
+            "achieved_rps": len(latencies) / elapsed, "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": q(1.0)}
 
 
 def cpu_s(pid: int) -> float:
@@ -146,6 +165,8 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=500)
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--pcs", type=int, default=8)
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds after the last request is sent before what is not answered counts as unfinished")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--ports", help=argparse.SUPPRESS)
     p.add_argument("--state", help=argparse.SUPPRESS)
@@ -161,6 +182,14 @@ def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     me = [sys.executable, __file__]
     procs = [subprocess.Popen(me + ["--role", "stub", "--ports", ",".join(map(str, engine_ports))])]
+
+    def stopped(signum: int, _frame: object) -> None:
+        """A SIGTERM (a CI step's timeout) ends the stand-ins and the gateway too, at once."""
+        for proc in procs:
+            proc.kill()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stopped)
     try:
         procs.append(subprocess.Popen(me + ["--role", "gateway", "--state", str(state),
                                             "--ports", ",".join(map(str, [gw_port, *engine_ports]))]))
@@ -168,13 +197,13 @@ def main() -> None:
             wait_port(port)
         key = (state / "key").read_text()
         gw_pid = procs[1].pid
-        asyncio.run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, 50, 2))  # warm up
+        asyncio.run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, 50, 2, args.grace))  # warm up
         results = {}
         for turn in ("direct", "gateway", "direct", "gateway"):
             url = (f"http://127.0.0.1:{engine_ports[0]}/v1/completions" if turn == "direct"
                    else f"http://127.0.0.1:{gw_port}/v1/completions")
             c0, t0 = cpu_s(gw_pid), time.monotonic()
-            r = asyncio.run(load(url, key, args.rate, args.seconds))
+            r = asyncio.run(load(url, key, args.rate, args.seconds, args.grace))
             if turn == "gateway":
                 r["gateway_cpu_pct"] = 100 * (cpu_s(gw_pid) - c0) / (time.monotonic() - t0)
                 r["gateway_rss_mb"] = rss_mb(gw_pid)
@@ -183,10 +212,18 @@ def main() -> None:
         d = min(results["direct"], key=lambda r: r["p99_ms"])
         g = min(results["gateway"], key=lambda r: r["p99_ms"])
         print(f"\n{args.rate:.0f} requests/s for {args.seconds:.0f} s over {args.pcs} stand-in PCs (best of two turns each):")
-        print(f"  direct : p50 {d['p50_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms, {d['achieved_rps']:.0f}/s, errors {d['errors']}")
-        print(f"  gateway: p50 {g['p50_ms']:.1f} ms, p99 {g['p99_ms']:.1f} ms, {g['achieved_rps']:.0f}/s, errors {g['errors']}")
+        print(f"  direct : p50 {d['p50_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms, {d['achieved_rps']:.0f}/s, errors {d['errors']}, "
+              f"unfinished {d['unfinished']}")
+        print(f"  gateway: p50 {g['p50_ms']:.1f} ms, p99 {g['p99_ms']:.1f} ms, {g['achieved_rps']:.0f}/s, errors {g['errors']}, "
+              f"unfinished {g['unfinished']}")
         print(f"  overhead: p50 +{g['p50_ms'] - d['p50_ms']:.1f} ms, p99 +{g['p99_ms'] - d['p99_ms']:.1f} ms; "
               f"gateway CPU {g['gateway_cpu_pct']:.0f} % of a core, RSS {g['gateway_rss_mb']:.0f} MB")
+        for turn, runs in results.items():
+            for r in runs:
+                if r["unfinished"]:
+                    # The latencies above are of the requests answered in time only.
+                    print(f"  FELL BEHIND ({turn}): {r['unfinished']} of {r['sent']} requests not answered within "
+                          f"{args.grace:.0f} s of the last one sent; the rate is above what this machine sustains")
     finally:
         for proc in procs:
             proc.terminate()
