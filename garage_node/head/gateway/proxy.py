@@ -11,7 +11,20 @@ Usage: every request's usage reaches `on_usage` (the ledger, the limits, the met
 stream the gateway asks vLLM for its usage chunk (`stream_options.include_usage`) and, if the
 client did not ask for it, strips it again. A stream cut short (the client left, the PC died)
 is accounted by its content events, one token each, as vLLM streams them; its prompt is not
-known then and counts 0.
+known then and counts 0. What is billed is what was sent: a request whose client left before
+its answer began (a non-streamed one, or a stream before its first event) is cancelled on the
+PC and goes in the ledger as a request of 0 tokens.
+
+Ending what is open (`_Attempt`, swept every SWEEP_S by `_Watchdog`):
+- the client leaves: a listener on the request's ASGI channel sees it at once; the engine's
+  response is closed (vLLM aborts the request) and the PC's slot given back;
+- the head gives the PC up (no heartbeat for stale_after_s, or dropped from the table): a
+  request without its first byte goes to another PC, a stream under way ends with the
+  `upstream_lost` event;
+- the PC is alive but silent: a request still without its first byte when a report the PC
+  sent `silent_first_byte_s` after it shows its engine holding no request at all is lost
+  there, and goes to another PC. A long prompt keeps its PC: the engine reports it running.
+  `first_byte_timeout_s` stays the bound where that is not measured.
 """
 
 from __future__ import annotations
@@ -21,11 +34,12 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import httpx
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Message
 from httpx_sse import EventSource, ServerSentEvent, SSEError
 
 from garage_node.head.gateway.errors import GatewayError, stream_error_event
@@ -37,6 +51,10 @@ from garage_node.head.gateway.table import Endpoint, EndpointTable
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = (401, 502, 503, 504)
+SWEEP_S = 0.25  # how often open requests are checked against the table's verdicts
+CLIENT_LEFT = 499  # nginx's status for "the client closed the request": for the metrics only
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -66,11 +84,13 @@ class Proxy:
     def __init__(self, table: EndpointTable, router: Router, engine_key: Callable[[str], str],
                  metrics: GatewayMetrics, on_usage: Callable[[Call, Usage], None], node_name: Callable[[str], str],
                  connect_timeout_s: float = 3.0, first_byte_timeout_s: float = 120.0,
-                 stream_idle_timeout_s: float = 60.0, max_attempts: int = 3, silent_first_byte_s: float = 20.0) -> None:
+                 stream_idle_timeout_s: float = 60.0, max_attempts: int = 3,
+                 silent_first_byte_s: float = 20.0) -> None:
         self.table, self.router, self.engine_key = table, router, engine_key
         self.metrics, self.on_usage, self.node_name = metrics, on_usage, node_name
         self.stream_idle_timeout_s = stream_idle_timeout_s
         self.max_attempts = max_attempts
+        self.watchdog = _Watchdog(table, silent_first_byte_s)
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=first_byte_timeout_s, write=30.0, pool=10.0)
         self._http: httpx.AsyncClient | None = None
 
@@ -85,6 +105,7 @@ class Proxy:
         return self._http
 
     async def close(self) -> None:
+        self.watchdog.stop()
         if self._http is not None:
             await self._http.aclose()
 
@@ -93,7 +114,12 @@ class Proxy:
         with table.lock:
             takes = table.usable(table.clock.monotonic())
             usable = (lambda ep: takes(ep) and ep.node_id not in tried) if tried else takes
-            decision = self.router.choose(table.pool(call.model), call.blocks, usable, table.get)
+            # The prefix's PC only if it serves this model: two models' requests often share a
+            # prompt (a system prompt), and a PC serving the other model would answer 404.
+            def lookup(node_id: str) -> Endpoint | None:
+                ep = table.get(node_id)
+                return ep if ep is not None and ep.model == call.model else None
+            decision = self.router.choose(table.pool(call.model), call.blocks, usable, lookup)
             if decision is None:
                 return None
             ep = table.get(decision.node_id)
@@ -102,7 +128,15 @@ class Proxy:
             self.router.served(call.blocks, ep.node_id)
         return ep
 
-    async def forward(self, call: Call, request: Request) -> Response:
+    async def forward(self, call: Call, request: Request | None) -> Response:
+        """`request`: the client's, to see it leave (None: not watched)."""
+        client = _ClientWatch(request)
+        try:
+            return await self._forward(call, client)
+        finally:
+            client.stop()  # a stream's response watches the client from here on
+
+    async def _forward(self, call: Call, client: _ClientWatch) -> Response:
         tried: set[str] = set()
         last_problem = ""
         for attempt in range(self.max_attempts):
@@ -112,16 +146,30 @@ class Proxy:
             tried.add(ep.node_id)
             if attempt:
                 self.metrics.retries.labels(call.model).inc()
+            att = _Attempt(ep, self.table.clock.monotonic(), answered=False)
+            client.attempt = att
+            if client.left:  # between two attempts
+                att.end("client")
+            self.watchdog.add(att)
             try:
-                return await self._try(call, ep, request)
+                return await self._try(call, ep, att)
             except (asyncio.CancelledError, GatewayError):
                 self.table.end(ep)
                 raise
+            except _ClientGone:
+                self.table.end(ep)
+                # Nothing reached the client: billed nothing, but the ledger keeps the request.
+                self.on_usage(call, Usage(ep.node_id, call.model, 0, 0, complete=False))
+                log.info("a client left its %s request before its answer; cancelled on PC %s", call.model, ep.node_id)
+                return Response(status_code=CLIENT_LEFT)
             except _Unusable as e:
                 self.table.end(ep)
                 self.table.suspend(ep.node_id)
                 last_problem = e.why
                 log.info("PC %s could not take a %s request (%s); trying another", ep.node_id, call.model, e.why)
+            finally:
+                self.watchdog.discard(att)
+                client.attempt = None
         if tried:
             raise GatewayError(503, "no_pc_answered",
                                f"no PC serving {call.model} could answer ({len(tried)} tried; the last: {last_problem}); "
@@ -130,27 +178,29 @@ class Proxy:
                            f"no PC can take a request for {call.model} right now (all are starting, draining or "
                            "busy failing over); retry shortly", retry_after_s=5)
 
-    async def _try(self, call: Call, ep: Endpoint, request: Request) -> Response:
+    async def _try(self, call: Call, ep: Endpoint, att: _Attempt) -> Response:
+        """One PC's answer; every wait before the first byte ends early when `att` is ended
+        (the client left: the engine's connection is closed, and vLLM aborts the request)."""
         req = self.client.build_request("POST", ep.url + call.path, content=call.body,
                                         headers={"authorization": f"Bearer {self.engine_key(ep.node_id)}",
                                                  "content-type": "application/json"})
         try:
-            resp = await self.client.send(req, stream=True)
+            # A non-streamed answer's headers come with its last byte: this wait is most of it.
+            resp = await att.wait(lambda: self.client.send(req, stream=True))
         except httpx.TransportError as e:
             raise _Unusable(type(e).__name__) from None
-        if resp.status_code in RETRY_STATUSES:
-            await resp.aclose()
-            raise _Unusable(f"HTTP {resp.status_code}")
-        headers = {"x-garage-node": self.node_name(ep.node_id), "x-garage-node-id": ep.node_id}
-        if not call.stream or resp.status_code != 200:
-            return await self._whole(call, ep, resp, headers, request)
-        events = EventSource(resp).aiter_sse()
         try:
-            first = await anext(events)  # within the client's read timeout (first_byte_timeout_s)
-        except (httpx.TransportError, SSEError, StopAsyncIteration) as e:
-            await resp.aclose()
-            raise _Unusable(f"the stream ended before it began ({type(e).__name__})") from None
-        except asyncio.CancelledError:
+            if resp.status_code in RETRY_STATUSES:
+                raise _Unusable(f"HTTP {resp.status_code}")
+            headers = {"x-garage-node": self.node_name(ep.node_id), "x-garage-node-id": ep.node_id}
+            if not call.stream or resp.status_code != 200:
+                return await self._whole(call, ep, resp, headers, att)
+            events = EventSource(resp).aiter_sse()
+            try:
+                first = await att.wait(lambda: anext(events))  # within first_byte_timeout_s (httpx's read)
+            except (httpx.TransportError, SSEError, StopAsyncIteration) as e:
+                raise _Unusable(f"the stream ended before it began ({type(e).__name__})") from None
+        except BaseException:
             await resp.aclose()  # the caller gives the slot back
             raise
         self.metrics.ttft.labels(call.model).observe(time.monotonic() - call.started)
@@ -159,31 +209,11 @@ class Proxy:
                              headers={**headers, "cache-control": "no-cache"})
 
     async def _whole(self, call: Call, ep: Endpoint, resp: httpx.Response, headers: dict[str, str],
-                     request: Request) -> Response:
-        reading = asyncio.ensure_future(resp.aread())
+                     att: _Attempt) -> Response:
         try:
-            # A client that goes away cancels the request on the PC (closing the connection
-            # makes vLLM abort it) instead of letting it run to its end for nobody.
-            while not reading.done():
-                done, _ = await asyncio.wait({reading}, timeout=0.5)
-                if not done and await request.is_disconnected():
-                    reading.cancel()
-                    raise _ClientGone()
-            try:
-                data = reading.result()
-            except httpx.TransportError as e:
-                await resp.aclose()
-                raise _Unusable(f"the answer broke off ({type(e).__name__})") from None
-        except _ClientGone:
-            self.table.end(ep)
-            await resp.aclose()
-            return Response(status_code=499)
-        except asyncio.CancelledError:
-            await resp.aclose()  # the caller gives the slot back
-            raise
-        finally:
-            if not reading.done():
-                reading.cancel()
+            data = await att.wait(resp.aread)
+        except httpx.TransportError as e:
+            raise _Unusable(f"the answer broke off ({type(e).__name__})") from None
         self.table.end(ep)
         await resp.aclose()
         self.metrics.ttft.labels(call.model).observe(time.monotonic() - call.started)
@@ -199,6 +229,8 @@ class Proxy:
         usage: tuple[int, int] | None = None
         content_events = 0
         finished = False
+        att = _Attempt(ep, self.table.clock.monotonic(), answered=True)  # ended if the head gives the PC up
+        self.watchdog.add(att)
         try:
             event: ServerSentEvent | None = first
             while event is not None:
@@ -213,18 +245,19 @@ class Proxy:
                     break
                 try:
                     # asyncio.timeout, not wait_for: no task per event (a stream is an event per token).
-                    async with asyncio.timeout(self.stream_idle_timeout_s):
-                        event = await anext(events)
+                    event = await att.wait(lambda: anext(events), self.stream_idle_timeout_s)
                 except StopAsyncIteration:
                     event = None
             if not finished:
                 raise _Broken("the PC closed the stream without finishing it")
-        except (TimeoutError, httpx.TransportError, SSEError, _Broken) as e:
+        except (TimeoutError, httpx.TransportError, SSEError, _Broken, _Unusable) as e:
             self.metrics.stream_errors.labels(call.model).inc()
-            log.warning("stream from PC %s for %s broke off: %s", ep.node_id, call.model, type(e).__name__)
+            why = e.why if isinstance(e, _Unusable) else type(e).__name__
+            log.warning("stream from PC %s for %s broke off: %s", ep.node_id, call.model, why)
             yield stream_error_event(f"the PC serving this request ({self.node_name(ep.node_id)}) stopped answering "
                                      "mid-stream; the output above is incomplete. Send the request again.")
         finally:
+            self.watchdog.discard(att)
             await slot.release()
             if usage is not None:
                 self.on_usage(call, Usage(ep.node_id, call.model, usage[0], usage[1], complete=True))
@@ -276,6 +309,117 @@ class RelayResponse(StreamingResponse):
                 await self.slot.release()
                 for fn in self.on_end:
                     fn()
+
+
+class _Attempt:
+    """One request open on one PC, which the client's leaving or the table's verdict on the PC
+    can end: `end` fires the timeout of the wait under way (or the next one), and that wait
+    raises why instead of TimeoutError. A timeout, not a task cancelled: no task per request
+    or per event, and the engine's response is closed by the caller as for any other error."""
+
+    __slots__ = ("ep", "sent_at", "answered", "reason", "_cm")
+
+    def __init__(self, ep: Endpoint, sent_at: float, answered: bool) -> None:
+        self.ep, self.sent_at, self.answered = ep, sent_at, answered  # sent_at: the table's clock
+        self.reason: str | None = None  # "client" or why the PC is given up
+        self._cm: asyncio.Timeout | None = None
+
+    def end(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            if self._cm is not None and not self._cm.expired():
+                self._cm.reschedule(0)  # a time past: it fires at the loop's next turn
+
+    async def wait(self, start: Callable[[], Awaitable[R]], limit_s: float | None = None) -> R:
+        """`start()`, awaited at most `limit_s` (TimeoutError past it), or until `end`."""
+        if self.reason is None:
+            try:
+                async with asyncio.timeout(limit_s) as cm:
+                    self._cm = cm
+                    try:
+                        return await start()
+                    finally:
+                        self._cm = None
+            except TimeoutError:
+                if self.reason is None:
+                    raise
+        if self.reason == "client":
+            raise _ClientGone()
+        raise _Unusable(self.reason)
+
+
+class _Watchdog:
+    """Every SWEEP_S while requests are open, ends those the table's verdicts make pointless:
+    on a PC the head has given up, and (before their first byte) on a PC alive but silent.
+    A timer on the gateway's loop, armed only while something is open."""
+
+    def __init__(self, table: EndpointTable, silent_first_byte_s: float) -> None:
+        self.table, self.silent_first_byte_s = table, silent_first_byte_s
+        self._open: dict[str, set[_Attempt]] = {}  # node id -> its open attempts
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, att: _Attempt) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new loop (tests run one per call): the old one's are gone
+            self.stop()
+            self._loop = loop
+        self._open.setdefault(att.ep.node_id, set()).add(att)
+        if self._timer is None:
+            self._timer = loop.call_later(SWEEP_S, self._sweep)
+
+    def discard(self, att: _Attempt) -> None:
+        held = self._open.get(att.ep.node_id)
+        if held is not None:
+            held.discard(att)
+            if not held:
+                del self._open[att.ep.node_id]
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._open.clear()
+
+    def _sweep(self) -> None:
+        self._timer = None
+        ended: list[tuple[_Attempt, str]] = []
+        table = self.table
+        with table.lock:
+            now = table.clock.monotonic()
+            for held in self._open.values():
+                for att in held:
+                    if table.given_up(att.ep, now):
+                        ended.append((att, "the head gave the PC up (no heartbeat, or it left the table)"))
+                    elif (not att.answered and att.ep.engine_idle
+                          and att.ep.seen_at - att.sent_at >= self.silent_first_byte_s):
+                        ended.append((att, "no first byte, and the PC reports its engine holds no request"))
+        for att, why in ended:
+            att.end(why)
+        if self._open and self._loop is not None and not self._loop.is_closed():
+            self._timer = self._loop.call_later(SWEEP_S, self._sweep)
+
+
+class _ClientWatch:
+    """Sees the client leave while the gateway waits for a PC's answer: once the body is read,
+    the next ASGI message is `http.disconnect` (uvicorn sends it when the connection closes),
+    so one listener per request ends the attempt under way at once instead of polling."""
+
+    def __init__(self, request: Request | None) -> None:
+        self.attempt: _Attempt | None = None
+        self.left = False
+        self._task = asyncio.ensure_future(self._listen(request.receive)) if request is not None else None
+
+    async def _listen(self, receive: Callable[[], Awaitable[Message]]) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass  # the body was read before: nothing else comes
+        self.left = True
+        if self.attempt is not None:
+            self.attempt.end("client")
+
+    def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
 
 class _Unusable(Exception):
