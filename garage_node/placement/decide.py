@@ -272,7 +272,10 @@ class Placer:
         free = [r for r in active if r.choice is None]
         # Idle PCs first (they cost no move), then those with the fewest options: a PC that can
         # serve only small models should take one before a big card has to.
-        free.sort(key=lambda r: (r.served is not None, len(r.options), r.node_id))
+        # Among those alike, the fastest first (largest first balances best: the slower PCs then
+        # fill the gaps it leaves).
+        free.sort(key=lambda r: (r.served is not None, len(r.options), -max(o.rate for o in r.options.values()),
+                                 r.node_id))
         avail = {m: 0 for m in count.pcs}
         for r in free:
             for m in r.options:
@@ -441,14 +444,27 @@ class Placer:
             donors.append((over / max(t.ideal, 1.0), m))
         donors.sort(reverse=True)
         rank = {m: i for i, (_, m) in enumerate(donors)}
-        held = [r for r in holders.get(short, ()) if r.choice in rank and r.movable and short in r.options]
+
+        def fits(r: _Pc) -> bool:
+            return short in r.options and (urgent or self._settles(r, short, r.choice or "", tg, count))
+
+        held = [r for r in holders.get(short, ()) if r.choice in rank and r.movable and fits(r)]
         if held:
             return min(held, key=lambda r: (rank[r.choice or ""], r.node_id))
         for _, m in donors:
             for r in by_model[m]:
-                if short in r.options:
+                if fits(r):
                     return r
         return None
+
+    def _settles(self, r: _Pc, new: str, old: str, tg: Mapping[str, Target], count: _Tally) -> bool:
+        """Whether moving `r` leaves neither model past the margin the other way: one fast PC
+        that is worth more than the gap (a 4090 among 4060s) would otherwise be moved back and
+        forth. Hysteresis holds for unequal PCs too."""
+        margin = self._margin(tg[new], tg[old])
+        short_after = tg[new].ideal - count.units[new] - count.unit(r, new)
+        over_after = count.units[old] - count.unit(r, old) - tg[old].ideal
+        return short_after > -margin and over_after > -margin
 
     def _moved(self, r: _Pc, now: float, moves: list[str], old: str | None, new: str) -> None:
         self._recent.append(now)

@@ -40,7 +40,8 @@ def report(cards: list[wire.GPU], facts: wire.PlacementFacts | None = None, serv
            driver: str = "535.183.01", cuda: str = "12.2") -> wire.NodeReport:
     """A PC's report; `serving`: the catalog model its engine serves (reported by repo id, as
     the engine's --served-model-name)."""
-    model = CATALOG.resolve(serving)[0].id if serving else None
+    found = CATALOG.resolve(serving) if serving else None
+    model = found[0].id if found else serving  # a model of another catalog: by its name
     return wire.NodeReport(
         state=wire.NodeState.JOINED, message="joined", gpus=cards, gpu_note=None if cards else "no NVIDIA GPU",
         driver_version=driver if cards else None, cuda_version=cuda if cards else None,
@@ -469,3 +470,88 @@ def test_two_pcs_follow_demand_from_a_to_b_and_back_without_flapping(tmp_path):
     assert at[890] == ("tiny-a", "tiny-a")  # back to A
     changes = sum(1 for (_, a), (_, b) in zip(history, history[1:], strict=False) if a != b)
     assert changes == 2  # A,A -> A,B -> A,A: no flapping
+
+
+# ---------------------------------------------------------------- unequal PCs, shared PCs
+
+
+@pytest.mark.parametrize("fast_first", [True, False])
+def test_a_fast_card_counts_for_more_than_a_slow_one(fast_first):
+    """One RTX 4090 (1008 GB/s) decodes the same AWQ weights like ~3.7 RTX 4060s (272 GB/s):
+    with equal demand for two 7B models, one gets the 4090 and the other the four 4060s,
+    whatever the PCs' order, and it stays so (no single fast PC moved back and forth). The
+    owners pinned AWQ, so that both cards read the same bytes per token."""
+    cards = [RTX_4090] + [RTX_4060] * 4 if fast_first else [RTX_4060] * 4 + [RTX_4090]
+    awq = wire.PlacementFacts(pinned_quantization="awq")
+    r = Region.of({f"n{i}": (gpus(c), awq) for i, c in enumerate(cards)}, moves_per_minute=10)
+    wanted = [Wanted(SEVEN), Wanted("qwen2.5-7b-twin")]
+    fast = "n0" if fast_first else "n4"
+    twin = _twin_catalog()
+    r.placer = Placer(twin, clock=r.clock, moves_per_minute=10)
+    demand = {SEVEN: Demand(500), "qwen2.5-7b-twin": Demand(500)}
+    r.decide(wanted, demand)
+    mine = r.models()[fast]
+    assert all(m != mine for n, m in r.models().items() if n != fast)
+    for _ in range(10):
+        r.clock.advance(300)
+        assert r.decide(wanted, demand).moves == []
+
+
+def _twin_catalog():
+    """The catalog with a second 7B under another name (two models alike but for their name)."""
+    import dataclasses as dc
+
+    seven = CATALOG.resolve(SEVEN)[0]
+    quants = {k: dc.replace(q, model_id=f"{q.model_id}-twin") for k, q in seven.quantizations.items()}
+    twin = dc.replace(seven, name="qwen2.5-7b-twin", id=f"{seven.id}-twin", quantizations=quants)
+    return dc.replace(CATALOG, models=CATALOG.models + (twin,))
+
+
+def test_a_model_only_big_pcs_fit_gets_one_through_a_chain_of_two_moves():
+    """The 16 GB PCs serve the 3B (at its minimum), the 8 GB ones the 7B (over its share); the
+    14B's demand rises: no 7B PC can take it, so a 16 GB PC moves 3B -> 14B and an 8 GB PC
+    7B -> 3B in its place."""
+    specs = {**{f"s{i}": (gpus(RTX_4060), wire.PlacementFacts()) for i in range(4)},
+             **{f"b{i}": (gpus(RTX_16GB), wire.PlacementFacts()) for i in range(2)}}
+    r = Region.of(specs, moves_per_minute=10)
+    for n in r.pcs:
+        model = "qwen2.5-3b" if n.startswith("b") else SEVEN
+        r.pcs[n] = dataclasses.replace(r.pcs[n], assignment=wire.Assignment(generation=1, model=model))
+        r.carry_out(n)
+    wanted = [Wanted(SEVEN), Wanted("qwen2.5-3b", min_replicas=2), Wanted(FOURTEEN)]
+    d = r.decide(wanted, {SEVEN: Demand(50), "qwen2.5-3b": Demand(50), FOURTEEN: Demand(2000)})
+    models = r.models()
+    fourteen = [n for n, m in models.items() if m == FOURTEEN]
+    assert fourteen and all(n.startswith("b") for n in fourteen)
+    three = [n for n, m in models.items() if m == "qwen2.5-3b"]
+    assert len(three) == 2 and all(n.startswith("s") for n in three[: len(fourteen)])
+    assert len(d.moves) == 2 * len(fourteen)
+    assert sum("in place of" in why for why in d.explain.values()) == len(fourteen)
+
+
+def test_models_that_share_the_big_pcs_share_them_by_demand():
+    from garage_node.placement.targets import ModelNeed, targets
+
+    def need(name, tokens, groups):
+        return ModelNeed(name, 1.0, tokens, 0.0, True, 1.0, 0, None, 10 * len(groups), frozenset(groups))
+
+    # 10 PCs of kind 1 (big) serve all three; 10 of kind 2 only the small model.
+    needs = [need("big-a", 3000, {1}), need("big-b", 1000, {1}), need("small", 500, {1, 2})]
+    t = targets(needs, 20, {1: 10, 2: 10})
+    # Without the set bound big-a would want 13.3 PCs of the 10 that can serve it.
+    assert t["big-a"].ideal + t["big-b"].ideal == pytest.approx(10)
+    assert t["big-a"].ideal == pytest.approx(3 * t["big-b"].ideal)
+    assert t["small"].ideal == pytest.approx(10)
+
+
+def test_bandwidth_of_the_cards():
+    from garage_node.placement import bandwidth
+
+    (g4060ti,) = gpus(RTX_16GB)
+    (g4060,) = gpus(RTX_4060)
+    (unknown,) = gpus(("Some Future GPU", 32768, "9.0"))
+    assert bandwidth.gbs(g4060ti) == 288 and bandwidth.gbs(g4060) == 272  # "4060 Ti" is not a 4060
+    assert bandwidth.gbs(unknown) == 32 * bandwidth.GBS_PER_GIB_UNLISTED
+    # A pipeline runs at its slowest stage's pace.
+    four, six = gpus(RTX_4090, RTX_4060)
+    assert bandwidth.tokens_per_s((four, six), 10.0, (49, 15)) == pytest.approx(272 / (10 * 15 / 64))
