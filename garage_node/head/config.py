@@ -167,8 +167,9 @@ class PlacementSection:
     # bench/placement.py); a new model or a burst of demand is acted on within this.
     interval_s: float = setting(5.0, check=positive())
     # At most this many PCs start a switch per minute, region-wide: a switch empties a PC for
-    # the minute or two its new engine takes to start.
-    moves_per_minute: int = setting(6, check=positive())
+    # the minute or two its new engine takes to start. 0: no PC serving a model is moved (PCs
+    # without one still get one).
+    moves_per_minute: int = setting(6, check=nonnegative())
     # The model catalog the region's models come from (plus `head model import`); empty:
     # /etc/garage-node/models.toml, else the catalog shipped with garage-node.
     catalog: str = ""
