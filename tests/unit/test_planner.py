@@ -393,3 +393,19 @@ def test_not_a_table_and_empty(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(CatalogError, match="cannot read"):
         load_catalog(tmp_path / "nope.toml")
+
+
+def test_the_agents_own_plan_on_unequal_gpus_is_a_pipeline_with_its_layer_split(tmp_path):
+    """An RTX 4070 + 4060 PC planning for itself (no head) serves 14B AWQ over both GPUs; its
+    container gets the layer split, without which vLLM splits evenly and overfills the 4060."""
+    from garage_node.node.config import EngineSection
+    from garage_node.node.engine.spec import desired_spec
+
+    inv = node_of(RTX_4070, RTX_4060)
+    cfg = EngineSection(catalog=str(CATALOG_PATH), image="vllm/vllm-openai:v0.32.0", gpu_access="nvidia-toolkit")
+    spec, why = desired_spec(cfg, inv, "100.96.0.2")
+    body = spec.container_body({})
+    assert "VLLM_PP_LAYER_PARTITION=30,18" in body["Env"]
+    cmd = body["Cmd"]
+    assert cmd[cmd.index("--pipeline-parallel-size") + 1] == "2" and cmd[cmd.index("--tensor-parallel-size") + 1] == "1"
+    assert spec.gpu_ids == ("0", "1") and "Qwen2.5-14B" in why

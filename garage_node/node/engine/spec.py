@@ -131,6 +131,7 @@ def desired_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str, api_key
     """(spec, one-line explanation); raises EngineConfigError with what to do."""
     catalog = _catalog(cfg)
     passthrough: Passthrough | None = None
+    env: dict[str, str] = {}
     if cfg.device == "cpu":
         args, model, why = _cpu_args(cfg, catalog)
         gpu_ids: tuple[str, ...] = ()
@@ -142,10 +143,11 @@ def desired_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str, api_key
         model = plan.model.id
         args = plan.engine_args() + ["--served-model-name", model]
         gpu_ids = tuple(str(i) for i in plan.gpu_indices)
+        env = plan.engine_env()  # a pipeline over unequal GPUs: its layer split
         why = f"{plan.model.id} {plan.quantization.name}, TP {plan.tensor_parallel_size}, context {plan.max_model_len}"
         if cfg.gpu_access == "devices":
             passthrough = gpu_passthrough(cfg, inventory, plan.gpu_indices)
-    spec = _spec(cfg, inventory, bind_ip, api_key, model, args, gpu_ids, passthrough, cfg.model_dir, {})
+    spec = _spec(cfg, inventory, bind_ip, api_key, model, args, gpu_ids, passthrough, cfg.model_dir, env)
     return spec, why
 
 
