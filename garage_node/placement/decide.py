@@ -117,6 +117,7 @@ class _Pc:
     refusals: tuple[Refusal, ...] = ()
     switching: bool = False
     held_down: bool = False
+    waits: bool = False  # to be moved when the move budget allows: keeps what it has till then
     choice: str | None = None
     why: str = ""
 
@@ -289,8 +290,9 @@ class Placer:
                 continue
             if r.served is not None and r.served != pick:
                 if budget <= 0:
-                    r.why = (f"serves {r.served}, which the region no longer wants here; waits for the move "
-                             f"budget ({self.moves_per_minute}/min) to switch to {pick}")
+                    r.waits = True
+                    r.why = (f"serves {r.served}, which the region no longer wants here; keeps it until the move "
+                             f"budget ({self.moves_per_minute}/min) lets it switch to {pick}")
                     continue
                 budget -= 1
                 self._moved(r, now, moves, r.served, pick)
@@ -487,7 +489,7 @@ class Placer:
         for r in rows:
             prev = r.view.assignment
             explain[r.node_id] = r.why
-            if not r.active:
+            if not r.active or r.waits:
                 if prev is not None:
                     out[r.node_id] = prev
                 continue

@@ -555,3 +555,19 @@ def test_bandwidth_of_the_cards():
     # A pipeline runs at its slowest stage's pace.
     four, six = gpus(RTX_4090, RTX_4060)
     assert bandwidth.tokens_per_s((four, six), 10.0, (49, 15)) == pytest.approx(272 / (10 * 15 / 64))
+
+
+def test_pcs_of_a_removed_model_switch_within_the_move_budget_and_serve_it_meanwhile():
+    r = Region.of(uniform(3), moves_per_minute=1)
+    r.decide([Wanted(SEVEN)], {SEVEN: Demand(100)})
+    before = {n: pc.assignment for n, pc in r.pcs.items()}
+    r.clock.advance(600)
+    d = r.decide([Wanted(FOURTEEN)], {FOURTEEN: Demand(100)})  # the operator removed the 7B
+    assert len(d.moves) == 1 and r.count(FOURTEEN) == 1
+    waiting = [n for n, m in r.models().items() if m == SEVEN]
+    assert len(waiting) == 2 and all(d.assignments[n] is before[n] for n in waiting)
+    assert all("keeps it until the move budget" in d.explain[n] for n in waiting)
+    for _ in range(2):
+        r.clock.advance(61)
+        r.decide([Wanted(FOURTEEN)], {FOURTEEN: Demand(100)})
+    assert r.count(FOURTEEN) == 3
