@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 EX_UNAVAILABLE = 69
 ACTIONS = ("add", "list", "remove", "import")
+PCS_SHOWN = 20  # `model list` lists each PC's reason up to this many PCs, or with --pcs
 
 HELP = ("the region's catalog: `model add MODEL [--min N] [--max M] [--weight W]` has the head place a catalog "
         "model on the PCs, `model list` shows where each runs, its demand and why, `model remove MODEL`, "
@@ -36,6 +37,8 @@ def add_command(cmd: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--max", type=int, dest="max_replicas", help="at most this many PCs (default: as demand asks)")
     sp.add_argument("--weight", type=float, default=1.0,
                     help="its share when PCs are short, against the other models' (default 1.0)")
+    sp.add_argument("--pcs", action="store_true",
+                    help="list: each PC's assignment and reason too (shown anyway for up to 20 PCs)")
     sp.add_argument("--json", action="store_true")
 
 
@@ -170,7 +173,9 @@ def _list(args: argparse.Namespace, cfg: Any, registry: Any) -> int:
               f"{_dash(m['wanted']):>6} {_dash(m['running']):>7} {d.get('tokens_per_s', 0.0):>9.1f} "
               f"{d.get('queue_depth', 0):>5} {d.get('unserved_per_s', 0.0):>10.2f}  {where}")
         print(f"    why: {m['why']}")
-    if out["pcs"]:
+    if out["pcs"] and not args.pcs and len(out["pcs"]) > PCS_SHOWN:
+        print(f"\n{len(out['pcs'])} PCs placed: `garage-node head model list --pcs` shows each one's reason")
+    elif out["pcs"]:
         print("\nPCS")
         for node_id, pc in sorted(out["pcs"].items(), key=lambda kv: kv[1].get("name", "")):
             print(f"  {pc.get('name') or node_id} ({node_id}): {pc.get('model') or 'nothing'} "

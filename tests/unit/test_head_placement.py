@@ -591,3 +591,24 @@ def test_prefix_affinity_never_sends_a_request_to_a_pc_serving_another_model(hel
     finally:
         other.stop()
     assert [r.headers["x-garage-node-id"] for r in rs] == ["n1", "n2", "n1", "n2"]
+
+
+def test_the_fleet_page_serves_the_placed_models(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from garage_node.head.fleetpage import History
+    from garage_node.head.fleetpage.app import create_fleet_app
+
+    cfg = head_config(tmp_path)
+    reg = Registry(tmp_path / "r.sqlite", NET)
+    node = enroll(reg, "alice-pc")
+    beat(reg, node, cpu_report())
+    add_model(reg, region_catalog(PACKAGED_CATALOG, []), TINY, min_replicas=1, weight=2.0)
+    loop = PlacementLoop(reg, cfg)
+    client = TestClient(create_fleet_app(reg, History(15.0), 15.0, models=loop.fleet_models, poll_s=0.0))
+    assert client.get("/api/fleet").json()["models"] == []  # no pass yet
+    loop.step()
+    (m,) = client.get("/api/fleet").json()["models"]
+    assert (m["model"], m["wanted"], m["running"], m["pcs"]) == (TINY, 1, 0, [{"id": node, "name": "alice-pc"}])
+    assert (m["min_replicas"], m["weight"]) == (1, 2.0) and "min 1" in m["why"]
+    assert 'id="models-table"' in client.get("/").text
