@@ -80,8 +80,11 @@ def _add(args: argparse.Namespace, cfg: Any, registry: Any) -> int:
         print(json.dumps(_terms(m), indent=2))
         return 0
     note = "" if cfg.placement.enabled else " ([placement] enabled is false in the head's config: nothing is placed)"
+    found = catalog.resolve(m.model)
+    served = found[0].id if found else m.model
     print(f"{m.model} is in the region's catalog: {_terms_text(m)}. The head places it within "
-          f"{cfg.placement.interval_s:.0f} s{note}; `garage-node head model list` shows where.")
+          f"{cfg.placement.interval_s:.0f} s{note}; `garage-node head model list` shows where. Clients ask the "
+          f"gateway for it as \"{served}\".")
     return 0
 
 
@@ -132,6 +135,13 @@ def _terms_text(m: Any) -> str:
 def listing(cfg: Any, registry: Any) -> dict[str, Any]:
     """What `model list --json` prints: each model of the region's catalog with the head's
     last decision about it, the PCs' reasons, and how fresh that decision is."""
+    from garage_node.head.placement import base_catalog, region_catalog
+    from garage_node.placement.catalog import CatalogError
+
+    try:
+        catalog = region_catalog(base_catalog(cfg), registry.region.entries())
+    except CatalogError:
+        catalog = None  # listed without the served names; `model add` says what is wrong
     state = registry.region.state()
     body, at = state if state is not None else ({}, None)
     views = {v["model"]: v for v in body.get("models", [])}
@@ -140,7 +150,8 @@ def listing(cfg: Any, registry: Any) -> dict[str, Any]:
     for m in registry.region.models():
         v = views.get(m.model, {})
         where = [{"node_id": n, "name": pcs.get(n, {}).get("name", "")} for n in v.get("pcs", [])]
-        models.append({**_terms(m), "wanted": v.get("wanted"), "running": v.get("running"), "pcs": where,
+        found = catalog.resolve(m.model) if catalog is not None else None
+        models.append({**_terms(m), "served_as": found[0].id if found else None, "wanted": v.get("wanted"), "running": v.get("running"), "pcs": where,
                        "demand": v.get("demand"), "why": v.get("why", "not placed yet: the head's next pass decides")})
     age = time.time() - at if at is not None else None
     return {"placement": {"enabled": cfg.placement.enabled, "last_pass_at": at,
@@ -172,7 +183,7 @@ def _list(args: argparse.Namespace, cfg: Any, registry: Any) -> int:
         print(f"{m['model']:<24} {m['min_replicas']:>3} {_dash(m['max_replicas']):>3} {m['weight']:>6g} "
               f"{_dash(m['wanted']):>6} {_dash(m['running']):>7} {d.get('tokens_per_s', 0.0):>9.1f} "
               f"{d.get('queue_depth', 0):>5} {d.get('unserved_per_s', 0.0):>10.2f}  {where}")
-        print(f"    why: {m['why']}")
+        print(f"    asked for as: {m['served_as'] or '?'}; why: {m['why']}")
     if out["pcs"] and not args.pcs and len(out["pcs"]) > PCS_SHOWN:
         print(f"\n{len(out['pcs'])} PCs placed: `garage-node head model list --pcs` shows each one's reason")
     elif out["pcs"]:

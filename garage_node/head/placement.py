@@ -143,7 +143,16 @@ class PlacementLoop:
         self._assignments: dict[str, Assignment] = self._stored()
         models = registry.region.models()
         self._active = cfg.placement.enabled and bool(models)
-        self._placed: frozenset[str] = frozenset(m.model for m in models) if cfg.placement.enabled else frozenset()
+        # The names PCs' engines serve the region's models under (vLLM's --served-model-name:
+        # the catalog's repo id, what clients ask the gateway for): catalog name -> served name.
+        self._served: dict[str, str] = {}
+        self._placed: frozenset[str] = frozenset()
+        if cfg.placement.enabled and models:
+            try:
+                self._served = self._served_names(models, self._current_placer()[0])
+            except Exception:  # a catalog that does not load: the first pass says why
+                log.exception("the region's catalog could not be read")
+            self._placed = frozenset(self._served.values())
         self.last: PassResult | None = None
         self._names: dict[str, str] = {}  # node id -> name, as of the last pass
         self._terms: dict[str, RegionModel] = {m.model: m for m in models}
@@ -186,8 +195,18 @@ class PlacementLoop:
         return out
 
     def placed(self) -> frozenset[str]:
-        """The models of the region's catalog (the gateway holds requests for these)."""
+        """The region's models by the names clients ask for them (their engines' served
+        names, the catalog's repo ids): the gateway holds requests for these."""
         return self._placed
+
+    @staticmethod
+    def _served_names(models: Sequence[RegionModel], catalog: Catalog) -> dict[str, str]:
+        out = {}
+        for m in models:
+            found = catalog.resolve(m.model)
+            if found is not None:
+                out[m.model] = found[0].id
+        return out
 
     # -- lifecycle
 
@@ -213,15 +232,17 @@ class PlacementLoop:
     def step(self) -> PassResult:
         started = time.perf_counter()
         models = self.registry.region.models() if self.cfg.placement.enabled else []
-        self._placed = frozenset(m.model for m in models)
         self._terms = {m.model: m for m in models}
         if not models:
             self._active = False
+            self._served, self._placed = {}, frozenset()
             result = PassResult(None, {}, time.perf_counter() - started)
             self.last = result
             self._store_state(result, [])
             return result
         catalog, placer = self._current_placer()
+        self._served = self._served_names(models, catalog)
+        self._placed = frozenset(self._served.values())
         wanted = [Wanted(m.model, m.min_replicas, m.max_replicas, m.weight) for m in models
                   if catalog.resolve(m.model) is not None]
         previous = self._assignments
@@ -290,7 +311,7 @@ class PlacementLoop:
         seen = self.demand()
         out = {}
         for w in wanted:
-            d = seen.get(w.model)
+            d = seen.get(self._served.get(w.model, w.model))  # the gateway counts by the name asked for
             out[w.model] = (PlacerDemand(tokens_per_s=d.tokens_per_s, queue_depth=d.queue_depth,
                                          unserved_per_s=d.unserved_per_s) if d else PlacerDemand())
         return out

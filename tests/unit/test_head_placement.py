@@ -33,6 +33,10 @@ from tests.unit.test_gateway import Engine
 
 NET = ipaddress.IPv4Network("100.96.0.0/16")
 TINY = "tiny-llama-test"  # a catalog model every test catalog has (configs/models.toml)
+# The names engines serve them under (--served-model-name: the catalog's repo id), which
+# clients ask the gateway for and the endpoint table and the demand are keyed by.
+TINY_ID = "garage/tiny-llama-test"
+B_ID = "garage-node/tiny-b"
 
 EXTRA_MODEL = """
 [models.tiny-b]
@@ -259,7 +263,7 @@ def test_the_loop_assigns_nothing_until_a_model_is_wanted_then_keeps_generations
     catalog = region_catalog(PACKAGED_CATALOG, [])
     add_model(reg, catalog, TINY, min_replicas=2)
     result = loop.step()
-    assert set(result.changed) == set(pcs) and loop.placed() == {TINY}
+    assert set(result.changed) == set(pcs) and loop.placed() == {TINY_ID}  # held at the gateway by that name
     for n in pcs:
         a = loop.assignment(n)
         assert a is not None and a.model == TINY and a.generation == 1 and a.quantization == "fp32"
@@ -270,7 +274,7 @@ def test_the_loop_assigns_nothing_until_a_model_is_wanted_then_keeps_generations
 
     # The PCs carry it out; the head restarts (a new registry object and loop on the same file).
     for n in pcs:
-        beat(reg, n, cpu_report(TINY, generation=1))
+        beat(reg, n, cpu_report(TINY_ID, generation=1))
     reg.close()
     reg2 = Registry(tmp_path / "r.sqlite", NET)
     loop2 = PlacementLoop(reg2, cfg)
@@ -314,22 +318,22 @@ def test_demand_for_a_second_model_moves_one_pc_and_the_heartbeat_answer_carries
 
     from garage_node.head.gateway.demand import ModelDemand
 
-    demand[TINY] = ModelDemand(tokens_per_s=500.0, queue_depth=4, unserved_per_s=0.0, requests_per_s=2.0, held=0)
+    demand[TINY_ID] = ModelDemand(tokens_per_s=500.0, queue_depth=4, unserved_per_s=0.0, requests_per_s=2.0, held=0)
     assert post(cpu_report()).assignment is None  # no pass yet: nothing to say
     beat(reg, other, cpu_report())
     loop.step()
     assert {loop.assignment(n).model for n in ids} == {TINY}  # demand on A only: both serve A
-    assert post(cpu_report(TINY, generation=1)).assignment.model == TINY
-    beat(reg, other, cpu_report(TINY, generation=1))
+    assert post(cpu_report(TINY_ID, generation=1)).assignment.model == TINY
+    beat(reg, other, cpu_report(TINY_ID, generation=1))
 
     # A load of requests for B starts: held at the gateway, so unserved.
-    demand["tiny-b"] = ModelDemand(tokens_per_s=500.0, queue_depth=8, unserved_per_s=2.0, requests_per_s=2.0, held=8)
+    demand[B_ID] = ModelDemand(tokens_per_s=500.0, queue_depth=8, unserved_per_s=2.0, requests_per_s=2.0, held=8)
     result = loop.step()
     moved = [n for n in ids if loop.assignment(n).model == "tiny-b"]
     assert len(moved) == 1 and len(result.decision.moves) == 1
     assert loop.assignment(moved[0]).generation == 2 and reg.region.assignments()[moved[0]]["generation"] == 2
     if moved[0] == pc.node_id:
-        answer = post(cpu_report(TINY, generation=1))
+        answer = post(cpu_report(TINY_ID, generation=1))
         assert answer.assignment.model == "tiny-b" and answer.assignment.generation == 2
     assert loop.switches == {TINY: 2, "tiny-b": 1}
     assert "tiny-b" in result.decision.explain[moved[0]]
@@ -340,7 +344,7 @@ def test_demand_for_a_second_model_moves_one_pc_and_the_heartbeat_answer_carries
     # Placement off: the heartbeat answers carry no assignment, whatever is stored.
     off = PlacementLoop(reg, head_config(tmp_path, enabled=False))
     holder["loop"] = off
-    assert off.step().decision is None and post(cpu_report(TINY, generation=1)).assignment is None
+    assert off.step().decision is None and post(cpu_report(TINY_ID, generation=1)).assignment is None
 
 
 def test_a_model_must_be_in_the_catalog_and_an_import_is_checked_whole(tmp_path):
@@ -394,6 +398,7 @@ def test_head_model_commands_against_a_real_head(tmp_path, capsys):
                                                              "weight": 2.0, "added_at": 0}
     listed = json.loads(cli(capsys, config, "model", "list", "--json")[1])
     assert [m["model"] for m in listed["models"]] == ["tiny-b"] and listed["models"][0]["wanted"] is None
+    assert listed["models"][0]["served_as"] == B_ID  # the name clients ask the gateway for
     assert listed["placement"]["last_pass_at"] is None
 
     # The running head's placement pass (the loop, on the same state dir), then the list again.
@@ -427,9 +432,9 @@ def test_metrics_and_the_dashboard_show_placement_per_model(tmp_path):
     node = enroll(reg, "pc-1")
     beat(reg, node, cpu_report())
     add_model(reg, region_catalog(PACKAGED_CATALOG, []), TINY, min_replicas=1)
-    g.placed = lambda: frozenset({TINY})
-    g.demand.arrived(TINY, 400, 100)
+    g.demand.arrived(TINY_ID, 400, 100)
     loop = PlacementLoop(reg, cfg, demand=g.demand.snapshot)
+    assert loop.placed() == {TINY_ID}
     g.metrics.watch_placement(loop)
     loop.step()
     text = generate_latest(g.metrics.registry).decode()
@@ -461,7 +466,7 @@ def test_a_new_assignment_of_a_model_the_heads_store_holds_says_where_to_fetch_i
     loop.step()
     a = loop.assignment(node)
     assert a.model == TINY and a.weights_path == ModelStore.weights_path(TINY) and a.generation == 1
-    beat(reg, node, cpu_report(TINY, generation=1))
+    beat(reg, node, cpu_report(TINY_ID, generation=1))
     assert loop.step().changed == {}  # the path is not a change: no generation grows
 
 
@@ -495,7 +500,8 @@ class SwitchingPc:
         self.log.append((time.monotonic(), f"{self.phase} {self.model}"))
         state = {"serving": EngineState.HEALTHY, "draining": EngineState.HEALTHY,
                  "starting": EngineState.STARTING}.get(self.phase)
-        report = cpu_report(self.model, self.generation, state or EngineState.DISABLED, self.engine.url,
+        served = {TINY: TINY_ID, "tiny-b": B_ID}  # what its engine serves the model as (the repo id)
+        report = cpu_report(served.get(self.model or ""), self.generation, state or EngineState.DISABLED, self.engine.url,
                             switching_to=self.target.model if self.phase == "draining" else None) \
             if self.model else cpu_report()
         if self.phase == "draining":
@@ -524,9 +530,9 @@ def test_demand_moves_one_pc_to_a_new_model_and_no_request_fails_at_the_gateway(
     for name in ("pc-1", "pc-2"):
         node = enroll(reg, name)
         pcs.append(SwitchingPc(node, Engine(node, g.engine_keys.for_node(node)), reg, g, loop))
-    g.demand.arrived(TINY, 400, 100)  # demand on A only, before anything runs
-    answered: dict[str, list[int]] = {TINY: [], "tiny-b": []}
-    served_by: dict[str, set[str]] = {TINY: set(), "tiny-b": set()}
+    g.demand.arrived(TINY_ID, 400, 100)  # demand on A only, before anything runs
+    answered: dict[str, list[int]] = {TINY_ID: [], B_ID: []}
+    served_by: dict[str, set[str]] = {TINY_ID: set(), B_ID: set()}
 
     async def client(c: httpx.AsyncClient, model: str, until: float) -> None:
         while time.monotonic() < until:
@@ -551,8 +557,8 @@ def test_demand_moves_one_pc_to_a_new_model_and_no_request_fails_at_the_gateway(
             ctl = asyncio.create_task(control(start + 7))
             await asyncio.sleep(1.0)  # both PCs come up on A
             assert {pc.model for pc in pcs} == {TINY} and all(pc.phase == "serving" for pc in pcs)
-            await asyncio.gather(client(c, TINY, start + 6), client(c, TINY, start + 6),
-                                 client(c, "tiny-b", start + 6), client(c, "tiny-b", start + 6))
+            await asyncio.gather(client(c, TINY_ID, start + 6), client(c, TINY_ID, start + 6),
+                                 client(c, B_ID, start + 6), client(c, B_ID, start + 6))
             await ctl
             await g.proxy.close()
 
@@ -563,10 +569,10 @@ def test_demand_moves_one_pc_to_a_new_model_and_no_request_fails_at_the_gateway(
             pc.engine.stop()
         g.stop()
     assert {pc.model for pc in pcs} == {TINY, "tiny-b"}  # one PC moved to B, the other kept A
-    assert answered[TINY] and set(answered[TINY]) == {200}, answered[TINY]
-    assert answered["tiny-b"] and set(answered["tiny-b"]) == {200}, answered["tiny-b"]
+    assert answered[TINY_ID] and set(answered[TINY_ID]) == {200}, answered[TINY_ID]
+    assert answered[B_ID] and set(answered[B_ID]) == {200}, answered[B_ID]
     mover = next(pc for pc in pcs if pc.model == "tiny-b")
-    assert served_by["tiny-b"] == {mover.node_id}
+    assert served_by[B_ID] == {mover.node_id}
     assert any("draining" in s for _, s in mover.log)  # it told the head before it switched
     assert len(loop.last.decision.moves) <= 1 and loop.switches["tiny-b"] == 1
 
