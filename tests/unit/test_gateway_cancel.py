@@ -290,3 +290,62 @@ def test_a_client_that_leaves_while_sending_its_body_is_counted_not_a_traceback(
                if s.name == "garage_gateway_requests_total"}
     assert counted == {"499": 1.0}
     gw.stop()
+
+
+def test_a_stream_relaying_a_burst_still_sees_its_client_leave(tmp_path):
+    """Events already read from the PC (httpx reads many at once when the gateway lags) were
+    relayed without the event loop running between them: the client's leaving went unnoticed
+    for a whole burst (1-4 s behind the real engine on a busy machine). ASGI 2.3, as uvicorn:
+    the leaving arrives as http.disconnect, which Starlette's listener can only see when the
+    loop runs."""
+    from garage_node.head.gateway.app import _call
+    from garage_node.head.gateway.proxy import RelayResponse
+
+    burst = 20_000
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def complete(request: Request) -> StreamingResponse:
+        await request.json()
+        chunk = '{"id":"c","choices":[{"index":0,"text":"x"}],"usage":null}'
+        one_write = "".join(f"data: {chunk}\n\n" for _ in range(burst)) + "data: [DONE]\n\n"
+
+        async def events():
+            yield one_write
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    server, thread, port = serve(app)
+    gw = Gateway(GatewaySection(), tmp_path, lambda: {})
+    gw.on_report("n1", engine_report(f"http://127.0.0.1:{port}"))
+    gw.keys.create("tester", now=time.time())
+
+    async def go() -> int:
+        call = _call("/v1/completions", {"model": MODEL, "prompt": "x", "stream": True},
+                     gw.keys.get("tester"), time.monotonic(), gw.router)
+        response = await gw.proxy.forward(call, None)
+        assert isinstance(response, RelayResponse)
+        gone = asyncio.Event()
+        after = 0
+
+        async def send(message):
+            nonlocal after
+            if gone.is_set():
+                after += 1
+            elif message.get("body"):
+                gone.set()  # the client reads the first event and leaves
+
+        async def receive():
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+        await gw.proxy.close()
+        return after
+
+    try:
+        relayed_after = asyncio.run(go())
+    finally:
+        server.should_exit = True
+        thread.join(5)
+        gw.stop()
+    assert relayed_after < 100, f"{relayed_after} events relayed to a client that had left"

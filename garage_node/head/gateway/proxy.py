@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 RETRY_STATUSES = (401, 502, 503, 504)
 SWEEP_S = 0.25  # how often open requests are checked against the table's verdicts
+YIELD_EVERY = 8  # a relayed stream lets the event loop run at least this often (events)
 CLIENT_LEFT = 499  # nginx's status for "the client closed the request": for the metrics only
 
 R = TypeVar("R")
@@ -227,7 +228,7 @@ class Proxy:
     async def _relay(self, call: Call, ep: Endpoint, slot: _Slot, first: ServerSentEvent,
                      events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[bytes]:
         usage: tuple[int, int] | None = None
-        content_events = 0
+        content_events = relayed = 0
         finished = False
         att = _Attempt(ep, self.table.clock.monotonic(), answered=True)  # ended if the head gives the PC up
         self.watchdog.add(att)
@@ -240,6 +241,12 @@ class Proxy:
                 content_events += has_content
                 if out:
                     yield out
+                    relayed += 1
+                    if relayed % YIELD_EVERY == 0:
+                        # Events already read (httpx reads many at once when the gateway lags)
+                        # are relayed without a pause, and the loop never polls: a client that
+                        # left went unnoticed for seconds (1-4 s measured on a busy machine).
+                        await asyncio.sleep(0)
                 if event.data.strip() == "[DONE]":
                     finished = True
                     break
