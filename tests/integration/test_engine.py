@@ -18,6 +18,7 @@ from typing import Iterator
 
 import pytest
 
+from garage_node.node.engine.startup import FIRST, STAGES
 from testing.nvml_double import RTX_4060
 from testing.dockerd import engine_toml, tiny_model_dir
 from testing.region import Testbed, missing_prerequisite, wait_for
@@ -131,8 +132,24 @@ def test_killed_engine_comes_back_by_itself(region):
     node = region.hosts[1]
     before = node.status()["engine"]["restarts"]
     docker("kill", "garage-engine")
-    s = healthy(node, 300, predicate=lambda s: s["engine"]["restarts"] > before)
+    said: list[str] = []  # what status said while the engine started again (issue #23)
+    t0 = time.monotonic()
+
+    def back() -> bool:
+        e = node.status()["engine"]
+        if e["state"] == "starting":
+            if not said or said[-1].partition("): ")[2] != e["message"].partition("): ")[2]:
+                print(f"  {time.monotonic() - t0:5.0f} s after the kill: {e['message']}")  # each new stage, with -s
+            said.append(e["message"])
+        return e["state"] == "healthy" and e["restarts"] > before
+    wait_for(back, 300, "the killed engine to be healthy again")
+    print(f"  {time.monotonic() - t0:5.0f} s  healthy again")
+    s = healthy(node, 30)
     assert s["engine"]["restarts"] == before + 1
+    # The stages vLLM went through were named from its log, not a bare "loading".
+    named = {stage for _, stage in STAGES if any(stage in m for m in said)}
+    assert named - {FIRST}, said
+    assert all(m.startswith("engine starting ") or m == "engine restarted after a crash" for m in said), said
 
 
 def test_agent_crash_adopts_the_running_engine(region):
