@@ -49,7 +49,8 @@ class Mover:
 
 
     def rebalance(self, active: list[PcState], tg: Mapping[str, Target], count: Tally,
-                   demand: Mapping[str, Demand], budget: int, moves: list[str], now: float) -> None:
+                  demand: Mapping[str, Demand], budget: int, moves: list[str], now: float) -> None:
+        """Move PCs, within `budget`, from models over their ideal to models short of it."""
         by_model: dict[str, list[PcState]] = {m: [] for m in count.pcs}
         for r in active:
             if r.choice is not None and r.movable:
@@ -109,12 +110,14 @@ class Mover:
         over model Y -> X, if Y is over by the margin (X ends where it was)."""
         s = tg[short]
         gap = s.ideal - count.units[short]
+        urgent = urgency(s, count.pcs[short]) > 0
         fit_short: dict[str, PcState] = {}  # model X -> a movable PC on X that can serve `short`
         for m, rows in by_model.items():
             if m == short:
                 continue
             for r in rows:
-                if short in r.options:
+                # Not one worth far more than the gap (it would be moved back).
+                if short in r.options and (urgent or count.unit(r, short) < gap + 0.5 + self.hysteresis):
                     fit_short[m] = r
                     break
         if not fit_short:
@@ -125,7 +128,7 @@ class Mover:
             if m == short or not rows or count.pcs[m] - 1 < t.floor or urgency(t, count.pcs[m] - 1) > 0:
                 continue
             over = count.units[m] - t.ideal
-            if min(over, gap) >= self.margin(s, t) or (urgency(s, count.pcs[short]) > 0 and over > 0):
+            if min(over, gap) >= self.margin(s, t) or (urgent and over > 0):
                 donors.append((over / max(t.ideal, 1.0), m))
         for _, y in sorted(donors, reverse=True):
             for q in by_model[y]:
