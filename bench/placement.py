@@ -237,7 +237,27 @@ def run(args: argparse.Namespace) -> None:
             if name == "head":
                 cap_prev = cap
     wall = time.perf_counter() - wall
+    churn = _restart_churn(catalog, head, placer, clock, wanted, gateway, args)
     _print(args, took, cpu, sums, warm, switches, steps, wall, est)
+    print(f"head restart: a new placer given the settled region's stored assignments changed {churn}"
+          f" of {len(head)} (the goal: none)")
+
+
+def _restart_churn(catalog: Catalog, sims: list[PcSim], placer: Placer, clock: FakeClock, wanted: list[Wanted],
+                   gateway: dict[str, Demand], args: argparse.Namespace) -> int:
+    """Let the region settle under the last demand, then decide with a new Placer (the head
+    restarted, its assignments read back from the registry): how many assignments change."""
+    for _ in range(60):
+        clock.mono += 60
+        d = placer.decide([_view(i, s, clock.mono) for i, s in enumerate(sims)], wanted, gateway)
+        _apply(catalog, sims, d, clock.mono)
+        if not d.moves and all(s.ready_at <= clock.mono for s in sims):
+            break
+    fresh = Placer(catalog, moves_per_minute=args.moves_per_minute, hysteresis=args.hysteresis,
+                   hold_down_s=args.hold_down_s, clock=FakeClock(start=0.0))
+    views = [_view(i, s, clock.mono) for i, s in enumerate(sims)]
+    d = fresh.decide(views, wanted, gateway)
+    return sum(1 for v in views if d.assignments.get(v.node_id) is not v.assignment)
 
 
 def _view(i: int, s: PcSim, now: float) -> PcView:

@@ -99,6 +99,7 @@ class Placer:
         specs: dict[str, tuple[Wanted, ModelSpec]] = {}
         unknown: list[Wanted] = []
         for w in wanted:
+            _check(w)
             found = self.catalog.resolve(w.model)
             if found is None:
                 unknown.append(w)
@@ -268,6 +269,18 @@ class Placer:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _check(w: Wanted) -> None:
+    what = f"wanted model {w.model!r}: "
+    if w.min_replicas < 0:
+        raise PlacementError(what + f"min_replicas must be 0 or more, got {w.min_replicas}")
+    if w.max_replicas is not None and w.max_replicas < max(w.min_replicas, 0):
+        raise PlacementError(what + f"max_replicas {w.max_replicas} is below min_replicas {w.min_replicas}")
+    if not w.weight >= 0 or w.weight == float("inf"):
+        raise PlacementError(what + f"weight must be a finite number, 0 or more, got {w.weight}")
+    if w.max_model_len is not None and w.max_model_len < 1:
+        raise PlacementError(what + f"max_model_len must be a positive number of tokens, got {w.max_model_len}")
 
 
 def _image(catalog: Catalog, ref: str | None) -> EngineImage | None:

@@ -422,6 +422,12 @@ def test_bad_settings_are_refused():
         Placer(CATALOG, hysteresis=1.5)
     with pytest.raises(PlacementError, match="moves_per_minute"):
         Placer(CATALOG, moves_per_minute=-1)
+    placer = Placer(CATALOG)
+    for bad, words in [(Wanted(SEVEN, min_replicas=3, max_replicas=1), "max_replicas 1 is below min_replicas 3"),
+                       (Wanted(SEVEN, weight=float("nan")), "weight must be"),
+                       (Wanted(SEVEN, min_replicas=-1), "min_replicas must be 0 or more")]:
+        with pytest.raises(PlacementError, match=words):
+            placer.decide([], [bad], {})
 
 
 # ---------------------------------------------------------------- the testbed's story, on fakes
