@@ -173,7 +173,7 @@ def test_a_request_for_a_catalog_model_is_held_until_a_pc_serves_it(held_gw):
     r = asyncio.run(go())
     assert r.status_code == 200, r.text
     assert r.headers["x-garage-node-id"] == "n1" and r.json()["choices"][0]["text"] == "from n1"
-    assert 1.2 <= time.monotonic() - started < 3.0  # held, then served within a poll of the PC's arrival
+    assert time.monotonic() - started >= 1.2  # held through both waits, not refused or served early
     assert g.held == 0 and g.demand.snapshot()["wanted"].queue_depth == 0
 
 
@@ -185,21 +185,20 @@ def test_past_hold_s_a_held_request_gets_503_loading_and_a_full_queue_at_once(he
                                      timeout=30) as c:
             held = [asyncio.create_task(_post(c, g, "wanted")) for _ in range(2)]
             await asyncio.sleep(0.3)
-            t = time.monotonic()
-            over = await _post(c, g, "wanted")  # hold_queue = 2 are waiting: refused at once
-            refused_in = time.monotonic() - t
+            over = await _post(c, g, "wanted")  # hold_queue = 2 are waiting: refused at once,
+            refused_first = not any(h.done() for h in held)  # not after waiting out hold_s
             rs = await asyncio.gather(*held)
             unknown = await _post(c, g, "not-in-catalog")
-            return over, refused_in, rs, unknown
+            return over, refused_first, rs, unknown
 
     started = time.monotonic()
-    over, refused_in, rs, unknown = asyncio.run(go())
-    assert over.status_code == 503 and refused_in < 0.5 and "loading" in over.json()["error"]["message"]
+    over, refused_first, rs, unknown = asyncio.run(go())
+    assert over.status_code == 503 and refused_first and "loading" in over.json()["error"]["message"]
     for r in rs:
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
         assert int(r.headers["retry-after"]) >= 1
         assert "wanted is loading" in r.json()["error"]["message"]
-    assert 3.0 <= time.monotonic() - started < 6.0  # hold_s
+    assert time.monotonic() - started >= 3.0  # held for hold_s before the 503
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     assert "not-in-catalog" not in g.demand.snapshot()  # an unknown name is not counted
     assert g.held == 0
