@@ -98,3 +98,44 @@ def test_parse_metrics():
     m = parse_metrics(METRICS)
     assert (m.running, m.waiting, m.generation_tokens_total) == (2, 1, 1234.0)
     assert parse_metrics("") == parse_metrics("# nothing\n")
+
+
+# ------------------------------------------------------------------ what the head assigns (#18)
+
+def test_an_assigned_pipeline_over_unequal_gpus_becomes_its_arguments_and_layer_split(driver_root):
+    from garage_node.core.wire import Assignment
+    from garage_node.node.engine.spec import assigned_spec
+
+    cfg = EngineSection(catalog=CATALOG, image="vllm/vllm-openai:v0.32.0", driver_root=driver_root,
+                        gpu_access="nvidia-toolkit")
+    inv = Inventory((GPU(0, "NVIDIA GeForce RTX 4090", "GPU-0", 24564, 24564, "8.9", 40, 30.0, 0),
+                     GPU(1, "NVIDIA GeForce RTX 4060", "GPU-1", 8188, 8188, "8.9", 40, 30.0, 0)), "550.54.14", "12.4")
+    a = Assignment(generation=3, model="qwen2.5-14b", quantization="bf16", max_model_len=8192, gpu_indices=[0, 1],
+                   tensor_parallel_size=1, pipeline_parallel_size=2, layer_partition=[36, 12], reason="fits their sum")
+    spec, why = assigned_spec(cfg, inv, "100.96.0.2", "key", a, model_dir="/w/qwen2.5-14b/model")
+    args = list(spec.args)
+    assert args[args.index("--pipeline-parallel-size") + 1] == "2" and args[args.index("--tensor-parallel-size") + 1] == "1"
+    assert args[args.index("--max-model-len") + 1] == "8192" and args[args.index("--model") + 1] == "/models/served"
+    assert dict(spec.env)["VLLM_PP_LAYER_PARTITION"] == "36,12" and spec.gpu_ids == ("0", "1")
+    assert spec.model_dir == "/w/qwen2.5-14b/model" and "PP 2" in why and "assigned by the head" in why
+    body = spec.container_body({})
+    assert "VLLM_PP_LAYER_PARTITION=36,12" in body["Env"]
+    assert body["HostConfig"]["DeviceRequests"][0]["DeviceIDs"] == ["0", "1"]
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(gpu_indices=[0, 5]), "the assigned GPUs [5] are not healthy GPUs of this PC"),
+    (dict(tensor_parallel_size=2), "TP 2 x PP 1 does not match the 1 GPUs assigned"),
+    (dict(model="qwen2.5-32b", quantization="bf16"), "the assignment does not fit this PC's GPUs [0]"),
+    (dict(model="no-such-model"), "the assigned model no-such-model is not in this PC's catalog"),
+    (dict(quantization="int3"), "is not offered in int3"),
+])
+def test_an_assignment_this_pc_cannot_serve_is_refused_with_why(driver_root, change, words):
+    from garage_node.core.wire import Assignment
+    from garage_node.node.engine.spec import assigned_spec
+
+    cfg = EngineSection(catalog=CATALOG, image="vllm/vllm-openai:v0.32.0", driver_root=driver_root,
+                        gpu_access="nvidia-toolkit")
+    a = replace(Assignment(generation=1, model="qwen2.5-7b", gpu_indices=[0]), **change)
+    with pytest.raises(EngineConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        assigned_spec(cfg, gpus(24564), "100.96.0.2", "", a)
