@@ -3,10 +3,12 @@ loop, gateway, model store), two PCs in namespaces each with a dockerd of its ow
 real vLLM CPU image, and two tiny models A and B made locally (distinct names and files),
 imported into the region's catalog and stored at the head.
 
-With demand on A only, both PCs serve A. Then a load of requests for B starts: within 120 s one
-PC serves B (its weights fetched from the head's store and checked, the engine switched after
-the head heard of it), and over the whole run no request fails: requests for A keep being
-answered by the other PC, requests for B wait at the gateway and are answered once B is up."""
+With A in the region's catalog and demand on A only, both PCs serve A. Then the operator adds B
+(`head model add`) and a load of requests for B starts: one PC serves B (its weights fetched
+from the head's store and checked, the engine switched after the head heard of it), and over
+the whole run no request fails: requests for A keep being answered by the other PC, requests
+for B wait at the gateway and are answered once B is up. How long B took is printed (the
+issue's goal is 120 s), not asserted."""
 
 from __future__ import annotations
 
@@ -141,6 +143,14 @@ def evidence(tb: Testbed, pc) -> str:
     return "\n".join(lines[-60:] + [f"direct to {pc.name}: {direct[:600]}"])
 
 
+def gateway_status(head, key: str, model: str) -> str:
+    """The HTTP status of a completion for `model` within 2 s ("000": none yet, e.g. held)."""
+    body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 1})
+    return head.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", "-H",
+                     "Content-Type: application/json", "-H", f"Authorization: Bearer {key}", "-d", body,
+                     f"{GATEWAY}/v1/completions"], check=False).stdout.strip()
+
+
 def start_load(head, key: str, model: str, name: str, concurrency: int):
     return head.spawn([sys.executable, str(ROOT / "testing/loadgen.py"), GATEWAY, key, model,
                        "--concurrency", str(concurrency), "--seconds", "3600", "--max-tokens", "4", "--unique"],
@@ -165,8 +175,7 @@ def region(testbed: Testbed, tmp_path_factory) -> Testbed:
     hc(head, "model", "import", str(catalog))
     for name, folder in dirs.items():
         hc(head, "weights", "add", name, str(folder), timeout=120)
-    hc(head, "model", "add", A)
-    hc(head, "model", "add", B)
+    hc(head, "model", "add", A)  # B is added when its load begins (the test)
     tb.key = hc(head, "key", "create", "tester").stdout.strip()
     for i, name in enumerate(("pc-a", "pc-b")):
         pc = tb.add_engine_node(name, engine_section(tb.dir / name, catalog, cpus=str(i)))
@@ -178,8 +187,7 @@ def region(testbed: Testbed, tmp_path_factory) -> Testbed:
 def test_demand_moves_a_pc_to_another_model_and_no_request_fails(region):
     head, pcs = region.head, region.hosts[1:]
     started = time.monotonic()
-    # Before any demand the head spreads the region by weight; once a PC serves, demand on A
-    # only begins, and both PCs end up serving A.
+    # A alone in the region's catalog, then demand on A only: both PCs serve A.
     wait_for(lambda: any(serving(pc) for pc in pcs), 600, "a PC serving a model the head assigned")
     first = time.monotonic() - started
     load_a = start_load(head, region.key, A, "a", concurrency=1)
@@ -195,6 +203,10 @@ def test_demand_moves_a_pc_to_another_model_and_no_request_fails(region):
     # figure printed, not asserted: on this 2-core machine it is mostly vLLM's start on a CPU
     # the other engine's load shares).
     b_started = time.monotonic()
+    hc(head, "model", "add", B)
+    # The head's placement loop reads the region's catalog every interval_s: until then the
+    # gateway answers 404 for B (outside the catalog), after it holds B's requests.
+    wait_for(lambda: gateway_status(head, region.key, B) != "404", 30, "the gateway to know tiny-b")
     load_b = start_load(head, region.key, B, "b", concurrency=2)
     marks = b_marks(pcs, b_started, timeout=480)
     took_b = marks["serving"]
