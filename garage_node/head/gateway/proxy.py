@@ -16,8 +16,9 @@ its answer began (a non-streamed one, or a stream before its first event) is can
 PC and goes in the ledger as a request of 0 tokens.
 
 Ending what is open (`_Attempt`, swept every SWEEP_S by `_Watchdog`):
-- the client leaves: a listener on the request's ASGI channel sees it at once; the engine's
-  response is closed (vLLM aborts the request) and the PC's slot given back;
+- the client leaves before the answer begins: a listener on the request's ASGI channel (from
+  CLIENT_WATCH_AFTER_S on) sees it at once; the engine's response is closed (vLLM aborts the
+  request) and the PC's slot given back. Mid-stream, Starlette sees it (RelayResponse);
 - the head gives the PC up (no heartbeat for stale_after_s, or dropped from the table): a
   request without its first byte goes to another PC, a stream under way ends with the
   `upstream_lost` event;
