@@ -388,6 +388,19 @@ def _with_assignment(extras: Callable[[str], HeartbeatExtras],
     return both
 
 
+# The gateway's customers bring every kind of client, so it keeps TLS 1.2, but only with AEAD
+# suites: uvicorn's default cipher string ("TLSv1") also offers the CBC-SHA1 suites an outside
+# check found on the control API (issue #23). TLS 1.3's suites are not set by this string.
+GATEWAY_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def gateway_tls(cert: str, key: str) -> dict[str, str]:
+    """uvicorn's TLS settings for the gateway's listener; {} without a certificate (plain HTTP)."""
+    if not cert:
+        return {}
+    return {"ssl_certfile": cert, "ssl_keyfile": key, "ssl_ciphers": GATEWAY_CIPHERS}
+
+
 def gateway_listeners(cfg: HeadConfig, gateway: Gateway) -> list[BackgroundServer]:
     """The OpenAI API (facing users: the same guards as the control API) and the metrics."""
     import uvicorn
@@ -399,10 +412,11 @@ def gateway_listeners(cfg: HeadConfig, gateway: Gateway) -> list[BackgroundServe
     limits = GuardLimits(request_timeout_s=cfg.api.request_timeout_s,
                          max_connections_per_client=cfg.api.max_connections_per_client,
                          tls_handshake_timeout_s=cfg.api.tls_handshake_timeout_s)
-    tls = {"ssl_certfile": g.tls_cert, "ssl_keyfile": g.tls_key} if g.tls_cert else {}
     api = uvicorn.Config(create_gateway_app(gateway), host=g.listen_host, port=g.port, log_level="warning",
                          access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=10,
-                         http=guarded_protocol(limits), loop=guarded_loop_factory(limits), **tls)  # type: ignore[arg-type]
+                         http=guarded_protocol(limits),
+                         loop=guarded_loop_factory(limits),  # type: ignore[arg-type]
+                         **gateway_tls(g.tls_cert, g.tls_key))
     metrics = uvicorn.Config(make_asgi_app(gateway.metrics.registry), host=g.metrics_host, port=g.metrics_port,
                              log_level="warning", access_log=False)
     return [BackgroundServer("gateway", api), BackgroundServer("metrics", metrics)]

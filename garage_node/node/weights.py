@@ -96,10 +96,9 @@ class HttpSource:
 def head_source(identity: Callable[[], Identity], ca_pem: bytes) -> HttpSource:
     """The head's control API over HTTPS pinned to its CA (as heartbeats are), with the node's
     credential; its own connection, so a long download never holds up a heartbeat."""
-    import ssl
+    from garage_node.node.headclient import tls_context  # TLS 1.3 only, as heartbeats
 
-    ctx = ssl.create_default_context(cadata=ca_pem.decode())
-    client = httpx.Client(verify=ctx, timeout=httpx.Timeout(READ_TIMEOUT_S, connect=10.0))
+    client = httpx.Client(verify=tls_context(ca_pem), timeout=httpx.Timeout(READ_TIMEOUT_S, connect=10.0))
 
     def auth() -> Mapping[str, str]:
         ident = identity()

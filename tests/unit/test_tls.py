@@ -153,3 +153,29 @@ def test_tls13_config_without_a_certificate_serves_plain_http(tmp_path: Path) ->
     config = tls13_config(serving(b""), host="127.0.0.1", port=free_port(), lifespan="off")
     config.load()
     assert config.ssl is None
+
+
+@pytest.fixture(scope="module")
+def gateway(certs: pki.PkiPaths) -> Iterator[int]:
+    """The gateway's HTTPS listener with the TLS settings `head run` gives it (service.gateway_tls)."""
+    import uvicorn
+
+    from garage_node.head.service import gateway_tls
+
+    port = free_port()
+    config = uvicorn.Config(serving(b"ok"), host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                            **gateway_tls(str(certs.server_cert), str(certs.server_key)))  # type: ignore[arg-type]
+    server = BackgroundServer("gateway", config)
+    server.start()
+    yield port
+    server.stop()
+
+
+def test_the_gateway_keeps_tls_1_2_but_only_with_aead_suites(gateway: int, certs: pki.PkiPaths) -> None:
+    # Customers' clients may be old, so TLS 1.2 stays; its CBC-SHA1 suites do not.
+    assert handshake(gateway, client_context(certs, ssl.TLSVersion.TLSv1_2)) == "TLSv1.2"
+    cbc = client_context(certs, ssl.TLSVersion.TLSv1_2)
+    cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA")
+    with pytest.raises(ssl.SSLError):
+        handshake(gateway, cbc)
+    assert handshake(gateway, client_context(certs)) == "TLSv1.3"
