@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from dataclasses import replace
 
@@ -394,7 +394,7 @@ def _with_assignment(extras: Callable[[str], HeartbeatExtras],
 GATEWAY_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
-def gateway_tls(cert: str, key: str) -> dict[str, str]:
+def gateway_tls(cert: str, key: str) -> dict[str, Any]:
     """uvicorn's TLS settings for the gateway's listener; {} without a certificate (plain HTTP)."""
     if not cert:
         return {}
