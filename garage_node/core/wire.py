@@ -398,7 +398,7 @@ class Assignment:
     # vLLM's VLLM_PP_LAYER_PARTITION for unequal GPUs: layers per pipeline stage (empty: even).
     layer_partition: Annotated[list[Count], *_at_most(MAX_GPUS)] = field(default_factory=list)
     # Where the head's model store holds this model's weights (a path on the head's control
-    # API, e.g. "/v1/models/tiny-a/"); None: fetch from the model hub as before.
+    # API, e.g. "/v1/store/tiny-a/"); None: fetch from the model hub as before.
     weights_path: ShortText | None = None
     reason: Message = ""  # why the head chose this, in words and numbers
 
