@@ -185,12 +185,16 @@ def _list(args: argparse.Namespace, cfg: Any, registry: Any) -> int:
               f"{d.get('queue_depth', 0):>5} {d.get('unserved_per_s', 0.0):>10.2f}  {where}")
         print(f"    asked for as: {m['served_as'] or '?'}; why: {m['why']}")
     if out["pcs"] and not args.pcs and len(out["pcs"]) > PCS_SHOWN:
-        print(f"\n{len(out['pcs'])} PCs placed: `garage-node head model list --pcs` shows each one's reason")
+        refusing = sum(1 for pc in out["pcs"].values() if pc.get("refused"))
+        print(f"\n{len(out['pcs'])} PCs placed: `garage-node head model list --pcs` shows each one's reason"
+              + (f" ({refusing} refused a model lately)" if refusing else ""))
     elif out["pcs"]:
         print("\nPCS")
         for node_id, pc in sorted(out["pcs"].items(), key=lambda kv: kv[1].get("name", "")):
             print(f"  {pc.get('name') or node_id} ({node_id}): {pc.get('model') or 'nothing'} "
                   f"(generation {pc.get('generation')}): {pc.get('reason', '')}")
+            if pc.get("refused"):
+                print(f"    REFUSED: {pc['refused']}")
     return 0
 
 

@@ -378,6 +378,11 @@ class PlacementFacts:
     # this PC no new requests meanwhile (the old engine drains).
     switching_to: ModelName | None = None
     fetch_pct: Percent | None = None  # weights of `switching_to` fetched so far
+    # The newest assignment this PC refused (0: none) and why (the owner's pin differs, it does
+    # not fit, its weights failed their check, its engine never became healthy): the head then
+    # counts the PC as not running that model and, for a while, assigns it something else.
+    refused_generation: Count = 0
+    refused_why: Message | None = None
 
 
 @dataclass(frozen=True)

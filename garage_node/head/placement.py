@@ -326,6 +326,8 @@ class PlacementLoop:
             "models": encode(d.models) if d is not None else [],
             "moves": list(d.moves) if d is not None else [],
             "pcs": {node_id: {"name": names.get(node_id, ""), "model": a.model, "generation": a.generation,
-                              "reason": (d.explain.get(node_id) or a.reason) if d is not None else a.reason}
+                              "reason": (d.explain.get(node_id) or a.reason) if d is not None else a.reason,
+                              # what it refused and why, while that model is held off it
+                              "refused": d.refused.get(node_id) if d is not None else None}
                     for node_id, a in (d.assignments.items() if d is not None else [])},
         })

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from garage_node.core.clock import Clock
-from garage_node.core.wire import Assignment, EngineState, EngineStatus, PlacementFacts
+from garage_node.core.wire import MESSAGE_MAX, Assignment, EngineState, EngineStatus, PlacementFacts, clip
 from garage_node.node.config import EngineSection
 from garage_node.node.engine.spec import EngineConfigError, EngineSpec, assigned_spec, resolve_pin
 from garage_node.node.gpu import Inventory
@@ -143,7 +143,7 @@ class AssignPart:
         self.target: Assignment | None = None  # newer, being switched to
         self.target_dir: str = ""
         self.phase: Phase | None = None
-        self.refused: tuple[int, str] | None = None  # (generation, why)
+        self.refused: tuple[int, str] | None = None  # (generation, why): reported to the head
         self._fetch: _Fetch | None = None
         self._retry_at = 0.0
         self._reported = False  # a report built since the announcement began carried it
@@ -214,7 +214,9 @@ class AssignPart:
             device=self.cfg.device, pinned_model=self.cfg.model or None,
             pinned_quantization=self.cfg.quantization or None, paused=paused, weights_held=held,
             free_disk_mib=free, assignment_generation=self.carried.generation if self.carried else 0,
-            switching_to=switching, fetch_pct=self.fetch_pct)
+            switching_to=switching, fetch_pct=self.fetch_pct,
+            refused_generation=self.refused[0] if self.refused else 0,
+            refused_why=clip(self.refused[1], MESSAGE_MAX) if self.refused else None)
 
     def words(self) -> str | None:
         """One line for status: what the head assigned and where the switch stands."""
@@ -283,7 +285,7 @@ class AssignPart:
         text = f"refused the head's assignment of {a.model} (generation {a.generation}): {why}"
         if self.refused is None or self.refused[0] != a.generation:
             log.warning("%s; this PC keeps serving what it serves", text)
-        self.refused = (a.generation, text)
+        self.refused = (a.generation, why)
         self.health.fail(Source.PLACEMENT, text, "the head sees the refusal in this PC's report and places the model "
                                                   "elsewhere; this PC keeps serving what it serves")
 

@@ -16,6 +16,10 @@ own moves (for the move budget and the hold-down). Its rules, in order:
 - A PC without a (valid) model takes one at once. Moving a PC that serves a model costs one of
   `moves_per_minute`, with hysteresis and a hold-down against flapping (moves.py).
 - Among PCs that could take a model, those that hold its weights (or serve it) come first.
+- A PC that refused its assignment (PlacementFacts.refused_generation: the owner's pin differs,
+  it does not fit, its weights failed their check, its engine never became healthy) is counted as
+  not running that model, and the model is not assigned to that PC again for `refused_hold_s`:
+  it gets another model, or nothing, and explain[node id] says so.
 
 Decision.assignments holds an Assignment for every PC that has PlacementFacts and either an
 assignment already or a state that allows a new one; an unchanged assignment is the same object
@@ -32,7 +36,7 @@ from garage_node.core.clock import SYSTEM, Clock
 from garage_node.core.wire import MESSAGE_MAX, Assignment, EngineState, clip
 from garage_node.placement.catalog import Catalog, EngineImage, ModelSpec
 from garage_node.placement.moves import Mover
-from garage_node.placement.options import Option, Options
+from garage_node.placement.options import Option, Options, Refusal
 from garage_node.placement.round import PcState, Tally, need_words, urgency
 from garage_node.placement.targets import ModelNeed, Target, targets
 from garage_node.placement.views import Decision, Demand, ModelView, PcView, PlacementError, Wanted
@@ -41,6 +45,10 @@ __all__ = ["Decision", "Demand", "ModelView", "PcView", "PlacementError", "Place
 
 DEFAULT_HYSTERESIS = 0.10
 DEFAULT_HOLD_DOWN_S = 180.0
+# How long a model a PC refused is not assigned to that PC again. Long against a pass (what made
+# it refuse, a pin or a GPU too small, rarely changes by itself), short enough that an operator's
+# fix (weights stored again, the owner's pin lifted) is tried within minutes.
+DEFAULT_REFUSED_HOLD_S = 600.0
 # Engine states in which a PC counts as serving its model (draining counts: it still answers).
 _SERVING_STATES = (EngineState.HEALTHY, EngineState.DEGRADED)
 _LOADING_STATES = (EngineState.STARTING, EngineState.PULLING, EngineState.RESTARTING)
@@ -49,7 +57,7 @@ _LOADING_STATES = (EngineState.STARTING, EngineState.PULLING, EngineState.RESTAR
 class Placer:
     def __init__(self, catalog: Catalog, *, moves_per_minute: int = 6, hysteresis: float = DEFAULT_HYSTERESIS,
                  hold_down_s: float = DEFAULT_HOLD_DOWN_S, clock: Clock = SYSTEM,
-                 image: str | None = None) -> None:
+                 image: str | None = None, refused_hold_s: float = DEFAULT_REFUSED_HOLD_S) -> None:
         """`image`: the engine image PCs run, for the CUDA gate (its facts come from the
         catalog's [images]); None: the catalog's only image if it lists exactly one."""
         if moves_per_minute < 0:
@@ -67,6 +75,11 @@ class Placer:
             for ref in (m.name, m.id, *(q.model_id for q in m.offered)):
                 self._names.setdefault(ref, m.name)
         self.mover = Mover(moves_per_minute, hysteresis, hold_down_s)
+        if not refused_hold_s >= 0:
+            raise PlacementError(f"refused_hold_s must be 0 or more, got {refused_hold_s}")
+        self.refused_hold_s = refused_hold_s
+        # node id -> catalog model -> (held off until (monotonic), the generation refused, why)
+        self._refused: dict[str, dict[str, tuple[float, int, str]]] = {}
 
     # ------------------------------------------------------------ the decision
 
@@ -75,10 +88,11 @@ class Placer:
         start = time.perf_counter()
         now = self.clock.monotonic()
         self.mover.forget(now)
+        self._forget_refusals(now)
         specs, unknown = self._wanted(wanted)
         menu_all = [(spec, w.max_model_len) for w, spec in specs.values()]
         menu_key = tuple((spec.name, ctx) for spec, ctx in menu_all)
-        rows = [r for pc in pcs if (r := self._row(pc, specs, menu_all, menu_key)) is not None]
+        rows = [r for pc in pcs if (r := self._row(pc, specs, menu_all, menu_key, now)) is not None]
         active = [r for r in rows if r.active and r.options]
         tg, count = self._targets(specs, demand, active)
         for r in active:
@@ -92,7 +106,8 @@ class Placer:
         self.mover.rebalance(active, tg, count, demand, budget, moves, now)
         assignments, explain = self._assignments(rows)
         models = self._views(specs, unknown, tg, count, demand, rows)
-        return Decision(assignments, models, moves, explain, time.perf_counter() - start)
+        refused = {r.node_id: r.refused for r in rows if r.refused}
+        return Decision(assignments, models, moves, explain, time.perf_counter() - start, refused)
 
 
     def _wanted(self, wanted: Sequence[Wanted]) -> tuple[dict[str, tuple[Wanted, ModelSpec]], list[Wanted]]:
@@ -111,7 +126,7 @@ class Placer:
         return self._names.get(ref) if ref else None
 
     def _row(self, pc: PcView, specs: Mapping[str, tuple[Wanted, ModelSpec]],
-             menu_all: list[tuple[ModelSpec, int | None]], menu_key: tuple) -> PcState | None:
+             menu_all: list[tuple[ModelSpec, int | None]], menu_key: tuple, now: float) -> PcState | None:
         facts = pc.report.placement
         if facts is None:
             return None
@@ -120,10 +135,24 @@ class Placer:
         prev = pc.assignment
         current = prev.model if prev is not None else served
         current = self._resolve(current) if current else None
+        refused = prev is not None and prev.model is not None and prev.generation > 0 \
+            and facts.refused_generation == prev.generation
+        if refused:
+            # It will not serve what it was assigned: it runs what it ran before (or goes back
+            # to it), and its assignment is made anew from what it can serve.
+            assert prev is not None and prev.model is not None
+            model = self._resolve(prev.model) or prev.model
+            self._note_refusal(pc.node_id, model, prev.generation, facts.refused_why, now)
+            served = None if served == model else served
+            current = served
         r = PcState(pc, facts, served, current, active=pc.alive and not facts.paused)
         r.held_down = self.mover.held_down(pc.node_id)
-        if prev is not None and prev.model is not None:
+        if prev is not None and prev.model is not None and not refused:
             r.switching = facts.switching_to is not None or facts.assignment_generation < prev.generation
+        held_off = self._refused.get(pc.node_id, {})
+        if held_off:
+            r.refused = "; ".join(f"refused {m} (generation {g}): {why}; not assigned it again for {until - now:.0f} s"
+                                  for m, (until, g, why) in held_off.items())
         if not r.active:
             r.choice = current if prev is not None else None
             state = "not alive" if not pc.alive else "paused by its owner"
@@ -141,6 +170,10 @@ class Placer:
             w, spec = specs[pin]
             menu = self.options.menu(pc.report, facts, [(spec, w.max_model_len)])
         r.options, r.refusals = menu.options, menu.refusals
+        if held_off:
+            # A copy: the menu is shared by every PC alike.
+            r.options = {m: o for m, o in menu.options.items() if m not in held_off}
+            r.refusals = menu.refusals + tuple(Refusal(m, "this PC refused it") for m in held_off if m in menu.options)
         if not r.options:
             r.why = "no wanted model fits: " + "; ".join(f"{x.model}: {x.why}" for x in r.refusals[:3]) \
                 if r.refusals else "the region wants no model"
@@ -229,6 +262,23 @@ class Placer:
         pin = "; pinned by its owner" if r.facts.pinned_model else ""
         return f"keeps {r.current} ({o.summary}), {state}; ideal {t.ideal:.1f} PCs for it{pin}{hold}"
 
+    # ------------------------------------------------------------ refusals
+
+    def _note_refusal(self, node_id: str, model: str, generation: int, why: str | None, now: float) -> None:
+        """Hold `model` off the PC from the first report of this refusal (a PC that still reports
+        it, while the move budget keeps it waiting, does not lengthen the hold)."""
+        held = self._refused.setdefault(node_id, {})
+        if model not in held or held[model][1] != generation:
+            held[model] = (now + self.refused_hold_s, generation, why or "no reason given")
+
+    def _forget_refusals(self, now: float) -> None:
+        for node_id in list(self._refused):
+            held = self._refused[node_id]
+            for model in [m for m, (until, _, _) in held.items() if until <= now]:
+                del held[model]
+            if not held:
+                del self._refused[node_id]
+
     # ------------------------------------------------------------ the answer
 
     def _assignments(self, rows: list[PcState]) -> tuple[dict[str, Assignment], dict[str, str]]:
@@ -236,6 +286,8 @@ class Placer:
         explain: dict[str, str] = {}
         for r in rows:
             prev = r.view.assignment
+            if r.refused:
+                r.why = f"{r.why}; {r.refused}"  # in the assignment's reason too: the PC says it
             explain[r.node_id] = r.why
             if not r.active or r.waits:
                 if prev is not None:

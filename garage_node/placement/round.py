@@ -30,6 +30,7 @@ class PcState:
     waits: bool = False  # to be moved when the move budget allows: keeps what it has till then
     choice: str | None = None
     why: str = ""
+    refused: str = ""  # the models it refused, held off it for a while, in words
 
     @property
     def node_id(self) -> str:

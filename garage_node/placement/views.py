@@ -4,7 +4,7 @@ them, and the head imports them from there."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from garage_node.core.wire import Assignment, NodeReport
 
@@ -61,6 +61,8 @@ class Decision:
     moves: list[str]  # "name (node id): old -> new", the PCs moved off a model this time
     explain: dict[str, str]  # node id -> why, in words and numbers
     took_s: float
+    # node id -> the model it refused and why, while the placer holds that model off it
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 class PlacementError(ValueError):

@@ -189,11 +189,15 @@ def test_an_assignment_the_pc_cannot_carry_out_is_refused_visibly(tmp_path):
     problem = next(p for p in s.problems if p.source == "placement")
     assert "refused the head's assignment of tiny-b (generation 1)" in problem.message
     assert "the owner pinned tiny-a" in problem.message and "not carried out (see Problem)" in render(s)
-    assert r.head.heartbeats[-1].placement.assignment_generation == 0  # what the head sees
+    seen = r.head.heartbeats[-1].placement  # what the head sees: the refusal and why
+    assert seen.assignment_generation == 0 and seen.refused_generation == 1
+    assert seen.refused_why is not None and seen.refused_why.startswith("the owner pinned tiny-a")
     # The pinned model is carried out, and the refusal is gone.
     r.head.assignment = assigned(3, "tiny-a")
     until(r, lambda: r.status().placement.assignment_generation == 3)
     assert serving(r) == "garage/tiny-a" and not any(p.source == "placement" for p in r.status().problems)
+    until(r, lambda: last_placement(r).assignment_generation == 3)
+    assert last_placement(r).refused_generation == 0 and last_placement(r).refused_why is None
 
 
 def test_a_model_outside_the_pcs_catalog_is_refused(r):
@@ -216,6 +220,8 @@ def test_weights_that_fail_their_check_are_refused_and_never_served(r):
     s = r.status()
     assert "its weights failed the check" in s.problems[-1].message
     assert serving(r) == "garage/tiny-a" and s.placement.switching_to is None and s.placement.weights_held == []
+    until(r, lambda: last_placement(r).refused_generation == 2)  # the head hears why
+    assert last_placement(r).refused_why.startswith("its weights failed the check")
 
 
 def test_an_assignment_of_nothing_drains_the_engine(r):

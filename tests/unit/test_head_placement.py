@@ -617,3 +617,40 @@ def test_the_fleet_page_serves_the_placed_models(tmp_path):
     assert (m["model"], m["wanted"], m["running"], m["pcs"]) == (TINY, 1, 0, [{"id": node, "name": "alice-pc"}])
     assert (m["min_replicas"], m["weight"]) == (1, 2.0) and "min 1" in m["why"]
     assert 'id="models-table"' in client.get("/").text
+
+
+def test_a_refusal_reaches_the_head_which_reassigns_and_lists_it(tmp_path, capsys):
+    """A PC's report says it refused its assignment: the head's next pass gives it something
+    else (here: nothing, the only model being the refused one), and `head model list --pcs`
+    says what it refused and why."""
+    config = tmp_path / "head.toml"
+    config.write_text(f'[head]\nstate_dir = "{tmp_path / "state"}"\n[api]\nadvertise_host = "127.0.0.1"\n'
+                      f'[placement]\ncatalog = "{PACKAGED_CATALOG}"\n')
+    assert cli(capsys, config, "init")[0] == 0
+    extra = tmp_path / "extra.toml"
+    extra.write_text(EXTRA_MODEL)
+    assert cli(capsys, config, "model", "import", str(extra))[0] == 0
+    assert cli(capsys, config, "model", "add", "tiny-b", "--min", "1")[0] == 0
+    cfg = load_head_config(config)
+    from garage_node.head import setup
+
+    reg = setup.open_registry(cfg)
+    node = enroll(reg, "bob-pc")
+    beat(reg, node, cpu_report())
+    loop = PlacementLoop(reg, cfg)
+    loop.step()
+    first = loop.assignment(node)
+    assert first is not None and first.model == "tiny-b"
+    beat(reg, node, cpu_report(refused_generation=first.generation,
+                               refused_why="the owner pinned tiny-llama-test in garage.toml ([engine] model)"))
+    result = loop.step()
+    a = loop.assignment(node)
+    assert node in result.changed and a.model is None and a.generation == first.generation + 1
+    assert "refused tiny-b" in a.reason
+    listed = json.loads(cli(capsys, config, "model", "list", "--json")[1])
+    assert "the owner pinned tiny-llama-test" in listed["pcs"][node]["refused"]
+    m = listed["models"][0]
+    assert m["pcs"] == [] and m["running"] == 0
+    rc, out, _ = cli(capsys, config, "model", "list", "--pcs")
+    assert rc == 0 and "REFUSED: refused tiny-b (generation 1): the owner pinned tiny-llama-test" in out
+    assert loop.step().changed == {}  # held off: not given back to it at the next pass

@@ -577,3 +577,57 @@ def test_pcs_of_a_removed_model_switch_within_the_move_budget_and_serve_it_meanw
         r.clock.advance(61)
         r.decide([Wanted(FOURTEEN)], {FOURTEEN: Demand(100)})
     assert r.count(FOURTEEN) == 3
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_a_pc_that_refuses_its_model_gets_another_and_not_that_one_again_for_a_while():
+    """A PC that refused its assignment (its weights failed their check, its engine never came
+    up) is not counted as switching to it forever: it is given another model at once, and the
+    refused one is held off it for refused_hold_s, as its explanation says."""
+    r = Region.of(uniform(2), moves_per_minute=10, refused_hold_s=600)
+    wanted = [Wanted(SEVEN), Wanted(FOURTEEN)]
+    demand = {SEVEN: Demand(1000), FOURTEEN: Demand(1000)}
+    d = r.decide(wanted, demand, carry_out=False)
+    (n,) = [k for k, a in d.assignments.items() if a.model == FOURTEEN]
+    (other,) = [k for k in r.pcs if k != n]
+    refused = d.assignments[n]
+    r.carry_out(other)
+    r.set(n, refused_generation=refused.generation, refused_why="its weights failed the check: model.safetensors")
+    r.clock.advance(10)
+    d = r.decide(wanted, demand, carry_out=False)
+    a = d.assignments[n]
+    assert a.model != FOURTEEN and a.generation == refused.generation + 1
+    assert (f"refused {FOURTEEN} (generation {refused.generation}): its weights failed the check"
+            in d.explain[n]) and "not assigned it again for 600 s" in d.explain[n]
+    assert FOURTEEN in d.refused[n]
+    view = next(m for m in d.models if m.model == FOURTEEN)
+    assert n not in view.pcs
+    # It carries out what it got; within the hold the 14B is not given back to it, whatever the demand.
+    r.carry_out(n)
+    for _ in range(5):
+        r.clock.advance(61)
+        d = r.decide(wanted, {SEVEN: Demand(10), FOURTEEN: Demand(5000, 20, 3.0)})
+        assert r.pcs[n].assignment.model != FOURTEEN and "refused" in d.explain[n]
+
+
+def test_a_refusal_leaves_nothing_to_serve_then_the_model_is_tried_again_after_the_hold():
+    r = Region.of(uniform(1), refused_hold_s=600)
+    wanted = [Wanted(FOURTEEN, min_replicas=1)]
+    d = r.decide(wanted, {}, carry_out=False)
+    first = d.assignments["n00"]
+    assert first.model == FOURTEEN
+    r.set("n00", refused_generation=first.generation, refused_why="its engine did not become healthy in 900 s")
+    r.clock.advance(5)
+    d = r.decide(wanted, {})
+    a = d.assignments["n00"]
+    assert a.model is None and a.generation == first.generation + 1
+    assert "refused qwen2.5-14b" in d.explain["n00"] and "did not become healthy" in d.explain["n00"]
+    assert "refused qwen2.5-14b" in a.reason
+    r.clock.advance(300)
+    assert r.decide(wanted, {}).assignments["n00"].model is None  # still held off
+    r.clock.advance(301)
+    d = r.decide(wanted, {})
+    assert d.assignments["n00"].model == FOURTEEN and d.assignments["n00"].generation == first.generation + 2
+    assert "n00" not in d.refused
