@@ -7,6 +7,12 @@ Three processes on loopback: the stand-in engines (one uvicorn, several ports), 
 the load (open loop: requests start on schedule whether or not earlier ones are done).
 
     .venv/bin/python bench/gateway_load.py [--rate 500] [--seconds 20] [--pcs 8] [--grace 10]
+        [--gc freeze|plain] [--gen0 N] [--listener fast|plain] [--max-in-flight N]
+
+Pinning (printed): where the machine has 3 CPUs or more, the gateway, the stand-ins and the
+load each get CPUs of their own; on 2 CPUs the gateway gets one and the stand-ins and the load
+share the other; on 1, nothing is pinned. The gateway's garbage-collection pauses (every
+collection, timed with gc.callbacks) are printed per turn: count, total and the longest.
 
 Every turn ends `--grace` seconds after its last request is sent at the latest: requests not
 answered by then are cancelled (the client leaves) and printed as unfinished, so the bench ends
@@ -59,7 +65,40 @@ def stub(ports: list[int]) -> None:
     asyncio.run(serve())
 
 
-def gateway(port: int, engine_ports: list[int], state: Path) -> None:
+def gc_tracer(out: Path) -> None:
+    """Every collection's pause, timed with gc.callbacks, written to `out` twice a second as
+    [[end (wall clock), generation, seconds, CPU seconds], ...] for the bench to cut into turns.
+    Both times: on a busy machine a collection's wall time includes the time the process was
+    not scheduled, its CPU time (the thread's) does not."""
+    import gc
+    import threading
+
+    pauses: list[list[float]] = []
+    began = [0.0, 0.0]
+
+    def timed(phase: str, info: dict) -> None:
+        if phase == "start":
+            began[:] = time.perf_counter(), time.thread_time()
+        else:
+            pauses.append([time.time(), info["generation"], time.perf_counter() - began[0],
+                           time.thread_time() - began[1]])
+
+    gc.callbacks.append(timed)
+
+    def dump() -> None:
+        while True:
+            time.sleep(0.5)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(pauses[:]))
+            tmp.replace(out)
+
+    threading.Thread(target=dump, daemon=True).start()
+
+
+def gateway(port: int, engine_ports: list[int], state: Path, gc_mode: str, gen0: int, listener: str,
+            max_in_flight: int) -> None:
+    import gc
+
     import uvicorn
 
     from dataclasses import replace
@@ -71,7 +110,10 @@ def gateway(port: int, engine_ports: list[int], state: Path) -> None:
     from testing.fakes import sample_report
 
     # The stand-ins never go stale: heartbeats are not what this measures.
-    gw = Gateway(GatewaySection(stale_after_s=1e9), state, lambda: {})
+    section = GatewaySection(stale_after_s=1e9)
+    if max_in_flight:
+        section = replace(section, max_in_flight=max_in_flight)
+    gw = Gateway(section, state, lambda: {})
     base = sample_report()
     for i, p in enumerate(engine_ports):
         gw.on_report(f"n{i}", replace(base, engine=EngineReport(
@@ -80,13 +122,22 @@ def gateway(port: int, engine_ports: list[int], state: Path) -> None:
     (state / "key").write_text(secret)
     gw.start()
     app = create_gateway_app(gw)
-    # The listener as `head run` builds it: the guarded h11 protocol and loop (connguard.py),
+    # The listener as `head run` builds it: the guarded protocol and loop (connguard.py),
     # with room for the load's connections from one address.
     from garage_node.head.connguard import GuardLimits, guarded_loop_factory, guarded_protocol
 
     limits = GuardLimits(max_connections_per_client=1024)
+    gc_tracer(state / "gc.json")
+    if gc_mode == "freeze":
+        from garage_node.head.service import settle_heap
+
+        settle_heap()  # as `head run` does once it is up
+    if gen0:
+        gc.set_threshold(gen0, *gc.get_threshold()[1:])
+    fast = listener == "fast"
     uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", access_log=False,
-                                  http=guarded_protocol(limits), loop=guarded_loop_factory(limits))).run()
+                                  http=guarded_protocol(limits, fast=fast),
+                                  loop=guarded_loop_factory(limits, fast=fast))).run()
 
 
 async def load(url: str, key: str, rate: float, seconds: float, grace_s: float) -> dict:
@@ -95,6 +146,7 @@ async def load(url: str, key: str, rate: float, seconds: float, grace_s: float) 
     import httpx
 
     latencies: list[float] = []
+    refused: list[float] = []
     errors = 0
     body = {"model": "m", "prompt": "Hello", "max_tokens": 1}
     timeout = httpx.Timeout(seconds + grace_s)
@@ -111,6 +163,9 @@ async def load(url: str, key: str, rate: float, seconds: float, grace_s: float) 
             try:
                 async with slots:
                     r = await client.post(url, json=body, headers={"authorization": f"Bearer {key}"})
+                if r.status_code == 503 and r.headers.get("retry-after"):
+                    refused.append(time.perf_counter() - t0)  # the gateway's admission limit said no
+                    return
                 if r.status_code != 200:
                     errors += 1
                     return
@@ -135,7 +190,9 @@ async def load(url: str, key: str, rate: float, seconds: float, grace_s: float) 
         elapsed = time.perf_counter() - start
     latencies.sort()
     q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000 if latencies else float("nan")  # noqa: E731
-    return {"sent": n, "ok": len(latencies), "errors": errors, "unfinished": len(pending),
+    refused.sort()
+    return {"sent": n, "ok": len(latencies), "errors": errors, "unfinished": len(pending), "refused": len(refused),
+            "refused_p99_ms": refused[int(0.99 * len(refused))] * 1000 if refused else 0.0,
             "achieved_rps": len(latencies) / elapsed, "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": q(1.0)}
 
 
@@ -149,6 +206,33 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def pin(procs: dict[str, int]) -> None:
+    """The gateway on a CPU of its own; the stand-ins and the load on others (shared on a
+    2-CPU machine). Printed, with the machine's load, so a figure says what it was measured on."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        print(f"pinning: none (1 CPU: {cpus})", flush=True)
+        return
+    # The gateway on the last CPU: the testbeds pin engines from CPU 0 up (testing/dockerd.py).
+    gw, rest = cpus[-1:], cpus[:-1]
+    stubs, loadgen = (rest[: len(rest) // 2], rest[len(rest) // 2:]) if len(rest) >= 2 else (rest, rest)
+    where = {"gateway": gw, "stand-ins": stubs, "load": loadgen}
+    for role, pid in procs.items():
+        os.sched_setaffinity(pid, where[role])
+    print("pinning: " + ", ".join(f"{role} on CPU {','.join(map(str, c))}" for role, c in where.items()), flush=True)
+
+
+def gc_pauses(path: Path, since: float, until: float) -> dict:
+    """The gateway's collections between two wall-clock times: how many, total and longest (ms)."""
+    try:
+        pauses = [x for x in json.loads(path.read_text()) if since <= x[0] <= until]
+    except (OSError, ValueError):
+        return {"gc_count": 0, "gc_total_ms": 0.0, "gc_max_ms": 0.0, "gc_max_cpu_ms": 0.0, "gc_full": 0}
+    return {"gc_count": len(pauses), "gc_total_ms": 1000 * sum(x[2] for x in pauses),
+            "gc_max_ms": 1000 * max((x[2] for x in pauses), default=0.0),
+            "gc_max_cpu_ms": 1000 * max((x[3] for x in pauses), default=0.0), "gc_full": sum(x[1] == 2 for x in pauses)}
 
 
 def wait_port(port: int) -> None:
@@ -167,6 +251,13 @@ def main() -> None:
     p.add_argument("--pcs", type=int, default=8)
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds after the last request is sent before what is not answered counts as unfinished")
+    p.add_argument("--gc", choices=("freeze", "plain"), default="freeze",
+                   help="freeze: the gateway's start-up objects frozen as `head run` does (service.settle_heap); "
+                        "plain: not (to measure the difference)")
+    p.add_argument("--gen0", type=int, default=0, help="the gateway's generation-0 threshold (0: what `head run` sets)")
+    p.add_argument("--listener", choices=("fast", "plain"), default="plain",
+                   help="fast: uvloop and httptools as `head run` builds the listener; plain: asyncio and h11")
+    p.add_argument("--max-in-flight", type=int, default=0, help="[gateway] max_in_flight (0: its default)")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--ports", help=argparse.SUPPRESS)
     p.add_argument("--state", help=argparse.SUPPRESS)
@@ -175,7 +266,7 @@ def main() -> None:
         return stub([int(x) for x in args.ports.split(",")])
     if args.role == "gateway":
         port, *engines = [int(x) for x in args.ports.split(",")]
-        return gateway(port, engines, Path(args.state))
+        return gateway(port, engines, Path(args.state), args.gc, args.gen0, args.listener, args.max_in_flight)
 
     engine_ports = [free_port() for _ in range(args.pcs)]
     gw_port = free_port()
@@ -191,22 +282,31 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, stopped)
     try:
-        procs.append(subprocess.Popen(me + ["--role", "gateway", "--state", str(state),
+        procs.append(subprocess.Popen(me + ["--role", "gateway", "--state", str(state), "--gc", args.gc,
+                                            "--gen0", str(args.gen0), "--listener", args.listener,
+                                            "--max-in-flight", str(args.max_in_flight),
                                             "--ports", ",".join(map(str, [gw_port, *engine_ports]))]))
         for port in (*engine_ports, gw_port):
             wait_port(port)
         key = (state / "key").read_text()
         gw_pid = procs[1].pid
+        pin({"stand-ins": procs[0].pid, "gateway": gw_pid, "load": os.getpid()})
+        print(f"gateway: gc {args.gc}, gen0 {args.gen0 or 'default'}, listener {args.listener}; "
+              f"machine load {os.getloadavg()[0]:.1f}", flush=True)
         asyncio.run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, 50, 2, args.grace))  # warm up
         results = {}
         for turn in ("direct", "gateway", "direct", "gateway"):
             url = (f"http://127.0.0.1:{engine_ports[0]}/v1/completions" if turn == "direct"
                    else f"http://127.0.0.1:{gw_port}/v1/completions")
-            c0, t0 = cpu_s(gw_pid), time.monotonic()
+            c0, t0, w0 = cpu_s(gw_pid), time.monotonic(), time.time()
             r = asyncio.run(load(url, key, args.rate, args.seconds, args.grace))
             if turn == "gateway":
-                r["gateway_cpu_pct"] = 100 * (cpu_s(gw_pid) - c0) / (time.monotonic() - t0)
+                used = cpu_s(gw_pid) - c0
+                r["gateway_cpu_pct"] = 100 * used / (time.monotonic() - t0)
+                r["cpu_ms_per_request"] = 1000 * used / max(1, r["ok"] + r["refused"])
                 r["gateway_rss_mb"] = rss_mb(gw_pid)
+                time.sleep(0.6)  # the tracer's next write
+                r.update(gc_pauses(state / "gc.json", w0, time.time()))
             results.setdefault(turn, []).append(r)
             print(f"{turn:8} {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
         d = min(results["direct"], key=lambda r: r["p99_ms"])
@@ -217,7 +317,11 @@ def main() -> None:
         print(f"  gateway: p50 {g['p50_ms']:.1f} ms, p99 {g['p99_ms']:.1f} ms, {g['achieved_rps']:.0f}/s, errors {g['errors']}, "
               f"unfinished {g['unfinished']}")
         print(f"  overhead: p50 +{g['p50_ms'] - d['p50_ms']:.1f} ms, p99 +{g['p99_ms'] - d['p99_ms']:.1f} ms; "
-              f"gateway CPU {g['gateway_cpu_pct']:.0f} % of a core, RSS {g['gateway_rss_mb']:.0f} MB")
+              f"gateway CPU {g['gateway_cpu_pct']:.0f} % of a core, {g['cpu_ms_per_request']:.2f} ms per request, "
+              f"RSS {g['gateway_rss_mb']:.0f} MB")
+        print(f"  gateway collections: {g['gc_count']} ({g['gc_full']} full), {g['gc_total_ms']:.1f} ms in all, "
+              f"longest {g['gc_max_ms']:.1f} ms ({g['gc_max_cpu_ms']:.1f} ms of CPU); refused (503 overloaded) {g['refused']}, their p99 "
+              f"{g['refused_p99_ms']:.1f} ms")
         for turn, runs in results.items():
             for r in runs:
                 if r["unfinished"]:

@@ -82,7 +82,7 @@ class ClientSlots:
                         "(logged once a minute)", address, self.per_client)
 
 
-def guarded_protocol(limits: GuardLimits) -> type[H11Protocol]:
+def guarded_protocol(limits: GuardLimits, fast: bool = False) -> type[H11Protocol]:
     """uvicorn's h11 protocol class with the request deadline and the per-address cap
     (pass it as uvicorn.Config(http=...)). Each call makes a class with its own counts."""
     slots = ClientSlots(limits.max_connections_per_client)
@@ -149,7 +149,7 @@ def guarded_protocol(limits: GuardLimits) -> type[H11Protocol]:
     return GuardedH11Protocol
 
 
-def guarded_loop_factory(limits: GuardLimits) -> Callable[[], asyncio.AbstractEventLoop]:
+def guarded_loop_factory(limits: GuardLimits, fast: bool = False) -> Callable[[], asyncio.AbstractEventLoop]:
     """An event loop factory for uvicorn.Config(loop=...) whose TLS servers give up on a
     handshake after `tls_handshake_timeout_s`."""
 
