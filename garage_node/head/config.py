@@ -150,6 +150,18 @@ class GatewaySection:
     # with Retry-After and "the model is loading". A model outside the catalog: 404 at once.
     hold_queue: int = setting(64, check=nonnegative())
     hold_s: float = setting(120.0, check=positive())
+    # Admission (head/gateway/admission.py): past either bound a request gets 503 "overloaded"
+    # with Retry-After at once, instead of queueing behind the others until all are slow. At
+    # most max_in_flight requests handled at once (streams until their end); no new request
+    # while the gateway's event loop runs more than max_queue_age_s behind (its CPU is spent).
+    max_in_flight: int = setting(1024, check=positive())
+    max_queue_age_s: float = setting(0.25, check=positive())
+    # Connections to the PCs' engines kept open between requests (all PCs together), and for
+    # how long: below uvicorn's and vLLM's 5 s keep-alive, so the gateway never sends on a
+    # connection the engine is closing. More idle connections cost the gateway CPU on every
+    # request (httpcore walks its whole pool each time one is taken or given back).
+    engine_keepalive_connections: int = setting(64, check=nonnegative())
+    engine_keepalive_s: float = setting(4.0, check=positive())
 
     def problems(self):
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from garage_node.head.gateway.admission import Admission
 from garage_node.head.gateway.demand import Demand
 from garage_node.head.gateway.errors import GatewayError
 from garage_node.head.gateway.keys import ApiKey
@@ -39,6 +40,8 @@ class GatewayParts(Protocol):
     proxy: Proxy
     metrics: GatewayMetrics
     max_body_bytes: int
+    max_in_flight: int
+    max_queue_age_s: float
     demand: Demand
 
     def authenticate(self, authorization: str) -> ApiKey: ...
@@ -58,6 +61,11 @@ def create_gateway_app(gw: GatewayParts) -> FastAPI:
 
     app = FastAPI(title="garage-node gateway", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
+
+    # Before anything else is done for a request: past the gateway's capacity, 503 at once.
+    app.add_middleware(Admission, max_in_flight=gw.max_in_flight,
+                       max_queue_age_s=gw.max_queue_age_s, paths=ENDPOINTS,
+                       refused=lambda reason: gw.metrics.refused.labels(reason).inc())
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:

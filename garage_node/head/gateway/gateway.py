@@ -53,6 +53,8 @@ class Gateway:
         self.router = Router(cfg.affinity_threshold, cfg.balance_abs, cfg.balance_rel, policy=cfg.policy)
         self.limits = RateLimits()
         self.max_body_bytes = cfg.max_body_bytes
+        self.max_in_flight = cfg.max_in_flight
+        self.max_queue_age_s = cfg.max_queue_age_s
         self.demand = Demand(clock=clock)
         # The models of the region's catalog (`head model add`): a request for one that no PC
         # serves yet is held while the head places it. Set by the head's placement loop.
@@ -72,7 +74,10 @@ class Gateway:
                            self.node_name, connect_timeout_s=cfg.connect_timeout_s,
                            first_byte_timeout_s=cfg.first_byte_timeout_s,
                            stream_idle_timeout_s=cfg.stream_idle_timeout_s, max_attempts=cfg.max_attempts,
-                           silent_first_byte_s=cfg.silent_first_byte_s)
+                           silent_first_byte_s=cfg.silent_first_byte_s,
+                           max_connections=cfg.max_in_flight * cfg.max_attempts,
+                           keepalive_connections=cfg.engine_keepalive_connections,
+                           keepalive_s=cfg.engine_keepalive_s)
 
     # -- lifecycle
 

@@ -43,6 +43,8 @@ class GatewayMetrics:
                                ["model"], registry=r)
         self.stream_errors = Counter("garage_gateway_stream_errors",
                                      "Streams ended with an error event after they had begun", ["model"], registry=r)
+        self.refused = Counter("garage_gateway_refused", "Requests refused with 503 overloaded (admission.py), by "
+                               "bound: in_flight or queue_age", ["reason"], registry=r)
         self.heartbeats = Histogram("garage_head_heartbeat_seconds",
                                     "How long the head took to answer a PC's heartbeat, by HTTP status",
                                     ["status"], buckets=HEARTBEAT_BUCKETS, registry=r)

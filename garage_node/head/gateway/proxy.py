@@ -88,13 +88,21 @@ class Proxy:
                  metrics: GatewayMetrics, on_usage: Callable[[Call, Usage], None], node_name: Callable[[str], str],
                  connect_timeout_s: float = 3.0, first_byte_timeout_s: float = 120.0,
                  stream_idle_timeout_s: float = 60.0, max_attempts: int = 3,
-                 silent_first_byte_s: float = 20.0) -> None:
+                 silent_first_byte_s: float = 20.0, max_connections: int = 3072,
+                 keepalive_connections: int = 64, keepalive_s: float = 4.0) -> None:
         self.table, self.router, self.engine_key = table, router, engine_key
         self.metrics, self.on_usage, self.node_name = metrics, on_usage, node_name
         self.stream_idle_timeout_s = stream_idle_timeout_s
         self.max_attempts = max_attempts
         self.watchdog = _Watchdog(table, silent_first_byte_s)
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=first_byte_timeout_s, write=30.0, pool=10.0)
+        # Every in-flight request holds at most one connection (a retry gives its first one
+        # back first); few idle ones kept, and not past the engines' own keep-alive (5 s in
+        # uvicorn and vLLM): httpcore 1.0 walks every pooled connection each time a request
+        # takes or returns one, and 200 kept for 30 s made that walk the gateway's main cost
+        # after an overload (issue #22).
+        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=keepalive_connections,
+                                    keepalive_expiry=keepalive_s)
         self._http: httpx.AsyncClient | None = None
 
     @property
@@ -104,7 +112,7 @@ class Proxy:
         if self._http is None or self._http.is_closed:
             self._http = httpx.AsyncClient(
                 timeout=self._timeout,
-                limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200, keepalive_expiry=30.0))
+                limits=self._limits)
         return self._http
 
     async def close(self) -> None:
