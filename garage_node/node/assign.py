@@ -14,6 +14,11 @@ switches to it in the order that fails no request:
   4. done     the new engine is healthy: `switching_to` clears and the generation counts as
               carried out; the next report brings the gateway back
 
+A new engine that never becomes healthy (refused by the engine manager, crashing until it is
+"degraded", or not healthy within [engine] drain_grace_s + startup_timeout_s of the switch's
+start) makes the generation refused, with the engine's last message as why: the PC goes back to
+what the head assigned before (or its own plan), and the head, told by the report, reassigns.
+
 Without an assignment (an older head, or placement off) the PC plans for itself, as before.
 An unreachable head changes nothing: the last assignment stays in effect. An assignment this PC
 cannot carry out (it does not fit, the owner pinned another model, the weights fail the check)
@@ -150,6 +155,7 @@ class AssignPart:
         self._told = False  # and a heartbeat took it to the head
         self.wants_beat = False  # the agent sends a heartbeat now (the announcement)
         self._ignored: int | None = None  # an older generation, logged once
+        self._switch_since: float | None = None  # when the engine was told to switch (monotonic)
 
     # ------------------------------------------------------------ the pass
 
@@ -329,10 +335,16 @@ class AssignPart:
             if not self._engine_serves(engine) or self._told or self._switched(target, inventory, ident, engine,
                                                                                    engine_spec):
                 self.phase = Phase.SWITCHING
+                self._switch_since = self.clock.monotonic()
             else:
                 self.wants_beat = True
-        if self.phase is Phase.SWITCHING and self._switched(target, inventory, ident, engine, engine_spec):
-            self._finish()
+        if self.phase is Phase.SWITCHING:
+            if self._switched(target, inventory, ident, engine, engine_spec):
+                self._finish()
+                return
+            why = self._failed(target, inventory, ident, engine, engine_spec)
+            if why is not None:
+                self._give_up(target, why)
 
     def _fetching(self, target: Assignment) -> None:
         job = self._fetch
@@ -364,13 +376,45 @@ class AssignPart:
                   engine_spec: EngineSpec | None) -> bool:
         if target.model is None:
             return engine.state in (EngineState.DRAINED, EngineState.STOPPED, EngineState.DISABLED)
+        return engine.state is EngineState.HEALTHY and self._runs_target(target, inventory, ident, engine_spec)
+
+    def _runs_target(self, target: Assignment, inventory: Inventory, ident: Identity,
+                     engine_spec: EngineSpec | None) -> bool:
+        """Whether the engine manager works on the target's spec (its state is about it)."""
         try:
             wanted, _ = assigned_spec(self.cfg, inventory, ident.overlay_ip, ident.engine_api_key, target,
                                       model_dir=self.target_dir)
         except EngineConfigError:
             return False
-        return (engine.state is EngineState.HEALTHY and engine_spec is not None
-                and engine_spec.spec_hash == wanted.spec_hash)
+        return engine_spec is not None and engine_spec.spec_hash == wanted.spec_hash
+
+    def _failed(self, target: Assignment, inventory: Inventory, ident: Identity, engine: EngineStatus,
+                engine_spec: EngineSpec | None) -> str | None:
+        """Why the switch to `target` will not come to a healthy engine; None: it may yet."""
+        if target.model is None:
+            return None  # stopping an engine cannot fail that way
+        message = engine.message or engine.state.value
+        if engine.state in (EngineState.REFUSED, EngineState.DEGRADED) and \
+                self._runs_target(target, inventory, ident, engine_spec):
+            # The manager refused the new spec (the CUDA gate), or gave up waiting for its
+            # health or on its crashes: it only retries from here, with backoff.
+            return f"its engine did not become healthy ({engine.state.value}): {message}"
+        since = self._switch_since
+        limit = self.cfg.drain_grace_s + self.cfg.startup_timeout_s
+        if since is not None and self.clock.monotonic() - since > limit:
+            return (f"its engine was not healthy {limit:.0f} s after the switch began ([engine] drain_grace_s + "
+                    f"startup_timeout_s): {message}")
+        return None
+
+    def _give_up(self, target: Assignment, why: str) -> None:
+        """Refuse the generation and go back to what ran before: the previous assignment's
+        engine (or, with none, the PC's own plan); the head reads the refusal and reassigns."""
+        self._refuse(target, why)
+        back = (self.carried.model or "nothing") if self.carried is not None else "this PC's own plan"
+        log.warning("switch to %s abandoned; going back to %s", target.model, back)
+        self.target, self.target_dir, self.phase = None, "", None
+        self._switch_since = None
+        self._reported = self._told = False
 
     def _finish(self) -> None:
         assert self.target is not None
@@ -381,6 +425,7 @@ class AssignPart:
         if isinstance(self.weights, HeadWeights):
             self.weights.in_use = self.carried.model  # never evicted to make room for another
         self.target, self.target_dir, self.phase = None, "", None
+        self._switch_since = None
         self._reported = self._told = False
 
     def _directive(self, inventory: Inventory, ident: Identity) -> Directive:

@@ -208,6 +208,10 @@ def placement_lines(s: Status) -> list[str]:
         lines = [f"switching to {p.switching_to} ({doing})"]
     elif a is None:
         return ["chosen by this PC (the head assigns nothing: placement off, or an older head)"]
+    elif p.assignment_generation < a.generation and p.refused_generation == a.generation:
+        lines = [f"the head assigns {a.model or 'nothing'} (generation {a.generation}); not carried out, refused: "
+                 f"{p.refused_why or 'see Problem'}",
+                 "serves what it served before until the head reassigns it (the head reads the refusal)"]
     elif p.assignment_generation < a.generation:
         lines = [f"the head assigns {a.model or 'nothing'} (generation {a.generation}); not carried out"
                  " (see Problem)" if any(x.source == "placement" for x in s.problems) else

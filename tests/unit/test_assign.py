@@ -188,7 +188,8 @@ def test_an_assignment_the_pc_cannot_carry_out_is_refused_visibly(tmp_path):
     assert serving(r) == "garage/tiny-a" and s.placement.assignment_generation == 0
     problem = next(p for p in s.problems if p.source == "placement")
     assert "refused the head's assignment of tiny-b (generation 1)" in problem.message
-    assert "the owner pinned tiny-a" in problem.message and "not carried out (see Problem)" in render(s)
+    assert "the owner pinned tiny-a" in problem.message
+    assert "not carried out, refused: the owner pinned tiny-a" in render(s)
     seen = r.head.heartbeats[-1].placement  # what the head sees: the refusal and why
     assert seen.assignment_generation == 0 and seen.refused_generation == 1
     assert seen.refused_why is not None and seen.refused_why.startswith("the owner pinned tiny-a")
@@ -278,3 +279,32 @@ def test_an_agent_restarted_under_its_assigned_engine_keeps_it_without_a_switch(
     assert r.docker.containers["garage-engine"].id == cid and r.docker.stops == []
     assert s.placement.assignment_generation == 1 and s.placement.switching_to is None
     assert not any(rep.engine.draining for rep in r.head.heartbeats)  # the gateway never lost it
+
+
+def test_a_new_engine_that_never_becomes_healthy_is_refused_and_the_old_one_comes_back(tmp_path):
+    """The switch to tiny-b starts an engine that never answers /health: past [engine]
+    startup_timeout_s the agent refuses generation 2 with the engine's last message, goes back
+    to tiny-a (generation 1), and tells the head, which reassigns; not 'switching' for ever."""
+    r = rig(tmp_path, engine=engine(tmp_path, startup_timeout_s=30.0), engine_in_step=True, images=(IMAGE,))
+    r.probe.ready = lambda spec: spec.model != "garage/tiny-b"  # type: ignore[method-assign]
+    r.passes()
+    r.head.assignment = assigned(1, "tiny-a")
+    until(r, lambda: serving(r) == "garage/tiny-a" and r.status().placement.assignment_generation == 1)
+    r.head.assignment = assigned(2, "tiny-b")
+    until(r, lambda: serving(r) == "garage/tiny-b")  # the switch began: the old engine is gone
+    until(r, lambda: last_placement(r).refused_generation == 2, n=80)
+    why = last_placement(r).refused_why
+    assert why is not None and "its engine did not become healthy" in why and "not answering /health" in why, why
+    until(r, lambda: serving(r) == "garage/tiny-a" and r.status().engine.state is EngineState.HEALTHY)
+    s = r.status()
+    assert s.placement.switching_to is None and s.placement.assignment_generation == 1
+    assert "(generation 2); not carried out, refused: its engine did not become healthy" in render(s)
+    assert "serves what it served before" in render(s) and s.engine.model == "garage/tiny-a"
+    problem = next(p for p in s.problems if p.source == "placement")
+    assert "refused the head's assignment of tiny-b (generation 2)" in problem.message
+    r.passes(10)  # the refused generation is not tried again while the head still says it
+    assert serving(r) == "garage/tiny-a" and last_placement(r).switching_to is None
+    # The head reassigns (its placer read the refusal): carried out, the refusal gone.
+    r.head.assignment = assigned(3, "tiny-a")
+    until(r, lambda: last_placement(r).assignment_generation == 3)
+    assert last_placement(r).refused_generation == 0 and serving(r) == "garage/tiny-a"
