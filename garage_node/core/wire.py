@@ -62,6 +62,8 @@ Percent = Annotated[float, *_between(0.0, 100.0)]
 TokensPerSecond = Annotated[float, *_between(0.0, 1e7)]
 ExitCode = Annotated[int, *_between(-1024, 1024)]
 WallTime = Annotated[float, *_between(0.0, 1e11)]       # seconds since the epoch
+ParamCount = Annotated[int, *_between(1, 10**15)]        # a model's parameters (beyond int32)
+BytesPerParam = Annotated[float, *_between(0.01, 64.0)]  # a precision's weight size
 
 
 @overload
@@ -386,6 +388,38 @@ class PlacementFacts:
 
 
 @dataclass(frozen=True)
+class CatalogPrecision:
+    """One precision of a CatalogModel: [models.NAME.quantizations.KEY] of configs/models.toml."""
+
+    name: ShortText  # the catalog key: "bf16", "awq", ...
+    bytes_per_param: BytesPerParam
+    dtype: ShortText  # vLLM --dtype
+    model_id: ModelName  # the repo with these weights
+    vllm_quantization: ShortText | None = None  # vLLM --quantization; None: as stored
+    min_compute_capability: ComputeCapability = "0.0"
+
+
+@dataclass(frozen=True)
+class CatalogModel:
+    """A model's catalog entry as the head planned with it (configs/models.toml's [models.NAME],
+    or one the operator imported with `head model import`), carried in the assignment so a PC
+    whose own catalog lacks the model (or has other facts for it) plans and runs the same."""
+
+    name: ModelName  # the catalog key, as Assignment.model names it
+    id: ModelName  # the repo id, the name the engine serves it under
+    parameters: ParamCount
+    num_layers: Count
+    num_attention_heads: Count
+    num_kv_heads: Count
+    head_dim: Count
+    default_context_length: Count
+    min_compute_capability: ComputeCapability
+    quantizations: Annotated[list[CatalogPrecision], *_at_most(16)]
+    cpu: bool = False
+    test_only: bool = False
+
+
+@dataclass(frozen=True)
 class Assignment:
     """What the head wants a PC to serve, in the heartbeat's answer (issue #18). The agent
     carries it out; with none (an older head, or placement off) the PC plans for itself."""
@@ -406,6 +440,10 @@ class Assignment:
     # API, e.g. "/v1/store/tiny-a/"); None: fetch from the model hub as before.
     weights_path: ShortText | None = None
     reason: Message = ""  # why the head chose this, in words and numbers
+    # The model's catalog entry the head planned with; None: an older head (the PC's own
+    # catalog must know the model). The PC checks it with its settings validator, and its own
+    # entry of the same name wins when the facts are the same.
+    catalog_entry: CatalogModel | None = None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from garage_node.core.settings import SettingsError, one_of, parse, read_toml, setting
+from garage_node.core.wire import CatalogModel, CatalogPrecision
 from garage_node.placement.cuda import CudaVersion, DriverVersion, parse_cuda, parse_driver
 
 VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
@@ -151,6 +152,58 @@ def _named(name: str, m: ModelSpec) -> ModelSpec:
     """Fill in what the file says by position: each table's key, and a precision's default repo."""
     quants = {q: replace(spec, name=q, model_id=spec.model_id or m.id) for q, spec in m.quantizations.items()}
     return replace(m, name=name, quantizations=quants)
+
+
+# ---------------------------------------------------------------- an entry on the wire
+# The head's assignment carries the entry it planned with (wire.CatalogModel), so a model the
+# operator imported at the head (`head model import`) reaches PCs whose own catalog lacks it.
+
+
+def _cc(cc: CompCap) -> str:
+    return f"{cc[0]}.{cc[1]}"
+
+
+def entry_of(m: ModelSpec) -> CatalogModel:
+    """A catalog model as the assignment carries it."""
+    quants = [CatalogPrecision(name=q.name, bytes_per_param=float(q.bytes_per_param), dtype=q.dtype,
+                               model_id=q.model_id or m.id, vllm_quantization=q.vllm_quantization,
+                               min_compute_capability=_cc(q.min_compute_capability)) for q in m.offered]
+    return CatalogModel(name=m.name, id=m.id, parameters=int(m.parameters), num_layers=m.num_layers,
+                        num_attention_heads=m.num_attention_heads, num_kv_heads=m.num_kv_heads,
+                        head_dim=m.head_dim, default_context_length=m.default_context_length,
+                        min_compute_capability=_cc(m.min_compute_capability), quantizations=quants,
+                        cpu=m.cpu, test_only=m.test_only)
+
+
+def model_of(entry: CatalogModel, source: str) -> ModelSpec:
+    """The ModelSpec of an entry the head sent, checked by the same settings validator as a
+    catalog file (raises CatalogError naming `source`, the model and the key)."""
+    quants: dict[str, dict[str, object]] = {}
+    for q in entry.quantizations:
+        body: dict[str, object] = {"bytes_per_param": q.bytes_per_param, "dtype": q.dtype, "model_id": q.model_id,
+                                   "min_compute_capability": q.min_compute_capability}
+        if q.vllm_quantization is not None:
+            body["quantization"] = q.vllm_quantization
+        quants[q.name] = body
+    raw = {"id": entry.id, "parameters": entry.parameters, "num_layers": entry.num_layers,
+           "num_attention_heads": entry.num_attention_heads, "num_kv_heads": entry.num_kv_heads,
+           "head_dim": entry.head_dim, "default_context_length": entry.default_context_length,
+           "min_compute_capability": entry.min_compute_capability, "quantizations": quants,
+           "test_only": entry.test_only, "cpu": entry.cpu}
+    data = parse(CatalogFile, {"models": {entry.name: raw}}, source, error=CatalogError)
+    return _named(entry.name, data.models[entry.name])
+
+
+def with_entry(catalog: Catalog, entry: CatalogModel, source: str) -> tuple[Catalog, bool]:
+    """`catalog` with the head's entry for a model: (catalog, True) when its own entry of that
+    name says the same (its own is used), else (a catalog whose entry of that name, or of that
+    repo id, is the head's, False). Raises CatalogError for an entry that fails the checks."""
+    own = next((m for m in catalog.models if m.name == entry.name), None)
+    if own is not None and entry_of(own) == entry:
+        return catalog, True
+    head = model_of(entry, source)
+    others = tuple(m for m in catalog.models if m.name != head.name and m.id != head.id)
+    return replace(catalog, models=(head, *others)), False
 
 
 def catalog_path(configured: str) -> Path:

@@ -24,7 +24,9 @@ own moves (for the move budget and the hold-down). Its rules, in order:
 Decision.assignments holds an Assignment for every PC that has PlacementFacts and either an
 assignment already or a state that allows a new one; an unchanged assignment is the same object
 with the same generation (so a head that restarts and feeds its stored assignments back in changes
-nothing), a changed one has generation + 1.
+nothing), a changed one has generation + 1. A new assignment carries the model's catalog entry
+(Assignment.catalog_entry), so a PC whose own catalog lacks it (imported at the head) plans it
+with the same facts.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ import time
 from collections.abc import Mapping, Sequence
 
 from garage_node.core.clock import SYSTEM, Clock
-from garage_node.core.wire import MESSAGE_MAX, Assignment, EngineState, clip
-from garage_node.placement.catalog import Catalog, EngineImage, ModelSpec
+from garage_node.core.wire import MESSAGE_MAX, Assignment, CatalogModel, EngineState, clip
+from garage_node.placement.catalog import Catalog, EngineImage, ModelSpec, entry_of
 from garage_node.placement.moves import Mover
 from garage_node.placement.options import Option, Options, Refusal
 from garage_node.placement.round import PcState, Tally, need_words, urgency
@@ -80,6 +82,7 @@ class Placer:
         self.refused_hold_s = refused_hold_s
         # node id -> catalog model -> (held off until (monotonic), the generation refused, why)
         self._refused: dict[str, dict[str, tuple[float, int, str]]] = {}
+        self._entries = {m.name: entry_of(m) for m in catalog.models}  # what new assignments carry
 
     # ------------------------------------------------------------ the decision
 
@@ -293,7 +296,7 @@ class Placer:
                 if prev is not None:
                     out[r.node_id] = prev
                 continue
-            new = _assignment(r, prev)
+            new = _assignment(r, prev, self._entries)
             if new is not None:
                 out[r.node_id] = new
         return out, explain
@@ -353,7 +356,7 @@ def _model_why(t: Target, d: Demand, count: Tally, running: int, w: Wanted) -> s
             f" {count.words(t.model)} assigned, {running} running")
 
 
-def _assignment(r: PcState, prev: Assignment | None) -> Assignment | None:
+def _assignment(r: PcState, prev: Assignment | None, entries: Mapping[str, CatalogModel]) -> Assignment | None:
     generation = prev.generation if prev is not None else 0
     if r.choice is None:
         if prev is None or prev.model is None:
@@ -366,7 +369,8 @@ def _assignment(r: PcState, prev: Assignment | None) -> Assignment | None:
     return Assignment(generation=generation + 1, model=o.model, quantization=o.quantization,
                      max_model_len=o.max_model_len, gpu_indices=list(o.gpu_indices),
                      tensor_parallel_size=o.tensor_parallel_size, pipeline_parallel_size=o.pipeline_parallel_size,
-                     layer_partition=list(o.layer_partition), reason=clip(r.why, MESSAGE_MAX))
+                     layer_partition=list(o.layer_partition), reason=clip(r.why, MESSAGE_MAX),
+                     catalog_entry=entries.get(o.model))
 
 
 def _same(a: Assignment, o: Option) -> bool:

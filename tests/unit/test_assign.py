@@ -308,3 +308,23 @@ def test_a_new_engine_that_never_becomes_healthy_is_refused_and_the_old_one_come
     r.head.assignment = assigned(3, "tiny-a")
     until(r, lambda: last_placement(r).assignment_generation == 3)
     assert last_placement(r).refused_generation == 0 and serving(r) == "garage/tiny-a"
+
+
+def test_a_model_imported_at_the_head_reaches_a_pc_whose_catalog_lacks_it(r):
+    """tiny-c is in the head's catalog only (`head model import`): the assignment carries its
+    entry, and the PC plans and serves it without its stick being touched."""
+    from garage_node.core.wire import CatalogModel, CatalogPrecision
+
+    entry = CatalogModel(name="tiny-c", id="garage/tiny-c", parameters=4_200_000, num_layers=2,
+                         num_attention_heads=4, num_kv_heads=4, head_dim=16, default_context_length=1024,
+                         min_compute_capability="7.5", quantizations=[CatalogPrecision("fp32", 4.0, "float32",
+                                                                                       "garage/tiny-c")], cpu=True)
+    r.head.assignment = assigned(1, "tiny-c")  # an older head: no entry, so the PC refuses it
+    until(r, lambda: last_placement(r).refused_generation == 1)
+    assert "not in this PC's catalog" in last_placement(r).refused_why
+    r.head.assignment = dataclasses.replace(assigned(2, "tiny-c"), catalog_entry=entry)
+    until(r, lambda: serving(r) == "garage/tiny-c" and r.status().placement.assignment_generation == 2)
+    cmd = r.docker.bodies["garage-engine"]["Cmd"]
+    assert cmd[cmd.index("--max-model-len") + 1] == "1024"  # the head's facts: its default context
+    assert not any(p.source == "placement" for p in r.status().problems)
+    until(r, lambda: last_placement(r).assignment_generation == 2 and last_placement(r).refused_generation == 0)

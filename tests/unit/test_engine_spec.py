@@ -139,3 +139,53 @@ def test_an_assignment_this_pc_cannot_serve_is_refused_with_why(driver_root, cha
     a = replace(Assignment(generation=1, model="qwen2.5-7b", gpu_indices=[0]), **change)
     with pytest.raises(EngineConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
         assigned_spec(cfg, gpus(24564), "100.96.0.2", "", a)
+
+
+def _imported_entry(**change):
+    """A model the operator imported at the head (`head model import`), as the assignment
+    carries it: the PC's catalog (configs/models.toml) has no 'phi-tiny'."""
+    from garage_node.core.wire import CatalogModel, CatalogPrecision
+
+    entry = CatalogModel(name="phi-tiny", id="example/phi-tiny", parameters=3_800_000_000, num_layers=32,
+                         num_attention_heads=32, num_kv_heads=32, head_dim=96, default_context_length=4096,
+                         min_compute_capability="7.5",
+                         quantizations=[CatalogPrecision("bf16", 2.0, "bfloat16", "example/phi-tiny"),
+                                        CatalogPrecision("awq", 0.6, "float16", "example/phi-tiny-AWQ", "awq", "7.5")])
+    return replace(entry, **change)
+
+
+def test_a_model_only_the_heads_catalog_has_is_planned_from_the_assignments_entry(driver_root):
+    from garage_node.core.wire import Assignment
+    from garage_node.node.engine.spec import assigned_spec
+
+    cfg = EngineSection(catalog=CATALOG, image="vllm/vllm-openai:v0.32.0", driver_root=driver_root,
+                        gpu_access="nvidia-toolkit")
+    a = Assignment(generation=2, model="phi-tiny", quantization="awq", gpu_indices=[0], reason="imported")
+    with pytest.raises(EngineConfigError, match="not in this PC's catalog"):
+        assigned_spec(cfg, gpus(24564), "100.96.0.2", "", a)  # an older head: its own catalog only
+    spec, why = assigned_spec(cfg, gpus(24564), "100.96.0.2", "", replace(a, catalog_entry=_imported_entry()))
+    args = list(spec.args)
+    assert spec.model == "example/phi-tiny" and args[args.index("--model") + 1] == "example/phi-tiny-AWQ"
+    assert args[args.index("--quantization") + 1] == "awq" and args[args.index("--max-model-len") + 1] == "4096"
+    # Its own fit check still runs on the head's facts: a model of this size does not fit 8 GB in bf16.
+    big = replace(a, quantization="bf16", catalog_entry=_imported_entry(parameters=14_000_000_000))
+    with pytest.raises(EngineConfigError, match="does not fit this PC's GPUs"):
+        assigned_spec(cfg, gpus(8188), "100.96.0.2", "", big)
+    # An entry that fails the catalog's checks is refused, naming the key.
+    bad = replace(a, catalog_entry=_imported_entry(num_kv_heads=5))
+    with pytest.raises(EngineConfigError, match="num_kv_heads"):
+        assigned_spec(cfg, gpus(24564), "100.96.0.2", "", bad)
+
+
+def test_the_pcs_own_entry_is_used_when_the_facts_agree_else_the_heads():
+    from garage_node.placement.catalog import entry_of, load_catalog, with_entry
+
+    catalog = load_catalog(CATALOG)
+    own = catalog.resolve("qwen2.5-7b")[0]
+    same, used_own = with_entry(catalog, entry_of(own), "head")
+    assert used_own and same is catalog
+    changed = replace(entry_of(own), default_context_length=8192)
+    other, used_own = with_entry(catalog, changed, "head")
+    assert not used_own and other.resolve("qwen2.5-7b")[0].default_context_length == 8192
+    assert other.resolve(own.id)[0].default_context_length == 8192  # by repo id too: one entry, the head's
+    assert len(other.models) == len(catalog.models)

@@ -331,9 +331,14 @@ def test_demand_for_a_second_model_moves_one_pc_and_the_heartbeat_answer_carries
     moved = [n for n in ids if loop.assignment(n).model == "tiny-b"]
     assert len(moved) == 1 and len(result.decision.moves) == 1
     assert loop.assignment(moved[0]).generation == 2 and reg.region.assignments()[moved[0]]["generation"] == 2
+    entry = loop.assignment(moved[0]).catalog_entry  # imported at the head: the PCs' catalogs lack it
+    assert entry is not None and (entry.name, entry.id, entry.default_context_length) == ("tiny-b", B_ID, 512)
     if moved[0] == pc.node_id:
         answer = post(cpu_report(TINY_ID, generation=1))
         assert answer.assignment.model == "tiny-b" and answer.assignment.generation == 2
+        assert answer.assignment.catalog_entry == entry  # through the control API's answer
+    else:
+        assert post(cpu_report(TINY_ID, generation=1)).assignment.catalog_entry.name == TINY
     assert loop.switches == {TINY: 2, "tiny-b": 1}
     assert "tiny-b" in result.decision.explain[moved[0]]
 

@@ -631,3 +631,17 @@ def test_a_refusal_leaves_nothing_to_serve_then_the_model_is_tried_again_after_t
     d = r.decide(wanted, {})
     assert d.assignments["n00"].model == FOURTEEN and d.assignments["n00"].generation == first.generation + 2
     assert "n00" not in d.refused
+
+
+def test_a_new_assignment_carries_the_catalog_entry_it_was_planned_with(tmp_path):
+    """So a model imported at the head reaches PCs whose own catalog lacks it (#18)."""
+    from garage_node.placement.catalog import entry_of, model_of
+
+    catalog = two_tiny_models(tmp_path)
+    r = Region.of({"pc1": ([], wire.PlacementFacts(device="cpu"))}, placer=Placer(catalog))
+    d = r.decide([Wanted("tiny-b", min_replicas=1)], {})
+    a = d.assignments["pc1"]
+    spec = catalog.resolve("tiny-b")[0]
+    assert a.model == "tiny-b" and a.catalog_entry == entry_of(spec)
+    assert model_of(a.catalog_entry, "the head") == spec  # the same facts back on the PC
+    assert wire.decode(wire.encode(a), wire.Assignment) == a  # and over the wire

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 from garage_node.node.config import EngineSection
 from garage_node.placement import cuda
 from garage_node.placement import fit as planner
-from garage_node.placement.catalog import Catalog, CatalogError, catalog_path, load_cached
+from garage_node.placement.catalog import Catalog, CatalogError, catalog_path, load_cached, with_entry
 from garage_node.node.engine.nvidia import DriverHost, DriverHostError, Passthrough
 from garage_node.core.wire import GPU, Assignment
 from garage_node.node.gpu import Inventory
@@ -193,7 +193,7 @@ def assigned_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str, api_ke
     """(spec, one line) for what the head assigned (issue #18): its model, precision, context,
     GPUs and parallelism. `model_dir`: the weights fetched from the head's store (else [engine]
     model_dir, else the model hub). Raises EngineConfigError when this PC cannot serve it."""
-    catalog = _catalog(cfg)
+    catalog = assigned_catalog(cfg, a)
     found = catalog.resolve(a.model or "")
     if a.model is None or found is None:
         raise EngineConfigError(f"the assigned model {a.model} is not in this PC's catalog {catalog.path}")
@@ -243,6 +243,22 @@ def assigned_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str, api_ke
                  folder, env)
     parallel = f"TP {a.tensor_parallel_size}" + (f", PP {a.pipeline_parallel_size}" if a.pipeline_parallel_size > 1 else "")
     return spec, f"{model.id} {quant.name}, {parallel}, context {length} (assigned by the head)"
+
+
+def assigned_catalog(cfg: EngineSection, a: Assignment) -> Catalog:
+    """The catalog to plan an assignment with: this PC's own, or, when the head's assignment
+    carries a catalog entry that its own lacks or describes otherwise (a model imported at the
+    head), this PC's with the head's entry in it. The fit check that follows is the PC's own."""
+    catalog = _catalog(cfg)
+    entry = a.catalog_entry
+    if entry is None or a.model is None:
+        return catalog
+    if entry.name != a.model:
+        raise EngineConfigError(f"the head's catalog entry is for {entry.name}, but it assigns {a.model}")
+    try:
+        return with_entry(catalog, entry, f"the head's catalog entry for {entry.name}")[0]
+    except CatalogError as e:
+        raise EngineConfigError(f"the head's catalog entry is unusable: {e}") from None
 
 
 def _assigned_gpus(inventory: Inventory, a: Assignment) -> tuple[GPU, ...]:
