@@ -645,3 +645,25 @@ def test_a_new_assignment_carries_the_catalog_entry_it_was_planned_with(tmp_path
     assert a.model == "tiny-b" and a.catalog_entry == entry_of(spec)
     assert model_of(a.catalog_entry, "the head") == spec  # the same facts back on the PC
     assert wire.decode(wire.encode(a), wire.Assignment) == a  # and over the wire
+
+
+def test_a_pc_whose_switch_failed_is_given_back_the_model_it_went_back_to():
+    """The agent refuses a switch whose engine never came up and goes back to the model it
+    served: the head's next decision assigns it that model again (no move spent), not the
+    refused one."""
+    r = Region.of(uniform(3), moves_per_minute=1, refused_hold_s=600)
+    wanted = [Wanted(SEVEN), Wanted(FOURTEEN)]
+    r.decide(wanted, {SEVEN: Demand(1000)})
+    assert r.count(SEVEN) == 3
+    r.clock.advance(600)
+    d = r.decide(wanted, {SEVEN: Demand(1000), FOURTEEN: Demand(0, 3, 1.0)}, carry_out=False)
+    (n,) = [k for k, a in d.assignments.items() if a.model == FOURTEEN]
+    failed = d.assignments[n]
+    r.set(n, refused_generation=failed.generation, refused_why="its engine did not become healthy (degraded)")
+    r.clock.advance(10)  # the move budget (1 a minute) is spent
+    d = r.decide(wanted, {SEVEN: Demand(1000), FOURTEEN: Demand(0, 3, 1.0)}, carry_out=False)
+    a = d.assignments[n]
+    assert a.model == SEVEN and a.generation == failed.generation + 1, d.explain[n]
+    assert d.explain[n].startswith(f"keeps {SEVEN}") and "refused qwen2.5-14b" in d.explain[n]
+    seven = next(m for m in d.models if m.model == SEVEN)
+    assert n in seven.pcs and seven.running == 3
