@@ -328,3 +328,26 @@ def test_a_model_imported_at_the_head_reaches_a_pc_whose_catalog_lacks_it(r):
     assert cmd[cmd.index("--max-model-len") + 1] == "1024"  # the head's facts: its default context
     assert not any(p.source == "placement" for p in r.status().problems)
     until(r, lambda: last_placement(r).assignment_generation == 2 and last_placement(r).refused_generation == 0)
+
+
+def test_a_switch_stuck_without_a_verdict_from_the_engine_is_refused_after_its_time(tmp_path):
+    """Docker stops answering mid-switch, so the engine manager never says "degraded": the
+    agent's own limit ([engine] drain_grace_s + startup_timeout_s from the switch's start) ends
+    it, and once Docker is back the PC serves tiny-a again."""
+    r = rig(tmp_path, engine=engine(tmp_path, startup_timeout_s=30.0, drain_grace_s=20.0), engine_in_step=True,
+            images=(IMAGE,))
+    r.probe.ready = lambda spec: spec.model != "garage/tiny-b"  # type: ignore[method-assign]
+    r.passes()
+    r.head.assignment = assigned(1, "tiny-a")
+    until(r, lambda: serving(r) == "garage/tiny-a" and r.status().placement.assignment_generation == 1)
+    r.head.assignment = assigned(2, "tiny-b")
+    until(r, lambda: serving(r) == "garage/tiny-b")
+    r.docker.down = True
+    r.passes(15)  # 30 s: not yet
+    assert last_placement(r).refused_generation == 0 and last_placement(r).switching_to == "tiny-b"
+    until(r, lambda: last_placement(r).refused_generation == 2, n=30)
+    why = last_placement(r).refused_why
+    assert why is not None and "not healthy 50 s after the switch began" in why, why
+    r.docker.down = False
+    until(r, lambda: serving(r) == "garage/tiny-a" and r.status().engine.state is EngineState.HEALTHY)
+    assert r.status().placement.switching_to is None and r.status().placement.assignment_generation == 1
