@@ -156,6 +156,8 @@ class AssignPart:
         self.wants_beat = False  # the agent sends a heartbeat now (the announcement)
         self._ignored: int | None = None  # an older generation, logged once
         self._switch_since: float | None = None  # when the engine was told to switch (monotonic)
+        # The engine's (state, message) then: the old engine's, never taken for the new one's.
+        self._switch_from: tuple[EngineState, str | None] | None = None
 
     # ------------------------------------------------------------ the pass
 
@@ -336,6 +338,7 @@ class AssignPart:
                                                                                    engine_spec):
                 self.phase = Phase.SWITCHING
                 self._switch_since = self.clock.monotonic()
+                self._switch_from = (engine.state, engine.message)
             else:
                 self.wants_beat = True
         if self.phase is Phase.SWITCHING:
@@ -395,9 +398,12 @@ class AssignPart:
             return None  # stopping an engine cannot fail that way
         message = engine.message or engine.state.value
         if engine.state in (EngineState.REFUSED, EngineState.DEGRADED) and \
+                (engine.state, engine.message) != self._switch_from and \
                 self._runs_target(target, inventory, ident, engine_spec):
             # The manager refused the new spec (the CUDA gate), or gave up waiting for its
-            # health or on its crashes: it only retries from here, with backoff.
+            # health or on its crashes: it only retries from here, with backoff. (The manager
+            # takes the new spec before it acts on it, so a verdict on the old engine, still
+            # shown for a moment, is told apart by being the one shown when the switch began.)
             return f"its engine did not become healthy ({engine.state.value}): {message}"
         since = self._switch_since
         limit = self.cfg.drain_grace_s + self.cfg.startup_timeout_s

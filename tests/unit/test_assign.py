@@ -351,3 +351,29 @@ def test_a_switch_stuck_without_a_verdict_from_the_engine_is_refused_after_its_t
     r.docker.down = False
     until(r, lambda: serving(r) == "garage/tiny-a" and r.status().engine.state is EngineState.HEALTHY)
     assert r.status().placement.switching_to is None and r.status().placement.assignment_generation == 1
+
+
+def test_the_old_engines_verdict_is_not_taken_for_the_new_ones(r):
+    """The engine manager takes the new spec before it acts on it, so for a moment the agent
+    may see the new spec with the old engine's state: a switch away from a crash-looping
+    ("degraded") engine must not be refused for that; the new engine's own verdict is."""
+    from garage_node.core.wire import EngineStatus
+    from garage_node.node.engine.spec import assigned_spec
+
+    r.head.assignment = assigned(1, "tiny-a")
+    until(r, lambda: serving(r) == "garage/tiny-a" and r.status().placement.assignment_generation == 1)
+    part, ident, inv = r.agent.assign, r.agent.identity, r.agent.gpus.inventory
+    old_spec = r.agent.engine.spec
+    b = assigned(2, "tiny-b")
+    new_spec, _ = assigned_spec(r.agent.cfg.engine, inv, ident.overlay_ip, ident.engine_api_key, b)
+    old = EngineStatus(state=EngineState.DEGRADED, restarts=3,
+                       message="engine keeps crashing (exit code 1, 3 times in 10 min); retrying in 8 s")
+    part.step(b, inv, ident, old, old_spec)  # the switch begins while the old engine crash-loops
+    assert part.switching_to == "tiny-b"
+    part.step(b, inv, ident, old, new_spec)  # the new spec taken, the old verdict still shown
+    assert part.switching_to == "tiny-b" and part.refused is None
+    new = EngineStatus(state=EngineState.DEGRADED, restarts=4,
+                       message="engine running for 31 s but not answering /health; restarting it")
+    part.step(b, inv, ident, new, new_spec)
+    assert part.refused is not None and part.refused[0] == 2 and "not answering /health" in part.refused[1]
+    assert part.switching_to is None
