@@ -111,8 +111,10 @@ def gateway(port: int, engine_ports: list[int], state: Path, gc_mode: str, gen0:
 
     # The stand-ins never go stale: heartbeats are not what this measures.
     section = GatewaySection(stale_after_s=1e9)
-    if max_in_flight:
+    if max_in_flight > 0:
         section = replace(section, max_in_flight=max_in_flight)
+    elif max_in_flight < 0:  # to measure what the limit changes
+        section = replace(section, max_in_flight=10**9, max_queue_age_s=1e9)
     gw = Gateway(section, state, lambda: {})
     base = sample_report()
     for i, p in enumerate(engine_ports):
@@ -136,8 +138,8 @@ def gateway(port: int, engine_ports: list[int], state: Path, gc_mode: str, gen0:
         gc.set_threshold(gen0, *gc.get_threshold()[1:])
     fast = listener == "fast"
     uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", access_log=False,
-                                  http=guarded_protocol(limits, fast=fast),
-                                  loop=guarded_loop_factory(limits, fast=fast))).run()
+                                  http=guarded_protocol(limits, **({"fast": True} if fast else {})),
+                                  loop=guarded_loop_factory(limits, **({"fast": True} if fast else {})))).run()
 
 
 async def load(url: str, key: str, rate: float, seconds: float, grace_s: float) -> dict:
@@ -255,9 +257,10 @@ def main() -> None:
                    help="freeze: the gateway's start-up objects frozen as `head run` does (service.settle_heap); "
                         "plain: not (to measure the difference)")
     p.add_argument("--gen0", type=int, default=0, help="the gateway's generation-0 threshold (0: what `head run` sets)")
-    p.add_argument("--listener", choices=("fast", "plain"), default="plain",
+    p.add_argument("--listener", choices=("fast", "plain"), default="fast",
                    help="fast: uvloop and httptools as `head run` builds the listener; plain: asyncio and h11")
-    p.add_argument("--max-in-flight", type=int, default=0, help="[gateway] max_in_flight (0: its default)")
+    p.add_argument("--max-in-flight", type=int, default=0,
+                   help="[gateway] max_in_flight (0: its default; -1: no admission limit at all, as before #22)")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--ports", help=argparse.SUPPRESS)
     p.add_argument("--state", help=argparse.SUPPRESS)

@@ -7,13 +7,19 @@ the gateway: requests failed before streaming began (should be 0) and the second
 gateway's table no longer offers that PC.
 
     .venv/bin/python bench/gateway_overhead.py [--turns 3] [--seconds 20] [--concurrency 4] [--kill]
+
+Pinning (printed): each PC's engine on CPU i (testing/dockerd.py), the head's processes on the
+next CPU free of engines and the load generator on the one after, where the machine has them;
+on a small machine the head and the load share the last CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,8 +33,26 @@ from testing.region import Testbed, wait_for  # noqa: E402
 GATEWAY = "http://127.0.0.1:8080"
 
 
+LOAD_CPUS: list[str] = []  # taskset's prefix for the load generator, set by pin()
+
+
+def pin(head, engines: int) -> None:
+    """The head (all its processes and threads) and the load generator on CPUs apart from the
+    engines' (CPU 0..engines-1) and from each other, as far as the machine has CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    free = [c for c in cpus if c >= engines] or cpus[-1:]
+    head_cpu, load_cpu = free[0], (free[1] if len(free) > 1 else free[0])
+    pids = subprocess.run(["ip", "netns", "pids", head.ns], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        subprocess.run(["taskset", "-a", "-p", "-c", str(head_cpu), pid], capture_output=True)
+    LOAD_CPUS[:] = ["taskset", "-c", str(load_cpu)]
+    print(f"pinning: engines on CPU {','.join(map(str, range(engines)))}, the head's {len(pids)} processes on CPU "
+          f"{head_cpu}, the load on CPU {load_cpu} ({len(cpus)} CPUs; machine load {os.getloadavg()[0]:.1f})",
+          flush=True)
+
+
 def load(head, url: str, key: str, *args: str, timeout: float = 600) -> list[dict]:
-    res = head.run([sys.executable, str(ROOT / "testing/loadgen.py"), url, key, TINY_MODEL, *args],
+    res = head.run([*LOAD_CPUS, sys.executable, str(ROOT / "testing/loadgen.py"), url, key, TINY_MODEL, *args],
                    check=True, timeout=timeout)
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 
@@ -65,9 +89,8 @@ def main() -> None:
         for pc in pcs:
             healthy(pc)
         key = head.cli("head", "key", "create", "bench", "--config", str(head.config)).stdout.strip()
+        pin(head, len(pcs))
         if args.head_nice:
-            import subprocess
-
             pids = subprocess.run(["ip", "netns", "pids", head.ns], capture_output=True, text=True).stdout.split()
             subprocess.run(["renice", "-n", str(args.head_nice), "-p", *pids], capture_output=True)
             print(f"head's {len(pids)} processes reniced to {args.head_nice}", flush=True)
@@ -103,7 +126,7 @@ def main() -> None:
             healthy(pcs[1])
             wait_for(lambda: len({r["node"] for r in load(head, GATEWAY, key, "--requests", "8", "--concurrency", "4", "--unique")}) == 2,
                      120, "both PCs serving")
-            gen = head.spawn([sys.executable, str(ROOT / "testing/loadgen.py"), GATEWAY, key, TINY_MODEL, "--seconds", "30",
+            gen = head.spawn([*LOAD_CPUS, sys.executable, str(ROOT / "testing/loadgen.py"), GATEWAY, key, TINY_MODEL, "--seconds", "30",
                               "--concurrency", "4", "--max-tokens", str(args.max_tokens), "--unique"], "kill-load.log")
             time.sleep(10)
             killed_at = time.monotonic()

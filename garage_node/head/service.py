@@ -285,23 +285,17 @@ def _trim_memory() -> None:
         libc.malloc_trim(0)
 
 
-# Generation 0 is collected every GEN0_THRESHOLD net allocations of tracked objects (700 by
-# default). The gateway allocates dozens of short-lived objects per request (headers, dicts,
-# coroutines, httpx's request and response), so at hundreds of requests a second the default
-# collected gen 0 hundreds of times a second; a larger threshold collects less often, each pass
-# still short (a young generation of a few thousand objects is walked in well under 1 ms).
-GEN0_THRESHOLD = 7000
-
-
 def settle_heap() -> None:
     """Once the head is up (imports done, its start-up objects made): collect once, then move
     everything alive into the permanent generation (gc.freeze), which collections never walk.
     Without it every full collection walked the ~76,000 objects of the imports and the app
     (FastAPI, pydantic, Ray's client, prometheus) and paused the head 77-151 ms every 10-30 s
-    under the gateway's load (issue #22); objects made later are collected as before."""
+    under the gateway's load (issue #22); objects made later are collected as before.
+    Generation 0's threshold stays Python's 700: at 7,000, the gateway at 200 requests/s spent
+    15 ms in collections per 6 s instead of 23, but its longest pause went from 1.7 to 3-8 ms
+    (bench/gateway_load.py, one turn each on a shared 2-CPU machine): not a clear gain."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _enable_forwarding() -> None:
@@ -435,8 +429,9 @@ def gateway_listeners(cfg: HeadConfig, gateway: Gateway) -> list[BackgroundServe
                          tls_handshake_timeout_s=cfg.api.tls_handshake_timeout_s)
     api = uvicorn.Config(create_gateway_app(gateway), host=g.listen_host, port=g.port, log_level="warning",
                          access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=10,
-                         http=guarded_protocol(limits),
-                         loop=guarded_loop_factory(limits),  # type: ignore[arg-type]
+                         # uvloop and httptools: less CPU per request (#22); the same guards.
+                         http=guarded_protocol(limits, fast=True),
+                         loop=guarded_loop_factory(limits, fast=True),  # type: ignore[arg-type]
                          **gateway_tls(g.tls_cert, g.tls_key))
     metrics = uvicorn.Config(make_asgi_app(gateway.metrics.registry), host=g.metrics_host, port=g.metrics_port,
                              log_level="warning", access_log=False)
