@@ -122,3 +122,22 @@ def test_a_starting_engine_says_what_it_waits_for_and_how_long_its_log_is_silent
     probe.is_ready = True
     m.reconcile_safely()
     assert m.snapshot().state is EngineState.HEALTHY
+
+
+def test_an_unreadable_metrics_read_makes_the_load_unknown_not_the_last_figures(tmp_path):
+    """The gateway takes an engine reporting nothing running for idle; the last figures kept
+    after /metrics failed could say so of an engine busy with a request."""
+    m, probe, clock = manager(tmp_path)
+    m.reconcile_safely()
+    probe.is_ready = True
+    probe.current = Metrics(running=0, waiting=0, generation_tokens_total=100.0, kv_cache_usage_pct=1.0)
+    m.reconcile_safely()
+    assert (m.snapshot().requests_running, m.snapshot().requests_waiting) == (0, 0)
+    probe.current = None  # /metrics fails (timeout, restart of the server) while /health answers
+    clock.advance(2)
+    m.reconcile_safely()
+    s = m.snapshot()
+    assert s.state is EngineState.HEALTHY
+    assert (s.requests_running, s.requests_waiting, s.kv_cache_usage_pct, s.generation_tokens_per_s) == (None,) * 4
+    r = EngineReport.of(s)
+    assert (r.requests_running, r.requests_waiting) == (None, None)

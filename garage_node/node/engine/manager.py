@@ -349,6 +349,9 @@ class EngineManager:
     def _read_metrics(self, spec: EngineSpec) -> Metrics | None:
         m = self.probe.metrics(spec)
         if m is None:
+            # Unknown, not the last figures: the gateway reads an engine with nothing running
+            # as idle ("alive but silent" ends its streams), so stale zeros could end a live one.
+            self._update(**asdict(Load()))
             return None
         now = self.clock.monotonic()
         rate = None
