@@ -18,13 +18,13 @@ from garage_node.core.wire import WireError, decode
 # directory name on the head and on every PC and a segment of a URL, so it is kept to letters,
 # digits, '.', '_' and '-', starting with a letter or digit (never "." or ".."). 80 characters:
 # the store's path for it ("/v1/store/<name>/") still fits Assignment.weights_path (96).
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}\Z")  # \Z: "$" would let a final newline through
 NAME_RULE = "1-80 characters of letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 # A file's path inside a model: relative, '/'-separated segments of the same characters (plus
 # '+', '=' and ','), none of them empty, "." or "..", none starting with '.' (hidden files such
 # as a download tool's .cache/ are not part of a model).
-_SEGMENT = re.compile(r"^[A-Za-z0-9_+=,-][A-Za-z0-9._+=,-]{0,199}$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9_+=,-][A-Za-z0-9._+=,-]{0,199}\Z")
 MAX_PATH = 512
 MAX_FILES = 10_000
 

@@ -99,13 +99,20 @@ def check_strictly(data: Any, cls: type) -> None:
         raise WireError(str(e)) from None
 
 
-def _whole_floats_as_ints(data: Any) -> Any:
+# No message of ours nests deeper than a few levels; a body nested hundreds deep (a 1.6 KB
+# report does it) must be a 422, not Python's recursion limit as a 500.
+MAX_DEPTH = 32
+
+
+def _whole_floats_as_ints(data: Any, depth: int = 0) -> Any:
     if isinstance(data, float) and data.is_integer():
         return int(data)
+    if isinstance(data, (dict, list)) and depth >= MAX_DEPTH:
+        raise WireError(f"nested deeper than {MAX_DEPTH} levels: no message of this API is")
     if isinstance(data, dict):
-        return {k: _whole_floats_as_ints(v) for k, v in data.items()}
+        return {k: _whole_floats_as_ints(v, depth + 1) for k, v in data.items()}
     if isinstance(data, list):
-        return [_whole_floats_as_ints(v) for v in data]
+        return [_whole_floats_as_ints(v, depth + 1) for v in data]
     return data
 
 

@@ -1,5 +1,5 @@
 """The head as the region's model store: model weights kept once at the head and served to the
-PCs over the overlay (head/api/store.py), so a region downloads a model from the internet once,
+PCs by the control API (head/api/store.py: HTTPS, the heartbeats' address and credential), so a region downloads a model from the internet once,
 not once per PC.
 
 On disk, under the store's root (<state_dir>/models, so a head restart keeps it):

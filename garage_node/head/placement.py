@@ -162,11 +162,17 @@ class PlacementLoop:
 
     def _stored(self) -> dict[str, Assignment]:
         out = {}
+        generations = self.registry.region.assignment_generations()
         for node_id, body in self.registry.region.assignments().items():
             try:
                 out[node_id] = decode(body, Assignment)
             except WireError:
+                # Written by another version, say. The PC has seen that generation, so what
+                # replaces it must be newer: without this floor the new one started at 1, the
+                # registry refused it as older, and every pass of the region failed.
                 log.warning("the stored assignment of %s is unreadable; the next pass makes a new one", node_id)
+                out[node_id] = Assignment(generation=generations.get(node_id, 0), model=None,
+                                          reason="the head's stored assignment was unreadable")
         return out
 
     # -- what the heartbeats and the gateway ask
@@ -254,7 +260,7 @@ class PlacementLoop:
             if before == a:
                 continue
             if a.model is not None and a.model in held and a.weights_path is None:
-                # Fetched from the head's store over the overlay, not from the internet. Set on a
+                # Fetched from the head's store (its control API), not from the internet. Set on a
                 # new assignment only: the placer compares assignments without it, so a model
                 # stored later changes nothing for a PC already given it.
                 a = replace(a, weights_path=self.store.weights_path(a.model))

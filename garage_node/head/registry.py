@@ -457,6 +457,12 @@ class RegionCatalog:
         """node id -> its last assignment as stored (a wire.Assignment's JSON)."""
         return {r["node_id"]: json.loads(r["body"]) for r in self._reads.query("SELECT node_id, body FROM assignments")}
 
+    def assignment_generations(self) -> dict[str, int]:
+        """node id -> the generation stored with its assignment (its own column, readable when
+        the body is not)."""
+        return {r["node_id"]: int(r["generation"])
+                for r in self._reads.query("SELECT node_id, generation FROM assignments")}
+
     def store_assignments(self, changed: dict[str, dict[str, Any]]) -> None:
         """Store the assignments that changed (node id -> wire.Assignment's JSON, with its
         "generation"), in one transaction. A generation lower than the one stored is refused

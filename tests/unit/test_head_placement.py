@@ -659,3 +659,22 @@ def test_a_refusal_reaches_the_head_which_reassigns_and_lists_it(tmp_path, capsy
     rc, out, _ = cli(capsys, config, "model", "list", "--pcs")
     assert rc == 0 and "REFUSED: refused tiny-b (generation 1): the owner pinned tiny-llama-test" in out
     assert loop.step().changed == {}  # held off: not given back to it at the next pass
+
+
+def test_an_unreadable_stored_assignment_is_replaced_by_a_newer_one_not_a_failed_pass(tmp_path):
+    """A stored assignment the head cannot read (another version wrote it, say) once made every
+    pass of the region fail: its replacement started at generation 1, below the stored one."""
+    cfg = head_config(tmp_path)
+    reg = Registry(tmp_path / "r.sqlite", NET)
+    pcs = [enroll(reg, f"pc-{i}") for i in (1, 2)]
+    for n in pcs:
+        beat(reg, n, cpu_report())
+    add_model(reg, region_catalog(PACKAGED_CATALOG, []), TINY, min_replicas=2)
+    unreadable = {"generation": 5, "model": TINY, "tensor_parallel_size": "two"}  # out of schema
+    reg.region.store_assignments({pcs[0]: unreadable})
+    loop = PlacementLoop(reg, cfg)
+    result = loop.step()  # raised ValueError ("generation 1 ... is below the stored 5") before
+    a = loop.assignment(pcs[0])
+    assert a is not None and a.model == TINY and a.generation == 6, a
+    assert reg.region.assignments()[pcs[0]]["generation"] == 6
+    assert pcs[1] in result.changed

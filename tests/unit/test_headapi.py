@@ -322,3 +322,16 @@ def test_each_heartbeat_answered_is_timed_once_with_its_status(tmp_path):
     assert client.post(url, json=report, headers={"Authorization": "Bearer nope"}).status_code == 401
     assert [status for _, status in timed] == [200, 401]
     assert all(0 < s < 60 for s, _ in timed)
+
+
+@pytest.mark.parametrize("depth", [40, 500, 900])
+def test_a_deeply_nested_report_is_422_not_500(api, depth):
+    """A 1.6 KB report nested 500 deep once reached Python's recursion limit in the strict
+    check and came back as a 500."""
+    client, reg, _ = api
+    node_id, auth = enrolled(client)
+    report = encode(sample_report())
+    body = json.dumps({"report": report}).replace('"gpus": []', '"gpus": ' + "[" * depth + "]" * depth)
+    r = client.post(f"/v1/nodes/{node_id}/heartbeat", content=body, headers={**auth, "content-type": "application/json"})
+    assert r.status_code == 422, r.text[:200]
+    assert reg.node(node_id).report == {}

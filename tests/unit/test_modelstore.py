@@ -235,3 +235,16 @@ def test_head_weights_verify_finds_a_damaged_file(head_config, tmp_path, capsys)
 def test_head_weights_errors_say_what_to_do(head_config, capsys, argv, says):
     assert main(["head", "weights", *argv, "--config", str(head_config)]) == 2
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["qwen\n", "tiny-a\n"])
+def test_a_model_name_ending_in_a_newline_is_refused(name: str) -> None:
+    # "$" in a pattern used with re.match lets one final newline through; the name becomes a
+    # directory on the head and every PC, and a segment of the weights path.
+    with pytest.raises(ValueError):
+        modelfiles.check_name(name)
+
+
+def test_a_file_path_ending_in_a_newline_is_refused() -> None:
+    with pytest.raises(ValueError):
+        modelfiles.check_path("config.json\n")

@@ -41,7 +41,7 @@ def router(registry: Registry, store: ModelStore) -> APIRouter:
     def node_only(node_id: NodeHeader = None, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
         """The node's id if it may fetch weights; refuses (401/403) as the heartbeat does."""
         auth = None
-        if node_id is not None and re.match(NODE_ID, node_id) and creds is not None:
+        if node_id is not None and re.fullmatch(NODE_ID, node_id) and creds is not None:
             auth = registry.authenticate(node_id, creds.credentials)
         if auth is None:
             raise ApiError(401, ErrorCode.UNAUTHORIZED,
