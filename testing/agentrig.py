@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -65,7 +66,8 @@ class StoreSource:
     """The head's model store (modelfiles.py's routes: a manifest, files with ranges), served
     in-process to the real node/weights.py. `gate` cleared holds every file request (a download
     under way); `up` False fails them as an unreachable head does; `damaged` names models whose
-    files arrive other than their manifest says."""
+    files arrive other than their manifest says; `slow` names models whose files arrive a
+    megabyte every `slow_s` seconds (a long download, as of a 20 GB model)."""
 
     def __init__(self) -> None:
         self.models: dict[str, dict[str, bytes]] = {}
@@ -73,6 +75,8 @@ class StoreSource:
         self.gate.set()
         self.up = True
         self.damaged: set[str] = set()
+        self.slow: set[str] = set()
+        self.slow_s = 0.1
 
     def add(self, name: str, files: Mapping[str, bytes]) -> str:
         """Stores a model; returns its Assignment.weights_path."""
@@ -95,7 +99,17 @@ class StoreSource:
             if not self.up:
                 raise httpx.ConnectError("connection refused")
             body = files[rest.removeprefix(modelfiles.FILES)]
-            yield httpx.Response(200, content=b"x" * len(body) if name in self.damaged else body)
+            if name in self.slow:
+                yield httpx.Response(200, content=self._trickle(body))
+            else:
+                yield httpx.Response(200, content=b"x" * len(body) if name in self.damaged else body)
+
+    def _trickle(self, body: bytes) -> Iterator[bytes]:
+        mib = 1024 * 1024
+        for i in range(0, len(body), mib):
+            if i:
+                time.sleep(self.slow_s)
+            yield body[i:i + mib]
 
 
 @dataclasses.dataclass

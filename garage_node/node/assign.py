@@ -62,7 +62,8 @@ class WeightStore(Protocol):
 
     def held(self) -> list[str]: ...
     def local_dir(self, model: str) -> Path | None: ...
-    def fetch(self, model: str, path: str, progress: Callable[[float], None]) -> Path: ...
+    def fetch(self, model: str, path: str, progress: Callable[[float], None],
+              stop: threading.Event | None = None) -> Path: ...
     @property
     def root(self) -> Path: ...
 
@@ -92,12 +93,16 @@ class HeadWeights:
     def local_dir(self, model: str) -> Path | None:
         return self.store.local_dir(model)
 
-    def fetch(self, model: str, path: str, progress: Callable[[float], None]) -> Path:
+    def fetch(self, model: str, path: str, progress: Callable[[float], None],
+              stop: threading.Event | None = None) -> Path:
         if self._source is None:
             self._source = self.source()
         keep = {self.in_use} if self.in_use else set()
         try:
-            return self.store.fetch(model, path, self._source, lambda pct: progress(float(pct)), keep=keep)
+            # `stop`: a download no longer wanted ends soon and lets the store's lock go, so the
+            # next one does not wait for all of it (what arrived is resumed on a later try).
+            return self.store.fetch(model, path, self._source, lambda pct: progress(float(pct)), keep=keep,
+                                    stop=stop)
         except WeightsError as e:
             if e.retry:
                 raise
@@ -135,6 +140,7 @@ class _Fetch:
     error: str | None = None
     refused: bool = False  # the weights failed their check (not a transport failure)
     finished: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)  # set: no longer wanted
 
 
 class AssignPart:
@@ -151,6 +157,7 @@ class AssignPart:
         self.refused: tuple[int, str] | None = None  # (generation, why): reported to the head
         self._fetch: _Fetch | None = None
         self._retry_at = 0.0
+        self._fetch_failed: str | None = None  # why the last download failed (waiting for its retry)
         self._reported = False  # a report built since the announcement began carried it
         self._told = False  # and a heartbeat took it to the head
         self.wants_beat = False  # the agent sends a heartbeat now (the announcement)
@@ -192,11 +199,16 @@ class AssignPart:
 
     # ------------------------------------------------------------ what others read
 
+    # The readers below run on the local API's thread (status) while step() runs on the
+    # agent's: each reads an attribute once into a local, as step() may set it to None between
+    # two reads (the values themselves are immutable or only ever replaced whole).
+
     @property
     def switching_to(self) -> str | None:
-        if self.target is None:
+        target = self.target
+        if target is None:
             return None
-        return self.target.model or "(nothing)"
+        return target.model or "(nothing)"
 
     @property
     def draining(self) -> bool:
@@ -205,7 +217,8 @@ class AssignPart:
 
     @property
     def fetch_pct(self) -> float | None:
-        return round(self._fetch.pct, 1) if self._fetch is not None and self.phase is Phase.FETCHING else None
+        job = self._fetch
+        return round(job.pct, 1) if job is not None and self.phase is Phase.FETCHING else None
 
     def facts(self, paused: bool) -> PlacementFacts:
         """What the head's placement learns of this PC (NodeReport.placement)."""
@@ -217,28 +230,35 @@ class AssignPart:
                 free = shutil.disk_usage(_existing(self.weights.root)).free // MIB
             except OSError as e:
                 log.warning("cannot read the weights store: %s", e)
-        switching = self.switching_to if self.target is not None and self.target.model else None
+        target, carried, refused = self.target, self.carried, self.refused
         return PlacementFacts(
             device=self.cfg.device, pinned_model=self.cfg.model or None,
             pinned_quantization=self.cfg.quantization or None, paused=paused, weights_held=held,
-            free_disk_mib=free, assignment_generation=self.carried.generation if self.carried else 0,
-            switching_to=switching, fetch_pct=self.fetch_pct,
-            refused_generation=self.refused[0] if self.refused else 0,
-            refused_why=clip(self.refused[1], MESSAGE_MAX) if self.refused else None)
+            free_disk_mib=free, assignment_generation=carried.generation if carried else 0,
+            switching_to=target.model if target is not None else None, fetch_pct=self.fetch_pct,
+            refused_generation=refused[0] if refused else 0,
+            refused_why=clip(refused[1], MESSAGE_MAX) if refused else None)
 
     def words(self) -> str | None:
         """One line for status: what the head assigned and where the switch stands."""
-        if self.target is not None:
-            what = self.target.model or "serving nothing"
-            if self.phase is Phase.FETCHING and self._fetch is not None:
-                return f"switching to {what} (downloading {self._fetch.pct:.0f} %)"
-            if self.phase is Phase.ANNOUNCING:
+        target, carried, phase, job, failed = self.target, self.carried, self.phase, self._fetch, self._fetch_failed
+        if target is not None:
+            what = target.model or "serving nothing"
+            if phase is Phase.FETCHING:
+                if job is not None:
+                    return f"switching to {what} (downloading {job.pct:.0f} %)"
+                # A failed download waits for its retry: the old engine serves undisturbed.
+                wait = max(0.0, self._retry_at - self.clock.monotonic())
+                return (f"switching to {what} once its weights arrive: the download failed "
+                        f"({clip(failed or 'no reason given', 200)}); tried again in {wait:.0f} s; "
+                        "the old engine serves meanwhile")
+            if phase is Phase.ANNOUNCING:
                 return f"switching to {what} (telling the head; the gateway stops sending new requests)"
             return f"switching to {what} (draining the old engine, starting the new one)"
-        if self.carried is not None:
-            if self.carried.model is None:
+        if carried is not None:
+            if carried.model is None:
                 return "serving nothing, as the head assigned"
-            return f"serving {self.carried.model}, assigned by the head"
+            return f"serving {carried.model}, assigned by the head"
         return None
 
     # ------------------------------------------------------------ steps
@@ -262,7 +282,7 @@ class AssignPart:
         self.health.clear(Source.PLACEMENT)
         settled = self.phase is None  # no switch under way: the engine runs the carried one
         self.target, self.target_dir = a, ""
-        self._fetch = None
+        self._drop_fetch()
         self._reported = self._told = False
         if settled and self._same_as_carried(a):
             self._finish()  # only the generation or the reason changed
@@ -307,6 +327,13 @@ class AssignPart:
         c = self.carried
         return c is not None and replace(c, generation=a.generation, reason=a.reason) == a
 
+    def _drop_fetch(self) -> None:
+        """The download under way, if any, is no longer wanted: stopped (its thread ends soon
+        and lets go of the store, which the next download needs), its outcome ignored."""
+        job, self._fetch, self._fetch_failed = self._fetch, None, None
+        if job is not None:
+            job.stop.set()
+
     def _start_fetch(self, a: Assignment) -> None:
         assert a.model is not None and a.weights_path is not None and self.weights is not None
         job = _Fetch(a.model)
@@ -315,7 +342,7 @@ class AssignPart:
 
         def run() -> None:
             try:
-                job.done = store.fetch(job.model, path, lambda pct: setattr(job, "pct", pct))
+                job.done = store.fetch(job.model, path, lambda pct: setattr(job, "pct", pct), stop=job.stop)
             except WeightsRefused as e:
                 job.error, job.refused = str(e), True
             except Exception as e:  # transport, disk: tried again while the old engine serves
@@ -358,6 +385,7 @@ class AssignPart:
         if not job.finished.is_set():
             return
         self._fetch = None
+        self._fetch_failed = job.error
         if job.done is not None:
             self.target_dir = str(job.done)
             self.phase = Phase.ANNOUNCING
@@ -419,6 +447,7 @@ class AssignPart:
         back = (self.carried.model or "nothing") if self.carried is not None else "this PC's own plan"
         log.warning("switch to %s abandoned; going back to %s", target.model, back)
         self.target, self.target_dir, self.phase = None, "", None
+        self._drop_fetch()
         self._switch_since = None
         self._reported = self._told = False
 
@@ -454,7 +483,8 @@ class AssignPart:
     def _reset(self) -> None:
         self.carried = self.target = None
         self.carried_dir = self.target_dir = ""
-        self.phase, self.refused, self._fetch = None, None, None
+        self.phase, self.refused = None, None
+        self._drop_fetch()
         self._reported = self._told = False
         self.health.clear(Source.PLACEMENT)
 

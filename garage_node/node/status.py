@@ -203,9 +203,7 @@ def placement_lines(s: Status) -> list[str]:
     if p is None:
         return []
     if p.switching_to:
-        doing = (f"downloading {p.fetch_pct:.0f} %" if p.fetch_pct is not None
-                 else "draining the old engine, starting the new one")
-        lines = [f"switching to {p.switching_to} ({doing})"]
+        lines = [f"switching to {p.switching_to} ({_switch_words(s, p.fetch_pct)})"]
     elif a is None:
         return ["chosen by this PC (the head assigns nothing: placement off, or an older head)"]
     elif p.assignment_generation < a.generation and p.refused_generation == a.generation:
@@ -223,6 +221,20 @@ def placement_lines(s: Status) -> list[str]:
     if a is not None and a.reason:
         lines.append(f"why: {a.reason}")
     return lines
+
+
+def _switch_words(s: Status, fetch_pct: float | None) -> str:
+    """Where a switch stands: downloading, waiting to retry a failed download (the old engine
+    serves undisturbed, not reported as draining), or draining and starting."""
+    if fetch_pct is not None:
+        return f"downloading {fetch_pct:.0f} %"
+    if not s.engine.draining:
+        failed = next((x for x in s.problems if x.source == "placement"), None)
+        if failed is not None:
+            again = f"; tried again in {failed.retry_in_s:.0f} s" if failed.retry_in_s is not None else ""
+            return f"the download of its weights failed, see Problem{again}; the old engine serves meanwhile"
+        return "waiting for its weights; the old engine serves meanwhile"
+    return "draining the old engine, starting the new one"
 
 
 def _engine(e: EngineStatus, switching: bool = False) -> list[str]:

@@ -377,3 +377,79 @@ def test_the_old_engines_verdict_is_not_taken_for_the_new_ones(r):
     part.step(b, inv, ident, new, new_spec)
     assert part.refused is not None and part.refused[0] == 2 and "not answering /health" in part.refused[1]
     assert part.switching_to is None
+
+
+def fetch_threads(model: str) -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == f"fetch {model}" and t.is_alive()]
+
+
+def test_a_download_no_longer_wanted_is_stopped_and_the_next_one_proceeds(r):
+    """Pulling tiny-a (a long download), the head reassigns to tiny-b: tiny-a's download stops
+    (it would otherwise hold the store until all of it arrived) and tiny-b is fetched and served."""
+    big = r.store.add("tiny-a", {"model.safetensors": b"\x05" * (32 * 1024 * 1024)})  # 3.2 s at 1 MiB / 0.1 s
+    r.store.slow.add("tiny-a")
+    r.head.assignment = assigned(1, "tiny-a", big)
+    until(r, lambda: (r.status().placement.fetch_pct or 0) > 0, n=100)
+    small = r.store.add("tiny-b", {"config.json": b"{}", "model.safetensors": b"\x06" * 4096})
+    r.head.assignment = assigned(2, "tiny-b", small)
+    until(r, lambda: serving(r) == "garage/tiny-b" and r.status().placement.assignment_generation == 2, n=300)
+    # Had tiny-a's download gone on, tiny-b's would have waited for all of it: tiny-a held.
+    s = r.status()
+    assert s.placement.weights_held == ["tiny-b"], s.placement.weights_held
+    deadline = time.monotonic() + 5
+    while fetch_threads("tiny-a") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not fetch_threads("tiny-a") and r.agent.cfg.engine.weights_dir.joinpath("tiny-a").exists() is False
+
+
+def test_a_failed_download_says_so_and_when_it_is_tried_again(r):
+    """After a failed download the old engine serves undisturbed: status says the download
+    failed and when it is tried again, not that the old engine drains."""
+    r.head.assignment = assigned(1, "tiny-a")
+    until(r, lambda: serving(r) == "garage/tiny-a" and r.status().placement.assignment_generation == 1)
+    r.store.up = False
+    path = r.store.add("tiny-b", {"config.json": b"{}"})
+    r.head.assignment = assigned(2, "tiny-b", path)
+    until(r, lambda: any(p.source == "placement" for p in r.status().problems))
+    r.passes()
+    text = render(r.status())
+    assert "switching to tiny-b (the download of its weights failed, see Problem; tried again in 1" in text, text
+    assert "the old engine serves meanwhile" in text and "draining" not in text, text
+    assert "fetching the weights of tiny-b from the head failed: the head's model store is unreachable" in text
+    assert serving(r) == "garage/tiny-a" and not r.status().engine.draining
+
+
+def test_status_reads_survive_the_agent_clearing_the_switch_between_two_reads(r):
+    """status reads the part on the local API's thread while step() on the agent's thread sets
+    `target`, `_fetch`, `carried`, `refused` to None: here each of them vanishes right after
+    it is first read, the worst interleaving; a reader that reads one twice fails."""
+    from garage_node.node.assign import AssignPart, Phase, _Fetch
+
+    class Vanishing(AssignPart):
+        pass
+
+    for name in ("target", "_fetch", "carried", "refused"):
+        def get(self, n=name):
+            value = self.__dict__.get(n)
+            self.__dict__[n] = None  # the agent's thread clears it now
+            return value
+
+        def put(self, value, n=name):
+            self.__dict__[n] = value
+        setattr(Vanishing, name, property(get, put))
+
+    part = r.agent.assign
+    for phase, job in ((Phase.FETCHING, _Fetch("tiny-b", pct=40.0)), (Phase.SWITCHING, None)):
+        v = Vanishing(part.cfg, part.clock, part.health, part.weights)
+        v.target, v.carried, v.refused, v._fetch, v.phase = assigned(2, "tiny-b"), assigned(1, "tiny-a"), \
+            (3, "no room"), job, phase
+        facts = v.facts(paused=False)
+        assert facts.switching_to == "tiny-b" and facts.assignment_generation == 1 and facts.refused_generation == 3
+        assert facts.fetch_pct == (40.0 if job is not None else None)
+        for reader in ("words", "switching_to", "fetch_pct"):
+            v.target, v.carried, v._fetch = assigned(2, "tiny-b"), assigned(1, "tiny-a"), job
+            value = getattr(v, reader)
+            if callable(value):
+                value()
