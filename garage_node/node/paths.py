@@ -36,6 +36,12 @@ class StatePaths:
         return self.state_dir / "rotate-key.json"
 
     @property
+    def assignment(self) -> Path:
+        # The head's last assignment (issue #18): an agent restarted while the head is
+        # unreachable goes on serving it, as a running one does. Absent: the head assigns none.
+        return self.state_dir / "assignment.json"
+
+    @property
     def drain_flag(self) -> Path:
         # A file: a drain holds across agent restarts and reboots until resumed.
         return self.state_dir / "draining"

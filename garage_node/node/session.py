@@ -19,7 +19,8 @@ from garage_node.core import token
 from garage_node.core.backoff import Backoff
 from garage_node.core.clock import Clock
 from garage_node.core.errors import ErrorCode
-from garage_node.core.wire import Assignment, HeartbeatReply, NodeReport, NodeState, TokensServed
+from garage_node.core.fsutil import read_json, write_json
+from garage_node.core.wire import Assignment, HeartbeatReply, NodeReport, NodeState, TokensServed, WireError, decode, encode
 from garage_node.core.wireguard import public_key_of
 from garage_node.node import identity, keys
 from garage_node.node.config import NodeConfig
@@ -66,8 +67,10 @@ class HeadSession:
         self.tokens_served: TokensServed | None = None  # as the head's last answer said
         # What the head wants this PC to serve (issue #18), as its last answer said; kept while
         # the head is unreachable (the PC goes on serving it). None: an older head, or placement
-        # off: the PC plans for itself (node/assign.py carries it out).
-        self.assignment: Assignment | None = None
+        # off: the PC plans for itself (node/assign.py carries it out). Kept in the state
+        # directory too: until the head answers after a restart, the last one stays in effect
+        # (an agent restarted while the head is down must not drop its assigned engine).
+        self.assignment: Assignment | None = load_assignment(paths)
         # Before the first join, what the enrollment step last said (for node/state.py).
         self.enrollment: tuple[NodeState, str] | None = None
         self._backoff = backoff()
@@ -131,6 +134,7 @@ class HeadSession:
         identity.save(self.paths, ident, ca_pem)
         keys.done(self.paths.enroll_key)
         self.paths.join_token.unlink(missing_ok=True)
+        self._keep_assignment(None)  # a new identity: what the head assigned the old one is moot
         self.close()  # a client of the old identity, if any
         self._backoff.reset()
         self.link = HeadLink(reachable=True, last_contact=self.clock.monotonic())
@@ -183,7 +187,7 @@ class HeadSession:
         self._backoff.reset()
         updated = updated_by(ident, reply)
         self.tokens_served = reply.tokens_served
-        self.assignment = reply.assignment
+        self._keep_assignment(reply.assignment)
         if updated != ident:
             identity.save(self.paths, updated)
         self.link.next_call = now + self.beats.next_in(updated.heartbeat_s)  # jittered: see BeatTimer
@@ -191,6 +195,20 @@ class HeadSession:
         if reply.credential_expires_in_s is not None and reply.credential_lifetime_s:
             self._renew_at = now + renew_in(reply.credential_expires_in_s, reply.credential_lifetime_s)
         return updated
+
+    def _keep_assignment(self, a: Assignment | None) -> None:
+        """The head's newest word, kept for a restart; written only when it changes."""
+        if a == self.assignment and (a is None) != self.paths.assignment.exists():
+            return
+        self.assignment = a
+        try:
+            if a is None:
+                self.paths.assignment.unlink(missing_ok=True)
+            else:
+                write_json(self.paths.assignment, encode(a))  # atomic: the old word or the new
+        except OSError as e:
+            log.warning("cannot keep the head's assignment in %s (a restart while the head is down "
+                        "would plan for itself): %s", self.paths.assignment, e)
 
     def _unreachable(self, ident: Identity, message: str) -> None:
         delay = min(self._backoff.next_delay(), ident.heartbeat_s)
@@ -246,6 +264,17 @@ class HeadSession:
         self._renew_at = now + renew_in(reply.credential_expires_in_s, reply.credential_lifetime_s)
         log.info("renewed this node's credential and WireGuard key")
         return updated
+
+
+def load_assignment(paths: StatePaths) -> Assignment | None:
+    """The head's last assignment, as kept (None: none kept, or the file is unusable)."""
+    try:
+        return decode(read_json(paths.assignment), Assignment)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, WireError) as e:
+        log.warning("ignoring %s (%s): this PC plans for itself until the head answers", paths.assignment, e)
+        return None
 
 
 def updated_by(ident: Identity, reply: HeartbeatReply) -> Identity:

@@ -453,3 +453,37 @@ def test_status_reads_survive_the_agent_clearing_the_switch_between_two_reads(r)
             value = getattr(v, reader)
             if callable(value):
                 value()
+
+
+def test_an_agent_restarted_while_the_head_is_down_keeps_its_assigned_engine(r):
+    """The assignment is kept in the state directory: an agent restarted while the head is
+    unreachable goes on with the last one (no switch to its own plan, no drain), and the head's
+    answer without an assignment, once it comes, hands the PC back to its own plan."""
+    r.head.assignment = assigned(1, "tiny-b")
+    until(r, lambda: serving(r) == "garage/tiny-b" and r.status().placement.assignment_generation == 1)
+    cid = r.docker.containers["garage-engine"].id
+    r.head.up = False
+    again = r.restart()
+    again.identity = load(again.paths)  # as startup() does
+    r.passes(10)
+    s = r.status()
+    assert s.head.reachable is False and r.docker.containers["garage-engine"].id == cid and r.docker.stops == []
+    assert s.engine.state is EngineState.HEALTHY and not s.engine.draining and serving(r) == "garage/tiny-b"
+    assert s.placement.assignment_generation == 1 and "serving tiny-b, assigned by the head" in render(s)
+    # The head back, answering without an assignment (placement turned off): the own plan.
+    r.head.assignment = None
+    r.head.up = True
+    until(r, lambda: r.status().assignment is None and r.status().placement.assignment_generation == 0)
+    again = r.restart()  # and a restart now does not bring the old assignment back
+    again.identity = load(again.paths)
+    r.head.up = False
+    r.passes(3)
+    assert r.status().assignment is None
+
+
+def test_an_unusable_kept_assignment_is_ignored_with_a_warning(r, caplog):
+    r.agent.paths.assignment.write_text("{not json")
+    again = r.restart()
+    again.identity = load(again.paths)
+    assert again.session.assignment is None
+    assert any("ignoring" in m and "assignment.json" in m for m in caplog.messages), caplog.messages
