@@ -261,6 +261,8 @@ def main() -> None:
                    help="fast: uvloop and httptools as `head run` builds the listener; plain: asyncio and h11")
     p.add_argument("--max-in-flight", type=int, default=0,
                    help="[gateway] max_in_flight (0: its default; -1: no admission limit at all, as before #22)")
+    p.add_argument("--after", type=float, default=0,
+                   help="then a turn through the gateway at this rate, at once: is it back to normal after the load?")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--ports", help=argparse.SUPPRESS)
     p.add_argument("--state", help=argparse.SUPPRESS)
@@ -312,6 +314,11 @@ def main() -> None:
                 r.update(gc_pauses(state / "gc.json", w0, time.time()))
             results.setdefault(turn, []).append(r)
             print(f"{turn:8} {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
+        if args.after:
+            r = asyncio.run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, args.after, args.seconds, args.grace))
+            print(f"after    {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
+            print(f"  right after: {args.after:.0f} requests/s through the gateway: p50 {r['p50_ms']:.1f} ms, "
+                  f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, refused {r['refused']}, unfinished {r['unfinished']}")
         d = min(results["direct"], key=lambda r: r["p99_ms"])
         g = min(results["gateway"], key=lambda r: r["p99_ms"])
         print(f"\n{args.rate:.0f} requests/s for {args.seconds:.0f} s over {args.pcs} stand-in PCs (best of two turns each):")

@@ -10,9 +10,10 @@ read, no JSON), and past either a 503 `overloaded` with Retry-After, at once:
   their last byte). It bounds what the gateway holds open (connections to the PCs, memory);
 - queue age: the event loop's lag, measured by a timer every LAG_EVERY_S that notes how late it
   ran. A request that arrives while the loop runs late waits that long before it is even read:
-  when the lag is over `max_queue_age_s`, new requests are refused until it falls again. This is
-  the bound that follows the CPU (in-flight requests mostly wait on the engines, and a busy
-  engine is not the gateway's overload).
+  when the lag is over `max_queue_age_s` twice in a row, new requests are refused until it
+  falls again. This is the bound that follows the CPU (in-flight requests mostly wait on the
+  engines, and a busy engine is not the gateway's overload). Twice in a row: on a shared machine
+  the process is sometimes not scheduled for a moment, and one late timer is not an overload.
 
 A refusal costs a few microseconds, so refusing keeps the admitted requests' latency bounded
 and the gateway recovers as soon as the overload ends. A pure ASGI wrapper (not Starlette
@@ -41,14 +42,15 @@ _END = {"type": "http.response.body", "body": _BODY}
 
 class LoopLag:
     """How late the event loop runs its timers: the age of work queued on it now. A timer
-    re-armed every LAG_EVERY_S while requests come; `lag_s` is how late the last one fired
-    (or, if it is overdue now, how overdue)."""
+    re-armed every LAG_EVERY_S while requests come; `lag_s` is the lesser of how late the last
+    two were (the last one counting as late as it is overdue now, if it is)."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
         self._last_lag = 0.0
+        self._lag_before = 0.0
         self._last_use = 0.0
 
     def lag_s(self) -> float:
@@ -59,7 +61,9 @@ class LoopLag:
             self._loop = loop
             self._arm(now)
             return 0.0
-        return max(self._last_lag, now - self._due)
+        if now > self._due:  # the timer is overdue: the sample under way is at least this late
+            return min(self._last_lag, now - self._due)
+        return min(self._lag_before, self._last_lag)
 
     def _arm(self, now: float) -> None:
         assert self._loop is not None
@@ -69,10 +73,10 @@ class LoopLag:
     def _fired(self) -> None:
         assert self._loop is not None
         now = self._loop.time()
-        self._last_lag = now - self._due
+        self._lag_before, self._last_lag = self._last_lag, now - self._due
         if now - self._last_use > LAG_IDLE_AFTER_S:
             self._timer = None
-            self._last_lag = 0.0
+            self._lag_before = self._last_lag = 0.0
             return
         self._arm(now)
 
