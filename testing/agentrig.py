@@ -146,11 +146,18 @@ class Rig:
         self.head.ray_alive = True
         self.passes(6)
 
-    def restart(self, seed: int = 1) -> Agent:
+    def restart(self, seed: int = 1, new_engine: bool = False) -> Agent:
         """A new agent on the same state directory, as after a crash (the fakes and the engine
-        live on)."""
+        live on). new_engine: the engine manager is new too, as after the agent's process
+        restarted (the container lives on; the new manager adopts it if its spec matches), so
+        the new agent's plan alone says what the engine runs."""
         old = self.agent
-        self.agent = _agent(old.cfg, self, lambda *a, **kw: old.engine, old.ray_part.lookup_account, seed)
+
+        def engine(*args, **kw):
+            if not new_engine:
+                return old.engine
+            return EngineManager(*args, docker=self.docker, probe=self.probe, **kw)
+        self.agent = _agent(old.cfg, self, engine, old.ray_part.lookup_account, seed)
         return self.agent
 
 

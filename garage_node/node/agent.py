@@ -106,7 +106,8 @@ class Agent:
         self.plan = Plan()
         # What the head assigns this PC to serve, carried out (weights, then the switch).
         self.assign = AssignPart(cfg.engine, clock, self.health, weights or HeadWeights(
-            Weights(cfg.engine.weights_dir, cfg.engine.weights_max_mib or None), self._weight_source))
+            Weights(cfg.engine.weights_dir, cfg.engine.weights_max_mib or None), self._weight_source),
+            kept=self.paths.carried_assignment)
         # The engine's thread asks what it should run; it gets the last plan's answer.
         # `engine` builds it (tests hand in one with a fake Docker).
         self.engine = (engine or EngineManager)(cfg.engine, self.paths.drain_flag, lambda: self.plan.engine_wanted(),

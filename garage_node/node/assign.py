@@ -41,7 +41,9 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from garage_node.core.clock import Clock
-from garage_node.core.wire import MESSAGE_MAX, Assignment, EngineState, EngineStatus, PlacementFacts, clip
+from garage_node.core.fsutil import read_json, write_json
+from garage_node.core.wire import (MESSAGE_MAX, Assignment, EngineState, EngineStatus, PlacementFacts, WireError, clip,
+                                   decode, encode)
 from garage_node.node.config import EngineSection
 from garage_node.node.engine.spec import EngineConfigError, EngineSpec, assigned_spec, resolve_pin
 from garage_node.node.gpu import Inventory
@@ -144,13 +146,19 @@ class _Fetch:
 
 
 class AssignPart:
-    def __init__(self, cfg: EngineSection, clock: Clock, health: Health, weights: WeightStore | None) -> None:
+    def __init__(self, cfg: EngineSection, clock: Clock, health: Health, weights: WeightStore | None,
+                 kept: Path | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.health = health
         self.weights = weights
+        # Where the carried assignment is kept (the state directory): an agent restarted with
+        # the head down, mid-switch even, goes on running what it ran (node/session.py keeps
+        # the head's last word beside it). None: not kept (a test's part).
+        self.kept = kept
         self.carried: Assignment | None = None  # the assignment the engine runs
         self.carried_dir: str = ""  # its weights' local directory ("": none from the store)
+        self._load_carried()
         self.target: Assignment | None = None  # newer, being switched to
         self.target_dir: str = ""
         self.phase: Phase | None = None
@@ -457,6 +465,7 @@ class AssignPart:
             log.info("now serving %s, as the head assigned (generation %d)", self.target.model or "nothing",
                      self.target.generation)
         self.carried, self.carried_dir = self.target, self.target_dir
+        self._keep_carried()
         if isinstance(self.weights, HeadWeights):
             self.weights.in_use = self.carried.model  # never evicted to make room for another
         self.target, self.target_dir, self.phase = None, "", None
@@ -480,7 +489,36 @@ class AssignPart:
             return Directive(own_plan=False, engine_error=e, reason=running.reason)
         return Directive(own_plan=False, engine=wanted, reason=running.reason)
 
+    def _load_carried(self) -> None:
+        if self.kept is None:
+            return
+        try:
+            data = read_json(self.kept)
+            self.carried, self.carried_dir = decode(data["carried"], Assignment), str(data.get("dir") or "")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, WireError) as e:
+            log.warning("ignoring %s (%s): the head's assignment is taken over anew", self.kept, e)
+            return
+        if isinstance(self.weights, HeadWeights):
+            self.weights.in_use = self.carried.model
+
+    def _keep_carried(self) -> None:
+        if self.kept is None:
+            return
+        try:
+            if self.carried is None:
+                self.kept.unlink(missing_ok=True)
+            else:
+                write_json(self.kept, {"carried": encode(self.carried), "dir": self.carried_dir})  # atomic
+        except OSError as e:
+            log.warning("cannot keep the assignment carried out in %s (a restart while the head is down "
+                        "would take it over anew): %s", self.kept, e)
+
     def _reset(self) -> None:
+        if self.carried is not None:
+            self.carried = None
+            self._keep_carried()
         self.carried = self.target = None
         self.carried_dir = self.target_dir = ""
         self.phase, self.refused = None, None

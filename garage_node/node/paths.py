@@ -42,6 +42,12 @@ class StatePaths:
         return self.state_dir / "assignment.json"
 
     @property
+    def carried_assignment(self) -> Path:
+        # The assignment the engine runs (it lags the head's word during a switch): a restart
+        # mid-switch goes on running it while the switch starts over (node/assign.py).
+        return self.state_dir / "assignment-carried.json"
+
+    @property
     def drain_flag(self) -> Path:
         # A file: a drain holds across agent restarts and reboots until resumed.
         return self.state_dir / "draining"

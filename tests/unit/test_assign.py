@@ -463,7 +463,7 @@ def test_an_agent_restarted_while_the_head_is_down_keeps_its_assigned_engine(r):
     until(r, lambda: serving(r) == "garage/tiny-b" and r.status().placement.assignment_generation == 1)
     cid = r.docker.containers["garage-engine"].id
     r.head.up = False
-    again = r.restart()
+    again = r.restart(new_engine=True)  # the agent's process restarted: its engine manager too
     again.identity = load(again.paths)  # as startup() does
     r.passes(10)
     s = r.status()
@@ -487,3 +487,22 @@ def test_an_unusable_kept_assignment_is_ignored_with_a_warning(r, caplog):
     again.identity = load(again.paths)
     assert again.session.assignment is None
     assert any("ignoring" in m and "assignment.json" in m for m in caplog.messages), caplog.messages
+
+
+def test_an_agent_restarted_mid_download_with_the_head_down_keeps_serving_the_old_model(r):
+    """Restarted while fetching generation 2's weights, the head and its store down: the engine
+    of generation 1 (what was carried out, kept too) serves on; generation 2 waits for its weights."""
+    r.head.assignment = assigned(1, "tiny-a")
+    until(r, lambda: serving(r) == "garage/tiny-a" and r.status().placement.assignment_generation == 1)
+    cid = r.docker.containers["garage-engine"].id
+    path = r.store.add("tiny-b", {"model.safetensors": b"\x07" * (8 * 1024 * 1024)})
+    r.store.slow.add("tiny-b")
+    r.head.assignment = assigned(2, "tiny-b", path)
+    until(r, lambda: r.status().placement.switching_to == "tiny-b")
+    r.head.up = r.store.up = False
+    again = r.restart(new_engine=True)
+    again.identity = load(again.paths)
+    r.passes(20)
+    s = r.status()
+    assert r.docker.containers["garage-engine"].id == cid and r.docker.stops == [] and serving(r) == "garage/tiny-a"
+    assert s.placement.assignment_generation == 1 and s.placement.switching_to == "tiny-b" and not s.engine.draining
