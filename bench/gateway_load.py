@@ -96,7 +96,7 @@ def gc_tracer(out: Path) -> None:
 
 
 def gateway(port: int, engine_ports: list[int], state: Path, gc_mode: str, gen0: int, listener: str,
-            max_in_flight: int) -> None:
+            max_in_flight: int, keepalive: int) -> None:
     import gc
 
     import uvicorn
@@ -111,6 +111,8 @@ def gateway(port: int, engine_ports: list[int], state: Path, gc_mode: str, gen0:
 
     # The stand-ins never go stale: heartbeats are not what this measures.
     section = GatewaySection(stale_after_s=1e9)
+    if keepalive >= 0:
+        section = replace(section, engine_keepalive_connections=keepalive)
     if max_in_flight > 0:
         section = replace(section, max_in_flight=max_in_flight)
     elif max_in_flight < 0:  # to measure what the limit changes
@@ -261,6 +263,8 @@ def main() -> None:
                    help="fast: uvloop and httptools as `head run` builds the listener; plain: asyncio and h11")
     p.add_argument("--max-in-flight", type=int, default=0,
                    help="[gateway] max_in_flight (0: its default; -1: no admission limit at all, as before #22)")
+    p.add_argument("--engine-keepalive", type=int, default=-1,
+                   help="[gateway] engine_keepalive_connections (-1: its default)")
     p.add_argument("--after", type=float, default=0,
                    help="then a turn through the gateway at this rate, at once: is it back to normal after the load?")
     p.add_argument("--role", help=argparse.SUPPRESS)
@@ -271,7 +275,8 @@ def main() -> None:
         return stub([int(x) for x in args.ports.split(",")])
     if args.role == "gateway":
         port, *engines = [int(x) for x in args.ports.split(",")]
-        return gateway(port, engines, Path(args.state), args.gc, args.gen0, args.listener, args.max_in_flight)
+        return gateway(port, engines, Path(args.state), args.gc, args.gen0, args.listener, args.max_in_flight,
+                       args.engine_keepalive)
 
     engine_ports = [free_port() for _ in range(args.pcs)]
     gw_port = free_port()
@@ -290,6 +295,7 @@ def main() -> None:
         procs.append(subprocess.Popen(me + ["--role", "gateway", "--state", str(state), "--gc", args.gc,
                                             "--gen0", str(args.gen0), "--listener", args.listener,
                                             "--max-in-flight", str(args.max_in_flight),
+                                            "--engine-keepalive", str(args.engine_keepalive),
                                             "--ports", ",".join(map(str, [gw_port, *engine_ports]))]))
         for port in (*engine_ports, gw_port):
             wait_port(port)
