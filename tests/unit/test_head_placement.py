@@ -22,6 +22,7 @@ from garage_node.head.api import ApiHooks
 from garage_node.head.config import GatewaySection, HeadConfig, HeadSection, PlacementSection, load_head_config
 from garage_node.head.gateway.app import create_gateway_app
 from garage_node.head.gateway.demand import DEFAULT_MAX_TOKENS, Demand
+from garage_node.head.gateway.errors import ClientGone
 from garage_node.head.gateway.gateway import Gateway
 from garage_node.head.placement import ModelError, PlacementLoop, add_model, import_catalog, region_catalog
 from garage_node.head.registry import Registry, RegionModel
@@ -678,3 +679,66 @@ def test_an_unreadable_stored_assignment_is_replaced_by_a_newer_one_not_a_failed
     assert a is not None and a.model == TINY and a.generation == 6, a
     assert reg.region.assignments()[pcs[0]]["generation"] == 6
     assert pcs[1] in result.changed
+
+
+def test_a_held_request_whose_client_left_gives_its_place_back_at_once(held_gw):
+    """A client that left while its request was held kept its place in the hold queue (and
+    counted as demand) for all of hold_s, and was then sent to the PC for nobody."""
+    g = held_gw
+    key = g.authenticate(f"Bearer {g.secret}")
+    left = asyncio.Event()
+
+    async def gone() -> bool:
+        return left.is_set()
+
+    async def go():
+        held = asyncio.create_task(g.hold(key, "wanted", gone))
+        await asyncio.sleep(0.4)
+        assert not held.done() and g.held == 1
+        left.set()
+        with pytest.raises(ClientGone):
+            await asyncio.wait_for(held, 1.0)  # well inside hold_s (3 s)
+        return g.held, g.demand.snapshot()["wanted"].queue_depth
+
+    assert asyncio.run(go()) == (0, 0)
+
+
+def test_a_key_over_its_limits_is_refused_before_it_is_held(held_gw):
+    g = held_gw
+    _, over = g.keys.create("one-a-minute", now=time.time(), rpm=1)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_gateway_app(g)), base_url="http://gw",
+                                     timeout=30) as c:
+            async def post():
+                return await c.post("/v1/completions", json={"model": "wanted", "prompt": "hi"},
+                                    headers={"authorization": f"Bearer {over}"})
+            first = asyncio.create_task(post())  # its one request a minute: held
+            await asyncio.sleep(0.3)
+            second = await post()  # over its limit: refused at once, not held
+            held_meanwhile = g.held
+            await first
+            return second, held_meanwhile
+
+    second, held_meanwhile = asyncio.run(go())
+    assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limit_exceeded"
+    assert held_meanwhile == 1  # only the first was ever held
+
+
+def test_made_up_model_names_share_one_metrics_label_and_a_deep_body_is_400(held_gw):
+    g = held_gw
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_gateway_app(g)), base_url="http://gw",
+                                     timeout=30) as c:
+            made_up = [await _post(c, g, f"made-up-{i}") for i in range(3)]
+            deep = await c.post("/v1/completions", content=b'{"model": "wanted", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                headers={"authorization": f"Bearer {g.secret}", "content-type": "application/json"})
+            return made_up, deep
+
+    made_up, deep = asyncio.run(go())
+    assert all(r.status_code == 404 for r in made_up)
+    labels = {s.labels["model"] for m in g.metrics.registry.collect() if m.name == "garage_gateway_requests"
+              for s in m.samples}
+    assert "(unknown)" in labels and not any(label.startswith("made-up-") for label in labels)
+    assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_json"  # was a 500

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from garage_node.head.gateway.admission import Admission
 from garage_node.head.gateway.demand import Demand
-from garage_node.head.gateway.errors import GatewayError
+from garage_node.head.gateway.errors import ClientGone, GatewayError
 from garage_node.head.gateway.keys import ApiKey
 from garage_node.head.gateway.metrics import GatewayMetrics
 from garage_node.head.gateway.proxy import Call, Proxy, RelayResponse
@@ -48,7 +48,9 @@ class GatewayParts(Protocol):
 
     def known(self, model: str) -> bool: ...
 
-    async def hold(self, key: ApiKey, model: str) -> None: ...
+    def admit_key(self, key: ApiKey, model: str) -> None: ...
+
+    async def hold(self, key: ApiKey, model: str, gone: Callable[[], Awaitable[bool]]) -> None: ...
 
     def admit(self, key: ApiKey, model: str) -> None: ...
 
@@ -100,9 +102,11 @@ def create_gateway_app(gw: GatewayParts) -> FastAPI:
             return Response(status_code=499)
         model: str = body["model"]  # _json_body refused a body without one
         status = "error"
-        label = model
         streaming = False
         counted = gw.known(model)  # demand: only models served or in the region's catalog
+        # A name nobody serves gets one label for all: clients choose names, and a series per
+        # made-up name would grow the head's memory and Prometheus without bound.
+        label = model if counted else "(unknown)"
         opened = False
 
         def ended() -> None:
@@ -113,7 +117,8 @@ def create_gateway_app(gw: GatewayParts) -> FastAPI:
         try:
             if counted:
                 gw.demand.arrived(model, size, body.get("max_tokens"))
-            await gw.hold(key, model)
+            gw.admit_key(key, model)  # before any hold: a key over its limits waits for nothing
+            await gw.hold(key, model, request.is_disconnected)
             gw.admit(key, model)
             call = _call(path, body, key, started, gw.router)
             if counted:
@@ -125,6 +130,9 @@ def create_gateway_app(gw: GatewayParts) -> FastAPI:
                 streaming = True
                 response.on_end.append(ended)  # a stream ends after this returns
             return response
+        except ClientGone:  # left while held: nothing was sent to a PC
+            status = "499"
+            return Response(status_code=499)
         except GatewayError as e:
             status = str(e.status)
             if counted and e.status == 503 and e.code != "model_loading":  # hold() counted its own
@@ -164,6 +172,8 @@ async def _json_body(request: Request, max_bytes: int) -> tuple[dict[str, Any], 
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise GatewayError(400, "invalid_json", "the request body is not valid JSON") from None
+    except RecursionError:  # nested past the parser's limit (a 10 KB body does it): not a 500
+        raise GatewayError(400, "invalid_json", "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise GatewayError(400, "invalid_body", "the request body must be a JSON object")
     model = body.get("model")

@@ -24,6 +24,10 @@ class GatewayError(Exception):
                             status_code=self.status, headers=headers)
 
 
+class ClientGone(Exception):
+    """The client left before anything was sent on its behalf (while its request was held)."""
+
+
 def stream_error_event(message: str, code: str = "upstream_lost") -> bytes:
     """The last event of a stream that cannot go on: a client reading SSE sees why, then [DONE]."""
     import json

@@ -6,13 +6,13 @@ import asyncio
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from garage_node.core.clock import SYSTEM, Clock
 from garage_node.core.wire import HeartbeatExtras, NodeReport, TokensServed
 from garage_node.head.gateway.demand import Demand
 from garage_node.head.gateway.enginekeys import EngineKeys
-from garage_node.head.gateway.errors import GatewayError
+from garage_node.head.gateway.errors import ClientGone, GatewayError
 from garage_node.head.gateway.keys import ApiKey, KeyStore
 from garage_node.head.gateway.keys import digest as keys_digest
 from garage_node.head.gateway.ledger import Ledger
@@ -178,11 +178,13 @@ class Gateway:
         """Served by some PC (in any state) or in the region's catalog: demand counts only these."""
         return bool(self.table.pool(model)) or model in self.placed()
 
-    async def hold(self, key: ApiKey, model: str) -> None:
+    async def hold(self, key: ApiKey, model: str, gone: Callable[[], Awaitable[bool]] | None = None) -> None:
         """Wait while no PC takes requests for `model`, if the head is placing it (it is in the
         region's catalog): until one does, or past [gateway] hold_s (503, "loading"), or at
         once when hold_queue requests are held already (503). Returns at once for a model
-        some PC serves, and for one outside the catalog (admit answers 404 for it)."""
+        some PC serves, and for one outside the catalog (admit answers 404 for it). `gone`
+        says whether the client has left: a held request whose client left (ClientGone) gives
+        its place in the queue back at once instead of waiting out hold_s for nobody."""
         # The catalog first: with none (placement off, or nothing added) a request pays one
         # set lookup here, not a walk of the model's PCs under the table's lock.
         if model not in self.placed() or not key.allows(model) or self.table.serving(model):
@@ -201,6 +203,8 @@ class Gateway:
                 if self.clock.monotonic() >= deadline:
                     raise GatewayError(503, "model_loading", loading, retry_after_s=min(30.0, self.cfg.hold_s))
                 await asyncio.sleep(HOLD_POLL_S)
+                if gone is not None and await gone():
+                    raise ClientGone()
         finally:
             self._held -= 1
             self.demand.closed(model, held=True)
@@ -210,14 +214,19 @@ class Gateway:
         return self._held
 
     def admit(self, key: ApiKey, model: str) -> None:
-        """Raises GatewayError when this key may not send this request now."""
-        if not key.allows(model):
-            raise GatewayError(404, "model_not_found", f"the API key '{key.name}' may not use {model}; it may use: "
-                               f"{', '.join(key.models)}", param="model")
+        """Raises GatewayError when no PC of the region serves `model` (after any hold)."""
         if not self.table.pool(model):
             allowed = sorted(m.model for m in self.table.models() if key.allows(m.model))
             raise GatewayError(404, "model_not_found", f"no PC in this region serves {model} now; served now: "
                                f"{', '.join(allowed) or 'none'}", param="model")
+
+    def admit_key(self, key: ApiKey, model: str) -> None:
+        """Raises GatewayError when this key may not send this request now (the model, its
+        quota, its limits): checked before a request is held, so a key over its limits never
+        takes a place in the hold queue."""
+        if not key.allows(model):
+            raise GatewayError(404, "model_not_found", f"the API key '{key.name}' may not use {model}; it may use: "
+                               f"{', '.join(key.models)}", param="model")
         if key.quota_tokens is not None and self.ledger.key_tokens(key.name) >= key.quota_tokens:
             raise GatewayError(429, "insufficient_quota", f"the API key '{key.name}' has used its quota of "
                                f"{key.quota_tokens} tokens: ask the region's operator for more")
