@@ -3,7 +3,7 @@ completions for a while, and one JSON line per request goes to stdout (status, t
 answered, time to first byte, latency, whether a stream ended with [DONE] or an error event).
 
     python testing/loadgen.py URL KEY MODEL [--concurrency 4] [--seconds 20 | --requests N]
-        [--stream [--usage]] [--max-tokens 8] [--prompt TEXT] [--prefixes K]
+        [--stream [--usage]] [--max-tokens 8] [--prompt TEXT] [--prefixes K] [--pause S]
 
 Standard library and httpx only, so it runs in any namespace with the project's Python."""
 
@@ -75,6 +75,8 @@ async def main(args) -> None:
                 if deadline is not None and time.monotonic() >= deadline:
                     return
                 print(json.dumps(await one(client, args, i)), flush=True)
+                if args.pause:
+                    await asyncio.sleep(args.pause)
 
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
 
@@ -92,6 +94,9 @@ if __name__ == "__main__":
     p.add_argument("--prompt", default="Hello")
     p.add_argument("--prefixes", type=int, default=0)
     p.add_argument("--usage", action="store_true", help="streams ask for vLLM's usage chunk")
+    p.add_argument("--pause", type=float, default=0.0,
+                   help="seconds each client waits between its requests (a steady load that leaves CPU "
+                        "for the rest of a testbed on one machine)")
     p.add_argument("--unique", action="store_true",
                    help="no two prompts share a prefix (the router then balances by load alone)")
     a = p.parse_args()

@@ -105,13 +105,28 @@ def serving(pc) -> str | None:
     return e["model"] if e["state"] == "healthy" and not e["draining"] else None
 
 
+def stuck(pcs) -> str:
+    """Each PC's engine and placement as its status says, and its agent's last lines: what a
+    timed-out switch needs in the report (the testbed's files are gone once the test ends)."""
+    out = []
+    for pc in pcs:
+        try:
+            s = pc.status()
+            out.append(f"{pc.name}: engine {json.dumps(s['engine'])[:1500]}")
+            out.append(f"{pc.name}: placement {json.dumps(s['placement'])} problems {json.dumps(s['problems'])[:800]}")
+        except Exception as e:  # noqa: BLE001 - a report, whatever the PC says
+            out.append(f"{pc.name}: no status ({e})")
+        out += [f"{pc.name}: {line}" for line in pc.log_tail("agent.log", 120).splitlines()[-60:]]
+    return "\n".join(out)
+
+
 def b_marks(pcs, since: float, timeout: float) -> dict[str, float]:
     """Seconds from `since` until a PC was assigned B, reported switching to it, and served it."""
     marks: dict[str, float] = {}
     deadline = since + timeout
     while "serving" not in marks:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no PC served {B} within {timeout:.0f} s (so far: {marks})")
+            raise TimeoutError(f"no PC served {B} within {timeout:.0f} s (so far: {marks})\n{stuck(pcs)}")
         for pc in pcs:
             try:
                 s = pc.status()
@@ -151,9 +166,18 @@ def gateway_status(head, key: str, model: str) -> str:
                      f"{GATEWAY}/v1/completions"], check=False).stdout.strip()
 
 
+# Each client waits this long between its requests. Sent back to back (about 20 a second
+# through the gateway and wireguard-go), the load took both cores of the test machine, and the
+# engine starting for B (one process in a cgroup of its own, weighed as one task against every
+# runnable thread of the head, the load and the hubs) got 8 s of CPU in 8 minutes: on real PCs
+# each engine has a machine of its own. A steady few requests a second prove the same thing.
+PAUSE_S = 0.2
+
+
 def start_load(head, key: str, model: str, name: str, concurrency: int):
     return head.spawn([sys.executable, str(ROOT / "testing/loadgen.py"), GATEWAY, key, model,
-                       "--concurrency", str(concurrency), "--seconds", "3600", "--max-tokens", "4", "--unique"],
+                       "--concurrency", str(concurrency), "--seconds", "3600", "--max-tokens", "4", "--unique",
+                       "--pause", str(PAUSE_S)],
                       f"load-{name}.log")
 
 
