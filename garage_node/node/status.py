@@ -205,7 +205,7 @@ def placement_lines(s: Status) -> list[str]:
     if p.switching_to:
         lines = [f"switching to {p.switching_to} ({_switch_words(s, p.fetch_pct)})"]
     elif a is None:
-        return ["chosen by this PC (the head assigns nothing: placement off, or an older head)"]
+        return ["chosen by this PC (the head assigns nothing: no model in its region catalog, placement off, or an older head)"]
     elif p.assignment_generation < a.generation and p.refused_generation == a.generation:
         lines = [f"the head assigns {a.model or 'nothing'} (generation {a.generation}); not carried out, refused: "
                  f"{p.refused_why or 'see Problem'}",
