@@ -93,6 +93,15 @@ class _Guard:
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
 
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        if self._admit(transport):
+            super().connection_made(transport)  # type: ignore[misc]
+            self._arm()  # the first request must arrive in time too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._release():
+            super().connection_lost(exc)  # type: ignore[misc]
+
     def _admit(self, transport: asyncio.Transport) -> bool:
         address = _peer_address(transport)
         if not self._slots.take(address):
@@ -139,17 +148,8 @@ def guarded_protocol(limits: GuardLimits, fast: bool = False) -> type[asyncio.Pr
 
 
 def _h11_guarded(limits: GuardLimits, slots: ClientSlots) -> type[asyncio.Protocol]:
-    class GuardedH11Protocol(_Guard, H11Protocol):
+    class GuardedH11Protocol(_Guard, H11Protocol):  # type: ignore[misc]  # _Guard narrows the transport to asyncio.Transport
         _slots, _limits = slots, limits
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            if self._admit(transport):
-                super().connection_made(transport)
-                self._arm()  # the first request must arrive in time too
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._release():
-                super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -176,20 +176,11 @@ def _h11_guarded(limits: GuardLimits, slots: ClientSlots) -> type[asyncio.Protoc
 def _httptools_guarded(limits: GuardLimits, slots: ClientSlots) -> type[asyncio.Protocol]:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
+    class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):  # type: ignore[misc]
         """httptools calls back as it parses: a request's first byte (on_message_begin) arms
         the deadline, its last (on_message_complete) disarms it."""
 
         _slots, _limits = slots, limits
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            if self._admit(transport):
-                super().connection_made(transport)
-                self._arm()  # the first request must arrive in time too
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._release():
-                super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()

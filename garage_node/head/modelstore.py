@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from garage_node.core import modelfiles
-from garage_node.core.fsutil import write_private
+from garage_node.core.fsutil import fsync_dir, sha256_of, write_private
 from garage_node.core.modelfiles import Manifest, ModelFile, check_name, check_path
 from garage_node.core.wire import encode
 
@@ -105,22 +105,16 @@ class ModelStore:
     def verify(self, name: str) -> list[str]:
         """Read every file of model `name` again: the paths whose size or SHA-256 no longer match
         its manifest (empty: all sound). Raises StoreError if the store does not hold it."""
-        import hashlib
-
         m = self.manifest(name)
         if m is None:
             raise StoreError(f"the store does not hold {name[:100]!r} (see `garage-node head weights list`)")
         bad = []
         for f in m.files:
-            h = hashlib.sha256()
             try:
-                with open(self.root / name / FILES_DIR / f.path, "rb") as fin:
-                    while chunk := fin.read(CHUNK):
-                        h.update(chunk)
+                sound = sha256_of(self.root / name / FILES_DIR / f.path, CHUNK).hexdigest() == f.sha256
             except OSError:
-                bad.append(f.path)
-                continue
-            if h.hexdigest() != f.sha256:
+                sound = False
+            if not sound:
                 bad.append(f.path)
         return bad
 
@@ -174,7 +168,7 @@ class ModelStore:
             old = self.root / f"{_OLD}{name}-{uuid.uuid4().hex[:8]}"
             os.rename(dest, old)
         os.rename(tmp, dest)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -237,14 +231,6 @@ def _copy_in(sources: list[tuple[Path, str, int]], dest: Path, total: int,
         os.chmod(target, 0o644)
         files.append(ModelFile(rel, size, h.hexdigest()))
     return files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _mib(n: int) -> int:

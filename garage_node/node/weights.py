@@ -30,12 +30,12 @@ import uuid
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping, Protocol
+from typing import Callable, Collection, Mapping, Protocol
 
 import httpx
 
 from garage_node.core import modelfiles
-from garage_node.core.fsutil import write_private
+from garage_node.core.fsutil import fsync_dir, sha256_of, write_private
 from garage_node.core.modelfiles import Manifest, ModelFile, check_name
 from garage_node.core.wire import encode
 from garage_node.node.identity import Identity
@@ -344,7 +344,7 @@ class Weights:
         if have > f.size:
             part.unlink()
             have = 0
-        h = _sha256_of(part) if have else hashlib.sha256()
+        h = sha256_of(part, CHUNK) if have else hashlib.sha256()
         if have == f.size:
             return h.hexdigest()
         headers = {"Range": f"bytes={have}-"} if have else {}
@@ -391,7 +391,7 @@ class Weights:
             os.rename(dest, old)
         shutil.rmtree(work / PARTS, ignore_errors=True)
         os.rename(work, dest)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -499,14 +499,6 @@ def _range_start(resp: httpx.Response) -> int:
         return -1
 
 
-def _sha256_of(path: Path) -> Any:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h
-
-
 def _manifest_json(m: Manifest) -> bytes:
     return (json.dumps(encode(m), indent=1) + "\n").encode()
 
@@ -538,14 +530,6 @@ def _du(root: Path) -> int:
             except OSError:
                 pass
     return total
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _mib(n: int) -> int:
