@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from testing.catalogs import tiny_entries
 from testing.dockerd import TEST_IMAGE, engine_toml, tiny_model_dir
 from testing.region import Testbed, missing_prerequisite, wait_for
 
@@ -30,23 +31,7 @@ A, B = "tiny-a", "tiny-b"
 
 # The catalog entries the operator imports (`head model import`) and the PCs' catalog: the
 # tiny test model twice, its catalog name also its served name (what clients ask for).
-CATALOG = "".join(f"""
-[models.{name}]
-id = "{name}"
-test_only = true
-cpu = true
-parameters = 4_200_000
-num_layers = 2
-num_attention_heads = 4
-num_kv_heads = 4
-head_dim = 16
-default_context_length = 2048
-min_compute_capability = "7.5"
-
-[models.{name}.quantizations.fp32]
-bytes_per_param = 4.0
-dtype = "float32"
-""" for name in (A, B))
+CATALOG = tiny_entries(A, B)
 
 HEAD_EXTRA = """
 [placement]

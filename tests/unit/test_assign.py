@@ -15,40 +15,9 @@ from garage_node.node.config import EngineSection
 from garage_node.node.identity import load
 from garage_node.node.status import render
 from testing.agentrig import Rig, rig
+from testing.catalogs import tiny_entries
 
-CATALOG = """
-[models.tiny-a]
-id = "garage/tiny-a"
-test_only = true
-cpu = true
-parameters = 4_200_000
-num_layers = 2
-num_attention_heads = 4
-num_kv_heads = 4
-head_dim = 16
-default_context_length = 2048
-min_compute_capability = "7.5"
-
-[models.tiny-a.quantizations.fp32]
-bytes_per_param = 4.0
-dtype = "float32"
-
-[models.tiny-b]
-id = "garage/tiny-b"
-test_only = true
-cpu = true
-parameters = 4_200_000
-num_layers = 2
-num_attention_heads = 4
-num_kv_heads = 4
-head_dim = 16
-default_context_length = 2048
-min_compute_capability = "7.5"
-
-[models.tiny-b.quantizations.fp32]
-bytes_per_param = 4.0
-dtype = "float32"
-"""
+CATALOG = tiny_entries("tiny-a", "tiny-b", id_prefix="garage/")
 
 IMAGE = "garage-node/vllm-cpu:test"
 
