@@ -16,29 +16,16 @@ import pytest
 from garage_node.head.config import GatewaySection
 from garage_node.head.gateway.admission import LAG_EVERY_S, Admission
 from garage_node.head.gateway.gateway import Gateway
-from tests.unit.test_gateway_cancel import HoldingEngine, Region, wait_for
+from tests.unit.test_gateway_cancel import HoldingEngine, regions, wait_for  # noqa: F401 (regions: a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def regions(tmp_path: Path) -> Any:
-    made: list[Region] = []
-
-    def make(engines: dict[str, HoldingEngine], **cfg: Any) -> Region:
-        made.append(Region(tmp_path / str(len(made)), engines, **cfg))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.stop()
 
 
 def refused_count(gw: Gateway, reason: str) -> float:
     return gw.metrics.registry.get_sample_value("garage_gateway_refused_total", {"reason": reason}) or 0.0
 
 
-def test_beyond_max_in_flight_refused_at_once_while_admitted_complete(regions: Any) -> None:
+def test_beyond_max_in_flight_refused_at_once_while_admitted_complete(regions: Any) -> None:  # noqa: F811 (the imported fixture)
     engine = HoldingEngine("a", hold_s=2.0)
     region = regions({"a": engine}, max_in_flight=2)
     admitted = [region.in_background({"max_tokens": 4}, 30) for _ in range(2)]
@@ -61,7 +48,7 @@ def test_beyond_max_in_flight_refused_at_once_while_admitted_complete(regions: A
     assert region.post({"max_tokens": 4}, 30).status_code == 200
 
 
-def test_models_listing_is_not_counted(regions: Any) -> None:
+def test_models_listing_is_not_counted(regions: Any) -> None:  # noqa: F811
     region = regions({"a": HoldingEngine("a", hold_s=2.0)}, max_in_flight=1)
     held = region.in_background({"max_tokens": 4}, 30)
     assert wait_for(lambda: region.inflight() == 1, 10)
