@@ -188,6 +188,42 @@ class PlacementSection:
 
 
 @dataclass(frozen=True)
+class AuditSection:
+    """Audits of what PCs answer (head/audit/, issue #20): the gateway keeps a sample of
+    completed requests, a trusted engine re-scores the PC's own tokens, a sequential test per
+    PC decides, and a PC that fails is quarantined. Nothing a PC receives differs for an
+    audited request. Without a verifier (no PC marked trusted with `head node trust`, no
+    verifier_url) samples are kept but not scored, and `head audit status` says so."""
+
+    enabled: bool = True
+    # Share of each PC's completed requests kept for re-scoring: `rate` for an established PC,
+    # `new_rate` for its first `new_requests` requests, `suspect_rate` while its record leans
+    # towards cheating (the sequential test's sum above 0).
+    rate: float = setting(0.02, check=(lambda v: 0.0 <= v <= 1.0, "a share between 0 and 1"))
+    new_rate: float = setting(0.10, check=(lambda v: 0.0 <= v <= 1.0, "a share between 0 and 1"))
+    new_requests: int = setting(500, check=nonnegative())
+    suspect_rate: float = setting(0.25, check=(lambda v: 0.0 <= v <= 1.0, "a share between 0 and 1"))
+    # Canary requests the head sends itself through the normal path, as a share of traffic.
+    canary_rate: float = setting(0.005, check=(lambda v: 0.0 <= v <= 1.0, "a share between 0 and 1"))
+    # A file of canary prompts (JSON lines: {"messages": [...]} or {"prompt": "..."}); empty:
+    # the prompts shipped with garage-node.
+    canary_prompts: str = ""
+    # An engine on the head's own machine (OpenAI-compatible vLLM of the same image and model)
+    # used as the verifier, besides any PC marked trusted; its API key in a 0600 file.
+    verifier_url: str = ""
+    verifier_key_file: str = ""
+    # The chance that an honest PC is ever quarantined by the sequential test, given thresholds
+    # calibrated on honest runs (the README says how).
+    false_quarantine: float = setting(1e-4, check=(lambda v: 0.0 < v < 0.5, "a probability between 0 and 0.5"))
+    # Credited tokens count as earned only after this many days; a quarantine freezes them.
+    hold_days: float = setting(7.0, check=nonnegative())
+    # Samples waiting for the verifier beyond this are dropped, oldest first (counted).
+    max_pending: int = setting(1000, check=positive())
+    # How long scored audits are kept.
+    keep_days: float = setting(30.0, check=positive())
+
+
+@dataclass(frozen=True)
 class FleetSection:
     """The operator's fleet page (head/fleetpage/): read-only, on a listener of its own, never
     on the control API's or the gateway's."""
@@ -226,6 +262,7 @@ class HeadConfig:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     fleet: FleetSection = field(default_factory=FleetSection)
     placement: PlacementSection = field(default_factory=PlacementSection)
+    audit: AuditSection = field(default_factory=AuditSection)
 
     @property
     def network(self) -> ipaddress.IPv4Network:

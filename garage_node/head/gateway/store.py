@@ -32,6 +32,20 @@ MIGRATIONS: list[sqlite.Step] = [
     CREATE INDEX usage_node ON usage (node_id, hour);
     CREATE INDEX usage_key ON usage (key, hour);
     """,
+    # v2: issue #20, audits. node_trust: head/audit/trust.py. Further audit tables are added
+    # by later steps, never by editing this one.
+    """
+    CREATE TABLE node_trust (
+        node_id TEXT PRIMARY KEY,
+        trusted INTEGER NOT NULL DEFAULT 0,       -- the operator's mark: may verify others
+        state TEXT NOT NULL DEFAULT 'ok',         -- ok | quarantined | rechecking
+        why TEXT NOT NULL DEFAULT '',
+        since REAL,
+        frozen_at REAL,                           -- earnings credited before this are frozen
+        forfeited INTEGER NOT NULL DEFAULT 0,
+        forfeited_before REAL                     -- what was credited before this is forfeited
+    );
+    """,
 ]
 
 

@@ -1,0 +1,129 @@
+"""What the head trusts each PC with: the operator's mark (`head node trust`: a verifier) and
+the audits' verdict (quarantine). Kept in the gateway's database, beside the ledger whose
+earnings a quarantine freezes.
+
+States:
+- "ok": serves and earns (earnings held `[audit] hold_days` first);
+- "quarantined": no traffic, no Ray work, its held earnings frozen; `why` says what the audits
+  found;
+- "rechecking": the operator asked for a release (`head node release`); still no customer
+  traffic, the head sends it canaries and releases it (back to "ok") or quarantines it again.
+
+Written by the audit loop and the control API's operator commands; read by the gateway's
+table (who gets traffic), the heartbeat answer, `head nodes`, the fleet page and the ledger.
+Reads are cached by `Trust.snapshot()` for the request path."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from garage_node.core.clock import SYSTEM, Clock
+from garage_node.head.gateway.store import Store
+
+STATES = ("ok", "quarantined", "rechecking")
+SNAPSHOT_TTL_S = 1.0
+
+
+@dataclass(frozen=True)
+class NodeTrust:
+    node_id: str
+    trusted: bool = False  # the operator's mark: its engine may verify others
+    state: str = "ok"
+    why: str = ""  # the audits' finding, for the owner and the operator
+    since: float | None = None  # when the state last changed (unix time)
+    # Earnings credited before this time (unix) and not yet earned are frozen by the
+    # quarantine; None: nothing frozen.
+    frozen_at: float | None = None
+    forfeited: bool = False  # the operator forfeited what was frozen (`head node forfeit`)
+    forfeited_before: float | None = None  # what was credited before this (unix) is forfeited
+
+    @property
+    def serves(self) -> bool:
+        """Whether customers' requests may go to it."""
+        return self.state == "ok"
+
+
+class Trust:
+    def __init__(self, store: Store, clock: Clock = SYSTEM) -> None:
+        self.store, self.clock = store, clock
+        self._lock = threading.Lock()
+        self._snapshot: dict[str, NodeTrust] = {}
+        self._snapshot_at = float("-inf")
+
+    # -- reading
+
+    def get(self, node_id: str) -> NodeTrust:
+        rows = self.store.query("SELECT * FROM node_trust WHERE node_id = ?", (node_id,))
+        return _row(rows[0]) if rows else NodeTrust(node_id)
+
+    def all(self) -> dict[str, NodeTrust]:
+        return {r["node_id"]: _row(r) for r in self.store.query("SELECT * FROM node_trust")}
+
+    def snapshot(self) -> dict[str, NodeTrust]:
+        """Every PC with a row, read at most once a second (for the request path)."""
+        with self._lock:
+            now = self.clock.monotonic()
+            if now - self._snapshot_at >= SNAPSHOT_TTL_S:
+                self._snapshot = self.all()
+                self._snapshot_at = now
+            return self._snapshot
+
+    def excluded(self) -> frozenset[str]:
+        """The PCs that must get no customer traffic (quarantined or being rechecked)."""
+        return frozenset(n for n, t in self.snapshot().items() if not t.serves)
+
+    def trusted(self) -> frozenset[str]:
+        return frozenset(n for n, t in self.snapshot().items() if t.trusted and t.serves)
+
+    # -- writing
+
+    def set_trusted(self, node_id: str, trusted: bool) -> NodeTrust:
+        self._upsert(node_id, "trusted = ?", (int(trusted),), insert={"trusted": int(trusted)})
+        return self.get(node_id)
+
+    def quarantine(self, node_id: str, why: str) -> NodeTrust:
+        """Quarantined now; what it earned and has not yet earned is frozen (a second
+        quarantine keeps the first freeze's time)."""
+        now = self.clock.time()
+        self._upsert(node_id, "state = 'quarantined', why = ?, since = ?, frozen_at = COALESCE(frozen_at, ?),"
+                     " trusted = 0", (why, now, now),
+                     insert={"state": "quarantined", "why": why, "since": now, "frozen_at": now})
+        return self.get(node_id)
+
+    def start_recheck(self, node_id: str) -> NodeTrust:
+        """The operator asks for a release: canaries decide. Raises ValueError if the PC is not
+        quarantined."""
+        current = self.get(node_id)
+        if current.state != "quarantined":
+            raise ValueError(f"{node_id} is not quarantined (it is {current.state})")
+        self._upsert(node_id, "state = 'rechecking', since = ?", (self.clock.time(),), insert={})
+        return self.get(node_id)
+
+    def release(self, node_id: str) -> NodeTrust:
+        """Back to "ok" after a passed re-check; frozen earnings are held again (unless forfeited)."""
+        self._upsert(node_id, "state = 'ok', why = '', since = ?, frozen_at = NULL", (self.clock.time(),), insert={})
+        return self.get(node_id)
+
+    def forfeit(self, node_id: str) -> NodeTrust:
+        """The operator keeps what a quarantined PC had not yet earned. Raises ValueError if
+        nothing is frozen."""
+        current = self.get(node_id)
+        if current.frozen_at is None:
+            raise ValueError(f"{node_id} has no frozen earnings (it is {current.state})")
+        # The freeze's time stays as the line: what was credited before it is forfeited.
+        self._upsert(node_id, "forfeited = 1, forfeited_before = frozen_at", (), insert={})
+        return self.get(node_id)
+
+    def _upsert(self, node_id: str, assignments: str, args: tuple, insert: dict) -> None:
+        with self.store.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO node_trust (node_id) VALUES (?)", (node_id,))
+            db.execute(f"UPDATE node_trust SET {assignments} WHERE node_id = ?", (*args, node_id))
+        with self._lock:
+            self._snapshot_at = float("-inf")
+
+
+def _row(r) -> NodeTrust:
+    return NodeTrust(node_id=r["node_id"], trusted=bool(r["trusted"]), state=r["state"], why=r["why"],
+                     since=r["since"], frozen_at=r["frozen_at"], forfeited=bool(r["forfeited"]),
+                     forfeited_before=r["forfeited_before"])
