@@ -10,6 +10,7 @@ from typing import Any, Awaitable, Callable
 
 from garage_node.core.clock import SYSTEM, Clock
 from garage_node.core.wire import HeartbeatExtras, NodeReport, TokensServed
+from garage_node.head.audit.trust import Trust
 from garage_node.head.gateway.demand import Demand
 from garage_node.head.gateway.enginekeys import EngineKeys
 from garage_node.head.gateway.errors import ClientGone, GatewayError
@@ -49,7 +50,9 @@ class Gateway:
         self.keys = KeyStore(self.store)
         self.ledger = Ledger(self.store, clock)
         self.engine_keys = EngineKeys(state_dir / "engine-key.secret")
+        self.trust = Trust(self.store, clock)
         self.table = EndpointTable(cfg.stale_after_s, clock)
+        self.table.excluded = self.trust.excluded  # quarantined PCs get no traffic
         self.router = Router(cfg.affinity_threshold, cfg.balance_abs, cfg.balance_rel, policy=cfg.policy)
         self.limits = RateLimits()
         self.max_body_bytes = cfg.max_body_bytes

@@ -58,6 +58,9 @@ class EndpointTable:
         self._by_model: dict[str, list[Endpoint]] = {}  # every PC reporting the model, in any state
         self._reports: dict[str, tuple[float, NodeReport]] = {}
         self.lock = threading.Lock()
+        # The PCs that must get no customer traffic (quarantined by the audits, issue #20);
+        # set by the gateway to its trust store's cached view.
+        self.excluded: Callable[[], frozenset[str]] = frozenset
 
     def update(self, node_id: str, report: NodeReport) -> None:
         now = self.clock.monotonic()
