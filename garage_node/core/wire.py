@@ -138,6 +138,9 @@ class NodeState(StrEnum):
     # Joined, Ray worker alive, engine drained for a reason of the owner's: outside serving
     # hours, or a GPU above [gpu] max_temp_c. Comes back by itself.
     PAUSED = "paused"
+    # The region's audits found its answers wrong (Status.quarantine says why): no requests, no
+    # Ray work, earnings frozen, until the operator releases it after a re-check.
+    QUARANTINED = "quarantined"
 
 
 class RayState(StrEnum):
@@ -274,6 +277,20 @@ class TokensServed:
 
 
 @dataclass(frozen=True)
+class QuarantineStatus:
+    """The region's audits found this PC's answers wrong (issue #20; head/audit/trust.py): it
+    gets no customers' requests and no Ray work, and what it earned and has not yet been paid
+    for is frozen, until the operator releases it after a re-check on test requests. Not a GPU
+    the agent set aside itself (that is GPU.quarantined)."""
+
+    state: ShortText  # "quarantined", or "rechecking" (the operator asked for a release)
+    why: Message  # what the audits found
+    since: WallTime | None = None  # when (wall clock)
+    # What the owner can do, in a sentence (from the head: the operator's contact may be in it).
+    hint: Message = ""
+
+
+@dataclass(frozen=True)
 class ServingStatus:
     """Whether the PC serves now and, if not, why (serving hours, heat): the owner's settings
     at work. The owner's own `garage-node drain` is engine.draining, not this."""
@@ -332,6 +349,8 @@ class Status:
     # What the head's placement knows of this PC, and what it assigned (None: nothing yet).
     placement: PlacementFacts | None = None
     assignment: Assignment | None = None
+    # The head's audits quarantined this PC (from the head's last answer); None: not quarantined.
+    quarantine: QuarantineStatus | None = None
 
 
 # ---------------------------------------------------------------- node -> head
@@ -528,6 +547,8 @@ class HeartbeatExtras:
     tokens_served: TokensServed | None = None
     # The head's placement's part (head/placement.py): the PC's assignment, or None.
     assignment: Assignment | None = None
+    # The audits' part (head/audit/trust.py): why this PC is quarantined, or None.
+    quarantine: QuarantineStatus | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -559,6 +580,9 @@ class HeartbeatReply(RegionFacts):
     tokens_served: TokensServed | None = None
     # What the head wants this PC to serve (issue #18); None: plan for yourself.
     assignment: Assignment | None = None
+    # The region's audits quarantined this PC (issue #20): no customers, no Ray work, earnings
+    # frozen; the agent stops offering its GPUs to Ray and tells its owner. None: it is not.
+    quarantine: QuarantineStatus | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 
 from garage_node.core.clock import SYSTEM, Clock
+from garage_node.core.wire import MESSAGE_MAX, QuarantineStatus, clip
 from garage_node.head.gateway.store import Store
 
 STATES = ("ok", "quarantined", "rechecking")
@@ -121,6 +122,23 @@ class Trust:
             db.execute(f"UPDATE node_trust SET {assignments} WHERE node_id = ?", (*args, node_id))
         with self._lock:
             self._snapshot_at = float("-inf")
+
+
+# What the owner of a quarantined PC can do, said on its `status` and screen.
+OWNER_HINT = ("the region gives this PC no requests and no Ray work, and holds what it earned since "
+              "the hold began, until the operator releases it after a re-check on test requests: serve "
+              "the assigned model as the head sent it (no other weights, quantization or engine), then "
+              "ask the region's operator for `garage-node head node release`")
+RECHECK_HINT = ("the operator asked for a release: the head is sending this PC test requests; keep the "
+                "engine running as it is, and it serves again once they pass")
+
+
+def quarantine_status(t: NodeTrust | None) -> QuarantineStatus | None:
+    """What a PC is told in its heartbeat's answer; None while it serves."""
+    if t is None or t.serves:
+        return None
+    return QuarantineStatus(state=t.state, why=clip(t.why or "its answers failed the region's audits", MESSAGE_MAX),
+                            since=t.since, hint=RECHECK_HINT if t.state == "rechecking" else OWNER_HINT)
 
 
 def _row(r) -> NodeTrust:

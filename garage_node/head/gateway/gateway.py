@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable
 
 from garage_node.core.clock import SYSTEM, Clock
 from garage_node.core.wire import HeartbeatExtras, NodeReport, TokensServed
-from garage_node.head.audit.trust import Trust
+from garage_node.head.audit.trust import Trust, quarantine_status
 from garage_node.head.gateway.demand import Demand
 from garage_node.head.gateway.enginekeys import EngineKeys
 from garage_node.head.gateway.errors import ClientGone, GatewayError
@@ -99,10 +99,12 @@ class Gateway:
         self.metrics.heartbeats.labels(str(status)).observe(seconds)
 
     def node_extras(self, node_id: str) -> HeartbeatExtras:
-        """The gateway's part of a heartbeat's answer: the PC's engine key, its tokens served."""
+        """The gateway's part of a heartbeat's answer: the PC's engine key, its tokens served,
+        and why the audits quarantined it (if they did)."""
         totals = self._all_totals().get(node_id)
         served = TokensServed(today=totals.today, total=totals.total) if totals else TokensServed()
-        return HeartbeatExtras(engine_api_key=self.engine_keys.for_node(node_id), tokens_served=served)
+        return HeartbeatExtras(engine_api_key=self.engine_keys.for_node(node_id), tokens_served=served,
+                               quarantine=quarantine_status(self.trust.snapshot().get(node_id)))
 
     def _all_totals(self) -> dict[str, Any]:
         """Every PC's totals, read at most once a second: one query for the whole region
