@@ -375,7 +375,8 @@ def run(cfg: HeadConfig) -> None:
         history = History(cfg.options.offline_after_s, window_s=cfg.fleet.history_hours * 3600)
         reports.subscribe(history.record)
         usage = gateway.ledger.node_totals_all if gateway is not None else None  # tokens served per PC
-        listeners.append(fleet_listener(cfg, service.registry, history, p.pki, usage, placement.fleet_models))
+        listeners.append(fleet_listener(cfg, service.registry, history, p.pki, usage, placement.fleet_models,
+                                        gateway.trust.snapshot if gateway is not None else None))
 
     def started() -> None:
         service.start()
