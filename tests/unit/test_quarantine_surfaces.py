@@ -138,3 +138,30 @@ def test_the_status_document_carries_the_quarantine_through_json():
     s = owner_status(QUARANTINED)
     assert decode(encode(s), Status).quarantine == QUARANTINED
     assert decode(encode(owner_status(None)), Status).quarantine is None
+
+
+# ---------------------------------------------------------------- the agent
+
+
+def test_a_quarantined_pc_stops_offering_its_gpus_to_ray_and_offers_them_again_once_released(tmp_path):
+    from garage_node.node.status import render
+    from testing.agentrig import rig
+
+    r = rig(tmp_path)
+    r.head.ray_alive = True
+    r.passes(6)
+    assert r.agent.state is NodeState.JOINED
+    gpus = r.ray.starts[-1][r.ray.starts[-1].index("--num-gpus") + 1]
+    assert gpus != "0"
+    r.head.quarantine = QUARANTINED
+    r.passes(8)  # past the next heartbeat
+    s = r.status()
+    assert s.state is NodeState.QUARANTINED and WHY in s.message and s.quarantine == QUARANTINED
+    argv = r.ray.starts[-1]
+    assert argv[argv.index("--num-gpus") + 1] == "0"  # restarted offering Ray no GPU
+    assert f"QUARANTINED since 2027-01-15 08:00 UTC: {WHY}" in render(s)
+    r.head.quarantine = None  # released by the operator after a passed re-check
+    r.passes(8)
+    argv = r.ray.starts[-1]
+    assert r.status().quarantine is None and argv[argv.index("--num-gpus") + 1] == gpus
+    assert r.agent.state is not NodeState.QUARANTINED
