@@ -86,6 +86,20 @@ MIGRATIONS: list[sqlite.Step] = [
         name TEXT PRIMARY KEY, value TEXT NOT NULL, at REAL NOT NULL
     );
     """,
+    # v4: issue #20, every forfeit the operator made (`head node forfeit`), not only the last:
+    # a PC quarantined, forfeited, released and quarantined again keeps its first forfeit
+    # (head/gateway/ledger.py counts what each freeze held as forfeited).
+    """
+    CREATE TABLE node_forfeits (
+        node_id TEXT NOT NULL,
+        frozen_at REAL NOT NULL,          -- the freeze it kept: what was not yet earned then
+        at REAL NOT NULL,                 -- when the operator forfeited it
+        PRIMARY KEY (node_id, frozen_at)
+    );
+    INSERT INTO node_forfeits (node_id, frozen_at, at)
+        SELECT node_id, forfeited_before, forfeited_before FROM node_trust
+        WHERE forfeited = 1 AND forfeited_before IS NOT NULL;
+    """,
 ]
 
 
