@@ -126,7 +126,7 @@ def act(trust: Trust, ledger: Ledger, hold_s: float, action: str, node_id: str, 
         return ("re-check started: the head sends it canary requests, scores them, and lets it serve again if "
                 f"they pass (or quarantines it again); `garage-node head node show {node_id}` says which")
     if action == "forfeit":
-        if current.forfeited and current.frozen_at == current.forfeited_before:
+        if current.frozen_at is not None and current.frozen_at in current.forfeits:
             raise TrustError(f"{node_id}'s frozen earnings are forfeited already")
         if current.frozen_at is None:
             raise TrustError(f"{node_id} has nothing frozen to forfeit: only a quarantined PC's earnings are "

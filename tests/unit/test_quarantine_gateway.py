@@ -169,3 +169,27 @@ def test_bad_trust_requests_are_refused_with_what_was_wrong(tmp_path):
         trust.start_recheck("n1")
     with pytest.raises(ValueError, match="no frozen earnings"):
         trust.forfeit("n1")
+
+
+def test_a_second_forfeit_keeps_the_first(tmp_path):
+    """Quarantined, forfeited, released, quarantined again and forfeited again: both freezes'
+    held tokens stay forfeited (a single `forfeited_before` line would pay the first out)."""
+    start = 1_800_000_000.0 // 3600 * 3600
+    clock = FakeClock(wall=start)
+    ledger, trust = _ledger(tmp_path, clock)
+    _credit(ledger, clock, "n1", 200, start + DAY)
+    clock.wall = start + 2 * DAY
+    trust.quarantine("n1", "first")
+    trust.forfeit("n1")
+    with pytest.raises(ValueError, match="forfeited already"):
+        trust.forfeit("n1")
+    trust.start_recheck("n1")
+    trust.release("n1")
+    _credit(ledger, clock, "n1", 1000, start + 3 * DAY)  # honest for a while: earned in time
+    _credit(ledger, clock, "n1", 50, start + 20 * DAY)
+    clock.wall = start + 21 * DAY
+    trust.quarantine("n1", "second")
+    trust.forfeit("n1")
+    clock.wall = start + 60 * DAY
+    assert trust.get("n1").forfeits == (start + 2 * DAY, start + 21 * DAY)
+    assert ledger.earnings(trust.all(), HOLD)["n1"] == Earnings("n1", earned=1000, forfeited=250)
