@@ -193,3 +193,22 @@ def test_a_second_forfeit_keeps_the_first(tmp_path):
     clock.wall = start + 60 * DAY
     assert trust.get("n1").forfeits == (start + 2 * DAY, start + 21 * DAY)
     assert ledger.earnings(trust.all(), HOLD)["n1"] == Earnings("n1", earned=1000, forfeited=250)
+
+
+def test_the_control_apis_heartbeat_answer_carries_the_quarantine_to_the_pc(tmp_path):
+    """Through the real control API: the gateway's extras into the answer, decoded by the node."""
+    from garage_node.head.api import ApiHooks
+    from garage_node.head.config import GatewaySection
+    from garage_node.head.gateway.gateway import Gateway
+    from testing.headapi import enrolled_pc
+
+    gateway = Gateway(GatewaySection(), tmp_path / "gw", lambda: {})
+    try:
+        pc = enrolled_pc(tmp_path, ApiHooks(node_extras=gateway.node_extras))
+        assert pc.beat().quarantine is None
+        gateway.trust.quarantine(pc.node_id, "answers scored as another model's")
+        q = pc.beat().quarantine
+        assert q is not None and q.state == "quarantined" and q.why == "answers scored as another model's"
+        assert q.hint == OWNER_HINT
+    finally:
+        gateway.stop()
