@@ -41,6 +41,7 @@ def test_eligible() -> None:
     assert eligible("/v1/chat/completions", chat)
     assert eligible("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]})
     assert eligible("/v1/completions", {"model": "m", "prompt": "once"})
+    assert eligible("/v1/completions", {"model": "m", "prompt": "once", "repetition_penalty": 1.0, "temperature": 0.7})
     for path, body in [("/v1/embeddings", {"model": "m", "input": "x"}),
                        ("/v1/chat/completions", {**chat, "n": 2}),
                        ("/v1/chat/completions", {**chat, "tools": [{"type": "function"}]}),
@@ -48,7 +49,10 @@ def test_eligible() -> None:
                        ("/v1/chat/completions", {**chat, "messages": []}),
                        ("/v1/completions", {"model": "m", "prompt": [1, 2, 3]}),
                        ("/v1/completions", {"model": "m", "prompt": "x", "echo": True}),
-                       ("/v1/completions", {"model": "m", "prompt": "x", "best_of": 3})]:
+                       ("/v1/completions", {"model": "m", "prompt": "x", "best_of": 3}),
+                       ("/v1/completions", {"model": "m", "prompt": "x", "presence_penalty": 0.5}),
+                       ("/v1/completions", {"model": "m", "prompt": "x", "repetition_penalty": 1.2}),
+                       ("/v1/completions", {"model": "m", "prompt": "x", "logit_bias": {"5": 10}})]:
         assert not eligible(path, body), body
 
 

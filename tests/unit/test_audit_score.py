@@ -145,19 +145,30 @@ def test_end_and_usage_checks() -> None:
     rng = random.Random(5)
     probs = model_probs(rng, 10)
     greedy = [max(range(VOCAB), key=p.__getitem__) for p in probs]
-    eos_ok = Answer("stop", 100, has_stop_strings=False, tokens_reported=10)
-    assert not audit(probs, greedy, Sampling(0), eos_ok).early_stop  # the last token (EOS) is the top
-    low = list(greedy)
-    low[-1] = min(range(VOCAB), key=probs[-1].__getitem__)  # "EOS" where the model would not end
-    s = audit(probs, low, Sampling(0), eos_ok)
-    assert s.eos_checked and s.early_stop
-    assert not audit(probs, low, Sampling(0), Answer("stop", 100, True, 10)).eos_checked  # stop strings: unknown
-    short = audit(probs, greedy, Sampling(0), Answer("length", 100, False, 10))
-    assert short.early_stop  # "length" after 10 of 100 tokens
-    assert not audit(probs, greedy, Sampling(0), Answer("length", 11, False, 10)).early_stop
-    assert audit(probs, greedy, Sampling(0), Answer("length", 10, False, 30)).usage_inflated
-    assert not audit(probs, greedy, Sampling(0), Answer("length", 10, False, 12)).usage_inflated
-    assert audit(probs, greedy, Sampling(0), Answer("length", 10, False, None)).tokens_reported == -1
+    natural = Answer("stop", 100, has_stop_strings=False, tokens_reported=10)
+
+    def judged(end: sc.End, sampling: Sampling = Sampling(0), answer: Answer = natural) -> sc.Score:
+        pl = [None] + [vllm_entry(p, t) for p, t in zip(probs, greedy, strict=True)]
+        return sc.score(sc.positions(pl, [1] + greedy, 1, K), sampling, answer, 10, end)
+
+    stopped = sc.End(stopped=True, top=-0.1, kth=-9.0, eos=-0.1, eos_known=True)
+    s = judged(stopped)
+    assert s.eos_checked and not s.early_stop
+    cut = sc.End(stopped=False, top=-0.05, kth=-9.0, eos=-6.0, eos_known=True)  # EOS 6 nats below the top
+    assert judged(cut).early_stop
+    assert not judged(sc.End(False, -0.6, -9.0, -1.0, True)).early_stop  # a near tie: honest
+    assert judged(sc.End(False, -0.05, -9.0, None, False)).early_stop  # greedy, EOS id not learned yet
+    # Sampled: a natural end on an EOS under 1e-5 is implausible; unknown without EOS's id.
+    assert judged(sc.End(False, -0.05, -20.0, -15.0, True), Sampling(1.0)).early_stop
+    assert not judged(sc.End(False, -0.05, -20.0, -3.0, True), Sampling(1.0)).early_stop
+    assert not judged(sc.End(False, -0.05, -20.0, None, False), Sampling(1.0)).eos_checked
+    assert not judged(cut, answer=Answer("stop", 100, True, 10)).eos_checked  # stop strings: unknown
+    assert not judged(cut, answer=Answer("length", 10, False, 10)).early_stop
+    assert judged(stopped, answer=Answer("length", 100, False, 10)).early_stop  # "length" after 10 of 100 tokens
+    assert not judged(stopped, answer=Answer("length", 11, False, 10)).early_stop
+    assert judged(stopped, answer=Answer("length", 10, False, 30)).usage_inflated
+    assert not judged(stopped, answer=Answer("length", 10, False, 12)).usage_inflated
+    assert judged(stopped, answer=Answer("length", 10, False, None)).tokens_reported == -1
 
 
 def test_sampling_of_a_request_body() -> None:

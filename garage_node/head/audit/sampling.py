@@ -55,15 +55,23 @@ class Sampler:
             self.seen[node_id] = max(self.seen.get(node_id, 0), n)
 
 
+# Parameters that change the distribution the PC sampled from in ways the verifier's raw
+# logprobs do not show (penalties, biases, constrained decoding): such requests are not scored.
+_SHAPING = ("tools", "functions", "echo", "response_format", "logit_bias", "guided_json", "guided_regex",
+            "guided_choice", "guided_grammar", "structured_outputs", "bad_words", "allowed_token_ids",
+            "min_tokens", "min_p", "presence_penalty", "frequency_penalty")
+
+
 def eligible(path: str, body: dict[str, Any]) -> bool:
-    """Whether a request can be re-scored: a text completion or chat without tools, one choice,
-    no logprobs of its own asked that change nothing, no echo (the prompt in the answer)."""
+    """Whether a request can be re-scored: a text completion or chat, one choice, nothing that
+    shapes the sampling beyond temperature, top_p and top_k (tools, penalties, biases, guided
+    decoding), no echo (the prompt in the answer)."""
     if path not in AUDITED_PATHS:
         return False
     n = body.get("n", 1)
     if n not in (1, None) or body.get("best_of") not in (1, None):
         return False
-    if body.get("tools") or body.get("functions") or body.get("echo") or body.get("response_format"):
+    if any(body.get(k) for k in _SHAPING) or body.get("repetition_penalty") not in (None, 1, 1.0):
         return False
     if path == "/v1/chat/completions":
         messages = body.get("messages")

@@ -13,8 +13,9 @@ logprobs. From that:
   divided by the summed standard deviation: z is about N(0, 1) for an honest PC; another model
   moves it either way (two-sided);
 - the end: an answer that says it stopped naturally ("stop", no stop strings) must end where
-  the model puts EOS plausibly (the EOS id is appended to the scored tokens); "length" must mean
-  max_tokens tokens; the usage the PC reported must match the completion's token count.
+  the model puts EOS plausibly (`End`: the verifier's own next-token view after the completion);
+  "length" must mean max_tokens tokens; the usage the PC reported must match the completion's
+  token count.
 """
 
 from __future__ import annotations
@@ -101,8 +102,36 @@ class Answer:
 
     @property
     def natural_stop(self) -> bool:
-        """Scored with the EOS id appended (an early stop shows as an implausible EOS)."""
+        """It says the model ended it (EOS): where it ended is checked (an early stop)."""
         return self.finish_reason == "stop" and not self.has_stop_strings
+
+
+@dataclass(frozen=True)
+class End:
+    """The verifier's view of the position right after the completion, where a natural stop
+    put EOS (from its one generated token, asked with logprobs)."""
+
+    stopped: bool  # the verifier's own greedy choice there ends the answer (EOS or a stop token)
+    top: float  # its top-1 logprob there
+    kth: float  # its K-th logprob there (an EOS not in the top-K is below it)
+    eos: float | None  # EOS's logprob there, if among the top-K; None: not there, or EOS's id unknown
+    eos_known: bool  # the verifier's EOS ids are known (learned from its own stops)
+
+
+def ended_early(end: End, sampling: Sampling, delta: float = DELTA_NATS) -> bool | None:
+    """Whether a natural stop there is implausible; None: cannot tell."""
+    if end.stopped:
+        return False
+    if sampling.greedy:
+        if end.eos is not None:
+            return end.top - end.eos > delta
+        return True if not end.eos_known or end.top - end.kth > delta else None
+    if not end.eos_known:
+        return None
+    floor = math.log(EOS_FLOOR_PROB)
+    if end.eos is not None:
+        return end.eos < floor
+    return True if end.kth < floor else None
 
 
 def positions(prompt_logprobs: Sequence[Any], ids: Sequence[int], start: int, k: int) -> list[Position]:
@@ -129,23 +158,21 @@ def positions(prompt_logprobs: Sequence[Any], ids: Sequence[int], start: int, k:
 
 
 def score(pos: Sequence[Position], sampling: Sampling, answer: Answer, tokens_counted: int,
-          delta: float = DELTA_NATS) -> Score:
-    """The audit's findings. `pos`: the completion's positions, with the EOS appended when
-    `answer.natural_stop` (its position is then the last)."""
+          end: End | None = None, delta: float = DELTA_NATS) -> Score:
+    """The audit's findings. `pos`: the completion's positions; `end`: the verifier's view after
+    it (needed to check a natural stop)."""
     gaps = [p.top[0] - p.logprob for p in pos]
     n = len(pos)
     bad = sum(1 for g in gaps if g > delta) if sampling.greedy else 0
     z = 0.0 if sampling.greedy else sampled_z(pos, sampling)
-    early = False
-    if answer.natural_stop and pos:
-        end = pos[-1]
-        early = (end.top[0] - end.logprob > delta) if sampling.greedy else end.logprob < math.log(EOS_FLOOR_PROB)
+    judged = ended_early(end, sampling, delta) if answer.natural_stop and end is not None else None
+    early = bool(judged)
     if answer.finish_reason == "length" and answer.max_tokens:
         early = early or tokens_counted < answer.max_tokens - max(2, int(LENGTH_SLACK_SHARE * answer.max_tokens))
     reported = answer.tokens_reported if answer.tokens_reported is not None else -1
     inflated = reported > tokens_counted * (1 + USAGE_SLACK_SHARE) + USAGE_SLACK_TOKENS
     return Score(greedy=sampling.greedy, n=n, bad=bad, z=z, mean_gap=(sum(gaps) / n if n else 0.0),
-                 eos_checked=answer.natural_stop, early_stop=early, tokens_counted=tokens_counted,
+                 eos_checked=judged is not None, early_stop=early, tokens_counted=tokens_counted,
                  tokens_reported=reported, usage_inflated=inflated)
 
 

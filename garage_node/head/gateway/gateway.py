@@ -10,6 +10,8 @@ from typing import Any, Awaitable, Callable
 
 from garage_node.core.clock import SYSTEM, Clock
 from garage_node.core.wire import HeartbeatExtras, NodeReport, TokensServed
+from garage_node.head.audit.auditor import Auditor
+from garage_node.head.audit.metrics import AuditCollector
 from garage_node.head.audit.trust import Trust, quarantine_status
 from garage_node.head.gateway.demand import Demand
 from garage_node.head.gateway.enginekeys import EngineKeys
@@ -42,8 +44,10 @@ def database_path(state_dir: Path) -> Path:
 
 
 class Gateway:
-    def __init__(self, cfg: Any, state_dir: Path, node_names: Callable[[], dict[str, str]], clock: Clock = SYSTEM) -> None:
-        """`cfg`: the head's [gateway] section; `node_names()`: node id -> name, from the registry."""
+    def __init__(self, cfg: Any, state_dir: Path, node_names: Callable[[], dict[str, str]], clock: Clock = SYSTEM,
+                 audit: Any = None) -> None:
+        """`cfg`: the head's [gateway] section; `node_names()`: node id -> name, from the registry;
+        `audit`: the head's [audit] section (None or not enabled: no audits)."""
         self.cfg = cfg
         self.clock = clock
         self.store = Store(database_path(state_dir))
@@ -81,13 +85,24 @@ class Gateway:
                            max_connections=cfg.max_in_flight * cfg.max_attempts,
                            keepalive_connections=cfg.engine_keepalive_connections,
                            keepalive_s=cfg.engine_keepalive_s)
+        # Audits of what PCs answer (issue #20): the proxy's tap, a loop of their own.
+        self.auditor: Auditor | None = None
+        if audit is not None and audit.enabled:
+            self.auditor = Auditor(audit, self.store, self.trust, self.table, self.router, self.engine_keys.for_node,
+                                   self.proxy, clock)
+            self.proxy.audit = self.auditor
+            self.metrics.registry.register(AuditCollector(self.auditor, self.names))
 
     # -- lifecycle
 
     def start(self) -> None:
         self.ledger.start()
+        if self.auditor is not None:
+            self.auditor.start()
 
     def stop(self) -> None:
+        if self.auditor is not None:
+            self.auditor.stop()
         self.ledger.stop()
 
     # -- what the control API asks
