@@ -352,7 +352,7 @@ def run(cfg: HeadConfig) -> None:
     if cfg.gateway.enabled:
         gateway = Gateway(cfg.gateway, cfg.head.state_dir,
                           # Without the reports: the gateway asks every few seconds, on its loop.
-                          lambda: {n.id: n.name for n in service.registry.active_peers()})
+                          lambda: {n.id: n.name for n in service.registry.active_peers()}, audit=cfg.audit)
         reports.subscribe(gateway.on_report)
         node_extras = gateway.node_extras
         listeners.extend(gateway_listeners(cfg, gateway))
