@@ -190,7 +190,7 @@ def test_a_registry_from_an_intermediate_release_gets_only_the_missing_columns(t
 def test_a_new_registry_is_at_the_latest_version_with_every_column(tmp_path):
     Registry(tmp_path / "r.sqlite", NET)
     db = sqlite.connect(tmp_path / "r.sqlite")
-    assert sqlite.version(db) == len(GATEWAY_MIGRATIONS)
+    assert sqlite.version(db) == len(MIGRATIONS)
     columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
     assert {"confirmed_at", "credential_issued_at", "prev_credential_hash", "prev_credential_until"} <= columns
 
