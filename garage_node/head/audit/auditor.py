@@ -47,6 +47,7 @@ PRUNE_S = 3600.0
 # A trusted PC verifies only while it has nothing waiting and at most this many open requests.
 VERIFIER_MAX_INFLIGHT = 2
 RECHECK_CANARIES = 8
+MAX_PER_PASS = 16  # samples tried per pass (then the loop looks at canaries and re-checks again)
 RECHECK_MAX_FAILURES = 3
 NICE = 10  # the loop's thread, below the gateway's
 
@@ -180,9 +181,13 @@ class Auditor:
         await self._rechecks()
         for model in self.budget.due():
             await self._canary(model, kind="canary")
-        while self.recheck_pending or self.pending:
-            if not await self._score_one(http):
-                break
+        for queue in (self.recheck_pending, self.pending):
+            # Each waiting sample tried once a pass; one without a free verifier waits its turn
+            # again (behind the others: one PC's samples never block another's).
+            for _ in range(min(len(queue), MAX_PER_PASS)):
+                if self._stop.is_set():
+                    return
+                await self._score_one(http, queue)
 
     def _due(self, what: str, every_s: float, now: float) -> bool:
         if now - self._last.get(what, float("-inf")) >= every_s:
@@ -201,15 +206,17 @@ class Auditor:
 
     # -- scoring
 
-    async def _score_one(self, http: httpx.AsyncClient) -> bool:
-        """Score the next sample; False when it must wait (no verifier free for it)."""
-        queue = self.recheck_pending if self.recheck_pending else self.pending
-        sample = queue[0]
+    async def _score_one(self, http: httpx.AsyncClient, queue: collections.deque[Sample]) -> None:
+        """Score the next sample, or put it at the back when no verifier is free for it."""
+        try:
+            sample = queue.popleft()
+        except IndexError:
+            return
         picked = await self._verifier_for(http, sample.model, sample.node_id)
         if picked is None:
-            return False
+            queue.append(sample)
+            return
         engine, ep = picked
-        queue.popleft()
         if ep is not None:
             self.table.begin(ep)  # the router sees the verifier's work
         try:
@@ -221,14 +228,13 @@ class Auditor:
             r = self.rechecks.get(sample.node_id) if sample.kind == "recheck" else None
             if r is not None:
                 r.sent -= 1  # another canary instead
-            return True
+            return
         finally:
             if ep is not None:
                 self.table.end(ep)
         self.counters.scored += 1
         self.counters.by_kind[sample.kind] = self.counters.by_kind.get(sample.kind, 0) + 1
         self._weigh(sample, s, engine.name)
-        return True
 
     def hypotheses(self, model: str, precision: str) -> sprt.Hypotheses:
         return sprt.Hypotheses.of(self.rates.get((model, precision)))
