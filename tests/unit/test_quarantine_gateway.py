@@ -46,7 +46,7 @@ def test_a_quarantined_pc_gets_none_of_the_customers_requests_until_released(gw)
             for i in range(6)} == {"n2"}
     gw.trust.release("n1")
     assert {call(gw, "POST", "/v1/completions", {"model": MODEL, "prompt": f"r{i}"}).headers["x-garage-node-id"]
-            for i in range(12)} == {"n1", "n2"}
+            for i in range(20)} == {"n1", "n2"}  # random among the least loaded: both, but for 2 in a million
 
 
 def test_a_region_whose_only_pcs_are_quarantined_answers_that_none_serves(gw):  # noqa: F811
