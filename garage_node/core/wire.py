@@ -274,6 +274,12 @@ class TokensServed:
 
     today: Count = 0
     total: Count = 0
+    # Of `total`, by what may be paid (issue #20; head/gateway/ledger.py Earnings): earned
+    # (credited more than [audit] hold_days ago), held (since), frozen (by a quarantine).
+    # None from a head without audits.
+    earned: Count | None = None
+    held: Count | None = None
+    frozen: Count | None = None
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,10 @@ def layout(s: Status, width: int = 80, height: int = 25, now: float | None = Non
     served = getattr(s, "tokens_served", None)  # from the head's ledger; absent from older agents
     if served is not None:
         add("Served:", f"{_count(served.today)} tokens today, {_count(served.total)} in total")
+        from garage_node.node.status import earnings_line
+
+        if (paid := earnings_line(served, _count)) is not None:
+            add("", paid)
     add("Network:", _network(s))
 
     foot: list[Line] = []

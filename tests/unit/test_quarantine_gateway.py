@@ -212,3 +212,28 @@ def test_the_control_apis_heartbeat_answer_carries_the_quarantine_to_the_pc(tmp_
         assert q.hint == OWNER_HINT
     finally:
         gateway.stop()
+
+
+def test_the_heartbeat_says_what_of_the_tokens_served_is_earned_held_and_frozen(tmp_path):
+    from garage_node.core.wire import TokensServed
+    from garage_node.head.config import AuditSection, GatewaySection
+    from garage_node.head.gateway.gateway import Gateway
+
+    start = 1_800_000_000.0 // 3600 * 3600
+    clock = FakeClock(wall=start)
+    plain = Gateway(GatewaySection(), tmp_path / "plain", lambda: {}, clock=clock)
+    audited = Gateway(GatewaySection(), tmp_path / "audited", lambda: {}, clock=clock, audit=AuditSection(hold_days=7))
+    try:
+        for g in (plain, audited):
+            _credit(g.ledger, clock, "n1", 100, start)
+            _credit(g.ledger, clock, "n1", 20, start + 8 * DAY)
+            clock.wall = start + 8 * DAY + 60
+        assert plain.node_extras("n1").tokens_served == TokensServed(today=20, total=120)  # no audits: no split
+        assert audited.node_extras("n1").tokens_served == TokensServed(today=20, total=120, earned=100, held=20, frozen=0)
+        audited.trust.quarantine("n1", "x")
+        clock.advance(1.0)  # past the second the earnings are cached for
+        assert audited.node_extras("n1").tokens_served.frozen == 20
+        assert audited.node_extras("n2").tokens_served == TokensServed(earned=0, held=0, frozen=0)
+    finally:
+        plain.stop()
+        audited.stop()

@@ -165,3 +165,19 @@ def test_a_quarantined_pc_stops_offering_its_gpus_to_ray_and_offers_them_again_o
     argv = r.ray.starts[-1]
     assert r.status().quarantine is None and argv[argv.index("--num-gpus") + 1] == gpus
     assert r.agent.state is not NodeState.QUARANTINED
+
+
+def test_status_and_the_screen_say_what_of_the_tokens_is_earned_held_and_frozen():
+    from garage_node.core.wire import TokensServed
+    from garage_node.node import screen, status
+
+    s = replace(owner_status(None), tokens_served=TokensServed(today=1200, total=3_400_000, earned=3_000_000,
+                                                               held=400_000, frozen=0))
+    assert "3.0 M earned, 400.0 k held until the region's audits trust them" in status.render(s)
+    assert "frozen" not in status.render(s)
+    lines = [ln.text for ln in screen.layout(s, width=100, height=40, now=0.0)]
+    assert any("3,000,000 earned, 400,000 held" in ln for ln in lines)
+    frozen = replace(s, tokens_served=replace(s.tokens_served, held=0, frozen=400_000))
+    assert "400.0 k frozen by the quarantine" in status.render(frozen)
+    older = replace(s, tokens_served=TokensServed(today=1, total=2))  # a head without audits
+    assert "earned" not in status.render(older)

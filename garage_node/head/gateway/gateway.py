@@ -118,6 +118,10 @@ class Gateway:
         and why the audits quarantined it (if they did)."""
         totals = self._all_totals().get(node_id)
         served = TokensServed(today=totals.today, total=totals.total) if totals else TokensServed()
+        if self.auditor is not None:  # earnings are held [audit] hold_days: what of it may be paid
+            e = self.ledger.recent_earnings(self.trust.snapshot, self.auditor.cfg.hold_days * 86400).get(node_id)
+            served = TokensServed(today=served.today, total=served.total, earned=e.earned if e else 0,
+                                  held=e.held if e else 0, frozen=e.frozen if e else 0)
         return HeartbeatExtras(engine_api_key=self.engine_keys.for_node(node_id), tokens_served=served,
                                quarantine=quarantine_status(self.trust.snapshot().get(node_id)))
 
