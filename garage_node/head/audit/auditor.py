@@ -95,7 +95,10 @@ class Auditor:
         self.records: dict[str, sprt.Record] = {}
         self.rechecks: dict[str, Recheck] = {}
         self.rates: dict[tuple[str, str], float] = {}
-        self.verifier_state = "not started"
+        # Per model: the verifier in use, or why there is none ("" before the first sample).
+        self.verifiers: dict[str, str] = {}
+        self.last_error = ""
+        self._persisted_state = ""
         self.gateway_loop: asyncio.AbstractEventLoop | None = None
         self._engines: dict[str, Engine] = {}
         self._url_models: list[str] = []
@@ -172,7 +175,7 @@ class Auditor:
 
     async def step(self, http: httpx.AsyncClient) -> None:
         now = self.clock.monotonic()
-        if self._due("persist", PERSIST_S, now):
+        if self._due("persist", PERSIST_S, now) or self.verifier_state != self._persisted_state:
             self._persist()
         if self._due("rates", RATES_S, now):
             self.rates = {k: r.eps0 for k, r in self.book.rates().items()}
@@ -196,9 +199,11 @@ class Auditor:
         return False
 
     def _persist(self) -> None:
+        self._persisted_state = self.verifier_state
         self.book.add_requests(dict(self.sampler.seen), self.clock.time())
         c = self.counters
-        self.book.set_state({"verifier": self.verifier_state, "pending": len(self.pending),
+        self.book.set_state({"verifier": self.verifier_state, "last_error": self.last_error,
+                             "pending": len(self.pending),
                              "kept": c.kept, "dropped": c.dropped, "scored": c.scored, "errors": c.errors,
                              "canaries": c.canaries, "rechecks": {n: {"sent": r.sent, "scored": r.scored}
                                                                   for n, r in self.rechecks.items()}},
@@ -223,7 +228,7 @@ class Auditor:
             s = await engine.check(http, sample)
         except VerifierError as e:
             self.counters.errors += 1
-            self.verifier_state = f"error: {e}"
+            self.last_error = str(e)
             log.warning("audit: a sample of PC %s could not be scored: %s", sample.node_id, e)
             r = self.rechecks.get(sample.node_id) if sample.kind == "recheck" else None
             if r is not None:
@@ -270,32 +275,36 @@ class Auditor:
                             audited: str) -> tuple[Engine, Endpoint | None] | None:
         """A free verifier serving `model` (never the audited PC itself), and its endpoint if a PC."""
         trusted = self.trust.trusted()
-        busy = False
+        busy = itself = False
         candidates = []
         with self.table.lock:
             now = self.table.clock.monotonic()
             for ep in self.table.pool(model):
-                if (ep.node_id in trusted and ep.node_id != audited and ep.state == EngineState.HEALTHY
-                        and not self.table.is_stale(ep, now)):
-                    candidates.append(ep)
+                if ep.node_id in trusted and ep.state == EngineState.HEALTHY and not self.table.is_stale(ep, now):
+                    if ep.node_id == audited:
+                        itself = True  # never its own verifier
+                    else:
+                        candidates.append(ep)
         for ep in sorted(candidates, key=lambda e: e.inflight):
             if ep.requests_waiting == 0 and ep.inflight <= VERIFIER_MAX_INFLIGHT:
                 engine = self._engines.setdefault(ep.node_id, Engine(ep.node_id, ep.url, ""))
                 engine.url, engine.key = ep.url, self.engine_key(ep.node_id)
-                self.verifier_state = f"verifying with trusted PC {ep.node_id}"
+                self.verifiers[model] = f"verifying with trusted PC {ep.node_id}"
                 return engine, ep
             busy = True
         url_engine = await self._url_engine(http, model)
         if url_engine is not None:
-            self.verifier_state = "verifying with [audit] verifier_url"
+            self.verifiers[model] = "verifying with [audit] verifier_url"
             return url_engine, None
         if busy:
-            self.verifier_state = f"waiting: the trusted PCs serving {model} are busy with customers"
+            self.verifiers[model] = "waiting: the trusted PCs serving it are busy with customers"
+        elif itself and self.verifiers.get(model, "").startswith("verifying"):
+            pass  # a trusted PC's own answers wait for a second verifier; the others are verified
         else:
-            self.verifier_state = (f"no verifier for {model}: no other PC marked trusted serves it (`garage-node head "
-                                   "node trust NODE`) and [audit] verifier_url " +
-                                   ("does not serve it" if self.cfg.verifier_url else "is not set") +
-                                   "; samples are kept, not scored")
+            self.verifiers[model] = ("no verifier: no " + ("other " if itself else "") + "PC marked trusted serves it "
+                                     "(`garage-node head node trust NODE`) and [audit] verifier_url " +
+                                     ("does not serve it" if self.cfg.verifier_url else "is not set") +
+                                     "; samples are kept, not scored")
         return None
 
     async def _url_engine(self, http: httpx.AsyncClient, model: str) -> Engine | None:
@@ -311,7 +320,7 @@ class Auditor:
                 try:
                     key = _read_key(self.cfg.verifier_key_file)
                 except OSError as e:
-                    self.verifier_state = f"[audit] verifier_key_file cannot be read ({e.strerror})"
+                    self.last_error = f"[audit] verifier_key_file cannot be read ({e.strerror})"
                     return None
             engine = self._engines["verifier_url"] = Engine("verifier_url", url, key)
             self._url_models_at = float("-inf")
@@ -392,6 +401,17 @@ class Auditor:
         log.info("audit: PC %s passed its re-check (%d canaries) and serves again", node, r.scored)
 
     # -- what `head audit status` and the metrics read
+
+    @property
+    def verifier_state(self) -> str:
+        """Per model, the verifier in use or why there is none."""
+        if not self.verifiers:
+            return "no sample to verify yet"
+        return "; ".join(f"{m}: {v}" for m, v in sorted(self.verifiers.items()))
+
+    @property
+    def verifier_up(self) -> bool:
+        return any(v.startswith("verifying") for v in self.verifiers.values())
 
     def status(self) -> dict[str, Any]:
         c = self.counters

@@ -37,7 +37,7 @@ class AuditCollector(Collector):
         sent.add_metric([], c.canaries)
         verifier = GaugeMetricFamily("garage_audit_verifier_up",
                                      "1 while the last pass found a verifier (a trusted PC or verifier_url)")
-        verifier.add_metric([], 1 if a.verifier_state.startswith("verifying") else 0)
+        verifier.add_metric([], 1 if a.verifier_up else 0)
         evidence = GaugeMetricFamily("garage_audit_evidence", "Each PC's sequential-test sum per test (quarantine "
                                      "at garage_audit_threshold)", labels=["node", "name", "test"])
         names = self.node_names()
