@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from garage_node.cli import headmodel
+from garage_node.cli import headaudit
 from garage_node.cli import headtrust
 from garage_node.cli import headweights
 from garage_node.core.wire import encode
@@ -64,6 +65,7 @@ def add_commands(sub) -> None:
     headmodel.add_command(cmd)  # `head model ...`: the region's catalog (cli/headmodel.py)
     headweights.add_command(cmd)  # `head weights ...`: the model store (cli/headweights.py)
     headtrust.add_command(cmd)  # `head node ...`: a PC's trust and quarantine (cli/headtrust.py)
+    headaudit.add_command(cmd)  # `head audit ...`: the audits' status and calibration (cli/headaudit.py)
 
 
 def init(args) -> int:
