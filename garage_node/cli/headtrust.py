@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the head's modules are imported when the command runs, not 
 EX_UNAVAILABLE = 69
 ACTIONS = ("trust", "untrust", "quarantine", "release", "forfeit", "show")
 
-HELP = ("a PC's trust (the region's audits, issue #20): `node trust NODE` makes its engine a verifier, "
+HELP = ("a PC's trust (the region's audits): `node trust NODE` makes its engine a verifier, "
         "`node untrust NODE`, `node quarantine NODE --why TEXT` takes it out by hand, `node release NODE` "
         "re-checks a quarantined PC on canaries and lets it serve again, `node forfeit NODE` keeps its "
         "frozen earnings, `node show NODE`")
@@ -101,12 +101,12 @@ def act(trust: Trust, ledger: Ledger, hold_s: float, action: str, node_id: str, 
         if current.trusted:
             return "already trusted"
         trust.set_trusted(node_id, True)
-        return "trusted: its engine verifies the others' audited answers (it is not audited by itself)"
+        return "trusted: its engine may verify the other PCs' audited answers"
     if action == "untrust":
         if not current.trusted:
             return "was not marked trusted; nothing changed"
         trust.set_trusted(node_id, False)
-        return "no longer trusted: its engine verifies nothing, and its own answers are audited like any PC's"
+        return "no longer trusted: its engine verifies nothing"
     if action == "quarantine":
         if current.state == "quarantined":
             raise TrustError(f"{node_id} is already quarantined ({current.why or 'no reason given'})")
