@@ -47,6 +47,7 @@ PRUNE_S = 3600.0
 # A trusted PC verifies only while it has nothing waiting and at most this many open requests.
 VERIFIER_MAX_INFLIGHT = 2
 RECHECK_CANARIES = 8
+CANARY_TIMEOUT_S = 300.0
 MAX_PER_PASS = 16  # samples tried per pass (then the loop looks at canaries and re-checks again)
 RECHECK_MAX_FAILURES = 3
 NICE = 10  # the loop's thread, below the gateway's
@@ -344,10 +345,12 @@ class Auditor:
         c = canaries.make(self.pool, model, self.rng, greedy=kind == "recheck", chat=model not in self._no_chat)
         call = _canary_call(c, self.router, kind, pin, self.clock.monotonic())
         self.counters.canaries += 1
+        fut = asyncio.run_coroutine_threadsafe(self.proxy.forward(call, None), loop)
         try:
-            fut = asyncio.run_coroutine_threadsafe(self.proxy.forward(call, None), loop)
-            resp = await asyncio.wrap_future(fut)
-        except Exception as e:  # GatewayError (no PC), or the loop went away
+            # Bounded: a gateway loop that stopped meanwhile never runs it.
+            resp = await asyncio.wait_for(asyncio.wrap_future(fut), CANARY_TIMEOUT_S)
+        except Exception as e:  # GatewayError (no PC), a timeout, or the loop went away
+            fut.cancel()
             self.counters.canary_failures += 1
             log.info("audit: a canary for %s got no answer (%s)", model, e)
             return False

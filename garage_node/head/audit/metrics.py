@@ -29,7 +29,7 @@ class AuditCollector(Collector):
         pending.add_metric([], len(a.pending) + len(a.recheck_pending))
         scored = CounterMetricFamily("garage_audit_scored", "Audits scored by the verifier, by kind "
                                      "(customer, canary, recheck)", labels=["kind"])
-        for kind, n in sorted(c.by_kind.items()):
+        for kind, n in sorted(dict(c.by_kind).items()):  # copies: the loop's thread writes them
             scored.add_metric([kind], n)
         errors = CounterMetricFamily("garage_audit_errors", "Samples the verifier could not score")
         errors.add_metric([], c.errors)
@@ -41,7 +41,7 @@ class AuditCollector(Collector):
         evidence = GaugeMetricFamily("garage_audit_evidence", "Each PC's sequential-test sum per test (quarantine "
                                      "at garage_audit_threshold)", labels=["node", "name", "test"])
         names = self.node_names()
-        for node, rec in sorted(a.records.items()):
+        for node, rec in sorted(dict(a.records).items()):
             for test, v in rec.sums.items():
                 evidence.add_metric([node, names.get(node, ""), test], v)
         threshold = GaugeMetricFamily("garage_audit_threshold", "The sum at which a PC is quarantined")

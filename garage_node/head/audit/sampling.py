@@ -10,7 +10,6 @@ requests come and paid by the audit loop."""
 from __future__ import annotations
 
 import random as _random
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -90,25 +89,25 @@ def _text_message(m: Any) -> bool:
 
 
 class CanaryBudget:
-    """Canaries owed per model: `canary_rate` per customer request, paid one at a time."""
+    """Canaries owed per model: `canary_rate` per customer request, paid one at a time.
+
+    Without a lock: `requested` runs on the gateway's loop only (a dict update), `due` on the
+    audit loop's thread only (it reads the counts, a copy made at once, and keeps what it paid)."""
 
     def __init__(self, canary_rate: float) -> None:
         self.canary_rate = canary_rate
-        self._owed: dict[str, float] = {}
-        self._lock = threading.Lock()
+        self._count: dict[str, int] = {}  # written by the gateway's loop
+        self._paid: dict[str, int] = {}  # written by the audit loop
 
     def requested(self, model: str) -> None:
-        if self.canary_rate > 0:
-            with self._lock:
-                self._owed[model] = self._owed.get(model, 0.0) + self.canary_rate
+        self._count[model] = self._count.get(model, 0) + 1
 
     def due(self) -> list[str]:
         """A model for each whole canary owed now (and no longer owed)."""
         out: list[str] = []
-        with self._lock:
-            for model, owed in self._owed.items():
-                whole = int(owed)
-                if whole:
-                    out += [model] * whole
-                    self._owed[model] = owed - whole
+        for model, n in list(self._count.items()):
+            whole = int(n * self.canary_rate) - self._paid.get(model, 0)
+            if whole > 0:
+                out += [model] * whole
+                self._paid[model] = self._paid.get(model, 0) + whole
         return out
