@@ -363,6 +363,7 @@ def run(cfg: HeadConfig) -> None:
     placement = PlacementLoop(service.registry, cfg, gateway.demand.snapshot if gateway is not None else dict)
     if gateway is not None:
         gateway.placed = placement.placed  # requests for these wait while a model is placed
+        placement.excluded = gateway.trust.excluded  # quarantined PCs are not counted as running
         gateway.metrics.watch_placement(placement)
         gateway.metrics.watch_trust(gateway.trust.snapshot)  # the audits' quarantines (issue #20)
         service.quarantined = gateway.trust.excluded  # refused Ray at the hub's firewall
