@@ -147,7 +147,9 @@ def test_end_and_usage_checks() -> None:
     greedy = [max(range(VOCAB), key=p.__getitem__) for p in probs]
     natural = Answer("stop", 100, has_stop_strings=False, tokens_reported=10)
 
-    def judged(end: sc.End, sampling: Sampling = Sampling(0), answer: Answer = natural) -> sc.Score:
+    greedy_sampling = Sampling(0)
+
+    def judged(end: sc.End, sampling: Sampling = greedy_sampling, answer: Answer = natural) -> sc.Score:
         pl = [None] + [vllm_entry(p, t) for p, t in zip(probs, greedy, strict=True)]
         return sc.score(sc.positions(pl, [1] + greedy, 1, K), sampling, answer, 10, end)
 
@@ -168,6 +170,9 @@ def test_end_and_usage_checks() -> None:
     assert not judged(stopped, answer=Answer("length", 11, False, 10)).early_stop
     assert judged(stopped, answer=Answer("length", 10, False, 30)).usage_inflated
     assert not judged(stopped, answer=Answer("length", 10, False, 12)).usage_inflated
+    # A stop string's tokens are counted by the engine but cut from the text.
+    assert not judged(stopped, answer=Answer("stop", 100, True, 22)).usage_inflated
+    assert judged(stopped, answer=Answer("stop", 100, True, 40)).usage_inflated
     assert judged(stopped, answer=Answer("length", 10, False, None)).tokens_reported == -1
 
 

@@ -35,6 +35,8 @@ EOS_FLOOR_PROB = 1e-5
 # USAGE_SLACK_TOKENS (a text tokenized again need not split as it was generated).
 USAGE_SLACK_SHARE = 0.10
 USAGE_SLACK_TOKENS = 2
+# A stop string's tokens were generated (and counted) but are not in the text.
+STOP_SLACK_TOKENS = 16
 # "length" with this many tokens fewer than max_tokens (share, at least 2) is an early stop.
 LENGTH_SLACK_SHARE = 0.10
 
@@ -170,7 +172,8 @@ def score(pos: Sequence[Position], sampling: Sampling, answer: Answer, tokens_co
     if answer.finish_reason == "length" and answer.max_tokens:
         early = early or tokens_counted < answer.max_tokens - max(2, int(LENGTH_SLACK_SHARE * answer.max_tokens))
     reported = answer.tokens_reported if answer.tokens_reported is not None else -1
-    inflated = reported > tokens_counted * (1 + USAGE_SLACK_SHARE) + USAGE_SLACK_TOKENS
+    slack = USAGE_SLACK_TOKENS + (STOP_SLACK_TOKENS if answer.has_stop_strings else 0)
+    inflated = reported > tokens_counted * (1 + USAGE_SLACK_SHARE) + slack
     return Score(greedy=sampling.greedy, n=n, bad=bad, z=z, mean_gap=(sum(gaps) / n if n else 0.0),
                  eos_checked=judged is not None, early_stop=early, tokens_counted=tokens_counted,
                  tokens_reported=reported, usage_inflated=inflated)
