@@ -8,6 +8,7 @@ loop says so."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 import time
 from typing import Any, Callable
 
@@ -147,3 +148,29 @@ def test_metrics(tmp_path, engines) -> None:  # noqa: F811
     finally:
         region.stop()
 
+
+
+def test_a_busy_trusted_pc_verifies_only_when_it_can_spare_it(tmp_path, engines) -> None:  # noqa: F811
+    import asyncio
+
+    nv = engines(seed=1)
+    gw = Gateway(GatewaySection(), tmp_path, lambda: {}, audit=AuditSection())
+    gw.on_report("nv", report(nv.url))
+    gw.trust.set_trusted("nv", True)
+    auditor = gw.auditor
+    assert auditor is not None
+    ep = gw.table.get("nv")
+    assert ep is not None
+
+    def pick(patient: bool) -> Any:
+        async def go() -> Any:
+            async with httpx.AsyncClient() as http:
+                return await auditor._verifier_for(http, MODEL, "n1", patient)
+        return asyncio.run(go())
+
+    assert pick(False)[0].name == "nv"
+    ep.inflight = 5  # serving customers
+    assert pick(False) is None and "busy with customers" in auditor.verifier_state
+    assert pick(True)[0].name == "nv"  # a sample that waited long enough
+    gw.on_report("nv", replace(report(nv.url), engine=replace(report(nv.url).engine, requests_waiting=3)))
+    assert pick(True) is None  # customers queue there: never

@@ -44,8 +44,11 @@ PERSIST_S = 10.0  # request counts and the state `head audit status` shows
 RATES_S = 60.0
 VERIFIER_MODELS_S = 60.0
 PRUNE_S = 3600.0
-# A trusted PC verifies only while it has nothing waiting and at most this many open requests.
+# A trusted PC verifies only while it has nothing waiting and at most this many open requests;
+# a sample that has waited VERIFIER_PATIENCE_S takes it with any number open, as long as nothing
+# waits (vLLM batches the prefill with what runs: customers' requests are not queued behind it).
 VERIFIER_MAX_INFLIGHT = 2
+VERIFIER_PATIENCE_S = 120.0
 RECHECK_CANARIES = 8
 CANARY_TIMEOUT_S = 300.0
 MAX_PER_PASS = 16  # samples tried per pass (then the loop looks at canaries and re-checks again)
@@ -218,7 +221,8 @@ class Auditor:
             sample = queue.popleft()
         except IndexError:
             return
-        picked = await self._verifier_for(http, sample.model, sample.node_id)
+        patient = self.clock.time() - sample.at >= VERIFIER_PATIENCE_S
+        picked = await self._verifier_for(http, sample.model, sample.node_id, patient)
         if picked is None:
             queue.append(sample)
             return
@@ -272,8 +276,8 @@ class Auditor:
 
     # -- verifiers
 
-    async def _verifier_for(self, http: httpx.AsyncClient, model: str,
-                            audited: str) -> tuple[Engine, Endpoint | None] | None:
+    async def _verifier_for(self, http: httpx.AsyncClient, model: str, audited: str,
+                            patient: bool = False) -> tuple[Engine, Endpoint | None] | None:
         """A free verifier serving `model` (never the audited PC itself), and its endpoint if a PC."""
         trusted = self.trust.trusted()
         busy = itself = False
@@ -287,7 +291,7 @@ class Auditor:
                     else:
                         candidates.append(ep)
         for ep in sorted(candidates, key=lambda e: e.inflight):
-            if ep.requests_waiting == 0 and ep.inflight <= VERIFIER_MAX_INFLIGHT:
+            if ep.requests_waiting == 0 and (patient or ep.inflight <= VERIFIER_MAX_INFLIGHT):
                 engine = self._engines.setdefault(ep.node_id, Engine(ep.node_id, ep.url, ""))
                 engine.url, engine.key = ep.url, self.engine_key(ep.node_id)
                 self.verifiers[model] = f"verifying with trusted PC {ep.node_id}"
