@@ -125,15 +125,15 @@ def render(doc: dict[str, Any], now: float) -> str:
     if not doc["pcs"]:
         lines.append("no PC audited yet")
         return "\n".join(lines)
-    lines.append(f"{'PC':<28} {'STATE':<12} {'AUDITS':>6} {'REQUESTS':>9} {'EVIDENCE tokens/stops/usage':>28}  RATE IN USE")
+    lines.append(f"{'PC':<28} {'STATE':<12} {'AUDITS':>6} {'REQUESTS':>9} {'EVIDENCE tokens/partial/stops/usage':>36}  RATE IN USE")
     for p in doc["pcs"]:
         who = f"{p['name']} ({p['node']})" if p["name"] else p["node"]
         ev = p["evidence"]
-        evidence = f"{ev['tokens']:.1f}/{ev['stops']:.1f}/{ev['usage']:.1f}"
+        evidence = "/".join(f"{ev[t]:.1f}" for t in ("tokens", "partial", "stops", "usage"))
         rate = (f"{p['rate']:.3f} ({p['model']}/{p['precision']}, "
                 + ("calibrated)" if p["calibrated"] else "default: not calibrated)")) if p["model"] else "-"
         state = p["state"] + (" *" if p["trusted"] else "")
-        lines.append(f"{who:<28} {state:<12} {p['audits']:>6} {p['requests']:>9} {evidence:>28}  {rate}")
+        lines.append(f"{who:<28} {state:<12} {p['audits']:>6} {p['requests']:>9} {evidence:>36}  {rate}")
         if p["why"]:
             lines.append(f"  why: {p['why']}")
     lines.append("(* trusted: its engine verifies the others)")

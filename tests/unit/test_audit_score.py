@@ -196,7 +196,7 @@ T = sprt.Thresholds.of(1e-4)
 
 
 def test_thresholds() -> None:
-    assert T.upper == pytest.approx(math.log(3e4)) and T.cap == T.upper / 2 and T.floor == -T.upper / 2
+    assert T.upper == pytest.approx(math.log(4e4)) and T.cap == T.upper / 2 and T.floor == -T.upper / 2
     with pytest.raises(ValueError, match="between 0 and 0.5"):
         sprt.Thresholds.of(0.0)
 
@@ -271,6 +271,33 @@ def test_cheaters_are_caught_quickly() -> None:
         assert step.quarantine is not None and audits <= 8, (audits, rec)
 
 
+def partial_cheater_audits(seed: int) -> list[dict[str, int]]:
+    """Per PC (200), the audit at which each test first crossed (greedy audits of 100 tokens,
+    honest at the calibrated rate, one in ten from another model), within 150 audits."""
+    rng = random.Random(seed)
+    h = sprt.Hypotheses.of(0.01)
+    out = []
+    for _ in range(200):
+        sums = dict.fromkeys(sprt.TESTS, 0.0)
+        first: dict[str, int] = {}
+        for audit in range(1, 151):
+            llr = sprt.audit_llr(honest_greedy(rng, 0.4 if rng.random() < 0.1 else 0.01, 100), h, T.cap)
+            for k in sums:
+                sums[k] = max(T.floor, sums[k] + llr[k])
+                if sums[k] >= T.upper:
+                    first.setdefault(k, audit)
+        out.append(first)
+    return out
+
+
+def test_a_pc_cheating_on_a_tenth_of_its_answers_is_caught_by_partial_not_by_tokens() -> None:
+    """"partial" catches all 200 such PCs within 150 audits (about 1,500 requests at 10 %);
+    "tokens" alone (every answer cheated) would miss most: its honest answers keep it down."""
+    runs = partial_cheater_audits(8)
+    assert all("partial" in r for r in runs)
+    assert sum("tokens" in r for r in runs) < 100
+
+
 def test_hypotheses_from_a_calibrated_rate() -> None:
     assert sprt.Hypotheses.of(None).eps0 == sprt.EPS0_DEFAULT
     assert sprt.Hypotheses.of(0.0).eps0 == sprt.EPS0_MIN  # never 0: one bad token would decide
@@ -279,6 +306,6 @@ def test_hypotheses_from_a_calibrated_rate() -> None:
 
 
 def test_suspect_and_worst() -> None:
-    rec = sprt.Record(audits=3, sums={"tokens": -1.0, "stops": 0.5, "usage": 0.0})
+    rec = sprt.Record(audits=3, sums={"tokens": -1.0, "partial": 0.1, "stops": 0.5, "usage": 0.0})
     assert rec.suspect and rec.worst == ("stops", 0.5)
     assert not sprt.Record().suspect

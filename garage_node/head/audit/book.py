@@ -74,10 +74,12 @@ class Book:
         with self.store.transaction() as db:
             db.execute("INSERT INTO audits (at, scored_at, node_id, model, precision, kind, greedy, n, bad, z, "
                        "mean_gap, early_stop, usage_inflated, tokens_counted, tokens_reported, llr_tokens, "
-                       "llr_stops, llr_usage, verifier, engine) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                       "llr_partial, llr_stops, llr_usage, verifier, engine) "
+                       "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                        (at, scored_at, node_id, model, precision, kind, int(s.greedy), s.n, s.bad, _finite(s.z),
                         _finite(s.mean_gap), int(s.early_stop), int(s.usage_inflated), s.tokens_counted,
-                        s.tokens_reported, llr["tokens"], llr["stops"], llr["usage"], verifier, engine))
+                        s.tokens_reported, llr["tokens"], llr["partial"], llr["stops"], llr["usage"], verifier,
+                        engine))
             if standing is not None:
                 _put_standing(db, node_id, standing, scored_at)
 
@@ -156,16 +158,17 @@ def upper_rate(bad: int, tokens: int) -> float:
 
 
 def _put_standing(db: Any, node_id: str, rec: sprt.Record, now: float) -> None:
-    db.execute("INSERT INTO audit_nodes (node_id, audits, sum_tokens, sum_stops, sum_usage, updated_at) "
-               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET audits = excluded.audits, "
-               "sum_tokens = excluded.sum_tokens, sum_stops = excluded.sum_stops, sum_usage = excluded.sum_usage, "
-               "updated_at = excluded.updated_at",
-               (node_id, rec.audits, rec.sums["tokens"], rec.sums["stops"], rec.sums["usage"], now))
+    db.execute("INSERT INTO audit_nodes (node_id, audits, sum_tokens, sum_partial, sum_stops, sum_usage, updated_at) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET audits = excluded.audits, "
+               "sum_tokens = excluded.sum_tokens, sum_partial = excluded.sum_partial, sum_stops = excluded.sum_stops, "
+               "sum_usage = excluded.sum_usage, updated_at = excluded.updated_at",
+               (node_id, rec.audits, rec.sums["tokens"], rec.sums["partial"], rec.sums["stops"], rec.sums["usage"],
+                now))
 
 
 def _record(r: Any) -> sprt.Record:
-    return sprt.Record(audits=r["audits"], sums={"tokens": r["sum_tokens"], "stops": r["sum_stops"],
-                                                 "usage": r["sum_usage"]})
+    return sprt.Record(audits=r["audits"], sums={"tokens": r["sum_tokens"], "partial": r["sum_partial"],
+                                                 "stops": r["sum_stops"], "usage": r["sum_usage"]})
 
 
 def _finite(x: float) -> float:

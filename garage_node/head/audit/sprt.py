@@ -1,13 +1,21 @@
 """The decision per PC: Wald's sequential probability ratio test over its audits. Pure.
 
-Three tests run side by side on each PC, each over its own evidence, each weighing honest
+Four tests run side by side on each PC, each over its own evidence, each weighing honest
 (H0) against cheating (H1):
 - "tokens": the PC's tokens under the verifier. Greedy audits: k bad of n positions,
   binomial with rate eps0 (honest, calibrated per model and precision on honest runs) against
   eps1 = max(EPS1_MIN, EPS1_FACTOR * eps0). Sampled audits: z ~ N(0, 1) against z ~ N(±mu, 1),
   mu = effect * sqrt(n) (another model shifts each token's log-likelihood either way);
+- "partial": the same evidence against "it cheats on a share of its answers" (below);
 - "stops": an implausible natural end, or "length" short of max_tokens (answers cut early);
 - "usage": completion tokens reported above the count (tokens billed that were not made).
+
+"partial"'s H1 is "the PC cheats on a share `share` (a tenth) of its answers": an audit's LLR
+is ln((1 - share) + share * LR), LR the "tokens" ratio of the answer. An honest answer then
+costs a cheater little (about ln 0.9 = -0.1), so one that cheats on a tenth of its requests
+climbs (about +4 every ten audits), where "tokens" sees its many honest answers and stays at
+its floor; "tokens" in turn adds up moderate evidence from a PC that always cheats faster.
+E_H0[ratio] is 1 for both: Wald's bound holds.
 
 Each audit adds its log-likelihood ratio (LLR) to the PC's sum per test. Two guards:
 - an audit's LLR is capped at `cap` (half the threshold), so one answer never decides: at
@@ -19,7 +27,7 @@ Each audit adds its log-likelihood ratio (LLR) to the PC's sum per test. Two gua
   at most 1.5 thresholds of evidence). Each climb from the floor to the threshold is an honest
   PC's false alarm with probability <= e^-1.5 threshold.
 
-The threshold is ln(tests / false_quarantine) ([audit] false_quarantine, split over the three
+The threshold is ln(tests / false_quarantine) ([audit] false_quarantine, split over the four
 tests: Bonferroni)."""
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from dataclasses import dataclass, field, replace
 
 from garage_node.head.audit.score import Score
 
-TESTS = ("tokens", "stops", "usage")
+TESTS = ("tokens", "partial", "stops", "usage")
 EPS0_MIN = 0.002  # honest bad-token rate floor: a rate of 0 would make one bad token decide
 EPS0_DEFAULT = 0.02  # for a model nobody calibrated yet (conservative: few honest alarms)
 EPS1_MIN = 0.25
@@ -42,6 +50,7 @@ MU_MAX = 8.0
 # Flags (one per audit): how often an honest answer raises one, and a cheater's answer.
 STOP0, STOP1 = 0.02, 0.5
 USAGE0, USAGE1 = 0.01, 0.5
+SHARE = 0.1  # H1: the share of its answers a cheater cheats on, at least
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class Hypotheses:
     stop1: float = STOP1
     usage0: float = USAGE0
     usage1: float = USAGE1
+    share: float = SHARE
 
     @classmethod
     def of(cls, eps0: float | None, **kw: float) -> Hypotheses:
@@ -100,12 +110,22 @@ class Record:
 
 def audit_llr(s: Score, h: Hypotheses, cap: float) -> dict[str, float]:
     """Each test's LLR for one audit (ln P(audit | cheating) / P(audit | honest)), capped at `cap`."""
-    llr = {"tokens": _tokens(s, h), "stops": 0.0, "usage": 0.0}
+    tokens = _tokens(s, h)
+    llr = {"tokens": tokens, "partial": _mixed(tokens, h.share), "stops": 0.0, "usage": 0.0}
     if s.eos_checked or s.early_stop:
         llr["stops"] = _flag(s.early_stop, h.stop0, h.stop1)
     if s.tokens_reported >= 0:
         llr["usage"] = _flag(s.usage_inflated, h.usage0, h.usage1)
     return {k: min(cap, v) for k, v in llr.items()}
+
+
+def _mixed(llr: float, share: float) -> float:
+    """ln((1 - share) + share * e^llr), without overflow."""
+    if share >= 1.0:
+        return llr
+    if llr > 0:
+        return llr + math.log(share + (1 - share) * math.exp(-llr))
+    return math.log((1 - share) + share * math.exp(llr))
 
 
 def _tokens(s: Score, h: Hypotheses) -> float:
@@ -143,6 +163,8 @@ def why(test: str, record: Record) -> str:
     """The words a quarantine gives (owner and operator read them)."""
     words = {"tokens": "its answers' tokens are not what the model gives (another model, other weights, or made-up "
                        "text)",
+             "partial": "some of its answers' tokens are not what the model gives (it cheats on a share of "
+                        "its requests)",
              "stops": "its answers end early (cut short, or 'length' before max_tokens)",
              "usage": "it reports more tokens than its answers hold"}
     return f"audits: {words[test]}; {record.audits} audits, evidence {record.sums[test]:.1f}"

@@ -61,7 +61,7 @@ MIGRATIONS: list[sqlite.Step] = [
         z REAL NOT NULL, mean_gap REAL NOT NULL,
         early_stop INTEGER NOT NULL, usage_inflated INTEGER NOT NULL,
         tokens_counted INTEGER NOT NULL, tokens_reported INTEGER NOT NULL,
-        llr_tokens REAL NOT NULL, llr_stops REAL NOT NULL, llr_usage REAL NOT NULL,
+        llr_tokens REAL NOT NULL, llr_partial REAL NOT NULL, llr_stops REAL NOT NULL, llr_usage REAL NOT NULL,
         verifier TEXT NOT NULL,           -- a trusted PC's node id, or 'verifier_url'
         engine TEXT NOT NULL DEFAULT ''   -- the PC's agent version when it answered
     );
@@ -72,7 +72,7 @@ MIGRATIONS: list[sqlite.Step] = [
         requests INTEGER NOT NULL DEFAULT 0,      -- requests the gateway sent it
         audits INTEGER NOT NULL DEFAULT 0,        -- audits weighed by the sequential test
         sum_tokens REAL NOT NULL DEFAULT 0, sum_stops REAL NOT NULL DEFAULT 0,
-        sum_usage REAL NOT NULL DEFAULT 0,
+        sum_usage REAL NOT NULL DEFAULT 0, sum_partial REAL NOT NULL DEFAULT 0,
         updated_at REAL
     );
     CREATE TABLE audit_rates (
