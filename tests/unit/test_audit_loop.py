@@ -7,6 +7,7 @@ loop says so."""
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import replace
 import time
@@ -174,3 +175,31 @@ def test_a_busy_trusted_pc_verifies_only_when_it_can_spare_it(tmp_path, engines)
     assert pick(True)[0].name == "nv"  # a sample that waited long enough
     gw.on_report("nv", replace(report(nv.url), engine=replace(report(nv.url).engine, requests_waiting=3)))
     assert pick(True) is None  # customers queue there: never
+
+
+def test_a_streamed_canary_is_relayed_to_its_end_and_kept(tmp_path, engines) -> None:  # noqa: F811
+    import asyncio
+
+    from garage_node.head.audit import auditor as auditor_module
+    from garage_node.head.audit.canaries import Canary
+
+    pc = engines(seed=1)
+    region = Region(tmp_path, {"good": pc}, ())  # no verifier: what is kept stays in the queue
+    try:
+        loop = wait(lambda: region.auditor.gateway_loop)
+        for stream in (True, False):
+            body = {"model": MODEL, "prompt": "a canary", "max_tokens": 20, "temperature": 0, "stream": stream}
+            call = auditor_module._canary_call(Canary("/v1/completions", body), region.gw.router, "canary", None,
+                                               time.monotonic())
+            resp = asyncio.run_coroutine_threadsafe(auditor_module._answered(region.gw.proxy, call), loop).result(20)
+            assert resp.status_code == 200
+        kept = list(region.auditor.pending)
+        assert [s.kind for s in kept] == ["canary", "canary"]
+        assert kept[0].text == kept[1].text != "" and kept[0].finish_reason == kept[1].finish_reason
+        # The streamed one went out as a customer's stream does (the gateway asks for usage).
+        sent = [json.loads(b) for b in pc.bodies]
+        assert sent[0]["stream"] and sent[0]["stream_options"] == {"include_usage": True}
+        assert kept[0].completion_tokens == len(kept[0].text)
+        wait(lambda: region.gw.ledger.key_tokens("audit-canary") >= 2 * len(kept[0].text), 15)
+    finally:
+        region.stop()

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import os
 import random
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,8 +30,8 @@ from garage_node.head.audit.book import Book
 from garage_node.head.audit.sampling import CanaryBudget, Rates, Sampler, eligible
 from garage_node.head.audit.trust import Trust
 from garage_node.head.audit.verifier import Engine, Sample, VerifierError
-from garage_node.head.gateway.app import _prompt_text
-from garage_node.head.gateway.proxy import Call, Proxy
+from garage_node.head.gateway.app import _call as customer_call
+from garage_node.head.gateway.proxy import Call, Proxy, RelayResponse
 from garage_node.head.gateway.router import Router
 from garage_node.head.gateway.store import Store
 from garage_node.head.gateway.table import Endpoint, EndpointTable
@@ -349,7 +348,7 @@ class Auditor:
         c = canaries.make(self.pool, model, self.rng, greedy=kind == "recheck", chat=model not in self._no_chat)
         call = _canary_call(c, self.router, kind, pin, self.clock.monotonic())
         self.counters.canaries += 1
-        fut = asyncio.run_coroutine_threadsafe(self.proxy.forward(call, None), loop)
+        fut = asyncio.run_coroutine_threadsafe(_answered(self.proxy, call), loop)
         try:
             # Bounded: a gateway loop that stopped meanwhile never runs it.
             resp = await asyncio.wait_for(asyncio.wrap_future(fut), CANARY_TIMEOUT_S)
@@ -433,7 +432,26 @@ def _read_key(path: str) -> str:
 
 
 def _canary_call(c: canaries.Canary, router: Router, kind: str, pin: str | None, started: float) -> Call:
-    """The call a customer sending this body would make (app.py's _call, not streamed)."""
-    return Call(path=c.path, model=c.body["model"], body=json.dumps(c.body).encode(), stream=False,
-                client_wants_usage=False, blocks=router.blocks(_prompt_text(c.body)), key=canaries.KEY,
-                started=started, request=c.body, kind=kind, pin=pin)
+    """The call a customer sending this body would make (app.py's own: a stream gets the
+    usage option the gateway adds to every stream)."""
+    return replace(customer_call(c.path, c.body, canaries.KEY, started, router), kind=kind, pin=pin)
+
+
+# A stream's response is run to its end as uvicorn would run it (ASGI 2.4: no disconnect
+# listener), its bytes dropped: the relay, its capture and its usage run as for a customer.
+_SCOPE = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}}
+
+
+async def _answered(proxy: Proxy, call: Call) -> Any:
+    """A canary through the proxy, on the gateway's loop; its response, consumed."""
+    resp = await proxy.forward(call, None)
+    if isinstance(resp, RelayResponse):
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()  # never: nobody leaves
+            return {"type": "http.disconnect"}
+
+        async def send(_: Any) -> None:
+            pass
+
+        await resp(_SCOPE, receive, send)
+    return resp

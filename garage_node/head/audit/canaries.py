@@ -65,12 +65,14 @@ def load(path: str = "") -> list[dict[str, Any]]:
 
 def make(pool: list[dict[str, Any]], model: str, rng: random.Random, greedy: bool = False,
          chat: bool = True) -> Canary:
-    """One canary for `model`: a prompt of the pool with parameters customers use. Mostly at
-    temperature 0 (the strongest check); `chat` False: text completions only (a model without
-    a chat template)."""
+    """One canary for `model`: a prompt of the pool with parameters customers use, streamed or
+    not. Mostly at temperature 0 (the strongest check); `chat` False: text completions only (a
+    model without a chat template)."""
     choices = [p for p in pool if chat or "prompt" in p] or pool
     item = rng.choice(choices)
     body: dict[str, Any] = {"model": model, "max_tokens": rng.choice((64, 96, 128, 200))}
+    if rng.random() < 0.5:
+        body["stream"] = True
     if not greedy and rng.random() < 0.34:
         body["temperature"] = rng.choice((0.7, 0.8, 1.0))
     else:
