@@ -44,7 +44,7 @@ def test_status_before_any_audit_and_with_audits(head, capsys) -> None:  # noqa:
     assert "verifier (0 s ago): tiny: no verifier" in out and "2 waiting, 4 scored" in out
     line = next(ln for ln in out.splitlines() if ln.startswith(f"alice-pc ({alice})"))
     assert " ok " in line and " 3 " in line and " 40 " in line and "default: not calibrated" in line
-    assert "0.020" in line
+    assert "0.010" in line
     bob_line = next(ln for ln in out.splitlines() if ln.startswith(f"bob-pc ({bob})"))
     assert "quarantined" in bob_line
     assert "why: audits: its answers' tokens" in out

@@ -196,7 +196,7 @@ T = sprt.Thresholds.of(1e-4)
 
 
 def test_thresholds() -> None:
-    assert T.upper == pytest.approx(math.log(4e4)) and T.cap == T.upper / 2 and T.floor == -T.upper / 2
+    assert T.upper == pytest.approx(math.log(4e4)) and T.cap == 0.6 * T.upper and T.floor == -0.2 * T.upper
     with pytest.raises(ValueError, match="between 0 and 0.5"):
         sprt.Thresholds.of(0.0)
 
@@ -217,13 +217,13 @@ def test_the_floor_bounds_an_honest_record_credit() -> None:
         rec = sprt.weigh(rec, greedy_score(100, 0), h, T).record
     assert rec.sums["tokens"] == T.floor
     audits = 0
-    while True:  # turns to cheating: caught within 3 capped audits (1.5 thresholds)
+    while True:  # turns to cheating: caught by 2 capped audits (1.2 thresholds)
         audits += 1
         step = sprt.weigh(rec, greedy_score(100, 60), h, T)
         rec = step.record
         if step.quarantine:
             break
-    assert audits == 3
+    assert audits == 2
 
 
 def honest_greedy(rng: random.Random, eps: float, n: int) -> sc.Score:
@@ -290,12 +290,10 @@ def partial_cheater_audits(seed: int) -> list[dict[str, int]]:
     return out
 
 
-def test_a_pc_cheating_on_a_tenth_of_its_answers_is_caught_by_partial_not_by_tokens() -> None:
-    """"partial" catches all 200 such PCs within 150 audits (about 1,500 requests at 10 %);
-    "tokens" alone (every answer cheated) would miss most: its honest answers keep it down."""
+def test_a_pc_cheating_on_a_tenth_of_its_answers_is_caught_by_partial() -> None:
+    """"partial" catches all 200 such PCs within 150 audits (about 1,500 requests at 10 %)."""
     runs = partial_cheater_audits(8)
     assert all("partial" in r for r in runs)
-    assert sum("tokens" in r for r in runs) < 100
 
 
 def test_hypotheses_from_a_calibrated_rate() -> None:

@@ -181,7 +181,7 @@ class Auditor:
         if self._due("persist", PERSIST_S, now) or self.verifier_state != self._persisted_state:
             self._persist()
         if self._due("rates", RATES_S, now):
-            self.rates = {k: r.eps0 for k, r in self.book.rates().items()}
+            self.reload_rates()
         if self._due("prune", PRUNE_S, now):
             self.book.prune(self.clock.time() - self.cfg.keep_days * 86400)
         await self._rechecks()
@@ -244,6 +244,10 @@ class Auditor:
         self.counters.scored += 1
         self.counters.by_kind[sample.kind] = self.counters.by_kind.get(sample.kind, 0) + 1
         self._weigh(sample, s, engine.name)
+
+    def reload_rates(self) -> None:
+        """The honest rates calibrated (`head audit calibrate`), read again now (else every RATES_S)."""
+        self.rates = {k: r.eps0 for k, r in self.book.rates().items()}
 
     def hypotheses(self, model: str, precision: str) -> sprt.Hypotheses:
         return sprt.Hypotheses.of(self.rates.get((model, precision)))

@@ -28,6 +28,7 @@ DELTA_NATS = 1.0  # greedy: a token this far below the verifier's top-1 is bad
 # Sampled: a token outside the request's sampling support (or past the verifier's top-K and
 # the rest's mass) counts as this probability, so one such token weighs but cannot be -inf.
 FLOOR_PROB = 1e-4
+POSITION_CLIP = 3.0  # sampled: a position's deviation counts at most this many of its sds
 # The end of a sampled answer is implausible when the verifier gives EOS less than this: an
 # honest PC that samples over n positions ends on so unlikely an EOS with probability < n * this.
 EOS_FLOOR_PROB = 1e-5
@@ -181,15 +182,22 @@ def score(pos: Sequence[Position], sampling: Sampling, answer: Answer, tokens_co
 
 def sampled_z(pos: Sequence[Position], sampling: Sampling) -> float:
     """sum(log q(PC token) - E[log q]) / sqrt(sum Var[log q]) over the positions, q being the
-    request's sampling distribution built from the verifier's top-K (see `distribution`)."""
+    request's sampling distribution built from the verifier's top-K (see `distribution`).
+
+    Each position counts at most POSITION_CLIP of its own standard deviations: a sampled text
+    tokenized again is not always split as it was generated (measured: honest answers of word
+    salad re-tokenize into 2-3 tokens more), and a token the PC never produced must not decide
+    an audit."""
     dev = var = 0.0
     for p in pos:
         q, hit = distribution(p, sampling)
         mean = sum(x * math.log(x) for x in q)
         second = sum(x * math.log(x) ** 2 for x in q)
         s = math.log(max(q[hit], FLOOR_PROB)) if hit is not None else math.log(FLOOR_PROB)
-        dev += s - mean
-        var += max(0.0, second - mean * mean)
+        v = max(0.0, second - mean * mean)
+        bound = POSITION_CLIP * math.sqrt(v)
+        dev += max(-bound, min(bound, s - mean))
+        var += v
     if var <= 1e-12:
         return 0.0 if abs(dev) < 1e-9 else math.copysign(50.0, dev)  # certain positions only
     return dev / math.sqrt(var)

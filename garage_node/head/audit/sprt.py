@@ -18,14 +18,14 @@ its floor; "tokens" in turn adds up moderate evidence from a PC that always chea
 E_H0[ratio] is 1 for both: Wald's bound holds.
 
 Each audit adds its log-likelihood ratio (LLR) to the PC's sum per test. Two guards:
-- an audit's LLR is capped at `cap` (half the threshold), so one answer never decides: at
+- an audit's LLR is capped at `cap` (0.6 of the threshold), so one answer never decides: at
   least two audits are needed, and a single odd answer (a prompt the model is unsure of, a
   numerical tie) cannot quarantine a PC. Capping from above keeps Wald's bound: E_H0[exp(min(L,
   c))] <= 1, so an honest PC's sum reaches the threshold with probability <= e^-threshold;
-- the sum is floored at `floor` (minus half the threshold): a long honest record cannot bank
-  unlimited credit, so a PC that turns to cheating late is caught as fast as a new one (after
-  at most 1.5 thresholds of evidence). Each climb from the floor to the threshold is an honest
-  PC's false alarm with probability <= e^-1.5 threshold.
+- the sum is floored at `floor` (-0.2 of the threshold): a long honest record cannot bank
+  unlimited credit, so a PC that turns to cheating late is caught as fast as a new one (two
+  capped audits). Each climb from the floor to the threshold is an honest PC's false alarm
+  with probability <= e^-1.2 threshold.
 
 The threshold is ln(tests / false_quarantine) ([audit] false_quarantine, split over the four
 tests: Bonferroni)."""
@@ -38,17 +38,30 @@ from dataclasses import dataclass, field, replace
 from garage_node.head.audit.score import Score
 
 TESTS = ("tokens", "partial", "stops", "usage")
+# An audit adds at most CAP thresholds (< 1: never one answer), a sum stays above -FLOOR
+# thresholds: two capped audits decide from 0 (a new PC) and from the floor (an established PC
+# that turns: 1.2 thresholds), and each climb from the floor is an honest false alarm with
+# probability <= e^-1.2 threshold.
+CAP = 0.6
+FLOOR = 0.2
+# Measured (A2, vLLM CPU image, trained tiny Llama, concurrency 1-32): honest greedy tokens more
+# than 1 nat below the verifier's top-1: 1 in 4,342; another model's: 7.1 %; 4-bit weights':
+# 0.4 %. H1 at 5x the honest rate and at least 5 %: "other weights" are caught (at 25 %, 55 %
+# of their greedy audits were clean and each clean token pulled the sum down).
 EPS0_MIN = 0.002  # honest bad-token rate floor: a rate of 0 would make one bad token decide
-EPS0_DEFAULT = 0.02  # for a model nobody calibrated yet (conservative: few honest alarms)
-EPS1_MIN = 0.25
+EPS0_DEFAULT = 0.01  # for a model nobody calibrated yet (50x the rate measured on one CPU type)
+EPS1_MIN = 0.05
 EPS1_FACTOR = 5.0
 # Sampled audits: the standardized per-token shift a substitute model makes, and honest z's
 # spread (above 1 where the verifier's view of honest tokens is noisier than the model says).
 EFFECT = 0.3
-Z_SPREAD = 1.5
+Z_SPREAD = 1.5  # honest z's sd measured 0.75-1.84 by concurrency (tails from re-tokenized text)
+Z_MAX = 6.0  # a sampled audit's |z| counts at most this (one re-tokenized answer cannot run away)
 MU_MAX = 8.0
 # Flags (one per audit): how often an honest answer raises one, and a cheater's answer.
-STOP0, STOP1 = 0.02, 0.5
+# Measured: no honest early stop in 600 answers; a PC that cuts answers at half max_tokens and
+# says "stop" is flagged in 18.7 % of its audits (most answers end before the cut).
+STOP0, STOP1 = 0.01, 0.15
 USAGE0, USAGE1 = 0.01, 0.5
 SHARE = 0.1  # H1: the share of its answers a cheater cheats on, at least
 
@@ -64,7 +77,7 @@ class Thresholds:
         if not 0.0 < false_quarantine < 0.5:
             raise ValueError(f"false_quarantine must be a probability between 0 and 0.5, not {false_quarantine}")
         upper = math.log(len(TESTS) / false_quarantine)
-        return cls(upper=upper, cap=upper / 2, floor=-upper / 2)
+        return cls(upper=upper, cap=CAP * upper, floor=-FLOOR * upper)
 
 
 @dataclass(frozen=True)
@@ -135,7 +148,7 @@ def _tokens(s: Score, h: Hypotheses) -> float:
         return s.bad * math.log(h.eps1 / h.eps0) + (s.n - s.bad) * math.log((1 - h.eps1) / (1 - h.eps0))
     # ln( (N(z-mu) + N(z+mu)) / 2 / N(z) ) = -mu^2/2 + ln cosh(mu z), on z scaled by its honest spread.
     mu = min(MU_MAX, h.effect * math.sqrt(s.n))
-    x = abs(mu * s.z / h.z_spread)
+    x = abs(mu * max(-Z_MAX, min(Z_MAX, s.z)) / h.z_spread)
     log_cosh = x + math.log1p(math.exp(-2 * x)) - math.log(2)
     return -mu * mu / 2 + log_cosh
 
@@ -155,7 +168,7 @@ def weigh(record: Record, s: Score, h: Hypotheses, t: Thresholds) -> Step:
     """The PC's record after one more audit, and whether it is to be quarantined."""
     llr = audit_llr(s, h, t.cap)
     sums = {k: max(t.floor, record.sums.get(k, 0.0) + llr[k]) for k in TESTS}
-    crossed = next((k for k in TESTS if sums[k] >= t.upper), None)
+    crossed = next((k for k in TESTS if sums[k] >= t.upper - 1e-9), None)  # two capped audits from the floor: equal
     return Step(replace(record, audits=record.audits + 1, sums=sums), llr, crossed)
 
 
