@@ -368,6 +368,8 @@ class Auditor:
         return resp.status_code == 200
 
     async def _rechecks(self) -> None:
+        if self.gateway_loop is None or self.gateway_loop.is_closed():
+            return  # the gateway's listener is not up (yet): nothing can be sent, nothing failed
         snapshot = self.trust.snapshot()
         for node, t in snapshot.items():
             if t.state != "rechecking":
