@@ -203,3 +203,23 @@ def test_a_streamed_canary_is_relayed_to_its_end_and_kept(tmp_path, engines) -> 
         wait(lambda: region.gw.ledger.key_tokens("audit-canary") >= 2 * len(kept[0].text), 15)
     finally:
         region.stop()
+
+
+def test_a_recheck_of_a_pc_that_answers_nothing_ends_in_quarantine_not_at_once(tmp_path, engines,  # noqa: F811
+                                                                              monkeypatch) -> None:
+    from garage_node.head.audit import auditor as auditor_module
+
+    monkeypatch.setattr(auditor_module, "RECHECK_GIVE_UP_S", 2.0)
+    monkeypatch.setattr(auditor_module, "RECHECK_RETRY_S", 0.3)
+    gone = engines(seed=1)
+    region = Region(tmp_path, {"nv": engines(seed=1), "gone": gone}, ("nv",))
+    try:
+        gone.stop()  # its engine is down; its last report still says healthy
+        region.gw.trust.quarantine("gone", "by hand")
+        region.gw.trust.start_recheck("gone")
+        time.sleep(1.0)
+        assert region.gw.trust.get("gone").state == "rechecking"  # unanswered canaries are retried, not a verdict
+        wait(lambda: region.gw.trust.get("gone").state == "quarantined", 15)
+        assert "answered none of the test requests" in region.gw.trust.get("gone").why
+    finally:
+        region.stop()

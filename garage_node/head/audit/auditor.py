@@ -51,7 +51,10 @@ VERIFIER_PATIENCE_S = 120.0
 RECHECK_CANARIES = 8
 CANARY_TIMEOUT_S = 300.0
 MAX_PER_PASS = 16  # samples tried per pass (then the loop looks at canaries and re-checks again)
-RECHECK_MAX_FAILURES = 3
+# A re-check's PC that answers none of its canaries for this long is quarantined again; between
+# two unanswered canaries the loop waits RECHECK_RETRY_S (an engine restarting is not a verdict).
+RECHECK_GIVE_UP_S = 600.0
+RECHECK_RETRY_S = 10.0
 NICE = 10  # the loop's thread, below the gateway's
 
 
@@ -61,7 +64,8 @@ class Recheck:
 
     model: str
     sent: int = 0
-    failures: int = 0
+    failing_since: float | None = None  # monotonic: the first of the unanswered canaries in a row
+    retry_at: float = 0.0
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(sprt.TESTS, 0.0))
     scored: int = 0
 
@@ -383,16 +387,18 @@ class Auditor:
                     continue
                 r = self.rechecks[node] = Recheck(model=model)
                 log.info("audit: re-checking PC %s with %d canaries", node, RECHECK_CANARIES)
-            if r.sent < RECHECK_CANARIES:
+            now = self.clock.monotonic()
+            if r.sent < RECHECK_CANARIES and now >= r.retry_at:
                 if await self._canary(r.model, kind="recheck", pin=node):
                     r.sent += 1
-                    r.failures = 0
-                else:
-                    r.failures += 1
-                    if r.failures >= RECHECK_MAX_FAILURES:
-                        self.trust.quarantine(node, "its re-check failed: it did not answer the test requests "
-                                                    f"({r.failures} in a row unanswered)")
-                        del self.rechecks[node]
+                    r.failing_since = None
+                    continue
+                r.failing_since = now if r.failing_since is None else r.failing_since
+                r.retry_at = now + RECHECK_RETRY_S
+                if now - r.failing_since >= RECHECK_GIVE_UP_S:
+                    self.trust.quarantine(node, "its re-check failed: it answered none of the test requests for "
+                                                f"{RECHECK_GIVE_UP_S / 60:.0f} minutes")
+                    del self.rechecks[node]
         for node in [n for n in self.rechecks if snapshot.get(n) is None or snapshot[n].state != "rechecking"]:
             del self.rechecks[node]  # released or quarantined by the operator meanwhile
 
