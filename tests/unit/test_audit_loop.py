@@ -93,7 +93,8 @@ def test_a_pc_serving_other_weights_is_quarantined_an_honest_one_is_not(tmp_path
 
 
 def test_canaries_go_through_the_gateway_billed_to_their_key(tmp_path, engines) -> None:  # noqa: F811
-    region = Region(tmp_path, {"nv": engines(seed=1), "good": engines(seed=1)}, ("nv",), canary_rate=0.5,
+    # Both trusted: each verifies the other, wherever the router sends a canary.
+    region = Region(tmp_path, {"nv": engines(seed=1), "good": engines(seed=1)}, ("nv", "good"), canary_rate=0.5,
                     rate=0.0, new_rate=0.0, suspect_rate=0.0)
     try:
         region.ask(8)
