@@ -55,7 +55,11 @@ EPS1_FACTOR = 5.0
 # Sampled audits: the standardized per-token shift a substitute model makes, and honest z's
 # spread (above 1 where the verifier's view of honest tokens is noisier than the model says).
 EFFECT = 0.3
-Z_SPREAD = 1.5  # honest z's sd measured 0.75-1.84 by concurrency (tails from re-tokenized text)
+# Honest z's sd measured 0.75-1.84 by concurrency (tails from re-tokenized text). Replaying
+# A2's measured audits (1,500 simulated PCs): at 1.5 an honest PC's highest sum was 4.1 and
+# 99.3 % of PCs serving other weights were caught within 250 requests; at 2.0, 1.9 and 98.4 %;
+# at 1.75, 2.8 and 99.2 %.
+Z_SPREAD = 1.75
 Z_MAX = 6.0  # a sampled audit's |z| counts at most this (one re-tokenized answer cannot run away)
 MU_MAX = 8.0
 # Flags (one per audit): how often an honest answer raises one, and a cheater's answer.
