@@ -111,3 +111,19 @@ def test_audits_off(tmp_path, engines) -> None:  # noqa: F811
     gw = Gateway(GatewaySection(), tmp_path, lambda: {}, audit=AuditSection(enabled=False))
     assert gw.auditor is None and gw.proxy.audit is None
     assert Gateway(GatewaySection(), tmp_path / "b", lambda: {}).auditor is None
+
+
+def test_a_canary_file_that_cannot_be_used_stops_the_head_with_why(tmp_path) -> None:
+    from garage_node.head.setup import SetupError
+
+    bad = tmp_path / "canaries.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"prompt": 3}\n')
+    with pytest.raises(SetupError, match="line 2.*canary_prompts"):
+        Gateway(GatewaySection(), tmp_path / "a", lambda: {}, audit=AuditSection(canary_prompts=str(bad)))
+    with pytest.raises(SetupError, match="cannot read"):
+        Gateway(GatewaySection(), tmp_path / "b", lambda: {},
+                audit=AuditSection(canary_prompts=str(tmp_path / "none.jsonl")))
+    good = tmp_path / "mine.jsonl"
+    good.write_text('{"prompt": "a private canary"}\n')
+    gw = Gateway(GatewaySection(), tmp_path / "c", lambda: {}, audit=AuditSection(canary_prompts=str(good)))
+    assert gw.auditor is not None and gw.auditor.pool == [{"prompt": "a private canary"}]

@@ -11,6 +11,7 @@ from typing import Any, Awaitable, Callable
 from garage_node.core.clock import SYSTEM, Clock
 from garage_node.core.wire import HeartbeatExtras, NodeReport, TokensServed
 from garage_node.head.audit.auditor import Auditor
+from garage_node.head.audit.canaries import CanaryError
 from garage_node.head.audit.metrics import AuditCollector
 from garage_node.head.audit.trust import Trust, quarantine_status
 from garage_node.head.gateway.demand import Demand
@@ -88,8 +89,12 @@ class Gateway:
         # Audits of what PCs answer (issue #20): the proxy's tap, a loop of their own.
         self.auditor: Auditor | None = None
         if audit is not None and audit.enabled:
-            self.auditor = Auditor(audit, self.store, self.trust, self.table, self.router, self.engine_keys.for_node,
-                                   self.proxy, clock)
+            try:
+                self.auditor = Auditor(audit, self.store, self.trust, self.table, self.router,
+                                       self.engine_keys.for_node, self.proxy, clock)
+            except CanaryError as e:  # `head run` says it and stops, as for any setup problem
+                from garage_node.head.setup import SetupError
+                raise SetupError(f"{e}; fix it or set [audit] canary_prompts = \"\" for the shipped prompts") from None
             self.proxy.audit = self.auditor
             self.metrics.registry.register(AuditCollector(self.auditor, self.names))
 
