@@ -15,6 +15,12 @@ known then and counts 0. What is billed is what was sent: a request whose client
 its answer began (a non-streamed one, or a stream before its first event) is cancelled on the
 PC and goes in the ledger as a request of 0 tokens.
 
+Audits (issue #20, head/audit/): once a PC has answered 200, `audit.take` draws whether the
+request is audited (one random number; the bytes sent were the same either way), and for the
+few drawn the answer's choice 0 is captured: a whole answer from the one JSON parse its usage
+needs anyway, a stream from its events as they are relayed. A re-check's canary is pinned to
+its PC (`Call.pin`), past the audits' exclusion.
+
 Ending what is open (`_Attempt`, swept every SWEEP_S by `_Watchdog`):
 - the client leaves before the answer begins: a listener on the request's ASGI channel (from
   CLIENT_WATCH_AFTER_S on) sees it at once; the engine's response is closed (vLLM aborts the
