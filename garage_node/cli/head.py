@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from garage_node.cli import headmodel
+from garage_node.cli import headrelease
 from garage_node.cli import headweights
 from garage_node.core.wire import encode
 from garage_node.head.config import load_head_config
@@ -62,6 +63,7 @@ def add_commands(sub) -> None:
         "the old and signs out everyone who used it")
     headmodel.add_command(cmd)  # `head model ...`: the region's catalog (cli/headmodel.py)
     headweights.add_command(cmd)  # `head weights ...`: the model store (cli/headweights.py)
+    headrelease.add_command(cmd)  # `head release ...`: signed OS releases (cli/headrelease.py)
 
 
 def init(args) -> int:
