@@ -411,6 +411,7 @@ class UpdateStatus:
     the head's rollouts then leave out."""
 
     os_version: ShortText | None = None  # the booted version (os-release IMAGE_VERSION)
+    variant: ShortText | None = None  # the stick's variant: "base" or "nvidia" (a release is for one)
     other_version: ShortText | None = None  # the other slot's version; None: empty
     blessed: bool | None = None  # the current boot was marked good; None: not known
     tries_left: Count | None = None  # boots left before systemd-boot falls back (unblessed only)
