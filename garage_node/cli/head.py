@@ -9,6 +9,7 @@ from pathlib import Path
 
 from garage_node.cli import headmodel
 from garage_node.cli import headrelease
+from garage_node.cli import headrollout
 from garage_node.cli import headweights
 from garage_node.core.wire import encode
 from garage_node.head.config import load_head_config
@@ -64,6 +65,7 @@ def add_commands(sub) -> None:
     headmodel.add_command(cmd)  # `head model ...`: the region's catalog (cli/headmodel.py)
     headweights.add_command(cmd)  # `head weights ...`: the model store (cli/headweights.py)
     headrelease.add_command(cmd)  # `head release ...`: signed OS releases (cli/headrelease.py)
+    headrollout.add_command(cmd, duration)  # `head rollout ...`: releases across the region (cli/headrollout.py)
 
 
 def init(args) -> int:

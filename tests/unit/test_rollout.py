@@ -6,6 +6,7 @@ connection to it as the CLI makes them, a stored release signed with a throwaway
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Iterator
@@ -248,3 +249,49 @@ def test_the_heartbeat_answer_carries_the_target(tmp_path, releases):
 def pc_report() -> wire.NodeReport:
     from testing.fakes import sample_report
     return sample_report()
+
+
+def test_head_rollout_commands(tmp_path, key, capsys):
+    from garage_node.cli import main
+    from garage_node.core.wireguard import generate_private_key, public_key_of
+    from garage_node.head import setup
+    from garage_node.head.config import load_head_config
+
+    conf = tmp_path / "head.toml"
+    conf.write_text(f'[head]\nstate_dir = "{tmp_path / "state"}"\n[api]\nadvertise_host = "203.0.113.7"\n')
+    args = ["--config", str(conf)]
+    assert main(["head", "rollout", "status", *args]) == 69  # not initialised
+    assert "head init" in capsys.readouterr().err
+    cfg = load_head_config(conf)
+    setup.init(cfg)
+    reg = setup.open_registry(cfg)
+    reg.add_token("tok001", "s" * 43, 600, uses=None)
+    ids = []
+    for i in range(3):
+        e = reg.enroll("tok001", "s" * 43, f"pc-{i}", cfg.head.region, public_key_of(generate_private_key()))
+        reg.record_heartbeat(e.node.id, {**wire.encode(pc_report()), "update": wire.encode(
+            UpdateStatus(os_version="v1", variant="base", blessed=True, policy="window"))})
+        ids.append(e.node.id)
+    assert main(["head", "rollout", "status", *args]) == 0
+    assert "no rollout yet" in capsys.readouterr().out
+    assert main(["head", "rollout", "start", V2, *args]) == 2
+    assert "holds no release v2" in capsys.readouterr().err
+    assert main(["head", "release", "trust-key", str(key.public), *args]) == 0
+    assert main(["head", "release", "add", str(make_release(tmp_path / "src", V2, key)), *args]) == 0
+    capsys.readouterr()
+    assert main(["head", "rollout", "start", V2, "--waves", "50,100", *args]) == 0
+    assert "started over 3 PCs (canary (1): 1, 50 %: 1, 100 %: 1)" in capsys.readouterr().out
+    assert main(["head", "rollout", "pause", *args]) == 0
+    assert main(["head", "rollout", "status", *args]) == 0
+    out = capsys.readouterr().out
+    assert f"rollout of {V2} (base): paused" in out and "canary (1)" in out
+    assert main(["head", "rollout", "start", V2, *args]) == 2
+    assert "is paused: abort it first" in capsys.readouterr().err
+    assert main(["head", "rollout", "resume", *args]) == 0
+    assert main(["head", "rollout", "abort", *args]) == 0
+    capsys.readouterr()
+    assert main(["head", "rollout", "status", "--json", *args]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["state"] == "aborted" and doc["version"] == V2 and [w["size"] for w in doc["waves"]] == [1, 1, 1]
+    assert main(["head", "rollout", "start", V2, "--waves", "5,1", *args]) == 2
+    assert "--waves must be rising" in capsys.readouterr().err
