@@ -65,6 +65,7 @@ class HeadSession:
         self.beats = beats
         self.link = HeadLink()
         self.tokens_served: TokensServed | None = None  # as the head's last answer said
+        self.update_target: str | None = None  # the OS version the head's rollout wants here (issue #19)
         # What the head wants this PC to serve (issue #18), as its last answer said; kept while
         # the head is unreachable (the PC goes on serving it). None: an older head, or placement
         # off: the PC plans for itself (node/assign.py carries it out). Kept in the state
@@ -187,6 +188,7 @@ class HeadSession:
         self._backoff.reset()
         updated = updated_by(ident, reply)
         self.tokens_served = reply.tokens_served
+        self.update_target = reply.update_target
         self._keep_assignment(reply.assignment)
         if updated != ident:
             identity.save(self.paths, updated)

@@ -170,3 +170,47 @@ def test_update_approve(tmp_path, capsys):
         Action.INSTALL
     assert main(["update", "approve", "1_2", *args]) == 2
     assert "not a release version" in capsys.readouterr().err
+
+
+def test_the_agents_update_part(tmp_path):
+    from garage_node.node.updatepart import UpdatePart
+
+    now = [at("2026-12-07 04:00")]
+    boot = [BootFacts("v1", False, 2, True)]
+    part = UpdatePart(tmp_path, Policy("window", ("daily 03:00-06:00",), BERLIN), lambda: now[0],
+                      read_boot=lambda: boot[0], variant="base")
+    assert part.status() is None  # before the first pass
+    # Not blessed yet: it waits, and says so in its status.
+    assert part.step("v2", serving=True, idle=False).action == Action.WAIT
+    s = part.status()
+    assert s is not None and s.target == "v2" and s.tries_left == 2 and "not confirmed good" in (s.pending_why or "")
+    # Blessed, in the window, the engine busy: drain first.
+    boot[0] = GOOD
+    assert part.step("v2", serving=True, idle=False).action == Action.DRAIN and part.wants_drain
+    # Drained: it would install, but this stick has no installer; the reason is what it reports.
+    d = part.step("v2", serving=False, idle=True)
+    assert d.action == Action.WAIT and "v2 cannot be installed here: " in d.why and not part.wants_drain
+    # An update that was underway before a reboot, and came back on the old version.
+    up.save_record(tmp_path / "update.json", UpdateRecord().started("v2", now[0]))
+    assert part.step("v2", serving=False, idle=True).why.endswith("not tried again")
+    s = part.status()
+    assert s is not None and s.last_outcome == UpdateOutcome.ROLLED_BACK and s.last_version == "v2"
+    assert up.load_record(tmp_path / "update.json").refused == ("v2",)
+    # A PC not booted from a versioned image reports nothing.
+    boot[0] = BootFacts(None, None, None, False)
+    part.step(None, serving=True, idle=False)
+    assert part.status() is None
+
+
+def test_the_head_session_keeps_the_update_target_of_the_last_answer(tmp_path):
+    from testing.agentrig import rig
+
+    r = rig(tmp_path)
+    r.passes(4)
+    assert r.agent.session.update_target is None
+    r.head.update_target = "2026.12.2"
+    r.passes(8, every_s=2.0)  # past the next heartbeat
+    assert r.agent.session.update_target == "2026.12.2"
+    r.head.update_target = None  # the rollout was aborted
+    r.passes(8, every_s=2.0)
+    assert r.agent.session.update_target is None
