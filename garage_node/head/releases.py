@@ -144,6 +144,11 @@ class ReleaseStore:
             raise ReleaseError(f"release {version} is already stored, with other files: a version names one build "
                                "for ever. Build again with a new version")
         self.versions_dir.mkdir(parents=True, exist_ok=True)
+        need = sum((src / name).stat().st_size for name in sums)
+        free = shutil.disk_usage(self.versions_dir).free
+        if need > free:
+            raise ReleaseError(f"release {version} needs {-(-need // 2**20)} MiB but {self.versions_dir} has "
+                               f"{free // 2**20} MiB free: free some space first")
         signer = self._verify(src / rf.SUMS, src / rf.SIGNATURE)  # again, on the bytes copied below
         tmp = self.versions_dir / f"{_TEMP}{version}-{uuid.uuid4().hex[:8]}"
         try:

@@ -184,9 +184,10 @@ class Rollout:
         m = self.members.get(node_id)
         v = self.plan.version
         if m is None:
-            if self.state != RolloutState.RUNNING or not self._joins(node_id, update):
+            if self.state not in (RolloutState.RUNNING, RolloutState.DONE) or not self._joins(node_id, update):
                 return False
-            # Enrolled (or updated to report) after the start: it waits for the last wave.
+            # Enrolled, or back online, after the start: it waits for the last wave (after the
+            # rollout is done, it is told at once: a PC that was off catches up).
             m = self.members[node_id] = Member(node_id, len(self.wave_sizes) - 1)
             self._count(m, +1)
             self.wave_sizes[-1] += 1

@@ -135,6 +135,11 @@ def test_all_healthy_the_waves_complete_in_the_order_given(tmp_path, releases):
         first_told = min(pc.first_target_round for pc in by_wave[w] if pc.first_target_round is not None)
         assert first_told > prev_done, (w, first_told, prev_done)
     print(f"\nall healthy: {N} PCs on {V2} after {reg.rnd} rounds ({time.monotonic() - t0:.1f} s)")
+    # A PC that was off during the whole rollout catches up when it comes back.
+    late = SimPC("n9999999999")
+    reg.pcs.append(late)
+    reg.run(8)
+    assert late.os_version == V2 and reg.keeper.store.current().counts()["ok"] == N + 1  # type: ignore[union-attr]
 
 
 def test_pause_resume_and_abort_do_what_they_say(tmp_path, releases):
