@@ -300,3 +300,24 @@ def test_head_rollout_commands(tmp_path, key, capsys):
     assert doc["state"] == "aborted" and doc["version"] == V2 and [w["size"] for w in doc["waves"]] == [1, 1, 1]
     assert main(["head", "rollout", "start", V2, "--waves", "5,1", *args]) == 2
     assert "--waves must be rising" in capsys.readouterr().err
+
+
+def test_head_nodes_shows_the_os_version_and_the_update(tmp_path):
+    from garage_node.head.fleet import render_nodes, row_of
+
+    def row(u: UpdateStatus) -> str:
+        report = {**wire.encode(pc_report()), "update": wire.encode(u)}
+        n = NodeRow("n0000000001", "pc-1", "r", "k", "100.96.0.2", 0.0, 100.0, None, report, True, None)
+        return render_nodes([row_of(n, 100.0, 15.0)])
+
+    table = row(UpdateStatus(os_version="2026.12.1", variant="base", blessed=True))
+    assert "OS" in table.splitlines()[0] and "2026.12.1" in table
+    assert "rolled back from v2: v2 did not pass" in row(UpdateStatus(
+        os_version="v1", last_version="v2", last_outcome=UpdateOutcome.ROLLED_BACK,
+        last_why="v2 did not pass its health check within its tries: back on v1"))
+    assert "updating to v2" in row(UpdateStatus(os_version="v1", last_version="v2",
+                                                last_outcome=UpdateOutcome.INSTALLING))
+    assert "update to v2 waits: outside the update window" in row(UpdateStatus(
+        os_version="v1", target="v2", pending_why="outside the update window daily 03:00-06:00"))
+    assert "update" not in row(UpdateStatus(os_version="v2", target="v2", last_version="v2",
+                                            last_outcome=UpdateOutcome.OK)).split("\n")[1]
