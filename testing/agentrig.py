@@ -23,7 +23,7 @@ import httpx
 from garage_node.core.supervise import RunAs
 from garage_node.core.token import new_token
 from garage_node.core import modelfiles
-from garage_node.core.wire import Assignment, HeartbeatReply, NodeReport, Status, decode, encode
+from garage_node.core.wire import Assignment, HeartbeatReply, NodeReport, QuarantineStatus, Status, decode, encode
 from garage_node.node.agent import Agent
 from garage_node.node.assign import HeadWeights
 from garage_node.node.config import EngineSection, GpuSection, NodeConfig, NodeRaySection, NodeSection, ScheduleSection
@@ -45,9 +45,11 @@ def gpu(i: int, healthy: bool = True, mib: int = 24564) -> GPU:
 
 @dataclasses.dataclass
 class AssigningHead(FakeHead):
-    """The fake head, answering every heartbeat with `assignment` (None: an older head)."""
+    """The fake head, answering every heartbeat with `assignment` (None: an older head) and
+    `quarantine` (the audits' verdict on the PC, issue #20; None: it is not quarantined)."""
 
     assignment: Assignment | None = None
+    quarantine: QuarantineStatus | None = None
 
     def connect(self, ident: Identity, ca_pem: bytes) -> FakeHeadClient:
         return _AssigningClient(self, ident)
@@ -59,7 +61,7 @@ class _AssigningClient(FakeHeadClient):
         reply = super().heartbeat(report)
         head = self.head
         assert isinstance(head, AssigningHead)
-        return dataclasses.replace(reply, assignment=head.assignment)
+        return dataclasses.replace(reply, assignment=head.assignment, quarantine=head.quarantine)
 
 
 class StoreSource:

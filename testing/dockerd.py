@@ -24,6 +24,7 @@ The machine's own dockerd is only read from (`docker save`); it is never stopped
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -351,3 +352,119 @@ def engine_toml(model_dir: Path, cpus: str | None = None, **over: str) -> str:
         **over,
     }
     return "".join(f"{k} = {v}\n" for k, v in values.items())
+
+
+# -- tiny models with real (trained) weights, for the audits (issue #20)
+
+AUDIT_VARIANTS = ("honest", "other", "q4", "q8", "layer")
+
+
+def audit_model_dirs(image: str = TEST_IMAGE) -> dict[str, Path]:
+    """The trained tiny models of image/engine/make_audit_models.py, one directory per variant
+    (honest; other: another model under the same name; q4/q8: honest rounded to 4/8 bits;
+    layer: one layer scaled by 1.1). Made once per image build and version of the script (about
+    a minute on 2 cores) and kept in CACHE, shared read-only by every engine and run."""
+    image_id = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", image], capture_output=True,
+                              text=True, check=True).stdout.strip().split(":")[-1][:12]
+    src = ROOT / "image/engine"
+    digest = hashlib.sha256(b"".join((src / f).read_bytes() for f in ("make_audit_models.py", "make_tiny_model.py")))
+    out = CACHE / f"audit-models-{image_id}-{digest.hexdigest()[:8]}"
+    if not all((out / v / "model.safetensors").exists() for v in AUDIT_VARIANTS):
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = CACHE / f".audit-models-{image_id}-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            subprocess.run(["docker", "run", "--rm", "--pull", "never", "--network", "none", "--entrypoint",
+                            "/opt/venv/bin/python", "-v", f"{src}:/src:ro", "-v", f"{tmp}:/out", image,
+                            "/src/make_audit_models.py", "/out"], check=True, capture_output=True, timeout=900)
+            tmp.rename(out)
+        except OSError:  # another run made it first
+            pass
+        finally:
+            subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    return {v: out / v for v in AUDIT_VARIANTS}
+
+
+# Any request with logprobs or prompt_logprobs (what a verifier asks) runs vLLM's
+# @torch.compile'd batched_count_greater_than, and the CPU image has no C++ compiler for
+# inductor: the engine dies (EngineDeadError) and answers 500 from then on. Without dynamo it
+# runs eagerly. (--enforce-eager does not cover it: it is outside the model.)
+NO_COMPILE = {"TORCHDYNAMO_DISABLE": "1"}
+
+
+def audit_engine_toml(model_dir: Path, cpus: str | None = None, **over: str) -> str:
+    """engine_toml for a trained model: its real weights loaded (no --load-format dummy), and
+    logprobs that do not kill the engine (NO_COMPILE)."""
+    env = 'VLLM_CPU_KVCACHE_SPACE = "1", TORCHDYNAMO_DISABLE = "1"'
+    if cpus and set(map(int, cpus.split(","))) <= os.sched_getaffinity(0):
+        env += f", VLLM_CPU_OMP_THREADS_BIND = {json.dumps(cpus)}"
+    return engine_toml(model_dir, cpus, **{"extra_args": '["--enforce-eager"]', "env": f"{{ {env} }}", **over})
+
+
+class EngineContainer:
+    """A vLLM CPU engine in the machine's own dockerd, published on 127.0.0.1:`port` only, its
+    compute threads bound to `cpus`: for benches that need engines but no region around them."""
+
+    def __init__(self, name: str, model_dir: Path, port: int, cpus: str, image: str = TEST_IMAGE,
+                 model: str = TINY_MODEL, api_key: str = "") -> None:
+        self.name, self.model_dir, self.port, self.cpus = name, model_dir, port, cpus
+        self.image, self.model, self.api_key = image, model, api_key
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        subprocess.run(["docker", "rm", "-f", self.name], capture_output=True, check=False)
+        env = ["-e", "VLLM_CPU_KVCACHE_SPACE=1", "-e", f"VLLM_CPU_OMP_THREADS_BIND={self.cpus}",
+               "-e", f"TORCHDYNAMO_DISABLE={NO_COMPILE['TORCHDYNAMO_DISABLE']}"]
+        if self.api_key:
+            env += ["-e", f"VLLM_API_KEY={self.api_key}"]
+        subprocess.run(["docker", "run", "-d", "--pull", "never", "--name", self.name, "--shm-size", "1g",
+                        "-p", f"127.0.0.1:{self.port}:8000", "-v", f"{self.model_dir}:/models/served:ro", *env,
+                        self.image, "--model", "/models/served", "--served-model-name", self.model,
+                        "--max-model-len", "2048", "--enforce-eager", "--host", "0.0.0.0", "--port", "8000"],
+                       check=True, capture_output=True, timeout=120)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            state = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", self.name],
+                                   capture_output=True, text=True).stdout.strip()
+            if state == "false":
+                break
+            time.sleep(1)
+        logs = subprocess.run(["docker", "logs", "--tail", "30", self.name], capture_output=True, text=True)
+        raise DockerdError(f"engine {self.name} not ready within {timeout:.0f} s:\n{logs.stdout}{logs.stderr}")
+
+    def cpu_usec(self) -> int:
+        """CPU time the container used so far (its cgroup's cpuacct/cpu.stat), in microseconds."""
+        cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", self.name], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        return container_cpu_usec(cid)
+
+    def stop(self) -> None:
+        subprocess.run(["docker", "rm", "-f", self.name], capture_output=True, check=False, timeout=120)
+
+
+def container_cpu_usec(cid: str, parent: str = "docker") -> int:
+    """A container's CPU time in microseconds from its cgroup: v2 cpu.stat usage_usec, or v1
+    cpuacct.usage (nanoseconds). `parent`: the cgroup parent (docker's default, or a testbed
+    slot's cgroup_name())."""
+    for d in (CGROUP_ROOT / parent / cid, CGROUP_ROOT / "system.slice" / f"docker-{cid}.scope"):
+        stat = d / "cpu.stat"
+        if stat.exists():
+            values = dict(line.split() for line in stat.read_text().splitlines())
+            if "usage_usec" in values:
+                return int(values["usage_usec"])
+    for d in (CGROUP_ROOT / "cpuacct" / parent / cid, CGROUP_ROOT / "cpu,cpuacct" / parent / cid):
+        if (d / "cpuacct.usage").exists():
+            return int((d / "cpuacct.usage").read_text()) // 1000
+    raise DockerdError(f"no CPU accounting found for container {cid[:12]} under {CGROUP_ROOT}")

@@ -10,6 +10,8 @@ from pathlib import Path
 from garage_node.cli import headmodel
 from garage_node.cli import headrelease
 from garage_node.cli import headrollout
+from garage_node.cli import headaudit
+from garage_node.cli import headtrust
 from garage_node.cli import headweights
 from garage_node.core.wire import encode
 from garage_node.head.config import load_head_config
@@ -66,6 +68,8 @@ def add_commands(sub) -> None:
     headweights.add_command(cmd)  # `head weights ...`: the model store (cli/headweights.py)
     headrelease.add_command(cmd)  # `head release ...`: signed OS releases (cli/headrelease.py)
     headrollout.add_command(cmd, duration)  # `head rollout ...`: releases across the region (cli/headrollout.py)
+    headtrust.add_command(cmd)  # `head node ...`: a PC's trust and quarantine (cli/headtrust.py)
+    headaudit.add_command(cmd)  # `head audit ...`: the audits' status and calibration (cli/headaudit.py)
 
 
 def init(args) -> int:
@@ -111,7 +115,8 @@ def token(args) -> int:
 
 def nodes(args) -> int:
     from garage_node.head import setup
-    from garage_node.head.fleet import node_rows, render_nodes, with_tokens
+    from garage_node.head.audit.trust import Trust
+    from garage_node.head.fleet import node_rows, render_nodes, with_tokens, with_trust
     from garage_node.head.gateway.ledger import Ledger
 
     cfg = load_head_config(args.config)
@@ -119,7 +124,7 @@ def nodes(args) -> int:
     store = _gateway_store(cfg)
     if store is None:
         return EX_UNAVAILABLE
-    rows = with_tokens(rows, Ledger(store).node_totals_all())
+    rows = with_trust(with_tokens(rows, Ledger(store).node_totals_all()), Trust(store).all())
     print(json.dumps(encode(rows), indent=2) if args.json else render_nodes(rows))
     return 0
 
@@ -255,23 +260,47 @@ def usage_cmd(args) -> int:
     if store is None:
         return EX_UNAVAILABLE
     ledger = Ledger(store)
-    rows = ledger.usage(args.by, since=time.time() - args.since if args.since else 0.0)
+    since = time.time() - args.since if args.since else 0.0
+    rows = ledger.usage(args.by, since=since)
     names = {n.id: n.name for n in setup.open_registry(cfg).nodes()} if args.by == "node" else {}
+    earnings = _earnings(cfg, store, ledger, since) if args.by == "node" else {}
     if args.json:
         print(json.dumps([{args.by: r.group, **({"name": names.get(r.group)} if args.by == "node" else {}),
                            "requests": r.requests, "prompt_tokens": r.prompt_tokens,
-                           "completion_tokens": r.completion_tokens, "total_tokens": r.total_tokens} for r in rows],
+                           "completion_tokens": r.completion_tokens, "total_tokens": r.total_tokens,
+                           **_earned_fields(earnings, r.group, args.by)} for r in rows],
                          indent=2))
         return 0
     if not rows:
         print("no usage recorded" + (" in that period" if args.since else " yet"))
         return 0
     label = {"node": "PC"}.get(args.by, args.by.upper())
-    print(f"{label:<28} {'REQUESTS':>9} {'PROMPT':>10} {'COMPLETION':>11} {'TOTAL':>10}")
+    paid = f" {'EARNED':>10} {'HELD':>10} {'FROZEN':>10} {'FORFEITED':>10}" if args.by == "node" else ""
+    print(f"{label:<28} {'REQUESTS':>9} {'PROMPT':>10} {'COMPLETION':>11} {'TOTAL':>10}{paid}")
     for r in rows:
         group = f"{names[r.group]} ({r.group})" if r.group in names else r.group
-        print(f"{group:<28} {r.requests:>9} {r.prompt_tokens:>10} {r.completion_tokens:>11} {r.total_tokens:>10}")
+        e = _earned_fields(earnings, r.group, args.by)
+        paid = "".join(f" {v:>10}" for v in e.values())
+        print(f"{group:<28} {r.requests:>9} {r.prompt_tokens:>10} {r.completion_tokens:>11} {r.total_tokens:>10}{paid}")
+    if args.by == "node":
+        print(f"earned: credited more than {cfg.audit.hold_days:g} days ago ([audit] hold_days) and not frozen; "
+              "held: since; frozen: not yet earned when the audits quarantined the PC (`garage-node head node`). "
+              "By the hour: the ledger's rows are hourly.")
     return 0
+
+
+def _earnings(cfg, store, ledger, since: float) -> dict:
+    """node id -> its Earnings (head/gateway/ledger.py), as `head usage --by node` shows them."""
+    from garage_node.head.audit.trust import Trust
+
+    return ledger.earnings(Trust(store).all(), cfg.audit.hold_days * 86400, since=since)
+
+
+def _earned_fields(earnings: dict, node_id: str, by: str) -> dict[str, int]:
+    if by != "node":
+        return {}
+    e = earnings.get(node_id)
+    return {f"{k}_tokens": getattr(e, k) if e is not None else 0 for k in ("earned", "held", "frozen", "forfeited")}
 
 
 def duration(text: str) -> float:

@@ -17,7 +17,13 @@ which runs code, and the engine. The rules:
   open. UDP (WireGuard itself, DHCP, DNS answers) is left alone: Ray does not use it;
 - on the head (the hub): traffic between two nodes is forwarded for Ray's ports (workers talk
   to each other) and ping, never for anything else: a PC cannot call another PC's engine; and
-  nothing from outside the tunnel is forwarded into it.
+  nothing from outside the tunnel is forwarded into it;
+- on the head, for the overlay addresses of PCs the audits quarantined (`refused`, issue #20):
+  nothing they open to the head is accepted but the ports anyone may reach (the control API,
+  so they hear why, and are re-checked and released), the head opens no Ray connection to them
+  (its drivers and GCS cannot hand them work), and nothing is forwarded to or from them. Even an
+  agent its owner changed to keep offering its GPUs gets no Ray work. Connections already open
+  are cut too: these rules come before the ones that accept established traffic.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class Rules:
     # ranges are (Ray's pinned ports and the engine's), for a machine that also serves others.
     closed_tcp: tuple[tuple[int, int], ...] | None = None
     hub: bool = False  # the head: forward node-to-node traffic for Ray's ports only
+    # The head: overlay addresses of quarantined PCs, cut off from Ray (see the module's doc).
+    refused: tuple[str, ...] = ()
 
 
 def ruleset(r: Rules) -> str:
@@ -69,6 +77,7 @@ def ruleset(r: Rules) -> str:
         "  }",
         "  chain input {",
         "    type filter hook input priority filter; policy accept;",
+        *_refused_input(r),
         f"    iifname {trusted} accept",
         "    ct state established,related accept",
         *tcp,
@@ -76,9 +85,11 @@ def ruleset(r: Rules) -> str:
     ]
     if r.hub:
         hub = f'iifname "{r.overlay_interface}" oifname "{r.overlay_interface}"'
+        refused = _addresses(r.refused)
         lines += [
             "  chain forward {",
             "    type filter hook forward priority filter; policy accept;",
+            *([f"    {hub} ip saddr {refused} drop", f"    {hub} ip daddr {refused} drop"] if r.refused else []),
             f"    {hub} ct state established,related accept",
             f"    {hub} icmp type echo-request accept",
             f"    {hub} tcp dport {{ {ray} }} accept",
@@ -88,8 +99,32 @@ def ruleset(r: Rules) -> str:
             f'    oifname "{r.overlay_interface}" drop',
             "  }",
         ]
+        if r.refused:
+            lines += [
+                "  chain output {",
+                "    type filter hook output priority filter; policy accept;",
+                # The head's Ray (GCS, raylet, drivers) reaches a PC's worker on Ray's ports;
+                # its gateway's calls to the PC's engine (a re-check's canaries) go on.
+                f'    oifname "{r.overlay_interface}" ip daddr {refused} tcp dport {{ {ray} }} drop',
+                "  }",
+            ]
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _refused_input(r: Rules) -> list[str]:
+    """A quarantined PC opens nothing to the head but the ports anyone may reach; answers to
+    what the head opened (its gateway's calls to the engine) come back (`ct direction reply`)."""
+    if not (r.hub and r.refused):
+        return []
+    match = f'iifname "{r.overlay_interface}" ip saddr {_addresses(r.refused)} ct direction original'
+    if r.open_tcp:
+        return [f"    {match} tcp dport != {{ {', '.join(str(p) for p in r.open_tcp)} }} drop"]
+    return [f"    {match} meta l4proto tcp drop"]
+
+
+def _addresses(addresses: tuple[str, ...]) -> str:
+    return "{ " + ", ".join(sorted(addresses)) + " }"
 
 
 def _ports(ranges: tuple[tuple[int, int], ...]) -> str:

@@ -138,6 +138,9 @@ class NodeState(StrEnum):
     # Joined, Ray worker alive, engine drained for a reason of the owner's: outside serving
     # hours, or a GPU above [gpu] max_temp_c. Comes back by itself.
     PAUSED = "paused"
+    # The region's audits found its answers wrong (Status.quarantine says why): no requests, no
+    # Ray work, earnings frozen, until the operator releases it after a re-check.
+    QUARANTINED = "quarantined"
 
 
 class RayState(StrEnum):
@@ -271,6 +274,26 @@ class TokensServed:
 
     today: Count = 0
     total: Count = 0
+    # Of `total`, by what may be paid (issue #20; head/gateway/ledger.py Earnings): earned
+    # (credited more than [audit] hold_days ago), held (since), frozen (by a quarantine).
+    # None from a head without audits.
+    earned: Count | None = None
+    held: Count | None = None
+    frozen: Count | None = None
+
+
+@dataclass(frozen=True)
+class QuarantineStatus:
+    """The region's audits found this PC's answers wrong (issue #20; head/audit/trust.py): it
+    gets no customers' requests and no Ray work, and what it earned and has not yet been paid
+    for is frozen, until the operator releases it after a re-check on test requests. Not a GPU
+    the agent set aside itself (that is GPU.quarantined)."""
+
+    state: ShortText  # "quarantined", or "rechecking" (the operator asked for a release)
+    why: Message  # what the audits found
+    since: WallTime | None = None  # when (wall clock)
+    # What the owner can do, in a sentence (from the head: the operator's contact may be in it).
+    hint: Message = ""
 
 
 @dataclass(frozen=True)
@@ -333,6 +356,8 @@ class Status:
     placement: PlacementFacts | None = None
     assignment: Assignment | None = None
     update: UpdateStatus | None = None  # the OS and its updates (None: not an A/B stick, or unknown)
+    # The head's audits quarantined this PC (from the head's last answer); None: not quarantined.
+    quarantine: QuarantineStatus | None = None
 
 
 # ---------------------------------------------------------------- node -> head
@@ -561,6 +586,8 @@ class HeartbeatExtras:
     assignment: Assignment | None = None
     # The head's rollout's part (head/rollout.py): the OS version this PC should update to.
     update_target: str | None = None
+    # The audits' part (head/audit/trust.py): why this PC is quarantined, or None.
+    quarantine: QuarantineStatus | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -595,6 +622,9 @@ class HeartbeatReply(RegionFacts):
     # The OS release this PC should update to (issue #19; served under /v1/releases/<version>/);
     # None: stay on what it runs.
     update_target: str | None = None
+    # The region's audits quarantined this PC (issue #20): no customers, no Ray work, earnings
+    # frozen; the agent stops offering its GPUs to Ray and tells its owner. None: it is not.
+    quarantine: QuarantineStatus | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

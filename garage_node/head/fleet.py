@@ -63,6 +63,10 @@ class FleetRow:
     tokens_served_total: int = 0
     os_version: str | None = None  # the stick's booted OS version (an A/B stick; issue #19)
     update_note: str | None = None  # an update under way, waiting (why), or rolled back
+    # The region's audits (head/audit/trust.py): "ok", "quarantined" or "rechecking", and why.
+    trust_state: str = "ok"
+    quarantine_why: str | None = None
+    trusted: bool = False  # the operator's mark: its engine verifies the others
 
 
 def node_rows(reg: Registry, offline_after_s: float, now: float | None = None) -> list[FleetRow]:
@@ -131,8 +135,25 @@ def render_nodes(rows: list[FleetRow]) -> str:
         out.append(f"{r.node_id:<13}{r.name[:15]:<16}{r.overlay_ip:<15}{r.status:<9}"
                    f"{'alive' if r.ray_alive else '-':<6}{seen:<7}{(r.os_version or '-')[:12]:<13}{engine[:29]:<30}"
                    f"{_count(r.tokens_served_total):>8}  {gpus}"
-                   + (f"  paused: {r.paused}" if r.paused else "") + (f"  {r.update_note}" if r.update_note else ""))
+                   + (f"  paused: {r.paused}" if r.paused else "") + _trust_note(r)
+                   + (f"  {r.update_note}" if r.update_note else ""))
     return "\n".join(out)
+
+
+def _trust_note(r: FleetRow) -> str:
+    if r.trust_state == "quarantined":
+        return f"  QUARANTINED: {r.quarantine_why}"
+    if r.trust_state == "rechecking":
+        return f"  re-checking (quarantined: {r.quarantine_why})"
+    return "  trusted verifier" if r.trusted else ""
+
+
+def with_trust(rows: list[FleetRow], trust: dict) -> list[FleetRow]:
+    """The rows with each PC's trust (`trust`: node id -> head/audit/trust.NodeTrust)."""
+    from dataclasses import replace
+
+    return [replace(r, trust_state=t.state, quarantine_why=t.why if not t.serves else None, trusted=t.trusted)
+            if (t := trust.get(r.node_id)) is not None else r for r in rows]
 
 
 def _count(n: int) -> str:

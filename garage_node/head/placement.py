@@ -157,6 +157,8 @@ class PlacementLoop:
         self._names: dict[str, str] = {}  # node id -> name, as of the last pass
         self._terms: dict[str, RegionModel] = {m.model: m for m in models}
         self.switches: dict[str, int] = {}  # model -> assignments changed to it since start (metrics)
+        # The PCs the audits keep from customers (the gateway's trust store): set by the head.
+        self.excluded: Callable[[], frozenset[str]] = frozenset
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="head-placement", daemon=True)
 
@@ -299,6 +301,7 @@ class PlacementLoop:
         now = time.time()
         out = []
         names = {}
+        excluded = self.excluded()
         for node in self.registry.nodes():
             names[node.id] = node.name
             if node.revoked or node.confirmed_at is None or not isinstance(node.report, dict):
@@ -309,7 +312,7 @@ class PlacementLoop:
                 continue  # a report the head cannot read (a damaged row): the PC is left alone
             alive = node.last_seen is not None and now - node.last_seen <= self.cfg.options.offline_after_s
             out.append(PcView(node_id=node.id, name=node.name, report=report, assignment=previous.get(node.id),
-                              alive=alive))
+                              alive=alive, quarantined=node.id in excluded))
         self._names = names
         return out
 

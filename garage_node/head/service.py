@@ -58,6 +58,11 @@ class HeadService:
         self.ray_token = RayToken(self.paths.ray_token)
         self.ray_ports = replace(RAY_PORTS, gcs=cfg.ray.port)
         self.firewall = firewall or Nftables()
+        # The PCs the audits quarantined (node ids; set to the gateway's trust store's view by
+        # run()); their overlay addresses are refused Ray at the hub (core/firewall.py), and the
+        # rules are applied again whenever that set changes.
+        self.quarantined: Callable[[], frozenset[str]] = frozenset
+        self._refused: tuple[str, ...] = ()
         self.gcs: GcsStore | None = None
         self.redis: Supervised | None = None
         if cfg.ray.gcs_fault_tolerance:
@@ -125,7 +130,27 @@ class HeadService:
         api = self.cfg.api
         return Rules(table=f"garage-head-{self.cfg.overlay.interface}", overlay_interface=self.cfg.overlay.interface,
                      overlay_cidr=self.cfg.overlay.cidr, ray_ports=tuple(self.ray_ports.ranges()),
-                     open_tcp=tuple(sorted({api.port, *api.open_tcp, *self._gateway_ports()})), hub=True)
+                     open_tcp=tuple(sorted({api.port, *api.open_tcp, *self._gateway_ports()})), hub=True,
+                     refused=self._refused)
+
+    def refuse_quarantined(self) -> bool:
+        """Apply the firewall again if the quarantined PCs' overlay addresses changed (each
+        reconcile pass: an operator's `head node` command writes the database from another
+        process). True if the rules changed."""
+        excluded = self.quarantined()
+        refused = tuple(sorted(n.overlay_ip for n in self.registry.active_peers()
+                               if n.id in excluded and _is_ipv4(n.overlay_ip)))
+        if refused == self._refused:
+            return False
+        before, self._refused = self._refused, refused
+        try:
+            self.firewall.apply(self.firewall_rules())
+        except Exception:
+            self._refused = before  # tried again on the next pass
+            raise
+        log.info("firewall: %d quarantined PC(s) refused Ray at the hub%s", len(refused),
+                 f" ({', '.join(refused)})" if refused else "")
+        return True
 
     def _gateway_ports(self) -> tuple[int, ...]:
         # The OpenAI API is for everyone (its keys guard it); the metrics listener is opened
@@ -142,6 +167,7 @@ class HeadService:
         while not self._stop.is_set():
             try:
                 self.sync_peers()
+                self.refuse_quarantined()
                 self._ensure_ray()
                 sdnotify.watchdog()
             except Exception:  # keep the head serving; the next pass retries
@@ -298,6 +324,15 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+def _is_ipv4(address: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address).version == 4
+    except ValueError:
+        return False
+
+
 def _enable_forwarding() -> None:
     # Hub and spoke: node-to-node packets arrive on the hub interface and leave through it again.
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
@@ -317,7 +352,7 @@ def run(cfg: HeadConfig) -> None:
     if cfg.gateway.enabled:
         gateway = Gateway(cfg.gateway, cfg.head.state_dir,
                           # Without the reports: the gateway asks every few seconds, on its loop.
-                          lambda: {n.id: n.name for n in service.registry.active_peers()})
+                          lambda: {n.id: n.name for n in service.registry.active_peers()}, audit=cfg.audit)
         reports.subscribe(gateway.on_report)
         node_extras = gateway.node_extras
         listeners.extend(gateway_listeners(cfg, gateway))
@@ -328,7 +363,10 @@ def run(cfg: HeadConfig) -> None:
     placement = PlacementLoop(service.registry, cfg, gateway.demand.snapshot if gateway is not None else dict)
     if gateway is not None:
         gateway.placed = placement.placed  # requests for these wait while a model is placed
+        placement.excluded = gateway.trust.excluded  # quarantined PCs are not counted as running
         gateway.metrics.watch_placement(placement)
+        gateway.metrics.watch_trust(gateway.trust.snapshot)  # the audits' quarantines (issue #20)
+        service.quarantined = gateway.trust.excluded  # refused Ray at the hub's firewall
     node_extras = _with_assignment(node_extras, placement.assignment)
     # Rollouts of the stick's OS (head/rollout.py): every report feeds the rollout, and each
     # answer names the PC's update target; the operator's commands change its file.
@@ -347,7 +385,8 @@ def run(cfg: HeadConfig) -> None:
         history = History(cfg.options.offline_after_s, window_s=cfg.fleet.history_hours * 3600)
         reports.subscribe(history.record)
         usage = gateway.ledger.node_totals_all if gateway is not None else None  # tokens served per PC
-        listeners.append(fleet_listener(cfg, service.registry, history, p.pki, usage, placement.fleet_models))
+        listeners.append(fleet_listener(cfg, service.registry, history, p.pki, usage, placement.fleet_models,
+                                        gateway.trust.snapshot if gateway is not None else None))
 
     def started() -> None:
         service.start()

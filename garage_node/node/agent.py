@@ -274,7 +274,10 @@ class Agent:
             self.ray.stop()
             return
         self.ray_part.ensure(WorkerWants(ident, self.gpus.inventory, self.plan.model,
-                                         offer_gpus=self.gpus.serving.serving is not False,
+                                         # Paused (hours, heat) or quarantined by the
+                                         # region's audits: Ray gets no GPU.
+                                         offer_gpus=self.gpus.serving.serving is not False
+                                         and self.session.quarantine is None,
                                          head_reachable=self.session.link.reachable is True,
                                          tunnel_ok=not self.overlay.tunnel_down))
 
@@ -295,6 +298,7 @@ class Agent:
             overlay_ip=ident.overlay_ip if ident else None,
             healthy_gpus=len(self.gpus.inventory.healthy_gpus), stopping=self._stopping,
             paused=self.gpus.serving.paused, gpu_notes=self.gpus.notes(),
+            quarantine=(q.state, q.why) if (q := self.session.quarantine) else None,
         ))
         with self._lock:
             if (state, message) != (self.state, self.message):
@@ -352,6 +356,7 @@ class Agent:
             problems=problems,
             placement=self.assign.facts(paused) if self.cfg.engine.enabled else None,
             assignment=self.session.assignment,
+            quarantine=self.session.quarantine,
         )
 
     def _report(self) -> NodeReport:

@@ -95,6 +95,7 @@ class Line(NamedTuple):
 STATE_COLOUR = {
     "joined": "green", "starting": "yellow", "enrolling": "yellow", "joining": "yellow", "stopping": "yellow",
     "degraded": "yellow", "paused": "yellow", "needs-token": "red", "revoked": "red", "error": "red", "agent-down": "red",
+    "quarantined": "red",
 }
 
 KEYS = "Keys:  d  drain before you power off      r  resume serving"
@@ -152,8 +153,12 @@ def layout(s: Status, width: int = 80, height: int = 25, now: float | None = Non
 
     add("State:", f"{STATE_WORDS.get(s.state, state)}: {s.message}", "alert" if STATE_COLOUR.get(state) == "red" else "",
         max_lines=2)
-    # The problem right under the state: it is what the owner must read when something is wrong,
-    # and what does not fit the screen is cut from the end.
+    # A quarantine by the region's audits, then the problem, right under the state: what the
+    # owner must read when something is wrong; what does not fit the screen is cut from the end.
+    from garage_node.node.status import quarantine_lines
+
+    for label, text in quarantine_lines(s):
+        add(label.strip(), text, "alert", max_lines=3)
     err = s.last_error
     if err:
         retry = f" (retrying in {err.retry_in_s:.0f} s)" if err.retry_in_s is not None else ""
@@ -176,6 +181,10 @@ def layout(s: Status, width: int = 80, height: int = 25, now: float | None = Non
     served = getattr(s, "tokens_served", None)  # from the head's ledger; absent from older agents
     if served is not None:
         add("Served:", f"{_count(served.today)} tokens today, {_count(served.total)} in total")
+        from garage_node.node.status import earnings_line
+
+        if (paid := earnings_line(served, _count)) is not None:
+            add("", paid)
     add("Network:", _network(s))
 
     foot: list[Line] = []

@@ -20,7 +20,7 @@ from garage_node.core.backoff import Backoff
 from garage_node.core.clock import Clock
 from garage_node.core.errors import ErrorCode
 from garage_node.core.fsutil import read_json, write_json
-from garage_node.core.wire import Assignment, HeartbeatReply, NodeReport, NodeState, TokensServed, WireError, decode, encode
+from garage_node.core.wire import Assignment, HeartbeatReply, NodeReport, NodeState, QuarantineStatus, TokensServed, WireError, decode, encode
 from garage_node.core.wireguard import public_key_of
 from garage_node.node import identity, keys
 from garage_node.node.config import NodeConfig
@@ -66,6 +66,8 @@ class HeadSession:
         self.link = HeadLink()
         self.tokens_served: TokensServed | None = None  # as the head's last answer said
         self.update_target: str | None = None  # the OS version the head's rollout wants here (issue #19)
+        # Why the region's audits quarantined this PC, as the head's last answer said (None: not).
+        self.quarantine: QuarantineStatus | None = None
         # What the head wants this PC to serve (issue #18), as its last answer said; kept while
         # the head is unreachable (the PC goes on serving it). None: an older head, or placement
         # off: the PC plans for itself (node/assign.py carries it out). Kept in the state
@@ -189,6 +191,7 @@ class HeadSession:
         updated = updated_by(ident, reply)
         self.tokens_served = reply.tokens_served
         self.update_target = reply.update_target
+        self.quarantine = reply.quarantine
         self._keep_assignment(reply.assignment)
         if updated != ident:
             identity.save(self.paths, updated)

@@ -30,6 +30,9 @@ class Facts:
     paused: str | None = None
     gpu_notes: tuple[str, ...] = ()  # quarantined or hot GPUs, in a few words each
     ray_note: str | None = None  # why the Ray worker is not alive at the head yet, if known
+    # The head's audits quarantined this PC (head/audit/trust.py): (state, why) as the head's
+    # last answer said; state "quarantined" or "rechecking".
+    quarantine: tuple[str, str] | None = None
 
 
 def derive(f: Facts) -> tuple[NodeState, str]:
@@ -49,6 +52,14 @@ def derive(f: Facts) -> tuple[NodeState, str]:
         return NodeState.DEGRADED, "head unreachable; retrying"
     if f.overlay_down:
         return NodeState.DEGRADED, "overlay down: the hub does not answer through WireGuard; Ray cannot work"
+    if f.quarantine:
+        # Above the Ray and pause states: whatever else holds, the region sends it nothing, and
+        # its owner must act (or wait for the re-check the operator started).
+        state, why = f.quarantine
+        if state == "rechecking":
+            return NodeState.QUARANTINED, f"being re-checked by the region's audits on test requests: {why}"
+        return NodeState.QUARANTINED, (f"quarantined by the region's audits: {why}; no requests or Ray work, "
+                                       "earnings frozen until the operator releases it")
     if f.ray_alive_at_head and f.ray_running:
         # Paused only once fully joined: a PC outside its hours still shows that it is part of
         # the region and would serve, and any problem above outranks the owner's pause.

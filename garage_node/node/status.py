@@ -86,6 +86,8 @@ def render(s: Status) -> str:
         lines.append(f"{label:<11}{text}")
 
     add("State:", f"{_dot(s.state)} {STATE_WORDS.get(s.state, s.state.value)}: {s.message}")
+    for label, text in quarantine_lines(s):
+        add(label, text)
     _gpus(s, add, lines)
     if s.serving is not None:
         for i, text in enumerate(_serving(s)):
@@ -100,6 +102,8 @@ def render(s: Status) -> str:
     if s.tokens_served is not None:
         add("Served:", f"{_tokens(s.tokens_served.today)} tokens today, {_tokens(s.tokens_served.total)} in all "
                        "(through the region's gateway)")
+        if (paid := earnings_line(s.tokens_served, _tokens)) is not None:
+            add("", paid)
     # Every problem, worst first; an older agent's status has only last_error.
     problems = s.problems or ([s.last_error] if s.last_error else [])
     for err in problems:
@@ -114,7 +118,30 @@ def render(s: Status) -> str:
 
 def _dot(state: NodeState) -> str:
     return {NodeState.JOINED: "●", NodeState.REVOKED: "✗", NodeState.ERROR: "✗", NodeState.AGENT_DOWN: "✗",
-            NodeState.DEGRADED: "!", NodeState.PAUSED: "‖"}.get(state, "○")
+            NodeState.DEGRADED: "!", NodeState.PAUSED: "‖", NodeState.QUARANTINED: "✗"}.get(state, "○")
+
+
+def earnings_line(served, count) -> str | None:
+    """Of the tokens served, what is earned, held and frozen (a head with audits says; None
+    from one without). `count` writes a number."""
+    if getattr(served, "earned", None) is None:
+        return None
+    text = f"{count(served.earned)} earned, {count(served.held or 0)} held until the region's audits trust them"
+    return text + (f", {count(served.frozen)} frozen by the quarantine" if served.frozen else "")
+
+
+def quarantine_lines(s: Status) -> list[tuple[str, str]]:
+    """(label, text) about the region's audits' quarantine, for `status` and the screen: what
+    they found, since when, and what the owner can do. None of it while the PC is not quarantined."""
+    q = getattr(s, "quarantine", None)  # absent from older agents
+    if q is None:
+        return []
+    since = time.strftime(" since %Y-%m-%d %H:%M UTC", time.gmtime(q.since)) if q.since else ""
+    word = "re-check" if q.state == "rechecking" else "QUARANTINED"
+    out = [("Audits:", f"{word}{since}: {q.why}")]
+    if q.hint:
+        out.append(("  To do:", q.hint))
+    return out
 
 
 def _gpus(s: Status, add, lines: list[str]) -> None:

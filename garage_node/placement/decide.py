@@ -148,7 +148,7 @@ class Placer:
             self._note_refusal(pc.node_id, model, prev.generation, facts.refused_why, now)
             served = None if served == model else served
             current = served
-        r = PcState(pc, facts, served, current, active=pc.alive and not facts.paused)
+        r = PcState(pc, facts, served, current, active=pc.alive and not facts.paused and not pc.quarantined)
         r.held_down = self.mover.held_down(pc.node_id)
         if prev is not None and prev.model is not None and not refused:
             r.switching = facts.switching_to is not None or facts.assignment_generation < prev.generation
@@ -158,7 +158,8 @@ class Placer:
                                   for m, (until, g, why) in held_off.items())
         if not r.active:
             r.choice = current if prev is not None else None
-            state = "not alive" if not pc.alive else "paused by its owner"
+            state = ("not alive" if not pc.alive else "quarantined by the region's audits" if pc.quarantined
+                     else "paused by its owner")
             r.why = (f"{state}: keeps {prev.model or 'nothing'} (generation {prev.generation}), not counted as running"
                      if prev is not None else f"{state}: gets nothing new")
             return r

@@ -42,6 +42,9 @@ class PcView:
     report: NodeReport
     assignment: Assignment | None
     alive: bool
+    # Quarantined by the region's audits (issue #20): gets no customers' requests, so it is not
+    # counted as running; it keeps its assignment, for the re-check that may release it.
+    quarantined: bool = False
 
 
 @dataclass(frozen=True)

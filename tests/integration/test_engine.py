@@ -105,6 +105,15 @@ def test_engine_serves_a_completion_over_the_overlay(region):
     assert labels["garage-node.managed"] == "true" and len(labels["garage-node.spec-hash"]) == 16
     reply = complete(head, e["endpoint"], node.engine_key())
     assert reply["model"] == MODEL and reply["choices"][0]["text"]
+    # A request asking for logprobs (a customer's, or the audit verifier's prompt_logprobs) is
+    # answered, and the engine lives on: vLLM's CPU build once died on it (torch.compile
+    # without a compiler; the spec's TORCHDYNAMO_DISABLE=1).
+    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 2, "logprobs": 2, "prompt_logprobs": 2})
+    scored = json.loads(head.run(["curl", "-sf", "--max-time", "60", "-H", "Content-Type: application/json", "-H",
+                                  f"Authorization: Bearer {node.engine_key()}", "-d", body,
+                                  f"{e['endpoint']}/v1/completions"], timeout=90).stdout)
+    assert scored["choices"][0]["prompt_logprobs"][1] and scored["choices"][0]["logprobs"]["top_logprobs"]
+    assert complete(head, e["endpoint"], node.engine_key())["choices"][0]["text"]
     # Without the engine's key (what any other PC has), the engine refuses.
     body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1})
     refused = head.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "30", "-H",

@@ -189,3 +189,18 @@ def test_the_pcs_own_entry_is_used_when_the_facts_agree_else_the_heads():
     assert not used_own and other.resolve("qwen2.5-7b")[0].default_context_length == 8192
     assert other.resolve(own.id)[0].default_context_length == 8192  # by repo id too: one entry, the head's
     assert len(other.models) == len(catalog.models)
+
+
+def test_a_cpu_engine_runs_eager_logprob_kernels_unless_its_owner_says_otherwise(driver_root):
+    """vLLM's CPU build compiled its logprob kernels with torch.compile and died on the first
+    request asking for logprobs (the image has no C++ compiler): CPU engines get
+    TORCHDYNAMO_DISABLE=1; an [engine] env of the owner's wins; GPU engines are left alone."""
+    cfg = EngineSection(catalog=CATALOG, device="cpu", model="garage/tiny-llama-test")
+    cpu = desired_spec(cfg, Inventory(()), "100.96.0.2")[0]
+    assert dict(cpu.env)["TORCHDYNAMO_DISABLE"] == "1"
+    assert "TORCHDYNAMO_DISABLE=1" in cpu.container_body({})["Env"]
+    owner = desired_spec(replace(cfg, env={"TORCHDYNAMO_DISABLE": "0"}), Inventory(()), "100.96.0.2")[0]
+    assert dict(owner.env)["TORCHDYNAMO_DISABLE"] == "0"
+    gpu = desired_spec(EngineSection(catalog=CATALOG, image="vllm/vllm-openai:v0.32.0", driver_root=driver_root),
+                       gpus(24564), "100.96.0.2")[0]
+    assert "TORCHDYNAMO_DISABLE" not in dict(gpu.env)

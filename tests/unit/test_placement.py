@@ -667,3 +667,21 @@ def test_a_pc_whose_switch_failed_is_given_back_the_model_it_went_back_to():
     assert d.explain[n].startswith(f"keeps {SEVEN}") and "refused qwen2.5-14b" in d.explain[n]
     seven = next(m for m in d.models if m.model == SEVEN)
     assert n in seven.pcs and seven.running == 3
+
+
+def test_a_quarantined_pc_keeps_its_assignment_but_is_not_counted_and_another_pc_takes_its_model():
+    """A PC the audits quarantined gets no customers' requests: its model must be placed on
+    another PC, while its own assignment stays for the re-check that may release it."""
+    r = Region.of(uniform(3), moves_per_minute=10)
+    wanted = [Wanted(SEVEN), Wanted(FOURTEEN, min_replicas=1)]
+    r.decide(wanted, {SEVEN: Demand(1000), FOURTEEN: Demand(0, 1, 1.0)})
+    r.clock.advance(600)
+    (bad,) = [n for n, m in r.models().items() if m == FOURTEEN]
+    before = r.pcs[bad].assignment
+    r.pcs[bad] = dataclasses.replace(r.pcs[bad], quarantined=True)
+    d = r.decide(wanted, {SEVEN: Demand(1000), FOURTEEN: Demand(0, 1, 1.0)})
+    assert d.assignments[bad] is before
+    assert "quarantined by the region's audits" in d.explain[bad]
+    fourteen = next(m for m in d.models if m.model == FOURTEEN)
+    assert bad in fourteen.pcs
+    assert [n for n, m in r.models().items() if m == FOURTEEN and n != bad]  # another PC took it

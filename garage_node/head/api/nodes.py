@@ -75,6 +75,7 @@ def router(registry: Registry, facts: RegionFacts, ray_token: Callable[[], str] 
                               credential_lifetime_s=auth.lifetime_s, engine_api_key=extras.engine_api_key,
                               tokens_served=extras.tokens_served, assignment=extras.assignment,
                               update_target=extras.update_target,
+                              quarantine=extras.quarantine,
                               **region_fields(facts))
 
     @r.post("/v1/nodes/{node_id}/credential",

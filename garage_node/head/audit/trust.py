@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 
 from garage_node.core.clock import SYSTEM, Clock
+from garage_node.core.wire import MESSAGE_MAX, QuarantineStatus, clip
 from garage_node.head.gateway.store import Store
 
 STATES = ("ok", "quarantined", "rechecking")
@@ -37,6 +38,9 @@ class NodeTrust:
     frozen_at: float | None = None
     forfeited: bool = False  # the operator forfeited what was frozen (`head node forfeit`)
     forfeited_before: float | None = None  # what was credited before this (unix) is forfeited
+    # The freezes (their frozen_at) the operator forfeited, oldest first: each keeps what was
+    # not yet earned at its time (node_forfeits; forfeited_before is only the last).
+    forfeits: tuple[float, ...] = ()
 
     @property
     def serves(self) -> bool:
@@ -55,10 +59,18 @@ class Trust:
 
     def get(self, node_id: str) -> NodeTrust:
         rows = self.store.query("SELECT * FROM node_trust WHERE node_id = ?", (node_id,))
-        return _row(rows[0]) if rows else NodeTrust(node_id)
+        return _row(rows[0], self._forfeits(node_id).get(node_id, ())) if rows else NodeTrust(node_id)
 
     def all(self) -> dict[str, NodeTrust]:
-        return {r["node_id"]: _row(r) for r in self.store.query("SELECT * FROM node_trust")}
+        forfeits = self._forfeits()
+        return {r["node_id"]: _row(r, forfeits.get(r["node_id"], ())) for r in self.store.query("SELECT * FROM node_trust")}
+
+    def _forfeits(self, node_id: str | None = None) -> dict[str, tuple[float, ...]]:
+        where, args = ("WHERE node_id = ?", (node_id,)) if node_id is not None else ("", ())
+        out: dict[str, list[float]] = {}
+        for r in self.store.query(f"SELECT node_id, frozen_at FROM node_forfeits {where} ORDER BY frozen_at", args):
+            out.setdefault(r[0], []).append(r[1])
+        return {n: tuple(v) for n, v in out.items()}
 
     def snapshot(self) -> dict[str, NodeTrust]:
         """Every PC with a row, read at most once a second (for the request path)."""
@@ -111,8 +123,16 @@ class Trust:
         current = self.get(node_id)
         if current.frozen_at is None:
             raise ValueError(f"{node_id} has no frozen earnings (it is {current.state})")
-        # The freeze's time stays as the line: what was credited before it is forfeited.
-        self._upsert(node_id, "forfeited = 1, forfeited_before = frozen_at", (), insert={})
+        if current.frozen_at in current.forfeits:
+            raise ValueError(f"{node_id}'s frozen earnings are forfeited already")
+        # The freeze's time stays as the line: what was credited before it is forfeited; every
+        # forfeit is kept, not only the last (node_forfeits), in the same transaction.
+        with self.store.transaction() as db:
+            db.execute("UPDATE node_trust SET forfeited = 1, forfeited_before = frozen_at WHERE node_id = ?", (node_id,))
+            db.execute("INSERT OR IGNORE INTO node_forfeits (node_id, frozen_at, at) VALUES (?, ?, ?)",
+                       (node_id, current.frozen_at, self.clock.time()))
+        with self._lock:
+            self._snapshot_at = float("-inf")
         return self.get(node_id)
 
     def _upsert(self, node_id: str, assignments: str, args: tuple, insert: dict) -> None:
@@ -123,7 +143,24 @@ class Trust:
             self._snapshot_at = float("-inf")
 
 
-def _row(r) -> NodeTrust:
+# What the owner of a quarantined PC can do, said on its `status` and screen.
+OWNER_HINT = ("the region gives this PC no requests and no Ray work, and holds what it earned since "
+              "the hold began, until the operator releases it after a re-check on test requests: serve "
+              "the assigned model as the head sent it (no other weights, quantization or engine), then "
+              "ask the region's operator for `garage-node head node release`")
+RECHECK_HINT = ("the operator asked for a release: the head is sending this PC test requests; keep the "
+                "engine running as it is, and it serves again once they pass")
+
+
+def quarantine_status(t: NodeTrust | None) -> QuarantineStatus | None:
+    """What a PC is told in its heartbeat's answer; None while it serves."""
+    if t is None or t.serves:
+        return None
+    return QuarantineStatus(state=t.state, why=clip(t.why or "its answers failed the region's audits", MESSAGE_MAX),
+                            since=t.since, hint=RECHECK_HINT if t.state == "rechecking" else OWNER_HINT)
+
+
+def _row(r, forfeits: tuple[float, ...] = ()) -> NodeTrust:
     return NodeTrust(node_id=r["node_id"], trusted=bool(r["trusted"]), state=r["state"], why=r["why"],
                      since=r["since"], frozen_at=r["frozen_at"], forfeited=bool(r["forfeited"]),
-                     forfeited_before=r["forfeited_before"])
+                     forfeited_before=r["forfeited_before"], forfeits=forfeits)

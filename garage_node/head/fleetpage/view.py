@@ -30,6 +30,8 @@ Usage = Callable[[], Mapping[str, Any]]
 # The region's models as the head's placement last decided them (head/placement.py's
 # PlacementLoop.fleet_models): model, replicas wanted and running, where, demand, why.
 Models = Callable[[], list[dict[str, Any]]]
+# The audits' verdicts, {node_id: head/audit/trust.py's NodeTrust} (Trust.snapshot: cached).
+TrustView = Callable[[], Mapping[str, Any]]
 
 
 def _decode(report: Any) -> NodeReport | None:
@@ -74,8 +76,24 @@ def paused_of(report: NodeReport | None) -> str | None:
     return getattr(serving, "paused", None) if serving is not None else None
 
 
+def audit_of(t: Any) -> dict[str, Any] | None:
+    """A PC's standing with the region's audits, for the page (None: nothing to say)."""
+    if t is None or (t.serves and not t.trusted):
+        return None
+    return {"state": t.state, "why": t.why or None, "since": t.since, "trusted": t.trusted,
+            "frozen_at": t.frozen_at, "forfeited": t.forfeited}
+
+
+def quarantine_problem(t: Any) -> str | None:
+    if t is None or t.serves:
+        return None
+    if t.state == "rechecking":
+        return f"re-checked on canaries after a quarantine: {t.why}"
+    return f"quarantined by the audits: {t.why}"
+
+
 def pc_row(n: NodeRow, now: float, offline_after_s: float, history: History,
-           served: Any = None) -> dict[str, Any]:
+           served: Any = None, standing: Any = None) -> dict[str, Any]:
     row = row_of(n, now, offline_after_s)
     report = _decode(n.report)
     last_seen = n.last_seen
@@ -83,7 +101,8 @@ def pc_row(n: NodeRow, now: float, offline_after_s: float, history: History,
     if latest is not None and (last_seen is None or latest[0] > last_seen):
         last_seen, report = latest
     history.observe(n.id, row.status, n.last_seen, n.revoked_at)
-    problem = problem_of(row.status, report, row.report_error)
+    # A quarantine first: the head decided it, whatever the PC reports (revoked: past caring).
+    problem = (row.status != "revoked" and quarantine_problem(standing)) or problem_of(row.status, report, row.report_error)
     gpus = [{"index": g.index, "name": g.name, "memory_total_mib": g.memory_total_mib,
              "temperature_c": g.temperature_c, "power_w": g.power_w, "utilization_pct": g.utilization_pct,
              "healthy": g.healthy, "error": g.error, "quarantined": getattr(g, "quarantined", False),
@@ -116,6 +135,7 @@ def pc_row(n: NodeRow, now: float, offline_after_s: float, history: History,
             "kv_cache_usage_pct": e.kv_cache_usage_pct,
         } if e else None,
         "tokens_served": {"today": served.today, "total": served.total} if served is not None else None,
+        "audit": audit_of(standing),
     }
 
 
@@ -133,6 +153,7 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "pcs_online": len(online),
         "problems": sum(1 for r in rows if r["rank"] == PROBLEM),
         "paused": sum(1 for r in online if r["paused"]),
+        "quarantined": sum(1 for r in rows if r["status"] != "revoked" and r["audit"] and r["audit"]["state"] != "ok"),
         "gpus": sum(len(r["gpus"]) for r in online),
         "gpus_healthy": sum(1 for r in online for g in r["gpus"] if g["healthy"]),
         "models": sorted({e["model"] for e in engines if e["model"] and e["state"] == "healthy"}),
@@ -145,7 +166,7 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def fleet(nodes: list[NodeRow], now: float, offline_after_s: float, history: History,
-          usage: Usage | None = None, models: Models | None = None) -> dict[str, Any]:
+          usage: Usage | None = None, models: Models | None = None, trust: TrustView | None = None) -> dict[str, Any]:
     served: Mapping[str, Any] = {}
     nothing_yet = None  # what a PC the ledger has no line for served: unknown without a ledger
     if usage is not None:
@@ -154,7 +175,13 @@ def fleet(nodes: list[NodeRow], now: float, offline_after_s: float, history: His
             nothing_yet = TokensServed(today=0, total=0)
         except Exception:  # the ledger is another part's: the page shows the rest without it
             log.exception("the fleet page could not read the usage ledger")
-    rows = [pc_row(n, now, offline_after_s, history, served.get(n.id, nothing_yet)) for n in nodes]
+    standing: Mapping[str, Any] = {}
+    if trust is not None:
+        try:
+            standing = trust()
+        except Exception:  # the trust store is the gateway's: the page shows the rest without it
+            log.exception("the fleet page could not read the audits' trust store")
+    rows = [pc_row(n, now, offline_after_s, history, served.get(n.id, nothing_yet), standing.get(n.id)) for n in nodes]
     history.forget_missing({n.id for n in nodes})
     rows.sort(key=lambda r: (r["rank"], r["name"].lower(), r["id"]))
     placed: list[dict[str, Any]] = []

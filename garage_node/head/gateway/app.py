@@ -11,6 +11,7 @@ counts towards its model's demand (demand.py), which the head's placement reads.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from contextlib import asynccontextmanager
@@ -58,6 +59,9 @@ class GatewayParts(Protocol):
 def create_gateway_app(gw: GatewayParts) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        auditor = getattr(gw, "auditor", None)
+        if auditor is not None:
+            auditor.gateway_loop = asyncio.get_running_loop()  # canaries go through this loop's proxy
         yield
         await gw.proxy.close()
 
@@ -194,7 +198,7 @@ def _call(path: str, body: dict[str, Any], key: ApiKey, started: float, router: 
         body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
     return Call(path=path, model=body["model"], body=json.dumps(body).encode(), stream=stream,
                 client_wants_usage=wants_usage, blocks=router.blocks(_prompt_text(body)), key=key,
-                started=started)
+                started=started, request=body)
 
 
 def _prompt_text(body: dict[str, Any]) -> str:

@@ -10,7 +10,9 @@ from typing import Any, Awaitable, Callable
 
 from garage_node.core.clock import SYSTEM, Clock
 from garage_node.core.wire import HeartbeatExtras, NodeReport, TokensServed
-from garage_node.head.audit.trust import Trust
+from garage_node.head.audit.auditor import Auditor
+from garage_node.head.audit.metrics import AuditCollector
+from garage_node.head.audit.trust import Trust, quarantine_status
 from garage_node.head.gateway.demand import Demand
 from garage_node.head.gateway.enginekeys import EngineKeys
 from garage_node.head.gateway.errors import ClientGone, GatewayError
@@ -42,8 +44,10 @@ def database_path(state_dir: Path) -> Path:
 
 
 class Gateway:
-    def __init__(self, cfg: Any, state_dir: Path, node_names: Callable[[], dict[str, str]], clock: Clock = SYSTEM) -> None:
-        """`cfg`: the head's [gateway] section; `node_names()`: node id -> name, from the registry."""
+    def __init__(self, cfg: Any, state_dir: Path, node_names: Callable[[], dict[str, str]], clock: Clock = SYSTEM,
+                 audit: Any = None) -> None:
+        """`cfg`: the head's [gateway] section; `node_names()`: node id -> name, from the registry;
+        `audit`: the head's [audit] section (None or not enabled: no audits)."""
         self.cfg = cfg
         self.clock = clock
         self.store = Store(database_path(state_dir))
@@ -81,13 +85,24 @@ class Gateway:
                            max_connections=cfg.max_in_flight * cfg.max_attempts,
                            keepalive_connections=cfg.engine_keepalive_connections,
                            keepalive_s=cfg.engine_keepalive_s)
+        # Audits of what PCs answer (issue #20): the proxy's tap, a loop of their own.
+        self.auditor: Auditor | None = None
+        if audit is not None and audit.enabled:
+            self.auditor = Auditor(audit, self.store, self.trust, self.table, self.router, self.engine_keys.for_node,
+                                   self.proxy, clock)
+            self.proxy.audit = self.auditor
+            self.metrics.registry.register(AuditCollector(self.auditor, self.names))
 
     # -- lifecycle
 
     def start(self) -> None:
         self.ledger.start()
+        if self.auditor is not None:
+            self.auditor.start()
 
     def stop(self) -> None:
+        if self.auditor is not None:
+            self.auditor.stop()
         self.ledger.stop()
 
     # -- what the control API asks
@@ -99,10 +114,16 @@ class Gateway:
         self.metrics.heartbeats.labels(str(status)).observe(seconds)
 
     def node_extras(self, node_id: str) -> HeartbeatExtras:
-        """The gateway's part of a heartbeat's answer: the PC's engine key, its tokens served."""
+        """The gateway's part of a heartbeat's answer: the PC's engine key, its tokens served,
+        and why the audits quarantined it (if they did)."""
         totals = self._all_totals().get(node_id)
         served = TokensServed(today=totals.today, total=totals.total) if totals else TokensServed()
-        return HeartbeatExtras(engine_api_key=self.engine_keys.for_node(node_id), tokens_served=served)
+        if self.auditor is not None:  # earnings are held [audit] hold_days: what of it may be paid
+            e = self.ledger.recent_earnings(self.trust.snapshot, self.auditor.cfg.hold_days * 86400).get(node_id)
+            served = TokensServed(today=served.today, total=served.total, earned=e.earned if e else 0,
+                                  held=e.held if e else 0, frozen=e.frozen if e else 0)
+        return HeartbeatExtras(engine_api_key=self.engine_keys.for_node(node_id), tokens_served=served,
+                               quarantine=quarantine_status(self.trust.snapshot().get(node_id)))
 
     def _all_totals(self) -> dict[str, Any]:
         """Every PC's totals, read at most once a second: one query for the whole region

@@ -8,15 +8,18 @@ counts not yet written (waiting, or in the batch being written)."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from garage_node.core.clock import SYSTEM, Clock
+from garage_node.head.audit.trust import NodeTrust
 from garage_node.head.gateway.store import Store
 from garage_node.head.writebehind import WriteBehind
 
 BY = ("key", "node", "model")
+EARNINGS_TTL_S = 1.0
 _COLUMN = {"key": "key", "node": "node_id", "model": "model"}
 
 
@@ -38,6 +41,46 @@ class Totals:
     total: int
 
 
+@dataclass(frozen=True)
+class Earnings:
+    """A PC's credited tokens (prompt + completion) by what may be paid for (issue #20).
+
+    - earned: credited more than `[audit] hold_days` ago, and not frozen or forfeited;
+    - held: credited since, waiting out the hold (what a quarantine would freeze);
+    - frozen: not yet earned when the PC was quarantined, and whatever it was credited while
+      quarantined; held again if the operator releases it, kept if the operator forfeits it;
+    - forfeited: what the operator kept (`head node forfeit`).
+
+    The ledger's rows are hourly, so an hour counts as credited at its end: an hour is earned
+    once all of it is older than the hold, and the hour in which a quarantine began is frozen
+    whole."""
+
+    node_id: str
+    earned: int = 0
+    held: int = 0
+    frozen: int = 0
+    forfeited: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.earned + self.held + self.frozen + self.forfeited
+
+
+EARNINGS = ("earned", "held", "frozen", "forfeited")
+
+
+def standing(hour: int, now: float, hold_s: float, trust: NodeTrust | None) -> str:
+    """Which of EARNINGS an hourly row (its hour's index since the epoch) of a PC counts in."""
+    start, end = hour * 3600, (hour + 1) * 3600
+    if trust is not None:
+        cuts = set(trust.forfeits) | ({trust.forfeited_before} if trust.forfeited and trust.forfeited_before else set())
+        if any(start < cut and end > cut - hold_s for cut in cuts):  # not yet earned at a forfeited freeze
+            return "forfeited"
+    if trust is not None and trust.frozen_at is not None and end > trust.frozen_at - hold_s:
+        return "frozen"
+    return "earned" if end <= now - hold_s else "held"
+
+
 Bucket = tuple[int, str, str, str]  # hour, key, node_id, model
 
 
@@ -57,6 +100,9 @@ class Ledger:
         self.clock = clock
         self.flush_every_s = flush_every_s
         self._buffer: WriteBehind[Usage] = WriteBehind("usage-ledger", dict, _fold, self._write)
+        self._earnings: dict[str, Earnings] = {}
+        self._earnings_at = float("-inf")
+        self._earnings_lock = threading.Lock()
 
     # -- writing
 
@@ -122,6 +168,45 @@ class Ledger:
             if b[0] >= midnight_hour:
                 out[b[2]][0] += v[1] + v[2]
         return {node: Totals(today=t[0], total=t[1]) for node, t in out.items()}
+
+    def earnings(self, trust: dict[str, NodeTrust], hold_s: float, since: float = 0.0) -> dict[str, Earnings]:
+        """Every PC's earned, held, frozen and forfeited tokens (`trust`: node id -> its trust
+        record, as Trust.all() gives; `hold_s`: [audit] hold_days in seconds), of the rows
+        since a time (to the hour, as `usage`). One query for
+        the region, grouped by PC and by whether an hour is past the hold; hour by hour only
+        for the PCs a quarantine or a forfeit touched."""
+        now = self.clock.time()
+        earned_cut = int((now - hold_s) // 3600)  # hours before this one are past the hold
+        marked = {n for n, t in trust.items() if t.frozen_at is not None or t.forfeited or t.forfeits}
+        out: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(EARNINGS, 0))
+        since_hour = self._since_hour(since)
+        rows, pending = self._read("SELECT node_id, hour < ? AS past, SUM(prompt_tokens + completion_tokens)"
+                                   " FROM usage WHERE hour >= ? GROUP BY node_id, past", (earned_cut, since_hour))
+        pending = {b: v for b, v in pending.items() if b[0] >= since_hour}
+        for node_id, past, tokens in rows:
+            if node_id not in marked:
+                out[node_id]["earned" if past else "held"] += tokens
+        for (hour, _key, node_id, _model), v in pending.items():
+            if node_id not in marked:
+                out[node_id][standing(hour, now, hold_s, None)] += v[1] + v[2]
+        for node_id in marked:
+            hourly, held = self._read("SELECT hour, SUM(prompt_tokens + completion_tokens) FROM usage"
+                                      " WHERE node_id = ? AND hour >= ? GROUP BY hour", (node_id, since_hour))
+            per_hour = [(r[0], r[1]) for r in hourly] + [(b[0], v[1] + v[2]) for b, v in held.items()
+                                                         if b[2] == node_id and b[0] >= since_hour]
+            for hour, tokens in per_hour:
+                out[node_id][standing(hour, now, hold_s, trust[node_id])] += tokens
+        return {n: Earnings(n, **e) for n, e in out.items()}
+
+    def recent_earnings(self, trust: Callable[[], dict[str, NodeTrust]], hold_s: float) -> dict[str, Earnings]:
+        """`earnings` for the whole region, read at most once a second (a heartbeat answer
+        each PC gets says its own: a thousand PCs, one query a second, not 200)."""
+        with self._earnings_lock:
+            now = self.clock.monotonic()
+            if now - self._earnings_at >= EARNINGS_TTL_S:
+                self._earnings = self.earnings(trust(), hold_s)
+                self._earnings_at = now
+            return self._earnings
 
     def usage(self, by: str, since: float = 0.0) -> list[UsageRow]:
         """Rows grouped by key, node or model since a time (to the hour: rows are hourly),

@@ -51,10 +51,46 @@ class GatewayMetrics:
         r.register(_RegionCollector(table, node_names, node_tokens))
         self._placement = _PlacementCollector()
         r.register(self._placement)
+        self._trust = _TrustCollector(node_names)
+        r.register(self._trust)
 
     def watch_placement(self, source: PlacementSource) -> None:
         """Export the head's placement per model: demand, replicas wanted and running, switches."""
         self._placement.source = source
+
+    def watch_trust(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """Export the audits' verdicts: how many PCs are quarantined, and which (`snapshot`:
+        head/audit/trust.py's Trust.snapshot, node id -> NodeTrust)."""
+        self._trust.snapshot = snapshot
+
+
+class _TrustCollector(Collector):
+    """The PCs the audits took out (issue #20), read at scrape time from the trust store's
+    cached view. Before the gateway's trust store is watched: 0 of each."""
+
+    def __init__(self, node_names: Callable[[], dict[str, str]]) -> None:
+        self.node_names = node_names
+        self.snapshot: Callable[[], dict[str, Any]] = dict
+
+    def collect(self) -> Iterable[Metric]:
+        count = GaugeMetricFamily("garage_audit_quarantined_pcs", "PCs the audits quarantined (no customers' "
+                                  "requests, no Ray work, earnings frozen), by state: quarantined, or rechecking "
+                                  "(the operator asked for a release)", labels=["state"])
+        which = GaugeMetricFamily("garage_node_quarantined", "1 for each PC quarantined by the audits",
+                                  labels=["node", "name", "state"])
+        trusted = GaugeMetricFamily("garage_audit_trusted_pcs", "PCs the operator marked trusted (verifiers)")
+        states = {"quarantined": 0, "rechecking": 0}
+        names = self.node_names()
+        marks = 0
+        for node_id, t in self.snapshot().items():
+            marks += bool(t.trusted and t.serves)
+            if not t.serves:
+                states[t.state] = states.get(t.state, 0) + 1
+                which.add_metric([node_id, names.get(node_id, ""), t.state], 1)
+        for state, n in states.items():
+            count.add_metric([state], n)
+        trusted.add_metric([], marks)
+        yield from (count, which, trusted)
 
 
 class _PlacementCollector(Collector):

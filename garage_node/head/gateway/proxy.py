@@ -35,7 +35,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, TypeVar
 
 import httpx
 from fastapi import Request
@@ -43,6 +43,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Message
 from httpx_sse import EventSource, ServerSentEvent, SSEError
 
+from garage_node.core.wire import EngineState
 from garage_node.head.gateway.errors import GatewayError, stream_error_event
 from garage_node.head.gateway.keys import ApiKey
 from garage_node.head.gateway.metrics import GatewayMetrics
@@ -81,6 +82,25 @@ class Call:
     blocks: list[int]  # the prompt's prefix blocks, for the router
     key: ApiKey
     started: float  # monotonic
+    # The body as parsed (what `body` encodes), kept by reference for the audits: only a
+    # request drawn for an audit is looked at (head/audit/).
+    request: dict[str, Any] | None = None
+    kind: str = "customer"  # customer, or the head's own: canary, recheck (always audited)
+    pin: str | None = None  # a re-check's canary: this PC only, quarantined or not
+
+
+class AuditTap(Protocol):
+    """What the proxy tells the audits (head/audit/auditor.py). Nothing the PC receives depends
+    on it: the decision is taken after the PC is chosen, and the answer is captured here."""
+
+    def take(self, call: Call, node_id: str) -> bool:
+        """Whether this request, sent to this PC, is audited (one random draw; cheap)."""
+        ...
+
+    def keep(self, call: Call, ep: Endpoint, text: str, finish_reason: str | None,
+             completion_tokens: int | None) -> None:
+        """An audited request's complete answer (choice 0)."""
+        ...
 
 
 class Proxy:
@@ -104,6 +124,7 @@ class Proxy:
         self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=keepalive_connections,
                                     keepalive_expiry=keepalive_s)
         self._http: httpx.AsyncClient | None = None
+        self.audit: AuditTap | None = None  # set by the gateway when [audit] is on
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -122,6 +143,8 @@ class Proxy:
 
     def _pick(self, call: Call, tried: set[str]) -> Endpoint | None:
         table = self.table
+        if call.pin is not None:
+            return self._pinned(call, tried)
         with table.lock:
             takes = table.usable(table.clock.monotonic())
             usable = (lambda ep: takes(ep) and ep.node_id not in tried) if tried else takes
@@ -137,6 +160,18 @@ class Proxy:
             assert ep is not None
             ep.inflight += 1
             self.router.served(call.blocks, ep.node_id)
+        return ep
+
+    def _pinned(self, call: Call, tried: set[str]) -> Endpoint | None:
+        """A re-check's PC, whatever the audits' exclusion, if it can answer now."""
+        table = self.table
+        with table.lock:
+            ep = table.get(call.pin or "")
+            now = table.clock.monotonic()
+            if (ep is None or ep.node_id in tried or ep.model != call.model or ep.state != EngineState.HEALTHY
+                    or table.is_stale(ep, now)):
+                return None
+            ep.inflight += 1
         return ep
 
     async def forward(self, call: Call, request: Request | None) -> Response:
@@ -204,8 +239,10 @@ class Proxy:
             if resp.status_code in RETRY_STATUSES:
                 raise _Unusable(f"HTTP {resp.status_code}")
             headers = {"x-garage-node": self.node_name(ep.node_id), "x-garage-node-id": ep.node_id}
+            # After the PC is chosen and the request sent as it is: the PC cannot see this.
+            audited = self.audit is not None and resp.status_code == 200 and self.audit.take(call, ep.node_id)
             if not call.stream or resp.status_code != 200:
-                return await self._whole(call, ep, resp, headers, att)
+                return await self._whole(call, ep, resp, headers, att, audited)
             events = EventSource(resp).aiter_sse()
             try:
                 first = await att.wait(lambda: anext(events))  # within first_byte_timeout_s (httpx's read)
@@ -216,11 +253,12 @@ class Proxy:
             raise
         self.metrics.ttft.labels(call.model).observe(time.monotonic() - call.started)
         slot = _Slot(self.table, ep, resp)
-        return RelayResponse(self._relay(call, ep, slot, first, events), slot, media_type="text/event-stream",
+        capture = _Capture() if audited else None
+        return RelayResponse(self._relay(call, ep, slot, first, events, capture), slot, media_type="text/event-stream",
                              headers={**headers, "cache-control": "no-cache"})
 
     async def _whole(self, call: Call, ep: Endpoint, resp: httpx.Response, headers: dict[str, str],
-                     att: _Attempt) -> Response:
+                     att: _Attempt, audited: bool = False) -> Response:
         try:
             data = await att.wait(resp.aread)
         except httpx.TransportError as e:
@@ -229,14 +267,32 @@ class Proxy:
         await resp.aclose()
         self.metrics.ttft.labels(call.model).observe(time.monotonic() - call.started)
         if resp.status_code == 200:
-            usage = _usage_of(data)
+            usage = _usage_of(data) if not audited else self._keep_whole(call, ep, data)
             if usage is not None:
                 self.on_usage(call, Usage(ep.node_id, call.model, *usage, complete=True))
         out = {k: v for k, v in resp.headers.items() if k.lower() == "content-type"}
         return Response(content=data, status_code=resp.status_code, headers={**out, **headers})
 
+    def _keep_whole(self, call: Call, ep: Endpoint, data: bytes) -> tuple[int, int] | None:
+        """An audited answer's usage, and its choice 0 handed to the audits (one parse for both)."""
+        try:
+            obj = json.loads(data)
+            u = obj.get("usage") or {}
+            usage = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+        except (ValueError, AttributeError, TypeError):
+            return None
+        choices = obj.get("choices")
+        choice = choices[0] if isinstance(choices, list) and len(choices) == 1 else None
+        if isinstance(choice, dict) and self.audit is not None:
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else choice.get("text")
+            if isinstance(text, str):
+                self.audit.keep(call, ep, text, choice.get("finish_reason"),
+                                usage[1] if isinstance(obj.get("usage"), dict) else None)
+        return usage
+
     async def _relay(self, call: Call, ep: Endpoint, slot: _Slot, first: ServerSentEvent,
-                     events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[bytes]:
+                     events: AsyncIterator[ServerSentEvent], capture: _Capture | None = None) -> AsyncIterator[bytes]:
         usage: tuple[int, int] | None = None
         content_events = relayed = 0
         finished = False
@@ -246,6 +302,8 @@ class Proxy:
             event: ServerSentEvent | None = first
             while event is not None:
                 out, found, has_content = _pass_event(event.data, call.client_wants_usage)
+                if capture is not None:
+                    capture.add(event.data)
                 if found is not None:
                     usage = found
                 content_events += has_content
@@ -278,8 +336,44 @@ class Proxy:
             await slot.release()
             if usage is not None:
                 self.on_usage(call, Usage(ep.node_id, call.model, usage[0], usage[1], complete=True))
+                if finished and capture is not None and capture.ok and self.audit is not None:
+                    self.audit.keep(call, ep, capture.text(), capture.finish_reason, usage[1])
             elif content_events:
                 self.on_usage(call, Usage(ep.node_id, call.model, 0, content_events, complete=False))
+
+
+class _Capture:
+    """An audited stream's choice 0, gathered from its events as they are relayed (parsed here,
+    for the drawn few only: the relay itself never parses a token event)."""
+
+    __slots__ = ("parts", "finish_reason", "ok")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.ok = True  # False: an event not understood, or a second choice (not scored)
+
+    def add(self, data: str) -> None:
+        if not self.ok or data.strip() == "[DONE]":
+            return
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            self.ok = False
+            return
+        for choice in (obj.get("choices") or []) if isinstance(obj, dict) else []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                self.ok = False
+                return
+            delta = choice.get("delta")
+            piece = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            if isinstance(piece, str):
+                self.parts.append(piece)
+            if choice.get("finish_reason") is not None:
+                self.finish_reason = choice["finish_reason"]
+
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 class _Slot:

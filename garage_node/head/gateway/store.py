@@ -46,6 +46,60 @@ MIGRATIONS: list[sqlite.Step] = [
         forfeited_before REAL                     -- what was credited before this is forfeited
     );
     """,
+    # v3: issue #20, the audits' findings (head/audit/book.py): one row per scored audit, each
+    # PC's standing in the sequential test, honest rates per model and precision, and the
+    # audit loop's state for `head audit status`.
+    """
+    CREATE TABLE audits (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,                 -- when the PC answered (unix time)
+        scored_at REAL NOT NULL,
+        node_id TEXT NOT NULL, model TEXT NOT NULL,
+        precision TEXT NOT NULL DEFAULT '',
+        kind TEXT NOT NULL,               -- customer | canary | recheck
+        greedy INTEGER NOT NULL, n INTEGER NOT NULL, bad INTEGER NOT NULL,
+        z REAL NOT NULL, mean_gap REAL NOT NULL,
+        early_stop INTEGER NOT NULL, usage_inflated INTEGER NOT NULL,
+        tokens_counted INTEGER NOT NULL, tokens_reported INTEGER NOT NULL,
+        llr_tokens REAL NOT NULL, llr_stops REAL NOT NULL, llr_usage REAL NOT NULL,
+        verifier TEXT NOT NULL,           -- a trusted PC's node id, or 'verifier_url'
+        engine TEXT NOT NULL DEFAULT ''   -- the PC's agent version when it answered
+    );
+    CREATE INDEX audits_node ON audits (node_id, at);
+    CREATE INDEX audits_model ON audits (model, precision, at);
+    CREATE TABLE audit_nodes (
+        node_id TEXT PRIMARY KEY,
+        requests INTEGER NOT NULL DEFAULT 0,      -- requests the gateway sent it
+        audits INTEGER NOT NULL DEFAULT 0,        -- audits weighed by the sequential test
+        sum_tokens REAL NOT NULL DEFAULT 0, sum_stops REAL NOT NULL DEFAULT 0,
+        sum_usage REAL NOT NULL DEFAULT 0,
+        updated_at REAL
+    );
+    CREATE TABLE audit_rates (
+        model TEXT NOT NULL, precision TEXT NOT NULL,
+        eps0 REAL NOT NULL,               -- the honest bad-token rate in use
+        tokens INTEGER NOT NULL, bad INTEGER NOT NULL, audits INTEGER NOT NULL,
+        calibrated_at REAL NOT NULL,
+        PRIMARY KEY (model, precision)
+    );
+    CREATE TABLE audit_state (
+        name TEXT PRIMARY KEY, value TEXT NOT NULL, at REAL NOT NULL
+    );
+    """,
+    # v4: issue #20, every forfeit the operator made (`head node forfeit`), not only the last:
+    # a PC quarantined, forfeited, released and quarantined again keeps its first forfeit
+    # (head/gateway/ledger.py counts what each freeze held as forfeited).
+    """
+    CREATE TABLE node_forfeits (
+        node_id TEXT NOT NULL,
+        frozen_at REAL NOT NULL,          -- the freeze it kept: what was not yet earned then
+        at REAL NOT NULL,                 -- when the operator forfeited it
+        PRIMARY KEY (node_id, frozen_at)
+    );
+    INSERT INTO node_forfeits (node_id, frozen_at, at)
+        SELECT node_id, forfeited_before, forfeited_before FROM node_trust
+        WHERE forfeited = 1 AND forfeited_before IS NOT NULL;
+    """,
 ]
 
 

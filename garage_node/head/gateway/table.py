@@ -120,29 +120,39 @@ class EndpointTable:
         return self._by_node.get(node_id)
 
     def usable(self, now: float) -> Callable[[Endpoint], bool]:
-        """Whether a PC takes new requests now (for the router, under `lock`)."""
-        return lambda ep: self._takes_requests(ep, now)
+        """Whether a PC takes new customers' requests now (for the router, under `lock`)."""
+        excluded = self.excluded()
+        return lambda ep: self._takes_requests(ep, now) and ep.node_id not in excluded
 
     def _takes_requests(self, ep: Endpoint, now: float) -> bool:
+        """Whether the PC itself can answer now. A quarantined PC can (its re-check's canaries,
+        pinned to it through `get`, reach it), so `excluded` is checked by the callers that
+        choose for customers: `usable`, `serving`, `models`."""
         return (ep.state == EngineState.HEALTHY and not ep.draining and now - ep.seen_at <= self.stale_after_s
                 and now >= ep.suspended_until)
 
     def serving(self, model: str) -> list[Endpoint]:
-        """The PCs that take new requests for this model now (live objects: read under `lock`)."""
+        """The PCs that take new customers' requests for this model now (live objects: read
+        under `lock`); not those quarantined by the audits."""
         now = self.clock.monotonic()
+        excluded = self.excluded()
         with self.lock:
-            return [ep for ep in self._by_model.get(model, []) if self._takes_requests(ep, now)]
+            return [ep for ep in self._by_model.get(model, [])
+                    if self._takes_requests(ep, now) and ep.node_id not in excluded]
 
     def models(self) -> list[ModelInfo]:
+        """Each model with the PCs that take customers' requests for it (a quarantined PC is
+        known but does not serve) and the PCs reporting it."""
         now = self.clock.monotonic()
         counts: dict[str, list[int]] = {}
+        excluded = self.excluded()
         with self.lock:
             for ep in self._by_node.values():
                 if now - ep.seen_at > self.stale_after_s:
                     continue
                 c = counts.setdefault(ep.model, [0, 0])
                 c[1] += 1
-                if self._takes_requests(ep, now):
+                if self._takes_requests(ep, now) and ep.node_id not in excluded:
                     c[0] += 1
         return [ModelInfo(m, c[0], c[1]) for m, c in sorted(counts.items())]
 

@@ -127,6 +127,14 @@ def secret_env(cfg: EngineSection, api_key: str = "") -> dict[str, str]:
     return env
 
 
+# vLLM's CPU build compiles its logprob kernels with torch.compile on first use, and inductor
+# needs a C++ compiler the engine image does not have: the first request asking for logprobs
+# (a customer's, or the head's audit verifier's prompt_logprobs) killed the engine for good
+# (EngineDeadError, then 500 on everything; measured on vLLM 0.32.0 CPU). Eager kernels instead.
+# An [engine] env setting of the owner's still wins.
+CPU_ENV = {"TORCHDYNAMO_DISABLE": "1"}
+
+
 def desired_spec(cfg: EngineSection, inventory: Inventory, bind_ip: str, api_key: str = "") -> tuple[EngineSpec, str]:
     """(spec, one-line explanation); raises EngineConfigError with what to do."""
     catalog = _catalog(cfg)
@@ -156,12 +164,13 @@ def _spec(cfg: EngineSection, inventory: Inventory, bind_ip: str, api_key: str, 
     """The spec of an engine serving `model` with `args`, from [engine]'s other settings."""
     if model_dir:
         args = _replace_arg(args, "--model", "/models/served")
+    base_env = CPU_ENV if cfg.device == "cpu" else {}
     secrets = secret_env(cfg, api_key)
     digest = hashlib.sha256(json.dumps(secrets, sort_keys=True).encode()).hexdigest()[:16] if secrets else ""
     return EngineSpec(
         image=cfg.image, model=model, args=tuple(args) + tuple(cfg.extra_args), bind_ip=bind_ip, port=cfg.port,
         device=cfg.device, gpu_ids=gpu_ids, shm_bytes=cfg.shm_size_mib * 1024 * 1024,
-        cache_dir=str(cfg.cache_dir), model_dir=model_dir, env=tuple(sorted({**cfg.env, **env}.items())),
+        cache_dir=str(cfg.cache_dir), model_dir=model_dir, env=tuple(sorted({**base_env, **cfg.env, **env}.items())),
         secret_env_digest=digest, api_key=api_key,
         gpu_access=cfg.gpu_access if cfg.device == "gpu" else "", passthrough=passthrough,
         driver_version=inventory.driver_version if cfg.device == "gpu" else None,

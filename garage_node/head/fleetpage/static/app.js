@@ -102,7 +102,8 @@ function totalsView(t, now) {
     note ? el("div", { class: "note", text: note }) : "");
   box.replaceChildren(
     tile("PCs online", `${t.pcs_online} / ${t.pcs}`,
-      [t.problems ? `${t.problems} need attention` : "no problems", t.paused ? `${t.paused} paused by their owners` : ""].filter(Boolean).join(" · ")),
+      [t.problems ? `${t.problems} need attention` : "no problems", t.quarantined ? `${t.quarantined} quarantined by the audits` : "",
+       t.paused ? `${t.paused} paused by their owners` : ""].filter(Boolean).join(" · ")),
     tile("GPUs", String(t.gpus), t.gpus_healthy !== t.gpus ? `${t.gpus - t.gpus_healthy} unhealthy` : "all healthy"),
     tile("Models served", String(t.models.length), t.models.join(", ") || "none healthy"),
     tile("Tokens/s now", dash(t.tokens_per_s), t.tokens_per_s === null ? "no engine reports it" : ""),
@@ -252,6 +253,15 @@ function fact(dl, name, value) {
   dl.append(el("dt", { text: name }), el("dd", { text: value }));
 }
 
+// A PC's standing with the region's audits (issue #20): quarantined and why, re-checked, a verifier.
+function auditText(a) {
+  const since = a.since ? ` since ${clock(a.since)}` : "";
+  const words = a.state === "quarantined" ? `quarantined${since}: ${a.why || "no reason given"}; no requests, no Ray work, earnings frozen`
+    : a.state === "rechecking" ? `re-checked on canaries${since} after a quarantine: ${a.why || ""}`
+    : "serving";
+  return (a.trusted ? "trusted verifier · " : "") + words + (a.forfeited ? " · frozen earnings forfeited" : "");
+}
+
 function drawPc(data) {
   const pc = data.pc, now = data.now, e = pc.engine || {};
   document.title = `${pc.name}: garage-node fleet`;
@@ -270,6 +280,7 @@ function drawPc(data) {
   fact(dl, "State", pc.message && pc.state && pc.message.startsWith(pc.state) ? pc.message : `${dash(pc.state)}${pc.message ? ": " + pc.message : ""}`);
   fact(dl, "Last seen", pc.last_seen ? `${ago(now - pc.last_seen)} (${clock(pc.last_seen)})` : "never");
   if (pc.paused) fact(dl, "Paused", pc.paused);
+  if (pc.audit) fact(dl, "Audits", auditText(pc.audit));
   fact(dl, "Ray worker", pc.ray_alive ? "alive at the Ray head" : "not listed by the Ray head");
   fact(dl, "Engine", e.state ? `${e.state}${e.model ? " · " + e.model : ""}${e.endpoint ? " at " + e.endpoint : ""}${e.draining ? " · draining" : ""}` : "–");
   fact(dl, "Load", e.requests_running === undefined || e.requests_running === null ? "–" :
