@@ -68,7 +68,8 @@ def rollout(args: Any) -> int:
             r = rolloutops.start(store, ReleaseStore(releases_root(cfg.head.state_dir)),
                                  setup.open_registry(cfg).nodes(), plan, now, cfg.options.offline_after_s)
             sizes = ", ".join(f"{w.name}: {w.size}" for w in rolloutops.waves(r))
-            print(f"rollout of {r.plan.version} started over {len(r.members)} PCs ({sizes}); the head tells the "
+            n = len(r.members)
+            print(f"rollout of {r.plan.version} started over {n} PC{'s' if n != 1 else ''} ({sizes}); the head tells the "
                   f"canary with its next heartbeat. Watch it with `garage-node head rollout status`")
             return 0
         if args.action in ("pause", "resume", "abort"):
@@ -89,7 +90,7 @@ def rollout(args: Any) -> int:
         print(json.dumps(rolloutops.summary(r), indent=2))
         return 0
     print(f"rollout of {r.plan.version} ({r.plan.variant}): {r.state.value}" + (f": {r.reason}" if r.reason else ""))
-    print(f"  started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(r.started_at))}, {r.touched()} PCs began, "
+    print(f"  started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(r.started_at))}, {r.touched()} PC{'s' if r.touched() != 1 else ''} began, "
           f"max failures {r.plan.max_failures_pct:g} % a wave")
     print(f"  {'WAVE':<14} {'SIZE':>5} {'OK':>5} {'FAILED':>7} {'BUSY':>5} {'WAITING':>8} {'PASSED':>7}")
     for w in rolloutops.waves(r):
