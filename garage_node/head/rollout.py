@@ -95,6 +95,9 @@ class Member:
     started_at: float | None = None
     resolved_at: float | None = None
     why: str = ""
+    # Its report already said "failed" for this version when it joined (an earlier rollout of
+    # the same version, aborted): that failure is not counted again until it begins anew.
+    stale_failure: bool = False
 
 
 @dataclass
@@ -139,7 +142,7 @@ class Rollout:
 
     @classmethod
     def start(cls, plan: RolloutPlan, node_ids: list[str], now: float,
-              blocked: set[tuple[str, str]] | None = None) -> Rollout:
+              blocked: set[tuple[str, str]] | None = None, stale_failures: set[str] | None = None) -> Rollout:
         """A rollout of `plan` over the PCs `node_ids` (reporting update facts, not on the
         version, not blocked for it), with its first wave (the canary) open."""
         plan = plan.check()
@@ -154,7 +157,7 @@ class Rollout:
         i = 0
         for wave, size in enumerate(sizes):
             for n in ids[i:i + size]:
-                members[n] = Member(n, wave)
+                members[n] = Member(n, wave, stale_failure=n in (stale_failures or set()))
             i += size
         r = cls(plan, RolloutState.RUNNING, now, members, sizes, blocked=set(blocked), updated_at=now)
         r._open_next(now)
@@ -188,7 +191,8 @@ class Rollout:
                 return False
             # Enrolled, or back online, after the start: it waits for the last wave (after the
             # rollout is done, it is told at once: a PC that was off catches up).
-            m = self.members[node_id] = Member(node_id, len(self.wave_sizes) - 1)
+            m = self.members[node_id] = Member(node_id, len(self.wave_sizes) - 1,
+                                               stale_failure=failed_before(update, v))
             self._count(m, +1)
             self.wave_sizes[-1] += 1
             self.dirty.add(node_id)
@@ -203,7 +207,8 @@ class Rollout:
             changed = self._resolve(m, MemberState.FAILED, now, update.last_why or
                                     f"came back on {update.os_version or 'the old version'} after its tries ran out")
         elif update.last_version == v and update.last_outcome == UpdateOutcome.FAILED:
-            changed = self._resolve(m, MemberState.FAILED, now, update.last_why or "the install failed")
+            if not (m.stale_failure and m.state != MemberState.STARTED):
+                changed = self._resolve(m, MemberState.FAILED, now, update.last_why or "the install failed")
         elif update.os_version == v and update.blessed:
             changed = self._resolve(m, MemberState.OK, now, "")
         elif m.state in (MemberState.TARGETED, MemberState.PASSED_OVER) and (
@@ -354,6 +359,10 @@ class Rollout:
         for m in self.members.values():
             if m.wave == wave and m.state == MemberState.QUEUED:
                 self._target(m, now)
+
+
+def failed_before(update: UpdateStatus, version: str) -> bool:
+    return update.last_version == version and update.last_outcome == UpdateOutcome.FAILED
 
 
 def eligible(node_id: str, update: UpdateStatus, plan: RolloutPlan, blocked: set[tuple[str, str]]) -> bool:

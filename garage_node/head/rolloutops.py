@@ -10,7 +10,8 @@ from typing import Any, Iterable
 from garage_node.core.wire import UpdateStatus, WireError, decode
 from garage_node.head.registry import NodeRow
 from garage_node.head.releases import ReleaseStore
-from garage_node.head.rollout import ENDED, MemberState, Rollout, RolloutError, RolloutPlan, eligible
+from garage_node.head.rollout import (ENDED, MemberState, Rollout, RolloutError, RolloutPlan, eligible,
+                                      failed_before)
 from garage_node.head.rolloutstore import RolloutStore
 
 
@@ -39,13 +40,15 @@ def start(store: RolloutStore, releases: ReleaseStore, nodes: Iterable[NodeRow],
         raise RolloutError(f"the rollout of {current.plan.version} is {current.state}: abort it first "
                            "(`garage-node head rollout abort`)")
     blocked = store.blocked()
-    ids = []
+    ids, stale = [], set()
     for n in nodes:
         facts = update_facts(n.report)
         online = n.last_seen is not None and now - n.last_seen <= offline_after_s
         if not n.revoked and online and facts is not None and eligible(n.id, facts, plan, blocked):
             ids.append(n.id)
-    return store.create(Rollout.start(plan, ids, now, blocked))
+            if failed_before(facts, plan.version):
+                stale.add(n.id)
+    return store.create(Rollout.start(plan, ids, now, blocked, stale))
 
 
 def command(store: RolloutStore, action: str, now: float) -> Rollout:

@@ -38,6 +38,7 @@ MIGRATIONS: list[sqlite.Step] = [
         started_at REAL,
         resolved_at REAL,
         why TEXT NOT NULL DEFAULT '',
+        stale_failure INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (rollout_id, node_id)
     );
     CREATE TABLE blocked (
@@ -83,7 +84,7 @@ class RolloutStore:
         plan_d = json.loads(row["plan"])
         plan_d["waves"] = tuple(plan_d["waves"])
         members = {m["node_id"]: Member(m["node_id"], m["wave"], MemberState(m["state"]), m["targeted_at"],
-                                        m["started_at"], m["resolved_at"], m["why"])
+                                        m["started_at"], m["resolved_at"], m["why"], bool(m["stale_failure"]))
                    for m in self.db.query("SELECT * FROM members WHERE rollout_id = ?", (row["id"],))}
         return Rollout(RolloutPlan(**plan_d), RolloutState(row["state"]), row["started_at"], members,
                        json.loads(row["wave_sizes"]), row["open_waves"], row["reason"], row["id"], row["updated_at"],
@@ -122,7 +123,8 @@ class RolloutStore:
 
         assert isinstance(db, sqlite3.Connection)
         db.executemany(
-            "INSERT OR REPLACE INTO members (rollout_id, node_id, wave, state, targeted_at, started_at, resolved_at, why) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(r.id, m.node_id, m.wave, m.state.value, m.targeted_at, m.started_at, m.resolved_at, m.why)
+            "INSERT OR REPLACE INTO members (rollout_id, node_id, wave, state, targeted_at, started_at, resolved_at, why, "
+            "stale_failure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(r.id, m.node_id, m.wave, m.state.value, m.targeted_at, m.started_at, m.resolved_at, m.why,
+              int(m.stale_failure))
              for m in (r.members[i] for i in ids)])

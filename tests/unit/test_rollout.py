@@ -321,3 +321,27 @@ def test_head_nodes_shows_the_os_version_and_the_update(tmp_path):
         os_version="v1", target="v2", pending_why="outside the update window daily 03:00-06:00"))
     assert "update" not in row(UpdateStatus(os_version="v2", target="v2", last_version="v2",
                                             last_outcome=UpdateOutcome.OK)).split("\n")[1]
+
+
+def test_a_failure_left_from_an_aborted_rollout_does_not_stop_the_next(tmp_path, releases):
+    # Every PC last said "update to v2 failed" (say, the head's disk was full during a rollout
+    # the operator aborted). A new rollout of v2 must not halt on that old word: each PC tries
+    # again, and only a failure after it began counts.
+    clock = [1_000_000.0]
+    pcs = [SimPC(f"n{i:010d}", last_version=V2, last_outcome=UpdateOutcome.FAILED) for i in range(50)]
+    r = start(operator(tmp_path), releases, [node_row(pc, clock[0]) for pc in pcs], PLAN, clock[0], 60)
+    assert all(m.stale_failure for m in r.members.values())
+    reg = Region(RolloutKeeper(RolloutStore(tmp_path / "rollout.sqlite", "NORMAL"), clock=lambda: clock[0]), pcs, clock)
+    reg.run(60)
+    assert reg.keeper.store.current().state == RolloutState.DONE  # type: ignore[union-attr]
+    assert all(pc.os_version == V2 for pc in pcs)
+    # A PC that then begins and fails again does count: broken PCs halt the next rollout.
+    clock2 = [clock[0]]
+    pcs2 = [SimPC(f"m{i:010d}", Behaviour.BROKEN, last_version=V2, last_outcome=UpdateOutcome.FAILED)
+            for i in range(50)]
+    (tmp_path / "b").mkdir()
+    start(operator(tmp_path / "b"), releases, [node_row(pc, clock2[0]) for pc in pcs2], PLAN, clock2[0], 60)
+    reg2 = Region(RolloutKeeper(RolloutStore(tmp_path / "b" / "rollout.sqlite", "NORMAL"), clock=lambda: clock2[0]),
+                  pcs2, clock2)
+    reg2.run(20)
+    assert reg2.keeper.store.current().state == RolloutState.HALTED and reg2.began() == 1  # type: ignore[union-attr]
