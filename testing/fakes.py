@@ -83,6 +83,7 @@ class FakeHead:
     ray_dead: bool = False  # the head's Ray declared this node's Ray node dead
     engine_api_key: str = "gne-engine-key"
     tokens_served: TokensServed | None = None
+    update_target: str | None = None  # the head's rollout's target for the PC (issue #19)
     enrollments: int = 0
     heartbeats: list[NodeReport] = field(default_factory=list)
     # Credentials: lifetime told with heartbeats (None: a head that does not expire them),
@@ -149,6 +150,7 @@ class FakeHeadClient:
         return HeartbeatReply(node_id=self.ident.node_id, ray_alive=h.ray_alive, ray_token=h.ray_token,
                               ray_cluster_id=h.ray_cluster_id, ray_dead=h.ray_dead,
                               engine_api_key=h.engine_api_key, tokens_served=h.tokens_served,
+                              update_target=h.update_target,
                               credential_expires_in_s=h.expires_in(self.ident.node_id), credential_lifetime_s=h.credential_lifetime_s,
                               **{f: getattr(h.facts, f) for f in ("prefix_len", "hub", "ray_address", "region", "heartbeat_s", "versions")})
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from garage_node.cli import headmodel
+from garage_node.cli import headrelease
+from garage_node.cli import headrollout
 from garage_node.cli import headaudit
 from garage_node.cli import headtrust
 from garage_node.cli import headweights
@@ -64,6 +66,8 @@ def add_commands(sub) -> None:
         "the old and signs out everyone who used it")
     headmodel.add_command(cmd)  # `head model ...`: the region's catalog (cli/headmodel.py)
     headweights.add_command(cmd)  # `head weights ...`: the model store (cli/headweights.py)
+    headrelease.add_command(cmd)  # `head release ...`: signed OS releases (cli/headrelease.py)
+    headrollout.add_command(cmd, duration)  # `head rollout ...`: releases across the region (cli/headrollout.py)
     headtrust.add_command(cmd)  # `head node ...`: a PC's trust and quarantine (cli/headtrust.py)
     headaudit.add_command(cmd)  # `head audit ...`: the audits' status and calibration (cli/headaudit.py)
 

@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from garage_node.cli import nodeupdate
 from garage_node.core.wire import encode
 from garage_node.node.config import load_node_config
 
@@ -35,6 +36,7 @@ def add_commands(sub) -> None:
         "(what garage-screen.service runs on tty1)")
     pl = cmd("plan", plan, "show which model and vLLM settings fit this PC's GPUs, and the arithmetic")
     pl.add_argument("--json", action="store_true")
+    nodeupdate.add_command(cmd)  # `update approve VERSION` (cli/nodeupdate.py)
 
 
 def run(args) -> int:

@@ -355,6 +355,7 @@ class Status:
     # What the head's placement knows of this PC, and what it assigned (None: nothing yet).
     placement: PlacementFacts | None = None
     assignment: Assignment | None = None
+    update: UpdateStatus | None = None  # the OS and its updates (None: not an A/B stick, or unknown)
     # The head's audits quarantined this PC (from the head's last answer); None: not quarantined.
     quarantine: QuarantineStatus | None = None
 
@@ -417,6 +418,35 @@ class PlacementFacts:
     # counts the PC as not running that model and, for a while, assigns it something else.
     refused_generation: Count = 0
     refused_why: Message | None = None
+
+
+class UpdateOutcome(StrEnum):
+    """How the PC's last update of its OS went (issue #19)."""
+
+    INSTALLING = "installing"  # written to the other slot; rebooting into it
+    OK = "ok"  # booted into it, and the boot was blessed (its health gate passed)
+    FAILED = "failed"  # not installed (the signature, a sum, the write): still on the old version
+    ROLLED_BACK = "rolled-back"  # booted into it, its tries ran out, back on the old version
+
+
+@dataclass(frozen=True)
+class UpdateStatus:
+    """The PC's OS and its updates (issue #19): the A/B stick's two versions, the boot counter,
+    the owner's [update] policy and the last update's outcome. None from an older agent, which
+    the head's rollouts then leave out."""
+
+    os_version: ShortText | None = None  # the booted version (os-release IMAGE_VERSION)
+    variant: ShortText | None = None  # the stick's variant: "base" or "nvidia" (a release is for one)
+    other_version: ShortText | None = None  # the other slot's version; None: empty
+    blessed: bool | None = None  # the current boot was marked good; None: not known
+    tries_left: Count | None = None  # boots left before systemd-boot falls back (unblessed only)
+    policy: ShortText | None = None  # [update] when: "window", "idle", "never" or "ask"
+    target: ShortText | None = None  # the version the head wants here; None: none
+    pending_why: Message | None = None  # why the target is not being installed now
+    last_version: ShortText | None = None
+    last_outcome: UpdateOutcome | None = None
+    last_why: Message | None = None
+    last_at: WallTime | None = None
 
 
 @dataclass(frozen=True)
@@ -493,6 +523,7 @@ class NodeReport:
     engine: EngineReport
     serving: ServingStatus | None = None  # None: an older agent
     placement: PlacementFacts | None = None  # None: an older agent (never assigned anything)
+    update: UpdateStatus | None = None  # None: an older agent, or no A/B stick (never in a rollout)
 
     @classmethod
     def of(cls, status: Status) -> NodeReport:
@@ -553,6 +584,8 @@ class HeartbeatExtras:
     tokens_served: TokensServed | None = None
     # The head's placement's part (head/placement.py): the PC's assignment, or None.
     assignment: Assignment | None = None
+    # The head's rollout's part (head/rollout.py): the OS version this PC should update to.
+    update_target: str | None = None
     # The audits' part (head/audit/trust.py): why this PC is quarantined, or None.
     quarantine: QuarantineStatus | None = None
 
@@ -586,6 +619,9 @@ class HeartbeatReply(RegionFacts):
     tokens_served: TokensServed | None = None
     # What the head wants this PC to serve (issue #18); None: plan for yourself.
     assignment: Assignment | None = None
+    # The OS release this PC should update to (issue #19; served under /v1/releases/<version>/);
+    # None: stay on what it runs.
+    update_target: str | None = None
     # The region's audits quarantined this PC (issue #20): no customers, no Ray work, earnings
     # frozen; the agent stops offering its GPUs to Ray and tells its owner. None: it is not.
     quarantine: QuarantineStatus | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from garage_node.core.wire import NodeReport, WireError, decode
+from garage_node.core.wire import NodeReport, UpdateOutcome, UpdateStatus, WireError, decode
 from garage_node.head.registry import NodeRow, Registry
 
 
@@ -61,6 +61,8 @@ class FleetRow:
     paused: str | None = None  # why the PC does not serve now: the owner's hours, heat
     tokens_served_today: int = 0  # through the gateway (its usage ledger), since 00:00 UTC
     tokens_served_total: int = 0
+    os_version: str | None = None  # the stick's booted OS version (an A/B stick; issue #19)
+    update_note: str | None = None  # an update under way, waiting (why), or rolled back
     # The region's audits (head/audit/trust.py): "ok", "quarantined" or "rechecking", and why.
     trust_state: str = "ok"
     quarantine_why: str | None = None
@@ -93,7 +95,22 @@ def row_of(n: NodeRow, now: float, offline_after_s: float) -> FleetRow:
         versions=NodeVersions(report.versions.agent, report.versions.ray, report.versions.python) if report else None,
         enrolled_at=n.enrolled_at, revoked_at=n.revoked_at, report_error=error,
         paused=report.serving.paused if report and report.serving else None,
+        os_version=report.update.os_version if report and report.update else None,
+        update_note=update_note(report.update) if report and report.update else None,
     )
+
+
+def update_note(u: UpdateStatus) -> str | None:
+    """The PC's update in a few words for `head nodes`: rolled back, under way, or waiting."""
+    if u.last_outcome == UpdateOutcome.ROLLED_BACK and u.last_version:
+        return f"rolled back from {u.last_version}" + (f": {u.last_why}" if u.last_why else "")
+    if u.last_outcome == UpdateOutcome.FAILED and u.last_version:
+        return f"update to {u.last_version} failed" + (f": {u.last_why}" if u.last_why else "")
+    if u.last_outcome == UpdateOutcome.INSTALLING and u.last_version:
+        return f"updating to {u.last_version}"
+    if u.target and u.target != u.os_version:
+        return f"update to {u.target} waits" + (f": {u.pending_why}" if u.pending_why else "")
+    return None
 
 
 def _report(n: NodeRow) -> tuple[NodeReport | None, str | None]:
@@ -108,15 +125,18 @@ def _report(n: NodeRow) -> tuple[NodeReport | None, str | None]:
 def render_nodes(rows: list[FleetRow]) -> str:
     if not rows:
         return "No nodes yet. Make a join token with `garage-node head token create`."
-    out = [f"{'NODE':<13}{'NAME':<16}{'OVERLAY IP':<15}{'STATUS':<9}{'RAY':<6}{'SEEN':<7}{'ENGINE':<30}{'TOKENS':>8}  GPUS"]
+    out = [f"{'NODE':<13}{'NAME':<16}{'OVERLAY IP':<15}{'STATUS':<9}{'RAY':<6}{'SEEN':<7}{'OS':<13}{'ENGINE':<30}"
+           f"{'TOKENS':>8}  GPUS"]
     for r in rows:
         gpus = ", ".join(f"{g.name} {g.memory_total_mib / 1024:.0f}G{_gpu_flag(g)}" for g in r.gpus) or "CPU only"
         seen = f"{r.last_seen_age_s:.0f}s" if r.last_seen_age_s is not None else "-"
         e = r.engine
         engine = f"{e.state} {e.model or ''}".strip() if e.state else "-"
         out.append(f"{r.node_id:<13}{r.name[:15]:<16}{r.overlay_ip:<15}{r.status:<9}"
-                   f"{'alive' if r.ray_alive else '-':<6}{seen:<7}{engine[:29]:<30}{_count(r.tokens_served_total):>8}  {gpus}"
-                   + (f"  paused: {r.paused}" if r.paused else "") + _trust_note(r))
+                   f"{'alive' if r.ray_alive else '-':<6}{seen:<7}{(r.os_version or '-')[:12]:<13}{engine[:29]:<30}"
+                   f"{_count(r.tokens_served_total):>8}  {gpus}"
+                   + (f"  paused: {r.paused}" if r.paused else "") + _trust_note(r)
+                   + (f"  {r.update_note}" if r.update_note else ""))
     return "\n".join(out)
 
 

@@ -368,6 +368,15 @@ def run(cfg: HeadConfig) -> None:
         gateway.metrics.watch_trust(gateway.trust.snapshot)  # the audits' quarantines (issue #20)
         service.quarantined = gateway.trust.excluded  # refused Ray at the hub's firewall
     node_extras = _with_assignment(node_extras, placement.assignment)
+    # Rollouts of the stick's OS (head/rollout.py): every report feeds the rollout, and each
+    # answer names the PC's update target; the operator's commands change its file.
+    from garage_node.head.rolloutkeeper import RolloutKeeper, with_target
+    from garage_node.head.rolloutstore import RolloutStore
+    from garage_node.head.rolloutstore import database_path as rollout_db
+
+    rollouts = RolloutKeeper(RolloutStore(rollout_db(cfg.head.state_dir), synchronous="NORMAL"))
+    reports.subscribe(rollouts.on_report)
+    node_extras = with_target(node_extras, rollouts.target)
     if cfg.fleet.enabled:
         # The operator's fleet page ([fleet]): a history fed by every accepted heartbeat.
         from garage_node.head.fleetpage import History
@@ -382,6 +391,7 @@ def run(cfg: HeadConfig) -> None:
     def started() -> None:
         service.start()
         placement.start()
+        rollouts.start()
         if gateway is not None:
             gateway.start()
         for listener in listeners:
@@ -394,6 +404,7 @@ def run(cfg: HeadConfig) -> None:
         for listener in reversed(listeners):
             listener.stop()
         placement.stop()
+        rollouts.stop()
         if gateway is not None:
             gateway.stop()  # the usage ledger's last batch
         service.stop()
@@ -409,6 +420,11 @@ def run(cfg: HeadConfig) -> None:
     from garage_node.head.modelstore import ModelStore, store_root
 
     app.include_router(store_api.router(service.registry, ModelStore(store_root(cfg.head.state_dir))))
+    # The operator's signed releases of the stick's OS (head/releases.py), fetched by PCs the same way.
+    from garage_node.head.api import releases as releases_api
+    from garage_node.head.releases import ReleaseStore, releases_root
+
+    app.include_router(releases_api.router(service.registry, ReleaseStore(releases_root(cfg.head.state_dir))))
     # The API faces the internet: uvicorn's h11 protocol with a deadline for every request and
     # a cap on connections per address, and a loop that bounds TLS handshakes (connguard.py).
     limits = GuardLimits(request_timeout_s=cfg.api.request_timeout_s,

@@ -124,6 +124,21 @@ class ScheduleSection:
     timezone: str = setting("", check=(check_timezone, "an IANA time zone such as Europe/Berlin, or empty for the PC's own"))
 
 
+@dataclass(frozen=True)
+class UpdateSection:
+    """When this PC may update its OS (an A/B stick; issue #19, node/update.py decides).
+
+    when = "window": in the hours of `windows` (below; the serving hours' syntax), after
+    draining; "idle": whenever the PC is not serving (outside its serving hours, or drained);
+    "ask": only a version the owner approved on the PC (`garage-node update approve VERSION`);
+    "never": no update at all (the head's rollouts leave the PC out)."""
+
+    when: str = setting("window", check=one_of("window", "idle", "ask", "never"))
+    windows: tuple[str, ...] = setting(("daily 03:00-06:00",), check=(check_windows, "a list of " + WINDOW_HELP))
+    # Empty: the serving hours' zone ([schedule] timezone), else the PC's own.
+    timezone: str = setting("", check=(check_timezone, "an IANA time zone such as Europe/Berlin, or empty"))
+
+
 def _temp_ok(v: int) -> bool:
     return v == 0 or 40 <= v <= 110
 
@@ -171,6 +186,7 @@ class NodeConfig:
     ssh: SshSection = field(default_factory=SshSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     gpu: GpuSection = field(default_factory=GpuSection)
+    update: UpdateSection = field(default_factory=UpdateSection)
 
     @property
     def socket_path(self) -> Path:
@@ -192,6 +208,9 @@ def load_node_config(path: Path | None = None, override: Path | None = None) -> 
 def check_across(cfg: NodeConfig, source: str) -> None:
     """Rules between keys (each key's own rule is its setting's check)."""
     g = cfg.gpu
+    if cfg.update.when == "window" and not cfg.update.windows:
+        raise ConfigError(f"{source}: [update] windows is empty while when = \"window\": give the hours updates may "
+                          "happen in (e.g. [\"daily 03:00-06:00\"]), or set when = \"idle\", \"ask\" or \"never\".")
     # A resume point at or above the limit would drain and resume the engine on every reading.
     if g.max_temp_c and g.resume_temp_c and g.resume_temp_c >= g.max_temp_c:
         raise ConfigError(f"{source}: [gpu] resume_temp_c must be below max_temp_c (or 0 for 10 °C below it); "

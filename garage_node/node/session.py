@@ -65,6 +65,7 @@ class HeadSession:
         self.beats = beats
         self.link = HeadLink()
         self.tokens_served: TokensServed | None = None  # as the head's last answer said
+        self.update_target: str | None = None  # the OS version the head's rollout wants here (issue #19)
         # Why the region's audits quarantined this PC, as the head's last answer said (None: not).
         self.quarantine: QuarantineStatus | None = None
         # What the head wants this PC to serve (issue #18), as its last answer said; kept while
@@ -189,6 +190,7 @@ class HeadSession:
         self._backoff.reset()
         updated = updated_by(ident, reply)
         self.tokens_served = reply.tokens_served
+        self.update_target = reply.update_target
         self.quarantine = reply.quarantine
         self._keep_assignment(reply.assignment)
         if updated != ident:

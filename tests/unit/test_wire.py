@@ -99,6 +99,7 @@ def sample_status(**over) -> wire.Status:
         last_error=None, agent=wire.AgentInfo(pid=1, uptime_s=2.0),
         serving=wire.ServingStatus(serving=True, max_temp_c=85),
         placement=wire.PlacementFacts(device="gpu", weights_held=["qwen2.5-7b"], assignment_generation=3),
+        update=wire.UpdateStatus(os_version="2026.12.1", blessed=True, policy="window"),
     )
     values.update(over)
     return wire.Status(**values)

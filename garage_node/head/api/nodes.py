@@ -74,6 +74,7 @@ def router(registry: Registry, facts: RegionFacts, ray_token: Callable[[], str] 
                               credential_expires_in_s=round(auth.expires_in_s, 1),
                               credential_lifetime_s=auth.lifetime_s, engine_api_key=extras.engine_api_key,
                               tokens_served=extras.tokens_served, assignment=extras.assignment,
+                              update_target=extras.update_target,
                               quarantine=extras.quarantine,
                               **region_fields(facts))
 

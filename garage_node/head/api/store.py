@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 from fastapi import APIRouter, Depends, Header, Path
 from fastapi.responses import FileResponse
@@ -35,17 +35,17 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "the store does not hold this model, or the model has no such file"}}
 
 
-def router(registry: Registry, store: ModelStore) -> APIRouter:
-    r = APIRouter()
+def node_only(registry: Registry, what: str = "the model store") -> Callable[..., str]:
+    """A FastAPI dependency: the node's id if it may fetch files (enrolled, not revoked, a valid
+    credential); refuses (401/403) as the heartbeat does. The releases' routes use it too."""
 
-    def node_only(node_id: NodeHeader = None, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
-        """The node's id if it may fetch weights; refuses (401/403) as the heartbeat does."""
+    def check(node_id: NodeHeader = None, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
         auth = None
         if node_id is not None and re.fullmatch(NODE_ID, node_id) and creds is not None:
             auth = registry.authenticate(node_id, creds.credentials)
         if auth is None:
             raise ApiError(401, ErrorCode.UNAUTHORIZED,
-                           f"the model store answers enrolled nodes only: send the node's credential "
+                           f"{what} answers enrolled nodes only: send the node's credential "
                            f"(Authorization: Bearer) and its id ({modelfiles.NODE_HEADER})")
         if auth.node.revoked:
             raise ApiError(403, ErrorCode.REVOKED, "the operator revoked this node: it needs a new join token to rejoin")
@@ -53,6 +53,13 @@ def router(registry: Registry, store: ModelStore) -> APIRouter:
             raise ApiError(401, ErrorCode.CREDENTIAL_EXPIRED,
                            "this node's credential has expired: it renews it with its heartbeats, or joins again")
         return auth.node.id
+
+    return check
+
+
+def router(registry: Registry, store: ModelStore) -> APIRouter:
+    r = APIRouter()
+    node_only_ = node_only(registry)
 
     def not_stored(name: str) -> ApiError:
         return ApiError(404, "http_404", f"the head's model store does not hold model {name[:100]!r}: the operator adds "
@@ -62,7 +69,7 @@ def router(registry: Registry, store: ModelStore) -> APIRouter:
     @r.get(modelfiles.STORE_PREFIX + "{name}/" + modelfiles.MANIFEST,
            summary="A stored model's manifest: its files with size and SHA-256, and a digest of them",
            responses={**responses(401, 403, 422), **_NOT_FOUND})
-    def manifest(name: ModelNamePath, node_id: str = Depends(node_only)) -> dict[str, Any]:
+    def manifest(name: ModelNamePath, node_id: str = Depends(node_only_)) -> dict[str, Any]:
         m = store.manifest(name)
         if m is None:
             raise not_stored(name)
@@ -75,7 +82,7 @@ def router(registry: Registry, store: ModelStore) -> APIRouter:
            response_class=FileResponse, responses={**responses(401, 403, 422), **_NOT_FOUND,
                                                    206: {"description": "the part of the file the Range asked for"},
                                                    500: {"model": ErrorBody, "description": "the store's copy is damaged"}})
-    def file(name: ModelNamePath, path: str, node_id: str = Depends(node_only)) -> FileResponse:
+    def file(name: ModelNamePath, path: str, node_id: str = Depends(node_only_)) -> FileResponse:
         found = store.file_path(name, path)
         if found is None:
             if store.manifest(name) is None:

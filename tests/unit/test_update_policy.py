@@ -1,0 +1,216 @@
+"""The PC's update policy (node/update.py, [update] of node/config.py): may it update now (only
+on a blessed boot, in the owner's window or when idle, approved where the owner asks, after
+draining), the boot counter read from efivarfs and the ESP as systemd-boot leaves them, and the
+outcome written before the reboot and settled after it."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from garage_node.core.settings import ConfigError
+from garage_node.core.wire import UpdateOutcome
+from garage_node.node import update as up
+from garage_node.node.config import load_node_config
+from garage_node.node.update import Action, BootFacts, Policy, UpdateRecord, decide
+
+BERLIN = ZoneInfo("Europe/Berlin")
+GOOD = BootFacts(os_version="v1", blessed=True, tries_left=None, ab=True)
+
+
+def at(text: str) -> float:
+    """Epoch seconds of a local Berlin time, e.g. "2026-12-07 04:00" (a Monday)."""
+    return datetime.strptime(text, "%Y-%m-%d %H:%M").replace(tzinfo=BERLIN).timestamp()
+
+
+def decision(target: str | None = "v2", boot: BootFacts = GOOD, policy: Policy | None = None,
+             when: str = "2026-12-07 04:00", **kw) -> up.Decision:
+    kw.setdefault("serving", False)
+    kw.setdefault("idle", True)
+    return decide(target, boot, policy or Policy("window", ("daily 03:00-06:00",), BERLIN), at(when), **kw)
+
+
+def test_nothing_to_do_without_a_target_or_on_it():
+    assert decision(None).action == Action.NONE
+    assert decision("v1").action == Action.NONE
+
+
+def test_in_the_window_on_a_blessed_boot_it_installs_after_draining():
+    assert decision().action == Action.INSTALL
+    d = decision(idle=False)
+    assert d == up.Decision(Action.DRAIN, "draining before the update to v2")
+
+
+def test_outside_the_window_it_waits_and_says_until_when():
+    d = decision(when="2026-12-07 14:00")
+    assert d.action == Action.WAIT
+    assert d.why == "outside the update window daily 03:00-06:00 (next from Tue 03:00 CET)"
+    # Over midnight and by the zone's wall clock: 23:30-01:00 is open at 00:30.
+    assert decision(policy=Policy("window", ("daily 23:30-01:00",), BERLIN), when="2026-12-08 00:30").action == \
+        Action.INSTALL
+
+
+def test_never_on_a_boot_that_is_not_blessed():
+    d = decision(boot=BootFacts("v1", False, 2, True))
+    assert d.action == Action.WAIT and "not confirmed good yet (2 tries left)" in d.why
+    assert decision(boot=BootFacts("v1", None, None, True)).action == Action.WAIT  # not known: not allowed
+
+
+def test_the_owners_never_ask_and_idle():
+    assert decision(policy=Policy("never")).why == 'the owner allows no updates ([update] when = "never")'
+    d = decision(policy=Policy("ask"))
+    assert d.action == Action.WAIT and "garage-node update approve v2" in d.why
+    assert decision(policy=Policy("ask"), approved="v1").action == Action.WAIT
+    assert decision(policy=Policy("ask"), approved="v2").action == Action.INSTALL
+    d = decision(policy=Policy("idle"), serving=True, idle=False)
+    assert d.action == Action.WAIT and "only when it is not serving" in d.why
+    assert decision(policy=Policy("idle"), serving=False, idle=False).action == Action.DRAIN
+    assert decision(policy=Policy("idle"), when="2026-12-07 14:00").action == Action.INSTALL  # no window for idle
+
+
+def test_a_version_that_rolled_back_is_not_tried_again_and_a_stick_without_ab_says_so():
+    d = decision(refused=frozenset({"v2"}))
+    assert d.action == Action.WAIT and "not tried again" in d.why
+    d = decision(boot=BootFacts("v1", True, None, ab=False))
+    assert d.action == Action.WAIT and "flash an A/B stick" in d.why
+
+
+def test_the_boot_counter(tmp_path):
+    assert up.parse_counter("\\EFI\\Linux\\garage_2026.12.1+2-1.efi") == (2, 1)
+    assert up.parse_counter("/loader/entries/garage+3.conf") == (3, 0)
+    assert up.parse_counter("\\EFI\\Linux\\garage_2026.12.1.efi") is None
+    osr = tmp_path / "os-release"
+    osr.write_text('ID=debian\nIMAGE_ID=garage-node\nIMAGE_VERSION="2026.12.1"\n')
+    efivars, esp, sud = tmp_path / "efivars", tmp_path / "esp", tmp_path / "sysupdate.d"
+    sysupdate = tmp_path / "systemd-sysupdate"
+    kw = dict(os_release=osr, efivars=efivars, esp=esp, sysupdate_d=sud, sysupdate=(str(sysupdate),))
+    # No EFI: nothing known about blessing; not an A/B stick.
+    assert up.boot_facts(**kw) == BootFacts("2026.12.1", None, None, False)  # type: ignore[arg-type]
+    efivars.mkdir()
+    # Booted an uncounted entry (or one already blessed before this boot).
+    assert up.boot_facts(**kw).blessed is True  # type: ignore[arg-type]
+    entry = "\\EFI\\Linux\\garage_2026.12.1+1-2.efi"
+    (efivars / up.BOOT_COUNT_VAR).write_bytes(b"\x06\x00\x00\x00" + (entry + "\0").encode("utf-16-le"))
+    counted = esp / "EFI" / "Linux" / "garage_2026.12.1+1-2.efi"
+    counted.parent.mkdir(parents=True)
+    counted.write_bytes(b"MZ")
+    assert up.boot_facts(**kw) == BootFacts("2026.12.1", False, 1, False)  # type: ignore[arg-type]
+    # systemd-bless-boot renames it without the counter: blessed.
+    counted.rename(counted.with_name("garage_2026.12.1.efi"))
+    assert up.boot_facts(**kw).blessed is True  # type: ignore[arg-type]
+    # An A/B stick: systemd-sysupdate and its transfers.
+    sysupdate.write_text("#!/bin/sh\n")
+    os.chmod(sysupdate, 0o755)
+    sud.mkdir()
+    assert up.boot_facts(**kw).ab is False  # type: ignore[arg-type]
+    (sud / "50-root.conf").write_text("[Transfer]\n")
+    assert up.boot_facts(**kw).ab is True  # type: ignore[arg-type]
+    assert "systemd 252" in (up.installer_missing((str(tmp_path / "none"),)) or "")
+
+
+def test_the_outcome_across_the_reboot(tmp_path):
+    rec = UpdateRecord().started("v2", 100.0)
+    path = tmp_path / "update.json"
+    up.save_record(path, rec)
+    rec = up.load_record(path)
+    assert rec.last_outcome == UpdateOutcome.INSTALLING and rec.last_version == "v2"
+    # Booted v2, health gate not passed yet: still installing.
+    assert up.settle(rec, BootFacts("v2", False, 2, True), 200.0) == rec
+    ok = up.settle(rec, BootFacts("v2", True, None, True), 200.0)
+    assert ok.last_outcome == UpdateOutcome.OK and ok.refused == ()
+    # Back on v1: its tries ran out. Refused for good, and said so.
+    back = up.settle(rec, BootFacts("v1", True, None, True), 300.0)
+    assert back.last_outcome == UpdateOutcome.ROLLED_BACK and back.refused == ("v2",)
+    assert back.last_why == "v2 did not pass its health check within its tries: back on v1"
+    up.save_record(path, back)
+    assert up.load_record(path) == back
+    assert decision(refused=frozenset(up.load_record(path).refused)).action == Action.WAIT
+    # A damaged file is a fresh record, not a crash.
+    path.write_text("{not json")
+    assert up.load_record(path) == UpdateRecord()
+    s = up.status(GOOD, back, Policy("window"), "v2", decision(refused=frozenset({"v2"})), "base", "v2")
+    assert s.last_outcome == UpdateOutcome.ROLLED_BACK and s.pending_why and "not tried again" in s.pending_why
+
+
+def test_the_update_section_of_garage_toml(tmp_path):
+    base = tmp_path / "node.toml"
+    base.write_text("")
+    over = tmp_path / "garage.toml"
+    assert load_node_config(base, tmp_path / "none.toml").update.when == "window"
+    over.write_text('[update]\nwhen = "idle"\n')
+    assert load_node_config(base, over).update.when == "idle"
+    over.write_text('[update]\nwhen = "sometimes"\n')
+    with pytest.raises(ConfigError, match="'update.when' must be one of window, idle, ask, never"):
+        load_node_config(base, over)
+    over.write_text('[update]\nwindows = ["nightly"]\n')
+    with pytest.raises(ConfigError, match="'update.windows' must be a list of"):
+        load_node_config(base, over)
+    over.write_text('[update]\nwindows = []\n')
+    with pytest.raises(ConfigError, match=r"\[update\] windows is empty while when = \"window\""):
+        load_node_config(base, over)
+    over.write_text('[update]\nwhen = "window"\nwindows = ["sat-sun 02:00-05:00"]\ntimezone = "Europe/Berlin"\n')
+    p = up.policy_of(load_node_config(base, over).update)
+    assert p.windows == ("sat-sun 02:00-05:00",) and str(p.tz) == "Europe/Berlin"
+
+
+def test_update_approve(tmp_path, capsys):
+    from garage_node.cli import main
+
+    conf = tmp_path / "node.toml"
+    conf.write_text(f'[node]\nstate_dir = "{tmp_path / "state"}"\n[update]\nwhen = "ask"\n')
+    args = ["--config", str(conf), "--override", str(tmp_path / "none.toml")]
+    assert up.approved(tmp_path / "state") is None
+    assert main(["update", "approve", "2026.12.1", *args]) == 0
+    assert capsys.readouterr().out.startswith("approved 2026.12.1: this PC installs it")
+    assert up.approved(tmp_path / "state") == "2026.12.1"
+    assert decision(policy=Policy("ask"), approved=up.approved(tmp_path / "state"), target="2026.12.1").action == \
+        Action.INSTALL
+    assert main(["update", "approve", "1_2", *args]) == 2
+    assert "not a release version" in capsys.readouterr().err
+
+
+def test_the_agents_update_part(tmp_path):
+    from garage_node.node.updatepart import UpdatePart
+
+    now = [at("2026-12-07 04:00")]
+    boot = [BootFacts("v1", False, 2, True)]
+    part = UpdatePart(tmp_path, Policy("window", ("daily 03:00-06:00",), BERLIN), lambda: now[0],
+                      read_boot=lambda: boot[0], variant="base")
+    assert part.status() is None  # before the first pass
+    # Not blessed yet: it waits, and says so in its status.
+    assert part.step("v2", serving=True, idle=False).action == Action.WAIT
+    s = part.status()
+    assert s is not None and s.target == "v2" and s.tries_left == 2 and "not confirmed good" in (s.pending_why or "")
+    # Blessed, in the window, the engine busy: drain first.
+    boot[0] = GOOD
+    assert part.step("v2", serving=True, idle=False).action == Action.DRAIN and part.wants_drain
+    # Drained: it would install, but this stick has no installer; the reason is what it reports.
+    d = part.step("v2", serving=False, idle=True)
+    assert d.action == Action.WAIT and "v2 cannot be installed here: " in d.why and not part.wants_drain
+    # An update that was underway before a reboot, and came back on the old version.
+    up.save_record(tmp_path / "update.json", UpdateRecord().started("v2", now[0]))
+    assert part.step("v2", serving=False, idle=True).why.endswith("not tried again")
+    s = part.status()
+    assert s is not None and s.last_outcome == UpdateOutcome.ROLLED_BACK and s.last_version == "v2"
+    assert up.load_record(tmp_path / "update.json").refused == ("v2",)
+    # A PC not booted from a versioned image reports nothing.
+    boot[0] = BootFacts(None, None, None, False)
+    part.step(None, serving=True, idle=False)
+    assert part.status() is None
+
+
+def test_the_head_session_keeps_the_update_target_of_the_last_answer(tmp_path):
+    from testing.agentrig import rig
+
+    r = rig(tmp_path)
+    r.passes(4)
+    assert r.agent.session.update_target is None
+    r.head.update_target = "2026.12.2"
+    r.passes(8, every_s=2.0)  # past the next heartbeat
+    assert r.agent.session.update_target == "2026.12.2"
+    r.head.update_target = None  # the rollout was aborted
+    r.passes(8, every_s=2.0)
+    assert r.agent.session.update_target is None
