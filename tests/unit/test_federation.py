@@ -1,0 +1,194 @@
+"""Federation (issue #21) on loopback: three regions, each the real gateway, federation and
+nats-server (testing/fedregion.py) with engine stand-ins; no root. The namespace test with
+delays between regions is tests/integration/test_federation_netns.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from dataclasses import replace
+
+import httpx
+import pytest
+
+from garage_node.core.settings import ConfigError, parse
+from garage_node.head.config import HeadConfig
+from garage_node.head.federation import keysync
+from garage_node.head.federation.capacity import PeerView
+from garage_node.head.federation.fedstore import FedStore
+from garage_node.head.federation.records import KeyRecord, ModelCapacity, Summary
+from testing.federation import Regions, post
+
+pytestmark = pytest.mark.skipif(shutil.which("nats-server") is None, reason="nats-server is not installed")
+
+
+def wait_for(check, within_s: float, every_s: float = 0.05):
+    deadline = time.monotonic() + within_s
+    while True:
+        got = check()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(every_s)
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def rec(**kw) -> KeyRecord:
+    base = KeyRecord(name="alice", hash="h1", hint="gk-abc", models="", rpm=None, tpm=None, quota_tokens=None,
+                     created_at=1.0, expires_at=None, revoked_at=None, origin="us", updated_at=10.0)
+    return replace(base, **kw)
+
+
+def test_a_revocation_is_kept_whatever_order_the_versions_arrive_in():
+    created, revoked = rec(), rec(revoked_at=20.0, origin="eu", updated_at=20.0)
+    # revocation first, then the older creation: still revoked
+    after = keysync.merge(None, revoked, 0.0)
+    assert after is not None and after.revoked_at == 20.0
+    assert keysync.merge(after, created, after.updated_at) is None  # nothing to change
+    # creation first, then the revocation
+    after2 = keysync.merge(created, revoked, created.updated_at)
+    assert after2 is not None and after2.revoked_at == 20.0
+    # a newer change of terms from a region that had not heard of the revocation keeps it revoked
+    newer = rec(rpm=5, updated_at=30.0, origin="ap")
+    after3 = keysync.merge(after2, newer, after2.updated_at)
+    assert after3 is not None and after3.rpm == 5 and after3.revoked_at == 20.0
+
+
+def test_a_key_name_made_in_two_regions_with_other_secrets_is_not_overwritten():
+    assert keysync.merge(rec(), rec(hash="h2", updated_at=99.0), 10.0) is None
+
+
+def test_the_nearest_region_within_the_budget_is_chosen_and_stale_or_full_ones_never():
+    v = PeerView(stale_after_s=5.0, default_ttft_ms=150.0)
+    cap = ModelCapacity(healthy=1, free_slots=4, queue=0, ttft_p50_ms=100.0)
+    for region, rtt in (("eu", 80.0), ("ap", 250.0), ("sa", 60.0), ("af", 30.0)):
+        v.rtt(region, rtt)
+    v.summary(Summary("eu", 0.0, {"m": cap}), arrived=100.0)
+    v.summary(Summary("ap", 0.0, {"m": cap}), arrived=100.0)  # 250 + 100 > 300
+    v.summary(Summary("sa", 0.0, {"m": replace(cap, free_slots=0)}), arrived=100.0)  # full
+    v.summary(Summary("af", 0.0, {"m": cap}), arrived=90.0)  # stale at 100
+    assert [c.region for c in v.choose("m", budget_ms=300.0, now=100.0)] == ["eu"]
+    assert [c.region for c in v.choose("m", budget_ms=400.0, now=100.0)] == ["eu", "ap"]
+    assert v.choose("other", budget_ms=400.0, now=100.0) == []
+    # no TTFT measured yet: the default counts
+    v.summary(Summary("eu", 0.0, {"m": replace(cap, ttft_p50_ms=None)}), arrived=100.0)
+    assert v.choose("m", budget_ms=200.0, now=100.0) == []  # 80 + 150
+
+
+def test_federation_config_says_what_is_wrong():
+    base = {"enabled": True, "peers": {"eu": {"nats": "nats://10.0.0.2:4222", "gateway": "https://10.0.0.2:8080"}}}
+    cfg = parse(HeadConfig(), {"federation": base}, "head.toml", error=ConfigError)
+    assert cfg.federation.peers["eu"].gateway == "https://10.0.0.2:8080"
+    assert not parse(HeadConfig(), {}, "head.toml").federation.enabled  # off by default
+    with pytest.raises(ConfigError, match="federation.peers.EU"):
+        parse(HeadConfig(), {"federation": {"peers": {"EU": base["peers"]["eu"]}}}, "head.toml", error=ConfigError)
+    with pytest.raises(ConfigError, match="federation.peers.eu.nats"):
+        parse(HeadConfig(), {"federation": {"peers": {"eu": {"nats": "10.0.0.2", "gateway": "https://x"}}}}, "head.toml", error=ConfigError)
+
+
+def test_usage_records_are_kept_once_per_id(tmp_path):
+    from garage_node.head.federation.records import UsageRecord
+
+    store = FedStore(tmp_path / "f.db")
+    r = UsageRecord("id1", "us", 1.0, "alice", "n1", "pc1", "m", 7, 3)
+    assert store.add_usage([r, replace(r, id="id2")]) == 2
+    assert store.add_usage([r]) == 0  # shipped twice, kept once
+    assert store.usage("region") == [("us", 2, 14, 6)]
+
+
+# ---------------------------------------------------------------- three regions on loopback
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    regions = Regions(tmp_path_factory.mktemp("fed"), ["us", "eu", "ap"])
+    try:
+        regions.start_all(within_s=60)
+        yield regions
+    finally:
+        regions.stop_all()
+
+
+def test_a_key_made_in_one_region_works_everywhere_and_its_revocation_reaches_every_region(fed):
+    key, secret = fed.create_key("us", "alice")
+    for region in ("eu", "ap"):
+        r = wait_for(lambda region=region: (x := post(fed[region].url, secret)).status_code == 200 and x, 5.0)
+        assert r, f"key made in us not valid in {region}"
+        assert r.headers["x-garage-region"] == region and r.headers["x-garage-node"].startswith(region)
+    fed.revoke_key("ap", "alice")
+    # How fast is bench/federation.py's figure; here: it reaches every region, the revoking one too
+    # (whose gateway had the key in its 2 s cache).
+    for region in ("us", "eu", "ap"):
+        assert wait_for(lambda region=region: post(fed[region].url, secret).status_code == 401, 5.0), region
+    r = post(fed["us"].url, secret)
+    assert r.json()["error"]["code"] == "revoked_api_key" and secret not in r.text
+
+
+def test_every_request_is_counted_once_in_every_region(fed):
+    _, secret = fed.create_key("eu", "bob")
+    assert wait_for(lambda: all(post(fed[r].url, secret).status_code == 200 for r in ("us", "ap")), 5.0)
+    time.sleep(2.5)  # the checks' records shipped and counted everywhere (status.json: every second)
+    before = {r: fed[r].status()["usage_records"] for r in ("us", "eu", "ap")}
+    assert before["us"] == before["eu"] == before["ap"], before
+    for region in ("us", "eu", "ap"):
+        for _ in range(5):
+            assert post(fed[region].url, secret, stream=region == "ap").status_code == 200
+    want = {r: before["us"].get(r, 0) + 5 for r in ("us", "eu", "ap")}
+    assert wait_for(lambda: all(fed[r].status()["usage_records"] == want for r in ("us", "eu", "ap")), 10.0,
+                    every_s=0.3), ([fed[r].status()["usage_records"] for r in fed.regions], want)
+    store = FedStore(fed["eu"].state / "federation" / "federation.db")
+    by_key = {row[0]: row for row in store.usage("key")}
+    assert by_key["bob"][1] == 15 + 2 and by_key["bob"][2] == 17 * 7  # the two checks above, too
+    by_region = {row[0]: row[1] for row in store.usage("region")}
+    assert set(by_region) == {"us", "eu", "ap"}
+
+
+def test_a_region_that_cannot_serve_replays_to_the_nearest_that_can_else_429(fed):
+    _, secret = fed.create_key("us", "carol")
+    assert wait_for(lambda: post(fed["eu"].url, secret).status_code == 200, 5.0)
+    try:
+        fed["us"].all_pcs("busy")
+        # Once us' own PCs report a queue: served elsewhere, saying where.
+        r = wait_for(lambda: (x := post(fed["us"].url, secret)).headers.get("x-garage-spilled-from") and x, 5.0)
+        assert r and r.status_code == 200 and r.headers["x-garage-region"] in ("eu", "ap")
+        assert r.headers["x-garage-node"].startswith(r.headers["x-garage-region"])
+        s = post(fed["us"].url, secret, stream=True)
+        assert s.status_code == 200 and s.headers["x-garage-region"] != "us" and s.text.endswith("data: [DONE]\n\n")
+        fed["eu"].all_pcs("down")
+        fed["ap"].all_pcs("busy")
+        # Every region busy (their summaries say so within a couple of seconds): 429 at once.
+        r = wait_for(lambda: (x := post(fed["us"].url, secret)).status_code == 429 and x, 10.0, every_s=0.3)
+        assert r and r.headers["retry-after"] and r.json()["error"]["code"] == "no_capacity"
+        # A replay without the region credential is refused.
+        bad = httpx.post(fed["ap"].url + "/v1/completions", json={"model": "tiny", "prompt": "x"},
+                         headers={"authorization": f"Bearer {secret}", "x-garage-spilled-from": "us",
+                                  "x-garage-region-auth": "guess"})
+        assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_region_credential"
+    finally:
+        for region in ("us", "eu", "ap"):
+            fed[region].all_pcs("healthy")
+
+
+def test_nats_down_the_region_serves_its_keys_says_it_is_degraded_and_ships_its_usage_later(fed):
+    _, secret = fed.create_key("ap", "dave")
+    assert wait_for(lambda: post(fed["eu"].url, secret).status_code == 200, 5.0)
+    pid = fed["eu"].nats_pid()
+    assert pid
+    os.kill(pid, signal.SIGSTOP)  # eu's NATS hangs: eu is cut off from the federation
+    try:
+        r = wait_for(lambda: (x := post(fed["eu"].url, secret)).headers.get("x-garage-federation") and x, 15.0,
+                     every_s=0.3)
+        assert r and r.status_code == 200 and r.headers["x-garage-federation"] == "degraded"
+        assert wait_for(lambda: fed["eu"].status()["degraded"], 3.0)
+        us_before = fed["us"].status()["usage_records"].get("eu", 0)
+        for _ in range(4):
+            assert post(fed["eu"].url, secret).status_code == 200
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Every record eu served while cut off reaches us once eu's NATS is back, each once.
+    assert wait_for(lambda: fed["us"].status()["usage_records"].get("eu", 0)
+                    == fed["eu"].status()["usage_records"].get("eu", -1) >= us_before + 4, 15.0, every_s=0.3)
+    assert wait_for(lambda: not fed["eu"].status()["degraded"], 15.0, every_s=0.3)
