@@ -192,3 +192,25 @@ def test_nats_down_the_region_serves_its_keys_says_it_is_degraded_and_ships_its_
     assert wait_for(lambda: fed["us"].status()["usage_records"].get("eu", 0)
                     == fed["eu"].status()["usage_records"].get("eu", -1) >= us_before + 4, 15.0, every_s=0.3)
     assert wait_for(lambda: not fed["eu"].status()["degraded"], 15.0, every_s=0.3)
+
+
+def test_cli_makes_the_secret_once_and_prints_the_global_ledger(tmp_path, capsys):
+    from garage_node.cli import main
+    from garage_node.head.federation.records import UsageRecord
+
+    state = tmp_path / "state"
+    cfg = tmp_path / "head.toml"
+    cfg.write_text(f'[head]\nregion = "eu"\nstate_dir = "{state}"\n[api]\nadvertise_host = "127.0.0.1"\n'
+                   "[federation]\nenabled = true\n")
+    assert main(["head", "federation", "secret", "--config", str(cfg)]) == 0
+    secret = state / "federation" / "secret"
+    assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_text().strip()) >= 32
+    assert main(["head", "federation", "secret", "--config", str(cfg)]) == 2  # never replaced by mistake
+    store = FedStore(state / "federation" / "federation.db")
+    store.add_usage([UsageRecord("a", "us", time.time(), "alice", "n1", "us-pc1", "m", 7, 3),
+                     UsageRecord("b", "eu", time.time(), "alice", "n2", "eu-pc1", "m", 1, 1)])
+    capsys.readouterr()
+    assert main(["head", "usage", "--global", "--by", "region", "--json", "--config", str(cfg)]) == 0
+    rows = {r["region"]: r for r in __import__("json").loads(capsys.readouterr().out)}
+    assert rows["us"]["total_tokens"] == 10 and rows["eu"]["requests"] == 1
+    assert main(["head", "usage", "--by", "region", "--config", str(cfg)]) == 2  # needs --global
