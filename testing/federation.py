@@ -35,12 +35,14 @@ class RegionProc:
     gateway_port: int
     nats_port: int
     prefix: list[str] = field(default_factory=list)  # e.g. ip netns exec NAME
+    listen: str = ""  # the address its gateway and NATS listen on; empty: host
+    public: str = ""  # the gateway's URL for its clients; empty: http://host:gateway_port
     proc: subprocess.Popen | None = None
     log: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.gateway_port}"
+        return self.public or f"http://{self.host}:{self.gateway_port}"
 
     @property
     def nats_url(self) -> str:
@@ -70,34 +72,39 @@ class RegionProc:
 
 class Regions:
     def __init__(self, root: Path, names: list[str], hosts: dict[str, str] | None = None,
-                 peer_hosts: Callable[[str, str], str] | None = None, prefixes: dict[str, list[str]] | None = None,
+                 peer_addr: Callable[[str, str, str], str] | None = None, prefixes: dict[str, list[str]] | None = None,
                  ttft_ms: dict[str, float] | None = None, budget_ms: float = 500.0, pcs: int = 2,
-                 base_port: int = 0) -> None:
-        """`peer_hosts(a, b)`: the address region a uses for region b (default: b's host)."""
+                 base_port: int = 0, listen: str = "") -> None:
+        """`peer_addr(a, b, "nats" | "gateway")`: host:port where region a reaches region b's
+        service (default: b's host and port)."""
         self.root, self.budget_ms, self.pcs = root, budget_ms, pcs
         self.secret_file = root / "federation-secret"
         make_secret(self.secret_file)
         hosts = hosts or {n: "127.0.0.1" for n in names}
-        self.peer_hosts = peer_hosts or (lambda a, b: hosts[b])
+        self.peer_addr = peer_addr or (lambda a, b, svc: f"{hosts[b]}:{self.ports(b)[svc]}")
         self.ttft_ms = ttft_ms or {}
         base = base_port or _free_base()
         self.regions = {n: RegionProc(n, root / n, hosts[n], base + 2 * i, base + 2 * i + 1,
-                                      prefix=(prefixes or {}).get(n, [])) for i, n in enumerate(names)}
+                                      prefix=(prefixes or {}).get(n, []), listen=listen) for i, n in enumerate(names)}
+
+    def ports(self, name: str) -> dict[str, int]:
+        r = self.regions[name]
+        return {"gateway": r.gateway_port, "nats": r.nats_port}
 
     def __getitem__(self, name: str) -> RegionProc:
         return self.regions[name]
 
     def start(self, name: str) -> None:
         r = self.regions[name]
-        peers = {o.name: {"nats": f"nats://{self.peer_hosts(name, o.name)}:{o.nats_port}",
-                          "gateway": f"http://{self.peer_hosts(name, o.name)}:{o.gateway_port}"}
+        peers = {o.name: {"nats": f"nats://{self.peer_addr(name, o.name, 'nats')}",
+                          "gateway": f"http://{self.peer_addr(name, o.name, 'gateway')}"}
                  for o in self.regions.values() if o.name != name}
         r.state.mkdir(parents=True, exist_ok=True)
         r.log = self.root / f"{name}.log"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         r.proc = subprocess.Popen(
             [*r.prefix, sys.executable, "-m", "testing.fedregion", "--region", name, "--state", str(r.state),
-             "--host", r.host, "--gateway-port", str(r.gateway_port), "--nats-port", str(r.nats_port),
+             "--host", r.listen or r.host, "--gateway-port", str(r.gateway_port), "--nats-port", str(r.nats_port),
              "--peers", json.dumps(peers), "--pcs", str(self.pcs), "--ttft-ms", str(self.ttft_ms.get(name, 0.0)),
              "--budget-ms", str(self.budget_ms), "--secret-file", str(self.secret_file)],
             cwd=ROOT, env=env, stdout=r.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)

@@ -109,6 +109,9 @@ def main() -> None:
     fed = attach(cfg, gw)
     assert fed is not None
     urls = {n: stand_in(n, gw.engine_keys.for_node(n), args.ttft_ms / 1000.0) for n in names}
+    # For bench/federation.py's overhead figure: each stand-in's address and key, to call it directly.
+    (args.state / "engines.json").write_text(json.dumps({n: {"url": u, "key": gw.engine_keys.for_node(n)}
+                                                         for n, u in urls.items()}))
     pcs_file = args.state / "pcs.json"
     if not pcs_file.exists():
         pcs_file.write_text(json.dumps({n: "healthy" for n in names}))
