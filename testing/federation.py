@@ -74,10 +74,10 @@ class Regions:
     def __init__(self, root: Path, names: list[str], hosts: dict[str, str] | None = None,
                  peer_addr: Callable[[str, str, str], str] | None = None, prefixes: dict[str, list[str]] | None = None,
                  ttft_ms: dict[str, float] | None = None, budget_ms: float = 500.0, pcs: int = 2,
-                 base_port: int = 0, listen: str = "") -> None:
+                 base_port: int = 0, listen: str = "", lease_tokens: int = 10000) -> None:
         """`peer_addr(a, b, "nats" | "gateway")`: host:port where region a reaches region b's
         service (default: b's host and port)."""
-        self.root, self.budget_ms, self.pcs = root, budget_ms, pcs
+        self.root, self.budget_ms, self.pcs, self.lease_tokens = root, budget_ms, pcs, lease_tokens
         self.secret_file = root / "federation-secret"
         make_secret(self.secret_file)
         hosts = hosts or {n: "127.0.0.1" for n in names}
@@ -106,7 +106,8 @@ class Regions:
             [*r.prefix, sys.executable, "-m", "testing.fedregion", "--region", name, "--state", str(r.state),
              "--host", r.listen or r.host, "--gateway-port", str(r.gateway_port), "--nats-port", str(r.nats_port),
              "--peers", json.dumps(peers), "--pcs", str(self.pcs), "--ttft-ms", str(self.ttft_ms.get(name, 0.0)),
-             "--budget-ms", str(self.budget_ms), "--secret-file", str(self.secret_file)],
+             "--budget-ms", str(self.budget_ms), "--secret-file", str(self.secret_file),
+             "--lease-tokens", str(self.lease_tokens)],
             cwd=ROOT, env=env, stdout=r.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_all(self, within_s: float = 60.0) -> None:

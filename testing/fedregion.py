@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--pcs", type=int, default=2)
     ap.add_argument("--ttft-ms", type=float, default=0.0)
     ap.add_argument("--budget-ms", type=float, default=500.0)
+    ap.add_argument("--lease-tokens", type=int, default=10000)
     ap.add_argument("--secret-file", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.region} %(name)s %(message)s")
@@ -103,7 +104,7 @@ def main() -> None:
                                             stale_after_s=5.0),
                      federation=FederationSection(enabled=True, nats_listen_host=args.host, nats_port=args.nats_port,
                                                   secret_file=args.secret_file, budget_ms=args.budget_ms,
-                                                  peers=peers, summary_s=1.0))
+                                                  peers=peers, summary_s=1.0, lease_tokens=args.lease_tokens))
     names = {f"{args.region}-n{i}": f"{args.region}-pc{i}" for i in range(1, args.pcs + 1)}
     gw = Gateway(cfg.gateway, args.state, lambda: names)
     fed = attach(cfg, gw)

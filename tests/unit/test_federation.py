@@ -104,7 +104,8 @@ def test_usage_records_are_kept_once_per_id(tmp_path):
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
-    regions = Regions(tmp_path_factory.mktemp("fed"), ["us", "eu", "ap"])
+    # Leases of 30 tokens: the stand-ins bill 10 a request (7 + 3), so a quota's leases run out fast.
+    regions = Regions(tmp_path_factory.mktemp("fed"), ["us", "eu", "ap"], lease_tokens=30)
     try:
         regions.start_all(within_s=60)
         yield regions
@@ -214,3 +215,26 @@ def test_cli_makes_the_secret_once_and_prints_the_global_ledger(tmp_path, capsys
     rows = {r["region"]: r for r in __import__("json").loads(capsys.readouterr().out)}
     assert rows["us"]["total_tokens"] == 10 and rows["eu"]["requests"] == 1
     assert main(["head", "usage", "--by", "region", "--config", str(cfg)]) == 2  # needs --global
+
+
+def test_a_quota_is_spent_across_regions_through_leases_and_never_overshot(fed):
+    _, secret = fed.create_key("us", "quota", quota_tokens=100)
+    assert wait_for(lambda: all(post(fed[r].url, secret).status_code in (200, 429) for r in ("eu", "ap"))
+                    and post(fed["eu"].url, secret).status_code != 401, 5.0)
+    served = 0
+    refused: dict[str, str] = {}
+    for _ in range(30):
+        for region in ("us", "eu", "ap"):
+            r = post(fed[region].url, secret)
+            if r.status_code == 200:
+                served += 1
+            else:
+                assert r.status_code == 429, r.text
+                refused[region] = r.json()["error"]["code"]
+        if len(refused) == 3:
+            break
+    # Every request above and the checks before it: 10 tokens each, 100 in all, wherever served.
+    time.sleep(2)
+    total = {row[0]: row for row in FedStore(fed["ap"].state / "federation" / "federation.db").usage("key")}["quota"]
+    assert total[2] + total[3] == 100, total
+    assert set(refused.values()) == {"insufficient_quota"}

@@ -50,6 +50,11 @@ class FederationSection:
     # A PC counts as saturated with this many requests in flight from the gateway, or with any
     # waiting in its engine's queue (its last report).
     pc_slots: int = setting(16, check=positive())
+    # Quotas (`head key create --quota N`) across regions: a region spends a key's tokens only
+    # out of leases of this many tokens, granted by the key's home region (where it was made)
+    # from what is left of its quota. Cut off from the home, a region spends what it holds and
+    # then refuses (429); the network overshoots a quota by at most one request per region.
+    lease_tokens: int = setting(10000, check=positive())
     peers: dict[str, PeerSection] = field(default_factory=dict)
 
     def problems(self):

@@ -27,6 +27,10 @@ MIGRATIONS: list[sqlite.Step] = [
     );
     CREATE TABLE cursor (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
     """,
+    # v2: the region that grants each key's quota leases (leases.py)
+    """
+    ALTER TABLE key_seen ADD COLUMN home TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 GROUPS = {"key": "key", "region": "region", "node": "node_name", "model": "model"}
@@ -66,11 +70,21 @@ class FedStore(sqlite.Database):
     def key_seen(self) -> dict[str, tuple[str, float]]:
         return {r[0]: (r[1], r[2]) for r in self.query("SELECT name, fingerprint, updated_at FROM key_seen")}
 
-    def set_key_seen(self, name: str, fingerprint: str, updated_at: float, origin: str) -> None:
+    def key_homes(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in self.query("SELECT name, home FROM key_seen WHERE home != ''")}
+
+    def set_key_seen(self, name: str, fingerprint: str, updated_at: float, origin: str, home: str) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO key_seen VALUES (?,?,?,?) ON CONFLICT (name) DO UPDATE SET"
-                       " fingerprint = excluded.fingerprint, updated_at = excluded.updated_at, origin = excluded.origin",
-                       (name, fingerprint, updated_at, origin))
+            db.execute("INSERT INTO key_seen (name, fingerprint, updated_at, origin, home) VALUES (?,?,?,?,?)"
+                       " ON CONFLICT (name) DO UPDATE SET fingerprint = excluded.fingerprint,"
+                       " updated_at = excluded.updated_at, origin = excluded.origin,"
+                       " home = CASE WHEN key_seen.home = '' THEN excluded.home ELSE key_seen.home END",
+                       (name, fingerprint, updated_at, origin, home))
+
+    def spent(self, region: str) -> dict[str, int]:
+        """Tokens served per key in `region` (for its leases)."""
+        return {r[0]: int(r[1]) for r in self.query(
+            "SELECT key, SUM(prompt_tokens + completion_tokens) FROM usage_log WHERE region = ? GROUP BY key", (region,))}
 
     def usage(self, by: str, since: float = 0.0) -> list[tuple[str, int, int, int]]:
         """(group, requests, prompt tokens, completion tokens) over every region's records."""

@@ -35,4 +35,5 @@ def wrap_app(app: ASGIApp, fed: Federation, gateway: Any) -> SpillOver:
     return SpillOver(app, region=fed.region, secret=fed.secret, table=gateway.table, peers=fed.peers,
                      gateways={r: p.gateway.rstrip("/") for r, p in f.peers.items()},
                      authenticate=gateway.authenticate, budget_ms=f.budget_ms, pc_slots=f.pc_slots,
-                     max_body_bytes=gateway.max_body_bytes, ttft=fed.ttft, degraded=lambda: fed.degraded)
+                     max_body_bytes=gateway.max_body_bytes, ttft=fed.ttft, degraded=lambda: fed.degraded,
+                     admit=fed.leases.admit)

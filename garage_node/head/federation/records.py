@@ -25,6 +25,7 @@ class KeyRecord:
     revoked_at: float | None
     origin: str = ""  # the region that wrote this version
     updated_at: float = 0.0  # when it did: the newest version wins (a revocation always does)
+    home: str = ""  # the region where the key was made: it grants the key's quota leases
 
     def fingerprint(self) -> str:
         """What the key is, without who said so when: equal records need no new version."""

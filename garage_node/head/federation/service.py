@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,9 +33,10 @@ from garage_node.head.federation import keysync
 from garage_node.head.federation.capacity import PeerView, TtftWindow, local_capacity
 from garage_node.head.federation.config import REGION, FederationSection
 from garage_node.head.federation.fedstore import FedStore
+from garage_node.head.federation.leases import BUCKET as LEASE_BUCKET
+from garage_node.head.federation.leases import Leases
 from garage_node.head.federation.natsd import USER, FederationSetupError, NatsServer, open_server, read_secret
-from garage_node.head.federation.records import (KeyRecord, Summary, UsageRecord, decode_key, decode_summary,
-                                                 decode_usage, encode)
+from garage_node.head.federation.records import Summary, UsageRecord, decode_key, decode_summary, decode_usage, encode
 from garage_node.head.gateway.store import Store
 from garage_node.head.gateway.table import EndpointTable
 
@@ -48,6 +49,9 @@ USAGE_FLUSH_S = 0.2
 FETCH_WAIT_S = 1.0
 STATUS_EVERY_S = 1.0
 RETRY_S = 1.0
+# A record delivered but not acknowledged (its fetch's answer lost in a cut) comes again after
+# this: short, so a healed partition converges in seconds; a record that comes twice is kept once.
+ACK_WAIT_S = 5.0
 # Usage records wait in the serving region's stream until every region read them: long enough
 # for any partition an operator would sit out, bounded so a region gone for good cannot fill a disk.
 USAGE_MAX_AGE_S = 30 * 86400
@@ -115,6 +119,8 @@ class Federation:
         self._thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
         self._degraded_logged: bool | None = None
+        self.leases = Leases(region, cfg.lease_tokens, self.store.spent(region),
+                             lambda name: self.store.key_homes().get(name, region), self._client_of)
 
     # -- lifecycle
 
@@ -144,6 +150,7 @@ class Federation:
 
     async def _main(self) -> None:
         self._stopping = asyncio.Event()
+        self.leases.loop = asyncio.get_running_loop()
         tasks = [asyncio.ensure_future(c) for c in (
             self._supervise(), self._keep_link(self.own, own=True), self._scan_keys(), self._ship_usage(),
             self._publish_summaries(), self._write_status(),
@@ -174,7 +181,12 @@ class Federation:
                           completion_tokens=max(0, completion_tokens))
         with self._pending_lock:
             self._pending.append(rec)
+        self.leases.spend(key, rec.prompt_tokens + rec.completion_tokens)
         return rid
+
+    def _client_of(self, region: str) -> NATS | None:
+        link = self.own if region == self.region else self.links.get(region)
+        return link.nc if link is not None and link.up and link.nc is not None else None
 
     @property
     def degraded(self) -> bool:
@@ -234,6 +246,7 @@ class Federation:
     async def _ensure_streams(self, nc: NATS) -> None:
         js = nc.jetstream(timeout=5)
         await js.create_key_value(bucket=keysync.BUCKET, history=1)
+        await js.create_key_value(bucket=LEASE_BUCKET, history=1)  # grants for the keys made here
         cfg = StreamConfig(name=USAGE_STREAM, subjects=[usage_subject(self.region)], max_age=USAGE_MAX_AGE_S,
                            duplicate_window=120.0, max_bytes=1024 * 1024 * 1024)
         try:
@@ -253,10 +266,12 @@ class Federation:
                 if not todo:
                     continue
                 kv = await nc.jetstream(timeout=5).key_value(keysync.BUCKET)
+                homes = self.store.key_homes()
                 for rec in todo:
-                    out = KeyRecord(**{**rec.__dict__, "origin": self.region, "updated_at": time.time()})
+                    # A key this head never heard of from another region was made here: its home.
+                    out = replace(rec, origin=self.region, updated_at=time.time(), home=homes.get(rec.name, self.region))
                     await kv.put(keysync.bucket_key(rec.name), encode(out))
-                    self.store.set_key_seen(rec.name, rec.fingerprint(), out.updated_at, self.region)
+                    self.store.set_key_seen(rec.name, rec.fingerprint(), out.updated_at, self.region, out.home)
                     # `head key revoke` here: the gateway's cache lets go of it now, not in 2 s.
                     self.on_key_changed(rec.hash)
             except Exception as e:
@@ -278,7 +293,7 @@ class Federation:
             if new is None:
                 continue
             keysync.apply(self.keys, new)
-            self.store.set_key_seen(new.name, new.fingerprint(), new.updated_at, new.origin)
+            self.store.set_key_seen(new.name, new.fingerprint(), new.updated_at, new.origin, rec.home)
             seen[new.name] = (new.fingerprint(), new.updated_at)
             local[new.name] = new
             self.on_key_changed(new.hash)
@@ -313,7 +328,7 @@ class Federation:
                     sub = await js.pull_subscribe_bind(durable=durable, stream=stream) if await _has_consumer(
                         js, stream, durable) else await js.pull_subscribe(
                         "", durable=durable, stream=stream,
-                        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_wait=30, max_ack_pending=20000))
+                        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_wait=ACK_WAIT_S, max_ack_pending=20000))
                 try:
                     msgs = await sub.fetch(256, timeout=FETCH_WAIT_S)
                 except TimeoutError:

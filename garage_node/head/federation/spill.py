@@ -19,7 +19,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import httpx
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,11 +41,14 @@ class SpillOver:
     def __init__(self, app: ASGIApp, *, region: str, secret: str, table: EndpointTable, peers: PeerView,
                  gateways: dict[str, str], authenticate: Callable[[str], ApiKey], budget_ms: float, pc_slots: int,
                  max_body_bytes: int, ttft: TtftWindow, degraded: Callable[[], bool],
-                 connect_timeout_s: float = 3.0) -> None:
+                 admit: Callable[[ApiKey], Awaitable[None]] | None = None, connect_timeout_s: float = 3.0) -> None:
+        """`admit(key)`: raises GatewayError when the key may not be served here now (its quota
+        lease, leases.py); called for every request of a key with a quota."""
         self.app, self.region, self._secret = app, region, secret
         self.table, self.peers, self.gateways = table, peers, gateways
         self.authenticate, self.budget_ms, self.pc_slots = authenticate, budget_ms, pc_slots
         self.max_body_bytes, self.ttft, self.degraded = max_body_bytes, ttft, degraded
+        self.admit = admit
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=120.0, write=30.0, pool=5.0)
         self._http: httpx.AsyncClient | None = None
         self.spilled = 0  # requests replayed to another region (for the status and tests)
@@ -68,15 +71,24 @@ class SpillOver:
                 await _error(send, GatewayError(401, "invalid_region_credential",
                                                 "a replayed request without the federation's credential"))
                 return
+            refused = await self._admit(headers.get(b"authorization", b"").decode("latin-1"))
+            if refused is not None:  # served here counts against this region's lease too
+                await _error(send, refused)
+                return
             await self.app(scope, receive, self._tagged(send))  # served here, never spilled again
             return
         body, complete = await _read_body(receive, self.max_body_bytes)
         model = _model_of(body) if complete else None
         replay = _replayer(body, complete, receive)
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        if model is not None:
+            refused = await self._admit(auth)
+            if refused is not None:
+                await _error(send, refused)
+                return
         if model is None or serves_locally(self.table, model, self.pc_slots):
             await self.app(scope, replay, self._tagged(send, model))
             return
-        auth = headers.get(b"authorization", b"").decode("latin-1")
         try:
             key = self.authenticate(auth)
         except GatewayError as e:
@@ -97,6 +109,22 @@ class SpillOver:
                 "region can answer within the latency budget; retry shortly", retry_after_s=RETRY_AFTER_S))
             return
         await self.app(scope, replay, self._tagged(send, model))  # nobody serves it: the gateway's hold or 404
+
+    async def _admit(self, auth: str) -> GatewayError | None:
+        """Why a key with a quota may not be served here now (no lease left), or None."""
+        if self.admit is None:
+            return None
+        try:
+            key = self.authenticate(auth)  # cached; an unknown key is the gateway's to refuse, as ever
+        except GatewayError:
+            return None
+        if key.quota_tokens is None:
+            return None
+        try:
+            await self.admit(key)
+        except GatewayError as e:
+            return e
+        return None
 
     async def _replay(self, region: str, scope: Scope, auth: str, body: bytes, send: Send) -> bool:
         """The request to `region`'s gateway; True once its answer is under way to the client."""
