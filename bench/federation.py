@@ -280,7 +280,7 @@ def partition(net, regs, secret: str, seconds: float) -> None:
 def nats_down(net, regs, secret: str) -> None:
     eu = regs["eu"]
     pid = eu.nats_pid()
-    before = counts(regs)["us"].get("eu", 0)
+    before = settled(regs).get("eu", 0)
     load = net.client_bg({"op": "many", "url": eu.url, "key": secret, "n": 60, "pause_s": 0.2})
     time.sleep(1)
     os.kill(pid, signal.SIGSTOP)

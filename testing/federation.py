@@ -84,8 +84,18 @@ class Regions:
         self.peer_addr = peer_addr or (lambda a, b, svc: f"{hosts[b]}:{self.ports(b)[svc]}")
         self.ttft_ms = ttft_ms or {}
         base = base_port or _free_base()
-        self.regions = {n: RegionProc(n, root / n, hosts[n], base + 2 * i, base + 2 * i + 1,
+        self.regions: dict[str, RegionProc] = {n: RegionProc(n, root / n, hosts[n], base + 2 * i, base + 2 * i + 1,
                                       prefix=(prefixes or {}).get(n, []), listen=listen) for i, n in enumerate(names)}
+
+    def _pki(self, r: RegionProc) -> None:
+        """The head's PKI as `head init` makes it: NATS between heads speaks TLS with it."""
+        from garage_node.head.pki import PkiPaths, create_ca, issue_server_cert
+
+        paths = PkiPaths(r.state / "pki")
+        if not paths.ca_cert.exists():
+            r.state.mkdir(parents=True, exist_ok=True)
+            create_ca(paths, r.name)
+            issue_server_cert(paths, r.host)
 
     def ports(self, name: str) -> dict[str, int]:
         r = self.regions[name]
@@ -96,8 +106,11 @@ class Regions:
 
     def start(self, name: str) -> None:
         r = self.regions[name]
+        for o in self.regions.values():
+            self._pki(o)
         peers = {o.name: {"nats": f"nats://{self.peer_addr(name, o.name, 'nats')}",
-                          "gateway": f"http://{self.peer_addr(name, o.name, 'gateway')}"}
+                          "gateway": f"http://{self.peer_addr(name, o.name, 'gateway')}",
+                          "ca_file": str(o.state / "pki" / "ca.pem")}
                  for o in self.regions.values() if o.name != name}
         r.state.mkdir(parents=True, exist_ok=True)
         r.log = self.root / f"{name}.log"

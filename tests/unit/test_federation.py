@@ -79,7 +79,8 @@ def test_the_nearest_region_within_the_budget_is_chosen_and_stale_or_full_ones_n
 
 
 def test_federation_config_says_what_is_wrong():
-    base = {"enabled": True, "peers": {"eu": {"nats": "nats://10.0.0.2:4222", "gateway": "https://10.0.0.2:8080"}}}
+    base = {"enabled": True, "peers": {"eu": {"nats": "nats://10.0.0.2:4222", "gateway": "https://10.0.0.2:8080",
+                                              "ca_file": "/etc/garage-node/eu-ca.pem"}}}
     cfg = parse(HeadConfig(), {"federation": base}, "head.toml", error=ConfigError)
     assert cfg.federation.peers["eu"].gateway == "https://10.0.0.2:8080"
     assert not parse(HeadConfig(), {}, "head.toml").federation.enabled  # off by default
@@ -87,6 +88,10 @@ def test_federation_config_says_what_is_wrong():
         parse(HeadConfig(), {"federation": {"peers": {"EU": base["peers"]["eu"]}}}, "head.toml", error=ConfigError)
     with pytest.raises(ConfigError, match="federation.peers.eu.nats"):
         parse(HeadConfig(), {"federation": {"peers": {"eu": {"nats": "10.0.0.2", "gateway": "https://x"}}}}, "head.toml", error=ConfigError)
+    no_ca = {"enabled": True, "peers": {"eu": {"nats": "nats://10.0.0.2:4222", "gateway": "https://10.0.0.2:8080"}}}
+    with pytest.raises(ConfigError, match="federation.peers.eu.ca_file' is missing"):
+        parse(HeadConfig(), {"federation": no_ca}, "head.toml", error=ConfigError)
+    assert parse(HeadConfig(), {"federation": {**no_ca, "tls": False}}, "head.toml", error=ConfigError).federation
 
 
 def test_usage_records_are_kept_once_per_id(tmp_path):
@@ -238,3 +243,33 @@ def test_a_quota_is_spent_across_regions_through_leases_and_never_overshot(fed):
     total = {row[0]: row for row in FedStore(fed["ap"].state / "federation" / "federation.db").usage("key")}["quota"]
     assert total[2] + total[3] == 100, total
     assert set(refused.values()) == {"insufficient_quota"}
+
+
+def test_a_regions_nats_takes_only_tls_with_its_ca_and_the_federation_secret(fed):
+    import asyncio
+
+    import nats
+
+    from garage_node.head.federation.natsd import client_tls
+
+    secret = fed.secret_file.read_text().strip()
+    eu_ca, us_ca = fed["eu"].state / "pki" / "ca.pem", fed["us"].state / "pki" / "ca.pem"
+    tries = {"plain, with the secret": {"user": "federation", "password": secret},
+             "TLS, another region's CA": {"tls": client_tls(us_ca), "user": "federation", "password": secret},
+             "TLS, a wrong password": {"tls": client_tls(eu_ca), "user": "federation", "password": "x" * 43},
+             "TLS, its CA, the secret": {"tls": client_tls(eu_ca), "user": "federation", "password": secret}}
+
+    async def connect(kw) -> bool:
+        try:
+            nc = await nats.connect(fed["eu"].nats_url, connect_timeout=2, allow_reconnect=False,
+                                    max_reconnect_attempts=0, **kw)
+        except Exception:
+            return False
+        await nc.close()
+        return True
+
+    got = {name: asyncio.run(connect(kw)) for name, kw in tries.items()}
+    assert got == {"plain, with the secret": False, "TLS, another region's CA": False, "TLS, a wrong password": False,
+                   "TLS, its CA, the secret": True}
+    conf = (fed["eu"].state / "federation" / "nats.conf")
+    assert conf.stat().st_mode & 0o077 == 0 and "tls {" in conf.read_text()

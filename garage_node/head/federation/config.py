@@ -21,6 +21,9 @@ class PeerSection:
     nats: str = setting(check=(lambda v: bool(_URL.match(v)), "a NATS address like nats://head-eu.example:4222"))
     # Its gateway (https://host:port): requests this region cannot serve are replayed there.
     gateway: str = setting(check=(lambda v: bool(_HTTP.match(v)), "a gateway address like https://head-eu.example:8080"))
+    # Its head's CA certificate (its <state_dir>/pki/ca.pem, copied here): its NATS server is
+    # trusted only with a certificate that CA signed (the CA is the region's, as a join token pins it).
+    ca_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class FederationSection:
     nats_listen_host: str = "0.0.0.0"
     nats_port: int = setting(4222, check=tcp_port())
     nats_command: str = ""  # empty: nats-server from PATH (Debian's package)
+    # NATS between heads over TLS, with the head's own server certificate (head init's PKI);
+    # false only where the heads talk over a network already private (WireGuard between them).
+    tls: bool = True
     # The secret every region's head shares (one 0600 file, the same on every head: made once
     # with `garage-node head federation secret`, copied to the others): the NATS password of
     # the heads and the credential a head shows when it replays a request to another head.
@@ -58,6 +64,9 @@ class FederationSection:
     peers: dict[str, PeerSection] = field(default_factory=dict)
 
     def problems(self):
-        for name in self.peers:
+        for name, peer in self.peers.items():
             if not REGION.match(name):
                 yield f"peers.{name}", "is not a usable region name: use 1-32 lower-case letters, digits or '-'."
+            if self.enabled and self.tls and not peer.ca_file:
+                yield (f"peers.{name}.ca_file", f"is missing: copy region {name}'s head CA (its <state_dir>/pki/ca.pem) "
+                       "to this head and name the file here (or set [federation] tls = false on every head).")

@@ -15,6 +15,7 @@ import json
 import secrets
 import shutil
 import socket
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,8 @@ class NatsServer:
     command: str
     server_name: str
     password: str = field(repr=False)
+    tls_cert: Path | None = None  # with its key: clients must speak TLS
+    tls_key: Path | None = None
 
     @property
     def client_url(self) -> str:
@@ -93,6 +96,8 @@ def config_text(srv: NatsServer) -> str:
         "  max_memory_store: 64MB",
         "  max_file_store: 2GB",
         "}",
+        *([ "tls {", f"  cert_file: {q(str(srv.tls_cert))}", f"  key_file: {q(str(srv.tls_key))}", "  timeout: 5",
+             "}"] if srv.tls_cert and srv.tls_key else []),
         "authorization {",
         f"  users: [ {{ user: {q(USER)}, password: {q(srv.password)} }} ]",
         "}",
@@ -120,7 +125,20 @@ def make_secret(path: Path) -> None:
     write_private(path, (secrets.token_urlsafe(32) + "\n").encode())
 
 
-def open_server(dir: Path, host: str, port: int, command: str, server_name: str, password: str) -> NatsServer:
+def client_tls(ca_file: Path) -> ssl.SSLContext:
+    """Trust exactly one region's CA. Its name is not checked: the CA is that region's alone and
+    signs only its head's certificate (as a join token pins it), and heads are often reached at
+    addresses their certificate does not name (a NAT, a relay)."""
+    if not ca_file.exists():
+        raise FederationSetupError(f"{ca_file} is missing: copy that region's head CA (<state_dir>/pki/ca.pem) here")
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    ctx.check_hostname = False
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def open_server(dir: Path, host: str, port: int, command: str, server_name: str, password: str,
+                tls_cert: Path | None = None, tls_key: Path | None = None) -> NatsServer:
     exe = command or shutil.which("nats-server") or ""
     if not exe:
         raise FederationSetupError("nats-server is not installed: `apt-get install nats-server` (scripts/install-deps "
@@ -128,4 +146,4 @@ def open_server(dir: Path, host: str, port: int, command: str, server_name: str,
     paths = NatsPaths(dir)
     paths.dir.mkdir(parents=True, exist_ok=True)
     paths.dir.chmod(0o700)
-    return NatsServer(paths, host, port, exe, server_name, password)
+    return NatsServer(paths, host, port, exe, server_name, password, tls_cert, tls_key)

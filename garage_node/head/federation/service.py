@@ -35,7 +35,8 @@ from garage_node.head.federation.config import REGION, FederationSection
 from garage_node.head.federation.fedstore import FedStore
 from garage_node.head.federation.leases import BUCKET as LEASE_BUCKET
 from garage_node.head.federation.leases import Leases
-from garage_node.head.federation.natsd import USER, FederationSetupError, NatsServer, open_server, read_secret
+from garage_node.head.federation.natsd import (USER, FederationSetupError, NatsServer, client_tls, open_server,
+                                               read_secret)
 from garage_node.head.federation.records import Summary, UsageRecord, decode_key, decode_summary, decode_usage, encode
 from garage_node.head.gateway.store import Store
 from garage_node.head.gateway.table import EndpointTable
@@ -98,8 +99,14 @@ class Federation:
         self.cfg, self.region = cfg, region
         self.dir = state_dir(head_state_dir)
         self.secret = read_secret(secret_path(cfg, head_state_dir))
+        pki = head_state_dir / "pki"  # head init's (head/setup.py)
+        if cfg.tls and not (pki / "server.pem").exists():
+            raise FederationSetupError(f"{pki / 'server.pem'} is missing: run `garage-node head init` (NATS between "
+                                       "heads uses the head's certificate)")
         self.server: NatsServer = open_server(self.dir, cfg.nats_listen_host, cfg.nats_port, cfg.nats_command,
-                                              f"garage-{region}", self.secret)
+                                              f"garage-{region}", self.secret,
+                                              *((pki / "server.pem", pki / "server.key") if cfg.tls else (None, None)))
+        self._ca = {region: pki / "ca.pem", **{r: Path(p.ca_file) for r, p in cfg.peers.items()}}
         self.nats_child = Supervised("nats-server (federation)", self.server.paths.log, Backoff(1.0, 30.0),
                                      pid_file=self.server.paths.pid_file)
         self.store = FedStore(self.dir / "federation.db")
@@ -208,13 +215,15 @@ class Federation:
         while True:
             if link.nc is None or link.nc.is_closed:
                 try:
+                    tls = {"tls": client_tls(self._ca[link.region])} if self.cfg.tls else {}
                     link.nc = await nats.connect(
-                        link.url, user=USER, password=self.secret, name=f"garage-head-{self.region}",
+                        link.url, user=USER, password=self.secret, name=f"garage-head-{self.region}", **tls,
                         connect_timeout=2, reconnect_time_wait=0.5, max_reconnect_attempts=-1,
                         ping_interval=2, max_outstanding_pings=2, allow_reconnect=True,
                         error_cb=self._quiet, disconnected_cb=self._quiet, reconnected_cb=self._quiet)
                 except Exception as e:  # unreachable: try again
-                    self._set_up(link, False, f"cannot connect to {link.url} ({type(e).__name__})")
+                    why = str(e) if isinstance(e, FederationSetupError) else type(e).__name__
+                    self._set_up(link, False, f"cannot connect to {link.url} ({why})")
                     await asyncio.sleep(RETRY_S)
                     continue
             up = link.nc.is_connected
