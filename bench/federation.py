@@ -243,6 +243,7 @@ def counts(regs) -> dict[str, dict[str, int]]:
 
 def settled(regs) -> dict[str, int]:
     """Every region's table equal (what earlier steps served has arrived everywhere)."""
+    time.sleep(1.5)  # the last records written (every 0.2 s) and shipped, before the tables are compared
     got = wait_for(lambda: (c := counts(regs)) and all(c[r] == c["us"] for r in REGIONS) and c["us"], 60.0, every_s=0.5)
     if not got:
         print(f"  (the regions' tables were not equal before this step: {counts(regs)})")

@@ -101,6 +101,7 @@ def test_a_partition_loses_and_doubles_no_usage_and_the_cut_off_region_serves_on
     net, regs = world
     _, secret = regs.create_key("eu", "carol")
     assert wait_for(lambda: all(one(net, regs, r, secret)[0] == 200 for r in REGIONS), 10.0)
+    time.sleep(1.5)  # those checks' records written (every 0.2 s) and shipped before the tables are compared
     base = wait_for(lambda: (c := counts(regs)) and all(c[r] == c["us"] for r in REGIONS) and c["us"], 30.0)
     assert base, counts(regs)
     loads = {r: net.client_bg({"op": "load", "url": regs[r].url, "key": secret, "rate": 4.0, "seconds": 16})
