@@ -273,3 +273,22 @@ def test_a_regions_nats_takes_only_tls_with_its_ca_and_the_federation_secret(fed
                    "TLS, its CA, the secret": True}
     conf = (fed["eu"].state / "federation" / "nats.conf")
     assert conf.stat().st_mode & 0o077 == 0 and "tls {" in conf.read_text()
+
+
+def test_a_head_that_cannot_federate_says_what_to_do_before_it_starts(tmp_path):
+    from garage_node.head.federation.config import FederationSection
+    from garage_node.head.federation.natsd import make_secret
+    from garage_node.head.federation.service import Federation
+    from garage_node.head.setup import SetupError  # `head run` prints these and exits, no traceback
+
+    plain = FederationSection(enabled=True, tls=False)
+    with pytest.raises(SetupError, match="head federation secret"):
+        Federation(plain, "eu", tmp_path, None, None)  # type: ignore[arg-type]
+    make_secret(tmp_path / "federation" / "secret")
+    with pytest.raises(SetupError, match="head init"):
+        Federation(FederationSection(enabled=True), "eu", tmp_path, None, None)  # type: ignore[arg-type]
+    with pytest.raises(SetupError, match="cannot be used in a federation"):
+        Federation(plain, "Home Region", tmp_path, None, None)  # type: ignore[arg-type]
+    (tmp_path / "federation" / "secret").chmod(0o644)
+    with pytest.raises(SetupError, match="chmod 600"):
+        Federation(plain, "eu", tmp_path, None, None)  # type: ignore[arg-type]

@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from garage_node.core.fsutil import write_private
+from garage_node.head.setup import SetupError
 
 USER = "federation"
 
 
-class FederationSetupError(RuntimeError):
-    """Federation cannot start as configured; the message says what to do."""
+class FederationSetupError(SetupError):
+    """Federation cannot start as configured; the message says what to do (`head run` prints it
+    and exits, as for any other setup error)."""
 
 
 @dataclass(frozen=True)
