@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from garage_node.cli import headfed
 from garage_node.cli import headmodel
 from garage_node.cli import headrelease
 from garage_node.cli import headrollout
@@ -59,7 +60,10 @@ def add_commands(sub) -> None:
     key.add_argument("--ttl", type=duration, help="lifetime, e.g. 30d (default: until revoked)")
     key.add_argument("--json", action="store_true", help="list as JSON")
     usage = cmd("usage", usage_cmd, "tokens served through the gateway, from the usage ledger")
-    usage.add_argument("--by", choices=["key", "node", "model"], default="key", help="group by (default: key)")
+    usage.add_argument("--by", choices=["key", "node", "model", "region"], default="key",
+                       help="group by (default: key; region: with --global)")
+    usage.add_argument("--global", dest="global_", action="store_true",
+                       help="every region's usage (federation), by key, region, PC or model")
     usage.add_argument("--since", type=duration, help="only the last period, e.g. 24h or 7d (to the hour; default: ever)")
     usage.add_argument("--json", action="store_true")
     cmd("fleet-key", fleet_key, "make the fleet page's admin key (shown once, stored hashed); a new one replaces "
@@ -70,6 +74,7 @@ def add_commands(sub) -> None:
     headrollout.add_command(cmd, duration)  # `head rollout ...`: releases across the region (cli/headrollout.py)
     headtrust.add_command(cmd)  # `head node ...`: a PC's trust and quarantine (cli/headtrust.py)
     headaudit.add_command(cmd)  # `head audit ...`: the audits' status and calibration (cli/headaudit.py)
+    headfed.add_command(cmd)  # `head federation ...`: regions together (cli/headfed.py)
 
 
 def init(args) -> int:
@@ -255,6 +260,12 @@ def usage_cmd(args) -> int:
     from garage_node.head import setup
     from garage_node.head.gateway.ledger import Ledger
 
+    if args.global_:
+        return headfed.usage_global(args)
+    if args.by == "region":
+        print("garage-node head usage: --by region needs --global (a region's own ledger is all one region)",
+              file=sys.stderr)
+        return 2
     cfg = load_head_config(args.config)
     store = _gateway_store(cfg)
     if store is None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from garage_node.core.overlay import IFNAME, WG_IMPLEMENTATIONS
+from garage_node.head.federation.config import FederationSection
 from garage_node.core.settings import ConfigError, nonnegative, one_of, parse, positive, read_toml, setting, tcp_port
 
 DEFAULT_HEAD_CONFIG = Path("/etc/garage-node/head.toml")
@@ -263,6 +264,7 @@ class HeadConfig:
     fleet: FleetSection = field(default_factory=FleetSection)
     placement: PlacementSection = field(default_factory=PlacementSection)
     audit: AuditSection = field(default_factory=AuditSection)
+    federation: FederationSection = field(default_factory=FederationSection)  # issue #21
 
     @property
     def network(self) -> ipaddress.IPv4Network:

@@ -130,7 +130,8 @@ class HeadService:
         api = self.cfg.api
         return Rules(table=f"garage-head-{self.cfg.overlay.interface}", overlay_interface=self.cfg.overlay.interface,
                      overlay_cidr=self.cfg.overlay.cidr, ray_ports=tuple(self.ray_ports.ranges()),
-                     open_tcp=tuple(sorted({api.port, *api.open_tcp, *self._gateway_ports()})), hub=True,
+                     open_tcp=tuple(sorted({api.port, *api.open_tcp, *self._gateway_ports(), *self._federation_ports()})),
+                     hub=True,
                      refused=self._refused)
 
     def refuse_quarantined(self) -> bool:
@@ -159,6 +160,11 @@ class HeadService:
         if not g.enabled:
             return ()
         return (g.port,) + (() if g.metrics_host.startswith("127.") else (g.metrics_port,))
+
+    def _federation_ports(self) -> tuple[int, ...]:
+        # The other regions' heads reach this region's NATS (issue #21; password-protected).
+        f = self.cfg.federation
+        return (f.nats_port,) if f.enabled and self.cfg.gateway.enabled else ()
 
     # -- reconcile
 
@@ -349,13 +355,17 @@ def run(cfg: HeadConfig) -> None:
     listeners: list[BackgroundServer] = []
     node_extras: Callable[[str], HeartbeatExtras] = lambda _node_id: HeartbeatExtras()  # noqa: E731
     gateway = None
+    federation = None
     if cfg.gateway.enabled:
         gateway = Gateway(cfg.gateway, cfg.head.state_dir,
                           # Without the reports: the gateway asks every few seconds, on its loop.
                           lambda: {n.id: n.name for n in service.registry.active_peers()}, audit=cfg.audit)
         reports.subscribe(gateway.on_report)
         node_extras = gateway.node_extras
-        listeners.extend(gateway_listeners(cfg, gateway))
+        from garage_node.head.federation.hooks import attach
+
+        federation = attach(cfg, gateway)  # issue #21: None unless [federation] enabled
+        listeners.extend(gateway_listeners(cfg, gateway, federation))
     # The head decides what each PC serves (head/placement.py), from the region's catalog and
     # the gateway's demand; its part of each heartbeat's answer is the PC's assignment.
     from garage_node.head.placement import PlacementLoop
@@ -394,6 +404,8 @@ def run(cfg: HeadConfig) -> None:
         rollouts.start()
         if gateway is not None:
             gateway.start()
+        if federation is not None:
+            federation.start()
         for listener in listeners:
             listener.start()
         settle_heap()
@@ -405,6 +417,8 @@ def run(cfg: HeadConfig) -> None:
             listener.stop()
         placement.stop()
         rollouts.stop()
+        if federation is not None:
+            federation.stop()  # its usage records not yet written, then its nats-server
         if gateway is not None:
             gateway.stop()  # the usage ledger's last batch
         service.stop()
@@ -471,7 +485,7 @@ def gateway_tls(cert: str, key: str) -> dict[str, Any]:
     return {"ssl_certfile": cert, "ssl_keyfile": key, "ssl_ciphers": GATEWAY_CIPHERS}
 
 
-def gateway_listeners(cfg: HeadConfig, gateway: Gateway) -> list[BackgroundServer]:
+def gateway_listeners(cfg: HeadConfig, gateway: Gateway, federation: Any = None) -> list[BackgroundServer]:
     """The OpenAI API (facing users: the same guards as the control API) and the metrics."""
     import uvicorn
     from prometheus_client import make_asgi_app
@@ -482,7 +496,12 @@ def gateway_listeners(cfg: HeadConfig, gateway: Gateway) -> list[BackgroundServe
     limits = GuardLimits(request_timeout_s=cfg.api.request_timeout_s,
                          max_connections_per_client=cfg.api.max_connections_per_client,
                          tls_handshake_timeout_s=cfg.api.tls_handshake_timeout_s)
-    api = uvicorn.Config(create_gateway_app(gateway), host=g.listen_host, port=g.port, log_level="warning",
+    app: Any = create_gateway_app(gateway)
+    if federation is not None:  # spill-over to other regions in front of the gateway (issue #21)
+        from garage_node.head.federation.hooks import wrap_app
+
+        app = wrap_app(app, federation, gateway)
+    api = uvicorn.Config(app, host=g.listen_host, port=g.port, log_level="warning",
                          access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=10,
                          # uvloop and httptools: less CPU per request (#22); the same guards.
                          http=guarded_protocol(limits, fast=True),

@@ -203,6 +203,10 @@ class Gateway:
             self._key_cache[digest_] = (now, key)
         return key
 
+    def forget_key(self, digest_: str) -> None:
+        """Drop a key from the cache (federation: another region changed it; revoked at once)."""
+        self._key_cache.pop(digest_, None)
+
     def known(self, model: str) -> bool:
         """Served by some PC (in any state) or in the region's catalog: demand counts only these."""
         return bool(self.table.pool(model)) or model in self.placed()
