@@ -63,8 +63,11 @@ Z_SPREAD = 1.75
 Z_MAX = 6.0  # a sampled audit's |z| counts at most this (one re-tokenized answer cannot run away)
 MU_MAX = 8.0
 # Flags (one per audit): how often an honest answer raises one, and a cheater's answer.
-# Measured: no honest early stop in 600 answers; a PC that cuts answers at half max_tokens and
-# says "stop" is flagged in 18.7 % of its audits (most answers end before the cut).
+# Measured: no honest early stop in 600 answers (under 0.5 % at 95 %); a PC that cuts answers
+# at half max_tokens and says "stop" is flagged in 18.7 % of its audits (most answers end
+# before the cut). Replayed (1,000 PCs), such a new PC is quarantined within 250 requests 90.5 %
+# of the time at STOP0 0.01, 94 % at 0.005; but at 0.005, honest PCs whose true rate is 2 %
+# (GPUs are not measured) were quarantined (6 of 500 over 200 audits), at 0.01 none.
 STOP0, STOP1 = 0.01, 0.15
 USAGE0, USAGE1 = 0.01, 0.5
 SHARE = 0.1  # H1: the share of its answers a cheater cheats on, at least
