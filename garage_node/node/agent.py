@@ -39,6 +39,7 @@ from garage_node.core.wire import (MAX_GPUS, AgentInfo, AgentVersions, HeadStatu
                                    NodeState, RayResources, RayStatus, Status, Versions, clip)
 from garage_node.core.wireguard import Interface
 from garage_node.node import gpu, identity
+from garage_node.node import update as os_update
 from garage_node.node.assign import AssignPart, HeadWeights, WeightStore
 from garage_node.node.config import NodeConfig
 from garage_node.node.engine.manager import EngineManager
@@ -53,6 +54,7 @@ from garage_node.node.raystep import RayPart, WorkerWants
 from garage_node.node.serving import GpuWatch
 from garage_node.node.session import HeadSession
 from garage_node.node.state import Facts, derive
+from garage_node.node.updatepart import UpdatePart
 from garage_node.node.weights import Weights, head_source
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,8 @@ class Agent:
                  lookup_account: Callable[[str, tuple[str, ...]], RunAs] = RunAs.lookup,
                  probe_hub: Callable[[str], bool] | None = None,
                  nvml: gpu.NvmlSession | None = None, beats: BeatTimer | None = None,
-                 versions: Callable[[], Versions] = local_versions, weights: WeightStore | None = None) -> None:
+                 versions: Callable[[], Versions] = local_versions, weights: WeightStore | None = None,
+                 updates: UpdatePart | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.paths = StatePaths(cfg.node.state_dir)
@@ -112,6 +115,11 @@ class Agent:
         # `engine` builds it (tests hand in one with a fake Docker).
         self.engine = (engine or EngineManager)(cfg.engine, self.paths.drain_flag, lambda: self.plan.engine_wanted(),
                                                 clock=clock)
+        # The stick's OS updates (issue #19): the head's target against the owner's [update]
+        # policy. It cannot install yet (no A/B stick): it says so in status, and never drains
+        # the engine for an update it cannot install.
+        self.updates = updates or UpdatePart(self.paths.state_dir,
+                                             os_update.policy_of(cfg.update, cfg.schedule.timezone), clock.time)
         self.versions = versions()
         self.started_at = clock.monotonic()
         self.identity: Identity | None = None
@@ -212,6 +220,8 @@ class Agent:
                 self.ray.head_says(reply.ray_alive, reply.ray_cluster_id, reply.ray_dead)
             if self.session.assignment != assigned:
                 self._replan()  # the head's new word takes effect now, not a pass later
+        idle = self.gpus.serving.paused is not None or self.engine.draining or not self.cfg.engine.enabled
+        self.updates.step(self.session.update_target, serving=not idle, idle=idle)
         if self._member():
             assert self.identity is not None
             renewed = self.session.renew_if_due(self.identity)
@@ -258,7 +268,7 @@ class Agent:
         self.plan = plan
         # Paused for the owner's hours or heat: the engine drains and comes back by itself;
         # the owner's own drain stays the owner's. The head assigning nothing holds it off too.
-        self.engine.hold(self.gpus.decide(self.plan.engine_gpus) or plan.idle)
+        self.engine.hold(self.gpus.decide(self.plan.engine_gpus) or plan.idle or self._update_drains())
 
     def _weight_source(self) -> Any:
         """Where weights come from: the head's control API, with this node's credential."""
@@ -286,6 +296,13 @@ class Agent:
         return self.versions.mismatch(head) if head else None
 
     # ------------------------------------------------------------ state
+
+    def _update_drains(self) -> str | None:
+        """Why the engine drains for an OS update (before it installs), or None: only where the
+        update can install."""
+        if self.updates.wants_drain and self.updates.installer() is None:
+            return f"draining for the OS update to {self.session.update_target}"
+        return None
 
     def _update_state(self) -> None:
         ident = self.identity
@@ -357,6 +374,7 @@ class Agent:
             placement=self.assign.facts(paused) if self.cfg.engine.enabled else None,
             assignment=self.session.assignment,
             quarantine=self.session.quarantine,
+            update=self.updates.status(),
         )
 
     def _report(self) -> NodeReport:

@@ -99,6 +99,8 @@ def render(s: Status) -> str:
         add("Engine:" if i == 0 else "", text)
     for i, text in enumerate(placement_lines(s)):
         add("Model:" if i == 0 else "", text)
+    for i, text in enumerate(update_lines(s)):
+        add("OS:" if i == 0 else "", text)
     if s.tokens_served is not None:
         add("Served:", f"{_tokens(s.tokens_served.today)} tokens today, {_tokens(s.tokens_served.total)} in all "
                        "(through the region's gateway)")
@@ -128,6 +130,23 @@ def earnings_line(served, count) -> str | None:
         return None
     text = f"{count(served.earned)} earned, {count(served.held or 0)} held until the region's audits trust them"
     return text + (f", {count(served.frozen)} frozen by the quarantine" if served.frozen else "")
+
+
+def update_lines(s: Status) -> list[str]:
+    """The stick's OS version and its update, if the PC booted a versioned stick (issue #19)."""
+    u = getattr(s, "update", None)  # absent from older agents
+    if u is None:
+        return []
+    lines = [f"{u.os_version or '?'}" + (f" ({u.variant})" if u.variant else "")
+             + (f", other slot {u.other_version}" if u.other_version else "")
+             + ("" if u.blessed is not False else f", not yet confirmed good ({u.tries_left} tries left)")
+             + f"; updates: {u.policy}"]
+    if u.target and u.target != u.os_version:
+        lines.append(f"the head wants {u.target}" + (f": {u.pending_why}" if u.pending_why else ""))
+    if u.last_version and u.last_outcome is not None:
+        lines.append(f"last update to {u.last_version}: {u.last_outcome.value}"
+                     + (f" ({u.last_why})" if u.last_why else ""))
+    return lines
 
 
 def quarantine_lines(s: Status) -> list[tuple[str, str]]:

@@ -214,3 +214,46 @@ def test_the_head_session_keeps_the_update_target_of_the_last_answer(tmp_path):
     r.head.update_target = None  # the rollout was aborted
     r.passes(8, every_s=2.0)
     assert r.agent.session.update_target is None
+
+
+def test_the_agent_reports_the_heads_target_and_never_drains_for_an_update_it_cannot_install(tmp_path):
+    """The agent wired to its update part: the head's target and why it is not installed reach
+    `status` and the heartbeat's report; in the owner's window, with the engine serving, the
+    part would drain first, but on a stick that cannot install the engine is left serving."""
+    from garage_node.core.wire import NodeReport
+    from garage_node.node.updatepart import UpdatePart
+    from testing.agentrig import rig
+
+    r = rig(tmp_path)
+    r.agent.updates = UpdatePart(tmp_path / "state", Policy("window", ("daily 03:00-06:00",), BERLIN),
+                                 lambda: at("2026-12-07 04:00"), read_boot=lambda: GOOD, variant="base")
+    r.joined()
+    r.head.update_target = "v2"
+    r.passes(8, every_s=2.0)  # past the next heartbeat
+    s = r.status()
+    assert s.update is not None and s.update.os_version == "v1" and s.update.target == "v2"
+    assert "cannot be installed here" in (s.update.pending_why or "")
+    assert NodeReport.of(r.agent.snapshot()).update == s.update  # the head hears it too
+    # Serving in the window: the part asks for a drain, which the agent does not carry out.
+    assert r.agent.updates.step("v2", serving=True, idle=False).action == Action.DRAIN
+    assert r.agent._update_drains() is None
+    r.agent.updates.installer = lambda: None  # an A/B stick (its installer found)
+    assert r.agent.updates.step("v2", serving=True, idle=False).action == Action.DRAIN
+    assert r.agent._update_drains() == "draining for the OS update to v2"
+
+
+def test_status_shows_the_os_version_and_why_the_heads_target_waits():
+    from garage_node.core.wire import UpdateStatus
+    from garage_node.node.status import update_lines
+
+    class S:
+        update = None
+
+    assert update_lines(S()) == []  # not a versioned stick
+    S.update = UpdateStatus(os_version="v1", variant="base", blessed=True, policy="window", target="v2",
+                            pending_why="outside the update window until 03:00", last_version="v0",
+                            last_outcome=UpdateOutcome.ROLLED_BACK, last_why="its tries ran out")
+    lines = update_lines(S())
+    assert lines[0] == "v1 (base); updates: window"
+    assert lines[1] == "the head wants v2: outside the update window until 03:00"
+    assert lines[2] == "last update to v0: rolled-back (its tries ran out)"
