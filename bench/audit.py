@@ -36,7 +36,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -45,7 +45,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from garage_node.head.audit import score as scoring  # noqa: E402
-from garage_node.head.audit import sprt, verifier  # noqa: E402
+from garage_node.head.audit import sampling, sprt, verifier  # noqa: E402
+from garage_node.head.config import AuditSection  # noqa: E402
 from testing.cheats import client_requests  # noqa: E402
 from testing.dockerd import TINY_MODEL, EngineContainer, audit_model_dirs  # noqa: E402
 
@@ -147,7 +148,7 @@ def gaps_all(url: str, answers: Sequence[Answer], concurrency: int = 4) -> list[
 
 # -- collecting: engines, answers, scores
 
-PORTS = {"verifier": 18931, "honest": 18932, "other": 18933, "q4": 18934, "q8": 18935, "layer": 18936}
+PORTS = {"verifier": 18931, "honest": 18932, "other": 18933, "q4": 18934, "q8": 18935, "layer": 18936, "q3": 18937}
 
 
 def cut_short(body: dict[str, Any]) -> dict[str, Any]:
@@ -242,28 +243,25 @@ def score_of(row: dict[str, Any]) -> scoring.Score:
     return scoring.Score(**row["score"])
 
 
-@dataclass(frozen=True)
-class Rates:
-    rate: float = 0.02
-    new_rate: float = 0.10
-    new_requests: int = 500
-    suspect_rate: float = 0.25
-    canary_rate: float = 0.005
+AUDIT = AuditSection()  # the head's defaults: rates, canary_rate, false_quarantine
+SHUFFLES = 20
 
 
 def requests_to_quarantine(draw: Callable[[random.Random], scoring.Score], rng: random.Random, h: sprt.Hypotheses,
-                           t: sprt.Thresholds, rates: Rates, served_before: int, limit: int) -> int | None:
-    """One PC's life: requests until quarantine (None: not within `limit`). Each request is
-    audited with the sampler's rate for the PC's state, a canary (always audited) with
-    canary_rate; `served_before` requests already served (established PC: its honest record
-    is at the floor, the best a long honest record can bank)."""
+                           t: sprt.Thresholds, served_before: int, limit: int) -> int | None:
+    """One PC's life: requests until quarantine (None: not within `limit`). Each request goes
+    through the head's own sampler (new_rate for the PC's first new_requests requests, rate
+    after, suspect_rate while its record leans to cheating); besides, canary_rate of its
+    requests are canaries (always audited). `served_before` requests already served: an
+    established PC, its honest record at the floor (the best a long honest record can bank)."""
+    sampler = sampling.Sampler(sampling.Rates.of(AUDIT), rng.random)
+    sampler.seed({"pc": served_before})
     rec = sprt.Record()
-    if served_before >= rates.new_requests:
+    if served_before >= AUDIT.new_requests:
         rec = sprt.Record(sums=dict.fromkeys(sprt.TESTS, t.floor))
     for i in range(1, limit + 1):
-        served = served_before + i
-        p = rates.suspect_rate if rec.suspect else (rates.new_rate if served <= rates.new_requests else rates.rate)
-        if rng.random() < p or rng.random() < rates.canary_rate:
+        sampler.suspects = frozenset({"pc"}) if rec.suspect else frozenset()
+        if sampler.take("pc") or rng.random() < AUDIT.canary_rate:
             step = sprt.weigh(rec, draw(rng), h, t)
             rec = step.record
             if step.quarantine:
@@ -272,7 +270,7 @@ def requests_to_quarantine(draw: Callable[[random.Random], scoring.Score], rng: 
 
 
 def monte_carlo(cheat: list[scoring.Score], honest: list[scoring.Score], share: float, h: sprt.Hypotheses,
-                t: sprt.Thresholds, rates: Rates, served_before: int, runs: int, limit: int,
+                t: sprt.Thresholds, served_before: int, runs: int, limit: int,
                 seed: int = 1) -> list[int | None]:
     """`runs` PCs that cheat on `share` of their requests (each audit draws a measured score of a
     cheating answer with that probability, else an honest one)."""
@@ -280,7 +278,7 @@ def monte_carlo(cheat: list[scoring.Score], honest: list[scoring.Score], share: 
 
     def draw(r: random.Random) -> scoring.Score:
         return r.choice(cheat) if r.random() < share else r.choice(honest)
-    return [requests_to_quarantine(draw, rng, h, t, rates, served_before, limit) for _ in range(runs)]
+    return [requests_to_quarantine(draw, rng, h, t, served_before, limit) for _ in range(runs)]
 
 
 def honest_walk(rows: list[dict[str, Any]], h: sprt.Hypotheses, t: sprt.Thresholds) -> tuple[float, str, bool]:
@@ -312,7 +310,8 @@ def pct(xs: list[int | None], limit: int) -> str:
     return f"{100 * share:6.2f} % within {limit} (median {med:.0f}, 99th pct {p99 if p99 else '>' + str(limit)})"
 
 
-def analyse(data: dict[str, Any], false_quarantine: float, runs: int, log: Callable[[str], None]) -> None:
+def analyse(data: dict[str, Any], false_quarantine: float, runs: int, log: Callable[[str], None],
+            over: dict[str, float] | None = None) -> None:
     scores = data["scores"]
     log("Per-token and per-audit figures (verifier: an honest engine on its own CPU):")
     for line in token_table(data):
@@ -326,22 +325,29 @@ def analyse(data: dict[str, Any], false_quarantine: float, runs: int, log: Calla
         return
     eps0 = eps0_of(honest_rows)
     h = sprt.Hypotheses.of(eps0)
+    if over:  # what-ifs: the hypotheses' settings given on the command line
+        h = replace(h, **over)
     t = sprt.Thresholds.of(false_quarantine)
     log(f"SPRT: false_quarantine {false_quarantine}, threshold {t.upper:.2f}, cap {t.cap:.2f}, floor {t.floor:.2f}; "
-        f"honest eps0 measured {eps0:.5f} -> used {h.eps0:.4f}, eps1 {h.eps1:.3f}")
+        f"honest eps0 measured {eps0:.5f} -> used {h.eps0:.4f}; {h}")
     top, name, crossed = honest_walk(honest_rows, h, t)
     log(f"False quarantines: {len(honest_rows)} honest answers (concurrency 1..32) all scored by one PC's test: "
         f"highest sum {top:.2f} ({name}) against threshold {t.upper:.2f}: {'QUARANTINED' if crossed else 'not quarantined'}")
+    # The same answers in other orders (as many PCs' lives): how close any came.
+    rng = random.Random(5)
+    walks = [honest_walk(rng.sample(honest_rows, len(honest_rows)), h, t) for _ in range(SHUFFLES)]
+    worst = max(walks)
+    log(f"  in {SHUFFLES} other orders: highest sum {worst[0]:.2f} ({worst[1]}), "
+        f"{sum(1 for w in walks if w[2])} of {SHUFFLES} quarantined")
     honest = [score_of(r) for r in honest_rows]
-    rates = Rates()
     for kind in [k for k in scores if k != "honest"]:
         cheat = [score_of(r) for r in scores[kind]]
         for label, before in (("new PC", 0), ("established PC", 10_000)):
-            res = monte_carlo(cheat, honest, 1.0, h, t, rates, before, runs, 250)
+            res = monte_carlo(cheat, honest, 1.0, h, t, before, runs, 250)
             log(f"  always-{kind:<8} {label:<15} quarantined {pct(res, 250)}")
     for kind in [k for k in ("other", "q4", "truncate") if k in scores]:
         cheat = [score_of(r) for r in scores[kind]]
-        res = monte_carlo(cheat, honest, 0.1, h, t, rates, 10_000, max(200, runs // 5), 20_000)
+        res = monte_carlo(cheat, honest, 0.1, h, t, 10_000, max(200, runs // 5), 20_000)
         log(f"  10 %-{kind:<10} established PC quarantined {pct(res, 20_000)}")
     cpu = data.get("cpu", {})
     if "honest" in cpu:
@@ -351,9 +357,10 @@ def analyse(data: dict[str, Any], false_quarantine: float, runs: int, log: Calla
         per_audit = sum(v["verify_cpu_s"] for v in ver) / sum(v["requests"] for v in ver)
         log(f"CPU: a PC's engine {1000 * per_req_pc:.1f} ms per request ({c['requests']} requests, "
             f"{c['tokens'] / c['requests']:.1f} tokens each); the verifier {1000 * per_audit:.1f} ms per audit")
-        for label, p in (("established (rate 2 % + canaries 0.5 %)", rates.rate + rates.canary_rate),
-                         ("new PCs (new_rate 10 % + canaries)", rates.new_rate + rates.canary_rate),
-                         ("suspect (suspect_rate 25 %)", rates.suspect_rate)):
+        for label, p in ((f"established (rate {AUDIT.rate:.0%} + canaries {AUDIT.canary_rate:.1%})",
+                          AUDIT.rate + AUDIT.canary_rate),
+                         (f"new PCs (new_rate {AUDIT.new_rate:.0%} + canaries)", AUDIT.new_rate + AUDIT.canary_rate),
+                         (f"suspect (suspect_rate {AUDIT.suspect_rate:.0%})", AUDIT.suspect_rate)):
             log(f"  verifier CPU / PCs' engine CPU, {label}: {100 * p * per_audit / per_req_pc:.2f} %")
 
 
@@ -361,9 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--honest", type=int, default=10_000, help="honest requests (spread over concurrencies 1..32)")
     ap.add_argument("--cheat", type=int, default=400, help="requests per cheating PC kind")
-    ap.add_argument("--kinds", default="honest,other,q4,q8,layer,truncate")
+    ap.add_argument("--kinds", default="honest,other,q3,q4,q8,layer,truncate")
     ap.add_argument("--runs", type=int, default=2000, help="Monte Carlo PCs per case")
-    ap.add_argument("--false-quarantine", type=float, default=0.001)
+    ap.add_argument("--false-quarantine", type=float, default=AUDIT.false_quarantine)
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a what-if for the sequential test's hypotheses (sprt.Hypotheses: eps1, effect, z_spread, "
+                         "stop0, stop1, ...), repeatable")
     ap.add_argument("--save", type=Path, help="keep the measured answers and scores here (JSON)")
     ap.add_argument("--load", type=Path, help="analyse a saved run instead of measuring")
     args = ap.parse_args(argv)
@@ -379,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.save:
             args.save.parent.mkdir(parents=True, exist_ok=True)
             args.save.write_text(json.dumps(data))
-    analyse(data, args.false_quarantine, args.runs, log)
+    over = {k: float(v) for k, _, v in (x.partition("=") for x in args.set)}
+    analyse(data, args.false_quarantine, args.runs, log, over)
     return 0
 
 

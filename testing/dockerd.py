@@ -356,12 +356,12 @@ def engine_toml(model_dir: Path, cpus: str | None = None, **over: str) -> str:
 
 # -- tiny models with real (trained) weights, for the audits (issue #20)
 
-AUDIT_VARIANTS = ("honest", "other", "q4", "q8", "layer")
+AUDIT_VARIANTS = ("honest", "other", "q3", "q4", "q8", "layer")
 
 
 def audit_model_dirs(image: str = TEST_IMAGE) -> dict[str, Path]:
     """The trained tiny models of image/engine/make_audit_models.py, one directory per variant
-    (honest; other: another model under the same name; q4/q8: honest rounded to 4/8 bits;
+    (honest; other: another model under the same name; q3/q4/q8: honest rounded to 3/4/8 bits;
     layer: one layer scaled by 1.1). Made once per image build and version of the script (about
     a minute on 2 cores) and kept in CACHE, shared read-only by every engine and run."""
     image_id = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", image], capture_output=True,

@@ -11,7 +11,8 @@ model directory (config, tokenizer, model.safetensors, float32):
 
     OUTDIR/honest     seed 0: what the region serves under the model's name
     OUTDIR/other      seed 1 (other initialisation and data order): another model, same name
-    OUTDIR/q4         honest rounded to 4 bits (per-row absmax, symmetric): a harder quantization
+    OUTDIR/q3         honest rounded to 3 bits (per-row absmax, symmetric): a much harder quantization
+    OUTDIR/q4         honest rounded to 4 bits the same way
     OUTDIR/q8         honest rounded to 8 bits the same way (a milder one, to measure the limit)
     OUTDIR/layer      honest with one layer's MLP down-projection scaled by 1.1 ("changed a little")
 
@@ -144,6 +145,7 @@ def main(argv=None) -> int:
     for name, weights in (
         ("honest", honest),
         ("other", other),
+        ("q3", fake_quant(honest, 3)),
         ("q4", fake_quant(honest, 4)),
         ("q8", fake_quant(honest, 8)),
         ("layer", one_layer_changed(honest)),
