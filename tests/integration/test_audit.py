@@ -171,7 +171,7 @@ def calibrate(r: Region) -> None:
             continue
     else:
         raise AssertionError(f"calibration found too few tokens: {book.rates()}")
-    a._last.pop("rates", None)  # the loop reads the rates again on its next pass (else within a minute)
+    a.reload_rates()  # `head audit calibrate` in another process: the loop reads them within a minute
     r.gw.trust.set_trusted("pc-honest", False)
     print(f"calibrated: {rates}")
     assert all(x.bad <= 0.005 * x.tokens for x in rates), rates  # one CPU type: the top-1 nearly always
@@ -231,6 +231,13 @@ def test_cheaters_quarantined_honest_pcs_not(region: Region) -> None:
         assert r.gw.trust.get(p).why.startswith("audits:")
     for p in HONEST:
         assert st[p] == "ok", (p, r.gw.trust.get(p).why)
+    # The tenth-cheater did cheat; at this many requests it is rarely caught yet (bench/audit.py:
+    # a few thousand requests at the real rates), so its state is printed, not asserted.
+    assert r.shims["pc-tenth"].cheated > 0
+    a = r.gw.auditor
+    assert a is not None
+    print(f"pc-tenth: {r.shims['pc-tenth'].cheated} of {r.shims['pc-tenth'].requests} answers from the other weights; "
+          f"{st['pc-tenth']}, record {a.records.get('pc-tenth')}")
 
     # A quarantined PC gets no customer's request after.
     before = {p: r.shims[p].requests for p in ALWAYS}
