@@ -59,7 +59,7 @@ class Region:
         self.thread.join(5)
 
 
-def wait(what: Callable[[], Any], timeout_s: float = 30.0) -> Any:
+def wait(what: Callable[[], Any], timeout_s: float = 60.0) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = what()
@@ -139,17 +139,18 @@ def test_without_a_verifier_samples_wait_and_status_says_so(tmp_path, engines) -
 def test_metrics(tmp_path, engines) -> None:  # noqa: F811
     from prometheus_client import generate_latest
 
-    region = Region(tmp_path, {"nv": engines(seed=1), "bad": engines(seed=2)}, ("nv",))
+    # Both trusted: each verifies the other, wherever the router sends a request.
+    region = Region(tmp_path, {"nv": engines(seed=1), "good": engines(seed=1)}, ("nv", "good"))
     try:
         region.ask(6)
-        wait(lambda: region.auditor.counters.scored >= 2)
+        wait(lambda: region.auditor.counters.scored >= 2, 60)
         text = generate_latest(region.gw.metrics.registry).decode()
         assert 'garage_audit_scored_total{kind="customer"}' in text
-        assert 'garage_audit_evidence{name="bad-pc",node="bad",test="tokens"}' in text
-        assert "garage_audit_verifier_up 1.0" in text
+        node = next(iter(region.auditor.records))
+        assert f'garage_audit_evidence{{name="{node}-pc",node="{node}",test="partial"}}' in text
+        assert "garage_audit_verifier_up 1.0" in text and "garage_audit_threshold 10.5" in text
     finally:
         region.stop()
-
 
 
 def test_a_busy_trusted_pc_verifies_only_when_it_can_spare_it(tmp_path, engines) -> None:  # noqa: F811
