@@ -72,7 +72,7 @@ def wait(what: Callable[[], Any], timeout_s: float = 60.0) -> Any:
 def test_a_pc_serving_other_weights_is_quarantined_an_honest_one_is_not(tmp_path, engines) -> None:  # noqa: F811
     region = Region(tmp_path, {"nv": engines(seed=1), "good": engines(seed=1), "bad": engines(seed=2)}, ("nv",))
     try:
-        region.ask(18)
+        region.ask(24)  # spread at random over the three: the cheater gets 2 or more but 0.1 % of the time
         wait(lambda: region.gw.trust.get("bad").state == "quarantined")
         t = region.gw.trust.get("bad")
         assert "not what the model gives" in t.why and t.frozen_at is not None
