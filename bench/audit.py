@@ -239,8 +239,14 @@ def by_concurrency(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+PER_ANSWER = False  # --per-answer: a what-if, each greedy audit one Bernoulli (any bad token)
+
+
 def score_of(row: dict[str, Any]) -> scoring.Score:
-    return scoring.Score(**row["score"])
+    s = scoring.Score(**row["score"])
+    if PER_ANSWER and s.greedy and s.n:
+        s = replace(s, n=1, bad=min(1, s.bad))
+    return s
 
 
 AUDIT = AuditSection()  # the head's defaults: rates, canary_rate, false_quarantine
@@ -340,6 +346,10 @@ def analyse(data: dict[str, Any], false_quarantine: float, runs: int, log: Calla
     log(f"  in {SHUFFLES} other orders: highest sum {worst[0]:.2f} ({worst[1]}), "
         f"{sum(1 for w in walks if w[2])} of {SHUFFLES} quarantined")
     honest = [score_of(r) for r in honest_rows]
+    # Honest PCs at the sampler's real rates (audits drawn from the measured honest scores).
+    res = monte_carlo(honest, honest, 0.0, h, t, 0, runs, 10_000, seed=2)
+    log(f"  honest PCs at the sampler's rates, {runs} PCs x 10,000 requests: "
+        f"{sum(1 for x in res if x is not None)} quarantined")
     for kind in [k for k in scores if k != "honest"]:
         cheat = [score_of(r) for r in scores[kind]]
         for label, before in (("new PC", 0), ("established PC", 10_000)):
@@ -374,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a what-if for the sequential test's hypotheses (sprt.Hypotheses: eps1, effect, z_spread, "
                          "stop0, stop1, ...), repeatable")
+    ap.add_argument("--per-answer", action="store_true",
+                    help="what-if: weigh each greedy audit as one Bernoulli (any bad token), with --set eps0/eps1")
     ap.add_argument("--save", type=Path, help="keep the measured answers and scores here (JSON)")
     ap.add_argument("--load", type=Path, help="analyse a saved run instead of measuring")
     args = ap.parse_args(argv)
@@ -390,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             args.save.parent.mkdir(parents=True, exist_ok=True)
             args.save.write_text(json.dumps(data))
     over = {k: float(v) for k, _, v in (x.partition("=") for x in args.set)}
+    global PER_ANSWER
+    PER_ANSWER = args.per_answer
     analyse(data, args.false_quarantine, args.runs, log, over)
     return 0
 
