@@ -3,7 +3,7 @@ the gateway's database, where the running head keeps its audits and its loop's s
 
     status               each PC: audits, requests, the sequential test's evidence, the honest
                          rate in use, its state; the verifier (or "no verifier") and the queue
-    calibrate MODEL      record MODEL's honest bad-token rate from the audits of trusted PCs
+    calibrate MODEL      record MODEL's honest rate (greedy answers with a bad token) from the audits of trusted PCs
 """
 
 from __future__ import annotations
@@ -164,6 +164,6 @@ def _calibrate(args: argparse.Namespace, store: Any) -> int:
         print(json.dumps([r.__dict__ for r in rates], indent=2))
         return 0
     for r in rates:
-        print(f"{r.model} on {r.precision}: honest rate {r.eps0:.4f} (99 % bound of {r.bad} bad in {r.tokens} greedy "
-              f"tokens, {r.audits} audits of trusted PCs); the running head uses it within a minute")
+        print(f"{r.model} on {r.precision}: honest rate {r.eps0:.4f} (99 % bound of {r.bad} greedy answers with a bad "
+              f"token in {r.audits} audits of trusted PCs, {r.tokens} tokens); the running head uses it within a minute")
     return 0

@@ -201,7 +201,7 @@ class AuditSection:
     # `new_rate` for its first `new_requests` requests, `suspect_rate` while its record leans
     # towards cheating (the sequential test's sum above 0).
     rate: float = setting(0.02, check=(lambda v: 0.0 <= v <= 1.0, "a share between 0 and 1"))
-    new_rate: float = setting(0.10, check=(lambda v: 0.0 <= v <= 1.0, "a share between 0 and 1"))
+    new_rate: float = setting(0.15, check=(lambda v: 0.0 <= v <= 1.0, "a share between 0 and 1"))
     new_requests: int = setting(500, check=nonnegative())
     suspect_rate: float = setting(0.25, check=(lambda v: 0.0 <= v <= 1.0, "a share between 0 and 1"))
     # Canary requests the head sends itself through the normal path, as a share of traffic.

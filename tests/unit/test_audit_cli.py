@@ -7,7 +7,7 @@ import json
 import time
 
 from garage_node.head.audit import sprt
-from garage_node.head.audit.book import CALIBRATE_MIN_TOKENS, Book, upper_rate
+from garage_node.head.audit.book import CALIBRATE_MIN_AUDITS, Book, upper_rate
 from garage_node.head.audit.score import Score
 from garage_node.head.audit.trust import Trust
 from tests.unit.test_headtrust import cli, head  # noqa: F401 (a fixture)
@@ -44,7 +44,7 @@ def test_status_before_any_audit_and_with_audits(head, capsys) -> None:  # noqa:
     assert "verifier (0 s ago): tiny: no verifier" in out and "2 waiting, 4 scored" in out
     line = next(ln for ln in out.splitlines() if ln.startswith(f"alice-pc ({alice})"))
     assert " ok " in line and " 3 " in line and " 40 " in line and "default: not calibrated" in line
-    assert "0.010" in line
+    assert "0.020" in line
     bob_line = next(ln for ln in out.splitlines() if ln.startswith(f"bob-pc ({bob})"))
     assert "quarantined" in bob_line
     assert "why: audits: its answers' tokens" in out
@@ -53,7 +53,7 @@ def test_status_before_any_audit_and_with_audits(head, capsys) -> None:  # noqa:
     assert pcs[alice]["audits"] == 3 and pcs[alice]["evidence"]["tokens"] < 0 and doc["loop_running"]
 
 
-def test_calibrate_needs_trusted_pcs_and_enough_tokens(head, capsys) -> None:  # noqa: F811
+def test_calibrate_needs_trusted_pcs_and_enough_audits(head, capsys) -> None:  # noqa: F811
     config, nodes, store = head
     alice = nodes["alice-pc"]
     rc, _, err = cli(capsys, config, "audit", "calibrate")
@@ -62,16 +62,17 @@ def test_calibrate_needs_trusted_pcs_and_enough_tokens(head, capsys) -> None:  #
     assert rc == 2 and "no PC is marked trusted" in err and "head node trust" in err
     Trust(store).set_trusted(alice, True)
     book = Book(store)
-    rec = audit(book, alice, 500, 1, sprt.Record())
+    rec = audit(book, alice, 30, 0, sprt.Record())
     rc, _, err = cli(capsys, config, "audit", "calibrate", "tiny")
-    assert rc == 2 and "only 500 greedy tokens" in err
-    for _ in range(CALIBRATE_MIN_TOKENS // 500):
-        rec = audit(book, alice, 500, 1, rec)
+    assert rc == 2 and "only 1 greedy audits" in err
+    for i in range(CALIBRATE_MIN_AUDITS):
+        rec = audit(book, alice, 30, 2 if i == 0 else 0, rec)  # one answer with 2 bad tokens
     rc, out, _ = cli(capsys, config, "audit", "calibrate", "tiny")
     assert rc == 0 and "tiny on cpu: honest rate" in out
     rate = book.rates()[("tiny", "cpu")]
-    assert rate.tokens == 500 * (1 + CALIBRATE_MIN_TOKENS // 500) and rate.eps0 == upper_rate(rate.bad, rate.tokens)
-    assert rate.bad / rate.tokens < rate.eps0 < 0.01
+    # Per answer: 1 bad greedy answer of 151 audits (not 2 bad of 4,530 tokens).
+    assert (rate.audits, rate.bad, rate.tokens) == (CALIBRATE_MIN_AUDITS + 1, 1, 30 * (CALIBRATE_MIN_AUDITS + 1))
+    assert rate.eps0 == upper_rate(1, CALIBRATE_MIN_AUDITS + 1) and 1 / rate.audits < rate.eps0 < 0.05
     rc, out, _ = cli(capsys, config, "audit", "status")
     assert "calibrated)" in next(ln for ln in out.splitlines() if ln.startswith("alice-pc"))
 

@@ -20,7 +20,7 @@ class Draws:
 
 
 def test_new_established_and_suspect_pcs_are_drawn_at_their_rates() -> None:
-    draws = Draws(0.05)  # under new_rate (0.10), over rate (0.02)
+    draws = Draws(0.05)  # under new_rate (0.10 here), over rate (0.02)
     s = Sampler(Rates(rate=0.02, new_rate=0.10, new_requests=3, suspect_rate=0.25), draws)
     assert [s.take("n1") for _ in range(5)] == [True, True, True, False, False]
     assert draws.calls == 5  # one draw a request

@@ -201,12 +201,19 @@ def test_thresholds() -> None:
         sprt.Thresholds.of(0.0)
 
 
-def test_one_answer_never_decides_two_can() -> None:
+def test_one_answer_never_decides_a_few_do() -> None:
+    """A greedy audit is one trial, whatever its number of bad tokens: even an answer that is
+    wrong everywhere adds ln(eps1/eps0), and a few such answers decide."""
     h = sprt.Hypotheses.of(0.01)
     step = sprt.weigh(sprt.Record(), greedy_score(200, 200), h, T)
-    assert step.quarantine is None and step.llr["tokens"] == T.cap
-    step = sprt.weigh(step.record, greedy_score(200, 200), h, T)
-    assert step.quarantine == "tokens" and step.record.audits == 2
+    assert step.quarantine is None and step.llr["tokens"] == pytest.approx(math.log(h.eps1 / h.eps0))
+    assert step.llr["tokens"] < T.cap
+    assert sprt.weigh(sprt.Record(), greedy_score(200, 1), h, T).llr["tokens"] == step.llr["tokens"]
+    audits = 1
+    while step.quarantine is None:
+        step = sprt.weigh(step.record, greedy_score(200, 200), h, T)
+        audits += 1
+    assert step.quarantine == "tokens" and audits == 4 and step.record.audits == 4
     assert "not what the model gives" in sprt.why("tokens", step.record)
 
 
@@ -217,17 +224,18 @@ def test_the_floor_bounds_an_honest_record_credit() -> None:
         rec = sprt.weigh(rec, greedy_score(100, 0), h, T).record
     assert rec.sums["tokens"] == T.floor
     audits = 0
-    while True:  # turns to cheating: caught by 2 capped audits (1.2 thresholds)
+    while True:  # turns to cheating: caught by as many bad answers as a new PC, and one more
         audits += 1
         step = sprt.weigh(rec, greedy_score(100, 60), h, T)
         rec = step.record
         if step.quarantine:
             break
-    assert audits == 2
+    assert audits == 4
 
 
 def honest_greedy(rng: random.Random, eps: float, n: int) -> sc.Score:
-    return greedy_score(n, sum(rng.random() < eps for _ in range(n)))
+    """A greedy answer of n tokens that has a bad token with probability eps (then a few)."""
+    return greedy_score(n, rng.randint(1, 3) if rng.random() < eps else 0)
 
 
 def test_honest_pcs_at_their_calibrated_rate_are_not_quarantined() -> None:
@@ -244,7 +252,9 @@ def test_honest_pcs_at_their_calibrated_rate_are_not_quarantined() -> None:
             else:
                 n = rng.randint(5, 300)
                 s = greedy_score(n, 0, greedy=False, z=rng.gauss(0, 1))
-            s = sc.Score(**{**s.__dict__, "eos_checked": True, "early_stop": rng.random() < 0.02,
+            # Each flag at its honest rate (STOP0, USAGE0): Wald's bound holds only where the
+            # honest rate is at most H0's (an engine stopping early more often needs its own STOP0).
+            s = sc.Score(**{**s.__dict__, "eos_checked": True, "early_stop": rng.random() < sprt.STOP0,
                             "usage_inflated": rng.random() < 0.01})
             step = sprt.weigh(rec, s, h, T)
             rec = step.record
@@ -273,14 +283,14 @@ def test_cheaters_are_caught_quickly() -> None:
 
 def partial_cheater_audits(seed: int) -> list[dict[str, int]]:
     """Per PC (200), the audit at which each test first crossed (greedy audits of 100 tokens,
-    honest at the calibrated rate, one in ten from another model), within 150 audits."""
+    honest at the calibrated rate, one in ten from another model), within 400 audits."""
     rng = random.Random(seed)
     h = sprt.Hypotheses.of(0.01)
     out = []
     for _ in range(200):
         sums = dict.fromkeys(sprt.TESTS, 0.0)
         first: dict[str, int] = {}
-        for audit in range(1, 151):
+        for audit in range(1, 401):
             llr = sprt.audit_llr(honest_greedy(rng, 0.4 if rng.random() < 0.1 else 0.01, 100), h, T.cap)
             for k in sums:
                 sums[k] = max(T.floor, sums[k] + llr[k])
@@ -291,9 +301,11 @@ def partial_cheater_audits(seed: int) -> list[dict[str, int]]:
 
 
 def test_a_pc_cheating_on_a_tenth_of_its_answers_is_caught_by_partial() -> None:
-    """"partial" catches all 200 such PCs within 150 audits (about 1,500 requests at 10 %)."""
+    """"partial" catches most such PCs within 400 audits (20,000 requests at 2 %; 169 of 200
+    here, 92 % in A2's replay of measured audits), where "tokens" sees mostly honest answers."""
     runs = partial_cheater_audits(8)
-    assert all("partial" in r for r in runs)
+    partial = sum("partial" in r for r in runs)
+    assert partial >= 0.8 * len(runs) and partial > sum("tokens" in r for r in runs), partial
 
 
 def test_hypotheses_from_a_calibrated_rate() -> None:

@@ -13,8 +13,10 @@ from garage_node.head.audit import sprt
 from garage_node.head.audit.score import Score
 from garage_node.head.gateway.store import Store
 
-# `head audit calibrate`: at least this many greedy tokens of trusted PCs' audits.
-CALIBRATE_MIN_TOKENS = 2000
+# `head audit calibrate`: at least this many greedy audits of trusted PCs (none bad in 150:
+# a 99 % bound of 3.5 %, which is conservative: honest PCs drift down, cheaters are caught a
+# little later).
+CALIBRATE_MIN_AUDITS = 150
 
 
 class CalibrationError(ValueError):
@@ -25,10 +27,10 @@ class CalibrationError(ValueError):
 class Rate:
     model: str
     precision: str
-    eps0: float
-    tokens: int
-    bad: int
-    audits: int
+    eps0: float  # the honest share of greedy audits with a bad token (a 99 % upper bound)
+    tokens: int  # the greedy tokens those audits held
+    bad: int  # greedy audits with a bad token
+    audits: int  # greedy audits
     calibrated_at: float
 
 
@@ -105,7 +107,8 @@ class Book:
     def calibrate(self, model: str, precision: str | None, nodes: frozenset[str], now: float,
                   since: float = 0.0) -> list[Rate]:
         """Honest rates of `model` from the greedy audits of `nodes` (the PCs the operator
-        trusts), per precision (or one): a 99 % upper bound on their bad-token rate, so an
+        trusts), per precision (or one): a 99 % upper bound on the share of their greedy
+        audits with a bad token (sprt.py weighs each greedy audit as one trial), so an
         honest PC at its true rate drifts the test down, not up. Raises CalibrationError when
         there is too little to go on."""
         if not nodes:
@@ -116,19 +119,19 @@ class Book:
         extra = ""
         if precision is not None:
             extra, args = " AND precision = ?", [*args, precision]
-        rows = self.store.query(f"SELECT precision, SUM(n) AS tokens, SUM(bad) AS bad, COUNT(*) AS audits FROM audits "
-                                f"WHERE model = ? AND greedy = 1 AND at >= ? AND node_id IN ({marks}){extra} "
-                                "GROUP BY precision", args)
-        found = [r for r in rows if (r["tokens"] or 0) >= CALIBRATE_MIN_TOKENS]
+        rows = self.store.query(f"SELECT precision, SUM(n) AS tokens, SUM(bad > 0) AS bad, COUNT(*) AS audits "
+                                f"FROM audits WHERE model = ? AND greedy = 1 AND n > 0 AND at >= ? "
+                                f"AND node_id IN ({marks}){extra} GROUP BY precision", args)
+        found = [r for r in rows if (r["audits"] or 0) >= CALIBRATE_MIN_AUDITS]
         if not found:
-            have = sum(r["tokens"] or 0 for r in rows)
-            raise CalibrationError(f"only {have} greedy tokens of trusted PCs' audits of {model} (at least "
-                                   f"{CALIBRATE_MIN_TOKENS} are needed): let the trusted PCs serve it longer, with "
+            have = sum(r["audits"] or 0 for r in rows)
+            raise CalibrationError(f"only {have} greedy audits of trusted PCs' answers of {model} (at least "
+                                   f"{CALIBRATE_MIN_AUDITS} are needed): let the trusted PCs serve it longer, with "
                                    "temperature-0 requests or canaries, then calibrate again")
         out = []
         with self.store.transaction() as db:
             for r in found:
-                rate = Rate(model, r["precision"], upper_rate(r["bad"], r["tokens"]), r["tokens"], r["bad"],
+                rate = Rate(model, r["precision"], upper_rate(r["bad"], r["audits"]), r["tokens"], r["bad"],
                             r["audits"], now)
                 db.execute("INSERT OR REPLACE INTO audit_rates VALUES (?,?,?,?,?,?,?)",
                            (rate.model, rate.precision, rate.eps0, rate.tokens, rate.bad, rate.audits, now))

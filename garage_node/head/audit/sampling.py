@@ -19,7 +19,7 @@ AUDITED_PATHS = ("/v1/chat/completions", "/v1/completions")
 @dataclass(frozen=True)
 class Rates:
     rate: float = 0.02  # an established PC
-    new_rate: float = 0.10  # its first `new_requests` requests
+    new_rate: float = 0.15  # its first `new_requests` requests
     new_requests: int = 500
     suspect_rate: float = 0.25  # while its record leans towards cheating
 

@@ -2,10 +2,16 @@
 
 Four tests run side by side on each PC, each over its own evidence, each weighing honest
 (H0) against cheating (H1):
-- "tokens": the PC's tokens under the verifier. Greedy audits: k bad of n positions,
-  binomial with rate eps0 (honest, calibrated per model and precision on honest runs) against
-  eps1 = max(EPS1_MIN, EPS1_FACTOR * eps0). Sampled audits: z ~ N(0, 1) against z ~ N(±mu, 1),
-  mu = effect * sqrt(n) (another model shifts each token's log-likelihood either way);
+- "tokens": the PC's tokens under the verifier. A greedy audit is one Bernoulli trial: "bad"
+  if any of its tokens is more than delta below the verifier's top choice, at rate eps0 for an
+  honest PC (calibrated per model and precision on honest runs: the share of honest greedy
+  audits with a bad token) against eps1 = max(EPS1_MIN, EPS1_FACTOR * eps0). Not k bad of n
+  tokens as a binomial: an honest engine's rare near-ties come in clusters (a batch's numerics
+  flip a few close calls in one answer), and weighed token by token they quarantined 17 of
+  2,000 honest PCs within 10,000 requests in A2's replay of measured audits; weighed per answer,
+  none of 1,000 (highest sum 5.4 of 10.6), at a small cost in speed. Sampled audits: z ~ N(0, 1)
+  against z ~ N(±mu, 1), mu = effect * sqrt(n) (another model shifts each token's
+  log-likelihood either way);
 - "partial": the same evidence against "it cheats on a share of its answers" (below);
 - "stops": an implausible natural end, or "length" short of max_tokens (answers cut early);
 - "usage": completion tokens reported above the count (tokens billed that were not made).
@@ -18,8 +24,9 @@ its floor; "tokens" in turn adds up moderate evidence from a PC that always chea
 E_H0[ratio] is 1 for both: Wald's bound holds.
 
 Each audit adds its log-likelihood ratio (LLR) to the PC's sum per test. Two guards:
-- an audit's LLR is capped at `cap` (0.6 of the threshold), so one answer never decides: at
-  least two audits are needed, and a single odd answer (a prompt the model is unsure of, a
+- an audit's LLR is capped at `cap` (0.6 of the threshold), so one answer never decides
+  (greedy audits add at most ln(eps1/eps0), 5.0 at the floor rate, so three or four bad
+  answers are needed), and a single odd answer (a prompt the model is unsure of, a
   numerical tie) cannot quarantine a PC. Capping from above keeps Wald's bound: E_H0[exp(min(L,
   c))] <= 1, so an honest PC's sum reaches the threshold with probability <= e^-threshold;
 - the sum is floored at `floor` (-0.2 of the threshold): a long honest record cannot bank
@@ -44,13 +51,12 @@ TESTS = ("tokens", "partial", "stops", "usage")
 # probability <= e^-1.2 threshold.
 CAP = 0.6
 FLOOR = 0.2
-# Measured (A2, vLLM CPU image, trained tiny Llama, concurrency 1-32): honest greedy tokens more
-# than 1 nat below the verifier's top-1: 1 in 4,342; another model's: 7.1 %; 4-bit weights':
-# 0.4 %. H1 at 5x the honest rate and at least 5 %: "other weights" are caught (at 25 %, 55 %
-# of their greedy audits were clean and each clean token pulled the sum down).
-EPS0_MIN = 0.002  # honest bad-token rate floor: a rate of 0 would make one bad token decide
-EPS0_DEFAULT = 0.01  # for a model nobody calibrated yet (50x the rate measured on one CPU type)
-EPS1_MIN = 0.05
+# Measured (A2, vLLM CPU image, trained tiny Llama, concurrency 1-32): greedy audits with a
+# token more than 1 nat below the verifier's top-1: honest 0.3-0.4 %, another model's 45.5 %,
+# 4-bit weights' 3.9 %. H1 at 5x the honest rate and at least 30 %.
+EPS0_MIN = 0.002  # honest bad-audit rate floor: a rate of 0 would make one bad answer decide
+EPS0_DEFAULT = 0.02  # for a model nobody calibrated yet (5x the share measured on one CPU type)
+EPS1_MIN = 0.3
 EPS1_FACTOR = 5.0
 # Sampled audits: the standardized per-token shift a substitute model makes, and honest z's
 # spread (above 1 where the verifier's view of honest tokens is noisier than the model says).
@@ -151,8 +157,8 @@ def _mixed(llr: float, share: float) -> float:
 def _tokens(s: Score, h: Hypotheses) -> float:
     if s.n == 0:
         return 0.0
-    if s.greedy:
-        return s.bad * math.log(h.eps1 / h.eps0) + (s.n - s.bad) * math.log((1 - h.eps1) / (1 - h.eps0))
+    if s.greedy:  # one trial per answer (see the module's docstring)
+        return math.log(h.eps1 / h.eps0) if s.bad > 0 else math.log((1 - h.eps1) / (1 - h.eps0))
     # ln( (N(z-mu) + N(z+mu)) / 2 / N(z) ) = -mu^2/2 + ln cosh(mu z), on z scaled by its honest spread.
     mu = min(MU_MAX, h.effect * math.sqrt(s.n))
     x = abs(mu * max(-Z_MAX, min(Z_MAX, s.z)) / h.z_spread)
