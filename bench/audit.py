@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from garage_node.head.audit import score as scoring  # noqa: E402
 from garage_node.head.audit import sampling, sprt, verifier  # noqa: E402
+from garage_node.head.audit.book import upper_rate  # noqa: E402
 from garage_node.head.config import AuditSection  # noqa: E402
 from testing.cheats import client_requests  # noqa: E402
 from testing.dockerd import TINY_MODEL, EngineContainer, audit_model_dirs  # noqa: E402
@@ -239,14 +240,8 @@ def by_concurrency(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-PER_ANSWER = False  # --per-answer: a what-if, each greedy audit one Bernoulli (any bad token)
-
-
 def score_of(row: dict[str, Any]) -> scoring.Score:
-    s = scoring.Score(**row["score"])
-    if PER_ANSWER and s.greedy and s.n:
-        s = replace(s, n=1, bad=min(1, s.bad))
-    return s
+    return scoring.Score(**row["score"])
 
 
 AUDIT = AuditSection()  # the head's defaults: rates, canary_rate, false_quarantine
@@ -302,10 +297,10 @@ def honest_walk(rows: list[dict[str, Any]], h: sprt.Hypotheses, t: sprt.Threshol
 
 
 def eps0_of(rows: list[dict[str, Any]]) -> float:
-    """The honest bad-token rate (greedy, delta 1), what calibration stores."""
-    n = sum(r["score"]["n"] for r in rows if r["score"]["greedy"])
-    k = sum(r["score"]["bad"] for r in rows if r["score"]["greedy"])
-    return k / max(1, n)
+    """The honest rate as `head audit calibrate` stores it: a 99 % upper bound on the share of
+    greedy answers with a bad token (delta 1)."""
+    greedy = [r["score"] for r in rows if r["score"]["greedy"] and r["score"]["n"] > 0]
+    return upper_rate(sum(1 for s in greedy if s["bad"] > 0), len(greedy))
 
 
 def pct(xs: list[int | None], limit: int) -> str:
@@ -317,7 +312,7 @@ def pct(xs: list[int | None], limit: int) -> str:
 
 
 def analyse(data: dict[str, Any], false_quarantine: float, runs: int, log: Callable[[str], None],
-            over: dict[str, float] | None = None) -> None:
+            over: dict[str, float] | None = None, calibrated: bool = True) -> None:
     scores = data["scores"]
     log("Per-token and per-audit figures (verifier: an honest engine on its own CPU):")
     for line in token_table(data):
@@ -330,12 +325,13 @@ def analyse(data: dict[str, Any], false_quarantine: float, runs: int, log: Calla
     if not honest_rows:
         return
     eps0 = eps0_of(honest_rows)
-    h = sprt.Hypotheses.of(eps0)
+    h = sprt.Hypotheses.of(eps0 if calibrated else None)
     if over:  # what-ifs: the hypotheses' settings given on the command line
         h = replace(h, **over)
     t = sprt.Thresholds.of(false_quarantine)
     log(f"SPRT: false_quarantine {false_quarantine}, threshold {t.upper:.2f}, cap {t.cap:.2f}, floor {t.floor:.2f}; "
-        f"honest eps0 measured {eps0:.5f} -> used {h.eps0:.4f}; {h}")
+        f"honest eps0 (99 % bound on the share of greedy answers with a bad token) {eps0:.4f}, "
+        f"{'used' if calibrated else 'NOT used (uncalibrated default)'}; {h}")
     top, name, crossed = honest_walk(honest_rows, h, t)
     log(f"False quarantines: {len(honest_rows)} honest answers (concurrency 1..32) all scored by one PC's test: "
         f"highest sum {top:.2f} ({name}) against threshold {t.upper:.2f}: {'QUARANTINED' if crossed else 'not quarantined'}")
@@ -384,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a what-if for the sequential test's hypotheses (sprt.Hypotheses: eps1, effect, z_spread, "
                          "stop0, stop1, ...), repeatable")
-    ap.add_argument("--per-answer", action="store_true",
-                    help="what-if: weigh each greedy audit as one Bernoulli (any bad token), with --set eps0/eps1")
+    ap.add_argument("--uncalibrated", action="store_true",
+                    help="weigh with the default honest rate (sprt.EPS0_DEFAULT), as for a model nobody calibrated")
     ap.add_argument("--save", type=Path, help="keep the measured answers and scores here (JSON)")
     ap.add_argument("--load", type=Path, help="analyse a saved run instead of measuring")
     args = ap.parse_args(argv)
@@ -402,9 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             args.save.parent.mkdir(parents=True, exist_ok=True)
             args.save.write_text(json.dumps(data))
     over = {k: float(v) for k, _, v in (x.partition("=") for x in args.set)}
-    global PER_ANSWER
-    PER_ANSWER = args.per_answer
-    analyse(data, args.false_quarantine, args.runs, log, over)
+    analyse(data, args.false_quarantine, args.runs, log, over, calibrated=not args.uncalibrated)
     return 0
 
 

@@ -174,7 +174,7 @@ def calibrate(r: Region) -> None:
     a.reload_rates()  # `head audit calibrate` in another process: the loop reads them within a minute
     r.gw.trust.set_trusted("pc-honest", False)
     print(f"calibrated: {rates}")
-    assert all(x.bad <= 0.005 * x.tokens for x in rates), rates  # one CPU type: the top-1 nearly always
+    assert all(x.bad <= 0.02 * x.audits for x in rates), rates  # one CPU type: the top-1 nearly always
 
 
 def drive(r: Region, n: int, seed: int, concurrency: int = 8, greedy: bool = False) -> list[int]:
