@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Protocol
+from typing import Callable, Generic, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Clock(Protocol):
@@ -35,3 +37,27 @@ class SystemClock:
 
 
 SYSTEM = SystemClock()
+
+
+class Refreshed(Generic[T]):
+    """A value read again at most every `every_s` seconds, whoever asks: one read of the
+    database for a whole region's heartbeats or requests, not one per caller. Thread-safe;
+    `stale()` makes the next `get()` read again (after a write the caller made itself)."""
+
+    def __init__(self, read: Callable[[], T], every_s: float, clock: Clock = SYSTEM) -> None:
+        self._read, self.every_s, self.clock = read, every_s, clock
+        self._lock = threading.Lock()
+        self._value: T | None = None
+        self._at = float("-inf")
+
+    def get(self) -> T:
+        with self._lock:
+            now = self.clock.monotonic()
+            if self._value is None or now - self._at >= self.every_s:
+                self._value = self._read()
+                self._at = now
+            return self._value
+
+    def stale(self) -> None:
+        with self._lock:
+            self._at = float("-inf")

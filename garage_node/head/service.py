@@ -8,6 +8,7 @@ The service starts and stops in the API's lifespan: uvicorn runs the server's li
 from __future__ import annotations
 
 import gc
+import ipaddress
 import logging
 import os
 import signal
@@ -331,8 +332,6 @@ def settle_heap() -> None:
 
 
 def _is_ipv4(address: str) -> bool:
-    import ipaddress
-
     try:
         return ipaddress.ip_address(address).version == 4
     except ValueError:

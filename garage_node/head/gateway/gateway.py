@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from garage_node.core.clock import SYSTEM, Clock
+from garage_node.core.clock import SYSTEM, Clock, Refreshed
 from garage_node.core.wire import HeartbeatExtras, NodeReport, TokensServed
 from garage_node.head.audit.auditor import Auditor
 from garage_node.head.audit.canaries import CanaryError
@@ -69,9 +69,7 @@ class Gateway:
         self.placed: Callable[[], frozenset[str]] = frozenset
         self._held = 0  # requests held now, all models (bounded by [gateway] hold_queue)
         self._key_cache: dict[str, tuple[float, ApiKey]] = {}
-        self._totals: dict[str, Any] = {}
-        self._totals_at = float("-inf")
-        self._totals_lock = threading.Lock()
+        self._totals = Refreshed(self.ledger.node_totals_all, TOTALS_TTL_S, clock)
         self._node_names = node_names
         self._names: dict[str, str] = {}
         self._names_at = float("-inf")
@@ -133,12 +131,7 @@ class Gateway:
     def _all_totals(self) -> dict[str, Any]:
         """Every PC's totals, read at most once a second: one query for the whole region
         instead of two per heartbeat (a thousand PCs send 200 a second)."""
-        with self._totals_lock:
-            now = self.clock.monotonic()
-            if now - self._totals_at >= TOTALS_TTL_S:
-                self._totals = self.ledger.node_totals_all()
-                self._totals_at = now
-            return self._totals
+        return self._totals.get()
 
     # -- per request
 
