@@ -149,7 +149,6 @@ class ReleaseStore:
         if need > free:
             raise ReleaseError(f"release {version} needs {-(-need // 2**20)} MiB but {self.versions_dir} has "
                                f"{free // 2**20} MiB free: free some space first")
-        signer = self._verify(src / rf.SUMS, src / rf.SIGNATURE)  # again, on the bytes copied below
         tmp = self.versions_dir / f"{_TEMP}{version}-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir()
@@ -157,7 +156,8 @@ class ReleaseStore:
                 shutil.copyfile(src / name, tmp / name)
             if (tmp / rf.SUMS).read_bytes() != sums_raw:
                 raise ReleaseError(f"{src / rf.SUMS} changed while it was being added: add it again")
-            self._verify(tmp / rf.SUMS, tmp / rf.SIGNATURE)
+            # Checked again on the copies: the bytes kept are the bytes whose signature counts.
+            signer = self._verify(tmp / rf.SUMS, tmp / rf.SIGNATURE)
             for name, want in sorted(sums.items()):
                 got = _copy_summed(src / name, tmp / name)
                 if got != want:
