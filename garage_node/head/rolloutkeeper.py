@@ -13,9 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
-
 from dataclasses import replace
+from typing import Callable
 
 from garage_node.core.wire import HeartbeatExtras, NodeReport
 from garage_node.head.rollout import Rollout, RolloutState
@@ -42,11 +41,10 @@ class RolloutKeeper:
     # -- the heartbeat path
 
     def on_report(self, node_id: str, report: NodeReport) -> None:
-        update = getattr(report, "update", None)
         with self._lock:
             self._refresh()
             r = self._rollout
-            if r is not None and r.observe(node_id, update, self.clock()):
+            if r is not None and r.observe(node_id, report.update, self.clock()):
                 self._save()
 
     def target(self, node_id: str) -> str | None:
