@@ -585,7 +585,7 @@ class HeartbeatExtras:
     # The head's placement's part (head/placement.py): the PC's assignment, or None.
     assignment: Assignment | None = None
     # The head's rollout's part (head/rollout.py): the OS version this PC should update to.
-    update_target: str | None = None
+    update_target: ShortText | None = None
     # The audits' part (head/audit/trust.py): why this PC is quarantined, or None.
     quarantine: QuarantineStatus | None = None
 
@@ -621,7 +621,7 @@ class HeartbeatReply(RegionFacts):
     assignment: Assignment | None = None
     # The OS release this PC should update to (issue #19; served under /v1/releases/<version>/);
     # None: stay on what it runs.
-    update_target: str | None = None
+    update_target: ShortText | None = None
     # The region's audits quarantined this PC (issue #20): no customers, no Ray work, earnings
     # frozen; the agent stops offering its GPUs to Ray and tells its owner. None: it is not.
     quarantine: QuarantineStatus | None = None
