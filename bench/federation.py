@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from testing.federation import wait_for  # noqa: E402
 from testing.fednet import in_namespaces  # noqa: E402
 
 REGIONS = ["us", "eu", "ap"]
@@ -41,15 +42,6 @@ def pct(values: list[float], p: float) -> float:
 
 def line(what: str, values: list[float]) -> str:
     return f"{what}: p50 {statistics.median(values):.1f} ms, p99 {pct(values, 99):.1f} ms, max {max(values):.1f} ms (n={len(values)})"
-
-
-def wait_for(check, within_s: float, every_s: float = 0.2):
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if got := check():
-            return got
-        time.sleep(every_s)
-    return check()
 
 
 def main() -> None:
@@ -226,28 +218,13 @@ def revocation(net, regs, samples: int) -> None:
     print("  (goal: p99 <= 2000 ms)")
 
 
-def counts(regs) -> dict[str, dict[str, int]]:
-    from garage_node.head.federation.fedstore import FedStore
-
-    out = {}
-    for r in REGIONS:
-        store = FedStore(regs[r].state / "federation" / "federation.db")
-        try:
-            out[r] = store.counts()
-            rows = store.query("SELECT COUNT(*), COUNT(DISTINCT id) FROM usage_log")[0]
-            assert rows[0] == rows[1]
-        finally:
-            store.close()
-    return out
-
-
 def settled(regs) -> dict[str, int]:
     """Every region's table equal (what earlier steps served has arrived everywhere)."""
     time.sleep(1.5)  # the last records written (every 0.2 s) and shipped, before the tables are compared
-    got = wait_for(lambda: (c := counts(regs)) and all(c[r] == c["us"] for r in REGIONS) and c["us"], 60.0, every_s=0.5)
+    got = wait_for(lambda: (c := regs.usage_counts()) and all(c[r] == c["us"] for r in REGIONS) and c["us"], 60.0, every_s=0.5)
     if not got:
-        print(f"  (the regions' tables were not equal before this step: {counts(regs)})")
-    return counts(regs)["us"]
+        print(f"  (the regions' tables were not equal before this step: {regs.usage_counts()})")
+    return regs.usage_counts()["us"]
 
 
 def partition(net, regs, secret: str, seconds: float) -> None:
@@ -264,8 +241,8 @@ def partition(net, regs, secret: str, seconds: float) -> None:
     sent = {r: net.result(p, timeout_s=seconds + 120) for r, p in loads.items()}
     ok = {r: sent[r].get("200", 0) for r in REGIONS}
     want = {r: base.get(r, 0) + ok[r] for r in REGIONS}
-    converged = wait_for(lambda: all(counts(regs)[r] == want for r in REGIONS), 60.0, every_s=0.5)
-    after = counts(regs)
+    converged = wait_for(lambda: all(regs.usage_counts()[r] == want for r in REGIONS), 60.0, every_s=0.5)
+    after = regs.usage_counts()
     print(f"\npartition (us cut off from eu and ap for {time.monotonic() - t_cut - (time.monotonic() - healed):.0f} s, "
           f"{rate:.0f} requests/s in each region throughout):")
     print(f"  answered per region: {sent}")
@@ -291,7 +268,7 @@ def nats_down(net, regs, secret: str) -> None:
     got = net.result(load)
     served = sum(x[0] == 200 for x in got)
     degraded = sum(x[5] == "degraded" for x in got)
-    caught_up = wait_for(lambda: counts(regs)["us"].get("eu", 0) - before == sum(x[0] == 200 for x in got), 30.0)
+    caught_up = wait_for(lambda: regs.usage_counts()["us"].get("eu", 0) - before == sum(x[0] == 200 for x in got), 30.0)
     print("\nNATS down (eu's nats-server stopped for 12 s while eu's clients send 5 requests/s):")
     print(f"  eu served {served}/{len(got)} with the keys it knows; {degraded} answers said x-garage-federation: degraded; "
           f"its usage reached us after NATS came back: {'all' if caught_up else 'NOT all'} "

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import httpx
 
+from garage_node.head.federation.fedstore import FedStore
 from garage_node.head.federation.natsd import make_secret
 from garage_node.head.gateway.keys import ApiKey, KeyStore
 from garage_node.head.gateway.store import Store
@@ -179,6 +180,27 @@ class Regions:
 
     def revoke_key(self, region: str, name: str) -> None:
         self.regions[region].keys().revoke(name, time.time())
+
+    def usage_counts(self) -> dict[str, dict[str, int]]:
+        """Each region's usage records per serving region, read from its federation.db."""
+        out = {}
+        for name, r in self.regions.items():
+            store = FedStore(r.state / "federation" / "federation.db")
+            try:
+                out[name] = store.counts()
+            finally:
+                store.close()
+        return out
+
+
+def wait_for(check: Callable[[], Any], within_s: float, every_s: float = 0.2) -> Any:
+    """Poll `check` until it returns something true or `within_s` passes; its last result."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if got := check():
+            return got
+        time.sleep(every_s)
+    return check()
 
 
 def _free_base() -> int:

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from garage_node.head.federation.fedstore import FedStore
+from testing.federation import wait_for
 from testing.fednet import in_namespaces
 
 WHY_NOT = ("needs root (network namespaces)" if os.geteuid() != 0
@@ -26,15 +26,6 @@ WHY_NOT = ("needs root (network namespaces)" if os.geteuid() != 0
 pytestmark = [pytest.mark.testbed, pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT)]
 
 REGIONS = ["us", "eu", "ap"]
-
-
-def wait_for(check, within_s: float, every_s: float = 0.2):
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if got := check():
-            return got
-        time.sleep(every_s)
-    return check()
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +46,6 @@ def world(tmp_path_factory):
 
 def one(net, regs, region: str, secret: str, **kw) -> list:
     return net.client({"op": "many", "url": regs[region].url, "key": secret, "n": 1, **kw})[0]
-
-
-def counts(regs) -> dict[str, dict[str, int]]:
-    out = {}
-    for r in REGIONS:
-        store = FedStore(regs[r].state / "federation" / "federation.db")
-        try:
-            out[r] = store.counts()
-        finally:
-            store.close()
-    return out
 
 
 def test_keys_and_revocations_reach_every_region_across_the_delays(world):
@@ -102,8 +82,8 @@ def test_a_partition_loses_and_doubles_no_usage_and_the_cut_off_region_serves_on
     _, secret = regs.create_key("eu", "carol")
     assert wait_for(lambda: all(one(net, regs, r, secret)[0] == 200 for r in REGIONS), 10.0)
     time.sleep(1.5)  # those checks' records written (every 0.2 s) and shipped before the tables are compared
-    base = wait_for(lambda: (c := counts(regs)) and all(c[r] == c["us"] for r in REGIONS) and c["us"], 30.0)
-    assert base, counts(regs)
+    base = wait_for(lambda: (c := regs.usage_counts()) and all(c[r] == c["us"] for r in REGIONS) and c["us"], 30.0)
+    assert base, regs.usage_counts()
     loads = {r: net.client_bg({"op": "load", "url": regs[r].url, "key": secret, "rate": 4.0, "seconds": 16})
              for r in REGIONS}
     time.sleep(3)
@@ -113,7 +93,7 @@ def test_a_partition_loses_and_doubles_no_usage_and_the_cut_off_region_serves_on
     answered = {r: net.result(p) for r, p in loads.items()}
     assert all(set(a) == {"200"} for a in answered.values()), answered  # us served its own throughout
     want = {r: base.get(r, 0) + answered[r]["200"] for r in REGIONS}
-    assert wait_for(lambda: all(c == want for c in counts(regs).values()), 60.0, every_s=0.5), (counts(regs), want)
+    assert wait_for(lambda: all(c == want for c in regs.usage_counts().values()), 60.0, every_s=0.5), (regs.usage_counts(), want)
 
 
 def test_nats_down_the_region_serves_and_says_it_is_degraded(world):
