@@ -32,6 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from garage_node.core.fsutil import write_private
 from garage_node.core.wire import UpdateOutcome, UpdateStatus
 from garage_node.node.config import UpdateSection
 from garage_node.node.schedule import Schedule, system_timezone
@@ -217,8 +218,6 @@ def load_record(path: Path) -> UpdateRecord:
 
 
 def save_record(path: Path, record: UpdateRecord) -> None:
-    from garage_node.core.fsutil import write_private
-
     d = asdict(record)
     d["refused"] = list(record.refused)
     write_private(path, (json.dumps(d) + "\n").encode(), mode=0o644)
@@ -229,8 +228,6 @@ APPROVAL = "update-approved"
 
 def approve(state_dir: Path, version: str) -> None:
     """The owner's yes to `version` ([update] when = "ask"); one version at a time."""
-    from garage_node.core.fsutil import write_private
-
     state_dir.mkdir(parents=True, exist_ok=True)
     write_private(state_dir / APPROVAL, (version + "\n").encode(), mode=0o644)
 
