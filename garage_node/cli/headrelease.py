@@ -7,9 +7,11 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+from garage_node.cli.headweights import _size  # the same sizes as `head weights list`
 from garage_node.head.config import load_head_config
 
 HELP = ("releases of the stick's OS, signed by the operator and served to the region's PCs: `release trust-key FILE` "
@@ -45,7 +47,7 @@ def release(args: Any) -> int:
         if args.action == "add":
             r, new = store.add(args.path)
             if args.json:
-                print(json.dumps(_row(r), indent=2))
+                print(json.dumps(asdict(r), indent=2))
             elif new:
                 print(f"added release {r.version} ({r.variant}, Ray {r.ray}, Python {r.python}): {r.files} files, "
                       f"{_size(r.bytes)}, signed by {r.signer[-16:]}; start it with "
@@ -67,7 +69,7 @@ def release(args: Any) -> int:
         return 0
     rows = store.releases()
     if args.json:
-        print(json.dumps([_row(r) for r in rows], indent=2))
+        print(json.dumps([asdict(r) for r in rows], indent=2))
     elif not rows:
         print(f"the head holds no release ({store.versions_dir}); add one with `garage-node head release add DIR`")
     else:
@@ -77,15 +79,3 @@ def release(args: Any) -> int:
             print(f"{r.version:<20} {r.variant:<8} {r.ray:<8} {r.python:<7} {_size(r.bytes):>10}  {added:<17} "
                   f"{r.signer[-16:]}")
     return 0
-
-
-def _row(r: Any) -> dict[str, Any]:
-    return {"version": r.version, "variant": r.variant, "ray": r.ray, "python": r.python, "agent": r.agent,
-            "files": r.files, "bytes": r.bytes, "signer": r.signer, "added_at": r.added_at, "path": r.path}
-
-
-def _size(n: int) -> str:
-    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
