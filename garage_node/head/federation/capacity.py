@@ -45,21 +45,38 @@ def serves_locally(table: EndpointTable, model: str, pc_slots: int) -> bool:
         return any(takes(ep) and not _saturated(ep.inflight, ep.requests_waiting, pc_slots) for ep in table.pool(model))
 
 
-class TtftWindow:
-    """The last TTFT_SAMPLES times to first byte per model, measured at this gateway."""
+class MedianWindow:
+    """The last `size` samples per name, and their median; one lock (written and read by
+    different threads)."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int) -> None:
+        self._size = size
         self._lock = threading.Lock()
         self._samples: dict[str, deque[float]] = {}
 
-    def add(self, model: str, ms: float) -> None:
+    def add(self, name: str, value: float) -> None:
         with self._lock:
-            self._samples.setdefault(model, deque(maxlen=TTFT_SAMPLES)).append(ms)
+            self._samples.setdefault(name, deque(maxlen=self._size)).append(value)
+
+    def median(self, name: str) -> float | None:
+        with self._lock:
+            s = self._samples.get(name)
+            return statistics.median(s) if s else None
+
+    def names(self) -> set[str]:
+        with self._lock:
+            return set(self._samples)
+
+
+class TtftWindow(MedianWindow):
+    """The last TTFT_SAMPLES times to first byte per model, measured at this gateway."""
+
+    def __init__(self) -> None:
+        super().__init__(TTFT_SAMPLES)
 
     def p50(self, model: str) -> float | None:
-        with self._lock:
-            s = self._samples.get(model)
-            return round(statistics.median(s), 1) if s else None
+        m = self.median(model)
+        return None if m is None else round(m, 1)
 
 
 @dataclass(frozen=True)
@@ -81,20 +98,17 @@ class PeerView:
         self.stale_after_s, self.default_ttft_ms = stale_after_s, default_ttft_ms
         self._lock = threading.Lock()
         self._summaries: dict[str, tuple[float, Summary]] = {}
-        self._rtts: dict[str, deque[float]] = {}
+        self._rtts = MedianWindow(RTT_SAMPLES)
 
     def summary(self, s: Summary, arrived: float) -> None:
         with self._lock:
             self._summaries[s.region] = (arrived, s)
 
     def rtt(self, region: str, ms: float) -> None:
-        with self._lock:
-            self._rtts.setdefault(region, deque(maxlen=RTT_SAMPLES)).append(ms)
+        self._rtts.add(region, ms)
 
     def rtt_ms(self, region: str) -> float | None:
-        with self._lock:
-            r = self._rtts.get(region)
-            return statistics.median(r) if r else None
+        return self._rtts.median(region)
 
     def fresh(self, now: float) -> dict[str, Summary]:
         with self._lock:
@@ -121,7 +135,7 @@ class PeerView:
         with self._lock:
             summaries = dict(self._summaries)
         out: dict[str, dict[str, object]] = {}
-        for region in set(summaries) | set(self._rtts):
+        for region in set(summaries) | self._rtts.names():
             arrived = summaries.get(region, (None, None))[0]
             rtt = self.rtt_ms(region)
             out[region] = {"summary_age_s": None if arrived is None else round(now - arrived, 1),
