@@ -24,7 +24,6 @@ from typing import Any, Callable
 import httpx
 
 from garage_node.core.clock import SYSTEM, Clock
-from garage_node.core.wire import EngineState
 from garage_node.head.audit import canaries, sprt
 from garage_node.head.audit.book import Book
 from garage_node.head.audit.sampling import CanaryBudget, Rates, Sampler, eligible
@@ -292,7 +291,7 @@ class Auditor:
         with self.table.lock:
             now = self.table.clock.monotonic()
             for ep in self.table.pool(model):
-                if ep.node_id in trusted and ep.state == EngineState.HEALTHY and not self.table.is_stale(ep, now):
+                if ep.node_id in trusted and self.table.live(ep, now):
                     if ep.node_id == audited:
                         itself = True  # never its own verifier
                     else:

@@ -49,7 +49,6 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Message
 from httpx_sse import EventSource, ServerSentEvent, SSEError
 
-from garage_node.core.wire import EngineState
 from garage_node.head.gateway.errors import GatewayError, stream_error_event
 from garage_node.head.gateway.keys import ApiKey
 from garage_node.head.gateway.metrics import GatewayMetrics
@@ -174,8 +173,7 @@ class Proxy:
         with table.lock:
             ep = table.get(call.pin or "")
             now = table.clock.monotonic()
-            if (ep is None or ep.node_id in tried or ep.model != call.model or ep.state != EngineState.HEALTHY
-                    or table.is_stale(ep, now)):
+            if ep is None or ep.node_id in tried or ep.model != call.model or not table.live(ep, now):
                 return None
             ep.inflight += 1
         return ep
@@ -283,9 +281,10 @@ class Proxy:
         """An audited answer's usage, and its choice 0 handed to the audits (one parse for both)."""
         try:
             obj = json.loads(data)
-            u = obj.get("usage") or {}
-            usage = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
-        except (ValueError, AttributeError, TypeError):
+        except ValueError:
+            return None
+        usage = _usage_in(obj)
+        if usage is None:
             return None
         choices = obj.get("choices")
         choice = choices[0] if isinstance(choices, list) and len(choices) == 1 else None
@@ -569,7 +568,15 @@ class _ClientGone(Exception):
 
 def _usage_of(data: bytes) -> tuple[int, int] | None:
     try:
-        u = json.loads(data).get("usage") or {}
+        return _usage_in(json.loads(data))
+    except ValueError:
+        return None
+
+
+def _usage_in(obj: Any) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a parsed answer's usage (0 where missing); None: not an answer."""
+    try:
+        u = obj.get("usage") or {}
         return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
     except (ValueError, AttributeError, TypeError):
         return None

@@ -98,6 +98,11 @@ class EndpointTable:
     def is_stale(self, ep: Endpoint, now: float) -> bool:
         return now - ep.seen_at > self.stale_after_s
 
+    def live(self, ep: Endpoint, now: float) -> bool:
+        """Whether the PC's engine is healthy and its report fresh (draining, suspended or
+        quarantined aside): what a re-check's canary and a verifier's sample need."""
+        return ep.state == EngineState.HEALTHY and not self.is_stale(ep, now)
+
     def given_up(self, ep: Endpoint, now: float) -> bool:
         """Whether the head has given this PC up (under `lock`): silent past stale_after_s, or
         no longer in the table as this endpoint (dropped, forgotten, or serving something else
@@ -128,31 +133,28 @@ class EndpointTable:
         """Whether the PC itself can answer now. A quarantined PC can (its re-check's canaries,
         pinned to it through `get`, reach it), so `excluded` is checked by the callers that
         choose for customers: `usable`, `serving`, `models`."""
-        return (ep.state == EngineState.HEALTHY and not ep.draining and now - ep.seen_at <= self.stale_after_s
-                and now >= ep.suspended_until)
+        return self.live(ep, now) and not ep.draining and now >= ep.suspended_until
 
     def serving(self, model: str) -> list[Endpoint]:
         """The PCs that take new customers' requests for this model now (live objects: read
         under `lock`); not those quarantined by the audits."""
-        now = self.clock.monotonic()
-        excluded = self.excluded()
+        takes = self.usable(self.clock.monotonic())
         with self.lock:
-            return [ep for ep in self._by_model.get(model, [])
-                    if self._takes_requests(ep, now) and ep.node_id not in excluded]
+            return [ep for ep in self._by_model.get(model, []) if takes(ep)]
 
     def models(self) -> list[ModelInfo]:
         """Each model with the PCs that take customers' requests for it (a quarantined PC is
         known but does not serve) and the PCs reporting it."""
         now = self.clock.monotonic()
         counts: dict[str, list[int]] = {}
-        excluded = self.excluded()
+        takes = self.usable(now)
         with self.lock:
             for ep in self._by_node.values():
                 if now - ep.seen_at > self.stale_after_s:
                     continue
                 c = counts.setdefault(ep.model, [0, 0])
                 c[1] += 1
-                if self._takes_requests(ep, now) and ep.node_id not in excluded:
+                if takes(ep):
                     c[0] += 1
         return [ModelInfo(m, c[0], c[1]) for m, c in sorted(counts.items())]
 
