@@ -11,6 +11,7 @@ The blocked list ((node, version) pairs never to target again) outlives every ro
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 from garage_node.head import sqlite
@@ -118,10 +119,7 @@ class RolloutStore:
         return cur.rowcount == 1
 
     @staticmethod
-    def _members(db: object, r: Rollout, ids: list[str]) -> None:
-        import sqlite3
-
-        assert isinstance(db, sqlite3.Connection)
+    def _members(db: sqlite3.Connection, r: Rollout, ids: list[str]) -> None:
         db.executemany(
             "INSERT OR REPLACE INTO members (rollout_id, node_id, wave, state, targeted_at, started_at, resolved_at, why, "
             "stale_failure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
