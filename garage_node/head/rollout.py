@@ -221,8 +221,9 @@ class Rollout:
         return changed
 
     def tick(self, now: float) -> bool:
-        """Timeouts, and the next wave when the open ones succeeded; True if anything changed."""
-        if self.state in (RolloutState.ABORTED,):
+        """Timeouts, and the next wave when the open ones succeeded; True if anything changed.
+        A halted or aborted rollout is over: its clock stops (what its PCs report still counts)."""
+        if self.state in (RolloutState.ABORTED, RolloutState.HALTED):
             return False
         changed = False
         for m in self.members.values():

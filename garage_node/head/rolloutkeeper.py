@@ -58,7 +58,7 @@ class RolloutKeeper:
         with self._lock:
             self._refresh()
             r = self._rollout
-            if r is not None and r.state not in (RolloutState.ABORTED, RolloutState.HALTED) and r.tick(self.clock()):
+            if r is not None and r.tick(self.clock()):
                 self._save()
 
     def start(self) -> None:
