@@ -146,7 +146,7 @@ class Auditor:
             return
         self.records = self.book.records()
         self.sampler.seed(self.book.requests())
-        self.sampler.suspects = frozenset(n for n, r in self.records.items() if r.suspect)
+        self._mark_suspects()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="garage-audit", daemon=True)
         self._thread.start()
@@ -271,7 +271,7 @@ class Auditor:
             return
         step = sprt.weigh(self.records.get(node, sprt.Record()), s, h, self.thresholds)
         self.records[node] = step.record
-        self.sampler.suspects = frozenset(n for n, r in self.records.items() if r.suspect)
+        self._mark_suspects()
         self.book.record(sample.at, self.clock.time(), node, sample.model, sample.precision, sample.kind, s,
                          step.llr, verifier, sample.engine, step.record)
         if step.quarantine is not None and self.trust.get(node).state == "ok":
@@ -279,6 +279,10 @@ class Auditor:
             self.trust.quarantine(node, why)
             self.counters.quarantined += 1
             log.warning("audit: PC %s quarantined: %s", node, why)
+
+    def _mark_suspects(self) -> None:
+        """The PCs the sampler audits at suspect_rate: those whose record leans towards cheating."""
+        self.sampler.suspects = frozenset(n for n, r in self.records.items() if r.suspect)
 
     # -- verifiers
 
@@ -405,9 +409,10 @@ class Auditor:
         if r.scored < RECHECK_CANARIES:
             return
         del self.rechecks[node]
-        worst = max(sprt.TESTS, key=lambda k: r.sums[k])
-        if r.sums[worst] >= self.thresholds.cap:
-            why = sprt.why(worst, sprt.Record(audits=r.scored, sums=r.sums)).replace("audits:", "re-check failed:", 1)
+        rec = sprt.Record(audits=r.scored, sums=r.sums)
+        worst, evidence = rec.worst
+        if evidence >= self.thresholds.cap:
+            why = sprt.why(worst, rec).replace("audits:", "re-check failed:", 1)
             self.trust.quarantine(node, why)
             log.warning("audit: PC %s stays quarantined: %s", node, why)
             return
