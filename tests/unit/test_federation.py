@@ -102,6 +102,10 @@ def test_usage_records_are_kept_once_per_id(tmp_path):
     assert store.add_usage([r, replace(r, id="id2")]) == 2
     assert store.add_usage([r]) == 0  # shipped twice, kept once
     assert store.usage("region") == [("us", 2, 14, 6)]
+    # The status's count of records not yet in the stream follows the shipping cursor.
+    assert store.own_unshipped_count("us") == 2 and store.own_unshipped_count("eu") == 0
+    store.set_cursor("shipped", store.own_unshipped("us")[0][0])
+    assert store.own_unshipped_count("us") == len(store.own_unshipped("us")) == 1
 
 
 # ---------------------------------------------------------------- three regions on loopback

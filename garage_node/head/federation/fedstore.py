@@ -58,6 +58,11 @@ class FedStore(sqlite.Database):
                           (region, after, limit))
         return [(r[0], UsageRecord(*tuple(r)[1:])) for r in rows]
 
+    def own_unshipped_count(self, region: str) -> int:
+        """How many of this region's records are not in its stream yet (for the status)."""
+        return int(self.query("SELECT COUNT(*) FROM usage_log WHERE region = ? AND rowid > ?",
+                              (region, self.cursor_value("shipped")))[0][0])
+
     def cursor_value(self, name: str) -> int:
         rows = self.query("SELECT value FROM cursor WHERE name = ?", (name,))
         return int(rows[0][0]) if rows else 0

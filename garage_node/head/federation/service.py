@@ -437,7 +437,7 @@ class Federation:
             "peers": {r: {"nats": link.url, "up": link.up, "since": link.since, "problem": link.last_error,
                           **views.get(r, {})} for r, link in self.links.items()},
             "usage_records": self.store.counts(),
-            "unshipped": len(self.store.own_unshipped(self.region, limit=100000)),
+            "unshipped": self.store.own_unshipped_count(self.region),
         }
 
 
