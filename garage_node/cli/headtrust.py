@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # the head's modules are imported when the command runs, not by every CLI start
     from garage_node.head.audit.trust import NodeTrust, Trust
-    from garage_node.head.gateway.ledger import Ledger
+    from garage_node.head.gateway.ledger import Earnings, Ledger
 
 EX_UNAVAILABLE = 69
 ACTIONS = ("trust", "untrust", "quarantine", "release", "forfeit", "show")
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from garage_node.head import setup
     from garage_node.head.audit.trust import Trust
     from garage_node.head.config import load_head_config
-    from garage_node.head.gateway.ledger import Earnings, Ledger
+    from garage_node.head.gateway.ledger import Ledger
 
     cfg = load_head_config(args.config)
     store = _gateway_store(cfg)
@@ -72,17 +72,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     trust, ledger = Trust(store), Ledger(store)
     hold_s = cfg.audit.hold_days * 86400
+    if args.action == "show" and args.json:
+        t = trust.get(node.id)
+        print(json.dumps({"node_id": node.id, "name": node.name, "trust": asdict(t),
+                          "earnings": asdict(_earnings(ledger, t, hold_s))}, indent=2))
+        return 0
     try:
         text = act(trust, ledger, hold_s, args.action, node.id, why=args.why, recheck=not args.without_recheck)
     except TrustError as e:
         print(f"garage-node head node {args.action}: {e}", file=sys.stderr)
         return 2
-    if args.action == "show" and args.json:
-        t = trust.get(node.id)
-        earned = ledger.earnings({node.id: t}, hold_s).get(node.id, Earnings(node.id))
-        print(json.dumps({"node_id": node.id, "name": node.name, "trust": asdict(t), "earnings": asdict(earned)},
-                         indent=2))
-        return 0
     print(f"{node.name} ({node.id}): {text}")
     return 0
 
@@ -91,8 +90,6 @@ def act(trust: Trust, ledger: Ledger, hold_s: float, action: str, node_id: str, 
         recheck: bool = True) -> str:
     """Carry out one operator action on a PC known to the registry; what was done, in words.
     Raises TrustError when the PC's state does not allow it."""
-    from garage_node.head.gateway.ledger import Earnings
-
     current = trust.get(node_id)
     if action == "trust":
         if not current.serves:
@@ -131,14 +128,21 @@ def act(trust: Trust, ledger: Ledger, hold_s: float, action: str, node_id: str, 
         if current.frozen_at is None:
             raise TrustError(f"{node_id} has nothing frozen to forfeit: only a quarantined PC's earnings are "
                              "frozen (`garage-node head node quarantine` takes a PC out by hand)")
-        tokens = ledger.earnings({node_id: current}, hold_s).get(node_id, Earnings(node_id)).frozen
+        tokens = _earnings(ledger, current, hold_s).frozen
         trust.forfeit(node_id)
         return (f"forfeited: the {tokens} tokens it had not yet earned when it was quarantined are not paid "
                 "(what it earned before stays earned)")
     if action == "show":
-        e = ledger.earnings({node_id: current}, hold_s).get(node_id, Earnings(node_id))
+        e = _earnings(ledger, current, hold_s)
         return describe(current) + f"; tokens: {e.earned} earned, {e.held} held, {e.frozen} frozen, {e.forfeited} forfeited"
     raise TrustError(f"unknown action {action!r}: one of {', '.join(ACTIONS)}")
+
+
+def _earnings(ledger: Ledger, t: NodeTrust, hold_s: float) -> Earnings:
+    """One PC's earnings (none credited yet: all 0)."""
+    from garage_node.head.gateway.ledger import Earnings
+
+    return ledger.earnings({t.node_id: t}, hold_s).get(t.node_id, Earnings(t.node_id))
 
 
 def describe(t: NodeTrust) -> str:
