@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,15 +72,6 @@ class NatsServer:
 
     def write_config(self) -> None:
         write_private(self.paths.config, config_text(self).encode())
-
-    def listening(self, timeout_s: float = 0.5) -> bool:
-        """The server accepts connections (it sends its INFO line first)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        try:
-            with socket.create_connection((host, self.port), timeout=timeout_s) as s:
-                return s.recv(4).startswith(b"INFO")
-        except OSError:
-            return False
 
 
 def config_text(srv: NatsServer) -> str:
