@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -44,6 +44,25 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> Any:
         while data := f.read(chunk):
             h.update(data)
     return h
+
+
+def copy_summed(src: Path, dest: Path, on_chunk: Callable[[int], None] | None = None,
+                chunk: int = 1 << 20) -> tuple[int, str]:
+    """Copy `src` to `dest` (0644, synced) and hash what was written on the way: (bytes, SHA-256
+    hex). One read of the source for both, however large. `on_chunk(n)` after each chunk."""
+    h = hashlib.sha256()
+    size = 0
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        while data := fin.read(chunk):
+            fout.write(data)
+            h.update(data)
+            size += len(data)
+            if on_chunk is not None:
+                on_chunk(len(data))
+        fout.flush()
+        os.fsync(fout.fileno())
+    os.chmod(dest, 0o644)
+    return size, h.hexdigest()
 
 
 def write_json(path: Path, value: Any, mode: int = 0o600) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from garage_node.core import modelfiles
-from garage_node.core.fsutil import fsync_dir, sha256_of, write_private
+from garage_node.core.fsutil import copy_summed, fsync_dir, sha256_of, write_private
 from garage_node.core.modelfiles import Manifest, ModelFile, check_name, check_path
 from garage_node.core.wire import encode
 
@@ -209,27 +209,19 @@ def _model_files(src_dir: Path) -> list[tuple[Path, str, int]]:
 
 def _copy_in(sources: list[tuple[Path, str, int]], dest: Path, total: int,
              progress: Callable[[int, int], None] | None) -> list[ModelFile]:
-    import hashlib
-
     files = []
     done = 0
+
+    def copied(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
     for src, rel, _ in sources:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        h = hashlib.sha256()
-        size = 0
-        with open(src, "rb") as fin, open(target, "wb") as fout:
-            while chunk := fin.read(CHUNK):
-                fout.write(chunk)
-                h.update(chunk)
-                size += len(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, total)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.chmod(target, 0o644)
-        files.append(ModelFile(rel, size, h.hexdigest()))
+        size, sha = copy_summed(src, target, copied, CHUNK)
+        files.append(ModelFile(rel, size, sha))
     return files
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from garage_node.core import releasefiles as rf
-from garage_node.core.fsutil import fsync_dir, write_private
+from garage_node.core.fsutil import copy_summed, fsync_dir, write_private
 from garage_node.core.raycmd import local_versions
 from garage_node.core.wire import Versions
 from garage_node.head import gpg
@@ -237,12 +237,4 @@ class ReleaseStore:
 
 
 def _copy_summed(src: Path, dest: Path) -> str:
-    h = hashlib.sha256()
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        while chunk := fin.read(CHUNK):
-            fout.write(chunk)
-            h.update(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
-    os.chmod(dest, 0o644)
-    return h.hexdigest()
+    return copy_summed(src, dest, chunk=CHUNK)[1]
