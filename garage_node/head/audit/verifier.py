@@ -119,14 +119,14 @@ class Engine:
 
     async def _post(self, http: httpx.AsyncClient, path: str, body: dict[str, Any], timeout_s: float) -> Any:
         try:
-            r = await http.post(self.url + path, json=body, timeout=timeout_s,
-                                headers={"authorization": f"Bearer {self.key}"} if self.key else {})
+            r = await http.post(self.url + path, json=body, timeout=timeout_s, headers=self._headers)
         except httpx.HTTPError as e:
             raise VerifierError(f"{self.name} could not be reached ({type(e).__name__})") from None
         if r.status_code != 200:
             # vLLM's error message says why (too long for its context, unknown model); never the key.
             try:
-                why = str(r.json().get("error", {}).get("message") or r.json().get("message") or "")[:200]
+                err = r.json()
+                why = str(err.get("error", {}).get("message") or err.get("message") or "")[:200]
             except (ValueError, AttributeError):
                 why = ""
             raise VerifierError(f"{self.name} answered {path} with HTTP {r.status_code}" + (f": {why}" if why else ""))
@@ -135,11 +135,14 @@ class Engine:
         except ValueError:
             raise VerifierError(f"{self.name}'s {path} answer is not JSON") from None
 
+    @property
+    def _headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.key}"} if self.key else {}
+
     async def models(self, http: httpx.AsyncClient, timeout_s: float = 5.0) -> list[str]:
         """The models it serves (GET /v1/models)."""
         try:
-            r = await http.get(self.url + "/v1/models", timeout=timeout_s,
-                               headers={"authorization": f"Bearer {self.key}"} if self.key else {})
+            r = await http.get(self.url + "/v1/models", timeout=timeout_s, headers=self._headers)
             r.raise_for_status()
             return [str(m["id"]) for m in r.json().get("data", [])]
         except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as e:
