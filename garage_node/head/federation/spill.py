@@ -51,7 +51,6 @@ class SpillOver:
         self.admit = admit
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=120.0, write=30.0, pool=5.0)
         self._http: httpx.AsyncClient | None = None
-        self.spilled = 0  # requests replayed to another region (for the status and tests)
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -144,7 +143,6 @@ class SpillOver:
                 out.append((b"x-garage-region", region.encode()))
             out.append((SPILLED_FROM, self.region.encode()))
             await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
-            self.spilled += 1
             try:
                 async for chunk in resp.aiter_raw():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
