@@ -66,10 +66,10 @@ def status_document(cfg: Any, store: Any, names: dict[str, str], now: float) -> 
     rates = book.rates()
     trust = Trust(store).all()
     state = book.state()
+    last = book.last_models()
     pcs = []
     for line in book.nodes():
-        last = book.recent(line.node_id, 1)
-        model, precision = (last[0]["model"], last[0]["precision"]) if last else ("", "")
+        model, precision = last.get(line.node_id, ("", ""))
         rate = rates.get((model, precision))
         h = sprt.Hypotheses.of(rate.eps0 if rate else None)
         tr = trust.get(line.node_id)

@@ -95,6 +95,11 @@ class Book:
         return [dict(r) for r in self.store.query(f"SELECT * FROM audits {where} ORDER BY id DESC LIMIT ?",
                                                   (*args, limit))]
 
+    def last_models(self) -> dict[str, tuple[str, str]]:
+        """Each PC's model and precision in its latest audit (one query for the region)."""
+        return {r["node_id"]: (r["model"], r["precision"]) for r in self.store.query(
+            "SELECT node_id, model, precision FROM audits WHERE id IN (SELECT MAX(id) FROM audits GROUP BY node_id)")}
+
     def prune(self, before: float) -> None:
         with self.store.transaction() as db:
             db.execute("DELETE FROM audits WHERE scored_at < ?", (before,))
