@@ -1,7 +1,7 @@
 """A region of simulated PCs for the rollout's tests (tests/unit/test_rollout.py): each PC
 heartbeats through the head's own path for reports and answers (head/reports.py's Reports, to
 which the rollout keeper is subscribed, and the node_extras function the control API calls,
-head/rolloutkeeper.py's with_target), and acts on the update target it is given as an A/B
+head/reports.py's with_extra), and acts on the update target it is given as an A/B
 stick would: report `installing`, go quiet while it reboots, and come back on the new version
 blessed, or (its health gate failing) back on the old one after its tries ran out, or never."""
 
@@ -12,7 +12,8 @@ from enum import StrEnum
 
 from garage_node.core.wire import HeartbeatExtras, UpdateOutcome, UpdateStatus
 from garage_node.head.reports import Reports
-from garage_node.head.rolloutkeeper import RolloutKeeper, with_target
+from garage_node.head.reports import with_extra
+from garage_node.head.rolloutkeeper import RolloutKeeper
 from testing.fakes import sample_report
 
 ROUND_S = 60.0  # one heartbeat per PC per simulated minute is enough for timeouts in minutes
@@ -80,7 +81,7 @@ class Region:
 
     def __post_init__(self) -> None:
         self.reports.subscribe(self.keeper.on_report)
-        self.extras = with_target(lambda _n: HeartbeatExtras(), self.keeper.target)
+        self.extras = with_extra(lambda _n: HeartbeatExtras(), "update_target", self.keeper.target)
         self.base = sample_report()
 
     def round(self) -> None:

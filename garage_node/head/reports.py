@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from dataclasses import replace
+from typing import Any, Callable
 
-from garage_node.core.wire import NodeReport
+from garage_node.core.wire import HeartbeatExtras, NodeReport
 
 log = logging.getLogger(__name__)
 
@@ -33,3 +34,16 @@ class Reports:
                 fn(node_id, report)
             except Exception:
                 log.exception("a subscriber to node reports failed on node %s", node_id)
+
+
+Extras = Callable[[str], HeartbeatExtras]
+
+
+def with_extra(extras: Extras, name: str, value: Callable[[str], Any]) -> Extras:
+    """The heartbeat answer's extras with one more part: the field `name` set to `value(node_id)`
+    where that is not None (the placement's assignment, the rollout's update target)."""
+    def both(node_id: str) -> HeartbeatExtras:
+        e = extras(node_id)
+        v = value(node_id)
+        return e if v is None else replace(e, **{name: v})
+    return both

@@ -13,10 +13,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
 from typing import Callable
 
-from garage_node.core.wire import HeartbeatExtras, NodeReport
+from garage_node.core.wire import NodeReport
 from garage_node.head.rollout import Rollout, RolloutState
 from garage_node.head.rolloutstore import RolloutStore
 
@@ -106,13 +105,3 @@ class RolloutKeeper:
         # just written are kept, and the rollout is judged again under its new state.
         self._seen = -1
         self._refresh()
-
-
-def with_target(extras: Callable[[str], HeartbeatExtras],
-                target: Callable[[str], str | None]) -> Callable[[str], HeartbeatExtras]:
-    """The heartbeat's extras with the PC's update target added (when the rollout has one)."""
-    def both(node_id: str) -> HeartbeatExtras:
-        e = extras(node_id)
-        t = target(node_id)
-        return e if t is None else replace(e, update_target=t)
-    return both

@@ -26,7 +26,7 @@ from garage_node.core.backoff import Backoff
 from garage_node.core.firewall import Firewall, Nftables, Rules
 from garage_node.core.raycmd import RAY_PORTS, ray_env, ray_executable
 from garage_node.core.supervise import Supervised
-from garage_node.core.wire import Assignment, HeartbeatExtras
+from garage_node.core.wire import HeartbeatExtras
 from garage_node.head.api import ApiHooks, create_app
 from garage_node.head.config import HeadConfig
 from garage_node.head.connguard import GuardLimits, guarded_loop_factory, guarded_protocol
@@ -34,7 +34,7 @@ from garage_node.head.gcs import GcsStore, open_store
 from garage_node.head.ray import HEALTH_CHECK_ENV, garage_ids, head_argv, parse_watch_line, watch_command
 from garage_node.head.gateway.gateway import Gateway
 from garage_node.head.listener import BackgroundServer, tls13_config
-from garage_node.head.reports import Reports
+from garage_node.head.reports import Reports, with_extra
 from garage_node.head.setup import RayToken, SetupError, open_registry, region_facts, require_init
 
 log = logging.getLogger(__name__)
@@ -376,16 +376,16 @@ def run(cfg: HeadConfig) -> None:
         gateway.metrics.watch_placement(placement)
         gateway.metrics.watch_trust(gateway.trust.snapshot)  # the audits' quarantines (issue #20)
         service.quarantined = gateway.trust.excluded  # refused Ray at the hub's firewall
-    node_extras = _with_assignment(node_extras, placement.assignment)
+    node_extras = with_extra(node_extras, "assignment", placement.assignment)
     # Rollouts of the stick's OS (head/rollout.py): every report feeds the rollout, and each
     # answer names the PC's update target; the operator's commands change its file.
-    from garage_node.head.rolloutkeeper import RolloutKeeper, with_target
+    from garage_node.head.rolloutkeeper import RolloutKeeper
     from garage_node.head.rolloutstore import RolloutStore
     from garage_node.head.rolloutstore import database_path as rollout_db
 
     rollouts = RolloutKeeper(RolloutStore(rollout_db(cfg.head.state_dir), synchronous="NORMAL"))
     reports.subscribe(rollouts.on_report)
-    node_extras = with_target(node_extras, rollouts.target)
+    node_extras = with_extra(node_extras, "update_target", rollouts.target)
     if cfg.fleet.enabled:
         # The operator's fleet page ([fleet]): a history fed by every accepted heartbeat.
         from garage_node.head.fleetpage import History
@@ -459,16 +459,6 @@ def run(cfg: HeadConfig) -> None:
     server.run()
     if not server.started:
         raise SetupError("the head could not start (the reason is in the log above)")
-
-
-def _with_assignment(extras: Callable[[str], HeartbeatExtras],
-                     assignment: Callable[[str], Assignment | None]) -> Callable[[str], HeartbeatExtras]:
-    """The heartbeat's extras with the PC's assignment added (when the head has one for it)."""
-    def both(node_id: str) -> HeartbeatExtras:
-        e = extras(node_id)
-        a = assignment(node_id)
-        return e if a is None else replace(e, assignment=a)
-    return both
 
 
 # The gateway's customers bring every kind of client, so it keeps TLS 1.2, but only with AEAD

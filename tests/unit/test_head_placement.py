@@ -26,7 +26,7 @@ from garage_node.head.gateway.errors import ClientGone
 from garage_node.head.gateway.gateway import Gateway
 from garage_node.head.placement import ModelError, PlacementLoop, add_model, import_catalog, region_catalog
 from garage_node.head.registry import Registry, RegionModel
-from garage_node.head.service import _with_assignment
+from garage_node.head.reports import with_extra
 from garage_node.placement.catalog import PACKAGED_CATALOG, CatalogError
 from testing.fakes import FakeClock, sample_report
 from testing.headapi import enrolled_pc
@@ -299,8 +299,8 @@ def test_demand_for_a_second_model_moves_one_pc_and_the_heartbeat_answer_carries
     extra.write_text(EXTRA_MODEL)
     demand: dict = {}
     holder: dict = {}
-    pc = enrolled_pc(tmp_path, ApiHooks(node_extras=_with_assignment(lambda _n: HeartbeatExtras(),
-                                                                      lambda n: holder["loop"].assignment(n) if holder else None)))
+    pc = enrolled_pc(tmp_path, ApiHooks(node_extras=with_extra(lambda _n: HeartbeatExtras(), "assignment",
+                                                                lambda n: holder["loop"].assignment(n) if holder else None)))
     reg = pc.registry
     other = enroll(reg, "pc-2")
     ids = [pc.node_id, other]

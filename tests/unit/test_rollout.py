@@ -20,7 +20,8 @@ from garage_node.head.registry import NodeRow
 from garage_node.head.releases import ReleaseStore
 from garage_node.head.reports import Reports
 from garage_node.head.rollout import MemberState, Rollout, RolloutError, RolloutPlan, RolloutState, wave_sizes
-from garage_node.head.rolloutkeeper import RolloutKeeper, with_target
+from garage_node.head.reports import with_extra
+from garage_node.head.rolloutkeeper import RolloutKeeper
 from garage_node.head.rolloutops import command, start, summary
 from garage_node.head.rolloutstore import RolloutStore
 from testing.headapi import enrolled_pc
@@ -224,8 +225,8 @@ def test_the_heartbeat_answer_carries_the_target(tmp_path, releases):
     keeper = RolloutKeeper(store)
     reports = Reports()
     reports.subscribe(keeper.on_report)
-    pc = enrolled_pc(tmp_path, ApiHooks(reports=reports, node_extras=with_target(lambda _: wire.HeartbeatExtras(),
-                                                                                  keeper.target)))
+    pc = enrolled_pc(tmp_path, ApiHooks(reports=reports, node_extras=with_extra(lambda _: wire.HeartbeatExtras(),
+                                                                                 "update_target", keeper.target)))
     report = wire.encode(wire.replace(pc_report(), update=UpdateStatus(os_version="v1", variant="base", blessed=True,
                                                                           policy="idle")))
 
