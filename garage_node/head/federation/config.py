@@ -9,6 +9,7 @@ from garage_node.core.settings import nonnegative, positive, setting, tcp_port
 
 # A region's name goes into NATS consumer names and subjects: letters, digits, '-' only.
 REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}\Z")
+REGION_RULE = "use 1-32 lower-case letters, digits or '-'"
 _URL = re.compile(r"^(nats|tls)://[^\s/]+:\d+\Z")
 _HTTP = re.compile(r"^https?://[^\s/]+(:\d+)?\Z")
 
@@ -66,7 +67,7 @@ class FederationSection:
     def problems(self):
         for name, peer in self.peers.items():
             if not REGION.match(name):
-                yield f"peers.{name}", "is not a usable region name: use 1-32 lower-case letters, digits or '-'."
+                yield f"peers.{name}", f"is not a usable region name: {REGION_RULE}."
             if self.enabled and self.tls and not peer.ca_file:
                 yield (f"peers.{name}.ca_file", f"is missing: copy region {name}'s head CA (its <state_dir>/pki/ca.pem) "
                        "to this head and name the file here (or set [federation] tls = false on every head).")

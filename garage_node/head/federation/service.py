@@ -31,7 +31,7 @@ from garage_node.core.fsutil import write_private
 from garage_node.core.supervise import Supervised
 from garage_node.head.federation import keysync
 from garage_node.head.federation.capacity import PeerView, TtftWindow, local_capacity
-from garage_node.head.federation.config import REGION, FederationSection
+from garage_node.head.federation.config import REGION, REGION_RULE, FederationSection
 from garage_node.head.federation.fedstore import FedStore
 from garage_node.head.federation.leases import BUCKET as LEASE_BUCKET
 from garage_node.head.federation.leases import Leases
@@ -92,8 +92,7 @@ class Federation:
     def __init__(self, cfg: FederationSection, region: str, head_state_dir: Path, gateway_store: Store,
                  table: EndpointTable, node_name: Callable[[str], str] = lambda n: n) -> None:
         if not REGION.match(region):
-            raise FederationSetupError(f"[head] region {region!r} cannot be used in a federation: use 1-32 "
-                                       "lower-case letters, digits or '-'")
+            raise FederationSetupError(f"[head] region {region!r} cannot be used in a federation: {REGION_RULE}")
         if region in cfg.peers:
             raise FederationSetupError(f"[federation.peers.{region}] names this region itself: list only the others")
         self.cfg, self.region = cfg, region
