@@ -73,11 +73,11 @@ def standing(hour: int, now: float, hold_s: float, trust: NodeTrust | None) -> s
     """Which of EARNINGS an hourly row (its hour's index since the epoch) of a PC counts in."""
     start, end = hour * 3600, (hour + 1) * 3600
     if trust is not None:
-        cuts = set(trust.forfeits) | ({trust.forfeited_before} if trust.forfeited and trust.forfeited_before else set())
-        if any(start < cut and end > cut - hold_s for cut in cuts):  # not yet earned at a forfeited freeze
+        # Every forfeit is in `forfeits` (node_forfeits: forfeited_before is only the last one's).
+        if any(start < cut and end > cut - hold_s for cut in trust.forfeits):  # not yet earned at a forfeited freeze
             return "forfeited"
-    if trust is not None and trust.frozen_at is not None and end > trust.frozen_at - hold_s:
-        return "frozen"
+        if trust.frozen_at is not None and end > trust.frozen_at - hold_s:
+            return "frozen"
     return "earned" if end <= now - hold_s else "held"
 
 
@@ -177,7 +177,7 @@ class Ledger:
         for the PCs a quarantine or a forfeit touched."""
         now = self.clock.time()
         earned_cut = int((now - hold_s) // 3600)  # hours before this one are past the hold
-        marked = {n for n, t in trust.items() if t.frozen_at is not None or t.forfeited or t.forfeits}
+        marked = {n for n, t in trust.items() if t.frozen_at is not None or t.forfeits}
         out: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(EARNINGS, 0))
         since_hour = self._since_hour(since)
         rows, pending = self._read("SELECT node_id, hour < ? AS past, SUM(prompt_tokens + completion_tokens)"
