@@ -119,7 +119,8 @@ class Agent:
         # policy. It cannot install yet (no A/B stick): it says so in status, and never drains
         # the engine for an update it cannot install.
         self.updates = updates or UpdatePart(self.paths.state_dir,
-                                             os_update.policy_of(cfg.update, cfg.schedule.timezone), clock.time)
+                                             os_update.policy_of(cfg.update, cfg.schedule.timezone), clock.time,
+                                             variant=os_update.os_release_value("VARIANT_ID"))
         self.versions = versions()
         self.started_at = clock.monotonic()
         self.identity: Identity | None = None

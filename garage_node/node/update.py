@@ -128,14 +128,19 @@ def read_efi_string(path: Path) -> str | None:
     return raw[4:].decode("utf-16-le", "replace").rstrip("\0") or None
 
 
-def os_release_version(os_release: Path) -> str | None:
+OS_RELEASE = Path("/etc/os-release")
+
+
+def os_release_value(name: str, os_release: Path = OS_RELEASE) -> str | None:
+    """One key of os-release: IMAGE_VERSION (the stick's version, mkosi's ImageVersion=),
+    VARIANT_ID (its variant, which a release must match). None where it is not set."""
     try:
         text = os_release.read_text()
     except OSError:
         return None
     for line in text.splitlines():
         key, _, value = line.partition("=")
-        if key.strip() == "IMAGE_VERSION":
+        if key.strip() == name:
             return value.strip().strip('"').strip("'") or None
     return None
 
@@ -146,7 +151,7 @@ def boot_facts(os_release: Path = Path("/etc/os-release"), efivars: Path = Path(
     """The booted version and its boot counter. A counted boot is blessed once systemd-bless-boot
     renamed its entry (the counted file is gone from the ESP); a boot without a counter is
     blessed (or never counted). Without EFI variables, nothing is known."""
-    version = os_release_version(os_release)
+    version = os_release_value("IMAGE_VERSION", os_release)
     ab = any(os.access(p, os.X_OK) for p in sysupdate) and sysupdate_d.is_dir() and any(sysupdate_d.glob("*.conf"))
     if not efivars.is_dir():
         return BootFacts(version, None, None, ab)

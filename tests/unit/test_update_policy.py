@@ -257,3 +257,15 @@ def test_status_shows_the_os_version_and_why_the_heads_target_waits():
     assert lines[0] == "v1 (base); updates: window"
     assert lines[1] == "the head wants v2: outside the update window until 03:00"
     assert lines[2] == "last update to v0: rolled-back (its tries ran out)"
+
+
+def test_the_sticks_version_and_variant_come_from_os_release(tmp_path):
+    """A rollout takes only PCs whose variant matches the release's: the agent reads it from
+    os-release (VARIANT_ID) beside the version (IMAGE_VERSION); a machine without them has none."""
+    path = tmp_path / "os-release"
+    path.write_text('NAME="Debian GNU/Linux"\nIMAGE_VERSION=2026.12.1\nVARIANT_ID="nvidia"\n')
+    assert up.os_release_value("IMAGE_VERSION", path) == "2026.12.1"
+    assert up.os_release_value("VARIANT_ID", path) == "nvidia"
+    assert up.os_release_value("VARIANT_ID", tmp_path / "missing") is None
+    path.write_text('NAME="Debian GNU/Linux"\n')
+    assert up.os_release_value("VARIANT_ID", path) is None
