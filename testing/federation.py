@@ -40,6 +40,7 @@ class RegionProc:
     public: str = ""  # the gateway's URL for its clients; empty: http://host:gateway_port
     proc: subprocess.Popen | None = None
     log: Path | None = None
+    log_from: int = 0  # where this start's lines begin in the log (appended to across starts)
 
     @property
     def url(self) -> str:
@@ -115,6 +116,7 @@ class Regions:
                  for o in self.regions.values() if o.name != name}
         r.state.mkdir(parents=True, exist_ok=True)
         r.log = self.root / f"{name}.log"
+        r.log_from = r.log.stat().st_size if r.log.exists() else 0
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         r.proc = subprocess.Popen(
             [*r.prefix, sys.executable, "-m", "testing.fedregion", "--region", name, "--state", str(r.state),
@@ -137,12 +139,22 @@ class Regions:
         while time.monotonic() < deadline:
             s = r.status()
             if s.get("nats", {}).get("up") and all(p.get("up") and p.get("summary_age_s") is not None
-                                                   for p in s.get("peers", {}).values()):
+                                                   for p in s.get("peers", {}).values()) and self._listening(r):
                 return
             if r.proc is not None and r.proc.poll() is not None:
                 raise RuntimeError(f"region {name} exited: {self.tail(name)}")
             time.sleep(0.2)
         raise TimeoutError(f"region {name} not ready within {within_s} s: {self.tail(name)}")
+
+    @staticmethod
+    def _listening(r: RegionProc) -> bool:
+        """testing/fedregion.py printed "ready": its gateway listens (the federation's status
+        can say ready before that)."""
+        if r.log is None or not r.log.exists():
+            return False
+        with r.log.open("rb") as f:
+            f.seek(r.log_from)
+            return b"ready" in f.read().splitlines()
 
     def tail(self, name: str, n: int = 30) -> str:
         log = self.regions[name].log
