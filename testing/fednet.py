@@ -141,11 +141,7 @@ class FedNet:
 
     def client(self, args: dict[str, Any], timeout_s: float = 150) -> Any:
         """testing/fedclient.py run where the clients are (the WAN namespace); its JSON answer."""
-        res = subprocess.run(self._argv(args), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                             capture_output=True, text=True, timeout=timeout_s)
-        if res.returncode != 0:
-            raise RuntimeError(f"fedclient failed: {res.stderr[-2000:]}")
-        return json.loads(res.stdout)
+        return self.client_in(self.wan, args, timeout_s)
 
     def client_bg(self, args: dict[str, Any]) -> subprocess.Popen:
         return subprocess.Popen(self._argv(args), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
