@@ -53,6 +53,8 @@ class Trust:
         self.store, self.clock = store, clock
         self._lock = threading.Lock()
         self._snapshot: dict[str, NodeTrust] = {}
+        self._excluded: frozenset[str] = frozenset()
+        self._trusted: frozenset[str] = frozenset()
         self._snapshot_at = float("-inf")
 
     # -- reading
@@ -74,19 +76,30 @@ class Trust:
 
     def snapshot(self) -> dict[str, NodeTrust]:
         """Every PC with a row, read at most once a second (for the request path)."""
+        return self._view()[0]
+
+    def excluded(self) -> frozenset[str]:
+        """The PCs that must get no customer traffic (quarantined or being rechecked); asked
+        on every customer's request (the router), so made once per read, not per call."""
+        return self._view()[1]
+
+    def trusted(self) -> frozenset[str]:
+        return self._view()[2]
+
+    def _view(self) -> tuple[dict[str, NodeTrust], frozenset[str], frozenset[str]]:
         with self._lock:
             now = self.clock.monotonic()
             if now - self._snapshot_at >= SNAPSHOT_TTL_S:
-                self._snapshot = self.all()
+                snap = self._snapshot = self.all()
+                self._excluded = frozenset(n for n, t in snap.items() if not t.serves)
+                self._trusted = frozenset(n for n, t in snap.items() if t.trusted and t.serves)
                 self._snapshot_at = now
-            return self._snapshot
+            return self._snapshot, self._excluded, self._trusted
 
-    def excluded(self) -> frozenset[str]:
-        """The PCs that must get no customer traffic (quarantined or being rechecked)."""
-        return frozenset(n for n, t in self.snapshot().items() if not t.serves)
-
-    def trusted(self) -> frozenset[str]:
-        return frozenset(n for n, t in self.snapshot().items() if t.trusted and t.serves)
+    def _written(self) -> None:
+        """The next read goes to the database (this process's own writes are seen at once)."""
+        with self._lock:
+            self._snapshot_at = float("-inf")
 
     # -- writing
 
@@ -131,16 +144,14 @@ class Trust:
             db.execute("UPDATE node_trust SET forfeited = 1, forfeited_before = frozen_at WHERE node_id = ?", (node_id,))
             db.execute("INSERT OR IGNORE INTO node_forfeits (node_id, frozen_at, at) VALUES (?, ?, ?)",
                        (node_id, current.frozen_at, self.clock.time()))
-        with self._lock:
-            self._snapshot_at = float("-inf")
+        self._written()
         return self.get(node_id)
 
     def _upsert(self, node_id: str, assignments: str, args: tuple, insert: dict) -> None:
         with self.store.transaction() as db:
             db.execute("INSERT OR IGNORE INTO node_trust (node_id) VALUES (?)", (node_id,))
             db.execute(f"UPDATE node_trust SET {assignments} WHERE node_id = ?", (*args, node_id))
-        with self._lock:
-            self._snapshot_at = float("-inf")
+        self._written()
 
 
 # What the owner of a quarantined PC can do, said on its `status` and screen.
