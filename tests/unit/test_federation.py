@@ -19,18 +19,9 @@ from garage_node.head.federation import keysync
 from garage_node.head.federation.capacity import PeerView
 from garage_node.head.federation.fedstore import FedStore
 from garage_node.head.federation.records import KeyRecord, ModelCapacity, Summary
-from testing.federation import Regions, post
+from testing.federation import Regions, post, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("nats-server") is None, reason="nats-server is not installed")
-
-
-def wait_for(check, within_s: float, every_s: float = 0.05):
-    deadline = time.monotonic() + within_s
-    while True:
-        got = check()
-        if got or time.monotonic() > deadline:
-            return got
-        time.sleep(every_s)
 
 
 # ---------------------------------------------------------------- pure parts
