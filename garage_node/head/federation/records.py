@@ -4,7 +4,7 @@ hostile message is refused as a whole instead of half applied."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -64,7 +64,7 @@ class Summary:
 
 
 def encode(record: KeyRecord | UsageRecord | Summary) -> bytes:
-    return msgspec.json.encode(asdict(record))
+    return msgspec.json.encode(record)  # msgspec encodes dataclasses as they are: no asdict copy
 
 
 def decode_key(data: bytes) -> KeyRecord:
