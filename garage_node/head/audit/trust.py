@@ -15,10 +15,9 @@ Reads are cached by `Trust.snapshot()` for the request path."""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
-from garage_node.core.clock import SYSTEM, Clock
+from garage_node.core.clock import SYSTEM, Clock, Refreshed
 from garage_node.core.wire import MESSAGE_MAX, QuarantineStatus, clip
 from garage_node.head.gateway.store import Store
 
@@ -51,11 +50,7 @@ class NodeTrust:
 class Trust:
     def __init__(self, store: Store, clock: Clock = SYSTEM) -> None:
         self.store, self.clock = store, clock
-        self._lock = threading.Lock()
-        self._snapshot: dict[str, NodeTrust] = {}
-        self._excluded: frozenset[str] = frozenset()
-        self._trusted: frozenset[str] = frozenset()
-        self._snapshot_at = float("-inf")
+        self._view = Refreshed(self._read_view, SNAPSHOT_TTL_S, clock)
 
     # -- reading
 
@@ -76,30 +71,24 @@ class Trust:
 
     def snapshot(self) -> dict[str, NodeTrust]:
         """Every PC with a row, read at most once a second (for the request path)."""
-        return self._view()[0]
+        return self._view.get()[0]
 
     def excluded(self) -> frozenset[str]:
         """The PCs that must get no customer traffic (quarantined or being rechecked); asked
         on every customer's request (the router), so made once per read, not per call."""
-        return self._view()[1]
+        return self._view.get()[1]
 
     def trusted(self) -> frozenset[str]:
-        return self._view()[2]
+        return self._view.get()[2]
 
-    def _view(self) -> tuple[dict[str, NodeTrust], frozenset[str], frozenset[str]]:
-        with self._lock:
-            now = self.clock.monotonic()
-            if now - self._snapshot_at >= SNAPSHOT_TTL_S:
-                snap = self._snapshot = self.all()
-                self._excluded = frozenset(n for n, t in snap.items() if not t.serves)
-                self._trusted = frozenset(n for n, t in snap.items() if t.trusted and t.serves)
-                self._snapshot_at = now
-            return self._snapshot, self._excluded, self._trusted
+    def _read_view(self) -> tuple[dict[str, NodeTrust], frozenset[str], frozenset[str]]:
+        snap = self.all()
+        return (snap, frozenset(n for n, t in snap.items() if not t.serves),
+                frozenset(n for n, t in snap.items() if t.trusted and t.serves))
 
     def _written(self) -> None:
         """The next read goes to the database (this process's own writes are seen at once)."""
-        with self._lock:
-            self._snapshot_at = float("-inf")
+        self._view.stale()
 
     # -- writing
 

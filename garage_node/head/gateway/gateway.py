@@ -94,6 +94,10 @@ class Gateway:
                 from garage_node.head.setup import SetupError
                 raise SetupError(f"{e}; fix it or set [audit] canary_prompts = \"\" for the shipped prompts") from None
             self.proxy.audit = self.auditor
+            # Each PC's earned, held and frozen tokens, for its heartbeat answer: one read of the
+            # whole region a second, as for the totals.
+            hold_s = audit.hold_days * 86400
+            self._earnings = Refreshed(lambda: self.ledger.earnings(self.trust.snapshot(), hold_s), TOTALS_TTL_S, clock)
             self.metrics.registry.register(AuditCollector(self.auditor, self.names))
 
     # -- lifecycle
@@ -122,7 +126,7 @@ class Gateway:
         totals = self._all_totals().get(node_id)
         served = TokensServed(today=totals.today, total=totals.total) if totals else TokensServed()
         if self.auditor is not None:  # earnings are held [audit] hold_days: what of it may be paid
-            e = self.ledger.recent_earnings(self.trust.snapshot, self.auditor.cfg.hold_days * 86400).get(node_id)
+            e = self._earnings.get().get(node_id)
             served = TokensServed(today=served.today, total=served.total, earned=e.earned if e else 0,
                                   held=e.held if e else 0, frozen=e.frozen if e else 0)
         return HeartbeatExtras(engine_api_key=self.engine_keys.for_node(node_id), tokens_served=served,

@@ -8,10 +8,9 @@ counts not yet written (waiting, or in the batch being written)."""
 from __future__ import annotations
 
 import sqlite3
-import threading
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from garage_node.core.clock import SYSTEM, Clock
 from garage_node.head.audit.trust import NodeTrust
@@ -19,7 +18,6 @@ from garage_node.head.gateway.store import Store
 from garage_node.head.writebehind import WriteBehind
 
 BY = ("key", "node", "model")
-EARNINGS_TTL_S = 1.0
 _COLUMN = {"key": "key", "node": "node_id", "model": "model"}
 
 
@@ -100,9 +98,6 @@ class Ledger:
         self.clock = clock
         self.flush_every_s = flush_every_s
         self._buffer: WriteBehind[Usage] = WriteBehind("usage-ledger", dict, _fold, self._write)
-        self._earnings: dict[str, Earnings] = {}
-        self._earnings_at = float("-inf")
-        self._earnings_lock = threading.Lock()
 
     # -- writing
 
@@ -197,16 +192,6 @@ class Ledger:
             for hour, tokens in per_hour:
                 out[node_id][standing(hour, now, hold_s, trust[node_id])] += tokens
         return {n: Earnings(n, **e) for n, e in out.items()}
-
-    def recent_earnings(self, trust: Callable[[], dict[str, NodeTrust]], hold_s: float) -> dict[str, Earnings]:
-        """`earnings` for the whole region, read at most once a second (a heartbeat answer
-        each PC gets says its own: a thousand PCs, one query a second, not 200)."""
-        with self._earnings_lock:
-            now = self.clock.monotonic()
-            if now - self._earnings_at >= EARNINGS_TTL_S:
-                self._earnings = self.earnings(trust(), hold_s)
-                self._earnings_at = now
-            return self._earnings
 
     def usage(self, by: str, since: float = 0.0) -> list[UsageRow]:
         """Rows grouped by key, node or model since a time (to the hour: rows are hourly),
