@@ -44,25 +44,13 @@ def free_port() -> int:
 
 
 def stub(ports: list[int]) -> None:
-    """Engines that answer a completion at once, as vLLM shapes it (any key accepted)."""
-    import uvicorn
-    from fastapi import FastAPI
+    """Engines that answer a completion at once, as vLLM shapes it (any key accepted); on
+    httptools and uvloop (testing/rawhttp.py) so that they cost little beside the gateway."""
+    import uvloop
 
-    app = FastAPI()
-    reply = {"id": "cmpl-x", "object": "text_completion", "model": "m",
-             "choices": [{"index": 0, "text": " ok", "finish_reason": "length"}],
-             "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
+    from testing.rawhttp import serve_standins
 
-    @app.post("/v1/completions")
-    async def complete() -> dict:
-        return reply
-
-    async def serve() -> None:
-        servers = [uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=p, log_level="error", access_log=False))
-                   for p in ports]
-        await asyncio.gather(*(s.serve() for s in servers))
-
-    asyncio.run(serve())
+    uvloop.run(serve_standins(ports))
 
 
 def gc_tracer(out: Path) -> None:
@@ -146,58 +134,33 @@ def gateway(port: int, engine_ports: list[int], state: Path, gc_mode: str, gen0:
 
 async def load(url: str, key: str, rate: float, seconds: float, grace_s: float) -> dict:
     """Open loop for `seconds`, then at most `grace_s` more for the answers: what is not
-    finished by then is cancelled and counted as `unfinished` (the target fell behind)."""
-    import httpx
+    finished by then is cancelled and counted as `unfinished` (the target fell behind). The
+    client is testing/rawhttp.py's (tens of microseconds a request: httpx's 1-1.5 ms made the
+    load generator, not the gateway, the bottleneck on a 2-CPU machine)."""
+    from urllib.parse import urlsplit
 
-    latencies: list[float] = []
-    refused: list[float] = []
-    errors = 0
-    body = {"model": "m", "prompt": "Hello", "max_tokens": 1}
-    timeout = httpx.Timeout(seconds + grace_s)
-    # At most `connections` requests in httpx at once; the late ones queue on a semaphore (their
-    # wait counts in their latency: the loop stays open). Left to httpx's pool, thousands of
-    # late requests made each connection's hand-over and each cancellation cost a walk of the
-    # whole queue, and a turn that fell behind did not end (344 s for a 10 s turn, killed).
-    connections = 256
-    slots = asyncio.Semaphore(connections)
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=connections), timeout=timeout) as client:
-        async def one() -> None:
-            nonlocal errors
-            t0 = time.perf_counter()
-            try:
-                async with slots:
-                    r = await client.post(url, json=body, headers={"authorization": f"Bearer {key}"})
-                if r.status_code == 503 and r.headers.get("retry-after"):
-                    refused.append(time.perf_counter() - t0)  # the gateway's admission limit said no
-                    return
-                if r.status_code != 200:
-                    errors += 1
-                    return
-            except httpx.HTTPError:
-                errors += 1
-                return
-            latencies.append(time.perf_counter() - t0)
+    from testing.rawhttp import Client, open_loop, quantile
 
-        tasks = []
-        start = time.perf_counter()
-        n = int(rate * seconds)
-        for i in range(n):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        left = start + seconds + grace_s - time.perf_counter()
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, left))
-        for t in pending:
-            t.cancel()  # the client leaves: the gateway sees these requests end here
-        await asyncio.gather(*pending, return_exceptions=True)
-        elapsed = time.perf_counter() - start
-    latencies.sort()
-    q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000 if latencies else float("nan")  # noqa: E731
-    refused.sort()
-    return {"sent": n, "ok": len(latencies), "errors": errors, "unfinished": len(pending), "refused": len(refused),
-            "refused_p99_ms": refused[int(0.99 * len(refused))] * 1000 if refused else 0.0,
-            "achieved_rps": len(latencies) / elapsed, "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": q(1.0)}
+    u = urlsplit(url)
+    client = Client(u.hostname or "127.0.0.1", u.port or 80, max_connections=1024)
+    data = client.build(u.path, {"model": "m", "prompt": "Hello", "max_tokens": 1}, key)
+    try:
+        tally = await open_loop(client, data, rate, seconds, grace_s)
+    finally:
+        client.close()
+    ok = [r.total_s for r in tally.ok()]
+    refused = [r.total_s for r in tally.refused()]
+    return {"sent": int(rate * seconds), "ok": len(ok), "errors": tally.errors(), "unfinished": tally.unfinished,
+            "refused": len(refused), "refused_p99_ms": quantile(refused, 0.99) if refused else 0.0,
+            "achieved_rps": len(ok) / tally.elapsed_s, "p50_ms": quantile(ok, 0.5), "p99_ms": quantile(ok, 0.99),
+            "max_ms": quantile(ok, 1.0)}
+
+
+def run(coro):  # noqa: ANN001, ANN201
+    """The load on uvloop, as the gateway and the stand-ins."""
+    import uvloop
+
+    return uvloop.run(coro)
 
 
 def cpu_s(pid: int) -> float:
@@ -304,13 +267,13 @@ def main() -> None:
         pin({"stand-ins": procs[0].pid, "gateway": gw_pid, "load": os.getpid()})
         print(f"gateway: gc {args.gc}, gen0 {args.gen0 or 'default'}, listener {args.listener}; "
               f"machine load {os.getloadavg()[0]:.1f}", flush=True)
-        asyncio.run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, 50, 2, args.grace))  # warm up
+        run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, 50, 2, args.grace))  # warm up
         results = {}
         for turn in ("direct", "gateway", "direct", "gateway"):
             url = (f"http://127.0.0.1:{engine_ports[0]}/v1/completions" if turn == "direct"
                    else f"http://127.0.0.1:{gw_port}/v1/completions")
             c0, t0, w0 = cpu_s(gw_pid), time.monotonic(), time.time()
-            r = asyncio.run(load(url, key, args.rate, args.seconds, args.grace))
+            r = run(load(url, key, args.rate, args.seconds, args.grace))
             if turn == "gateway":
                 used = cpu_s(gw_pid) - c0
                 r["gateway_cpu_pct"] = 100 * used / (time.monotonic() - t0)
@@ -321,7 +284,7 @@ def main() -> None:
             results.setdefault(turn, []).append(r)
             print(f"{turn:8} {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
         if args.after:
-            r = asyncio.run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, args.after, args.seconds, args.grace))
+            r = run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, args.after, args.seconds, args.grace))
             print(f"after    {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
             print(f"  right after: {args.after:.0f} requests/s through the gateway: p50 {r['p50_ms']:.1f} ms, "
                   f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, refused {r['refused']}, unfinished {r['unfinished']}")
