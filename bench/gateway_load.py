@@ -22,7 +22,6 @@ in bounded time however far behind the target falls.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -153,7 +152,7 @@ async def load(url: str, key: str, rate: float, seconds: float, grace_s: float) 
     return {"sent": int(rate * seconds), "ok": len(ok), "errors": tally.errors(), "unfinished": tally.unfinished,
             "refused": len(refused), "refused_p99_ms": quantile(refused, 0.99) if refused else 0.0,
             "achieved_rps": len(ok) / tally.elapsed_s, "p50_ms": quantile(ok, 0.5), "p99_ms": quantile(ok, 0.99),
-            "max_ms": quantile(ok, 1.0)}
+            "max_ms": quantile(ok, 1.0), "error_kinds": tally.error_kinds()}
 
 
 def run(coro):  # noqa: ANN001, ANN201
@@ -282,10 +281,10 @@ def main() -> None:
                 time.sleep(0.6)  # the tracer's next write
                 r.update(gc_pauses(state / "gc.json", w0, time.time()))
             results.setdefault(turn, []).append(r)
-            print(f"{turn:8} {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
+            print(f"{turn:8} {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})}", flush=True)
         if args.after:
             r = run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, args.after, args.seconds, args.grace))
-            print(f"after    {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
+            print(f"after    {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})}", flush=True)
             print(f"  right after: {args.after:.0f} requests/s through the gateway: p50 {r['p50_ms']:.1f} ms, "
                   f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, refused {r['refused']}, unfinished {r['unfinished']}")
         d = min(results["direct"], key=lambda r: r["p99_ms"])

@@ -9,7 +9,8 @@ import sys
 
 # What must never load on a gaming PC: the head's web stack, Ray (a child process there), the
 # engine's stack (in its container) and the Docker SDK.
-FORBIDDEN = ("fastapi", "pydantic", "pydantic_core", "uvicorn", "starlette", "ray", "torch", "vllm", "docker")
+FORBIDDEN = ("fastapi", "pydantic", "pydantic_core", "uvicorn", "starlette", "aiohttp", "ray", "torch", "vllm",
+             "docker")
 
 
 def loaded_after_importing(modules: tuple[str, ...]) -> set[str]:

@@ -252,6 +252,15 @@ class Tally:
     def errors(self) -> int:
         return len(self.results) - len(self.ok()) - len(self.refused())
 
+    def error_kinds(self) -> dict[str, int]:
+        """The errors by status ("0": no connection or it broke; "200-cut": a stream without [DONE])."""
+        kinds: dict[str, int] = {}
+        for r in self.results:
+            if not (r.status == 200 and r.done) and not (r.status in (429, 503) and r.retry_after):
+                k = "200-cut" if r.status == 200 else str(r.status)
+                kinds[k] = kinds.get(k, 0) + 1
+        return kinds
+
 
 def quantile(values: list[float], q: float) -> float:
     """The q-quantile (nearest rank) in ms; nan for none."""

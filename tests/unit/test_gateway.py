@@ -444,7 +444,7 @@ def _relay_to_a_client_that_leaves(g, leave_after_sends: int, spec: str = "2.4")
             await response({"type": "http", "asgi": {"spec_version": spec}}, receive, send)
         after = sum(ep.inflight for ep in g.table.snapshot())
         await g.proxy.close()
-        return busy, after, ended, response.slot.resp.is_closed
+        return busy, after, ended, response.slot.resp.closed
 
     return asyncio.run(go())
 

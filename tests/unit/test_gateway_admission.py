@@ -126,15 +126,22 @@ def test_settle_heap_freezes_start_up_objects() -> None:
 
 
 def test_engine_pool_is_bounded_by_the_config(tmp_path: Any) -> None:
+    async def pool(section: GatewaySection) -> tuple[int, float, bool]:
+        gw = Gateway(section, tmp_path, lambda: {})
+        try:
+            c = gw.proxy.client.connector
+            assert c is not None
+            return c.limit, c._keepalive_timeout, c.force_close  # type: ignore[attr-defined]
+        finally:
+            await gw.proxy.close()
+            gw.stop()
+
     section = GatewaySection(max_in_flight=10, max_attempts=3, engine_keepalive_connections=5,
                              engine_keepalive_s=2.5)
-    gw = Gateway(section, tmp_path, lambda: {})
-    try:
-        pool = gw.proxy.client._transport._pool  # type: ignore[attr-defined]
-        assert (pool._max_connections, pool._max_keepalive_connections, pool._keepalive_expiry) == (30, 5, 2.5)
-    finally:
-        asyncio.run(gw.proxy.close())
-        gw.stop()
+    assert asyncio.run(pool(section)) == (30, 2.5, False)
+    # 0 kept: every engine connection is closed after its request.
+    limit, _, force_close = asyncio.run(pool(GatewaySection(engine_keepalive_connections=0)))
+    assert force_close and limit == GatewaySection().max_in_flight * GatewaySection().max_attempts
 
 
 @pytest.mark.parametrize("line,bad", [("max_in_flight = 1024", "max_in_flight = 0"),

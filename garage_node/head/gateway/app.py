@@ -7,12 +7,18 @@ that no PC serves yet, 503 with Retry-After past [gateway] hold_s; 404 when no P
 it is not in the catalog, or the key may not use it — with the list it may use), the key's
 limits (429 with Retry-After), then the proxy (503 with Retry-After when no PC can take it).
 Answers are vLLM's own, with `x-garage-node` naming the PC. Each request known to the gateway
-counts towards its model's demand (demand.py), which the head's placement reads."""
+counts towards its model's demand (demand.py), which the head's placement reads.
+
+The three POST endpoints are served by a plain ASGI handler in front of FastAPI (GatewayApp):
+FastAPI's routing, dependency solving and its five middlewares were a fifth of the gateway's CPU
+per request at 600 requests/s (py-spy, issue #22) and add nothing these endpoints use. The rest
+(/v1/models, the 404 and 405 answers, the lifespan) stays with FastAPI."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
@@ -31,6 +37,11 @@ from garage_node.head.gateway.router import Router
 from garage_node.head.gateway.table import EndpointTable
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[Any]]
+Send = Callable[[Any], Awaitable[None]]
+
+log = logging.getLogger(__name__)
 
 
 class GatewayParts(Protocol):
@@ -56,7 +67,38 @@ class GatewayParts(Protocol):
     def admit(self, key: ApiKey, model: str) -> None: ...
 
 
-def create_gateway_app(gw: GatewayParts) -> FastAPI:
+class GatewayApp:
+    """The gateway's ASGI app: the POST endpoints through the admission limit to `handle`,
+    everything else to FastAPI (`fallback`)."""
+
+    def __init__(self, gw: GatewayParts, fallback: FastAPI,
+                 handle: Callable[[Request, str], Awaitable[Response]]) -> None:
+        self.fallback, self.handle = fallback, handle
+        # Before anything else is done for a request: past the gateway's capacity, 503 at once.
+        self.admission = Admission(self._endpoint, max_in_flight=gw.max_in_flight,
+                                   max_queue_age_s=gw.max_queue_age_s, paths=ENDPOINTS,
+                                   refused=lambda reason: gw.metrics.refused.labels(reason).inc())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ENDPOINTS:
+            await self.admission(scope, receive, send)
+        else:
+            await self.fallback(scope, receive, send)
+
+    async def _endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await self.handle(Request(scope, receive), scope["path"])
+        except GatewayError as e:
+            response = e.response()
+        except Exception:
+            # What FastAPI's error middleware did: the request fails, the gateway serves on.
+            log.exception("the gateway failed on a %s request", scope["path"])
+            response = GatewayError(500, "internal_error", "the gateway failed on this request; it is "
+                                    "logged at the head. Send it again, or tell the region's operator").response()
+        await response(scope, receive, send)
+
+
+def create_gateway_app(gw: GatewayParts) -> GatewayApp:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         auditor = getattr(gw, "auditor", None)
@@ -67,11 +109,6 @@ def create_gateway_app(gw: GatewayParts) -> FastAPI:
 
     app = FastAPI(title="garage-node gateway", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
-
-    # Before anything else is done for a request: past the gateway's capacity, 503 at once.
-    app.add_middleware(Admission, max_in_flight=gw.max_in_flight,
-                       max_queue_age_s=gw.max_queue_age_s, paths=ENDPOINTS,
-                       refused=lambda reason: gw.metrics.refused.labels(reason).inc())
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
@@ -147,19 +184,14 @@ def create_gateway_app(gw: GatewayParts) -> FastAPI:
             if not streaming:
                 ended()
 
+    # Declared so that FastAPI answers other methods on them with 405; POST never reaches these.
     @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await handle(request, "/v1/chat/completions")
-
     @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await handle(request, "/v1/completions")
-
     @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        return await handle(request, "/v1/embeddings")
+    async def _served_by_gateway_app(request: Request) -> Response:
+        return await handle(request, request.url.path)
 
-    return app
+    return GatewayApp(gw, app, handle)
 
 
 async def _json_body(request: Request, max_bytes: int) -> tuple[dict[str, Any], int]:

@@ -43,11 +43,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, TypeVar
 
-import httpx
+import aiohttp
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.types import Message
-from httpx_sse import EventSource, ServerSentEvent, SSEError
 
 from garage_node.head.gateway.errors import GatewayError, stream_error_event
 from garage_node.head.gateway.keys import ApiKey
@@ -120,31 +119,42 @@ class Proxy:
         self.stream_idle_timeout_s = stream_idle_timeout_s
         self.max_attempts = max_attempts
         self.watchdog = _Watchdog(table, silent_first_byte_s)
-        self._timeout = httpx.Timeout(connect=connect_timeout_s, read=first_byte_timeout_s, write=30.0, pool=10.0)
+        # connect: the wait for a pooled slot and the TCP connect; sock_read: the first byte
+        # (a stream's later silences are bounded by stream_idle_timeout_s, per event).
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=10.0, sock_connect=connect_timeout_s,
+                                              sock_read=first_byte_timeout_s)
         # Every in-flight request holds at most one connection (a retry gives its first one
-        # back first); few idle ones kept, and not past the engines' own keep-alive (5 s in
-        # uvicorn and vLLM): httpcore 1.0 walks every pooled connection each time a request
-        # takes or returns one, and 200 kept for 30 s made that walk the gateway's main cost
-        # after an overload (issue #22).
-        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=keepalive_connections,
-                                    keepalive_expiry=keepalive_s)
-        self._http: httpx.AsyncClient | None = None
+        # back first). Idle ones are kept keepalive_s, under the engines' own keep-alive (5 s in
+        # uvicorn and vLLM); keepalive_connections 0 turns keep-alive off. aiohttp, not httpx:
+        # httpcore 1.0 walks every pooled connection each time a request takes or returns one,
+        # and that walk (with httpx's per-request objects) was 45-60 % of the gateway's CPU at
+        # 400 requests/s (py-spy, bench/gateway_load.py; issue #22). aiohttp's pool is a
+        # deque per engine and its HTTP parser is C.
+        self._keepalive_s = keepalive_s if keepalive_connections > 0 else 0.0
+        self._max_connections = max_connections
+        self._http: aiohttp.ClientSession | None = None
         self.audit: AuditTap | None = None  # set by the gateway when [audit] is on
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        """One pooled client (keep-alive connections to the engines), made in the event loop
-        that serves the gateway: an httpx client belongs to the loop it first ran in."""
-        if self._http is None or self._http.is_closed:
-            self._http = httpx.AsyncClient(
-                timeout=self._timeout,
-                limits=self._limits)
+    def client(self) -> aiohttp.ClientSession:
+        """One pooled session (keep-alive connections to the engines), made in the event loop
+        that serves the gateway: a session belongs to the loop it was made in."""
+        if self._http is None or self._http.closed:
+            if self._keepalive_s > 0:
+                connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0,
+                                                 keepalive_timeout=self._keepalive_s)
+            else:  # aiohttp refuses a keep-alive time together with force_close
+                connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, force_close=True)
+            # Engines get exactly the headers the proxy sets (no User-Agent, no Accept-Encoding:
+            # vLLM's answers are relayed as they come).
+            self._http = aiohttp.ClientSession(connector=connector, timeout=self._timeout, auto_decompress=False,
+                                               skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"))
         return self._http
 
     async def close(self) -> None:
         self.watchdog.stop()
         if self._http is not None:
-            await self._http.aclose()
+            await self._http.close()
 
     def _pick(self, call: Call, tried: set[str]) -> Endpoint | None:
         table = self.table
@@ -231,29 +241,29 @@ class Proxy:
     async def _try(self, call: Call, ep: Endpoint, att: _Attempt) -> Response:
         """One PC's answer; every wait before the first byte ends early when `att` is ended
         (the client left: the engine's connection is closed, and vLLM aborts the request)."""
-        req = self.client.build_request("POST", ep.url + call.path, content=call.body,
-                                        headers={"authorization": f"Bearer {self.engine_key(ep.node_id)}",
-                                                 "content-type": "application/json"})
+        session = self.client
+        url = ep.url + call.path
+        headers = {"authorization": f"Bearer {self.engine_key(ep.node_id)}", "content-type": "application/json"}
         try:
             # A non-streamed answer's headers come with its last byte: this wait is most of it.
-            resp = await att.wait(lambda: self.client.send(req, stream=True))
-        except httpx.TransportError as e:
+            resp = await att.wait(lambda: session.post(url, data=call.body, headers=headers))
+        except aiohttp.ClientError as e:
             raise _Unusable(type(e).__name__) from None
         try:
-            if resp.status_code in RETRY_STATUSES:
-                raise _Unusable(f"HTTP {resp.status_code}")
+            if resp.status in RETRY_STATUSES:
+                raise _Unusable(f"HTTP {resp.status}")
             headers = {"x-garage-node": self.node_name(ep.node_id), "x-garage-node-id": ep.node_id}
             # After the PC is chosen and the request sent as it is: the PC cannot see this.
-            audited = self.audit is not None and resp.status_code == 200 and self.audit.take(call, ep.node_id)
-            if not call.stream or resp.status_code != 200:
+            audited = self.audit is not None and resp.status == 200 and self.audit.take(call, ep.node_id)
+            if not call.stream or resp.status != 200:
                 return await self._whole(call, ep, resp, headers, att, audited)
-            events = EventSource(resp).aiter_sse()
+            events = sse_data(resp.content)
             try:
-                first = await att.wait(lambda: anext(events))  # within first_byte_timeout_s (httpx's read)
-            except (httpx.TransportError, SSEError, StopAsyncIteration) as e:
+                first = await att.wait(lambda: anext(events))  # within first_byte_timeout_s (sock_read)
+            except (aiohttp.ClientError, StopAsyncIteration) as e:
                 raise _Unusable(f"the stream ended before it began ({type(e).__name__})") from None
         except BaseException:
-            await resp.aclose()  # the caller gives the slot back
+            resp.close()  # the engine's connection closed: vLLM aborts the request; the caller gives the slot back
             raise
         self.metrics.ttft.labels(call.model).observe(time.monotonic() - call.started)
         slot = _Slot(self.table, ep, resp)
@@ -261,21 +271,21 @@ class Proxy:
         return RelayResponse(self._relay(call, ep, slot, first, events, capture), slot, media_type="text/event-stream",
                              headers={**headers, "cache-control": "no-cache"})
 
-    async def _whole(self, call: Call, ep: Endpoint, resp: httpx.Response, headers: dict[str, str],
+    async def _whole(self, call: Call, ep: Endpoint, resp: aiohttp.ClientResponse, headers: dict[str, str],
                      att: _Attempt, audited: bool = False) -> Response:
         try:
-            data = await att.wait(resp.aread)
-        except httpx.TransportError as e:
+            data = await att.wait(resp.read)
+        except aiohttp.ClientError as e:
             raise _Unusable(f"the answer broke off ({type(e).__name__})") from None
         self.table.end(ep)
-        await resp.aclose()
+        resp.release()  # read to its end: the connection goes back to the pool
         self.metrics.ttft.labels(call.model).observe(time.monotonic() - call.started)
-        if resp.status_code == 200:
+        if resp.status == 200:
             usage = _usage_of(data) if not audited else self._keep_whole(call, ep, data)
             if usage is not None:
                 self.on_usage(call, Usage(ep.node_id, call.model, *usage, complete=True))
         out = {k: v for k, v in resp.headers.items() if k.lower() == "content-type"}
-        return Response(content=data, status_code=resp.status_code, headers={**out, **headers})
+        return Response(content=data, status_code=resp.status, headers={**out, **headers})
 
     def _keep_whole(self, call: Call, ep: Endpoint, data: bytes) -> tuple[int, int] | None:
         """An audited answer's usage, and its choice 0 handed to the audits (one parse for both)."""
@@ -296,19 +306,19 @@ class Proxy:
                                 usage[1] if isinstance(obj.get("usage"), dict) else None)
         return usage
 
-    async def _relay(self, call: Call, ep: Endpoint, slot: _Slot, first: ServerSentEvent,
-                     events: AsyncIterator[ServerSentEvent], capture: _Capture | None = None) -> AsyncIterator[bytes]:
+    async def _relay(self, call: Call, ep: Endpoint, slot: _Slot, first: str,
+                     events: AsyncIterator[str], capture: _Capture | None = None) -> AsyncIterator[bytes]:
         usage: tuple[int, int] | None = None
         content_events = relayed = 0
         finished = False
         att = _Attempt(ep, self.table.clock.monotonic(), answered=True)  # ended if the head gives the PC up
         self.watchdog.add(att)
         try:
-            event: ServerSentEvent | None = first
+            event: str | None = first
             while event is not None:
-                out, found, has_content = _pass_event(event.data, call.client_wants_usage)
+                out, found, has_content = _pass_event(event, call.client_wants_usage)
                 if capture is not None:
-                    capture.add(event.data)
+                    capture.add(event)
                 if found is not None:
                     usage = found
                 content_events += has_content
@@ -316,11 +326,11 @@ class Proxy:
                     yield out
                     relayed += 1
                     if relayed % YIELD_EVERY == 0:
-                        # Events already read (httpx reads many at once when the gateway lags)
+                        # Events already read (many come in one read when the gateway lags)
                         # are relayed without a pause, and the loop never polls: a client that
                         # left went unnoticed for seconds (1-4 s measured on a busy machine).
                         await asyncio.sleep(0)
-                if event.data.strip() == "[DONE]":
+                if event.strip() == "[DONE]":
                     finished = True
                     break
                 try:
@@ -330,7 +340,7 @@ class Proxy:
                     event = None
             if not finished:
                 raise _Broken("the PC closed the stream without finishing it")
-        except (TimeoutError, httpx.TransportError, SSEError, _Broken, _Unusable) as e:
+        except (TimeoutError, aiohttp.ClientError, _Broken, _Unusable) as e:
             self.metrics.stream_errors.labels(call.model).inc()
             why = e.why if isinstance(e, _Unusable) else type(e).__name__
             log.warning("stream from PC %s for %s broke off: %s", ep.node_id, call.model, why)
@@ -338,7 +348,7 @@ class Proxy:
                                      "mid-stream; the output above is incomplete. Send the request again.")
         finally:
             self.watchdog.discard(att)
-            await slot.release()
+            await slot.release(finished)
             if usage is not None:
                 self.on_usage(call, Usage(ep.node_id, call.model, usage[0], usage[1], complete=True))
                 if finished and capture is not None and capture.ok and self.audit is not None:
@@ -384,21 +394,24 @@ class _Capture:
 class _Slot:
     """A PC's slot taken by one stream and the engine's response behind it, given back once."""
 
-    def __init__(self, table: EndpointTable, ep: Endpoint, resp: httpx.Response) -> None:
+    def __init__(self, table: EndpointTable, ep: Endpoint, resp: aiohttp.ClientResponse) -> None:
         self.table, self.ep, self.resp = table, ep, resp
         self.released = False
 
-    async def release(self) -> None:
-        """Safe to call again: the slot is given back once, and the close is tried until it is
-        done (inside a cancelled task group — Starlette's, when the client leaves mid-stream —
-        the await is cancelled again at once; the response's own call retries it outside)."""
+    async def release(self, finished: bool = False) -> None:
+        """Safe to call again: the slot is given back once. `finished`: the stream reached
+        [DONE], and its connection may go back to the pool once read to its end (a stream cut
+        short closes it: that is how vLLM learns to abort the request)."""
         if not self.released:
-            # The slot first: a cancellation while the connection closes must not keep the PC
-            # looking busier to the router for ever.
+            # The slot first: nothing after it may keep the PC looking busier to the router.
             self.released = True
             self.table.end(self.ep)
-        if not self.resp.is_closed:
-            await self.resp.aclose()
+        if self.resp.closed:
+            return
+        if finished and self.resp.content.is_eof():
+            self.resp.release()
+        else:
+            self.resp.close()
 
 
 class RelayResponse(StreamingResponse):
@@ -564,6 +577,32 @@ class _Broken(Exception):
 
 class _ClientGone(Exception):
     pass
+
+
+async def sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """The `data` of each Server-Sent Event on `content`, as the engines send them (vLLM:
+    `data: {...}` and a blank line). Written here rather than taken from httpx-sse, which reads
+    httpx's responses only; it follows the event-stream format (fields, multi-line data,
+    comments, CR LF) but keeps no event names or ids: the relay needs neither. An event left
+    without its blank line at the end of the stream is dropped, as the format says."""
+    buf = b""
+    async for chunk in content.iter_any():
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buf = buf + chunk if buf else chunk
+        start = 0
+        while (end := buf.find(b"\n\n", start)) >= 0:
+            block = buf[start:end]
+            start = end + 2
+            if block.startswith(b"data: ") and b"\n" not in block:  # the usual one-line event
+                yield block[6:].decode()
+                continue
+            data = [line[5:].removeprefix(b" ") if line != b"data" else b""
+                    for line in block.split(b"\n") if line.startswith(b"data")
+                    and (len(line) == 4 or line[4:5] == b":")]
+            if data:
+                yield b"\n".join(data).decode()
+        buf = buf[start:]
 
 
 def _usage_of(data: bytes) -> tuple[int, int] | None:
