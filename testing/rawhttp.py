@@ -124,6 +124,7 @@ class Result:
     total_s: float
     done: bool  # a stream ended with [DONE] (a whole answer: True)
     retry_after: bool = False
+    events: int = 0  # `data: ` lines received ([DONE] and the usage chunk included)
 
 
 class _Conn(asyncio.Protocol):
@@ -137,13 +138,14 @@ class _Conn(asyncio.Protocol):
         self.tail = b""
         self.retry_after = False
         self.keep = True
+        self.events = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def send(self, data: bytes, t0: float) -> asyncio.Future[Result]:
         assert self.transport is not None
-        self.t0, self.ttfb, self.tail, self.retry_after = t0, 0.0, b"", False
+        self.t0, self.ttfb, self.tail, self.retry_after, self.events = t0, 0.0, b"", False, 0
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         return self.waiter
@@ -163,6 +165,7 @@ class _Conn(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if not self.ttfb:
             self.ttfb = time.perf_counter() - self.t0
+        self.events += body.count(b"data: ")
         self.tail = (self.tail + body)[-64:]
 
     def on_message_complete(self) -> None:
@@ -170,7 +173,7 @@ class _Conn(asyncio.Protocol):
         w, self.waiter = self.waiter, None
         if w is not None and not w.done():
             w.set_result(Result(self.parser.get_status_code(), self.ttfb or now - self.t0, now - self.t0,
-                                b"[DONE]" in self.tail or b"data:" not in self.tail, self.retry_after))
+                                b"[DONE]" in self.tail or b"data:" not in self.tail, self.retry_after, self.events))
         if self.keep and self.transport is not None:
             self.pool._idle.append(self)
         elif self.transport is not None:

@@ -180,7 +180,7 @@ class Engine:
 
     def __init__(self, name: str, key: str) -> None:
         self.name, self.key = name, key
-        self.mode = "ok"  # "ok", "503", "break-stream"
+        self.mode = "ok"  # "ok", "503", "break-stream", "stall-stream"
         self.calls: list[dict] = []
         app = FastAPI()
 
@@ -218,6 +218,8 @@ class Engine:
                     yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"  # compact, as vLLM
                     if self.mode == "break-stream":
                         raise RuntimeError("engine died")
+                    if self.mode == "stall-stream":
+                        await asyncio.sleep(3600)  # alive, connected, silent
                 if with_usage:
                     yield f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n"
                 yield "data: [DONE]\n\n"
@@ -320,6 +322,28 @@ def test_a_stream_that_breaks_ends_with_an_error_event(gw):
     assert json.loads(data[0])["choices"][0]["text"] == "a"
     assert json.loads(data[-2])["error"]["code"] == "upstream_lost" and data[-1] == "[DONE]"
     assert gw.ledger.key_tokens("tester") == 1  # the one content event that came
+
+
+def test_a_stream_whose_pc_falls_silent_ends_after_the_idle_limit(tmp_path):
+    """stream_idle_timeout_s holds without a timer per event: the watchdog closes the engine's
+    response, the client gets the error event and [DONE], and the PC's slot is given back."""
+    g = Gateway(GatewaySection(stream_idle_timeout_s=1.0), tmp_path, lambda: {"n1": "alice-pc"})
+    engine = Engine("n1", g.engine_keys.for_node("n1"))
+    try:
+        g.on_report("n1", report(endpoint=engine.url))
+        _, g.secret = g.keys.create("tester", now=time.time())
+        engine.mode = "stall-stream"
+        t0 = time.monotonic()
+        r = call(g, "POST", "/v1/completions", {"model": MODEL, "prompt": "x", "stream": True})
+        took = time.monotonic() - t0
+        data = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert json.loads(data[0])["choices"][0]["text"] == "a"
+        assert json.loads(data[-2])["error"]["code"] == "upstream_lost" and data[-1] == "[DONE]"
+        assert 1.0 <= took < 10, took  # the limit, plus at most a sweep or two; not the engine's hour
+        assert all(ep.inflight == 0 for ep in g.table.snapshot())
+    finally:
+        engine.stop()
+        g.stop()
 
 
 def test_errors_are_openai_shaped_and_never_echo_the_key(gw):

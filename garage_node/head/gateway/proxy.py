@@ -311,7 +311,12 @@ class Proxy:
         usage: tuple[int, int] | None = None
         content_events = relayed = 0
         finished = False
-        att = _Attempt(ep, self.table.clock.monotonic(), answered=True)  # ended if the head gives the PC up
+        # Ended by the watchdog if the head gives the PC up or the PC stays silent: by closing
+        # the engine's response, which wakes the read under way. No timer per event: an
+        # asyncio.timeout around each read was a fifth of the CPU per relayed event (#22).
+        loop = asyncio.get_running_loop()
+        att = _Attempt(ep, self.table.clock.monotonic(), answered=True)
+        att.resp, att.idle_limit_s, att.last_s = slot.resp, self.stream_idle_timeout_s, loop.time()
         self.watchdog.add(att)
         try:
             event: str | None = first
@@ -334,15 +339,15 @@ class Proxy:
                     finished = True
                     break
                 try:
-                    # asyncio.timeout, not wait_for: no task per event (a stream is an event per token).
-                    event = await att.wait(lambda: anext(events), self.stream_idle_timeout_s)
+                    event = await anext(events)
                 except StopAsyncIteration:
                     event = None
+                att.last_s = loop.time()
             if not finished:
                 raise _Broken("the PC closed the stream without finishing it")
         except (TimeoutError, aiohttp.ClientError, _Broken, _Unusable) as e:
             self.metrics.stream_errors.labels(call.model).inc()
-            why = e.why if isinstance(e, _Unusable) else type(e).__name__
+            why = att.reason or (e.why if isinstance(e, _Unusable) else type(e).__name__)
             log.warning("stream from PC %s for %s broke off: %s", ep.node_id, call.model, why)
             yield stream_error_event(f"the PC serving this request ({self.node_name(ep.node_id)}) stopped answering "
                                      "mid-stream; the output above is incomplete. Send the request again.")
@@ -446,18 +451,25 @@ class _Attempt:
     raises why instead of TimeoutError. A timeout, not a task cancelled: no task per request
     or per event, and the engine's response is closed by the caller as for any other error."""
 
-    __slots__ = ("ep", "sent_at", "answered", "reason", "_cm")
+    __slots__ = ("ep", "sent_at", "answered", "reason", "_cm", "resp", "idle_limit_s", "last_s")
 
     def __init__(self, ep: Endpoint, sent_at: float, answered: bool) -> None:
         self.ep, self.sent_at, self.answered = ep, sent_at, answered  # sent_at: the table's clock
         self.reason: str | None = None  # "client" or why the PC is given up
         self._cm: asyncio.Timeout | None = None
+        # A stream under way: its engine response (closed to end it), and the loop's time of its
+        # last event, which the watchdog holds against idle_limit_s.
+        self.resp: aiohttp.ClientResponse | None = None
+        self.idle_limit_s = 0.0
+        self.last_s = 0.0
 
     def end(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
             if self._cm is not None and not self._cm.expired():
                 self._cm.reschedule(0)  # a time past: it fires at the loop's next turn
+            if self.resp is not None and not self.resp.closed:
+                self.resp.close()  # the read under way fails at once
 
     async def wait(self, start: Callable[[], Awaitable[R]], limit_s: float | None = None) -> R:
         """`start()`, awaited at most `limit_s` (TimeoutError past it), or until `end`."""
@@ -514,12 +526,15 @@ class _Watchdog:
         self._timer = None
         ended: list[tuple[_Attempt, str]] = []
         table = self.table
+        loop_now = self._loop.time() if self._loop is not None else 0.0
         with table.lock:
             now = table.clock.monotonic()
             for held in self._open.values():
                 for att in held:
                     if table.given_up(att.ep, now):
                         ended.append((att, "the head gave the PC up (no heartbeat, or it left the table)"))
+                    elif att.idle_limit_s and loop_now - att.last_s > att.idle_limit_s:
+                        ended.append((att, f"the PC sent nothing for {att.idle_limit_s:g} s"))
                     elif (not att.answered and att.ep.engine_idle
                           and att.ep.seen_at - att.sent_at >= self.silent_first_byte_s):
                         ended.append((att, "no first byte, and the PC reports its engine holds no request"))
