@@ -83,7 +83,7 @@ def gc_tracer(out: Path) -> None:
 
 
 def gateway(port: int, engine_ports: list[int], state: Path, gc_mode: str, gen0: int, listener: str,
-            max_in_flight: int, keepalive: int) -> None:
+            max_in_flight: int, keepalive: int, max_queue_age_s: float = 0) -> None:
     import gc
 
     import uvicorn
@@ -104,6 +104,8 @@ def gateway(port: int, engine_ports: list[int], state: Path, gc_mode: str, gen0:
         section = replace(section, max_in_flight=max_in_flight)
     elif max_in_flight < 0:  # to measure what the limit changes
         section = replace(section, max_in_flight=10**9, max_queue_age_s=1e9)
+    if max_queue_age_s > 0:
+        section = replace(section, max_queue_age_s=max_queue_age_s)
     gw = Gateway(section, state, lambda: {})
     base = sample_report()
     for i, p in enumerate(engine_ports):
@@ -190,6 +192,41 @@ def pin(procs: dict[str, int]) -> None:
     print("pinning: " + ", ".join(f"{role} on CPU {','.join(map(str, c))}" for role, c in where.items()), flush=True)
 
 
+class CpuCap:
+    """The gateway capped at `pct` % of one CPU (a cgroup v1 CFS quota with a 10 ms period, so a
+    throttled gateway stalls at most a few ms at a time): on a 2-CPU machine the load generator
+    cannot reach twice the uncapped gateway's ceiling, so the overload goal is measured against a
+    gateway made smaller. Printed as such. Removed by name when the bench ends."""
+
+    ROOT = Path("/sys/fs/cgroup/cpu")
+    PERIOD_US = 10_000
+
+    def __init__(self, pct: float) -> None:
+        self.path = self.ROOT / f"garage-bench-gateway-{os.getpid()}"
+        self.pct = pct
+
+    def apply(self, pid: int) -> bool:
+        if not (self.ROOT / "cpu.cfs_quota_us").exists():
+            print(f"cpu cap: none (no cgroup v1 cpu controller at {self.ROOT})", flush=True)
+            return False
+        self.path.mkdir(exist_ok=True)
+        (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+        (self.path / "cpu.cfs_quota_us").write_text(str(int(self.PERIOD_US * self.pct / 100)))
+        (self.path / "cgroup.procs").write_text(str(pid))
+        print(f"cpu cap: the gateway at {self.pct:.0f} % of one CPU (CFS quota, 10 ms period)", flush=True)
+        return True
+
+    def remove(self) -> None:
+        if not self.path.exists():
+            return
+        for pid in (self.path / "cgroup.procs").read_text().split():
+            try:
+                (self.ROOT / "cgroup.procs").write_text(pid)
+            except OSError:
+                pass  # it ended meanwhile
+        self.path.rmdir()
+
+
 def gc_pauses(path: Path, since: float, until: float) -> dict:
     """The gateway's collections between two wall-clock times: how many, total and longest (ms)."""
     try:
@@ -229,6 +266,10 @@ def main() -> None:
                    help="[gateway] engine_keepalive_connections (-1: its default)")
     p.add_argument("--after", type=float, default=0,
                    help="then a turn through the gateway at this rate, at once: is it back to normal after the load?")
+    p.add_argument("--max-queue-age", type=float, default=0,
+                   help="[gateway] max_queue_age_s (0: its default)")
+    p.add_argument("--gateway-cpu", type=float, default=0,
+                   help="cap the gateway at this %% of one CPU (cgroup), to overload it with this machine's load")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--ports", help=argparse.SUPPRESS)
     p.add_argument("--state", help=argparse.SUPPRESS)
@@ -238,7 +279,7 @@ def main() -> None:
     if args.role == "gateway":
         port, *engines = [int(x) for x in args.ports.split(",")]
         return gateway(port, engines, Path(args.state), args.gc, args.gen0, args.listener, args.max_in_flight,
-                       args.engine_keepalive)
+                       args.engine_keepalive, args.max_queue_age)
 
     engine_ports = [free_port() for _ in range(args.pcs)]
     gw_port = free_port()
@@ -253,17 +294,21 @@ def main() -> None:
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stopped)
+    cap = CpuCap(args.gateway_cpu) if args.gateway_cpu else None
     try:
         procs.append(subprocess.Popen(me + ["--role", "gateway", "--state", str(state), "--gc", args.gc,
                                             "--gen0", str(args.gen0), "--listener", args.listener,
                                             "--max-in-flight", str(args.max_in_flight),
                                             "--engine-keepalive", str(args.engine_keepalive),
+                                            "--max-queue-age", str(args.max_queue_age),
                                             "--ports", ",".join(map(str, [gw_port, *engine_ports]))]))
         for port in (*engine_ports, gw_port):
             wait_port(port)
         key = (state / "key").read_text()
         gw_pid = procs[1].pid
         pin({"stand-ins": procs[0].pid, "gateway": gw_pid, "load": os.getpid()})
+        if cap is not None:
+            cap.apply(gw_pid)
         print(f"gateway: gc {args.gc}, gen0 {args.gen0 or 'default'}, listener {args.listener}; "
               f"machine load {os.getloadavg()[0]:.1f}", flush=True)
         run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, 50, 2, args.grace))  # warm up
@@ -314,6 +359,8 @@ def main() -> None:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if cap is not None:
+            cap.remove()
 
 
 if __name__ == "__main__":
