@@ -48,3 +48,7 @@ def test_crlf_comments_fields_and_multiline_data() -> None:
 
 def test_an_event_without_its_blank_line_at_the_end_is_dropped() -> None:
     assert asyncio.run(_events([b"data: whole\n\n", b"data: cut"])) == ["whole"]
+
+
+def test_a_byte_that_is_not_utf8_is_replaced_not_fatal() -> None:
+    assert asyncio.run(_events([b"data: caf\xe9\n\ndata: [DONE]\n\n"])) == ["caf\ufffd", "[DONE]"]

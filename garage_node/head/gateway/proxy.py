@@ -610,13 +610,13 @@ async def sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
             block = buf[start:end]
             start = end + 2
             if block.startswith(b"data: ") and b"\n" not in block:  # the usual one-line event
-                yield block[6:].decode()
+                yield block[6:].decode(errors="replace")  # an engine's bad byte is not the gateway's failure
                 continue
             data = [line[5:].removeprefix(b" ") if line != b"data" else b""
                     for line in block.split(b"\n") if line.startswith(b"data")
                     and (len(line) == 4 or line[4:5] == b":")]
             if data:
-                yield b"\n".join(data).decode()
+                yield b"\n".join(data).decode(errors="replace")
         buf = buf[start:]
 
 
