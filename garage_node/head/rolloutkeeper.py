@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from garage_node.core.wire import NodeReport
+from garage_node.head import rolloutops
 from garage_node.head.rollout import Rollout, RolloutState
 from garage_node.head.rolloutstore import RolloutStore
 
@@ -45,6 +46,12 @@ class RolloutKeeper:
             r = self._rollout
             if r is not None and r.observe(node_id, report.update, self.clock()):
                 self._save()
+
+    def current(self) -> dict[str, Any] | None:
+        """The newest rollout as `head rollout status --json` shows it (the fleet page); None: none yet."""
+        with self._lock:
+            self._refresh()
+            return rolloutops.summary(self._rollout) if self._rollout is not None else None
 
     def target(self, node_id: str) -> str | None:
         with self._lock:

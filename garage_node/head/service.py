@@ -395,7 +395,8 @@ def run(cfg: HeadConfig) -> None:
         reports.subscribe(history.record)
         usage = gateway.ledger.node_totals_all if gateway is not None else None  # tokens served per PC
         listeners.append(fleet_listener(cfg, service.registry, history, p.pki, usage, placement.fleet_models,
-                                        gateway.trust.snapshot if gateway is not None else None))
+                                        gateway.trust.snapshot if gateway is not None else None,
+                                        rollout=rollouts.current))  # versions and the rollout (#19)
 
     def started() -> None:
         service.start()

@@ -346,3 +346,43 @@ def test_a_failure_left_from_an_aborted_rollout_does_not_stop_the_next(tmp_path,
                   pcs2, clock2)
     reg2.run(20)
     assert reg2.keeper.store.current().state == RolloutState.HALTED and reg2.began() == 1  # type: ignore[union-attr]
+
+
+def test_the_fleet_page_shows_the_rollout_and_each_pcs_versions(tmp_path, releases):
+    """The page's JSON (head/fleetpage/view.py) carries the keeper's rollout as `head rollout
+    status` summarises it, and each PC's OS versions and its update in words."""
+    from garage_node.head.fleetpage import History
+    from garage_node.head.fleetpage.view import fleet
+
+    reg = region(tmp_path, releases, default=Behaviour.BROKEN)
+    reg.run(40)
+    canary = next(pc for pc in reg.pcs if pc.began_round is not None)
+    rows = [full_row(pc, reg.clock[0]) for pc in reg.pcs[:3] + [canary]]
+    page = fleet(rows, reg.clock[0], 60.0, History(60.0), rollout=reg.keeper.current)
+    r = page["rollout"]
+    assert r["version"] == V2 and r["state"] == "halted" and "canary" in r["reason"]
+    assert r["counts"] == summary(reg.keeper.store.current())["counts"] and r["counts"]["failed"] == 1
+    assert [w["size"] for w in r["waves"]] == [1, 9, 90, 400, 500] and r["waves"][0]["failed"] == 1
+    assert r["failed"] == [{"node_id": canary.node_id, "wave": 0, "why": r["failed"][0]["why"]}]
+    pcs = {p["id"]: p for p in page["pcs"]}
+    os = pcs[canary.node_id]["os"]
+    assert os["version"] == "v1" and os["note"] == f"rolled back from {V2}", os
+    assert all(p["os"]["version"] == "v1" and p["os"]["note"] is None for i, p in pcs.items() if i != canary.node_id)
+    # No rollout yet, and a PC that is no stick with versions: nothing is made up.
+    empty = fleet([replace_report(rows[0], {})], reg.clock[0], 60.0, History(60.0), rollout=lambda: None)
+    assert empty["rollout"] is None and empty["pcs"][0]["os"] is None
+
+
+def full_row(pc: SimPC, now: float) -> NodeRow:
+    """A PC's row with a whole report (the page reads the report as the registry stores it)."""
+    from dataclasses import replace
+
+    from testing.fakes import sample_report
+
+    return replace(node_row(pc, now), report=wire.encode(replace(sample_report(), update=pc.facts())))
+
+
+def replace_report(row: NodeRow, report: dict) -> NodeRow:
+    from dataclasses import replace
+
+    return replace(row, report=report)

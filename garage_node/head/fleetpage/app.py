@@ -74,7 +74,8 @@ class _Snapshot:
 def create_fleet_app(registry: NodeSource, history: History, offline_after_s: float, *, region: str = "",
                      key_path: Path | None = None, require_key: bool = False, secure_cookie: bool = False,
                      usage: view.Usage | None = None, models: view.Models | None = None,
-                     trust: view.TrustView | None = None, poll_s: float = 2.0,
+                     trust: view.TrustView | None = None, rollout: view.RolloutView | None = None,
+                     poll_s: float = 2.0,
                      clock: Callable[[], float] = time.time) -> FastAPI:
     """`registry`: where the PCs are listed (the head's Registry); `history`: fed by the head's
     report fan-out; `require_key`: every route but the login form needs a session opened with
@@ -85,7 +86,8 @@ def create_fleet_app(registry: NodeSource, history: History, offline_after_s: fl
     if require_key and key_path is None:
         raise ValueError("require_key needs key_path")
     sessions = Sessions(key_path, clock) if key_path is not None else None
-    snapshot = _Snapshot(lambda now: view.fleet(registry.nodes(), now, offline_after_s, history, usage, models, trust),
+    snapshot = _Snapshot(lambda now: view.fleet(registry.nodes(), now, offline_after_s, history, usage, models, trust,
+                                                rollout),
                          clock, max_age_s=min(1.0, poll_s / 2))
     app = FastAPI(title="garage-node fleet", docs_url=None, redoc_url=None, openapi_url=None)
     # A region of a thousand PCs is about 1.5 MB of JSON per poll; compressed, a tenth of it.

@@ -12,7 +12,7 @@ import logging
 from typing import Any, Callable, Mapping
 
 from garage_node.core.wire import NodeReport, TokensServed, WireError, decode
-from garage_node.head.fleet import row_of
+from garage_node.head.fleet import row_of, update_note
 from garage_node.head.fleetpage.history import History, tokens_per_s
 from garage_node.head.registry import NodeRow
 
@@ -32,6 +32,8 @@ Usage = Callable[[], Mapping[str, Any]]
 Models = Callable[[], list[dict[str, Any]]]
 # The audits' verdicts, {node_id: head/audit/trust.py's NodeTrust} (Trust.snapshot: cached).
 TrustView = Callable[[], Mapping[str, Any]]
+# The region's newest rollout of the stick's OS (head/rolloutops.py summary), None: never one.
+RolloutView = Callable[[], dict[str, Any] | None]
 
 
 def _decode(report: Any) -> NodeReport | None:
@@ -136,7 +138,27 @@ def pc_row(n: NodeRow, now: float, offline_after_s: float, history: History,
         } if e else None,
         "tokens_served": {"today": served.today, "total": served.total} if served is not None else None,
         "audit": audit_of(standing),
+        "os": os_of(report),
     }
+
+
+def os_of(report: NodeReport | None) -> dict[str, Any] | None:
+    """The stick's OS versions and its update (issue #19); None from a PC that is not a stick
+    with versions (or an agent too old to say)."""
+    u = getattr(report, "update", None)
+    if u is None or u.os_version is None:
+        return None
+    return {"version": u.os_version, "other": u.other_version, "variant": u.variant, "blessed": u.blessed,
+            "tries_left": u.tries_left, "policy": u.policy, "target": u.target, "note": update_note(u)}
+
+
+def rollout_of(r: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the page shows of a rollout: its version, state and why, and each wave's counts."""
+    if r is None:
+        return None
+    return {"version": r["version"], "variant": r["variant"], "state": r["state"], "reason": r["reason"],
+            "started_at": r["started_at"], "updated_at": r["updated_at"], "counts": r["counts"], "waves": r["waves"],
+            "failed": r["failed"][:10]}
 
 
 def _sum(values: list[Any]) -> Any:
@@ -166,7 +188,8 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def fleet(nodes: list[NodeRow], now: float, offline_after_s: float, history: History,
-          usage: Usage | None = None, models: Models | None = None, trust: TrustView | None = None) -> dict[str, Any]:
+          usage: Usage | None = None, models: Models | None = None, trust: TrustView | None = None,
+          rollout: RolloutView | None = None) -> dict[str, Any]:
     served: Mapping[str, Any] = {}
     nothing_yet = None  # what a PC the ledger has no line for served: unknown without a ledger
     if usage is not None:
@@ -190,4 +213,11 @@ def fleet(nodes: list[NodeRow], now: float, offline_after_s: float, history: His
             placed = models()
         except Exception:  # the placement is another part's: the page shows the rest without it
             log.exception("the fleet page could not read the head's placement")
-    return {"now": now, "offline_after_s": offline_after_s, "totals": totals(rows), "pcs": rows, "models": placed}
+    current = None
+    if rollout is not None:
+        try:
+            current = rollout_of(rollout())
+        except Exception:  # the rollouts are another part's: the page shows the rest without them
+            log.exception("the fleet page could not read the rollout")
+    return {"now": now, "offline_after_s": offline_after_s, "totals": totals(rows), "pcs": rows, "models": placed,
+            "rollout": current}

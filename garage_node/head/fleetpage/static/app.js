@@ -70,6 +70,7 @@ const SORTERS = {
   gpus: (p) => [p.gpus.length],
   temp: (p) => [p.temp_max_c === null ? -1000 : p.temp_max_c],
   model: (p) => [(p.engine && p.engine.model) || ""],
+  os: (p) => [(p.os && p.os.version) || ""],
   load: (p) => [load(p) === null ? -1 : load(p)],
   tps: (p) => [p.engine && p.engine.tokens_per_s !== null ? p.engine.tokens_per_s : -1],
   served: (p) => [p.tokens_served ? p.tokens_served.total : -1],
@@ -129,12 +130,44 @@ function pcRow(pc, now) {
       text: pc.gpus.length ? `${pc.gpus.length}${pc.gpus.some((g) => !g.healthy) ? " !" : ""}` : "CPU" }),
     el("td", { class: `num${hot ? " hot" : ""}`, title: temps.join("\n"), text: dash(pc.temp_max_c, (v) => `${v} °C`) }),
     el("td", { title: e.endpoint || "", text: e.model ? `${e.model}${e.state && e.state !== "healthy" ? ` (${e.state})` : ""}` : dash(e.state) }),
+    el("td", { class: pc.os && pc.os.note ? "paused" : "", title: osText(pc.os), text: pc.os ? pc.os.version + (pc.os.note ? " *" : "") : "–" }),
     el("td", { class: "num", title: "requests running / waiting", text: l === null ? "–" : `${e.requests_running || 0} / ${e.requests_waiting || 0}` }),
     el("td", { class: "num", text: dash(e.tokens_per_s) }),
     el("td", { class: "num", title: pc.tokens_served ? `today ${pc.tokens_served.today}, total ${pc.tokens_served.total}` : "",
       text: pc.tokens_served ? `${compact(pc.tokens_served.today)} / ${compact(pc.tokens_served.total)}` : "–" }),
     el("td", { class: "num", title: pc.last_seen ? new Date(pc.last_seen * 1000).toString() : "", text: pc.last_seen ? ago(now - pc.last_seen) : "never" }),
   );
+}
+
+// The stick's OS and its update (issue #19), in words.
+function osText(os) {
+  if (!os) return "not a stick with versions (or an older agent)";
+  const parts = [`${os.version}${os.variant ? " (" + os.variant + ")" : ""}`,
+    os.other ? `other slot ${os.other}` : "other slot empty"];
+  if (os.blessed === false) parts.push(`trial boot, ${dash(os.tries_left)} tries left`);
+  if (os.note) parts.push(os.note);
+  else if (os.target && os.target !== os.version) parts.push(`to update to ${os.target}`);
+  if (os.policy) parts.push(`updates: ${os.policy}`);
+  return parts.join(" · ");
+}
+
+// The newest rollout of the stick's OS (none: hidden): its state and each wave's counts.
+function rolloutView(r) {
+  document.getElementById("rollout").hidden = !r;
+  if (!r) return;
+  const c = r.counts || {};
+  const underWay = (x) => (x.targeted || 0) + (x.started || 0);
+  document.getElementById("rollout-line").textContent =
+    `${r.version} (${r.variant}): ${r.state}${r.reason ? " — " + r.reason : ""} · ` +
+    `${c.ok || 0} done, ${underWay(c)} under way, ${c.failed || 0} failed, ${c["passed-over"] || 0} passed over`;
+  document.querySelector("#rollout-table tbody").replaceChildren(...r.waves.map((w) => el("tr", { class: w.failed ? "attn" : "" },
+    el("td", { text: `${w.name}${w.open ? "" : " (not open)"}` }),
+    el("td", { class: "num", text: String(w.size) }),
+    el("td", { class: "num", text: String(w.ok || 0) }),
+    el("td", { class: "num", text: String(underWay(w)) }),
+    el("td", { class: "num", text: String(w.failed || 0) }),
+    el("td", { class: "num", text: String((w.queued || 0) + (w["passed-over"] || 0)) }),
+  )));
 }
 
 // The region's models as the head's placement last decided them (empty: every PC plans for itself).
@@ -161,6 +194,7 @@ function drawFleet() {
   if (!fleet) return;
   totalsView(fleet.totals, fleet.now);
   modelsView(fleet.models || []);
+  rolloutView(fleet.rollout || null);
   const words = document.getElementById("filter").value.toLowerCase().split(/\s+/).filter(Boolean);
   const show = document.getElementById("show").value;
   let pcs = fleet.pcs.filter((p) => visible(p, show, words));
@@ -289,6 +323,7 @@ function drawPc(data) {
   fact(dl, "Tokens served", pc.tokens_served ? `${pc.tokens_served.today} today, ${pc.tokens_served.total} in total` : "–");
   fact(dl, "Driver", pc.driver_version ? `${pc.driver_version}, CUDA ${dash(pc.cuda_version)}` : dash(pc.gpu_note));
   fact(dl, "Versions", pc.versions ? `agent ${pc.versions.agent}, Ray ${pc.versions.ray}, Python ${pc.versions.python}` : "–");
+  fact(dl, "OS", osText(pc.os));
   fact(dl, "Enrolled", new Date(pc.enrolled_at * 1000).toLocaleString());
 
   document.querySelector("#pc-gpus tbody").replaceChildren(...(pc.gpus.length ? pc.gpus.map((g) => el("tr", {},
