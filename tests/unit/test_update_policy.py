@@ -6,15 +6,18 @@ outcome written before the reboot and settled after it."""
 from __future__ import annotations
 
 import os
+import threading
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 
 from garage_node.core.settings import ConfigError
 from garage_node.core.wire import UpdateOutcome
 from garage_node.node import update as up
 from garage_node.node.config import load_node_config
+from garage_node.node.install import Installer
 from garage_node.node.update import Action, BootFacts, Policy, UpdateRecord, decide
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -184,12 +187,12 @@ def test_the_agents_update_part(tmp_path):
     assert part.step("v2", serving=True, idle=False).action == Action.WAIT
     s = part.status()
     assert s is not None and s.target == "v2" and s.tries_left == 2 and "not confirmed good" in (s.pending_why or "")
-    # Blessed, in the window, the engine busy: drain first.
+    # Blessed, in the window: it would drain, then install, but this stick has no installer;
+    # the reason is what it reports, and it never drains for it.
     boot[0] = GOOD
-    assert part.step("v2", serving=True, idle=False).action == Action.DRAIN and part.wants_drain
-    # Drained: it would install, but this stick has no installer; the reason is what it reports.
-    d = part.step("v2", serving=False, idle=True)
-    assert d.action == Action.WAIT and "v2 cannot be installed here: " in d.why and not part.wants_drain
+    for serving, idle in ((True, False), (False, True)):
+        d = part.step("v2", serving=serving, idle=idle)
+        assert d.action == Action.WAIT and "v2 cannot be installed here: " in d.why and not part.wants_drain
     # An update that was underway before a reboot, and came back on the old version.
     up.save_record(tmp_path / "update.json", UpdateRecord().started("v2", now[0]))
     assert part.step("v2", serving=False, idle=True).why.endswith("not tried again")
@@ -234,12 +237,27 @@ def test_the_agent_reports_the_heads_target_and_never_drains_for_an_update_it_ca
     assert s.update is not None and s.update.os_version == "v1" and s.update.target == "v2"
     assert "cannot be installed here" in (s.update.pending_why or "")
     assert NodeReport.of(r.agent.snapshot()).update == s.update  # the head hears it too
-    # Serving in the window: the part asks for a drain, which the agent does not carry out.
-    assert r.agent.updates.step("v2", serving=True, idle=False).action == Action.DRAIN
+    # Serving in the window: on this stick the part does not even ask for a drain.
+    assert r.agent.updates.step("v2", serving=True, idle=False).action == Action.WAIT
     assert r.agent._update_drains() is None
-    r.agent.updates.installer = lambda: None  # an A/B stick (its installer found)
-    assert r.agent.updates.step("v2", serving=True, idle=False).action == Action.DRAIN
-    assert r.agent._update_drains() == "draining for the OS update to v2"
+    # An A/B stick (its installer found): the download starts and the engine drains meanwhile.
+    # The head's files never arrive here (node/install.py's own tests fetch them for real).
+    hold = threading.Event()
+
+    class Silent:
+        def get(self, path, headers):
+            hold.wait(30)
+            raise httpx.ConnectError("the test is over")
+
+    r.agent.updates.installer = lambda: None
+    r.agent.updates.make_installer = lambda: Installer(Silent(), "base")  # type: ignore[arg-type]
+    try:
+        assert r.agent.updates.step("v2", serving=True, idle=False).action == Action.DRAIN
+        assert r.agent._update_drains() == "draining for the OS update to v2"
+        st = r.agent.updates.status()
+        assert st is not None and (st.pending_why or "").startswith("downloading v2: 0%; draining")
+    finally:
+        hold.set()
 
 
 def test_status_shows_the_os_version_and_why_the_heads_target_waits():
