@@ -287,3 +287,35 @@ def test_the_sticks_version_and_variant_come_from_os_release(tmp_path):
     assert up.os_release_value("VARIANT_ID", tmp_path / "missing") is None
     path.write_text('NAME="Debian GNU/Linux"\n')
     assert up.os_release_value("VARIANT_ID", path) is None
+
+
+def test_the_other_slots_version_comes_from_the_partition_labels(tmp_path):
+    """As the kernel shows GPT labels in sysfs (PARTNAME in each partition's uevent), with a
+    second stick in the PC whose labels must not count."""
+    devices, block = tmp_path / "devices", tmp_path / "class-block"
+    block.mkdir()
+    for disk, n, label in (("sda", 1, "garage-root_2026.11.1"), ("sdb", 3, "garage-root_2026.12.1"),
+                           ("sdb", 4, "garage-root_2026.11.2"), ("sdb", 5, "GARAGE-DATA"), ("sdc", 3, "_empty"),
+                           ("sdc", 2, "garage-root_2026.12.9")):
+        part = devices / disk / f"{disk}{n}"
+        part.mkdir(parents=True)
+        (part / "uevent").write_text(f"MAJOR=8\nMINOR={n}\nDEVNAME={disk}{n}\nDEVTYPE=partition\nPARTN={n}\n"
+                                     f"PARTNAME={label}\n")
+        (block / f"{disk}{n}").symlink_to(part)
+    assert up.other_slot_version("2026.12.1", block) == "2026.11.2"
+    assert up.other_slot_version("2026.12.9", block) is None  # its other slot is "_empty"
+    assert up.other_slot_version(None, block) is None and up.other_slot_version("x", tmp_path / "none") is None
+
+
+def test_what_an_ab_stick_needs_to_install(tmp_path):
+    sysupdate = tmp_path / "systemd-sysupdate"
+    sysupdate.write_text("#!/bin/sh\n")
+    os.chmod(sysupdate, 0o755)
+    defs, keys = tmp_path / "sysupdate.d", tmp_path / "release-keys.gpg"
+    kw = dict(sysupdate=(str(sysupdate),), sysupdate_d=(defs,), keys=keys)
+    assert "one root and no sysupdate.d" in (up.installer_missing(**kw) or "")  # type: ignore[arg-type]
+    defs.mkdir()
+    (defs / "50-garage-root.conf").write_text("[Transfer]\n")
+    assert "carries no release key" in (up.installer_missing(**kw) or "")  # type: ignore[arg-type]
+    keys.write_bytes(b"keyring")
+    assert up.installer_missing(**kw) is None  # type: ignore[arg-type]
