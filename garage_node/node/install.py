@@ -415,4 +415,11 @@ def _reason(e: httpx.HTTPError) -> str:
 
 def reboot() -> None:
     """Into the new version: systemd-boot picks the newest UKI, which has its tries."""
-    subprocess.run(["systemctl", "reboot"], check=False, timeout=60)
+    try:
+        p = subprocess.run(["systemctl", "reboot"], capture_output=True, check=False, timeout=60)
+        why = None if p.returncode == 0 else _last_line(p.stderr, f"exit {p.returncode}")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        why = str(e)
+    if why is not None:
+        raise InstallError(f"the new version is installed but `systemctl reboot` failed ({why[:200]}): it starts "
+                           "at the next reboot", retry=True)

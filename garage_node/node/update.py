@@ -236,10 +236,12 @@ class UpdateRecord:
     last_at: float | None = None
     refused: tuple[str, ...] = field(default=())  # versions that rolled back: never tried again
     rejected: tuple[str, ...] = field(default=())  # versions whose release was refused (signature, sums, variant)
+    boot_id: str | None = None  # the boot that installed `last_version` (the kernel's random boot id)
 
-    def started(self, version: str, now: float) -> UpdateRecord:
+    def started(self, version: str, now: float, boot_id: str | None = None) -> UpdateRecord:
         """Written (and synced) before the reboot into `version`."""
-        return replace(self, last_version=version, last_outcome=UpdateOutcome.INSTALLING, last_why=None, last_at=now)
+        return replace(self, last_version=version, last_outcome=UpdateOutcome.INSTALLING, last_why=None, last_at=now,
+                       boot_id=boot_id)
 
     def failed(self, version: str, why: str, now: float, *, final: bool = False) -> UpdateRecord:
         """Not installed; `final`: the release itself was refused, and that version is not
@@ -249,13 +251,16 @@ class UpdateRecord:
                        rejected=rejected)
 
 
-def settle(record: UpdateRecord, boot: BootFacts, now: float) -> UpdateRecord:
+def settle(record: UpdateRecord, boot: BootFacts, now: float, boot_id: str | None = None) -> UpdateRecord:
     """After a boot: what became of an update that was `installing`. Running the new version and
     blessed: OK. Running another version (systemd-boot fell back after the new one's tries ran
     out): ROLLED_BACK, and the version is refused for good. Running it but not yet blessed: still
-    installing (its health gate has not passed yet)."""
+    installing (its health gate has not passed yet). Still the boot that installed it (the agent
+    restarted before the reboot): nothing is known yet."""
     v = record.last_version
     if record.last_outcome != UpdateOutcome.INSTALLING or v is None or boot.os_version is None:
+        return record
+    if record.boot_id is not None and record.boot_id == boot_id:
         return record
     if boot.os_version == v:
         if boot.blessed:
@@ -271,7 +276,8 @@ def load_record(path: Path) -> UpdateRecord:
         d = json.loads(path.read_text())
         outcome = d.get("last_outcome")
         return UpdateRecord(d.get("last_version"), UpdateOutcome(outcome) if outcome else None, d.get("last_why"),
-                            d.get("last_at"), tuple(d.get("refused", ())), tuple(d.get("rejected", ())))
+                            d.get("last_at"), tuple(d.get("refused", ())), tuple(d.get("rejected", ())),
+                            d.get("boot_id"))
     except (OSError, ValueError, TypeError, AttributeError):
         return UpdateRecord()
 
@@ -281,6 +287,17 @@ def save_record(path: Path, record: UpdateRecord) -> None:
     d["refused"] = list(record.refused)
     d["rejected"] = list(record.rejected)
     write_private(path, (json.dumps(d) + "\n").encode(), mode=0o644)
+
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def current_boot_id(path: Path = BOOT_ID) -> str | None:
+    """The kernel's id of this boot: a new one after every reboot."""
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 APPROVAL = "update-approved"

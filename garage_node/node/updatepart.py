@@ -96,6 +96,7 @@ class UpdatePart:
     make_installer: Callable[[], install.Installer] | None = None  # the agent's: the head's API with its credential
     reboot: Callable[[], None] = install.reboot
     other_version: Callable[[str | None], str | None] = up.other_slot_version
+    boot_id: Callable[[], str | None] = up.current_boot_id
     _boot: up.BootFacts | None = field(default=None, init=False)
     _record: up.UpdateRecord = field(default_factory=up.UpdateRecord, init=False)
     _decision: up.Decision = field(default_factory=lambda: up.Decision(up.Action.NONE), init=False)
@@ -117,7 +118,7 @@ class UpdatePart:
         boot = self._boot = self.read_boot()
         with self._lock:
             before = up.load_record(self._path)
-            record = up.settle(before, boot, now)
+            record = up.settle(before, boot, now, self.boot_id())
             if record != before:
                 up.save_record(self._path, record)
         self._record, self._target = record, target
@@ -175,9 +176,15 @@ class UpdatePart:
         """In the job's thread, once sysupdate wrote the other slot: the record first (synced),
         so the next boot knows what it is trying, then the reboot."""
         with self._lock:
-            up.save_record(self._path, up.load_record(self._path).started(version, self.clock()))
+            before = up.load_record(self._path)
+            up.save_record(self._path, before.started(version, self.clock(), self.boot_id()))
         log.info("rebooting into %s", version)
-        self.reboot()
+        try:
+            self.reboot()
+        except install.InstallError:
+            with self._lock:  # still on this boot: not an update that rolled back
+                up.save_record(self._path, before)
+            raise
 
     def _halt(self) -> None:
         """Not allowed now (or nothing to do): a download under way stops (it resumes later);

@@ -323,10 +323,11 @@ def test_the_agent_installs_a_release_with_the_real_sysupdate_and_reboots(tmp_pa
     payload = os.urandom(2 * 1024 * 1024)
     stored = publish(store, tmp_path, "2.7", keys[0], root_bytes=payload)
     rebooted = threading.Event()
-    boot = [up.BootFacts("1", True, None, True)]
+    boot, boot_id = [up.BootFacts("1", True, None, True)], ["boot-1"]
     state = tmp_path / "state"
     part = UpdatePart(state, up.Policy("idle"), time.time, read_boot=lambda: boot[0], variant="base",
                       installer=lambda: None, reboot=rebooted.set, other_version=lambda v: None,
+                      boot_id=lambda: boot_id[0],
                       make_installer=lambda: Installer(source(pc), "base", keyring=keys[0].public,
                                                        download_dir=disk.mnt / DATA / "download",
                                                        incoming_dir=disk.mnt / DATA / "incoming",
@@ -347,7 +348,7 @@ def test_the_agent_installs_a_release_with_the_real_sysupdate_and_reboots(tmp_pa
                                  "garage-node_2.7+3-0.efi": (stored / uki_name("2.7")).read_bytes()}
     assert not list((disk.mnt / DATA / "incoming").iterdir())  # the space is the data's again
     # The next boot runs 2.7 and its gate passed: OK.
-    boot[0] = up.BootFacts("2.7", True, None, True)
+    boot[0], boot_id[0] = up.BootFacts("2.7", True, None, True), "boot-2"
     part.step("2.7", serving=False, idle=True)
     assert up.load_record(state / "update.json").last_outcome == UpdateOutcome.OK
 
@@ -422,3 +423,28 @@ def test_a_failure_that_may_pass_is_retried_after_a_pause(tmp_path, head, keys):
     now[0] += 200
     part.step("4.0", serving=False, idle=True)
     assert len(made) == 2  # tried again after the pause
+
+
+def test_a_reboot_that_fails_is_not_taken_for_a_rollback(tmp_path, head, keys):
+    """sysupdate wrote the slot but `systemctl reboot` failed: the record is not left saying
+    `installing` (the next pass would read the old version as a rollback); the failure is
+    reported and retried after a pause."""
+    pc, store = head
+    publish(store, tmp_path, "5.0", keys[0])
+
+    def reboot() -> None:
+        raise InstallError("the new version is installed but `systemctl reboot` failed (test)", retry=True)
+
+    boot = up.BootFacts("1", True, None, True)
+    part = UpdatePart(tmp_path / "state", up.Policy("idle"), time.time, read_boot=lambda: boot, variant="base",
+                      installer=lambda: None, make_installer=lambda: installer(tmp_path, pc, keys[0].public),
+                      reboot=reboot, other_version=lambda v: None)
+    part.step("5.0", serving=False, idle=True)
+    deadline = time.monotonic() + 30
+    while (job := part.job) is not None and not job.done and time.monotonic() < deadline:
+        part.step("5.0", serving=False, idle=True)
+        time.sleep(0.1)
+    d = part.step("5.0", serving=False, idle=True)
+    assert d.action == up.Action.WAIT and "systemctl reboot` failed" in d.why and "trying again in" in d.why
+    record = up.load_record(tmp_path / "state" / "update.json")
+    assert record.last_outcome == UpdateOutcome.FAILED and record.refused == () and record.rejected == ()

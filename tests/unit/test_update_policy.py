@@ -319,3 +319,12 @@ def test_what_an_ab_stick_needs_to_install(tmp_path):
     assert "carries no release key" in (up.installer_missing(**kw) or "")  # type: ignore[arg-type]
     keys.write_bytes(b"keyring")
     assert up.installer_missing(**kw) is None  # type: ignore[arg-type]
+
+
+def test_an_agent_restarted_before_the_reboot_does_not_call_it_a_rollback():
+    rec = UpdateRecord().started("v2", 100.0, boot_id="boot-a")
+    old = BootFacts("v1", True, None, True)
+    assert up.settle(rec, old, 200.0, boot_id="boot-a") == rec  # the same boot: the reboot has not happened
+    after = up.settle(rec, old, 200.0, boot_id="boot-b")  # rebooted, and back on v1
+    assert after.last_outcome == UpdateOutcome.ROLLED_BACK and after.refused == ("v2",)
+    assert up.current_boot_id() not in (None, "")  # this kernel's
