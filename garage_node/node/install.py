@@ -34,13 +34,13 @@ import threading
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import httpx
 
 from garage_node.core import releasefiles as rf
 from garage_node.core.fsutil import fsync_dir, sha256_of
-from garage_node.node.weights import Source
+from garage_node.node.weights import HttpSource, Source
 
 log = logging.getLogger(__name__)
 
@@ -411,6 +411,62 @@ def _range_start(resp: httpx.Response) -> int:
 def _reason(e: httpx.HTTPError) -> str:
     # httpx's messages hold no request headers (the credential); keep them short.
     return (str(e) or type(e).__name__).splitlines()[0][:200]
+
+
+# -- a release directory on this PC, served as the head serves it
+
+
+class ReleaseDirTransport(httpx.BaseTransport):
+    """The head's /v1/releases/VERSION/NAME answered from a release directory on this PC
+    (build-image.sh's, carried on a disk to a PC that cannot reach its head; the image tests),
+    ranges included, so the installer's checks run exactly as for the head's files."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        version, _, name = request.url.path.removeprefix(rf.RELEASES_PREFIX).partition("/")
+        try:
+            rf.check_version(version)
+            if name not in (rf.SUMS, rf.SIGNATURE):
+                rf.check_file_name(name)
+        except ValueError as e:
+            return httpx.Response(404, json={"message": str(e)})
+        f = self.dir / name
+        if not request.url.path.startswith(rf.RELEASES_PREFIX) or not f.is_file():
+            return httpx.Response(404, json={"message": f"{self.dir} has no {name[:100]}"})
+        size = f.stat().st_size
+        start, end = 0, size - 1
+        rng = request.headers.get("range", "")
+        if rng.startswith("bytes="):
+            first, _, last = rng[6:].partition("-")
+            try:
+                start, end = int(first), min(int(last), size - 1) if last else size - 1
+            except ValueError:
+                return httpx.Response(416)
+            if start > end:
+                return httpx.Response(416)
+        headers = {"content-length": str(end - start + 1)}
+        if rng:
+            headers["content-range"] = f"bytes {start}-{end}/{size}"
+        return httpx.Response(206 if rng else 200, headers=headers, stream=_FileStream(f, start, end + 1))
+
+
+class _FileStream(httpx.SyncByteStream):
+    def __init__(self, path: Path, start: int, stop: int) -> None:
+        self.path, self.start, self.stop = path, start, stop
+
+    def __iter__(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            left = self.stop - self.start
+            while left > 0 and (chunk := f.read(min(CHUNK, left))):
+                left -= len(chunk)
+                yield chunk
+
+
+def dir_source(directory: Path) -> HttpSource:
+    return HttpSource(httpx.Client(transport=ReleaseDirTransport(directory)), "http://release-dir", lambda: {})
 
 
 def reboot() -> None:

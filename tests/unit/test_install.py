@@ -448,3 +448,79 @@ def test_a_reboot_that_fails_is_not_taken_for_a_rollback(tmp_path, head, keys):
     assert d.action == up.Action.WAIT and "systemctl reboot` failed" in d.why and "trying again in" in d.why
     record = up.load_record(tmp_path / "state" / "update.json")
     assert record.last_outcome == UpdateOutcome.FAILED and record.refused == () and record.rejected == ()
+
+
+# -- from a release directory on the PC (`garage-node update install VERSION --from DIR`)
+
+
+def test_a_release_directory_installs_through_the_same_checks(tmp_path, keys, disk):
+    """build-image.sh's release directory, served to the installer as the head serves it
+    (ranges included), into the real sysupdate; a tampered one is refused the same way."""
+    src = make_release(tmp_path / "release", "6.0", keys[0], root_bytes=os.urandom(1024 * 1024))
+    inst = Installer(dir_source_of(src), "base", keyring=keys[0].public, download_dir=disk.mnt / DATA / "download",
+                     incoming_dir=disk.mnt / DATA / "incoming", sysupdate=disk.sysupdate())
+    inst.install(inst.fetch("6.0"))
+    assert disk.labels() == ["garage-root_1", "garage-root_6.0", "xbootldr"]
+    assert disk.slot_b(1024 * 1024) == (src / root_name("6.0")).read_bytes()
+    bad = make_release(tmp_path / "bad", "6.1", keys[0])
+    (bad / rf.MANIFEST).write_text((bad / rf.MANIFEST).read_text().replace('"base"', '"nvidia"'))
+    with pytest.raises(InstallError, match="release.json does not match its sum in the signed SHA256SUMS"):
+        Installer(dir_source_of(bad), "base", keyring=keys[0].public, download_dir=disk.mnt / DATA / "download",
+                  incoming_dir=disk.mnt / DATA / "incoming", sysupdate=disk.sysupdate()).fetch("6.1")
+    assert disk.labels() == ["garage-root_1", "garage-root_6.0", "xbootldr"]
+
+
+def dir_source_of(d: Path) -> HttpSource:
+    from garage_node.node.install import dir_source
+
+    return dir_source(d)
+
+
+def test_the_release_directory_answers_ranges_as_the_head_does(tmp_path, keys):
+    src = make_release(tmp_path / "release", "6.2", keys[0])
+    s = dir_source_of(src)
+    root = (src / root_name("6.2")).read_bytes()
+    with s.get("/v1/releases/6.2/" + root_name("6.2"), {"Range": "bytes=1000-"}) as r:
+        r.read()
+        assert r.status_code == 206 and r.content == root[1000:]
+        assert r.headers["content-range"] == f"bytes 1000-{len(root) - 1}/{len(root)}"
+    for path in ("/v1/releases/6.2/../keys", "/v1/releases/6.2/missing.efi", "/v1/other/6.2/SHA256SUMS"):
+        with s.get(path, {}) as r:
+            r.read()
+            assert r.status_code == 404, path
+
+
+def test_the_update_install_command(tmp_path, keys, monkeypatch, capsys):
+    import functools
+
+    from garage_node.cli import main
+    from garage_node.node import install as inst
+
+    cmd, calls = recorder(tmp_path)
+    monkeypatch.setattr(inst, "Installer", functools.partial(
+        Installer, keyring=keys[0].public, download_dir=tmp_path / "download", incoming_dir=tmp_path / "incoming",
+        sysupdate=cmd))
+    rebooted: list[bool] = []
+    monkeypatch.setattr(inst, "reboot", lambda: rebooted.append(True))
+    # This PC as an A/B stick of the base variant, on a blessed boot.
+    monkeypatch.setattr(up, "installer_missing", lambda: None)
+    monkeypatch.setattr(up, "boot_facts", lambda: up.BootFacts("1", True, None, True))
+    monkeypatch.setattr(up, "os_release_value", lambda key: "base")
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\nstate_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
+    base = ["update", "install", "--config", str(cfg), "--override", str(tmp_path / "none.toml")]
+
+    bad = make_release(tmp_path / "bad", "7.1", keys[1])  # the stranger's signature
+    assert main([*base, "7.1", "--from", str(bad)]) == 1
+    assert "refused: SHA256SUMS is signed by a key this stick does not carry" in capsys.readouterr().err
+    record = up.load_record(tmp_path / "state" / "update.json")
+    assert record.last_outcome == UpdateOutcome.FAILED and record.rejected == ("7.1",) and nothing_written(tmp_path)
+
+    good = make_release(tmp_path / "good", "7.0", keys[0])
+    assert main([*base, "7.0", "--from", str(good)]) == 0
+    assert "7.0 is installed in the other slot with 3 tries; rebooting into it" in capsys.readouterr().out
+    assert rebooted == [True] and calls.read_text().split()[:2] == ["update", "7.0"]
+    record = up.load_record(tmp_path / "state" / "update.json")
+    assert (record.last_version, record.last_outcome) == ("7.0", UpdateOutcome.INSTALLING)
+    # Not joined, and no directory given: nothing to fetch from.
+    assert main([*base, "7.2"]) == 2 and "has not joined a region" in capsys.readouterr().err
