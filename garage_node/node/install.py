@@ -49,7 +49,8 @@ INCOMING = DATA / "incoming"  # sysupdate's Source Path= (the image's transfer d
 DOWNLOAD = DATA / "download"
 RELEASE_KEYS = Path("/usr/share/garage-node/release-keys.gpg")
 SYSUPDATE = "/usr/lib/systemd/systemd-sysupdate"
-CHUNK = 1024 * 1024
+MIB = CHUNK = 1024 * 1024
+RESERVE = 256 * MIB  # left free on the data partition during a download
 SMALL_MAX = 64 * 1024  # SHA256SUMS, its signature and release.json: a few lines each
 ATTEMPTS = 3  # a broken download resumes this often, and a file that fails its sum is fetched again once
 SYSUPDATE_TIMEOUT_S = 3600.0  # a 3.5 GiB root onto a slow USB 2 stick
@@ -139,6 +140,7 @@ class Installer:
     download_dir: Path = DOWNLOAD
     incoming_dir: Path = INCOMING
     sysupdate: Sequence[str] = (SYSUPDATE, "--no-pager")
+    reserve: int = RESERVE  # bytes left free on the data partition
 
     def fetch(self, version: str, progress: Progress | None = None,
               stop: threading.Event | None = None) -> Verified:
@@ -156,6 +158,7 @@ class Installer:
             raise InstallError(f"release {version}: {e}") from None
         manifest = self._manifest(version, sums)
         total = sum(self._expected_size(version, name) for name in (manifest.root, manifest.uki))
+        self._check_room(version, work, total, self.reserve)
         got = _Counter(progress, total)
         for name in (manifest.root, manifest.uki):
             self._fetch_file(version, name, sums[name], work, got, stop)
@@ -232,6 +235,18 @@ class Installer:
                 raise InstallError(f"release {version}: its {role} must be {want}, listed in {rf.SUMS} (the stick's "
                                    "transfer definitions look for that name); nothing was installed")
         return m
+
+    @staticmethod
+    def _check_room(version: str, work: Path, total: int, reserve: int) -> None:
+        """Room on the data partition for what is still to come, and some to spare (logs, the
+        agent's state): else a clear reason, and the next try looks again."""
+        present = sum(p.stat().st_size for p in work.iterdir() if p.is_file())
+        need = total - present + reserve
+        free = shutil.disk_usage(work).free
+        if need > free:
+            raise InstallError(f"release {version} needs {-(-need // MIB)} MiB on the data partition but "
+                               f"{free // MIB} MiB are free: free some room (models this PC no longer serves go "
+                               "first; `garage-node status` shows them)", retry=True)
 
     def _get(self, version: str, name: str, headers: dict[str, str] | None = None) -> _Get:
         return _Get(self.source, f"{rf.release_path(version)}{name}", headers or {}, version, name)

@@ -46,6 +46,7 @@ SYSUPDATE = "/usr/lib/systemd/systemd-sysupdate"
 DATA = "var/lib/garage-node-data/update"
 ROOT_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"  # root-x86-64
 XBOOTLDR_TYPE = "BC13C2FF-59E6-4262-A352-B275FD6F7172"
+RESERVE = 1024 * 1024  # the loop disk's data path is a 16 MiB file system: 1 MiB kept free, not the stick's 256
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +332,7 @@ def test_the_agent_installs_a_release_with_the_real_sysupdate_and_reboots(tmp_pa
                       make_installer=lambda: Installer(source(pc), "base", keyring=keys[0].public,
                                                        download_dir=disk.mnt / DATA / "download",
                                                        incoming_dir=disk.mnt / DATA / "incoming",
-                                                       sysupdate=disk.sysupdate()))
+                                                       sysupdate=disk.sysupdate(), reserve=RESERVE))
     assert part.step("2.7", serving=False, idle=True).action == up.Action.INSTALL
     deadline = time.monotonic() + 60
     while not rebooted.is_set() and time.monotonic() < deadline:
@@ -358,7 +359,7 @@ def test_a_tampered_release_leaves_the_disk_untouched(tmp_path, head, keys, disk
     stored = publish(store, tmp_path, "2.8", keys[0])
     (stored / uki_name("2.8")).write_bytes(b"MZ not what was signed")
     inst = Installer(source(pc), "base", keyring=keys[0].public, download_dir=disk.mnt / DATA / "download",
-                     incoming_dir=disk.mnt / DATA / "incoming", sysupdate=disk.sysupdate())
+                     incoming_dir=disk.mnt / DATA / "incoming", sysupdate=disk.sysupdate(), reserve=RESERVE)
     with pytest.raises(InstallError, match="efi from the head does not match its sum"):
         inst.fetch("2.8")
     assert disk.labels() == ["garage-root_1", "_empty", "xbootldr"]
@@ -458,7 +459,7 @@ def test_a_release_directory_installs_through_the_same_checks(tmp_path, keys, di
     (ranges included), into the real sysupdate; a tampered one is refused the same way."""
     src = make_release(tmp_path / "release", "6.0", keys[0], root_bytes=os.urandom(1024 * 1024))
     inst = Installer(dir_source_of(src), "base", keyring=keys[0].public, download_dir=disk.mnt / DATA / "download",
-                     incoming_dir=disk.mnt / DATA / "incoming", sysupdate=disk.sysupdate())
+                     incoming_dir=disk.mnt / DATA / "incoming", sysupdate=disk.sysupdate(), reserve=RESERVE)
     inst.install(inst.fetch("6.0"))
     assert disk.labels() == ["garage-root_1", "garage-root_6.0", "xbootldr"]
     assert disk.slot_b(1024 * 1024) == (src / root_name("6.0")).read_bytes()
@@ -466,7 +467,7 @@ def test_a_release_directory_installs_through_the_same_checks(tmp_path, keys, di
     (bad / rf.MANIFEST).write_text((bad / rf.MANIFEST).read_text().replace('"base"', '"nvidia"'))
     with pytest.raises(InstallError, match="release.json does not match its sum in the signed SHA256SUMS"):
         Installer(dir_source_of(bad), "base", keyring=keys[0].public, download_dir=disk.mnt / DATA / "download",
-                  incoming_dir=disk.mnt / DATA / "incoming", sysupdate=disk.sysupdate()).fetch("6.1")
+                  incoming_dir=disk.mnt / DATA / "incoming", sysupdate=disk.sysupdate(), reserve=RESERVE).fetch("6.1")
     assert disk.labels() == ["garage-root_1", "garage-root_6.0", "xbootldr"]
 
 
@@ -524,3 +525,14 @@ def test_the_update_install_command(tmp_path, keys, monkeypatch, capsys):
     assert (record.last_version, record.last_outcome) == ("7.0", UpdateOutcome.INSTALLING)
     # Not joined, and no directory given: nothing to fetch from.
     assert main([*base, "7.2"]) == 2 and "has not joined a region" in capsys.readouterr().err
+
+
+def test_a_release_that_does_not_fit_the_data_partition_is_not_downloaded(tmp_path, head, keys, disk):
+    """The loop disk's data path is on a 16 MiB file system: a 20 MiB root cannot come."""
+    pc, store = head
+    publish(store, tmp_path, "8.0", keys[0], root_bytes=os.urandom(20 * 1024 * 1024))
+    inst = Installer(source(pc), "base", keyring=keys[0].public, download_dir=disk.mnt / DATA / "download",
+                     incoming_dir=disk.mnt / DATA / "incoming", sysupdate=disk.sysupdate(), reserve=RESERVE)
+    with pytest.raises(InstallError, match=r"needs \d+ MiB on the data partition but \d+ MiB are free") as e:
+        inst.fetch("8.0")
+    assert e.value.retry and not list((disk.mnt / DATA / "download" / "8.0").glob("*.root.raw*"))
