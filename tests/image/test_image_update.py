@@ -1,0 +1,340 @@
+"""The A/B stick updates itself and comes back by itself (issue #19), on the real image under
+UEFI (OVMF) in QEMU.
+
+Three versions are built from one cached OS tree (`build-image.sh --image-version V
+--signing-key KEY`, only the version differs; V3 with the test-only --test-fail-health-gate):
+
+- the release directory is what the head's own `head release add` code accepts, and a release
+  whose root or SHA256SUMS was changed after signing is refused with nothing stored;
+- the stick's layout: ESP, GARAGE, root A (garage-root_V1), root B (_empty, the same size),
+  GARAGE-DATA; systemd 254 with sysupdate, the transfer definitions and the release key inside;
+- in QEMU: V1 boots, its health gate passes and systemd-bless-boot blesses it; V2 is written by
+  systemd-sysupdate from the release files and blessed after the reboot; QEMU killed while V3 is
+  being written still boots V2; V3, whose gate fails, is tried and the stick is back on V2 by
+  itself within 4 boots.
+
+The release files reach the guest over a read-only 9p share, and the test drives the guest over
+SSH (a throwaway key written into garage.toml on the stick's FAT partition, as an owner would);
+QEMU runs in a network namespace of its own, loopback only. The agent's installer (download
+from the head, signature and sums) is proven by tests/unit/test_install.py; here the guest runs
+the step it ends with, `systemd-sysupdate update VERSION`, on files placed where it puts them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from garage_node.core.raycmd import Versions
+from garage_node.head.releases import ReleaseError, ReleaseStore
+from testing.image import (GARAGE_TOML, OUT, VM, build_release, esp_kernels, partitions, release_key,
+                           write_garage_toml)
+from testing.region import missing_prerequisite, sh, wait_for
+
+pytestmark = [pytest.mark.image,
+              pytest.mark.skipif(bool(missing_prerequisite()) or not shutil.which("qemu-system-x86_64"),
+                                 reason=str(missing_prerequisite() or "needs qemu-system-x86_64"))]
+
+V1, V2, V3 = "2026.12.1", "2026.12.2", "2026.12.3"
+WORK = OUT / "update"
+INCOMING = "/var/lib/garage-node-data/update/incoming"
+SYSUPDATE = "/usr/lib/systemd/systemd-sysupdate"
+BOOT_TIMEOUT = int(os.environ.get("GARAGE_IMAGE_BOOT_TIMEOUT", "600"))
+SSH_PORT = 2222
+EMERGENCY = ("Reached target emergency.target", "Kernel panic")
+
+
+@pytest.fixture(scope="module")
+def builds() -> dict[str, tuple[Path, Path]]:
+    key = release_key(WORK)
+    t0 = time.monotonic()
+    out = {v: build_release(v, key, WORK, GARAGE_TOML, fail_gate=(v == V3)) for v in (V1, V2, V3)}
+    print(f"three versions built (or reused): {time.monotonic() - t0:.0f} s")
+    return out
+
+
+def public_key(secret: Path, dest: Path) -> Path:
+    home = dest.parent / "gnupg-pub"
+    home.mkdir(mode=0o700)
+    env = {**os.environ, "GNUPGHOME": str(home)}
+    try:
+        sh(["gpg", "--batch", "--import", str(secret)], env=env)
+        dest.write_text(sh(["gpg", "--batch", "--armor", "--export"], env=env).stdout)
+    finally:
+        subprocess.run(["gpgconf", "--kill", "all"], env=env, capture_output=True, check=False)
+        shutil.rmtree(home, ignore_errors=True)
+    return dest
+
+
+def head_store(tmp_path: Path, release: Path) -> ReleaseStore:
+    """The head's release store, trusting the test key, with the head's Python and Ray taken
+    from the release itself (the head of a region runs the same ones)."""
+    import json
+
+    m = json.loads((release / "release.json").read_text())
+    store = ReleaseStore(tmp_path / "releases", versions=lambda: Versions(ray=m["ray"], python=m["python"]))
+    store.trust_key(public_key(WORK / "release-key.asc", tmp_path / "key.asc"))
+    return store
+
+
+def copy_release(src: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for f in src.iterdir():
+        sh(["cp", "--sparse=always", str(f), str(dest / f.name)])
+    return dest
+
+
+def test_release_is_what_the_head_accepts(builds, tmp_path):
+    img, release = builds[V2]
+    names = sorted(p.name for p in release.iterdir())
+    assert names == ["SHA256SUMS", "SHA256SUMS.gpg", f"garage-node_{V2}.efi", f"garage-node_{V2}.root.raw",
+                     "release.json"]
+    store = head_store(tmp_path, release)
+    stored, new = store.add(release)
+    assert new and stored.version == V2 and stored.variant == "base"
+    root = release / f"garage-node_{V2}.root.raw"
+    slot = next(p for p in partitions(img) if p["name"] == f"garage-root_{V2}")
+    assert root.stat().st_size == slot["bytes"]
+    print(f"release {V2}: root {root.stat().st_size / 2**20:.0f} MiB ({root.stat().st_blocks * 512 / 2**20:.0f} MiB "
+          f"allocated), UKI {(release / f'garage-node_{V2}.efi').stat().st_size / 2**20:.1f} MiB")
+
+
+@pytest.mark.parametrize("tamper", ["root", "sums"])
+def test_tampered_release_is_refused_and_nothing_stored(builds, tmp_path, tamper):
+    _, release = builds[V2]
+    bad = copy_release(release, tmp_path / "bad")
+    if tamper == "root":
+        with (bad / f"garage-node_{V2}.root.raw").open("r+b") as f:
+            f.seek(1 << 20)
+            byte = f.read(1)
+            f.seek(1 << 20)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    else:
+        sums = (bad / "SHA256SUMS").read_text()
+        (bad / "SHA256SUMS").write_text(sums.replace(sums[0], "0" if sums[0] != "0" else "1", 1))
+    store = head_store(tmp_path, release)
+    with pytest.raises(ReleaseError) as e:
+        store.add(bad)
+    print(f"tampered {tamper}: {e.value}")
+    assert store.versions() == [] and not any((tmp_path / "releases" / "versions").glob("*"))
+
+
+def test_ab_layout_and_what_the_stick_carries(builds, tmp_path):
+    img, release = builds[V1]
+    parts = partitions(img)
+    assert [p["name"] for p in parts] == ["ESP", "GARAGE", f"garage-root_{V1}", "_empty", "GARAGE-DATA"]
+    assert parts[2]["bytes"] == parts[3]["bytes"] and parts[2]["type"] == parts[3]["type"]
+    assert esp_kernels(img) == [f"garage-node_{V1}+3.efi"]
+    root = release / f"garage-node_{V1}.root.raw"
+    got = {}
+    for path in ("/usr/share/garage-node/release-keys.gpg", "/usr/lib/sysupdate.d/50-garage-root.conf",
+                 "/usr/lib/sysupdate.d/60-garage-uki.conf", "/usr/lib/os-release", "/etc/kernel/cmdline",
+                 "/usr/lib/garage-node/test-fail-health-gate"):
+        dest = tmp_path / Path(path).name
+        sh(["debugfs", "-R", f"dump {path} {dest}", str(root)], check=False)
+        got[path] = dest.read_bytes() if dest.exists() else None
+    keys = sh(["gpg", "--batch", "--with-colons", "--show-keys"], input=got["/usr/share/garage-node/release-keys.gpg"]
+              .decode("latin-1")) if got["/usr/share/garage-node/release-keys.gpg"] else None
+    assert keys is not None and "fpr:" in keys.stdout
+    assert b"garage-node_@v.root.raw" in got["/usr/lib/sysupdate.d/50-garage-root.conf"]
+    assert f"IMAGE_VERSION={V1}".encode() in got["/usr/lib/os-release"]
+    assert b"VARIANT_ID=base" in got["/usr/lib/os-release"]
+    assert got["/etc/kernel/cmdline"].strip() == f"root=PARTLABEL=garage-root_{V1}".encode()
+    assert got["/usr/lib/garage-node/test-fail-health-gate"] is None  # only V3's test build has it
+    import json
+
+    manifest = json.loads(img.with_name(img.name.removesuffix(".img") + ".manifest.json").read_text())
+    systemd = next(p["version"] for p in manifest["packages"] if p["name"] == "systemd")
+    assert systemd.startswith("254."), systemd
+    sizes = ", ".join(f"{p['name']} {p['bytes'] / 2**20:.0f} MiB" for p in parts)
+    print(f"A/B base image: {img.stat().st_size / 2**30:.2f} GiB raw ({sizes})")
+
+
+# ------------------------------------------------------------------------------ in QEMU
+
+class Stick:
+    """One stick (a copy of V1's image, 4 GiB bigger so GARAGE-DATA holds a downloaded release)
+    in QEMU, rebooting by itself, reachable over SSH inside the namespace."""
+
+    def __init__(self, disk: Path, netns: str, workdir: Path, ssh_key: Path, share: Path) -> None:
+        self.vm = VM(disk, netns, workdir)
+        self.disk, self.netns, self.key, self.share = disk, netns, ssh_key, share
+        self.log: Path | None = None
+
+    def start(self) -> None:
+        self.log = self.vm.boot("--reboot", "--share", str(self.share), "--hostfwd", f"tcp:127.0.0.1:{SSH_PORT}-:22",
+                                timeout=3600)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
+
+    def gates(self) -> list[str]:
+        return re.findall(r"GARAGE-NODE-GATE (\w+ version=\S+.*?)\r?$", self.text(), re.M)
+
+    def wait_gates(self, n: int, timeout: float) -> list[str]:
+        """Wait until the serial log holds n health-gate verdicts (one per boot)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.text()
+            if any(s in text for s in EMERGENCY):
+                raise AssertionError(f"the guest failed to boot:\n{text[-3000:]}")
+            if len(self.gates()) >= n:
+                return self.gates()
+            if self.vm.runner is not None and self.vm.runner.poll() is not None:
+                raise AssertionError(f"QEMU exited:\n{text[-3000:]}")
+            time.sleep(2)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for health-gate verdict {n}; "
+                             f"so far {self.gates()}\n{self.text()[-3000:]}")
+
+    def ssh(self, command: str, timeout: float = 300, check: bool = True) -> str:
+        proc = subprocess.run(
+            ["ip", "netns", "exec", self.netns, "ssh", "-i", str(self.key), "-p", str(SSH_PORT),
+             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+             "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "root@127.0.0.1", command],
+            capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"in the guest: {command!r} exited {proc.returncode}: {proc.stderr[-2000:]}"
+                                 f"{proc.stdout[-2000:]}")
+        return proc.stdout
+
+    def wait_ssh(self, timeout: float = 180) -> None:
+        wait_for(lambda: self.ssh("true", timeout=30, check=False) == "" and
+                 self.ssh("echo up", timeout=30, check=False).strip() == "up",
+                 timeout, "SSH into the guest", interval=3)
+
+    def kernels(self) -> list[str]:
+        return sorted(self.ssh('ls "$(bootctl --print-boot-path)/EFI/Linux"').split())
+
+    def os_version(self) -> str:
+        return self.ssh(". /etc/os-release && echo $IMAGE_VERSION").strip()
+
+    def stage(self, version: str) -> None:
+        """Put a release's root and UKI where the agent's installer puts them (sync'd: a power
+        cut afterwards must not lose them)."""
+        rel = f"/run/garage-share/garage-node-{version}-base-amd64.release"
+        self.ssh(f"mkdir -p /run/garage-share {INCOMING} && (mountpoint -q /run/garage-share || "
+                 f"mount -t 9p -o trans=virtio,version=9p2000.L,ro garage-share /run/garage-share) && "
+                 f"cp --sparse=always {rel}/garage-node_{version}.root.raw {rel}/garage-node_{version}.efi {INCOMING}/ "
+                 "&& sync", timeout=600)
+
+
+@pytest.fixture(scope="module")
+def stick(builds, tmp_path_factory):
+    work = tmp_path_factory.mktemp("image-update")
+    netns = f"gnupd-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    st = None
+    try:
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+        key = work / "id_ed25519"
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "garage-update-test", "-f", str(key)])
+        disk = work / "stick.img"
+        sh(["cp", "--sparse=always", str(builds[V1][0]), str(disk)])
+        sh(["truncate", "-s", "+4G", str(disk)])
+        toml = GARAGE_TOML.split("[ssh]")[0] + f'[ssh]\nauthorized_keys = ["{key.with_suffix(".pub").read_text().strip()}"]\n'
+        write_garage_toml(disk, toml, work)
+        st = Stick(disk, netns, work, key, WORK)
+        yield st
+    finally:
+        if st is not None:
+            st.vm.power_off()
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+STATE: dict[str, float] = {}
+
+
+def needs(step: str) -> None:
+    if step not in STATE:
+        pytest.skip(f"needs the step before it ({step}) to have passed")
+
+
+def test_v1_boots_and_is_blessed(stick):
+    t0 = time.monotonic()
+    stick.start()
+    gates = stick.wait_gates(1, BOOT_TIMEOUT)
+    print(f"V1 first boot to health gate passed: {time.monotonic() - t0:.0f} s")
+    assert gates[0].startswith(f"passed version={V1}"), gates
+    stick.wait_ssh()
+    wait_for(lambda: stick.kernels() == [f"garage-node_{V1}.efi"], 60, "systemd-bless-boot to bless V1", interval=3)
+    STATE["v1"] = time.monotonic() - t0
+
+
+def test_v2_installed_by_sysupdate_and_blessed_after_reboot(stick):
+    needs("v1")
+    t0 = time.monotonic()
+    stick.stage(V2)
+    t1 = time.monotonic()
+    stick.ssh(f"{SYSUPDATE} --no-pager update {V2}", timeout=900)
+    t2 = time.monotonic()
+    assert stick.kernels() == [f"garage-node_{V1}.efi", f"garage-node_{V2}+3.efi"]
+    labels = stick.ssh("lsblk -nro PARTLABEL").split()
+    assert f"garage-root_{V1}" in labels and f"garage-root_{V2}" in labels and "_empty" not in labels
+    print(f"V2 staged in {t1 - t0:.0f} s, written by systemd-sysupdate in {t2 - t1:.0f} s")
+    stick.ssh("systemctl --no-block reboot", check=False)
+    t3 = time.monotonic()
+    gates = stick.wait_gates(2, BOOT_TIMEOUT)
+    assert gates[1].startswith(f"passed version={V2}"), gates
+    print(f"reboot into V2 to health gate passed: {time.monotonic() - t3:.0f} s")
+    stick.wait_ssh()
+    assert stick.os_version() == V2
+    wait_for(lambda: stick.kernels() == [f"garage-node_{V1}.efi", f"garage-node_{V2}.efi"], 60,
+             "systemd-bless-boot to bless V2", interval=3)
+    STATE["v2"] = time.monotonic() - t0
+
+
+def test_power_cut_while_writing_v3_still_boots_v2(stick):
+    needs("v2")
+    stick.stage(V3)
+    stick.ssh(f"rm -f /run/sysupdate.done; systemd-run --unit=garage-test-sysupdate --collect "
+              f"sh -c '{SYSUPDATE} --no-pager update {V3} && touch /run/sysupdate.done'")
+    # Writing the root partition takes tens of seconds here: cut the power a few seconds in.
+    wait_for(lambda: stick.ssh("systemctl is-active garage-test-sysupdate", check=False).strip() == "active", 30,
+             "systemd-sysupdate to start writing", interval=1)
+    time.sleep(5)
+    still = stick.ssh("systemctl is-active garage-test-sysupdate; ls /run/sysupdate.done 2>/dev/null", check=False)
+    stick.vm.pull_plug()
+    assert "/run/sysupdate.done" not in still, "sysupdate finished before the power cut: cut sooner"
+    print(f"power cut while systemd-sysupdate wrote V3; UKIs now: {esp_kernels(stick.disk)}; "
+          f"labels: {[p['name'] for p in partitions(stick.disk)]}")
+    assert f"garage-node_{V3}+3.efi" not in esp_kernels(stick.disk)
+    t0 = time.monotonic()
+    stick.start()
+    gates = stick.wait_gates(1, BOOT_TIMEOUT)
+    assert gates[0].startswith(f"passed version={V2}"), gates
+    print(f"boot after the power cut (V2 again) to health gate passed: {time.monotonic() - t0:.0f} s")
+    stick.wait_ssh()
+    assert stick.os_version() == V2
+    STATE["cut"] = 1
+
+
+def test_v3_whose_gate_fails_rolls_back_to_v2_within_4_boots(stick):
+    needs("cut")
+    stick.ssh(f"test -e {INCOMING}/garage-node_{V3}.root.raw || exit 1")
+    stick.ssh(f"{SYSUPDATE} --no-pager update {V3}", timeout=900)
+    assert f"garage-node_{V3}+3.efi" in stick.kernels()
+    stick.ssh("systemctl --no-block reboot", check=False)
+    t0 = time.monotonic()
+    # Verdicts so far on this QEMU run: 1 (V2 after the power cut). Then V3 fails on each try
+    # and reboots, until the stick is back on V2.
+    deadline = time.monotonic() + 5 * BOOT_TIMEOUT
+    while time.monotonic() < deadline:
+        after = stick.gates()[1:]
+        if any(g.startswith("passed") for g in after) or len(after) > 4:
+            break
+        stick.wait_gates(len(stick.gates()) + 1, BOOT_TIMEOUT)
+    after = stick.gates()[1:]
+    print(f"after installing V3: {len(after)} boots in {time.monotonic() - t0:.0f} s: {after}")
+    assert len(after) <= 4, after
+    assert all(g.startswith(f"failed version={V3}") for g in after[:-1]), after
+    assert after[-1].startswith(f"passed version={V2}"), after
+    stick.wait_ssh()
+    assert stick.os_version() == V2
+    kernels = stick.kernels()
+    assert f"garage-node_{V2}.efi" in kernels and f"garage-node_{V3}+0-3.efi" in kernels, kernels
