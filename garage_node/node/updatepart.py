@@ -153,7 +153,11 @@ class UpdatePart:
                 return up.Decision(up.Action.WAIT, f"{self._record.last_why or 'the last try failed'}; trying "
                                                    f"{target} again in {int(self._not_before - now)} s")
             assert self.make_installer is not None
-            job = self._job = _Job(target, self.make_installer(), self._installed)
+            try:
+                made = self.make_installer()
+            except Exception as e:  # the head's CA unreadable, no identity: said, and tried next pass
+                return up.Decision(up.Action.WAIT, f"{target} cannot be fetched now: {str(e)[:200]}")
+            job = self._job = _Job(target, made, self._installed)
             job.thread.start()
         if d.action == up.Action.INSTALL and job.phase == "checked":
             job.go.set()

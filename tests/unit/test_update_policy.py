@@ -328,3 +328,16 @@ def test_an_agent_restarted_before_the_reboot_does_not_call_it_a_rollback():
     after = up.settle(rec, old, 200.0, boot_id="boot-b")  # rebooted, and back on v1
     assert after.last_outcome == UpdateOutcome.ROLLED_BACK and after.refused == ("v2",)
     assert up.current_boot_id() not in (None, "")  # this kernel's
+
+
+def test_an_installer_that_cannot_be_made_now_is_a_wait_not_a_failed_pass(tmp_path):
+    from garage_node.node.updatepart import UpdatePart
+
+    def make() -> Installer:
+        raise FileNotFoundError(2, "No such file or directory", "/var/lib/garage-node/head-ca.pem")
+
+    part = UpdatePart(tmp_path, Policy("idle"), lambda: 0.0, read_boot=lambda: GOOD, variant="base",
+                      installer=lambda: None, make_installer=make, other_version=lambda v: None)
+    d = part.step("v2", serving=False, idle=True)
+    assert d.action == Action.WAIT and d.why.startswith("v2 cannot be fetched now: ") and "head-ca.pem" in d.why
+    assert not part.wants_drain and part.job is None
