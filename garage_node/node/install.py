@@ -146,7 +146,10 @@ class Installer:
               stop: threading.Event | None = None) -> Verified:
         """Download release `version` into the download directory and check it all. Raises
         InstallError. What arrived of the root and UKI is kept and resumed on the next call."""
-        rf.check_version(version)
+        try:
+            rf.check_version(version)
+        except ValueError as e:
+            raise InstallError(f"the head named {e}") from None
         work = self._workdir(version)
         sums_raw = self._small(version, rf.SUMS)
         (work / rf.SUMS).write_bytes(sums_raw)
@@ -245,8 +248,8 @@ class Installer:
         free = shutil.disk_usage(work).free
         if need > free:
             raise InstallError(f"release {version} needs {-(-need // MIB)} MiB on the data partition but "
-                               f"{free // MIB} MiB are free: free some room (models this PC no longer serves go "
-                               "first; `garage-node status` shows them)", retry=True)
+                               f"{free // MIB} MiB are free; it holds the models too: remove those this PC no longer "
+                               "serves, or move to a bigger stick", retry=True)
 
     def _get(self, version: str, name: str, headers: dict[str, str] | None = None) -> _Get:
         return _Get(self.source, f"{rf.release_path(version)}{name}", headers or {}, version, name)

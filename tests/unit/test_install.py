@@ -536,3 +536,10 @@ def test_a_release_that_does_not_fit_the_data_partition_is_not_downloaded(tmp_pa
     with pytest.raises(InstallError, match=r"needs \d+ MiB on the data partition but \d+ MiB are free") as e:
         inst.fetch("8.0")
     assert e.value.retry and not list((disk.mnt / DATA / "download" / "8.0").glob("*.root.raw*"))
+
+
+def test_a_version_that_is_no_release_version_is_refused(tmp_path, head, keys):
+    pc, _ = head
+    with pytest.raises(InstallError, match=r"the head named '2026_1' is not a release version") as e:
+        installer(tmp_path, pc, keys[0].public).fetch("2026_1")
+    assert not e.value.retry and not (tmp_path / "download").exists()
