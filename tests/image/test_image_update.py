@@ -8,16 +8,18 @@ Three versions are built from one cached OS tree (`build-image.sh --image-versio
   whose root or SHA256SUMS was changed after signing is refused with nothing stored;
 - the stick's layout: ESP, GARAGE, root A (garage-root_V1), root B (_empty, the same size),
   GARAGE-DATA; systemd 254 with sysupdate, the transfer definitions and the release key inside;
-- in QEMU: V1 boots, its health gate passes and systemd-bless-boot blesses it; V2 is written by
-  systemd-sysupdate from the release files and blessed after the reboot; QEMU killed while V3 is
+- in QEMU: V1 boots, its health gate passes and systemd-bless-boot blesses it; a release whose
+  SHA256SUMS was changed is refused on the stick and nothing is written; V2 is written by the
+  agent's installer (systemd-sysupdate underneath) and blessed after the reboot; QEMU killed while V3 is
   being written still boots V2; V3, whose gate fails, is tried and the stick is back on V2 by
   itself within 4 boots.
 
 The release files reach the guest over a read-only 9p share, and the test drives the guest over
 SSH (a throwaway key written into garage.toml on the stick's FAT partition, as an owner would);
 QEMU runs in a network namespace of its own, loopback only. The agent's installer (download
-from the head, signature and sums) is proven by tests/unit/test_install.py; here the guest runs
-the step it ends with, `systemd-sysupdate update VERSION`, on files placed where it puts them.
+from the head) is proven by tests/unit/test_install.py; here the guest runs the same installer by
+hand from the release directory on the share (`garage-node update install V --from DIR`):
+signature, sums, variant, then `systemd-sysupdate update V`.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ pytestmark = [pytest.mark.image,
 V1, V2, V3 = "2026.12.1", "2026.12.2", "2026.12.3"
 WORK = OUT / "update"
 INCOMING = "/var/lib/garage-node-data/update/incoming"
-SYSUPDATE = "/usr/lib/systemd/systemd-sysupdate"
 BOOT_TIMEOUT = int(os.environ.get("GARAGE_IMAGE_BOOT_TIMEOUT", "600"))
 SSH_PORT = 2222
 EMERGENCY = ("Reached target emergency.target", "Kernel panic")
@@ -139,11 +140,15 @@ def test_ab_layout_and_what_the_stick_carries(builds, tmp_path):
         dest = tmp_path / Path(path).name
         sh(["debugfs", "-R", f"dump {path} {dest}", str(root)], check=False)
         got[path] = dest.read_bytes() if dest.exists() else None
-    keys = sh(["gpg", "--batch", "--with-colons", "--show-keys"], input=got["/usr/share/garage-node/release-keys.gpg"]
-              .decode("latin-1")) if got["/usr/share/garage-node/release-keys.gpg"] else None
-    assert keys is not None and "fpr:" in keys.stdout
+    assert got["/usr/share/garage-node/release-keys.gpg"], "no release key on the stick"
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    keys = sh(["gpg", "--batch", "--with-colons", "--show-keys", str(tmp_path / "release-keys.gpg")],
+              env={**os.environ, "GNUPGHOME": str(home)}).stdout
+    subprocess.run(["gpgconf", "--kill", "all"], env={**os.environ, "GNUPGHOME": str(home)}, check=False)
+    assert "fpr:" in keys
     assert b"garage-node_@v.root.raw" in got["/usr/lib/sysupdate.d/50-garage-root.conf"]
-    assert f"IMAGE_VERSION={V1}".encode() in got["/usr/lib/os-release"]
+    assert re.search(rf"^IMAGE_VERSION=\"?{re.escape(V1)}\"?$", got["/usr/lib/os-release"].decode(), re.M)
     assert b"VARIANT_ID=base" in got["/usr/lib/os-release"]
     assert got["/etc/kernel/cmdline"].strip() == f"root=PARTLABEL=garage-root_{V1}".encode()
     assert got["/usr/lib/garage-node/test-fail-health-gate"] is None  # only V3's test build has it
@@ -214,14 +219,22 @@ class Stick:
     def os_version(self) -> str:
         return self.ssh(". /etc/os-release && echo $IMAGE_VERSION").strip()
 
-    def stage(self, version: str) -> None:
-        """Put a release's root and UKI where the agent's installer puts them (sync'd: a power
-        cut afterwards must not lose them)."""
-        rel = f"/run/garage-share/garage-node-{version}-base-amd64.release"
-        self.ssh(f"mkdir -p /run/garage-share {INCOMING} && (mountpoint -q /run/garage-share || "
-                 f"mount -t 9p -o trans=virtio,version=9p2000.L,ro garage-share /run/garage-share) && "
-                 f"cp --sparse=always {rel}/garage-node_{version}.root.raw {rel}/garage-node_{version}.efi {INCOMING}/ "
-                 "&& sync", timeout=600)
+    def mount_share(self) -> str:
+        self.ssh("mkdir -p /run/garage-share && (mountpoint -q /run/garage-share || "
+                 "mount -t 9p -o trans=virtio,version=9p2000.L,ro garage-share /run/garage-share)")
+        return "/run/garage-share"
+
+    def install_cmd(self, version: str, release: str | None = None, reboot: bool = False) -> str:
+        """The agent's own installer by hand (node/install.py: signature, sums, variant, then
+        systemd-sysupdate), from a release directory on the 9p share."""
+        share = self.mount_share()
+        rel = release or f"garage-node-{version}-base-amd64.release"
+        return (f"/opt/garage-node/bin/garage-node update install {version} --from {share}/{rel}"
+                + ("" if reboot else " --no-reboot"))
+
+    def nothing_written(self) -> dict:
+        return {"kernels": self.kernels(), "labels": sorted(self.ssh("lsblk -nro PARTLABEL").split()),
+                "incoming": self.ssh(f"ls -A {INCOMING} 2>/dev/null", check=False).split()}
 
 
 @pytest.fixture(scope="module")
@@ -266,17 +279,37 @@ def test_v1_boots_and_is_blessed(stick):
     STATE["v1"] = time.monotonic() - t0
 
 
-def test_v2_installed_by_sysupdate_and_blessed_after_reboot(stick):
+def test_tampered_release_is_refused_on_the_stick_and_nothing_written(stick, builds):
+    """SHA256SUMS changed after signing (one hash digit): the installer refuses before writing."""
+    needs("v1")
+    bad = WORK / "tampered.release"
+    shutil.rmtree(bad, ignore_errors=True)
+    bad.mkdir()
+    good = builds[V2][1]
+    for f in good.iterdir():
+        if f.name == "SHA256SUMS":
+            text = f.read_text()
+            (bad / f.name).write_text(text.replace(text[0], "0" if text[0] != "0" else "1", 1))
+        else:
+            os.link(f, bad / f.name)  # the same bytes, no copy
+    before = stick.nothing_written()
+    proc = stick.ssh(stick.install_cmd(V2, bad.name) + " 2>&1; echo rc=$?", timeout=600)
+    print(f"tampered SHA256SUMS on the stick: {proc.strip()[-400:]}")
+    assert "rc=1" in proc and "refused" in proc and "the signature SHA256SUMS.gpg does not match" in proc
+    assert stick.nothing_written() == before
+    assert "_empty" in before["labels"]
+    STATE["tamper"] = 1
+
+
+def test_v2_installed_by_the_agents_installer_and_blessed_after_reboot(stick):
     needs("v1")
     t0 = time.monotonic()
-    stick.stage(V2)
+    out = stick.ssh(stick.install_cmd(V2), timeout=1200)
     t1 = time.monotonic()
-    stick.ssh(f"{SYSUPDATE} --no-pager update {V2}", timeout=900)
-    t2 = time.monotonic()
-    assert stick.kernels() == [f"garage-node_{V1}.efi", f"garage-node_{V2}+3.efi"]
+    assert stick.kernels() == [f"garage-node_{V1}.efi", f"garage-node_{V2}+3.efi"], out
     labels = stick.ssh("lsblk -nro PARTLABEL").split()
     assert f"garage-root_{V1}" in labels and f"garage-root_{V2}" in labels and "_empty" not in labels
-    print(f"V2 staged in {t1 - t0:.0f} s, written by systemd-sysupdate in {t2 - t1:.0f} s")
+    print(f"V2 checked and written by the agent's installer (9p read, sha256, systemd-sysupdate) in {t1 - t0:.0f} s")
     stick.ssh("systemctl --no-block reboot", check=False)
     t3 = time.monotonic()
     gates = stick.wait_gates(2, BOOT_TIMEOUT)
@@ -291,19 +324,18 @@ def test_v2_installed_by_sysupdate_and_blessed_after_reboot(stick):
 
 def test_power_cut_while_writing_v3_still_boots_v2(stick):
     needs("v2")
-    stick.stage(V3)
-    stick.ssh(f"rm -f /run/sysupdate.done; systemd-run --unit=garage-test-sysupdate --collect "
-              f"sh -c '{SYSUPDATE} --no-pager update {V3} && touch /run/sysupdate.done'")
-    # Writing the root partition takes tens of seconds here: cut the power a few seconds in.
-    wait_for(lambda: stick.ssh("systemctl is-active garage-test-sysupdate", check=False).strip() == "active", 30,
-             "systemd-sysupdate to start writing", interval=1)
-    time.sleep(5)
-    still = stick.ssh("systemctl is-active garage-test-sysupdate; ls /run/sysupdate.done 2>/dev/null", check=False)
+    stick.ssh(f"systemd-run --unit=garage-test-install --collect {stick.install_cmd(V3)}")
+    # The installer reads and hashes the release first, then systemd-sysupdate writes the root
+    # partition for tens of seconds: cut the power a few seconds into that.
+    wait_for(lambda: stick.ssh("pgrep -x systemd-sysupda", check=False).strip() != "", 900,
+             "the installer to start systemd-sysupdate", interval=1)
+    time.sleep(4)
+    still = stick.ssh("pgrep -x systemd-sysupda", check=False).strip()
     stick.vm.pull_plug()
-    assert "/run/sysupdate.done" not in still, "sysupdate finished before the power cut: cut sooner"
-    print(f"power cut while systemd-sysupdate wrote V3; UKIs now: {esp_kernels(stick.disk)}; "
-          f"labels: {[p['name'] for p in partitions(stick.disk)]}")
-    assert f"garage-node_{V3}+3.efi" not in esp_kernels(stick.disk)
+    assert still, "systemd-sysupdate finished before the power cut: cut sooner"
+    kernels, labels = esp_kernels(stick.disk), [p["name"] for p in partitions(stick.disk)]
+    print(f"power cut while systemd-sysupdate wrote V3; UKIs now: {kernels}; labels: {labels}")
+    assert not any(k.startswith(f"garage-node_{V3}") for k in kernels)
     t0 = time.monotonic()
     stick.start()
     gates = stick.wait_gates(1, BOOT_TIMEOUT)
@@ -316,14 +348,14 @@ def test_power_cut_while_writing_v3_still_boots_v2(stick):
 
 def test_v3_whose_gate_fails_rolls_back_to_v2_within_4_boots(stick):
     needs("cut")
-    stick.ssh(f"test -e {INCOMING}/garage-node_{V3}.root.raw || exit 1")
-    stick.ssh(f"{SYSUPDATE} --no-pager update {V3}", timeout=900)
-    assert f"garage-node_{V3}+3.efi" in stick.kernels()
-    stick.ssh("systemctl --no-block reboot", check=False)
+    wait_for(lambda: stick.kernels() == [f"garage-node_{V1}.efi", f"garage-node_{V2}.efi"], 60,
+             "the boot after the power cut to be blessed", interval=3)
     t0 = time.monotonic()
+    # This time the installer reboots by itself, as the agent's does.
+    stick.ssh(stick.install_cmd(V3, reboot=True) + " > /run/install.log 2>&1", timeout=1200, check=False)
     # Verdicts so far on this QEMU run: 1 (V2 after the power cut). Then V3 fails on each try
     # and reboots, until the stick is back on V2.
-    deadline = time.monotonic() + 5 * BOOT_TIMEOUT
+    deadline = time.monotonic() + 6 * BOOT_TIMEOUT
     while time.monotonic() < deadline:
         after = stick.gates()[1:]
         if any(g.startswith("passed") for g in after) or len(after) > 4:
@@ -332,9 +364,10 @@ def test_v3_whose_gate_fails_rolls_back_to_v2_within_4_boots(stick):
     after = stick.gates()[1:]
     print(f"after installing V3: {len(after)} boots in {time.monotonic() - t0:.0f} s: {after}")
     assert len(after) <= 4, after
-    assert all(g.startswith(f"failed version={V3}") for g in after[:-1]), after
+    assert after and all(g.startswith(f"failed version={V3}") for g in after[:-1]), after
     assert after[-1].startswith(f"passed version={V2}"), after
     stick.wait_ssh()
     assert stick.os_version() == V2
     kernels = stick.kernels()
     assert f"garage-node_{V2}.efi" in kernels and f"garage-node_{V3}+0-3.efi" in kernels, kernels
+    print("status after the rollback:\n" + stick.ssh("/opt/garage-node/bin/garage-node status", check=False)[-1500:])
