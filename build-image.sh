@@ -122,11 +122,12 @@ if [ -n "$SIGNING_KEY" ]; then
         SIGN_HOME=$GNUPG_TMP
         GNUPGHOME=$SIGN_HOME gpg --batch --quiet --import "$SIGNING_KEY" 2>/dev/null \
             || die "--signing-key $SIGNING_KEY: gpg cannot import this file (export the key with: gpg --export-secret-keys --armor KEYID > FILE)"
-        SIGN_FPR=$(GNUPGHOME=$SIGN_HOME gpg --batch --with-colons --list-secret-keys 2>/dev/null | awk -F: '/^fpr:/ {print $10; exit}')
+        SIGN_FPR=$(GNUPGHOME=$SIGN_HOME gpg --batch --with-colons --list-secret-keys 2>/dev/null | awk -F: '/^fpr:/ {print $10; exit}' || true)
         [ -n "$SIGN_FPR" ] || die "--signing-key $SIGNING_KEY holds no secret key (a public key cannot sign: export the secret key)"
     else
         SIGN_HOME=${GNUPGHOME:-$HOME/.gnupg}
-        SIGN_FPR=$(GNUPGHOME=$SIGN_HOME gpg --batch --with-colons --list-secret-keys -- "$SIGNING_KEY" 2>/dev/null | awk -F: '/^fpr:/ {print $10; exit}')
+        [ -d "$SIGN_HOME" ] || die "--signing-key $SIGNING_KEY: no such file, and no gpg keyring at $SIGN_HOME (give a key file, or set GNUPGHOME)"
+        SIGN_FPR=$(GNUPGHOME=$SIGN_HOME gpg --batch --with-colons --list-secret-keys -- "$SIGNING_KEY" 2>/dev/null | awk -F: '/^fpr:/ {print $10; exit}' || true)
         [ -n "$SIGN_FPR" ] || die "--signing-key $SIGNING_KEY: no such file, and no secret key with this id in $SIGN_HOME (gpg --list-secret-keys)"
     fi
 fi
