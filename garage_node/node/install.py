@@ -90,18 +90,25 @@ class Verified:
 
 
 def verify_signature(keyring: Path, data: Path, signature: Path) -> str:
-    """The fingerprint of the key in `keyring` (armored or binary) that made the detached
-    `signature` over `data`; InstallError (not retried) otherwise."""
+    """The fingerprint of the key in `keyring` that made the detached `signature` over `data`;
+    InstallError (not retried) otherwise. Through `gpgv`, which only verifies: no import, no
+    gpg-agent, nothing written but a throwaway home. An armored keyring is dearmored first
+    (`gpg --dearmor` needs no agent either); the stick's is binary (`gpg --export`)."""
     if not keyring.is_file():
         raise InstallError(f"this stick carries no release key ({keyring} is missing): it cannot check a release; "
                            "flash a stick built with `build-image.sh --signing-key`")
-    with tempfile.TemporaryDirectory(prefix="garage-gpg-") as home:
-        imported = _gpg(Path(home), ["--import", str(keyring)])
-        if imported.returncode != 0:
-            raise InstallError(f"{keyring} holds no usable OpenPGP public key: flash a stick built with "
-                               "`build-image.sh --signing-key`")
-        # --trust-model always: being on the stick is what trust means here (no web of trust).
-        p = _gpg(Path(home), ["--trust-model", "always", "--status-fd", "1", "--verify", str(signature), str(data)])
+    with tempfile.TemporaryDirectory(prefix="garage-gpgv-") as home_s:
+        home = Path(home_s)
+        binary = keyring.resolve()
+        if keyring.read_bytes()[:64].lstrip().startswith(b"-----BEGIN PGP"):
+            binary = home / "keyring.gpg"
+            d = _run(["gpg", "--batch", "--no-tty", "--no-options", "--homedir", str(home), "--dearmor",
+                      "--output", str(binary), str(keyring.resolve())], home)
+            if d.returncode != 0:
+                raise InstallError(f"{keyring} holds no usable OpenPGP public key: flash a stick built with "
+                                   "`build-image.sh --signing-key`")
+        p = _run(["gpgv", "--homedir", str(home), "--keyring", str(binary), "--status-fd", "1",
+                  str(signature.resolve()), str(data.resolve())], home)
     status = [line.split()[1:] for line in p.stdout.decode("utf-8", "replace").splitlines()
               if line.startswith("[GNUPG:] ") and len(line.split()) > 1]
     words = {s[0] for s in status}
@@ -117,13 +124,13 @@ def verify_signature(keyring: Path, data: Path, signature: Path) -> str:
     raise InstallError(f"{rf.SIGNATURE} is not a valid signature of {rf.SUMS}; nothing was installed")
 
 
-def _gpg(home: Path, args: list[str]) -> subprocess.CompletedProcess[bytes]:
+def _run(cmd: list[str], home: Path) -> subprocess.CompletedProcess[bytes]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GNUPGHOME": str(home), "LC_ALL": "C"}
     try:
-        return subprocess.run(["gpg", "--batch", "--no-tty", "--no-options", "--homedir", str(home), *args],
-                              capture_output=True, env=env, timeout=GPG_TIMEOUT_S, check=False)
+        return subprocess.run(cmd, capture_output=True, env=env, timeout=GPG_TIMEOUT_S, check=False)
     except FileNotFoundError:
-        raise InstallError("gpg is not on this stick (Debian package gnupg): it cannot check a release") from None
+        raise InstallError(f"{cmd[0]} is not on this stick (Debian packages gpgv, gnupg): it cannot check a "
+                           "release") from None
 
 
 # -- the installer

@@ -543,3 +543,22 @@ def test_a_version_that_is_no_release_version_is_refused(tmp_path, head, keys):
     with pytest.raises(InstallError, match=r"the head named '2026_1' is not a release version") as e:
         installer(tmp_path, pc, keys[0].public).fetch("2026_1")
     assert not e.value.retry and not (tmp_path / "download").exists()
+
+
+def test_the_sticks_binary_keyring_and_an_armored_key_both_verify(tmp_path, keys):
+    """The stick carries `gpg --export` output (binary); gpgv reads it as it is. An armored key
+    is dearmored first. Neither needs a gpg-agent (the stick's image had none at first)."""
+    from garage_node.node.install import verify_signature
+
+    src = make_release(tmp_path / "r", "9.0", keys[0])
+    binary = tmp_path / "release-keys.gpg"
+    env = {**os.environ, "GNUPGHOME": str(keys[0].home)}
+    binary.write_bytes(subprocess.run(["gpg", "--batch", "--export", keys[0].fingerprint], env=env,
+                                      capture_output=True, check=True).stdout)
+    assert not binary.read_bytes().startswith(b"-----")
+    for keyring in (binary, keys[0].public):
+        assert verify_signature(keyring, src / rf.SUMS, src / rf.SIGNATURE) == keys[0].fingerprint
+    with pytest.raises(InstallError, match="holds no usable OpenPGP public key"):
+        bad = tmp_path / "junk.asc"
+        bad.write_text("-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nnot a key\n-----END PGP PUBLIC KEY BLOCK-----\n")
+        verify_signature(bad, src / rf.SUMS, src / rf.SIGNATURE)
