@@ -152,6 +152,12 @@ def test_ab_layout_and_what_the_stick_carries(builds, tmp_path):
     assert b"VARIANT_ID=base" in got["/usr/lib/os-release"]
     assert got["/etc/kernel/cmdline"].strip() == f"root=PARTLABEL=garage-root_{V1}".encode()
     assert got["/usr/lib/garage-node/test-fail-health-gate"] is None  # only V3's test build has it
+    assert b"PartitionReadOnly" not in got["/usr/lib/sysupdate.d/50-garage-root.conf"]  # unknown to systemd 254
+    for timer in ("systemd-sysupdate.timer", "systemd-sysupdate-reboot.timer"):  # only the agent updates
+        stat = sh(["debugfs", "-R", f"stat /etc/systemd/system/{timer}", str(root)], check=False).stdout
+        assert "Type: symlink" in stat and "/dev/null" in stat, f"{timer} is not masked:\n{stat}"
+    for tool in ("/usr/lib/systemd/systemd-sysupdate", "/usr/lib/systemd/systemd-import", "/usr/bin/gpg-agent"):
+        assert "Inode:" in sh(["debugfs", "-R", f"stat {tool}", str(root)], check=False).stdout, tool
     import json
 
     manifest = json.loads(img.with_name(img.name.removesuffix(".img") + ".manifest.json").read_text())
