@@ -156,7 +156,7 @@ def test_ab_layout_and_what_the_stick_carries(builds, tmp_path):
     for timer in ("systemd-sysupdate.timer", "systemd-sysupdate-reboot.timer"):  # only the agent updates
         stat = sh(["debugfs", "-R", f"stat /etc/systemd/system/{timer}", str(root)], check=False).stdout
         assert "Type: symlink" in stat and "/dev/null" in stat, f"{timer} is not masked:\n{stat}"
-    for tool in ("/usr/lib/systemd/systemd-sysupdate", "/usr/lib/systemd/systemd-import", "/usr/bin/gpg-agent"):
+    for tool in ("/usr/lib/systemd/systemd-sysupdate", "/usr/lib/systemd/systemd-import", "/usr/bin/gpgv"):
         assert "Inode:" in sh(["debugfs", "-R", f"stat {tool}", str(root)], check=False).stdout, tool
     import json
 
