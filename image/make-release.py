@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
         "root": root_name,
         "uki": uki_name,
         "agent": agent,
-        "built_at": datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc).isoformat(),
+        "built_at": datetime.datetime.fromtimestamp(int(epoch), datetime.UTC).isoformat(),
     }
     (dest / "release.json").write_text(json.dumps(release, indent=2) + "\n")
     sums["release.json"] = sha256(dest / "release.json")
