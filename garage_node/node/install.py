@@ -158,6 +158,7 @@ class Installer:
         except ValueError as e:
             raise InstallError(f"the head named {e}") from None
         work = self._workdir(version)
+        self._reclaim_incoming(version, work)
         sums_raw = self._small(version, rf.SUMS)
         (work / rf.SUMS).write_bytes(sums_raw)
         (work / rf.SIGNATURE).write_bytes(self._small(version, rf.SIGNATURE))
@@ -216,6 +217,19 @@ class Installer:
         work = self.download_dir / version
         work.mkdir(exist_ok=True)
         return work
+
+    def _reclaim_incoming(self, version: str, work: Path) -> None:
+        """What an install cut short left in the incoming directory (the power went while
+        sysupdate wrote): this version's files go back to its download directory, to be hashed
+        again rather than downloaded again; anything else goes. Left there, gigabytes would fill
+        the data partition and the next try would refuse for want of room (seen in QEMU)."""
+        if not self.incoming_dir.is_dir():
+            return
+        for f in self.incoming_dir.iterdir():
+            if f.is_file() and f.name in (root_name(version), uki_name(version)) and not (work / f.name).exists():
+                _move(f, work / f.name)
+            else:
+                shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
 
     @staticmethod
     def _empty(d: Path) -> None:

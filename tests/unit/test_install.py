@@ -217,6 +217,25 @@ def test_a_broken_download_resumes_and_the_checked_files_go_to_sysupdate(tmp_pat
     assert not list((tmp_path / "incoming").iterdir()) and not (tmp_path / "download" / "2.5").exists()
 
 
+def test_an_install_cut_short_by_a_power_cut_is_reclaimed_not_downloaded_again(tmp_path, head, keys):
+    """The power goes while sysupdate writes: the checked files are still in the incoming
+    directory. The next try takes them back (hashed again, not downloaded again) and clears
+    anything else there, instead of finding the data partition full (seen in QEMU)."""
+    pc, store = head
+    stored = publish(store, tmp_path, "2.7", keys[0], root_bytes=os.urandom(300_000))
+    v = installer(tmp_path, pc, keys[0].public).fetch("2.7")
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    for f in (v.root, v.uki):  # as install() leaves them when the power goes during sysupdate
+        os.replace(f, incoming / f.name)
+    (incoming / "garage-node_2.6.root.raw").write_bytes(b"x" * 1000)  # an older try's leftover
+    counted = Cut(source(pc), after=10**9)
+    again = installer(tmp_path, pc, keys[0].public, src=counted).fetch("2.7")
+    assert counted.ranges == []  # the root was not fetched again
+    assert again.root.read_bytes() == (stored / root_name("2.7")).read_bytes()
+    assert not list(incoming.iterdir())
+
+
 def test_a_failed_sysupdate_keeps_the_download_for_the_next_try(tmp_path, head, keys):
     pc, store = head
     publish(store, tmp_path, "2.6", keys[0])
