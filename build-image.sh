@@ -5,6 +5,7 @@
 #
 #   sudo ./build-image.sh [--variant base|nvidia] [--join-token TOKEN] [--config FILE]
 #                         [--output PATH] [--no-compress] [--if-changed] [--clean-cache]
+#                         [--image-version V] [--signing-key KEYID|FILE] [--release-dir DIR]
 #
 #   --variant base|nvidia  base (default): no GPU driver; nvidia: Debian's driver 535
 #   --join-token TOKEN     write it as [node] join_token into the stick's garage.toml
@@ -14,10 +15,28 @@
 #   --no-compress          no .img.zst (faster; the tests boot the raw image)
 #   --if-changed           do nothing when no input changed since PATH was built
 #   --clean-cache          rebuild the cached OS tree from scratch (mkosi --force --force)
+#   --image-version V      the OS version of this build (default: the agent's version in
+#                          pyproject.toml): the root partition's label garage-root_V, the UKI
+#                          garage-node_V.efi, IMAGE_VERSION= in os-release. A new release of
+#                          the stick needs a higher V (2026.12.1, 0.1.0.2: letters, digits,
+#                          '.' and '-'); only V changes, so the cached OS tree is reused
+#   --signing-key KEYID|FILE  the operator's OpenPGP release key: a key id of your gpg keyring
+#                          or an exported secret key file. Its public half goes into the image
+#                          (/usr/share/garage-node/release-keys.gpg: the stick installs only
+#                          releases signed by it), and the build writes a signed release
+#                          directory for `garage-node head release add`. Without it the stick
+#                          boots and serves as usual but can take no update.
+#   --release-dir DIR      where the release goes (default: the .img's name with .release)
+#   --test-fail-health-gate  TEST ONLY: this version's health gate always fails (the image
+#                          tests' rollback proof); never for a stick anybody boots
 #
 # Output (default): out/garage-node-<version>-<variant>-amd64.img, .img.zst, and
-# .img.sha256 / .img.zst.sha256 beside them. The image definition is declarative, in
-# image/ (mkosi 24 config: mkosi.conf, mkosi.profiles/, mkosi.repart/, mkosi.extra/).
+# .img.sha256 / .img.zst.sha256 beside them; with --signing-key the release directory
+# (release.json, garage-node_V.root.raw, garage-node_V.efi, SHA256SUMS, SHA256SUMS.gpg:
+# garage_node/core/releasefiles.py). The stick is an A/B stick: ESP (systemd-boot, one UKI per
+# installed version, boot counting), GARAGE, root A (this version), root B (empty, for the
+# next one), GARAGE-DATA (docs/image-updates.md). The image definition is declarative, in
+# image/ (mkosi 24 config: mkosi.conf, mkosi.profiles/, repart/, repart-root/, mkosi.extra/).
 # This script handles the arguments, host tools, the garage.toml for the stick, the
 # agent's wheels, then runs mkosi and compresses and checksums its raw image.
 #
@@ -39,6 +58,10 @@ OUTPUT=""
 COMPRESS=1
 IF_CHANGED=0
 CLEAN_CACHE=0
+IMAGE_VERSION=""
+SIGNING_KEY=""
+RELEASE_DIR=""
+TEST_FAIL_GATE=0
 
 usage() { awk 'NR>1 && /^#/ {sub(/^# ?/, ""); print; next} NR>1 {exit}' "$0"; }
 die() { echo "build-image: error: $*" >&2; exit 1; }
@@ -57,6 +80,13 @@ while [ $# -gt 0 ]; do
         --no-compress) COMPRESS=0; shift ;;
         --if-changed) IF_CHANGED=1; shift ;;
         --clean-cache) CLEAN_CACHE=1; shift ;;
+        --image-version) IMAGE_VERSION=${2:?}; shift 2 ;;
+        --image-version=*) IMAGE_VERSION=${1#*=}; shift ;;
+        --signing-key) SIGNING_KEY=${2:?}; shift 2 ;;
+        --signing-key=*) SIGNING_KEY=${1#*=}; shift ;;
+        --release-dir) RELEASE_DIR=${2:?}; shift 2 ;;
+        --release-dir=*) RELEASE_DIR=${1#*=}; shift ;;
+        --test-fail-health-gate) TEST_FAIL_GATE=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -68,6 +98,38 @@ case "$VARIANT" in base|nvidia) ;; *) die "--variant must be base or nvidia, not
 if [ -n "$JOIN_TOKEN" ]; then
     case "$JOIN_TOKEN" in gn1.*) ;; *) die "--join-token must start with 'gn1.' (value not shown)" ;; esac
     case "$JOIN_TOKEN" in *[[:space:]\"\\]*) die "--join-token contains spaces, quotes or backslashes (value not shown)" ;; esac
+fi
+# The same rule as garage_node/core/releasefiles.py's VERSION (sysupdate's patterns use '_'
+# as separator and systemd-boot's try counter '+'), checked here before anything slow runs.
+if [ -n "$IMAGE_VERSION" ] && ! [[ "$IMAGE_VERSION" =~ ^[0-9A-Za-z][0-9A-Za-z.-]{0,63}$ ]]; then
+    die "--image-version '$IMAGE_VERSION' is not a release version: use 1-64 letters, digits, '.' and '-', starting with a letter or digit (no '_' or '+'), e.g. 2026.12.1"
+fi
+[ -z "$RELEASE_DIR" ] || [ -n "$SIGNING_KEY" ] || die "--release-dir needs --signing-key (a release is signed with it)"
+
+# ------------------------------------------------------------------ the release key
+# --signing-key: a key id of the caller's gpg keyring, or a file with an exported secret key
+# (imported into a throwaway keyring that this script removes). SIGN_FPR is the full
+# fingerprint: what signs SHA256SUMS and what the image trusts.
+SIGN_HOME=""
+SIGN_FPR=""
+GNUPG_TMP=""
+cleanup_gnupg() { [ -z "$GNUPG_TMP" ] || rm -rf "$GNUPG_TMP"; }
+trap cleanup_gnupg EXIT
+if [ -n "$SIGNING_KEY" ]; then
+    command -v gpg >/dev/null || die "--signing-key needs gpg (apt-get install gpg)"
+    if [ -f "$SIGNING_KEY" ]; then
+        GNUPG_TMP=$(mktemp -d /tmp/garage-build-gnupg.XXXXXX)
+        SIGN_HOME=$GNUPG_TMP
+        GNUPGHOME=$SIGN_HOME gpg --batch --quiet --import "$SIGNING_KEY" 2>/dev/null \
+            || die "--signing-key $SIGNING_KEY: gpg cannot import this file (export the key with: gpg --export-secret-keys --armor KEYID > FILE)"
+        SIGN_FPR=$(GNUPGHOME=$SIGN_HOME gpg --batch --with-colons --list-secret-keys 2>/dev/null | awk -F: '/^fpr:/ {print $10; exit}' || true)
+        [ -n "$SIGN_FPR" ] || die "--signing-key $SIGNING_KEY holds no secret key (a public key cannot sign: export the secret key)"
+    else
+        SIGN_HOME=${GNUPGHOME:-$HOME/.gnupg}
+        [ -d "$SIGN_HOME" ] || die "--signing-key $SIGNING_KEY: no such file, and no gpg keyring at $SIGN_HOME (give a key file, or set GNUPGHOME)"
+        SIGN_FPR=$(GNUPGHOME=$SIGN_HOME gpg --batch --with-colons --list-secret-keys -- "$SIGNING_KEY" 2>/dev/null | awk -F: '/^fpr:/ {print $10; exit}' || true)
+        [ -n "$SIGN_FPR" ] || die "--signing-key $SIGNING_KEY: no such file, and no secret key with this id in $SIGN_HOME (gpg --list-secret-keys)"
+    fi
 fi
 
 # ------------------------------------------------------------------ garage.toml: the source
@@ -131,6 +193,7 @@ ensure_host_tools() {
     command -v sfdisk >/dev/null || need+=(fdisk)
     command -v zstd >/dev/null || need+=(zstd)
     command -v bc >/dev/null || need+=(bc)
+    command -v reprepro >/dev/null || need+=(reprepro)
     /usr/bin/python3 -c 'import pefile' 2>/dev/null || need+=(python3-pefile)
     [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
     if [ ${#need[@]} -gt 0 ]; then
@@ -150,6 +213,37 @@ ensure_host_tools() {
     [ "${repart_v:-0}" -ge 254 ] || die "systemd-repart $repart_v is too old: need 254 (apt-get install -t bookworm-backports systemd)"
 }
 ensure_host_tools
+
+# ------------------------------------------------------------------ systemd 254 for the image
+# The A/B stick needs systemd-sysupdate, which Debian ships from systemd 254 on (bookworm-
+# backports); bookworm's 252 has none. The binary packages of the systemd source package depend
+# on each other's exact version, so they move together. They reach mkosi as a local package
+# directory (PackageDirectories=, a local repository at the same priority as bookworm, where the
+# higher version wins) rather than as a backports apt source: that source would also show mkosi's
+# default initrd dracut's "Recommends: systemd-cryptsetup", a name without a package that its
+# package list asks for (apt: "has no installation candidate"). Downloaded once, then cached.
+SYSTEMD_BPO_VERSION=254.26-1~bpo12+1
+SYSTEMD_BPO_PACKAGES=(systemd systemd-sysv systemd-boot systemd-boot-efi systemd-resolved systemd-timesyncd
+                      systemd-container udev libsystemd0 libsystemd-shared libudev1 libpam-systemd libnss-systemd
+                      libnss-resolve libnss-myhostname systemd-dev)
+SYSTEMD_DEBS="$CACHE/systemd-$SYSTEMD_BPO_VERSION"
+ensure_systemd_debs() {
+    local missing=() p
+    for p in "${SYSTEMD_BPO_PACKAGES[@]}"; do
+        compgen -G "$SYSTEMD_DEBS/${p}_*.deb" >/dev/null || missing+=("$p=$SYSTEMD_BPO_VERSION")
+    done
+    [ ${#missing[@]} -gt 0 ] || return 0
+    ensure_backports_source
+    [ -n "$(find /var/lib/apt/lists -name '*bookworm-backports*Packages*' 2>/dev/null | head -1)" ] \
+        || apt-get "${APT_Q[@]}" update >/dev/null
+    say "downloading systemd $SYSTEMD_BPO_VERSION for the image into $SYSTEMD_DEBS"
+    mkdir -p "$SYSTEMD_DEBS.tmp"
+    (cd "$SYSTEMD_DEBS.tmp" && apt-get "${APT_Q[@]}" -o APT::Sandbox::User=root download "${missing[@]}" >/dev/null) \
+        || die "apt-get download ${missing[*]} failed (needs deb.debian.org incl. bookworm-backports)"
+    mkdir -p "$SYSTEMD_DEBS"
+    mv "$SYSTEMD_DEBS.tmp"/*.deb "$SYSTEMD_DEBS/"
+    rmdir "$SYSTEMD_DEBS.tmp"
+}
 # One build at a time on this machine (shared caches, output and CPU).
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.build-image.lock"
@@ -157,6 +251,7 @@ if ! flock -n 9; then
     say "another build-image.sh is running; waiting for it"
     flock 9
 fi
+ensure_systemd_debs
 step_done "host tools"
 
 # ------------------------------------------------------------------ version, epoch, paths
@@ -165,19 +260,24 @@ if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
     SOURCE_DATE_EPOCH=$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s)
 fi
 export SOURCE_DATE_EPOCH  # mkosi takes it from the environment (clamped file times, repart)
-NAME="garage-node-$VERSION-$VARIANT-amd64"
+IMAGE_VERSION=${IMAGE_VERSION:-$VERSION}
+NAME="garage-node-$IMAGE_VERSION-$VARIANT-amd64"
 OUTPUT=${OUTPUT:-$REPO/out/$NAME.img}
 case "$OUTPUT" in /*) ;; *) OUTPUT="$PWD/$OUTPUT" ;; esac
 mkdir -p "$(dirname "$OUTPUT")"
 BUILD="$REPO/out/build/$VARIANT"
 STAGE="$BUILD/stage"
 mkdir -p "$CACHE" "$BUILD"
-say "variant=$VARIANT version=$VERSION SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH output=$OUTPUT"
+if [ -n "$SIGNING_KEY" ]; then
+    RELEASE_DIR=${RELEASE_DIR:-${OUTPUT%.img}.release}
+    case "$RELEASE_DIR" in /*) ;; *) RELEASE_DIR="$PWD/$RELEASE_DIR" ;; esac
+fi
+say "variant=$VARIANT version=$IMAGE_VERSION (agent $VERSION) SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH output=$OUTPUT"
 
 # ------------------------------------------------------------------ garage.toml: staged
 # $STAGE/extra is this build's extra tree for mkosi (besides image/mkosi.extra/ and the
 # repository files that image/mkosi.conf names). bootfs/ becomes the GARAGE partition
-# (mkosi.repart/10-garage.conf), next to mkosi.extra's README.txt.
+# (repart/10-garage.conf), next to mkosi.extra's README.txt.
 rm -rf "$STAGE"
 mkdir -p "$STAGE/wheels" "$STAGE/extra/usr/lib/garage-node/bootfs" "$STAGE/extra/etc/garage-node"
 BOOTFS="$STAGE/extra/usr/lib/garage-node/bootfs"
@@ -193,7 +293,32 @@ GARAGE_NODE_VERSION=$VERSION
 GARAGE_NODE_VARIANT=$VARIANT
 GARAGE_NODE_GIT=$GIT_REV$GIT_DIRTY
 GARAGE_NODE_BUILD_EPOCH=$SOURCE_DATE_EPOCH
+GARAGE_NODE_IMAGE_VERSION=$IMAGE_VERSION
 EOF
+# A/B: each version's UKI finds its own root by the partition label that systemd-sysupdate gives
+# the slot it writes (garage-root_V; /usr/lib/sysupdate.d/). mkosi adds the rest of the command
+# line (image/mkosi.conf); this file stays in the image as a record of it.
+mkdir -p "$STAGE/extra/etc/kernel"
+echo "root=PARTLABEL=garage-root_$IMAGE_VERSION" > "$STAGE/extra/etc/kernel/cmdline"
+if [ -n "$SIGN_FPR" ]; then
+    # The keys the stick's installer verifies a release's SHA256SUMS.gpg against.
+    mkdir -p "$STAGE/extra/usr/share/garage-node"
+    GNUPGHOME=$SIGN_HOME gpg --batch --export "$SIGN_FPR" > "$STAGE/extra/usr/share/garage-node/release-keys.gpg"
+    [ -s "$STAGE/extra/usr/share/garage-node/release-keys.gpg" ] || die "gpg exported nothing for key $SIGN_FPR"
+fi
+if [ "$TEST_FAIL_GATE" = 1 ]; then
+    # TEST ONLY (tests/image/test_image_update.py): garage-boot-check fails on this version.
+    say "TEST ONLY: this image's health gate always fails (--test-fail-health-gate)"
+    mkdir -p "$STAGE/extra/usr/lib/garage-node"
+    echo "test build: the health gate fails on purpose (build-image.sh --test-fail-health-gate)" \
+        > "$STAGE/extra/usr/lib/garage-node/test-fail-health-gate"
+fi
+# The partition table: image/repart/ (common) and image/repart-root/<variant>/, with this
+# version in the root's label (systemd-repart's own %A would read the build host's os-release).
+mkdir -p "$STAGE/repart"
+for f in "$REPO"/image/repart/*.conf "$REPO/image/repart-root/$VARIANT"/*.conf; do
+    sed "s/@IMAGE_VERSION@/$IMAGE_VERSION/g" "$f" > "$STAGE/repart/$(basename "$f")"
+done
 step_done "garage.toml + staging"
 
 # ------------------------------------------------------------------ up to date?
@@ -202,6 +327,7 @@ step_done "garage.toml + staging"
 inputs_hash() {
     {
         echo "variant=$VARIANT version=$VERSION epoch=$SOURCE_DATE_EPOCH compress=$COMPRESS"
+        echo "image_version=$IMAGE_VERSION key=$SIGN_FPR release_dir=$RELEASE_DIR test_fail_gate=$TEST_FAIL_GATE"
         echo "mkosi=$(mkosi --version)"
         (cd "$REPO" && find build-image.sh image systemd garage_node pyproject.toml README.md docs/node.md \
             -path image/engine -prune -o -path '*/__pycache__' -prune -o -type f -print0 \
@@ -211,7 +337,8 @@ inputs_hash() {
 }
 HASH=$(inputs_hash)
 if [ "$IF_CHANGED" = 1 ] && [ -f "$OUTPUT" ] && [ "$(cat "$OUTPUT.inputs" 2>/dev/null)" = "$HASH" ] \
-   && { [ "$COMPRESS" = 0 ] || [ -f "$OUTPUT.zst" ]; }; then
+   && { [ "$COMPRESS" = 0 ] || [ -f "$OUTPUT.zst" ]; } \
+   && { [ -z "$RELEASE_DIR" ] || [ -f "$RELEASE_DIR/SHA256SUMS.gpg" ]; }; then
     say "up to date ($OUTPUT, inputs $HASH): nothing to do"
     exit 0
 fi
@@ -264,7 +391,9 @@ EOF
 step_done "agent wheels"
 
 # ------------------------------------------------------------------ mkosi
-MKOSI_CACHE="$CACHE/mkosi/$VARIANT"
+# A/B stick (systemd 254 from bookworm-backports): its own cached tree, so that a build of
+# an older checkout (systemd 252, one root) and this one do not rebuild each other's.
+MKOSI_CACHE="$CACHE/mkosi/$VARIANT-ab"
 FORCE=(--force)  # replace what a previous build left in mkosi-out
 if [ "$CLEAN_CACHE" = 1 ]; then
     say "--clean-cache: mkosi removes its cached OS tree in $MKOSI_CACHE first"
@@ -277,7 +406,10 @@ set +e
 (
     cd "$REPO/image" && mkosi \
         --profile "$VARIANT" \
-        --image-version "$VERSION" \
+        --image-version "$IMAGE_VERSION" \
+        --unified-kernel-image-format "garage-node_$IMAGE_VERSION+&c" \
+        --repart-dir "$STAGE/repart" \
+        --package-directory "$SYSTEMD_DEBS" \
         --output "$NAME" \
         --output-dir "$BUILD/mkosi-out" \
         --cache-dir "$MKOSI_CACHE" \
@@ -317,6 +449,21 @@ if [ "$COMPRESS" = 1 ]; then
     (cd "$(dirname "$OUTPUT")" && sha256sum "$(basename "$OUTPUT").zst" > "$(basename "$OUTPUT").zst.sha256")
     step_done "compress (zstd -3)"
 fi
+
+# ------------------------------------------------------------------ the release
+# With --signing-key: the root partition and the UKI of this build, release.json, SHA256SUMS
+# (image/make-release.py) and SHA256SUMS.gpg, signed here with the operator's key.
+if [ -n "$SIGN_FPR" ]; then
+    rm -rf "$RELEASE_DIR"
+    mkdir -p "$(dirname "$RELEASE_DIR")"
+    MANIFEST_JSON="${OUTPUT%.img}.manifest.json"
+    $PY -B "$REPO/image/make-release.py" "$OUTPUT" "$IMAGE_VERSION" "$VARIANT" "$VERSION" "$MANIFEST_JSON" \
+        "$STAGE/wheels" "$SOURCE_DATE_EPOCH" "$RELEASE_DIR" || die "writing the release into $RELEASE_DIR failed"
+    GNUPGHOME=$SIGN_HOME gpg --batch --yes --quiet --local-user "$SIGN_FPR!" --detach-sign \
+        --output "$RELEASE_DIR/SHA256SUMS.gpg" "$RELEASE_DIR/SHA256SUMS" \
+        || die "gpg could not sign $RELEASE_DIR/SHA256SUMS with key $SIGN_FPR (a key with a passphrase needs a gpg-agent that can ask for it)"
+    step_done "release (signed)"
+fi
 echo "$HASH" > "$OUTPUT.inputs"
 
 # ------------------------------------------------------------------ summary
@@ -334,4 +481,9 @@ if [ "$VARIANT" = nvidia ]; then
     say "note: GPUs up to Ada/Hopper with CUDA <= 12.x images; RTX 50-series needs a newer driver."
 fi
 [ -n "$JOIN_TOKEN" ] && say "garage.toml carries a join token (not shown)"
+if [ -n "$SIGN_FPR" ]; then
+    say "release:    $RELEASE_DIR (signed by $SIGN_FPR); add it at the head: garage-node head release add $RELEASE_DIR"
+else
+    say "note: built without --signing-key: this stick trusts no release key and can take no update"
+fi
 exit 0

@@ -26,6 +26,11 @@
 #   --vars PATH          OVMF variable store to use/keep (default: a fresh temporary copy)
 #   --qmp PATH           QMP control socket at PATH (e.g. for `screendump` of the screen)
 #   --no-serial-journal  do not ask the guest to copy its journal to the serial console
+#   --reboot             a reboot of the guest boots it again (default: QEMU exits, so
+#                        that a boot test ends with the guest); for the A/B update tests,
+#                        where the stick reboots into the new version or back to the old one
+#   --share DIR          DIR read-only in the guest as 9p tag "garage-share"
+#                        (mount -t 9p -o trans=virtio,ro garage-share /mnt)
 #
 # The guest prints "GARAGE-NODE-BOOTED <hostname>" and "GARAGE-NODE-INFO ..." lines on
 # its serial console after multi-user (garage-boot-marker.service), and (unless
@@ -51,6 +56,8 @@ SERIAL_JOURNAL=1
 ALLOW_OUTSIDE=0
 NETOPTS=""
 EXTRA=()
+REBOOT=0
+SHARE=""
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -70,6 +77,8 @@ while [ $# -gt 0 ]; do
         --vars) VARS=${2:?}; shift 2 ;;
         --qmp) QMP=${2:?}; shift 2 ;;
         --no-serial-journal) SERIAL_JOURNAL=0; shift ;;
+        --reboot) REBOOT=1; shift ;;
+        --share) SHARE=${2:?}; shift 2 ;;
         --) shift; EXTRA=("$@"); break ;;
         -h|--help) awk 'NR>1 && /^#/ {sub(/^# ?/, ""); print; next} NR>1 {exit}' "$0"; exit 0 ;;
         -*) die "unknown option $1 (see --help)" ;;
@@ -147,8 +156,12 @@ CMD=(qemu-system-x86_64
      -netdev "user,id=net0$NETOPTS" -device virtio-net-pci,netdev=net0
      -device virtio-rng-pci
      -smbios type=1,serial=garage-qemu
-     "${CONSOLE[@]}"
-     -no-reboot)
+     "${CONSOLE[@]}")
+[ "$REBOOT" = 1 ] || CMD+=(-no-reboot)
+if [ -n "$SHARE" ]; then
+    [ -d "$SHARE" ] || die "--share $SHARE: no such directory"
+    CMD+=(-virtfs "local,path=$(realpath "$SHARE"),mount_tag=garage-share,security_model=none,readonly=on")
+fi
 [ -n "$PIDFILE" ] && CMD+=(-pidfile "$PIDFILE")
 # The image's garage-serial-journal generator looks for this OEM string.
 [ "$SERIAL_JOURNAL" = 1 ] && CMD+=(-smbios "type=11,value=io.garage.serial-journal=1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +70,70 @@ def build_image(variant: str, garage_toml: str, conf_name: str) -> tuple[Path, s
     return img, proc.stdout + proc.stderr
 
 
+def release_key(directory: Path) -> Path:
+    """A throwaway OpenPGP release key (secret, exported without a passphrase) for the update
+    tests, kept in `directory` so that the versions built with it are reused from run to run.
+    Never an operator's key: it lives under out/test/."""
+    key = directory / "release-key.asc"
+    if key.exists():
+        return key
+    directory.mkdir(parents=True, exist_ok=True)
+    home = directory / "gnupg-tmp"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(mode=0o700)
+    env = {**os.environ, "GNUPGHOME": str(home)}
+    try:
+        sh(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "garage-node image test <release@test.invalid>",
+            "ed25519", "sign", "never"], env=env)
+        secret = sh(["gpg", "--batch", "--armor", "--export-secret-keys"], env=env).stdout
+    finally:
+        subprocess.run(["gpgconf", "--kill", "all"], env=env, capture_output=True, check=False)
+        shutil.rmtree(home, ignore_errors=True)
+    tmp = key.with_suffix(".tmp")
+    tmp.write_text(secret)
+    tmp.rename(key)
+    return key
+
+
+def build_release(version: str, key: Path, directory: Path, garage_toml: str, *,
+                  fail_gate: bool = False) -> tuple[Path, Path]:
+    """build-image.sh --image-version VERSION --signing-key KEY into `directory` (reused when no
+    input changed: only the version differs between the update tests' builds, so mkosi reuses one
+    cached OS tree); returns the raw image and its release directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    conf = directory / "garage.toml"
+    if not conf.exists() or conf.read_text() != garage_toml:
+        conf.write_text(garage_toml)
+    img = directory / f"garage-node-{version}-base-amd64.img"
+    cmd = [str(REPO / "build-image.sh"), "--config", str(conf), "--output", str(img), "--no-compress", "--if-changed",
+           "--image-version", version, "--signing-key", str(key)]
+    if fail_gate:
+        cmd.append("--test-fail-health-gate")
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    sys.stdout.write(proc.stdout[-2500:])
+    assert proc.returncode == 0, f"build-image.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    print(f"version {version} build (or reuse): {time.monotonic() - t0:.1f} s")
+    release = img.with_suffix(".release")
+    assert (release / "SHA256SUMS.gpg").exists(), f"no signed release in {release}"
+    return img, release
+
+
+def partitions(disk: Path) -> list[dict]:
+    """The GPT of a disk image: name (label), start and size in bytes."""
+    table = json.loads(sh(["sfdisk", "-J", str(disk)]).stdout)["partitiontable"]
+    size = table.get("sectorsize", 512)
+    return [{"name": p.get("name", ""), "offset": p["start"] * size, "bytes": p["size"] * size, "type": p["type"]}
+            for p in table["partitions"]]
+
+
+def esp_kernels(disk: Path) -> list[str]:
+    """The UKIs in the ESP's /EFI/Linux of a (powered off) disk image, read with mtools."""
+    esp = next(p for p in partitions(disk) if p["name"] == "ESP")
+    out = sh(["mdir", "-b", "-i", f"{disk}@@{esp['offset']}", "::/EFI/Linux"]).stdout
+    return sorted(line.rsplit("/", 1)[-1] for line in out.splitlines() if line.strip().endswith(".efi"))
+
+
 def parse_boot_log(log: str) -> dict:
     info: dict = {"status": []}
     for line in log.splitlines():
@@ -116,16 +181,27 @@ class VM:
         self.runner: subprocess.Popen | None = None
         self.boots = 0
 
-    def boot(self) -> Path:
+    def boot(self, *extra: str, timeout: int = JOIN_TIMEOUT + 300) -> Path:
+        """Start QEMU on the disk; `extra`: more qemu-run.sh options (--reboot, --share DIR, ...)."""
         self.boots += 1
         log = self.workdir / f"serial-{self.boots}.log"
         self.pidfile = self.workdir / "qemu.pid"
         self.pidfile.unlink(missing_ok=True)
         self.runner = subprocess.Popen(
             [str(REPO / "image/qemu-run.sh"), str(self.disk), "--netns", self.netns, "--serial-log", str(log),
-             "--pidfile", str(self.pidfile), "--mem", "4096", "--timeout", str(JOIN_TIMEOUT + 300)],
+             "--pidfile", str(self.pidfile), "--mem", "4096", "--timeout", str(timeout), *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         return log
+
+    def pull_plug(self) -> None:
+        """SIGKILL QEMU: the power is cut in the middle of whatever the guest is writing."""
+        try:
+            qpid = int(self.pidfile.read_text().strip())
+            if Path(f"/proc/{qpid}/comm").read_text().startswith("qemu-system"):
+                os.kill(qpid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+        self.power_off()
 
     def power_off(self) -> None:
         """Pull the plug: QEMU quits at once, as a PC whose owner switches it off."""

@@ -35,7 +35,7 @@ from garage_node.core.clock import SYSTEM, Clock
 from garage_node.core.firewall import Firewall, Nftables
 from garage_node.core.raycmd import local_versions, ray_env
 from garage_node.core.supervise import RunAs, Supervised
-from garage_node.core.wire import (MAX_GPUS, AgentInfo, AgentVersions, HeadStatus, NodeReport,
+from garage_node.core.wire import (MAX_GPUS, AgentInfo, AgentVersions, EngineState, HeadStatus, NodeReport,
                                    NodeState, RayResources, RayStatus, Status, Versions, clip)
 from garage_node.core.wireguard import Interface
 from garage_node.node import gpu, identity
@@ -46,6 +46,7 @@ from garage_node.node.engine.manager import EngineManager
 from garage_node.node.headclient import BeatTimer, HeadApi
 from garage_node.node.health import Health, Source
 from garage_node.node.identity import Identity
+from garage_node.node.install import Installer
 from garage_node.node.overlay import Overlay
 from garage_node.node.paths import StatePaths
 from garage_node.node.plan import Plan, make_plan
@@ -58,6 +59,10 @@ from garage_node.node.updatepart import UpdatePart
 from garage_node.node.weights import Weights, head_source
 
 log = logging.getLogger(__name__)
+
+# An engine in these states runs no request: an OS update may install.
+ENGINE_OFF = frozenset({EngineState.DRAINED, EngineState.STOPPED, EngineState.DISABLED, EngineState.REFUSED,
+                        EngineState.ERROR})
 
 
 @dataclass(frozen=True)
@@ -116,11 +121,15 @@ class Agent:
         self.engine = (engine or EngineManager)(cfg.engine, self.paths.drain_flag, lambda: self.plan.engine_wanted(),
                                                 clock=clock)
         # The stick's OS updates (issue #19): the head's target against the owner's [update]
-        # policy. It cannot install yet (no A/B stick): it says so in status, and never drains
-        # the engine for an update it cannot install.
+        # policy; on an A/B stick the install (node/install.py) fetches from the head with this
+        # PC's credential. Where it cannot install it says so in status, and never drains the
+        # engine for it.
+        variant = os_update.os_release_value("VARIANT_ID")
         self.updates = updates or UpdatePart(self.paths.state_dir,
                                              os_update.policy_of(cfg.update, cfg.schedule.timezone), clock.time,
-                                             variant=os_update.os_release_value("VARIANT_ID"))
+                                             variant=variant, make_installer=lambda: Installer(
+                                                 head_source(self._identity, self.paths.head_ca.read_bytes()),
+                                                 variant))
         self.versions = versions()
         self.started_at = clock.monotonic()
         self.identity: Identity | None = None
@@ -221,8 +230,10 @@ class Agent:
                 self.ray.head_says(reply.ray_alive, reply.ray_cluster_id, reply.ray_dead)
             if self.session.assignment != assigned:
                 self._replan()  # the head's new word takes effect now, not a pass later
-        idle = self.gpus.serving.paused is not None or self.engine.draining or not self.cfg.engine.enabled
-        self.updates.step(self.session.update_target, serving=not idle, idle=idle)
+        paused = self.gpus.serving.paused is not None or self.engine.draining or not self.cfg.engine.enabled
+        # Idle: no engine runs a request, including one this update's own hold has drained.
+        idle = paused or self.engine.snapshot().state in ENGINE_OFF
+        self.updates.step(self.session.update_target, serving=not paused, idle=idle)
         if self._member():
             assert self.identity is not None
             renewed = self.session.renew_if_due(self.identity)
@@ -301,7 +312,7 @@ class Agent:
     def _update_drains(self) -> str | None:
         """Why the engine drains for an OS update (before it installs), or None: only where the
         update can install."""
-        if self.updates.wants_drain and self.updates.installer() is None:
+        if self.updates.wants_drain:  # only ever where the update can install (updatepart.py)
             return f"draining for the OS update to {self.session.update_target}"
         return None
 

@@ -15,9 +15,9 @@ Three pieces, each pure or with its files handed in:
   and, after the reboot, what became of it: OK (running it, blessed), ROLLED_BACK (back on the old
   version: its tries ran out; that version is never tried again), or still unknown.
 
-Not here: the installer. On an A/B stick it is `systemd-sysupdate update VERSION` against the
-head's /v1/releases/ (systemd 254 from bookworm-backports); today's stick has systemd 252 and one
-root, so `installer_missing()` says so and nothing pretends to install.
+The installer itself is node/install.py (fetch, check, `systemd-sysupdate update VERSION`),
+driven by node/updatepart.py; `installer_missing()` says why a PC cannot run it (today's
+one-root stick with systemd 252, or a stick built without a release key).
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 BOOT_COUNT_VAR = f"LoaderBootCountPath-{LOADER_GUID}"
 _COUNTER = re.compile(r"\+(\d+)(?:-(\d+))?(?:\.[^./\\]+)?\Z")
 SYSUPDATE = ("/usr/lib/systemd/systemd-sysupdate", "/lib/systemd/systemd-sysupdate")
+# Where sysupdate reads transfer definitions: the image ships them in /usr/lib (the owner's
+# /etc would override them).
+SYSUPDATE_D = (Path("/etc/sysupdate.d"), Path("/usr/lib/sysupdate.d"))
+RELEASE_KEYS = Path("/usr/share/garage-node/release-keys.gpg")  # build-image.sh --signing-key puts it there
+ROOT_LABEL = "garage-root_"  # the root partitions' GPT labels: garage-root_<version>; a free one is "_empty"
 
 
 class Action(StrEnum):
@@ -146,13 +151,13 @@ def os_release_value(name: str, os_release: Path = OS_RELEASE) -> str | None:
 
 
 def boot_facts(os_release: Path = Path("/etc/os-release"), efivars: Path = Path("/sys/firmware/efi/efivars"),
-               esp: Path = Path("/boot"), sysupdate_d: Path = Path("/etc/sysupdate.d"),
+               esp: Path | tuple[Path, ...] = (Path("/efi"), Path("/boot")), sysupdate_d: Path | tuple[Path, ...] = SYSUPDATE_D,
                sysupdate: tuple[str, ...] = SYSUPDATE) -> BootFacts:
     """The booted version and its boot counter. A counted boot is blessed once systemd-bless-boot
     renamed its entry (the counted file is gone from the ESP); a boot without a counter is
     blessed (or never counted). Without EFI variables, nothing is known."""
     version = os_release_value("IMAGE_VERSION", os_release)
-    ab = any(os.access(p, os.X_OK) for p in sysupdate) and sysupdate_d.is_dir() and any(sysupdate_d.glob("*.conf"))
+    ab = any(os.access(p, os.X_OK) for p in sysupdate) and _has_transfers(sysupdate_d)
     if not efivars.is_dir():
         return BootFacts(version, None, None, ab)
     entry = read_efi_string(efivars / BOOT_COUNT_VAR)
@@ -161,17 +166,61 @@ def boot_facts(os_release: Path = Path("/etc/os-release"), efivars: Path = Path(
     counter = parse_counter(entry)
     if counter is None:
         return BootFacts(version, True, None, ab)
-    still_counted = (esp / entry.replace("\\", "/").lstrip("/")).exists()
+    # The ESP is where systemd's gpt-auto generator mounted it: /efi when /boot is taken.
+    rel = entry.replace("\\", "/").lstrip("/")
+    still_counted = any((d / rel).exists() for d in ((esp,) if isinstance(esp, Path) else esp))
     return BootFacts(version, not still_counted, counter[0] if still_counted else None, ab)
 
 
-def installer_missing(sysupdate: tuple[str, ...] = SYSUPDATE) -> str | None:
-    """Why this PC cannot install an update (None: it could). The installer itself is not
-    written yet: it needs the A/B stick, which the image work brings."""
+def _has_transfers(dirs: Path | tuple[Path, ...]) -> bool:
+    return any(d.is_dir() and any(d.glob("*.conf")) for d in ((dirs,) if isinstance(dirs, Path) else dirs))
+
+
+def installer_missing(sysupdate: tuple[str, ...] = SYSUPDATE, sysupdate_d: tuple[Path, ...] = SYSUPDATE_D,
+                      keys: Path = RELEASE_KEYS) -> str | None:
+    """Why this PC cannot install an update (None: it can): an A/B stick has systemd-sysupdate,
+    the image's transfer definitions and the operator's release key."""
     if not any(shutil.which(p) or os.access(p, os.X_OK) for p in sysupdate):
         return ("systemd-sysupdate is not on this stick (Debian 12's systemd 252 has none; the A/B stick brings 254 "
                 "from bookworm-backports)")
-    return "installing needs the A/B stick (root A and B, sysupdate.d transfers): not built yet"
+    if not _has_transfers(sysupdate_d):
+        return "this stick has one root and no sysupdate.d transfers: flash an A/B stick to take updates"
+    if not keys.is_file():
+        return (f"this stick carries no release key ({keys}): it cannot check a release; flash a stick built with "
+                "`build-image.sh --signing-key`")
+    return None
+
+
+def other_slot_version(booted: str | None, sys_block: Path = Path("/sys/class/block")) -> str | None:
+    """The version in the other root slot of the booted stick, from the GPT labels the kernel
+    read (sysfs uevent PARTNAME): garage-root_<version> beside the booted one on the same disk.
+    None: the slot is empty ("_empty"), or this is no A/B stick."""
+    if booted is None or not sys_block.is_dir():
+        return None
+    by_disk: dict[str, list[str]] = {}
+    booted_disk = None
+    for part in sorted(sys_block.iterdir()):
+        name = _partname(part / "uevent")
+        if name is None or not name.startswith(ROOT_LABEL):
+            continue
+        disk = part.resolve().parent.name  # /sys/devices/.../block/sdb/sdb3 -> sdb
+        version = name[len(ROOT_LABEL):]
+        by_disk.setdefault(disk, []).append(version)
+        if version == booted:
+            booted_disk = disk
+    others = sorted(v for v in by_disk.get(booted_disk or "", []) if v != booted)
+    return others[-1] if others else None
+
+
+def _partname(uevent: Path) -> str | None:
+    try:
+        text = uevent.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("PARTNAME="):
+            return line[len("PARTNAME="):]
+    return None
 
 
 # -- the outcome
@@ -185,23 +234,33 @@ class UpdateRecord:
     last_outcome: UpdateOutcome | None = None
     last_why: str | None = None
     last_at: float | None = None
-    refused: tuple[str, ...] = field(default=())  # versions never tried again
+    refused: tuple[str, ...] = field(default=())  # versions that rolled back: never tried again
+    rejected: tuple[str, ...] = field(default=())  # versions whose release was refused (signature, sums, variant)
+    boot_id: str | None = None  # the boot that installed `last_version` (the kernel's random boot id)
 
-    def started(self, version: str, now: float) -> UpdateRecord:
+    def started(self, version: str, now: float, boot_id: str | None = None) -> UpdateRecord:
         """Written (and synced) before the reboot into `version`."""
-        return replace(self, last_version=version, last_outcome=UpdateOutcome.INSTALLING, last_why=None, last_at=now)
+        return replace(self, last_version=version, last_outcome=UpdateOutcome.INSTALLING, last_why=None, last_at=now,
+                       boot_id=boot_id)
 
-    def failed(self, version: str, why: str, now: float) -> UpdateRecord:
-        return replace(self, last_version=version, last_outcome=UpdateOutcome.FAILED, last_why=why[:512], last_at=now)
+    def failed(self, version: str, why: str, now: float, *, final: bool = False) -> UpdateRecord:
+        """Not installed; `final`: the release itself was refused, and that version is not
+        tried again (a new build gets a new version)."""
+        rejected = tuple(sorted({*self.rejected, version})) if final else self.rejected
+        return replace(self, last_version=version, last_outcome=UpdateOutcome.FAILED, last_why=why[:512], last_at=now,
+                       rejected=rejected)
 
 
-def settle(record: UpdateRecord, boot: BootFacts, now: float) -> UpdateRecord:
+def settle(record: UpdateRecord, boot: BootFacts, now: float, boot_id: str | None = None) -> UpdateRecord:
     """After a boot: what became of an update that was `installing`. Running the new version and
     blessed: OK. Running another version (systemd-boot fell back after the new one's tries ran
     out): ROLLED_BACK, and the version is refused for good. Running it but not yet blessed: still
-    installing (its health gate has not passed yet)."""
+    installing (its health gate has not passed yet). Still the boot that installed it (the agent
+    restarted before the reboot): nothing is known yet."""
     v = record.last_version
     if record.last_outcome != UpdateOutcome.INSTALLING or v is None or boot.os_version is None:
+        return record
+    if record.boot_id is not None and record.boot_id == boot_id:
         return record
     if boot.os_version == v:
         if boot.blessed:
@@ -217,7 +276,8 @@ def load_record(path: Path) -> UpdateRecord:
         d = json.loads(path.read_text())
         outcome = d.get("last_outcome")
         return UpdateRecord(d.get("last_version"), UpdateOutcome(outcome) if outcome else None, d.get("last_why"),
-                            d.get("last_at"), tuple(d.get("refused", ())))
+                            d.get("last_at"), tuple(d.get("refused", ())), tuple(d.get("rejected", ())),
+                            d.get("boot_id"))
     except (OSError, ValueError, TypeError, AttributeError):
         return UpdateRecord()
 
@@ -225,7 +285,19 @@ def load_record(path: Path) -> UpdateRecord:
 def save_record(path: Path, record: UpdateRecord) -> None:
     d = asdict(record)
     d["refused"] = list(record.refused)
+    d["rejected"] = list(record.rejected)
     write_private(path, (json.dumps(d) + "\n").encode(), mode=0o644)
+
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def current_boot_id(path: Path = BOOT_ID) -> str | None:
+    """The kernel's id of this boot: a new one after every reboot."""
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 APPROVAL = "update-approved"

@@ -6,15 +6,18 @@ outcome written before the reboot and settled after it."""
 from __future__ import annotations
 
 import os
+import threading
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 
 from garage_node.core.settings import ConfigError
 from garage_node.core.wire import UpdateOutcome
 from garage_node.node import update as up
 from garage_node.node.config import load_node_config
+from garage_node.node.install import Installer
 from garage_node.node.update import Action, BootFacts, Policy, UpdateRecord, decide
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -184,12 +187,12 @@ def test_the_agents_update_part(tmp_path):
     assert part.step("v2", serving=True, idle=False).action == Action.WAIT
     s = part.status()
     assert s is not None and s.target == "v2" and s.tries_left == 2 and "not confirmed good" in (s.pending_why or "")
-    # Blessed, in the window, the engine busy: drain first.
+    # Blessed, in the window: it would drain, then install, but this stick has no installer;
+    # the reason is what it reports, and it never drains for it.
     boot[0] = GOOD
-    assert part.step("v2", serving=True, idle=False).action == Action.DRAIN and part.wants_drain
-    # Drained: it would install, but this stick has no installer; the reason is what it reports.
-    d = part.step("v2", serving=False, idle=True)
-    assert d.action == Action.WAIT and "v2 cannot be installed here: " in d.why and not part.wants_drain
+    for serving, idle in ((True, False), (False, True)):
+        d = part.step("v2", serving=serving, idle=idle)
+        assert d.action == Action.WAIT and "v2 cannot be installed here: " in d.why and not part.wants_drain
     # An update that was underway before a reboot, and came back on the old version.
     up.save_record(tmp_path / "update.json", UpdateRecord().started("v2", now[0]))
     assert part.step("v2", serving=False, idle=True).why.endswith("not tried again")
@@ -234,12 +237,27 @@ def test_the_agent_reports_the_heads_target_and_never_drains_for_an_update_it_ca
     assert s.update is not None and s.update.os_version == "v1" and s.update.target == "v2"
     assert "cannot be installed here" in (s.update.pending_why or "")
     assert NodeReport.of(r.agent.snapshot()).update == s.update  # the head hears it too
-    # Serving in the window: the part asks for a drain, which the agent does not carry out.
-    assert r.agent.updates.step("v2", serving=True, idle=False).action == Action.DRAIN
+    # Serving in the window: on this stick the part does not even ask for a drain.
+    assert r.agent.updates.step("v2", serving=True, idle=False).action == Action.WAIT
     assert r.agent._update_drains() is None
-    r.agent.updates.installer = lambda: None  # an A/B stick (its installer found)
-    assert r.agent.updates.step("v2", serving=True, idle=False).action == Action.DRAIN
-    assert r.agent._update_drains() == "draining for the OS update to v2"
+    # An A/B stick (its installer found): the download starts and the engine drains meanwhile.
+    # The head's files never arrive here (node/install.py's own tests fetch them for real).
+    hold = threading.Event()
+
+    class Silent:
+        def get(self, path, headers):
+            hold.wait(30)
+            raise httpx.ConnectError("the test is over")
+
+    r.agent.updates.installer = lambda: None
+    r.agent.updates.make_installer = lambda: Installer(Silent(), "base")  # type: ignore[arg-type]
+    try:
+        assert r.agent.updates.step("v2", serving=True, idle=False).action == Action.DRAIN
+        assert r.agent._update_drains() == "draining for the OS update to v2"
+        st = r.agent.updates.status()
+        assert st is not None and (st.pending_why or "").startswith("downloading v2: 0%; draining")
+    finally:
+        hold.set()
 
 
 def test_status_shows_the_os_version_and_why_the_heads_target_waits():
@@ -269,3 +287,57 @@ def test_the_sticks_version_and_variant_come_from_os_release(tmp_path):
     assert up.os_release_value("VARIANT_ID", tmp_path / "missing") is None
     path.write_text('NAME="Debian GNU/Linux"\n')
     assert up.os_release_value("VARIANT_ID", path) is None
+
+
+def test_the_other_slots_version_comes_from_the_partition_labels(tmp_path):
+    """As the kernel shows GPT labels in sysfs (PARTNAME in each partition's uevent), with a
+    second stick in the PC whose labels must not count."""
+    devices, block = tmp_path / "devices", tmp_path / "class-block"
+    block.mkdir()
+    for disk, n, label in (("sda", 1, "garage-root_2026.11.1"), ("sdb", 3, "garage-root_2026.12.1"),
+                           ("sdb", 4, "garage-root_2026.11.2"), ("sdb", 5, "GARAGE-DATA"), ("sdc", 3, "_empty"),
+                           ("sdc", 2, "garage-root_2026.12.9")):
+        part = devices / disk / f"{disk}{n}"
+        part.mkdir(parents=True)
+        (part / "uevent").write_text(f"MAJOR=8\nMINOR={n}\nDEVNAME={disk}{n}\nDEVTYPE=partition\nPARTN={n}\n"
+                                     f"PARTNAME={label}\n")
+        (block / f"{disk}{n}").symlink_to(part)
+    assert up.other_slot_version("2026.12.1", block) == "2026.11.2"
+    assert up.other_slot_version("2026.12.9", block) is None  # its other slot is "_empty"
+    assert up.other_slot_version(None, block) is None and up.other_slot_version("x", tmp_path / "none") is None
+
+
+def test_what_an_ab_stick_needs_to_install(tmp_path):
+    sysupdate = tmp_path / "systemd-sysupdate"
+    sysupdate.write_text("#!/bin/sh\n")
+    os.chmod(sysupdate, 0o755)
+    defs, keys = tmp_path / "sysupdate.d", tmp_path / "release-keys.gpg"
+    kw = dict(sysupdate=(str(sysupdate),), sysupdate_d=(defs,), keys=keys)
+    assert "one root and no sysupdate.d" in (up.installer_missing(**kw) or "")  # type: ignore[arg-type]
+    defs.mkdir()
+    (defs / "50-garage-root.conf").write_text("[Transfer]\n")
+    assert "carries no release key" in (up.installer_missing(**kw) or "")  # type: ignore[arg-type]
+    keys.write_bytes(b"keyring")
+    assert up.installer_missing(**kw) is None  # type: ignore[arg-type]
+
+
+def test_an_agent_restarted_before_the_reboot_does_not_call_it_a_rollback():
+    rec = UpdateRecord().started("v2", 100.0, boot_id="boot-a")
+    old = BootFacts("v1", True, None, True)
+    assert up.settle(rec, old, 200.0, boot_id="boot-a") == rec  # the same boot: the reboot has not happened
+    after = up.settle(rec, old, 200.0, boot_id="boot-b")  # rebooted, and back on v1
+    assert after.last_outcome == UpdateOutcome.ROLLED_BACK and after.refused == ("v2",)
+    assert up.current_boot_id() not in (None, "")  # this kernel's
+
+
+def test_an_installer_that_cannot_be_made_now_is_a_wait_not_a_failed_pass(tmp_path):
+    from garage_node.node.updatepart import UpdatePart
+
+    def make() -> Installer:
+        raise FileNotFoundError(2, "No such file or directory", "/var/lib/garage-node/head-ca.pem")
+
+    part = UpdatePart(tmp_path, Policy("idle"), lambda: 0.0, read_boot=lambda: GOOD, variant="base",
+                      installer=lambda: None, make_installer=make, other_version=lambda v: None)
+    d = part.step("v2", serving=False, idle=True)
+    assert d.action == Action.WAIT and d.why.startswith("v2 cannot be fetched now: ") and "head-ca.pem" in d.why
+    assert not part.wants_drain and part.job is None
