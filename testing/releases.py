@@ -11,6 +11,9 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 from garage_node.core import releasefiles as rf
 from garage_node.core.raycmd import local_versions
@@ -54,6 +57,16 @@ def make_key(out_dir: Path, name: str = "Release Test") -> SigningKey:
     secret = out_dir / f"{name.replace(' ', '-')}.sec.asc"
     secret.write_bytes(_gpg(home, "--armor", "--export-secret-keys", fpr))
     return SigningKey(home, fpr, public, secret)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SigningKey, SigningKey]]:
+    """The operator's signing key and a stranger's, for a test module (import it as a fixture)."""
+    d = tmp_path_factory.mktemp("keys")
+    operator, stranger = make_key(d, "Operator"), make_key(d, "Stranger")
+    yield operator, stranger
+    operator.close()
+    stranger.close()
 
 
 def write_sums(d: Path) -> Path:

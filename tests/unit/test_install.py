@@ -38,7 +38,7 @@ from garage_node.node.install import InstallError, Installer, root_name, uki_nam
 from garage_node.node.updatepart import UpdatePart
 from garage_node.node.weights import HttpSource
 from testing.headapi import EnrolledPc, enrolled_pc
-from testing.releases import SigningKey, make_key, make_release, write_sums
+from testing.releases import SigningKey, make_release, write_sums
 
 REPO = Path(__file__).resolve().parents[2]
 DEFINITIONS = REPO / "image" / "mkosi.extra" / "usr" / "lib" / "sysupdate.d"
@@ -47,15 +47,6 @@ DATA = "var/lib/garage-node-data/update"
 ROOT_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"  # root-x86-64
 XBOOTLDR_TYPE = "BC13C2FF-59E6-4262-A352-B275FD6F7172"
 RESERVE = 1024 * 1024  # the loop disk's data path is a 16 MiB file system: 1 MiB kept free, not the stick's 256
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> Iterator[tuple[SigningKey, SigningKey]]:
-    d = tmp_path_factory.mktemp("keys")
-    operator, stranger = make_key(d, "Operator"), make_key(d, "Stranger")
-    yield operator, stranger
-    operator.close()
-    stranger.close()
 
 
 @pytest.fixture

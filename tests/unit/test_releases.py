@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -21,16 +20,7 @@ from garage_node.core.raycmd import local_versions
 from garage_node.head.api import releases as releases_api
 from garage_node.head.releases import ReleaseError, ReleaseStore
 from testing.headapi import EnrolledPc, enrolled_pc
-from testing.releases import SigningKey, make_key, make_release, write_sums
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> Iterator[tuple[SigningKey, SigningKey]]:
-    d = tmp_path_factory.mktemp("keys")
-    operator, stranger = make_key(d, "Operator"), make_key(d, "Stranger")
-    yield operator, stranger
-    operator.close()
-    stranger.close()
+from testing.releases import make_release, write_sums
 
 
 @pytest.fixture
