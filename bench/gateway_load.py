@@ -238,6 +238,24 @@ def gc_pauses(path: Path, since: float, until: float) -> dict:
             "gc_max_cpu_ms": 1000 * max((x[3] for x in pauses), default=0.0), "gc_full": sum(x[1] == 2 for x in pauses)}
 
 
+def start_rig(procs: list[subprocess.Popen], me: list[str], engine_ports: list[int], gw_port: int, state: Path,
+              gateway_args: list[str]) -> None:
+    """The stand-ins (`me --role stub`) and the gateway (`me --role gateway`) started into `procs`,
+    and both listening. A SIGTERM (a CI step's timeout) ends them too, at once; the caller
+    terminates `procs` when it is done."""
+    def stopped(signum: int, _frame: object) -> None:
+        for proc in procs:
+            proc.kill()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stopped)
+    procs.append(subprocess.Popen(me + ["--role", "stub", "--ports", ",".join(map(str, engine_ports))]))
+    procs.append(subprocess.Popen(me + ["--role", "gateway", "--state", str(state), *gateway_args,
+                                        "--ports", ",".join(map(str, [gw_port, *engine_ports]))]))
+    for port in (*engine_ports, gw_port):
+        wait_port(port)
+
+
 def wait_port(port: int) -> None:
     for _ in range(300):
         with socket.socket() as s:
@@ -284,26 +302,13 @@ def main() -> None:
     engine_ports = [free_port() for _ in range(args.pcs)]
     gw_port = free_port()
     state = Path(tempfile.mkdtemp(prefix="gw-bench-"))
-    me = [sys.executable, __file__]
-    procs = [subprocess.Popen(me + ["--role", "stub", "--ports", ",".join(map(str, engine_ports))])]
-
-    def stopped(signum: int, _frame: object) -> None:
-        """A SIGTERM (a CI step's timeout) ends the stand-ins and the gateway too, at once."""
-        for proc in procs:
-            proc.kill()
-        os._exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stopped)
     cap = CpuCap(args.gateway_cpu) if args.gateway_cpu else None
+    procs: list[subprocess.Popen] = []
     try:
-        procs.append(subprocess.Popen(me + ["--role", "gateway", "--state", str(state), "--gc", args.gc,
-                                            "--gen0", str(args.gen0), "--listener", args.listener,
-                                            "--max-in-flight", str(args.max_in_flight),
-                                            "--engine-keepalive", str(args.engine_keepalive),
-                                            "--max-queue-age", str(args.max_queue_age),
-                                            "--ports", ",".join(map(str, [gw_port, *engine_ports]))]))
-        for port in (*engine_ports, gw_port):
-            wait_port(port)
+        start_rig(procs, [sys.executable, __file__], engine_ports, gw_port, state,
+                  ["--gc", args.gc, "--gen0", str(args.gen0), "--listener", args.listener,
+                   "--max-in-flight", str(args.max_in_flight), "--engine-keepalive", str(args.engine_keepalive),
+                   "--max-queue-age", str(args.max_queue_age)])
         key = (state / "key").read_text()
         gw_pid = procs[1].pid
         pin({"stand-ins": procs[0].pid, "gateway": gw_pid, "load": os.getpid()})

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -99,20 +98,10 @@ def main() -> None:
     engine_ports = [gl.free_port() for _ in range(args.pcs)]
     gw_port = gl.free_port()
     state = Path(tempfile.mkdtemp(prefix="seed-scale-"))
-    me = [sys.executable, __file__, "--tokens-per-s", str(args.tokens_per_s)]
-    procs = [subprocess.Popen(me + ["--role", "stub", "--ports", ",".join(map(str, engine_ports))])]
-
-    def stopped(signum: int, _frame: object) -> None:
-        for proc in procs:
-            proc.kill()
-        os._exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stopped)
+    procs: list[subprocess.Popen] = []
     try:
-        procs.append(subprocess.Popen(me + ["--role", "gateway", "--state", str(state),
-                                            "--ports", ",".join(map(str, [gw_port, *engine_ports]))]))
-        for port in (*engine_ports, gw_port):
-            gl.wait_port(port)
+        gl.start_rig(procs, [sys.executable, __file__, "--tokens-per-s", str(args.tokens_per_s)], engine_ports, gw_port,
+                     state, [])
         key = (state / "key").read_text()
         gw_pid = procs[1].pid
         gl.pin({"stand-ins": procs[0].pid, "gateway": gw_pid, "load": os.getpid()})
