@@ -59,21 +59,30 @@ class Region:
         self.thread.join(5)
 
 
-def wait(what: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+def wait(what: Callable[[], Any], timeout_s: float = 60.0, why: Callable[[], str] = lambda: "") -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = what()
         if got:
             return got
         time.sleep(0.1)
-    raise AssertionError("timed out")
+    raise AssertionError(f"timed out {why()}")
 
 
 def test_a_pc_serving_other_weights_is_quarantined_an_honest_one_is_not(tmp_path, engines) -> None:  # noqa: F811
     region = Region(tmp_path, {"nv": engines(seed=1), "good": engines(seed=1), "bad": engines(seed=2)}, ("nv",))
     try:
         region.ask(24)  # spread at random over the three: the cheater gets 2 or more but 0.1 % of the time
-        wait(lambda: region.gw.trust.get("bad").state == "quarantined")
+
+        def quarantined() -> bool:
+            if region.gw.trust.get("bad").state == "quarantined":
+                return True
+            if len(region.pcs["bad"].bodies) < 4:
+                region.ask(3)  # that 0.1 %: more, until the cheater has had enough to be judged on
+            return False
+
+        wait(quarantined, why=lambda: f"(the cheater served {len(region.pcs['bad'].bodies)} requests; "
+                                      f"audit {region.auditor.status()}, last error {region.auditor.last_error!r})")
         t = region.gw.trust.get("bad")
         assert "not what the model gives" in t.why and t.frozen_at is not None
         region.ask(12)  # the rest go to the others
