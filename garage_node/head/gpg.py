@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from garage_node.core import gpgstatus
 from garage_node.core.fsutil import write_private
 
 GPG = "gpg"
@@ -105,20 +106,17 @@ def verify_detached(keyring: Path, data: Path, signature: Path) -> str:
         # --trust-model always: being in this keyring is what trust means here (no web of trust).
         p = _run(Path(home), ["--no-default-keyring", "--keyring", str(keyring.resolve()), "--trust-model", "always",
                               "--status-fd", "1", "--verify", str(signature.resolve()), str(data.resolve())])
-    status = [line.split()[1:] for line in p.stdout.decode("utf-8", "replace").splitlines()
-              if line.startswith("[GNUPG:] ") and len(line.split()) > 1]
-    words = {s[0] for s in status}
-    valid = [s for s in status if s[0] == "VALIDSIG"]
-    if p.returncode == 0 and valid and not words & {"BADSIG", "ERRSIG", "EXPKEYSIG", "REVKEYSIG", "EXPSIG"}:
-        return valid[0][-1] if len(valid[0]) >= 10 else valid[0][1]  # the primary key's fingerprint
-    if "BADSIG" in words:
+    verdict = gpgstatus.read(p.stdout, p.returncode)
+    if verdict.good:
+        return verdict.signer
+    if verdict.changed:
         raise GpgError(f"the signature {signature.name} does not match {data.name}: the file was changed after it "
                        "was signed (or signed by another build); nothing was stored")
-    if "NO_PUBKEY" in words:
-        key = next((s[1] for s in status if s[0] == "NO_PUBKEY" and len(s) > 1), "?")
+    if verdict.unknown_key:
+        key = verdict.missing_key or "?"
         raise GpgError(f"{signature.name} is signed by key {key}, which the head does not trust: sign with the "
                        "operator's key, or trust this one with `garage-node head release trust-key FILE`")
-    if words & {"EXPKEYSIG", "REVKEYSIG", "EXPSIG"}:
+    if verdict.stale_key:
         raise GpgError(f"{signature.name} was made by an expired or revoked key, or has expired: sign again with a "
                        "valid key")
     raise GpgError(f"{signature.name} is not a valid detached signature of {data.name} (gpg exit {p.returncode}): "

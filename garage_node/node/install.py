@@ -38,6 +38,7 @@ from typing import Callable, Iterator, Sequence
 
 import httpx
 
+from garage_node.core import gpgstatus
 from garage_node.core import releasefiles as rf
 from garage_node.core.fsutil import fsync_dir, sha256_of
 from garage_node.node.weights import HttpSource, Source
@@ -109,16 +110,13 @@ def verify_signature(keyring: Path, data: Path, signature: Path) -> str:
                                    "`build-image.sh --signing-key`")
         p = _run(["gpgv", "--homedir", str(home), "--keyring", str(binary), "--status-fd", "1",
                   str(signature.resolve()), str(data.resolve())], home)
-    status = [line.split()[1:] for line in p.stdout.decode("utf-8", "replace").splitlines()
-              if line.startswith("[GNUPG:] ") and len(line.split()) > 1]
-    words = {s[0] for s in status}
-    valid = [s for s in status if s[0] == "VALIDSIG"]
-    if p.returncode == 0 and valid and not words & {"BADSIG", "ERRSIG", "EXPKEYSIG", "REVKEYSIG", "EXPSIG"}:
-        return valid[0][-1] if len(valid[0]) >= 10 else valid[0][1]
-    if "BADSIG" in words:
+    verdict = gpgstatus.read(p.stdout, p.returncode)
+    if verdict.good:
+        return verdict.signer
+    if verdict.changed:
         raise InstallError(f"the signature {rf.SIGNATURE} does not match {rf.SUMS}: the release was changed after it "
                            "was signed; nothing was installed")
-    if "NO_PUBKEY" in words:
+    if verdict.unknown_key:
         raise InstallError(f"{rf.SUMS} is signed by a key this stick does not carry: the operator must sign releases "
                            "with the key the sticks were built with; nothing was installed")
     raise InstallError(f"{rf.SIGNATURE} is not a valid signature of {rf.SUMS}; nothing was installed")
