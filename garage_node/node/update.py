@@ -239,9 +239,12 @@ class UpdateRecord:
     boot_id: str | None = None  # the boot that installed `last_version` (the kernel's random boot id)
 
     def started(self, version: str, now: float, boot_id: str | None = None) -> UpdateRecord:
-        """Written (and synced) before the reboot into `version`."""
+        """Written (and synced) before the reboot into `version`. A version refused earlier (its
+        files then, or a rollback) is forgiven: only the owner's `update install` gets this far
+        with one, and a copy that passed every check now is judged by this boot, not the last."""
         return replace(self, last_version=version, last_outcome=UpdateOutcome.INSTALLING, last_why=None, last_at=now,
-                       boot_id=boot_id)
+                       boot_id=boot_id, refused=tuple(v for v in self.refused if v != version),
+                       rejected=tuple(v for v in self.rejected if v != version))
 
     def failed(self, version: str, why: str, now: float, *, final: bool = False) -> UpdateRecord:
         """Not installed; `final`: the release itself was refused, and that version is not

@@ -533,6 +533,13 @@ def test_the_update_install_command(tmp_path, keys, monkeypatch, capsys):
     assert rebooted == [True] and calls.read_text().split()[:2] == ["update", "7.0"]
     record = up.load_record(tmp_path / "state" / "update.json")
     assert (record.last_version, record.last_outcome) == ("7.0", UpdateOutcome.INSTALLING)
+    assert record.rejected == ("7.1",)
+    # The owner installs a good copy of the refused version by hand: it is refused no longer.
+    good_again = make_release(tmp_path / "good-again", "7.1", keys[0])
+    assert main([*base, "7.1", "--from", str(good_again), "--no-reboot"]) == 0
+    assert "it starts at the next reboot" in capsys.readouterr().out
+    record = up.load_record(tmp_path / "state" / "update.json")
+    assert (record.last_version, record.last_outcome, record.rejected) == ("7.1", UpdateOutcome.INSTALLING, ())
     # Not joined, and no directory given: nothing to fetch from.
     assert main([*base, "7.2"]) == 2 and "has not joined a region" in capsys.readouterr().err
 

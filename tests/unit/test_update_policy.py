@@ -5,6 +5,8 @@ outcome written before the reboot and settled after it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import os
 import threading
 from datetime import datetime
@@ -131,6 +133,9 @@ def test_the_outcome_across_the_reboot(tmp_path):
     up.save_record(path, back)
     assert up.load_record(path) == back
     assert decision(refused=frozenset(up.load_record(path).refused)).action == Action.WAIT
+    # The owner installs v2 again by hand: tried afresh, the other refusals kept.
+    again = replace(back, refused=("v0", "v2")).started("v2", 400.0)
+    assert again.refused == ("v0",) and again.last_outcome == UpdateOutcome.INSTALLING
     # A damaged file is a fresh record, not a crash.
     path.write_text("{not json")
     assert up.load_record(path) == UpdateRecord()
