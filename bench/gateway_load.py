@@ -129,11 +129,12 @@ def gateway(port: int, engine_ports: list[int], state: Path, gc_mode: str, gen0:
         gc.set_threshold(gen0, *gc.get_threshold()[1:])
     fast = listener == "fast"
     uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", access_log=False,
-                                  http=guarded_protocol(limits, **({"fast": True} if fast else {})),
+                                  http=guarded_protocol(limits, **({"fast": True, "shed": app.admission.protocol_hook()}
+                                                                   if fast else {})),
                                   loop=guarded_loop_factory(limits, **({"fast": True} if fast else {})))).run()
 
 
-async def load(url: str, key: str, rate: float, seconds: float, grace_s: float) -> dict:
+async def load(url: str, key: str, rate: float, seconds: float, grace_s: float, connections: int = 1024) -> dict:
     """Open loop for `seconds`, then at most `grace_s` more for the answers: what is not
     finished by then is cancelled and counted as `unfinished` (the target fell behind). The
     client is testing/rawhttp.py's (tens of microseconds a request: httpx's 1-1.5 ms made the
@@ -143,7 +144,7 @@ async def load(url: str, key: str, rate: float, seconds: float, grace_s: float) 
     from testing.rawhttp import Client, open_loop, quantile
 
     u = urlsplit(url)
-    client = Client(u.hostname or "127.0.0.1", u.port or 80, max_connections=1024)
+    client = Client(u.hostname or "127.0.0.1", u.port or 80, max_connections=connections)
     data = client.build(u.path, {"model": "m", "prompt": "Hello", "max_tokens": 1}, key)
     try:
         tally = await open_loop(client, data, rate, seconds, grace_s)
@@ -286,6 +287,8 @@ def main() -> None:
                    help="then a turn through the gateway at this rate, at once: is it back to normal after the load?")
     p.add_argument("--max-queue-age", type=float, default=0,
                    help="[gateway] max_queue_age_s (0: its default)")
+    p.add_argument("--connections", type=int, default=1024,
+                   help="the load's connections at most (it opens one per request waiting for an answer, up to this)")
     p.add_argument("--gateway-cpu", type=float, default=0,
                    help="cap the gateway at this %% of one CPU (cgroup), to overload it with this machine's load")
     p.add_argument("--role", help=argparse.SUPPRESS)
@@ -315,14 +318,14 @@ def main() -> None:
         if cap is not None:
             cap.apply(gw_pid)
         print(f"gateway: gc {args.gc}, gen0 {args.gen0 or 'default'}, listener {args.listener}; "
-              f"machine load {os.getloadavg()[0]:.1f}", flush=True)
+              f"load connections at most {args.connections}; machine load {os.getloadavg()[0]:.1f}", flush=True)
         run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, 50, 2, args.grace))  # warm up
         results = {}
         for turn in ("direct", "gateway", "direct", "gateway"):
             url = (f"http://127.0.0.1:{engine_ports[0]}/v1/completions" if turn == "direct"
                    else f"http://127.0.0.1:{gw_port}/v1/completions")
             c0, t0, w0 = cpu_s(gw_pid), time.monotonic(), time.time()
-            r = run(load(url, key, args.rate, args.seconds, args.grace))
+            r = run(load(url, key, args.rate, args.seconds, args.grace, args.connections))
             if turn == "gateway":
                 used = cpu_s(gw_pid) - c0
                 r["gateway_cpu_pct"] = 100 * used / (time.monotonic() - t0)
@@ -333,7 +336,8 @@ def main() -> None:
             results.setdefault(turn, []).append(r)
             print(f"{turn:8} {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})}", flush=True)
         if args.after:
-            r = run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, args.after, args.seconds, args.grace))
+            r = run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, args.after, args.seconds, args.grace,
+                         args.connections))
             print(f"after    {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})}", flush=True)
             print(f"  right after: {args.after:.0f} requests/s through the gateway: p50 {r['p50_ms']:.1f} ms, "
                   f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, refused {r['refused']}, unfinished {r['unfinished']}")

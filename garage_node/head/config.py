@@ -153,10 +153,11 @@ class GatewaySection:
     hold_s: float = setting(120.0, check=positive())
     # Admission (head/gateway/admission.py): past either bound a request gets 503 "overloaded"
     # with Retry-After at once, instead of queueing behind the others until all are slow. At
-    # most max_in_flight requests handled at once (streams until their end); no new request
-    # while the gateway's event loop runs more than max_queue_age_s behind (its CPU is spent).
+    # most max_in_flight requests handled at once (streams until their end); once the gateway's
+    # event loop runs more than max_queue_age_s behind twice in a row (its CPU is spent), new
+    # requests only at a rate that follows the lag (never under 50/s).
     max_in_flight: int = setting(1024, check=positive())
-    max_queue_age_s: float = setting(0.25, check=positive())
+    max_queue_age_s: float = setting(0.05, check=positive())
     # Connections to the PCs' engines kept open between requests (all PCs together), and for
     # how long: below uvicorn's and vLLM's 5 s keep-alive, so the gateway never sends on a
     # connection the engine is closing. More idle connections cost the gateway CPU on every

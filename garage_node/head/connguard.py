@@ -139,12 +139,22 @@ class _Guard:
         self.transport.close()
 
 
-def guarded_protocol(limits: GuardLimits, fast: bool = False) -> type[asyncio.Protocol]:
+Shed = Callable[[bytes, bytes], "bytes | None"]
+
+
+def guarded_protocol(limits: GuardLimits, fast: bool = False, shed: Shed | None = None) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class with the request deadline and the per-address cap (pass it
     as uvicorn.Config(http=...)): h11's, or with `fast` httptools' (less CPU per request; the
-    gateway's). Each call makes a class with its own counts."""
+    gateway's). Each call makes a class with its own counts.
+
+    `shed(method, path)` (httptools only: the gateway's admission, head/gateway/admission.py)
+    is asked once a request's headers are in; when it gives an answer, that whole HTTP response
+    is written at once and the request goes no further: no request cycle, no task, no app. A
+    refusal must cost far less than a served request, or refusing frees no CPU."""
     slots = ClientSlots(limits.max_connections_per_client)
-    return _httptools_guarded(limits, slots) if fast else _h11_guarded(limits, slots)
+    if shed is not None and not fast:
+        raise ValueError("shed needs the httptools protocol (fast=True)")
+    return _httptools_guarded(limits, slots, shed) if fast else _h11_guarded(limits, slots)
 
 
 def _h11_guarded(limits: GuardLimits, slots: ClientSlots) -> type[asyncio.Protocol]:
@@ -173,7 +183,7 @@ def _h11_guarded(limits: GuardLimits, slots: ClientSlots) -> type[asyncio.Protoc
     return GuardedH11Protocol
 
 
-def _httptools_guarded(limits: GuardLimits, slots: ClientSlots) -> type[asyncio.Protocol]:
+def _httptools_guarded(limits: GuardLimits, slots: ClientSlots, shed: Shed | None) -> type[asyncio.Protocol]:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):  # type: ignore[misc]
@@ -181,14 +191,40 @@ def _httptools_guarded(limits: GuardLimits, slots: ClientSlots) -> type[asyncio.
         the deadline, its last (on_message_complete) disarms it."""
 
         _slots, _limits = slots, limits
+        _shedding = False  # this request was answered by `shed`: its body is read and dropped
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             if self._deadline is None:
                 self._arm()
 
+        def on_headers_complete(self) -> None:
+            # Not while an earlier request on this connection is still answered (pipelining):
+            # answers must go out in order, so that one takes the app's path.
+            if shed is not None and (self.cycle is None or self.cycle.response_complete):
+                answer = shed(self.parser.get_method(), self.url.split(b"?", 1)[0])
+                if answer is not None:
+                    self._shedding = True
+                    self.transport.write(answer)
+                    if self.expect_100_continue:  # the client sends no body now: the framing is lost
+                        self.transport.close()
+                    return
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._shedding:
+                super().on_body(body)
+
         def on_message_complete(self) -> None:
             self._disarm()
+            if self._shedding:
+                self._shedding = False
+                if not self.parser.should_keep_alive():
+                    self.transport.close()
+                elif not self.transport.is_closing():  # as uvicorn does after an answer
+                    self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                        self.timeout_keep_alive_handler)
+                return
             super().on_message_complete()
 
     return GuardedHttpToolsProtocol

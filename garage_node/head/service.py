@@ -486,7 +486,8 @@ def gateway_listeners(cfg: HeadConfig, gateway: Gateway, federation: Any = None)
     limits = GuardLimits(request_timeout_s=cfg.api.request_timeout_s,
                          max_connections_per_client=cfg.api.max_connections_per_client,
                          tls_handshake_timeout_s=cfg.api.tls_handshake_timeout_s)
-    app: Any = create_gateway_app(gateway)
+    gateway_app = create_gateway_app(gateway)
+    app: Any = gateway_app
     if federation is not None:  # spill-over to other regions in front of the gateway (issue #21)
         from garage_node.head.federation.hooks import wrap_app
 
@@ -494,7 +495,8 @@ def gateway_listeners(cfg: HeadConfig, gateway: Gateway, federation: Any = None)
     api = uvicorn.Config(app, host=g.listen_host, port=g.port, log_level="warning",
                          access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=10,
                          # uvloop and httptools: less CPU per request (#22); the same guards.
-                         http=guarded_protocol(limits, fast=True),
+                         # Past capacity a 503 is written by the protocol itself (admission.py).
+                         http=guarded_protocol(limits, fast=True, shed=gateway_app.admission.protocol_hook()),
                          loop=guarded_loop_factory(limits, fast=True),  # type: ignore[arg-type]
                          **gateway_tls(g.tls_cert, g.tls_key))
     metrics = uvicorn.Config(make_asgi_app(gateway.metrics.registry), host=g.metrics_host, port=g.metrics_port,

@@ -1,6 +1,6 @@
-"""Refuse, don't collapse (issue #22): past [gateway] max_in_flight, or while its loop runs
-more than max_queue_age_s behind, the gateway answers 503 `overloaded` with Retry-After at once,
-and the requests it admitted complete. The gateway on a real uvicorn with the head's guarded
+"""Refuse, don't collapse (issue #22): past [gateway] max_in_flight, or over the rate its
+governor admits while its loop runs more than max_queue_age_s behind, the gateway answers 503
+`overloaded` with Retry-After at once, and the requests it admitted complete. The gateway on a real uvicorn with the head's guarded
 protocol, in front of engine stand-ins that hold their answers (test_gateway_cancel.py's)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from garage_node.head.config import GatewaySection
-from garage_node.head.gateway.admission import LAG_EVERY_S, Admission
+from garage_node.head.gateway.admission import LAG_EVERY_S, Governor
 from garage_node.head.gateway.gateway import Gateway
-from tests.unit.test_gateway_cancel import HoldingEngine, regions, wait_for  # noqa: F401 (regions: a fixture)
+from tests.unit.test_gateway_cancel import MODEL, HoldingEngine, regions, wait_for  # noqa: F401 (regions: a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,57 +60,71 @@ def test_models_listing_is_not_counted(regions: Any) -> None:  # noqa: F811
     assert held().status_code == 200
 
 
-class _Inner:
-    """The app behind the limit: answers 200 (what it is does not matter to the limit)."""
-
-    def __init__(self) -> None:
-        self.called = 0
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        self.called += 1
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-
-async def _status(app: Admission) -> int:
-    sent: list[dict[str, Any]] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    await app({"type": "http", "path": "/v1/completions", "method": "POST"}, receive, send)
-    return int(sent[0]["status"])
+def feed(g: Governor, rps: float, seconds: float, lag_s: float, t: float) -> tuple[float, int]:
+    """`rps` requests a second for `seconds` from `t`, a lag sample every LAG_EVERY_S saying
+    `lag_s`: the time reached and how many were admitted."""
+    admitted = 0
+    start, next_sample = t, t + LAG_EVERY_S
+    for i in range(round(rps * seconds)):
+        t = start + i / rps
+        while next_sample <= t:
+            g.sample(lag_s, next_sample)
+            next_sample += LAG_EVERY_S
+        admitted += g.decide(t)
+    return start + seconds, admitted
 
 
-def _starve(seconds: float) -> None:
-    """The loop's CPU spent elsewhere (a busy loop, or the OS not scheduling the process): its
-    timers run late."""
-    time.sleep(seconds)
+def test_the_governor_limits_the_rate_while_the_loop_is_late_and_lifts_it_after() -> None:
+    g = Governor(max_queue_age_s=0.05, floor_rps=50)
+    t, n = feed(g, 1000, 1.0, 0.005, 0.0)  # on time: all in
+    assert n == 1000 and not g.limiting
+    t, n = feed(g, 1000, 0.06, 0.2, t)  # one late sample: a blip
+    assert not g.limiting
+    t, n = feed(g, 1000, 0.1, 0.2, t)  # twice in a row: limited below what got through
+    assert g.limiting and g.rate <= 0.8 * 1000 + 1
+    t, n = feed(g, 1000, 1.0, 0.2, t)  # still late: cut further, each sample
+    assert n < 500 and g.rate < 200
+    assert g.rate >= 50  # never under the floor
+    t, n = feed(g, 1000, 0.2, 0.04, t)  # between half the bound and the bound: held
+    held = g.rate
+    assert g.limiting and n <= held * 0.2 + held * 0.1 + 1
+    t, n = feed(g, 400, 3.0, 0.005, t)  # on time again: raised until it no longer binds
+    assert not g.limiting and g.rate == float("inf")
+    t, n = feed(g, 400, 1.0, 0.005, t)
+    assert n == 400
 
 
-def test_a_loop_running_behind_refuses_new_requests_then_recovers() -> None:
-    inner = _Inner()
-    reasons: list[str] = []
-    app = Admission(inner, max_in_flight=100, max_queue_age_s=0.1, refused=reasons.append,
-                    paths=("/v1/completions",))
+def test_a_trickle_is_never_limited_however_late_the_loop() -> None:
+    g = Governor(max_queue_age_s=0.05, floor_rps=50)
+    t, n = feed(g, 20, 5.0, 1.0, 0.0)  # a busy shared machine: every sample a second late
+    assert n == 100 and not g.limiting
 
-    async def scenario() -> list[int]:
-        statuses = [await _status(app)]  # arms the lag timer
-        _starve(LAG_EVERY_S + 0.3)
-        statuses.append(await _status(app))  # one late timer: a blip, not an overload
-        await asyncio.sleep(0.001)  # the late timer fires (and is re-armed)
-        _starve(LAG_EVERY_S + 0.3)
-        statuses.append(await _status(app))  # late twice in a row: refused
-        await asyncio.sleep(LAG_EVERY_S * 3)  # the loop catches up: its timers fire on time again
-        statuses.append(await _status(app))
-        return statuses
 
-    assert asyncio.run(scenario()) == [200, 200, 503, 200]
-    assert reasons == ["queue_age"]
-    assert inner.called == 3
+def test_over_the_limit_the_protocol_answers_503_and_keeps_the_connection(regions: Any) -> None:  # noqa: F811
+    """The head's listener: a refusal is written by the HTTP protocol (no app, no engine), the
+    request's body is read and dropped, and the same connection serves the next request."""
+    import httpx
+
+    engine = HoldingEngine("a", hold_s=0.0)
+    region = regions({"a": engine})
+    governor = region.app.admission.governor
+    with httpx.Client(base_url=f"http://127.0.0.1:{region.port}", timeout=10,
+                      headers={"authorization": f"Bearer {region.secret}"}) as client:
+        assert client.post("/v1/completions", json={"model": MODEL, "max_tokens": 4}).status_code == 200
+        # Over capacity, as two late lag samples leave it, with an empty bucket and no rate.
+        governor.limiting, governor.rate, governor.floor_rps = True, 0.0, 0.0
+        over = [client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 5000, "max_tokens": 4})
+                for _ in range(3)]
+        assert [r.status_code for r in over] == [503, 503, 503]
+        assert over[0].headers["retry-after"] == "1" and over[0].json()["error"]["code"] == "overloaded"
+        assert client.get("/v1/models").status_code == 200  # not a guarded endpoint
+        governor.limiting, governor.rate = False, float("inf")
+        again = client.post("/v1/completions", json={"model": MODEL, "max_tokens": 4})
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == "from a"
+        assert client.post("/v1/completions", json={"model": MODEL, "max_tokens": 4}).status_code == 200
+    assert engine.calls == 3  # the refused ones never reached a PC
+    assert refused_count(region.gw, "queue_age") == 3
+    assert region.app.admission.in_flight == 0
 
 
 def test_settle_heap_freezes_start_up_objects() -> None:
@@ -145,7 +159,7 @@ def test_engine_pool_is_bounded_by_the_config(tmp_path: Any) -> None:
 
 
 @pytest.mark.parametrize("line,bad", [("max_in_flight = 1024", "max_in_flight = 0"),
-                                      ("max_queue_age_s = 0.25", "max_queue_age_s = -1.0")])
+                                      ("max_queue_age_s = 0.05", "max_queue_age_s = -1.0")])
 def test_bad_admission_settings_are_refused(tmp_path: Any, line: str, bad: str) -> None:
     from garage_node.core.settings import ConfigError
     from garage_node.head.config import load_head_config

@@ -121,8 +121,11 @@ class Region:
             self.gw.on_report(n, engine_report(e.url))
         _, self.secret = self.gw.keys.create("tester", now=time.time())
         limits = GuardLimits(max_connections_per_client=64)
-        self.server, self.thread, self.port = serve(create_gateway_app(self.gw), http=guarded_protocol(limits),
-                                                    loop=guarded_loop_factory(limits))
+        # The listener `head run` builds: httptools and uvloop, the admission in the protocol.
+        self.app = app = create_gateway_app(self.gw)
+        self.server, self.thread, self.port = serve(app, http=guarded_protocol(limits, fast=True,
+                                                                               shed=app.admission.protocol_hook()),
+                                                    loop=guarded_loop_factory(limits, fast=True))
 
     def post(self, body: dict[str, Any], timeout_s: float) -> httpx.Response:
         return httpx.post(f"http://127.0.0.1:{self.port}/v1/completions", json={"model": MODEL, **body},

@@ -8,21 +8,29 @@ read, no JSON), and past either a 503 `overloaded` with Retry-After, at once:
 
 - in flight: at most `max_in_flight` requests being handled at a time (streams included, until
   their last byte). It bounds what the gateway holds open (connections to the PCs, memory);
-- queue age: the event loop's lag, measured by a timer every LAG_EVERY_S that notes how late it
-  ran. A request that arrives while the loop runs late waits that long before it is even read:
-  when the lag is over `max_queue_age_s` twice in a row, new requests are refused until it
-  falls again. This is the bound that follows the CPU (in-flight requests mostly wait on the
-  engines, and a busy engine is not the gateway's overload). Twice in a row: on a shared machine
-  the process is sometimes not scheduled for a moment, and one late timer is not an overload.
+- the admitted rate, when the CPU is spent (`Governor`): the event loop's lag, measured by a
+  timer every LAG_EVERY_S that notes how late it ran, is the age of the work queued on it. Two
+  late samples in a row (over `max_queue_age_s`; one is a blip on a shared machine) and new
+  requests are admitted at a rate, a token bucket: cut to DECREASE of what the gateway managed
+  while its loop stays late, raised by INCREASE each sample once it is on time again, and lifted
+  when it no longer binds. A fixed in-flight bound cannot do this: at 2x the ceiling 64 short
+  requests in flight still took the whole CPU and left none to refuse the rest, whose 503s
+  waited seconds; and streams, mostly waiting on the engines, would need a bound of hundreds.
+  The rate never goes below FLOOR_RPS, and nothing is limited while fewer than that arrive: a
+  gateway that cannot serve that many is broken, not busy, and a busy shared machine's lag must
+  not turn a trickle of requests away.
 
-A refusal costs a few microseconds, so refusing keeps the admitted requests' latency bounded
-and the gateway recovers as soon as the overload ends. A pure ASGI wrapper (not Starlette
-middleware): nothing per request beyond a counter and a comparison."""
+A refusal must cost far less than a served request, or refusing does not free the CPU: with
+the head's listener the check runs in the HTTP protocol once the headers are parsed (connguard's
+`shed` hook), and the 503 is written there, without uvicorn's request cycle, task or ASGI call
+(which cost a third of a served request); the connection stays open. `Admission` also guards
+the app itself (the in-flight count, and the rate where no protocol hook runs)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 from typing import Any, Awaitable, Callable
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
@@ -30,40 +38,48 @@ ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any]
 LAG_EVERY_S = 0.05  # how often the loop's lag is measured while requests arrive
 LAG_IDLE_AFTER_S = 2.0  # no request for this long: the timer stops (an idle gateway wakes nobody)
 RETRY_AFTER_S = 1
+DECREASE = 0.8  # the admitted rate, cut to this share of what got through, per late sample
+INCREASE = 1.1  # and raised by this factor per sample on time (under half the bound)
+FLOOR_RPS = 50.0  # never admit fewer than this per second
+BURST_S = 0.1  # the bucket holds this many seconds of the rate (at least one request)
+RATE_MEMORY_S = 1.0  # the arrival rate, averaged over about this long
 
 _BODY = json.dumps({"error": {
     "message": "the gateway is over its capacity right now; send the request again after Retry-After seconds",
     "type": "server_error", "param": None, "code": "overloaded"}}).encode()
-_START = {"type": "http.response.start", "status": 503,
-          "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(_BODY)).encode()),
-                      (b"retry-after", str(RETRY_AFTER_S).encode())]}
+_HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(_BODY)).encode()),
+            (b"retry-after", str(RETRY_AFTER_S).encode())]
+_START = {"type": "http.response.start", "status": 503, "headers": _HEADERS}
 _END = {"type": "http.response.body", "body": _BODY}
+# The same answer as bytes, for the protocol to write itself (HTTP/1.1, the connection kept).
+REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in _HEADERS)
+           + b"\r\n" + _BODY)
 
 
 class LoopLag:
     """How late the event loop runs its timers: the age of work queued on it now. A timer
-    re-armed every LAG_EVERY_S while requests come; `lag_s` is the lesser of how late the last
-    two were (the last one counting as late as it is overdue now, if it is)."""
+    re-armed every LAG_EVERY_S while requests come; `on_sample(lag, now)` is called with how late
+    each one fired. `touch()` on every request keeps it going; idle, it stops."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_sample: Callable[[float, float], None] = lambda lag, now: None) -> None:
+        self.on_sample = on_sample
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
-        self._last_lag = 0.0
-        self._lag_before = 0.0
         self._last_use = 0.0
 
-    def lag_s(self) -> float:
+    def touch(self) -> float:
+        """Now, on the loop's clock; how late the timer under way is: `overdue_s(now)`."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         self._last_use = now
         if self._timer is None or loop is not self._loop:
             self._loop = loop
             self._arm(now)
-            return 0.0
-        if now > self._due:  # the timer is overdue: the sample under way is at least this late
-            return min(self._last_lag, now - self._due)
-        return min(self._lag_before, self._last_lag)
+        return now
+
+    def overdue_s(self, now: float) -> float:
+        return max(0.0, now - self._due) if self._timer is not None else 0.0
 
     def _arm(self, now: float) -> None:
         assert self._loop is not None
@@ -73,12 +89,75 @@ class LoopLag:
     def _fired(self) -> None:
         assert self._loop is not None
         now = self._loop.time()
-        self._lag_before, self._last_lag = self._last_lag, now - self._due
+        self.on_sample(now - self._due, now)
         if now - self._last_use > LAG_IDLE_AFTER_S:
             self._timer = None
-            self._lag_before = self._last_lag = 0.0
             return
         self._arm(now)
+
+
+class Governor:
+    """The admitted rate, from the loop's lag (see the module's docstring). One event loop: no
+    locking. `admit()` per request; the samples come from LoopLag's timer."""
+
+    def __init__(self, max_queue_age_s: float, floor_rps: float = FLOOR_RPS) -> None:
+        self.target_s = max_queue_age_s
+        self.floor_rps = floor_rps
+        self.lag = LoopLag(self.sample)
+        self.limiting = False
+        self.rate = float("inf")  # requests/s admitted while limiting
+        self._tokens = 0.0
+        self._tokens_at = 0.0
+        self._late_before = False
+        self._window_at: float | None = None
+        self._admitted = 0  # in this sample's window
+        self._arrived = 0
+        self.admitted_rps = 0.0  # over the last window
+        self.arrived_rps = 0.0  # averaged over about RATE_MEMORY_S
+
+    def admit(self) -> bool:
+        return self.decide(self.lag.touch())
+
+    def decide(self, now: float) -> bool:
+        """Whether a request arriving at `now` (the loop's clock) is admitted."""
+        self._arrived += 1
+        if (not self.limiting and self._late_before and self.arrived_rps > self.floor_rps
+                and self.lag.overdue_s(now) > self.target_s):
+            self._limit(now)  # the sample under way is late too: twice in a row, seen early
+        if self.limiting:
+            self._tokens = min(max(1.0, self.rate * BURST_S), self._tokens + (now - self._tokens_at) * self.rate)
+            self._tokens_at = now
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+        self._admitted += 1
+        return True
+
+    def sample(self, lag_s: float, now: float) -> None:
+        """One lag sample: the rate follows it."""
+        if self._window_at is not None and now > self._window_at:
+            span = now - self._window_at
+            self.admitted_rps = self._admitted / span
+            weight = 1.0 - math.exp(-span / RATE_MEMORY_S)
+            self.arrived_rps += weight * (self._arrived / span - self.arrived_rps)
+        self._window_at, self._admitted, self._arrived = now, 0, 0
+        late = lag_s > self.target_s
+        if not self.limiting:
+            if late and self._late_before and self.arrived_rps > self.floor_rps:
+                self._limit(now)
+        elif late:
+            self.rate = max(self.floor_rps, DECREASE * min(self.rate, self.admitted_rps))
+        elif lag_s < self.target_s / 2:
+            self.rate *= INCREASE
+            if self.rate > 2 * self.arrived_rps:  # the bound no longer binds: lifted
+                self.limiting, self.rate = False, float("inf")
+        self._late_before = late
+
+    def _limit(self, now: float) -> None:
+        """Over capacity: from now on at most DECREASE of what got through, the bucket empty."""
+        self.limiting = True
+        self.rate = max(self.floor_rps, DECREASE * self.admitted_rps)
+        self._tokens, self._tokens_at = 0.0, now
 
 
 class Admission:
@@ -87,20 +166,43 @@ class Admission:
 
     def __init__(self, app: ASGIApp, max_in_flight: int, max_queue_age_s: float,
                  refused: Callable[[str], None], paths: tuple[str, ...]) -> None:
-        self.app, self.max_in_flight, self.max_queue_age_s = app, max_in_flight, max_queue_age_s
+        self.app, self.max_in_flight = app, max_in_flight
         self.refused, self.paths = refused, frozenset(paths)
+        self._raw_paths = frozenset(p.encode() for p in paths)
         self.in_flight = 0
-        self.lag = LoopLag()
+        self.governor = Governor(max_queue_age_s)
+        self._in_protocol = False  # the protocol asks the governor: the app must not ask again
+
+    def protocol_hook(self) -> Callable[[bytes, bytes], bytes | None]:
+        """For connguard.guarded_protocol(shed=...): asked once a request's headers are in; the
+        503 to write when it is refused. From then on the app does not ask the governor again."""
+        self._in_protocol = True
+        return self.shed
+
+    def shed(self, method: bytes, path: bytes) -> bytes | None:
+        if method != b"POST" or path not in self._raw_paths:
+            return None
+        reason = self._over()
+        if reason is None:
+            return None
+        self.refused(reason)
+        return REFUSAL
+
+    def _over(self) -> str | None:
+        if self.in_flight >= self.max_in_flight:
+            return "in_flight"
+        if not self.governor.admit():
+            return "queue_age"
+        return None
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
                        send: Callable[[Any], Awaitable[None]]) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
-        reason = None
-        if self.in_flight >= self.max_in_flight:
-            reason = "in_flight"
-        elif self.lag.lag_s() > self.max_queue_age_s:
-            reason = "queue_age"
+        if self._in_protocol:
+            reason = "in_flight" if self.in_flight >= self.max_in_flight else None
+        else:
+            reason = self._over()
         if reason is not None:
             self.refused(reason)
             await send(_START)
