@@ -273,7 +273,7 @@ def stick(builds, tmp_path_factory):
         subprocess.run(["ip", "netns", "del", netns], check=False)
 
 
-# The update sequence in QEMU takes 25-30 min under TCG on 2 cores (most of it the installer
+# The update sequence in QEMU takes 30-45 min under TCG on 2 cores (most of it the installer
 # hashing 2.3 GB inside the VM): more than CI's budget leaves, so scripts/test deselects it and
 # it is run on its own: `./scripts/test -m qemu_update tests/image/test_image_update.py`.
 QEMU = pytest.mark.qemu_update
