@@ -218,6 +218,9 @@ class Agent:
             self.overlay.ensure(self.identity)
         self._replan()
         if not self._member():
+            # No head, so no version to install; but the stick's version and what became of
+            # its last update (a rollback, by hand or not) are shown all the same.
+            self.updates.step(None, serving=False, idle=True)
             return
         assert self.identity is not None
         assigned = self.session.assignment

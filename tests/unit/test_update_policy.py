@@ -265,6 +265,22 @@ def test_the_agent_reports_the_heads_target_and_never_drains_for_an_update_it_ca
         hold.set()
 
 
+def test_a_pc_that_has_not_joined_shows_its_os_and_its_last_update(tmp_path):
+    """No head (a token not yet given, or a broken one): nothing to install, but `status` shows
+    the stick's version and a rollback of an update installed by hand."""
+    from garage_node.node.updatepart import UpdatePart
+    from testing.agentrig import rig
+
+    r = rig(tmp_path, token="not-a-token")  # as the QEMU test's stick: its token does not decode
+    up.save_record(tmp_path / "state" / "update.json", UpdateRecord().started("v2", 100.0, boot_id="before"))
+    r.agent.updates = UpdatePart(tmp_path / "state", Policy("idle"), lambda: 200.0, read_boot=lambda: GOOD,
+                                 variant="base")
+    r.passes(2, every_s=2.0)
+    s = r.status()
+    assert r.agent.identity is None and s.update is not None and s.update.os_version == "v1"
+    assert s.update.last_outcome == UpdateOutcome.ROLLED_BACK and s.update.target is None
+
+
 def test_status_shows_the_os_version_and_why_the_heads_target_waits():
     from garage_node.core.wire import UpdateStatus
     from garage_node.node.status import update_lines
