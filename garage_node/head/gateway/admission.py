@@ -69,7 +69,7 @@ class LoopLag:
         self._last_use = 0.0
 
     def touch(self) -> float:
-        """Now, on the loop's clock; how late the timer under way is: `overdue_s(now)`."""
+        """Now, on the loop's clock, with the timer armed (it stops after LAG_IDLE_AFTER_S idle)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         self._last_use = now
@@ -121,8 +121,7 @@ class Governor:
     def decide(self, now: float) -> bool:
         """Whether a request arriving at `now` (the loop's clock) is admitted."""
         self._arrived += 1
-        if (not self.limiting and self._late_before and self.arrived_rps > self.floor_rps
-                and self.lag.overdue_s(now) > self.target_s):
+        if not self.limiting and self._overloaded(self.lag.overdue_s(now)):
             self._limit(now)  # the sample under way is late too: twice in a row, seen early
         if self.limiting:
             self._tokens = min(max(1.0, self.rate * BURST_S), self._tokens + (now - self._tokens_at) * self.rate)
@@ -143,7 +142,7 @@ class Governor:
         self._window_at, self._admitted, self._arrived = now, 0, 0
         late = lag_s > self.target_s
         if not self.limiting:
-            if late and self._late_before and self.arrived_rps > self.floor_rps:
+            if self._overloaded(lag_s):
                 self._limit(now)
         elif late:
             self.rate = max(self.floor_rps, DECREASE * min(self.rate, self.admitted_rps))
@@ -152,6 +151,10 @@ class Governor:
             if self.rate > 2 * self.arrived_rps:  # the bound no longer binds: lifted
                 self.limiting, self.rate = False, float("inf")
         self._late_before = late
+
+    def _overloaded(self, lag_s: float) -> bool:
+        """Late now and at the sample before, with more than a trickle arriving."""
+        return lag_s > self.target_s and self._late_before and self.arrived_rps > self.floor_rps
 
     def _limit(self, now: float) -> None:
         """Over capacity: from now on at most DECREASE of what got through, the bucket empty."""
@@ -188,10 +191,10 @@ class Admission:
         self.refused(reason)
         return REFUSAL
 
-    def _over(self) -> str | None:
+    def _over(self, ask_governor: bool = True) -> str | None:
         if self.in_flight >= self.max_in_flight:
             return "in_flight"
-        if not self.governor.admit():
+        if ask_governor and not self.governor.admit():
             return "queue_age"
         return None
 
@@ -199,10 +202,7 @@ class Admission:
                        send: Callable[[Any], Awaitable[None]]) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
-        if self._in_protocol:
-            reason = "in_flight" if self.in_flight >= self.max_in_flight else None
-        else:
-            reason = self._over()
+        reason = self._over(ask_governor=not self._in_protocol)
         if reason is not None:
             self.refused(reason)
             await send(_START)
