@@ -18,7 +18,15 @@ read, no JSON), and past either a 503 `overloaded` with Retry-After, at once:
   waited seconds; and streams, mostly waiting on the engines, would need a bound of hundreds.
   The rate never goes below FLOOR_RPS, and nothing is limited while fewer than that arrive: a
   gateway that cannot serve that many is broken, not busy, and a busy shared machine's lag must
-  not turn a trickle of requests away.
+  not turn a trickle of requests away. Nor while fewer than MIN_IN_FLIGHT requests are in
+  flight: a request costs the gateway about a millisecond of CPU, so a handful cannot make its
+  loop 50 ms late; the lateness is the machine's (engines, Ray, a collection beside it) and a
+  refusal frees nothing. The bound on a busy machine is the other way round: requests arriving
+  at rate R into a loop L seconds late stay at least L each, so R*L of them are in flight (at
+  1,000/s and 50 ms, 50). CI's region test (4 clients in a closed loop, two vLLM engines on
+  2 CPUs) was turned away by a late loop with 4 in flight before this. (Only to start: once
+  limiting, the admitted rate is low and its requests pass quickly, so few are in flight
+  whatever the cause; the cuts go on while the loop is late.)
 
 A refusal must cost far less than a served request, or refusing does not free the CPU: with
 the head's listener the check runs in the HTTP protocol once the headers are parsed (connguard's
@@ -43,6 +51,7 @@ INCREASE = 1.1  # and raised by this factor per sample on time (under half the b
 FLOOR_RPS = 50.0  # never admit fewer than this per second
 BURST_S = 0.1  # the bucket holds this many seconds of the rate (at least one request)
 RATE_MEMORY_S = 1.0  # the arrival rate, averaged over about this long
+MIN_IN_FLIGHT = 16  # fewer in flight than this: a late loop is not the gateway's doing
 
 _BODY = json.dumps({"error": {
     "message": "the gateway is over its capacity right now; send the request again after Retry-After seconds",
@@ -98,10 +107,13 @@ class LoopLag:
 
 class Governor:
     """The admitted rate, from the loop's lag (see the module's docstring). One event loop: no
-    locking. `admit()` per request; the samples come from LoopLag's timer."""
+    locking. `admit()` per request; the samples come from LoopLag's timer. `in_flight()`: how
+    many requests the gateway is handling now."""
 
-    def __init__(self, max_queue_age_s: float, floor_rps: float = FLOOR_RPS) -> None:
+    def __init__(self, max_queue_age_s: float, in_flight: Callable[[], int],
+                 floor_rps: float = FLOOR_RPS) -> None:
         self.target_s = max_queue_age_s
+        self.in_flight = in_flight
         self.floor_rps = floor_rps
         self.lag = LoopLag(self.sample)
         self.limiting = False
@@ -153,8 +165,13 @@ class Governor:
         self._late_before = late
 
     def _overloaded(self, lag_s: float) -> bool:
-        """Late now and at the sample before, with more than a trickle arriving."""
-        return lag_s > self.target_s and self._late_before and self.arrived_rps > self.floor_rps
+        """Late now and at the sample before, with more than a trickle arriving, and enough in
+        flight for the lateness to be the gateway's own."""
+        return (lag_s > self.target_s and self._late_before and self.arrived_rps > self.floor_rps
+                and self._busy())
+
+    def _busy(self) -> bool:
+        return self.in_flight() >= MIN_IN_FLIGHT
 
     def _limit(self, now: float) -> None:
         """Over capacity: from now on at most DECREASE of what got through, the bucket empty."""
@@ -173,7 +190,7 @@ class Admission:
         self.refused, self.paths = refused, frozenset(paths)
         self._raw_paths = frozenset(p.encode() for p in paths)
         self.in_flight = 0
-        self.governor = Governor(max_queue_age_s)
+        self.governor = Governor(max_queue_age_s, in_flight=lambda: self.in_flight)
         self._in_protocol = False  # the protocol asks the governor: the app must not ask again
 
     def protocol_hook(self) -> Callable[[bytes, bytes], bytes | None]:
