@@ -29,7 +29,9 @@ How, and why this way:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -232,7 +234,8 @@ def _httptools_guarded(limits: GuardLimits, slots: ClientSlots, shed: Shed | Non
 
 def guarded_loop_factory(limits: GuardLimits, fast: bool = False) -> Callable[[], asyncio.AbstractEventLoop]:
     """An event loop factory for uvicorn.Config(loop=...) whose TLS servers give up on a
-    handshake after `tls_handshake_timeout_s`: asyncio's loop, or with `fast` uvloop's."""
+    handshake after `tls_handshake_timeout_s`: asyncio's loop, or with `fast` uvloop's, whose
+    TCP servers then accept in batches (BatchAcceptServer)."""
     base: type[asyncio.AbstractEventLoop] = asyncio.SelectorEventLoop
     if fast:
         import uvloop
@@ -240,12 +243,105 @@ def guarded_loop_factory(limits: GuardLimits, fast: bool = False) -> Callable[[]
         base = uvloop.Loop
 
     class GuardedEventLoop(base):  # type: ignore[valid-type,misc]
-        async def create_server(self, *args: Any, **kw: Any) -> asyncio.Server:
+        async def create_server(self, *args: Any, **kw: Any) -> Any:
             if kw.get("ssl") is not None and kw.get("ssl_handshake_timeout") is None:
                 kw["ssl_handshake_timeout"] = limits.tls_handshake_timeout_s
+            if fast:
+                sock = batch_listener(*args[1:], **kw)
+                if sock is not None:
+                    return BatchAcceptServer(self, args[0], sock, kw.get("ssl"), kw.get("ssl_handshake_timeout"))
             return await super().create_server(*args, **kw)
 
     return GuardedEventLoop
+
+
+ACCEPT_BATCH = 128  # connections accepted at most per readiness of the listening socket
+
+
+def batch_listener(host: Any = None, port: Any = None, *, sock: socket.socket | None = None, backlog: int = 100,
+                   ssl: Any = None, ssl_handshake_timeout: Any = None) -> socket.socket | None:
+    """The listening socket for BatchAcceptServer: uvicorn's own (`sock`), or one bound to a
+    literal address; None for anything else (a host name, other options): the loop's own
+    server then, as before."""
+    if sock is not None:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        sock.listen(backlog)
+        sock.setblocking(False)
+        return sock
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except (TypeError, ValueError):
+        return None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's create_server
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class BatchAcceptServer:
+    """A TCP server for uvloop that accepts up to ACCEPT_BATCH connections each time its socket
+    is ready, where uvloop's own accepts one per turn of the loop.
+
+    Why by hand: libuv (uvloop's core) accepts a single connection per loop iteration, by design
+    since 1.45, so that a busy server keeps serving the connections it has. For the gateway past
+    its CPU that is the wrong way round: strace showed accept4 once per epoll_wait, 13 turns a
+    second on a gateway capped at 20 % of a core, so 900-970 connections waited un-accepted in
+    the listen queue for seconds, and with them the requests the admission limit was there to
+    refuse at once. asyncio's own loop accepts in batches (100) but costs more per request.
+    What is built on the accepted socket is uvloop's (`connect_accepted_socket`, TLS included);
+    only the accept loop is ours. The subset of asyncio.Server that uvicorn uses."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, protocol_factory: Callable[[], asyncio.BaseProtocol],
+                 sock: socket.socket, ssl: Any, ssl_handshake_timeout: float | None) -> None:
+        self._loop, self._factory, self._sock = loop, protocol_factory, sock
+        self._tls = {"ssl": ssl, "ssl_handshake_timeout": ssl_handshake_timeout} if ssl is not None else {}
+        self._pending: set[asyncio.Task[Any]] = set()
+        self._serving = True
+        loop.add_reader(sock.fileno(), self._accept)
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return (self._sock,) if self._serving else ()
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:  # out of file descriptors, say: the next readiness tries again
+                log.warning("accepting a connection failed: %s", e)
+                return
+            conn.setblocking(False)
+            task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn, **self._tls))
+            self._pending.add(task)
+            task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[Any]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # a TLS handshake that failed or timed out
+            log.debug("a connection ended before it was set up: %s", task.exception())
+
+    def close(self) -> None:
+        if self._serving:
+            self._serving = False
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+
+    async def wait_closed(self) -> None:
+        return None
 
 
 def _peer_address(transport: asyncio.BaseTransport) -> str:
