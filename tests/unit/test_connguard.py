@@ -186,3 +186,46 @@ def test_a_body_over_the_cap_is_413(server):
     transport = httpx.HTTPTransport(verify=ctx, local_address=VISITOR)
     with httpx.Client(transport=transport, timeout=5) as c:
         assert c.post(f"https://127.0.0.1:{port}/", content=b"x" * 2048).status_code == 413
+
+
+def test_the_fast_listener_accepts_a_queue_of_connections_in_a_few_turns_of_its_loop():
+    """uvloop's own server accepts one connection per turn of the loop (libuv's choice); under
+    load that left hundreds waiting un-accepted for seconds. The fast listener takes a batch."""
+    import asyncio
+
+    loop = guarded_loop_factory(LIMITS, fast=True)()
+    made: list[asyncio.Transport] = []
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport):
+            made.append(transport)
+            self.transport = transport
+
+        def data_received(self, data):
+            self.transport.write(data)
+
+    clients: list[socket.socket] = []
+    try:
+        server = loop.run_until_complete(loop.create_server(Echo, "127.0.0.1", 0, backlog=512))
+        port = server.sockets[0].getsockname()[1]
+        for _ in range(200):  # all in the listen queue before the loop turns once
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        for _ in range(3):
+            loop.run_until_complete(asyncio.sleep(0))
+        assert len(made) >= 128, f"{len(made)} connections set up in 3 turns of the loop"
+        loop.run_until_complete(asyncio.sleep(0.2))
+        assert len(made) == 200
+        clients[-1].sendall(b"ping")
+        loop.run_until_complete(asyncio.sleep(0.2))
+        assert clients[-1].recv(16) == b"ping"
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+    finally:
+        for c in clients:
+            c.close()
+        for t in made:
+            t.close()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
