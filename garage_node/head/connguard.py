@@ -246,44 +246,42 @@ def guarded_loop_factory(limits: GuardLimits, fast: bool = False) -> Callable[[]
         async def create_server(self, *args: Any, **kw: Any) -> Any:
             if kw.get("ssl") is not None and kw.get("ssl_handshake_timeout") is None:
                 kw["ssl_handshake_timeout"] = limits.tls_handshake_timeout_s
-            if fast:
-                sock = batch_listener(*args[1:], **kw)
-                if sock is not None:
-                    return BatchAcceptServer(self, args[0], sock, kw.get("ssl"), kw.get("ssl_handshake_timeout"))
+            sock = batch_listener(args, kw) if fast else None
+            if sock is not None:
+                return BatchAcceptServer(self, args[0], sock, kw.get("ssl"), kw.get("ssl_handshake_timeout"))
             return await super().create_server(*args, **kw)
 
     return GuardedEventLoop
 
 
 ACCEPT_BATCH = 128  # connections accepted at most per readiness of the listening socket
+# What uvicorn passes to create_server (besides the protocol factory); anything else, or a host
+# name rather than an address, goes to the loop's own server.
+_BATCH_ARGS = frozenset({"host", "port", "sock", "backlog", "ssl", "ssl_handshake_timeout"})
 
 
-def batch_listener(host: Any = None, port: Any = None, *, sock: socket.socket | None = None, backlog: int = 100,
-                   ssl: Any = None, ssl_handshake_timeout: Any = None) -> socket.socket | None:
-    """The listening socket for BatchAcceptServer: uvicorn's own (`sock`), or one bound to a
-    literal address; None for anything else (a host name, other options): the loop's own
-    server then, as before."""
+def batch_listener(args: tuple[Any, ...], kw: dict[str, Any]) -> socket.socket | None:
+    """The listening socket for BatchAcceptServer, from create_server's arguments: uvicorn's
+    own (`sock`), or one bound to a literal address; None where the loop's server should do."""
+    named = dict(zip(("host", "port"), args[1:3], strict=False), **kw)  # host, port may be positional
+    if len(args) > 3 or not named.keys() <= _BATCH_ARGS:
+        return None
+    backlog = named.get("backlog", 100)
+    sock: socket.socket | None = named.get("sock")
     if sock is not None:
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             return None
         sock.listen(backlog)
-        sock.setblocking(False)
-        return sock
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except (TypeError, ValueError):
-        return None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's create_server
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
+    else:
+        host: Any = named.get("host")
+        try:
+            version = ipaddress.ip_address(host).version
+        except (TypeError, ValueError):
+            return None
+        # SO_REUSEADDR, and IPv6 only on an IPv6 address, as asyncio's create_server does.
+        sock = socket.create_server((host, named.get("port") or 0), backlog=backlog,
+                                    family=socket.AF_INET6 if version == 6 else socket.AF_INET)
+    sock.setblocking(False)
     return sock
 
 

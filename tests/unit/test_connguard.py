@@ -6,6 +6,7 @@ the same against the real head with nodes heartbeating."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import threading
@@ -191,8 +192,6 @@ def test_a_body_over_the_cap_is_413(server):
 def test_the_fast_listener_accepts_a_queue_of_connections_in_a_few_turns_of_its_loop():
     """uvloop's own server accepts one connection per turn of the loop (libuv's choice); under
     load that left hundreds waiting un-accepted for seconds. The fast listener takes a batch."""
-    import asyncio
-
     loop = guarded_loop_factory(LIMITS, fast=True)()
     made: list[asyncio.Transport] = []
 

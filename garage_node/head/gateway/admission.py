@@ -168,10 +168,7 @@ class Governor:
         """Late now and at the sample before, with more than a trickle arriving, and enough in
         flight for the lateness to be the gateway's own."""
         return (lag_s > self.target_s and self._late_before and self.arrived_rps > self.floor_rps
-                and self._busy())
-
-    def _busy(self) -> bool:
-        return self.in_flight() >= MIN_IN_FLIGHT
+                and self.in_flight() >= MIN_IN_FLIGHT)
 
     def _limit(self, now: float) -> None:
         """Over capacity: from now on at most DECREASE of what got through, the bucket empty."""
