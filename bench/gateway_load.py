@@ -7,7 +7,11 @@ Three processes on loopback: the stand-in engines (one uvicorn, several ports), 
 the load (open loop: requests start on schedule whether or not earlier ones are done).
 
     .venv/bin/python bench/gateway_load.py [--rate 500] [--seconds 20] [--pcs 8] [--grace 10]
-        [--gc freeze|plain] [--gen0 N] [--listener fast|plain] [--max-in-flight N]
+        [--gc freeze|plain] [--gen0 N] [--listener fast|plain] [--max-in-flight N] [--workers N]
+
+`--workers N`: the gateway as `head run` builds it with [gateway] workers = N (the process
+and N-1 worker processes on one port, head/gateway/workers.py); CPU, pinning and `--gateway-cpu`
+then count and cap each of its processes (each capped at that share of a CPU on its own).
 
 Pinning (printed): where the machine has 3 CPUs or more, the gateway, the stand-ins and the
 load each get CPUs of their own; on 2 CPUs the gateway gets one and the stand-ins and the load
@@ -83,7 +87,7 @@ def gc_tracer(out: Path) -> None:
 
 
 def gateway(port: int, engine_ports: list[int], state: Path, gc_mode: str, gen0: int, listener: str,
-            max_in_flight: int, keepalive: int, max_queue_age_s: float = 0) -> None:
+            max_in_flight: int, keepalive: int, max_queue_age_s: float = 0, workers: int = 1) -> None:
     import gc
 
     import uvicorn
@@ -97,7 +101,7 @@ def gateway(port: int, engine_ports: list[int], state: Path, gc_mode: str, gen0:
     from testing.fakes import sample_report
 
     # The stand-ins never go stale: heartbeats are not what this measures.
-    section = GatewaySection(stale_after_s=1e9)
+    section = GatewaySection(stale_after_s=1e9, listen_host="127.0.0.1", port=port, workers=workers)
     if keepalive >= 0:
         section = replace(section, engine_keepalive_connections=keepalive)
     if max_in_flight > 0:
@@ -127,11 +131,19 @@ def gateway(port: int, engine_ports: list[int], state: Path, gc_mode: str, gen0:
         settle_heap()  # as `head run` does once it is up
     if gen0:
         gc.set_threshold(gen0, *gc.get_threshold()[1:])
-    fast = listener == "fast"
-    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", access_log=False,
-                                  http=guarded_protocol(limits, **({"fast": True, "shed": app.admission.protocol_hook()}
-                                                                   if fast else {})),
-                                  loop=guarded_loop_factory(limits, **({"fast": True} if fast else {})))).run()
+    if listener == "fast":  # exactly as `head run` builds it (head/gateway/serve.py)
+        from garage_node.head.gateway.serve import gateway_config
+
+        config = gateway_config(section, limits, app, app.admission.protocol_hook())
+    else:
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", access_log=False,
+                                http=guarded_protocol(limits), loop=guarded_loop_factory(limits))
+    if workers > 1:
+        from garage_node.head.gateway.workers import GatewayWorkers
+
+        pool = GatewayWorkers(gw, limits)
+        pool.start()
+    uvicorn.Server(config).run()
 
 
 async def load(url: str, key: str, rate: float, seconds: float, grace_s: float, connections: int = 1024) -> dict:
@@ -165,16 +177,37 @@ def run(coro):  # noqa: ANN001, ANN201
     return uvloop.run(coro)
 
 
+def family(pid: int) -> list[int]:
+    """The gateway's processes: itself and its workers (its children; spawn's resource
+    tracker, idle, among them)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid, *map(int, children)]
+
+
 def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in family(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    total = 0.0
+    for p in family(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total
 
 
 def pin(procs: dict[str, int]) -> None:
@@ -189,7 +222,8 @@ def pin(procs: dict[str, int]) -> None:
     stubs, loadgen = (rest[: len(rest) // 2], rest[len(rest) // 2:]) if len(rest) >= 2 else (rest, rest)
     where = {"gateway": gw, "stand-ins": stubs, "load": loadgen}
     for role, pid in procs.items():
-        os.sched_setaffinity(pid, where[role])
+        for p in family(pid) if role == "gateway" else [pid]:
+            os.sched_setaffinity(p, where[role])
     print("pinning: " + ", ".join(f"{role} on CPU {','.join(map(str, c))}" for role, c in where.items()), flush=True)
 
 
@@ -203,29 +237,35 @@ class CpuCap:
     PERIOD_US = 10_000
 
     def __init__(self, pct: float) -> None:
-        self.path = self.ROOT / f"garage-bench-gateway-{os.getpid()}"
         self.pct = pct
+        self.paths: list[Path] = []
 
-    def apply(self, pid: int) -> bool:
+    def apply(self, pids: list[int]) -> bool:
+        """Each of `pids` in a cgroup of its own, capped at `pct` % of one CPU."""
         if not (self.ROOT / "cpu.cfs_quota_us").exists():
             print(f"cpu cap: none (no cgroup v1 cpu controller at {self.ROOT})", flush=True)
             return False
-        self.path.mkdir(exist_ok=True)
-        (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
-        (self.path / "cpu.cfs_quota_us").write_text(str(int(self.PERIOD_US * self.pct / 100)))
-        (self.path / "cgroup.procs").write_text(str(pid))
-        print(f"cpu cap: the gateway at {self.pct:.0f} % of one CPU (CFS quota, 10 ms period)", flush=True)
+        for pid in pids:
+            path = self.ROOT / f"garage-bench-gateway-{os.getpid()}-{pid}"
+            path.mkdir(exist_ok=True)
+            self.paths.append(path)
+            (path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (path / "cpu.cfs_quota_us").write_text(str(int(self.PERIOD_US * self.pct / 100)))
+            (path / "cgroup.procs").write_text(str(pid))
+        print(f"cpu cap: each of the gateway's {len(pids)} process(es) at {self.pct:.0f} % of one CPU "
+              "(CFS quota, 10 ms period)", flush=True)
         return True
 
     def remove(self) -> None:
-        if not self.path.exists():
-            return
-        for pid in (self.path / "cgroup.procs").read_text().split():
-            try:
-                (self.ROOT / "cgroup.procs").write_text(pid)
-            except OSError:
-                pass  # it ended meanwhile
-        self.path.rmdir()
+        for path in self.paths:
+            if not path.exists():
+                continue
+            for pid in (path / "cgroup.procs").read_text().split():
+                try:
+                    (self.ROOT / "cgroup.procs").write_text(pid)
+                except OSError:
+                    pass  # it ended meanwhile
+            path.rmdir()
 
 
 def gc_pauses(path: Path, since: float, until: float) -> dict:
@@ -291,6 +331,8 @@ def main() -> None:
                    help="the load's connections at most (it opens one per request waiting for an answer, up to this)")
     p.add_argument("--gateway-cpu", type=float, default=0,
                    help="cap the gateway at this %% of one CPU (cgroup), to overload it with this machine's load")
+    p.add_argument("--workers", type=int, default=1,
+                   help="gateway processes on the port ([gateway] workers): the head's and N-1 workers")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--ports", help=argparse.SUPPRESS)
     p.add_argument("--state", help=argparse.SUPPRESS)
@@ -300,7 +342,7 @@ def main() -> None:
     if args.role == "gateway":
         port, *engines = [int(x) for x in args.ports.split(",")]
         return gateway(port, engines, Path(args.state), args.gc, args.gen0, args.listener, args.max_in_flight,
-                       args.engine_keepalive, args.max_queue_age)
+                       args.engine_keepalive, args.max_queue_age, args.workers)
 
     engine_ports = [free_port() for _ in range(args.pcs)]
     gw_port = free_port()
@@ -311,13 +353,13 @@ def main() -> None:
         start_rig(procs, [sys.executable, __file__], engine_ports, gw_port, state,
                   ["--gc", args.gc, "--gen0", str(args.gen0), "--listener", args.listener,
                    "--max-in-flight", str(args.max_in_flight), "--engine-keepalive", str(args.engine_keepalive),
-                   "--max-queue-age", str(args.max_queue_age)])
+                   "--max-queue-age", str(args.max_queue_age), "--workers", str(args.workers)])
         key = (state / "key").read_text()
         gw_pid = procs[1].pid
         pin({"stand-ins": procs[0].pid, "gateway": gw_pid, "load": os.getpid()})
         if cap is not None:
-            cap.apply(gw_pid)
-        print(f"gateway: gc {args.gc}, gen0 {args.gen0 or 'default'}, listener {args.listener}; "
+            cap.apply(family(gw_pid))
+        print(f"gateway: {args.workers} process(es), gc {args.gc}, gen0 {args.gen0 or 'default'}, listener {args.listener}; "
               f"load connections at most {args.connections}; machine load {os.getloadavg()[0]:.1f}", flush=True)
         run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, 50, 2, args.grace))  # warm up
         results = {}

@@ -164,6 +164,11 @@ class GatewaySection:
     # request (httpcore walks its whole pool each time one is taken or given back).
     engine_keepalive_connections: int = setting(64, check=nonnegative())
     engine_keepalive_s: float = setting(4.0, check=positive())
+    # Processes serving the gateway's port (SO_REUSEPORT: the kernel spreads connections over
+    # them), the head's own included: one per core the gateway may use. Each has its own
+    # admission limit (max_in_flight, the hold queue) and routes on its own count of open
+    # requests; keys' limits are shared, audits sample the head's own share (workers.py).
+    workers: int = setting(1, check=(lambda v: 1 <= v <= 64, "a number of processes from 1 to 64"))
 
     def problems(self):
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -296,5 +301,12 @@ def load_head_config(path: Path | None = None) -> HeadConfig:
         raise ConfigError(
             f"{path}: 'api.advertise_host' is empty. Set it to the IP or DNS name nodes reach "
             "this head at; it goes into join tokens and the head's certificate."
+        )
+    if cfg.gateway.workers > 1 and cfg.federation.enabled:
+        # The spill-over to other regions sits in front of the head's own gateway only
+        # (federation/hooks.py); the extra workers would answer 503 where it spills.
+        raise ConfigError(
+            f"{path}: [gateway] workers = {cfg.gateway.workers} does not work with [federation] enabled yet: "
+            "set workers = 1, or turn federation off (docs/not-done.md)."
         )
     return cfg

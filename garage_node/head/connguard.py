@@ -232,10 +232,13 @@ def _httptools_guarded(limits: GuardLimits, slots: ClientSlots, shed: Shed | Non
     return GuardedHttpToolsProtocol
 
 
-def guarded_loop_factory(limits: GuardLimits, fast: bool = False) -> Callable[[], asyncio.AbstractEventLoop]:
+def guarded_loop_factory(limits: GuardLimits, fast: bool = False,
+                         reuse_port: bool = False) -> Callable[[], asyncio.AbstractEventLoop]:
     """An event loop factory for uvicorn.Config(loop=...) whose TLS servers give up on a
     handshake after `tls_handshake_timeout_s`: asyncio's loop, or with `fast` uvloop's, whose
-    TCP servers then accept in batches (BatchAcceptServer)."""
+    TCP servers then accept in batches (BatchAcceptServer). `reuse_port`: the listening socket
+    takes SO_REUSEPORT, so that several processes (the gateway's workers) share the port and
+    the kernel spreads new connections across them; uvicorn has no setting for it."""
     base: type[asyncio.AbstractEventLoop] = asyncio.SelectorEventLoop
     if fast:
         import uvloop
@@ -246,6 +249,8 @@ def guarded_loop_factory(limits: GuardLimits, fast: bool = False) -> Callable[[]
         async def create_server(self, *args: Any, **kw: Any) -> Any:
             if kw.get("ssl") is not None and kw.get("ssl_handshake_timeout") is None:
                 kw["ssl_handshake_timeout"] = limits.tls_handshake_timeout_s
+            if reuse_port:
+                kw["reuse_port"] = True
             sock = batch_listener(args, kw) if fast else None
             if sock is not None:
                 return BatchAcceptServer(self, args[0], sock, kw.get("ssl"), kw.get("ssl_handshake_timeout"))
@@ -257,7 +262,7 @@ def guarded_loop_factory(limits: GuardLimits, fast: bool = False) -> Callable[[]
 ACCEPT_BATCH = 128  # connections accepted at most per readiness of the listening socket
 # What uvicorn passes to create_server (besides the protocol factory); anything else, or a host
 # name rather than an address, goes to the loop's own server.
-_BATCH_ARGS = frozenset({"host", "port", "sock", "backlog", "ssl", "ssl_handshake_timeout"})
+_BATCH_ARGS = frozenset({"host", "port", "sock", "backlog", "ssl", "ssl_handshake_timeout", "reuse_port"})
 
 
 def batch_listener(args: tuple[Any, ...], kw: dict[str, Any]) -> socket.socket | None:
@@ -280,7 +285,8 @@ def batch_listener(args: tuple[Any, ...], kw: dict[str, Any]) -> socket.socket |
             return None
         # SO_REUSEADDR, and IPv6 only on an IPv6 address, as asyncio's create_server does.
         sock = socket.create_server((host, named.get("port") or 0), backlog=backlog,
-                                    family=socket.AF_INET6 if version == 6 else socket.AF_INET)
+                                    family=socket.AF_INET6 if version == 6 else socket.AF_INET,
+                                    reuse_port=bool(named.get("reuse_port")))
     sock.setblocking(False)
     return sock
 

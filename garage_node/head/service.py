@@ -355,6 +355,7 @@ def run(cfg: HeadConfig) -> None:
     node_extras: Callable[[str], HeartbeatExtras] = lambda _node_id: HeartbeatExtras()  # noqa: E731
     gateway = None
     federation = None
+    workers = None
     if cfg.gateway.enabled:
         gateway = Gateway(cfg.gateway, cfg.head.state_dir,
                           # Without the reports: the gateway asks every few seconds, on its loop.
@@ -365,6 +366,11 @@ def run(cfg: HeadConfig) -> None:
 
         federation = attach(cfg, gateway)  # issue #21: None unless [federation] enabled
         listeners.extend(gateway_listeners(cfg, gateway, federation))
+        if cfg.gateway.workers > 1:  # more processes on the gateway's port (issue #22)
+            from garage_node.head.gateway.workers import GatewayWorkers
+
+            workers = GatewayWorkers(gateway, gateway_guard_limits(cfg))
+            reports.subscribe(workers.on_report)
     # The head decides what each PC serves (head/placement.py), from the region's catalog and
     # the gateway's demand; its part of each heartbeat's answer is the PC's assignment.
     from garage_node.head.placement import PlacementLoop
@@ -408,11 +414,15 @@ def run(cfg: HeadConfig) -> None:
             federation.start()
         for listener in listeners:
             listener.start()
+        if workers is not None:
+            workers.start()  # after the head's own listener: it binds the port first
         settle_heap()
         sdnotify.ready(f"serving {cfg.api_url}, hub {service.facts.hub.ip} on {cfg.overlay.interface}")
 
     def stopping() -> None:
         sdnotify.stopping()
+        if workers is not None:
+            workers.stop()
         for listener in reversed(listeners):
             listener.stop()
         placement.stop()
@@ -462,17 +472,12 @@ def run(cfg: HeadConfig) -> None:
         raise SetupError("the head could not start (the reason is in the log above)")
 
 
-# The gateway's customers bring every kind of client, so it keeps TLS 1.2, but only with AEAD
-# suites: uvicorn's default cipher string ("TLSv1") also offers the CBC-SHA1 suites an outside
-# check found on the control API (issue #23). TLS 1.3's suites are not set by this string.
-GATEWAY_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-
-
-def gateway_tls(cert: str, key: str) -> dict[str, Any]:
-    """uvicorn's TLS settings for the gateway's listener; {} without a certificate (plain HTTP)."""
-    if not cert:
-        return {}
-    return {"ssl_certfile": cert, "ssl_keyfile": key, "ssl_ciphers": GATEWAY_CIPHERS}
+def gateway_guard_limits(cfg: HeadConfig) -> GuardLimits:
+    """The gateway's guards: the control API's request deadline, per-address cap and TLS
+    handshake deadline ([api])."""
+    return GuardLimits(request_timeout_s=cfg.api.request_timeout_s,
+                       max_connections_per_client=cfg.api.max_connections_per_client,
+                       tls_handshake_timeout_s=cfg.api.tls_handshake_timeout_s)
 
 
 def gateway_listeners(cfg: HeadConfig, gateway: Gateway, federation: Any = None) -> list[BackgroundServer]:
@@ -481,24 +486,16 @@ def gateway_listeners(cfg: HeadConfig, gateway: Gateway, federation: Any = None)
     from prometheus_client import make_asgi_app
 
     from garage_node.head.gateway.app import create_gateway_app
+    from garage_node.head.gateway.serve import gateway_config
 
     g = cfg.gateway
-    limits = GuardLimits(request_timeout_s=cfg.api.request_timeout_s,
-                         max_connections_per_client=cfg.api.max_connections_per_client,
-                         tls_handshake_timeout_s=cfg.api.tls_handshake_timeout_s)
     gateway_app = create_gateway_app(gateway)
     app: Any = gateway_app
     if federation is not None:  # spill-over to other regions in front of the gateway (issue #21)
         from garage_node.head.federation.hooks import wrap_app
 
         app = wrap_app(app, federation, gateway)
-    api = uvicorn.Config(app, host=g.listen_host, port=g.port, log_level="warning",
-                         access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=10,
-                         # uvloop and httptools: less CPU per request (#22); the same guards.
-                         # Past capacity a 503 is written by the protocol itself (admission.py).
-                         http=guarded_protocol(limits, fast=True, shed=gateway_app.admission.protocol_hook()),
-                         loop=guarded_loop_factory(limits, fast=True),  # type: ignore[arg-type]
-                         **gateway_tls(g.tls_cert, g.tls_key))
+    api = gateway_config(g, gateway_guard_limits(cfg), app, gateway_app.admission.protocol_hook())
     metrics = uvicorn.Config(make_asgi_app(gateway.metrics.registry), host=g.metrics_host, port=g.metrics_port,
                              log_level="warning", access_log=False)
     return [BackgroundServer("gateway", api), BackgroundServer("metrics", metrics)]

@@ -4,7 +4,11 @@ each serving the real vLLM CPU image through a dockerd of its own (testing/docke
 Requests go to the head with an API key, as a user's would, and come back from a PC; the
 ledger's counts equal what vLLM reported; keys are refused as they should be; a draining PC
 takes nothing new and finishes its stream; a PC whose engine dies under load costs no request
-that had not begun to stream; Prometheus parses the head's metrics."""
+that had not begun to stream; Prometheus parses the head's metrics.
+
+The head runs its gateway as two processes ([gateway] workers = 2, head/gateway/workers.py):
+every check here holds whichever of them a connection lands on, and the ledger, the metrics
+and the keys are the region's, not one process's."""
 
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ def region(left_behind: list[Testbed], testbed: Testbed) -> Testbed:
     model = tiny_model_dir()
     tb = testbed
     left_behind.append(tb)
-    head = tb.start_head()
+    head = tb.start_head(extra="[gateway]\nworkers = 2\n")
     pcs = [tb.add_engine_node(name, engine_toml(model, cpus=str(i))) for i, name in enumerate(("pc-a", "pc-b"))]
     for pc in pcs:
         pc.configure(head.token())

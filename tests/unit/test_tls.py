@@ -157,10 +157,10 @@ def test_tls13_config_without_a_certificate_serves_plain_http(tmp_path: Path) ->
 
 @pytest.fixture(scope="module")
 def gateway(certs: pki.PkiPaths) -> Iterator[int]:
-    """The gateway's HTTPS listener with the TLS settings `head run` gives it (service.gateway_tls)."""
+    """The gateway's HTTPS listener with the TLS settings `head run` gives it (gateway/serve.py)."""
     import uvicorn
 
-    from garage_node.head.service import gateway_tls
+    from garage_node.head.gateway.serve import gateway_tls
 
     port = free_port()
     config = uvicorn.Config(serving(b"ok"), host="127.0.0.1", port=port, log_level="warning", lifespan="off",

@@ -51,6 +51,7 @@ class Gateway:
         `audit`: the head's [audit] section (None or not enabled: no audits)."""
         self.cfg = cfg
         self.clock = clock
+        self.state_dir = state_dir
         self.store = Store(database_path(state_dir))
         self.keys = KeyStore(self.store)
         self.ledger = Ledger(self.store, clock)
