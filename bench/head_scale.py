@@ -4,6 +4,11 @@ API, each with its own WireGuard key, then heartbeat every `--period` s (±10 %,
 BeatTimer) for `--duration` s with their own credentials, from a client namespace of their own.
 
 Run as root:  .venv/bin/python bench/head_scale.py [--pcs 1000] [--duration 120] [--period 5]
+                  [--gateway] [--pin]
+
+`--pin` puts the head's namespace on the last CPU and the simulated PCs on the others (printed).
+The client processes do not collect garbage while they measure: each stands in for hundreds of
+agents, and its own full collections (120-145 ms at 1,000 PCs) were counted as the head's.
 
 The PCs are asyncio tasks with httpx in `--procs` client processes (each PC keeps its own
 kept-alive connection, as an agent does), spread over source addresses so the head's cap of
@@ -33,7 +38,7 @@ from testing.region import PYTHON, Testbed, sh  # noqa: E402
 PER_ADDRESS = 25  # simulated PCs per source address (the head allows 32 connections per address)
 
 CLIENT = textwrap.dedent("""
-    import asyncio, json, random, ssl, sys, time
+    import asyncio, gc, json, random, ssl, sys, time
     import httpx
     from garage_node.core.wireguard import generate_private_key, public_key_of
     from garage_node.node.headclient import BeatTimer
@@ -99,7 +104,14 @@ CLIENT = textwrap.dedent("""
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         lat, errs = [], []
         stop_at = time.monotonic() + cfg["duration"]
+        # One process stands in for hundreds of agents, so its heap is hundreds of times an
+        # agent's: its full garbage collections paused it 120-145 ms every ~12 s at 1,000 PCs,
+        # and every heartbeat in flight meanwhile counted that pause as the head's. An agent's
+        # own heap is small; this process does not collect while it measures.
+        gc.freeze()
+        gc.disable()
         await asyncio.gather(*(beat(c, node, stop_at, lat, errs) for c, node in enrolled))
+        gc.enable()
         print(json.dumps({"phase": "done", "latencies": lat, "errors": errs}), flush=True)
 
     asyncio.run(main())
@@ -185,6 +197,9 @@ def main() -> int:
     ap.add_argument("--enroll-concurrency", type=int, default=32, help="enrollments in flight per client process")
     ap.add_argument("--settle", type=float, default=30.0, help="seconds after the load before the 'after' RSS")
     ap.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True, help="run the head's Ray head")
+    ap.add_argument("--pin", action="store_true",
+                    help="the head's namespace (head, Ray, Redis, wireguard-go) on the last CPU, the simulated "
+                         "PCs on the others: their own loops then no longer share the head's CPU")
     ap.add_argument("--gateway", action="store_true",
                     help="run the gateway too, and split the heartbeat latency: the head's own share (its "
                          "garage_head_heartbeat_seconds histogram) beside what the PCs measured")
@@ -225,6 +240,10 @@ def main() -> int:
         script = clients.dir / "client.py"
         script.write_text(CLIENT)
 
+        head_cpus, client_cpus = split_cpus()
+        if args.pin:
+            pin_all(namespace_pids(head.ns), head_cpus)
+            print(f"pinning: the head's namespace on CPU {head_cpus}, the simulated PCs on CPU {client_cpus}")
         sampler = Sampler(head.proc.pid, head.ns)
         idle_a = sampler.sample()
         time.sleep(10)
@@ -244,6 +263,8 @@ def main() -> int:
             path.write_text(json.dumps(cfg))
             procs.append(subprocess.Popen(clients.wrap([PYTHON, str(script), str(path)]), stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, text=True, env={**os.environ}))
+            if args.pin:
+                pin_all([procs[-1].pid], client_cpus)
             first += n
             addr_at += n_a
         enrolled = [json.loads(p.stdout.readline()) for p in procs]
@@ -298,6 +319,22 @@ def main() -> int:
             "head_side_ms": head_side,
         }, indent=2))
     return 0
+
+
+def split_cpus() -> tuple[list[int], list[int]]:
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[-1:], cpus[:-1] or cpus)
+
+
+def pin_all(pids: list[int], cpus: list[int]) -> None:
+    """Every thread of each process (sched_setaffinity on a pid sets only that one thread);
+    threads started later inherit it from the thread that starts them."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except OSError:
+                pass  # ended meanwhile
 
 
 def heartbeat_histogram(head) -> dict[float, float]:

@@ -7,10 +7,12 @@ the same against the real head with nodes heartbeating."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import ssl
 import threading
 import time
+import weakref
 
 import httpx
 import pytest
@@ -30,6 +32,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Marker:
+    pass
+
+
+MARKERS: list[weakref.ReferenceType] = []  # one per request the server's app saw
+
+
 # Every guard on both listeners: the control API's (asyncio, h11) and the gateway's (uvloop,
 # httptools).
 @pytest.fixture(scope="module", params=[False, True], ids=["asyncio-h11", "uvloop-httptools"])
@@ -40,6 +49,8 @@ def server(tmp_path_factory, request):
     async def app(scope, receive, send):
         if scope["type"] != "http":
             return
+        scope["marker"] = marker = Marker()  # dies with the request's scope
+        MARKERS.append(weakref.ref(marker))
         body = b""
         while True:
             msg = await receive()
@@ -171,6 +182,19 @@ def test_keep_alive_requests_are_not_cut_off(server):
         for _ in range(3):  # idle between requests under keep-alive, longer than... nothing: each is whole
             assert c.post(f"https://127.0.0.1:{port}/", content=b"x").status_code == 200
             time.sleep(0.5)
+
+
+def test_a_kept_alive_connection_holds_nothing_of_its_finished_request(server):
+    port, ctx, _ = server
+    transport = httpx.HTTPTransport(verify=ctx, local_address=VISITOR)
+    with httpx.Client(transport=transport, timeout=5) as c:
+        assert c.post(f"https://127.0.0.1:{port}/", content=b"x").status_code == 200
+        request = MARKERS[-1]
+        time.sleep(0.3)  # the server's side of the response ends after the client has it
+        gc.collect()
+        assert request() is None, "the idle connection still holds its last request's scope"
+        assert c.post(f"https://127.0.0.1:{port}/", content=b"y").status_code == 200  # and serves the next
+        assert len(c._transport._pool.connections) == 1  # on the same connection
 
 
 def test_an_unfinished_tls_handshake_is_dropped(server):
