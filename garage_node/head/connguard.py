@@ -118,7 +118,8 @@ class _Guard:
         # wait (httptools starts the next from this call); every use of `cycle` in uvicorn's
         # protocols takes None as "no request under way", as before the first request, and
         # `scope` and `headers` are made anew when the next request begins (uvicorn 0.55).
-        if done is None or self.cycle is not done or not done.response_complete or getattr(self, "pipeline", None):
+        if done is None or self.cycle is not done or not done.response_complete or getattr(self, "pipeline", None) \
+                or self._deadline is not None:  # armed: the request's body is still coming in
             return
         self.cycle = None
         # The protocol keeps the scope and its headers too; not if the next request's parsing

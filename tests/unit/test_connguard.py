@@ -213,6 +213,31 @@ def test_a_body_over_the_cap_is_413(server):
         assert c.post(f"https://127.0.0.1:{port}/", content=b"x" * 2048).status_code == 413
 
 
+def test_an_answer_sent_before_its_body_is_in_keeps_the_connection_sound(server):
+    """The app answers (413) while the body is still coming; the rest of the body arrives
+    after the answer is complete. It is dropped, and nothing more is written: no second
+    answer (a request let go of too early made the parser fail on that body and add a 400)."""
+    port, ctx, _ = server
+    s = tls_connect(port, ctx, VISITOR)
+    s.settimeout(5)
+    s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\n\r\n" + b"x" * 100)
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+        answer += s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413")
+    s.sendall(b"x" * 3996)  # the rest of the body, after the answer
+    time.sleep(0.5)
+    s.settimeout(1)
+    after = b""
+    try:
+        while chunk := s.recv(4096):
+            after += chunk
+    except (TimeoutError, ssl.SSLError, OSError):
+        pass
+    assert after == b"", after[:200]
+    s.close()
+
+
 def test_the_fast_listener_accepts_a_queue_of_connections_in_a_few_turns_of_its_loop():
     """uvloop's own server accepts one connection per turn of the loop (libuv's choice); under
     load that left hundreds waiting un-accepted for seconds. The fast listener takes a batch."""

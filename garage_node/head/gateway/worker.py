@@ -48,8 +48,11 @@ class Inbox:
         try:
             while True:
                 for message in conn.recv():
-                    if not self.apply(message):
-                        return
+                    try:
+                        if not self.apply(message):
+                            return
+                    except Exception:  # one bad message is skipped; the worker serves on
+                        log.exception("gateway worker: could not apply the head's %r", message[0])
         except (EOFError, OSError):
             log.info("gateway worker: the head is gone; stopping")
         finally:

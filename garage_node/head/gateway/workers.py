@@ -114,7 +114,11 @@ class _Link:
                 message = conn.recv()
                 kind = message[0]
                 if kind == "events":
-                    spent = self.applier.apply(message[1])
+                    try:
+                        spent = self.applier.apply(message[1])
+                    except Exception:  # a bad event costs its batch, not the worker's link
+                        log.exception("gateway worker %d: could not count its events", self.index)
+                        continue
                     for event in spent:
                         self.pool.tell_others(self, event)
                 elif kind == "ready":
