@@ -369,7 +369,7 @@ def run(cfg: HeadConfig) -> None:
         if cfg.gateway.workers > 1:  # more processes on the gateway's port (issue #22)
             from garage_node.head.gateway.workers import GatewayWorkers
 
-            workers = GatewayWorkers(gateway, gateway_guard_limits(cfg))
+            workers = GatewayWorkers(gateway, guard_limits(cfg))
             reports.subscribe(workers.on_report)
     # The head decides what each PC serves (head/placement.py), from the region's catalog and
     # the gateway's demand; its part of each heartbeat's answer is the PC's assignment.
@@ -451,9 +451,7 @@ def run(cfg: HeadConfig) -> None:
     app.include_router(releases_api.router(service.registry, ReleaseStore(releases_root(cfg.head.state_dir))))
     # The API faces the internet: uvicorn's h11 protocol with a deadline for every request and
     # a cap on connections per address, and a loop that bounds TLS handshakes (connguard.py).
-    limits = GuardLimits(request_timeout_s=cfg.api.request_timeout_s,
-                         max_connections_per_client=cfg.api.max_connections_per_client,
-                         tls_handshake_timeout_s=cfg.api.tls_handshake_timeout_s)
+    limits = guard_limits(cfg)
     server = uvicorn.Server(tls13_config(  # TLS 1.3 only (listener.py)
         app, host=cfg.api.listen_host, port=cfg.api.port,
         ssl_certfile=str(p.pki.server_cert), ssl_keyfile=str(p.pki.server_key),
@@ -472,9 +470,9 @@ def run(cfg: HeadConfig) -> None:
         raise SetupError("the head could not start (the reason is in the log above)")
 
 
-def gateway_guard_limits(cfg: HeadConfig) -> GuardLimits:
-    """The gateway's guards: the control API's request deadline, per-address cap and TLS
-    handshake deadline ([api])."""
+def guard_limits(cfg: HeadConfig) -> GuardLimits:
+    """The guards of every listener facing the internet (the control API, the gateway and its
+    workers): [api]'s request deadline, per-address cap and TLS handshake deadline."""
     return GuardLimits(request_timeout_s=cfg.api.request_timeout_s,
                        max_connections_per_client=cfg.api.max_connections_per_client,
                        tls_handshake_timeout_s=cfg.api.tls_handshake_timeout_s)
@@ -495,7 +493,7 @@ def gateway_listeners(cfg: HeadConfig, gateway: Gateway, federation: Any = None)
         from garage_node.head.federation.hooks import wrap_app
 
         app = wrap_app(app, federation, gateway)
-    api = gateway_config(g, gateway_guard_limits(cfg), app, gateway_app.admission.protocol_hook())
+    api = gateway_config(g, guard_limits(cfg), app, gateway_app.admission.protocol_hook())
     metrics = uvicorn.Config(make_asgi_app(gateway.metrics.registry), host=g.metrics_host, port=g.metrics_port,
                              log_level="warning", access_log=False)
     return [BackgroundServer("gateway", api), BackgroundServer("metrics", metrics)]

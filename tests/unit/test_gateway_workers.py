@@ -23,7 +23,7 @@ from garage_node.head.connguard import GuardLimits
 from garage_node.head.gateway.gateway import Gateway
 from garage_node.head.gateway.serve import gateway_config
 from garage_node.head.gateway.workers import GatewayWorkers
-from garage_node.head.listener import BackgroundServer
+from garage_node.head.listener import BackgroundServer, ListenerError
 from tests.unit.test_gateway import MODEL, Engine, free_port, report
 
 LIMITS = GuardLimits(max_connections_per_client=256)
@@ -187,7 +187,7 @@ def test_a_worker_that_cannot_listen_stops_the_start_with_why(tmp_path):
     taken.bind(("127.0.0.1", h.port))
     taken.listen()
     try:
-        with pytest.raises(Exception) as e:
+        with pytest.raises(ListenerError) as e:
             h.pool.start()
         assert "gateway worker 1 of 2" in str(e.value) and "could not listen" in str(e.value)
     finally:

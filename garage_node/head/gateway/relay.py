@@ -117,7 +117,7 @@ class Applier:
             kind = event[0]
             if kind == "metric":
                 _, name, labels, op, value = event
-                if name in RELAYED_METRICS:
+                if name in RELAYED_METRICS and op in ("inc", "observe"):
                     getattr(getattr(gw.metrics, name).labels(*labels), op)(value)
             elif kind == "demand":
                 self._demand(event[1], event[2:])

@@ -33,7 +33,7 @@ from garage_node.head.gateway.worker import READY_TIMEOUT_S, WorkerSpec, main
 
 log = logging.getLogger(__name__)
 
-SYNC_EVERY_S = 1.0  # names and placed models sent this often (names are read every 5 s anyway)
+SYNC_EVERY_S = 1.0  # names and placed models looked at this often, sent when changed
 STOP_TIMEOUT_S = 15.0  # uvicorn's graceful 10 s, then the ledger's last batch
 # A worker that does not read (stuck) is sent at most this many messages; then what waits is
 # dropped and it is sent the whole table again once it reads.
@@ -51,7 +51,6 @@ class _Link:
         self._wake = threading.Event()
         self._lost = False  # messages were dropped: send the whole table again
         self.process: Any = None
-        self.conn: Connection | None = None
         self.ready = threading.Event()
         self.settled = threading.Event()  # ready, or ended before it was
         self.failed: str | None = None
@@ -95,7 +94,6 @@ class _Link:
                                    name=f"gateway-worker-{self.index}", daemon=True)
         self.process.start()
         child.close()
-        self.conn = parent
         self.ready.clear()
         self.settled.clear()
         self.failed = None
@@ -216,8 +214,13 @@ class GatewayWorkers:
                 link.put(event)
 
     def _sync_loop(self) -> None:
+        """Names and placed models, when they change (a worker got both at its start)."""
+        names, placed = self.gateway.names(), frozenset(self.gateway.placed())
         while not self.stopping.wait(SYNC_EVERY_S):
-            names, placed = self.gateway.names(), frozenset(self.gateway.placed())
-            for link in self._links:
-                link.put(("names", names))
-                link.put(("placed", placed))
+            now_names, now_placed = self.gateway.names(), frozenset(self.gateway.placed())
+            if now_names != names:
+                names = now_names
+                self.tell_others(None, ("names", names))
+            if now_placed != placed:
+                placed = now_placed
+                self.tell_others(None, ("placed", placed))
