@@ -18,6 +18,10 @@ load each get CPUs of their own; on 2 CPUs the gateway gets one and the stand-in
 share the other; on 1, nothing is pinned. The gateway's garbage-collection pauses (every
 collection, timed with gc.callbacks) are printed per turn: count, total and the longest.
 
+Each gateway turn is also printed second by second (by when its requests were due: p99 of what
+was served, how many were refused), and `--after` says from which second on the gateway was
+back to normal (every later second p99 < 10 ms, none refused).
+
 Every turn ends `--grace` seconds after its last request is sent at the latest: requests not
 answered by then are cancelled (the client leaves) and printed as unfinished, so the bench ends
 in bounded time however far behind the target falls.
@@ -167,7 +171,44 @@ async def load(url: str, key: str, rate: float, seconds: float, grace_s: float, 
     return {"sent": int(rate * seconds), "ok": len(ok), "errors": tally.errors(), "unfinished": tally.unfinished,
             "refused": len(refused), "refused_p99_ms": quantile(refused, 0.99) if refused else 0.0,
             "achieved_rps": len(ok) / tally.elapsed_s, "p50_ms": quantile(ok, 0.5), "p99_ms": quantile(ok, 0.99),
-            "max_ms": quantile(ok, 1.0), "error_kinds": tally.error_kinds()}
+            "max_ms": quantile(ok, 1.0), "error_kinds": tally.error_kinds(), "by_second": seconds_of(tally)}
+
+
+def shown(r: dict) -> str:
+    """A turn's figures on one line (its seconds apart)."""
+    return json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items() if k != "by_second"})
+
+
+def by_seconds(r: dict) -> str:
+    return ", ".join(f"{i}: {s['p99_ms']}/{s['refused']}" for i, s in enumerate(r["by_second"]))
+
+
+def back_to_normal(by_second: list[dict]) -> int | str:
+    """The first second from which every second's p99 is under 10 ms with nothing refused."""
+    first: int | str = "never"
+    for i in range(len(by_second) - 1, -1, -1):
+        s = by_second[i]
+        if s["refused"] or s["p99_ms"] is None or s["p99_ms"] >= 10:
+            break
+        first = i
+    return first
+
+
+def seconds_of(tally) -> list[dict]:  # noqa: ANN001
+    """Each second of the turn (by when its requests were due): served, their p99 in ms, and
+    refused, so a turn right after an overload shows when the gateway was back to normal."""
+    from testing.rawhttp import quantile
+
+    out: list[dict] = []
+    for sent, r in zip(tally.sent_s, tally.results, strict=True):
+        while len(out) <= int(sent):
+            out.append({"ok": [], "refused": 0})
+        if r.status == 200 and r.done:
+            out[int(sent)]["ok"].append(r.total_s)
+        elif r.status in (429, 503) and r.retry_after:
+            out[int(sent)]["refused"] += 1
+    return [{"ok": len(s["ok"]), "p99_ms": round(quantile(s["ok"], 0.99), 1) if s["ok"] else None,
+             "refused": s["refused"]} for s in out]
 
 
 def run(coro):  # noqa: ANN001, ANN201
@@ -376,13 +417,18 @@ def main() -> None:
                 time.sleep(0.6)  # the tracer's next write
                 r.update(gc_pauses(state / "gc.json", w0, time.time()))
             results.setdefault(turn, []).append(r)
-            print(f"{turn:8} {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})}", flush=True)
+            print(f"{turn:8} {shown(r)}", flush=True)
+            if turn == "gateway":
+                print(f"  second by second (p99 ms / refused): {by_seconds(r)}", flush=True)
         if args.after:
             r = run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, args.after, args.seconds, args.grace,
                          args.connections))
-            print(f"after    {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})}", flush=True)
+            print(f"after    {shown(r)}", flush=True)
             print(f"  right after: {args.after:.0f} requests/s through the gateway: p50 {r['p50_ms']:.1f} ms, "
                   f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, refused {r['refused']}, unfinished {r['unfinished']}")
+            print(f"  second by second (p99 ms / refused): {by_seconds(r)}")
+            print(f"  back to normal (every later second p99 < 10 ms, none refused) from second "
+                  f"{back_to_normal(r['by_second'])}")
         d = min(results["direct"], key=lambda r: r["p99_ms"])
         g = min(results["gateway"], key=lambda r: r["p99_ms"])
         print(f"\n{args.rate:.0f} requests/s for {args.seconds:.0f} s over {args.pcs} stand-in PCs (best of two turns each):")

@@ -245,6 +245,7 @@ class Tally:
     results: list[Result] = field(default_factory=list)
     unfinished: int = 0
     elapsed_s: float = 0.0
+    sent_s: list[float] = field(default_factory=list)  # open_loop: when each result's request was due, from the start
 
     def ok(self) -> list[Result]:
         return [r for r in self.results if r.status == 200 and r.done]
@@ -292,7 +293,8 @@ async def open_loop(client: Client, data: bytes, rate: float, seconds: float, gr
         t.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     tally.elapsed_s = time.perf_counter() - start
-    tally.results = [t.result() for t in done]
+    tally.results = [t.result() for t in tasks if t in done]
+    tally.sent_s = [i / rate for i, t in enumerate(tasks) if t in done]
     tally.unfinished = len(pending)
     return tally
 
