@@ -59,22 +59,45 @@ def test_models_listing_is_not_counted(regions: Any) -> None:  # noqa: F811
     assert held().status_code == 200
 
 
-def feed(g: Governor, rps: float, seconds: float, lag_s: float, t: float) -> tuple[float, int]:
+class Served:
+    """A gateway that completes at most `rps` requests a second: what it is handed waits in
+    flight until then (the governor learns its capacity from what completes)."""
+
+    def __init__(self, rps: float, in_flight: float) -> None:
+        self.rps, self.held, self.at = rps, in_flight, 0.0
+
+    def until(self, t: float) -> None:
+        self.held = max(0.0, self.held - (t - self.at) * self.rps)
+        self.at = t
+
+    def in_flight(self) -> int:
+        return round(self.held)
+
+
+def feed(g: Governor, rps: float, seconds: float, lag_s: float, t: float,
+         served: Served | None = None) -> tuple[float, int]:
     """`rps` requests a second for `seconds` from `t`, a lag sample every LAG_EVERY_S saying
-    `lag_s`: the time reached and how many were admitted."""
+    `lag_s`: the time reached and how many were admitted (handed to `served`, if given)."""
     admitted = 0
     start, next_sample = t, t + LAG_EVERY_S
     for i in range(round(rps * seconds)):
         t = start + i / rps
         while next_sample <= t:
+            if served is not None:
+                served.until(next_sample)
             g.sample(lag_s, next_sample)
             next_sample += LAG_EVERY_S
-        admitted += g.decide(t)
+        if served is not None:
+            served.until(t)
+        ok = g.decide(t)
+        admitted += ok
+        if ok and served is not None:
+            served.held += 1
     return start + seconds, admitted
 
 
 def test_the_governor_limits_the_rate_while_the_loop_is_late_and_lifts_it_after() -> None:
-    g = Governor(max_queue_age_s=0.05, in_flight=lambda: 50, floor_rps=50)
+    g = Governor(max_queue_age_s=0.05, in_flight=lambda: 50, floor_rps=50)  # in flight steady: nothing to learn
     t, n = feed(g, 1000, 1.0, 0.005, 0.0)  # on time: all in
     assert n == 1000 and not g.limiting
     t, n = feed(g, 1000, 0.06, 0.2, t)  # one late sample: a blip
@@ -91,6 +114,32 @@ def test_the_governor_limits_the_rate_while_the_loop_is_late_and_lifts_it_after(
     assert not g.limiting and g.rate == float("inf")
     t, n = feed(g, 400, 1.0, 0.005, t)
     assert n == 400
+
+
+def test_the_rate_climbs_back_quickly_to_near_what_completes_and_gently_past_it() -> None:
+    """At twice its ceiling the governor used to climb 1.1x a sample to twice what the gateway
+    could complete before the lag showed, then cut for half a second, and again."""
+    served = Served(1000, in_flight=50)
+    g = Governor(max_queue_age_s=0.05, in_flight=served.in_flight, floor_rps=50)
+    t, _ = feed(g, 2000, 1.0, 0.2, 0.0, served)  # late, cut far below the 1,000 a second it completes
+    assert g.limiting and g.capacity_rps == pytest.approx(1000, rel=0.15)
+    assert g.rate < 200
+    t, n = feed(g, 2000, 2.0, 0.005, t, served)  # on time, still twice what it completes
+    assert 900 <= g.rate <= 1200, g.rate  # 1.1x a sample all the way: 1,331 (held only by the queue)
+    assert n < 2000
+
+
+def test_a_queue_building_on_time_holds_the_rate_at_what_completes() -> None:
+    """The lag shows a queue only once it is hundreds of requests long; in flight shows it at once."""
+    served = Served(1000, in_flight=50)
+    g = Governor(max_queue_age_s=0.05, in_flight=served.in_flight, floor_rps=50)
+    t, _ = feed(g, 3000, 0.2, 0.2, 0.0, served)  # limiting
+    assert g.limiting
+    g.rate = 2500.0  # say it had climbed far past what completes
+    before = served.in_flight()
+    t, _ = feed(g, 3000, 0.5, 0.005, t, served)  # on time, but in flight grows each window
+    assert g.rate <= 1400, g.rate
+    assert served.in_flight() < before + 250  # the queue hardly grew (held at 2,500/s: +750)
 
 
 def test_a_trickle_is_never_limited_however_late_the_loop() -> None:

@@ -13,7 +13,12 @@ read, no JSON), and past either a 503 `overloaded` with Retry-After, at once:
   late samples in a row (over `max_queue_age_s`; one is a blip on a shared machine) and new
   requests are admitted at a rate, a token bucket: cut to DECREASE of what the gateway managed
   while its loop stays late, raised by INCREASE each sample once it is on time again, and lifted
-  when it no longer binds. A fixed in-flight bound cannot do this: at 2x the ceiling 64 short
+  when it no longer binds. Two things keep it near what the gateway can do rather than
+  swinging around it: it learns the gateway's capacity (requests completed a second while it
+  limits with work waiting) and climbs 1.1x a sample only up to 0.9 of that, then 1.01x; and a
+  sample on time whose window ended with over MIN_IN_FLIGHT more requests in flight (a queue
+  building, which the lag shows only once hundreds long) holds the rate at what completed.
+  A fixed in-flight bound cannot do this: at 2x the ceiling 64 short
   requests in flight still took the whole CPU and left none to refuse the rest, whose 503s
   waited seconds; and streams, mostly waiting on the engines, would need a bound of hundreds.
   The rate never goes below FLOOR_RPS, and nothing is limited while fewer than that arrive: a
@@ -47,7 +52,10 @@ LAG_EVERY_S = 0.05  # how often the loop's lag is measured while requests arrive
 LAG_IDLE_AFTER_S = 2.0  # no request for this long: the timer stops (an idle gateway wakes nobody)
 RETRY_AFTER_S = 1
 DECREASE = 0.8  # the admitted rate, cut to this share of what got through, per late sample
-INCREASE = 1.1  # and raised by this factor per sample on time (under half the bound)
+INCREASE = 1.1  # and raised by this factor per sample on time (under half the bound) ...
+GENTLE_INCREASE = 1.01  # ... or by this one once within CAPACITY_SHARE of what the gateway completes
+CAPACITY_SHARE = 0.9
+CAPACITY_AFTER_S = 0.2  # learnt from at least this long busy (one window can be a stalled loop)
 FLOOR_RPS = 50.0  # never admit fewer than this per second
 BURST_S = 0.1  # the bucket holds this many seconds of the rate (at least one request)
 RATE_MEMORY_S = 1.0  # the arrival rate, averaged over about this long
@@ -126,6 +134,10 @@ class Governor:
         self._arrived = 0
         self.admitted_rps = 0.0  # over the last window
         self.arrived_rps = 0.0  # averaged over about RATE_MEMORY_S
+        self.capacity_rps = float("inf")  # completed a second while busy (learnt while limiting)
+        self._in_flight_at = self._in_flight_before = 0  # at the start of this window, of the last
+        self._busy_completed = 0.0  # completed over the busy windows of this overload ...
+        self._busy_s = 0.0  # ... and their length: one window alone can be a stalled loop (0 done)
 
     def admit(self) -> bool:
         return self.decide(self.lag.touch())
@@ -146,23 +158,52 @@ class Governor:
 
     def sample(self, lag_s: float, now: float) -> None:
         """One lag sample: the rate follows it."""
+        in_flight = self.in_flight()
+        completed_rps = None
+        span = 0.0
         if self._window_at is not None and now > self._window_at:
             span = now - self._window_at
             self.admitted_rps = self._admitted / span
+            completed_rps = max(0.0, self._admitted + self._in_flight_at - in_flight) / span
             weight = 1.0 - math.exp(-span / RATE_MEMORY_S)
             self.arrived_rps += weight * (self._arrived / span - self.arrived_rps)
-        self._window_at, self._admitted, self._arrived = now, 0, 0
+        self._in_flight_before = self._in_flight_at
+        self._window_at, self._admitted, self._arrived, self._in_flight_at = now, 0, 0, in_flight
         late = lag_s > self.target_s
+        # Learnt only from windows with work of its own waiting at both ends: the gateway was
+        # busy all window, so what it completed is what it can (once that work is gone, what
+        # completes is only what was admitted).
+        # And only while it works a backlog off (completing more than it was handed): with long
+        # streams open, what completes is bounded by their length, not by the CPU.
+        if (completed_rps is not None and min(in_flight, self._in_flight_before) >= MIN_IN_FLIGHT
+                and completed_rps > self.admitted_rps and (self.limiting or self._overloaded(lag_s))):
+            self._learn_capacity(completed_rps * span, span)
         if not self.limiting:
             if self._overloaded(lag_s):
                 self._limit(now)
         elif late:
-            self.rate = max(self.floor_rps, DECREASE * min(self.rate, self.admitted_rps))
+            self.rate = max(self.floor_rps, DECREASE * min(self.rate, self.admitted_rps, self.capacity_rps))
+        elif completed_rps is not None and in_flight - self._in_flight_before > MIN_IN_FLIGHT:
+            # On time, but admitting faster than it completes: a queue is building, which the
+            # lag shows only once it is hundreds of requests long. Held at what completes.
+            self.rate = max(self.floor_rps, min(self.rate, completed_rps))
         elif lag_s < self.target_s / 2:
-            self.rate *= INCREASE
+            near = self.rate >= CAPACITY_SHARE * self.capacity_rps
+            self.rate *= GENTLE_INCREASE if near else INCREASE
             if self.rate > 2 * self.arrived_rps:  # the bound no longer binds: lifted
                 self.limiting, self.rate = False, float("inf")
+                self.capacity_rps, self._busy_completed, self._busy_s = float("inf"), 0.0, 0.0  # learnt afresh
         self._late_before = late
+
+    def _learn_capacity(self, completed: float, span: float) -> None:
+        """Over its CPU with work waiting, what the gateway completes a second is what it can
+        carry: admitting more only queues. The rate climbs back quickly to near it and gently
+        past it (without this it climbed 1.1x a sample to twice the ceiling before the lag
+        showed, then cut for half a second, and again: admitted p99 0.5-1 s at twice the load)."""
+        self._busy_completed += completed
+        self._busy_s += span
+        if self._busy_s >= CAPACITY_AFTER_S:
+            self.capacity_rps = self._busy_completed / self._busy_s
 
     def _overloaded(self, lag_s: float) -> bool:
         """Late now and at the sample before, with more than a trickle arriving, and enough in
