@@ -173,12 +173,17 @@ def test_over_the_limit_the_protocol_answers_503_and_keeps_the_connection(region
         assert client.post("/v1/completions", json={"model": MODEL, "max_tokens": 4}).status_code == 200
         # Over capacity, as two late lag samples leave it, with an empty bucket and no rate.
         governor.limiting, governor.rate, governor.floor_rps = True, 0.0, 0.0
+        governor.capacity_rps = 321.0
+        sample = region.gw.metrics.registry.get_sample_value
+        assert sample("garage_gateway_admission_limiting") == 1.0
+        assert sample("garage_gateway_admission_capacity") == 321.0
         over = [client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 5000, "max_tokens": 4})
                 for _ in range(3)]
         assert [r.status_code for r in over] == [503, 503, 503]
         assert over[0].headers["retry-after"] == "1" and over[0].json()["error"]["code"] == "overloaded"
         assert client.get("/v1/models").status_code == 200  # not a guarded endpoint
         governor.limiting, governor.rate = False, float("inf")
+        assert sample("garage_gateway_admission_limiting") == 0.0 and sample("garage_gateway_admission_rate") == 0.0
         again = client.post("/v1/completions", json={"model": MODEL, "max_tokens": 4})
         assert again.status_code == 200 and again.json()["choices"][0]["text"] == "from a"
         assert client.post("/v1/completions", json={"model": MODEL, "max_tokens": 4}).status_code == 200

@@ -78,6 +78,7 @@ class GatewayApp:
         self.admission = Admission(self._endpoint, max_in_flight=gw.max_in_flight,
                                    max_queue_age_s=gw.max_queue_age_s, paths=ENDPOINTS,
                                    refused=lambda reason: gw.metrics.refused.labels(reason).inc())
+        gw.metrics.watch_admission(self.admission.governor)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ENDPOINTS:

@@ -53,15 +53,50 @@ class GatewayMetrics:
         r.register(self._placement)
         self._trust = _TrustCollector(node_names)
         r.register(self._trust)
+        self._admission = _AdmissionCollector()
+        r.register(self._admission)
 
     def watch_placement(self, source: PlacementSource) -> None:
         """Export the head's placement per model: demand, replicas wanted and running, switches."""
         self._placement.source = source
 
+    def watch_admission(self, source: AdmissionSource) -> None:
+        """Export the admission limit's state: limiting or not, its rate, the learnt capacity."""
+        self._admission.source = source
+
     def watch_trust(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         """Export the audits' verdicts: how many PCs are quarantined, and which (`snapshot`:
         head/audit/trust.py's Trust.snapshot, node id -> NodeTrust)."""
         self._trust.snapshot = snapshot
+
+
+class AdmissionSource(Protocol):
+    """What the metrics read of the admission's governor (admission.py's Governor)."""
+
+    limiting: bool
+    rate: float
+    capacity_rps: float
+
+
+class _AdmissionCollector(Collector):
+    """Whether the gateway is shedding load now, at what rate it admits, and what it learnt it
+    can complete: read at scrape time from the governor of the process that serves the scrape
+    (the head's own, with [gateway] workers above 1)."""
+
+    def __init__(self) -> None:
+        self.source: AdmissionSource | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        g = self.source
+        limiting = bool(g is not None and g.limiting)
+        yield GaugeMetricFamily("garage_gateway_admission_limiting", "1 while the gateway admits new requests "
+                                "at a rate (its CPU is spent; the rest get 503 overloaded)", value=float(limiting))
+        yield GaugeMetricFamily("garage_gateway_admission_rate", "Requests a second admitted while limiting "
+                                "(0 when not)", value=g.rate if g is not None and limiting else 0.0)
+        capacity = g.capacity_rps if g is not None and g.capacity_rps != float("inf") else 0.0
+        yield GaugeMetricFamily("garage_gateway_admission_capacity", "Requests a second the gateway completed "
+                                "while it worked a backlog off in this overload (0 before one is learnt)",
+                                value=capacity)
 
 
 class _TrustCollector(Collector):
