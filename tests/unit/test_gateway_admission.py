@@ -142,6 +142,18 @@ def test_a_queue_building_on_time_holds_the_rate_at_what_completes() -> None:
     assert served.in_flight() < before + 250  # the queue hardly grew (held at 2,500/s: +750)
 
 
+def test_half_late_with_a_queue_building_is_behind_and_without_one_is_not() -> None:
+    """At an overload's onset the lag hovers near the bound while requests pile up in flight."""
+    served = Served(1000, in_flight=20)
+    g = Governor(max_queue_age_s=0.05, in_flight=served.in_flight, floor_rps=50)
+    feed(g, 900, 1.0, 0.03, 0.0, served)  # half late, nothing piling up: a busy machine
+    assert not g.limiting
+    served = Served(1000, in_flight=20)
+    g = Governor(max_queue_age_s=0.05, in_flight=served.in_flight, floor_rps=50)
+    feed(g, 2000, 0.5, 0.03, 0.0, served)  # half late, +50 in flight a window
+    assert g.limiting
+
+
 def test_a_trickle_is_never_limited_however_late_the_loop() -> None:
     g = Governor(max_queue_age_s=0.05, in_flight=lambda: 50, floor_rps=50)
     t, n = feed(g, 20, 5.0, 1.0, 0.0)  # a busy shared machine: every sample a second late

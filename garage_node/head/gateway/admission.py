@@ -145,8 +145,8 @@ class Governor:
     def decide(self, now: float) -> bool:
         """Whether a request arriving at `now` (the loop's clock) is admitted."""
         self._arrived += 1
-        if not self.limiting and self._overloaded(self.lag.overdue_s(now)):
-            self._limit(now)  # the sample under way is late too: twice in a row, seen early
+        if not self.limiting and self._overloaded(self.lag.overdue_s(now), self.in_flight() - self._in_flight_at):
+            self._limit(now)  # the sample under way is behind too: twice in a row, seen early
         if self.limiting:
             self._tokens = min(max(1.0, self.rate * BURST_S), self._tokens + (now - self._tokens_at) * self.rate)
             self._tokens_at = now
@@ -170,20 +170,21 @@ class Governor:
         self._in_flight_before = self._in_flight_at
         self._window_at, self._admitted, self._arrived, self._in_flight_at = now, 0, 0, in_flight
         late = lag_s > self.target_s
+        grown = in_flight - self._in_flight_before
         # Learnt only from windows with work of its own waiting at both ends: the gateway was
         # busy all window, so what it completed is what it can (once that work is gone, what
         # completes is only what was admitted).
         # And only while it works a backlog off (completing more than it was handed): with long
         # streams open, what completes is bounded by their length, not by the CPU.
         if (completed_rps is not None and min(in_flight, self._in_flight_before) >= MIN_IN_FLIGHT
-                and completed_rps > self.admitted_rps and (self.limiting or self._overloaded(lag_s))):
+                and completed_rps > self.admitted_rps and (self.limiting or self._overloaded(lag_s, grown))):
             self._learn_capacity(completed_rps * span, span)
         if not self.limiting:
-            if self._overloaded(lag_s):
+            if self._overloaded(lag_s, grown):
                 self._limit(now)
         elif late:
             self.rate = max(self.floor_rps, DECREASE * min(self.rate, self.admitted_rps, self.capacity_rps))
-        elif completed_rps is not None and in_flight - self._in_flight_before > MIN_IN_FLIGHT:
+        elif completed_rps is not None and grown > MIN_IN_FLIGHT:
             # On time, but admitting faster than it completes: a queue is building, which the
             # lag shows only once it is hundreds of requests long. Held at what completes.
             self.rate = max(self.floor_rps, min(self.rate, completed_rps))
@@ -193,7 +194,7 @@ class Governor:
             if self.rate > 2 * self.arrived_rps:  # the bound no longer binds: lifted
                 self.limiting, self.rate = False, float("inf")
                 self.capacity_rps, self._busy_completed, self._busy_s = float("inf"), 0.0, 0.0  # learnt afresh
-        self._late_before = late
+        self._late_before = self._behind(lag_s, grown)
 
     def _learn_capacity(self, completed: float, span: float) -> None:
         """Over its CPU with work waiting, what the gateway completes a second is what it can
@@ -205,10 +206,16 @@ class Governor:
         if self._busy_s >= CAPACITY_AFTER_S:
             self.capacity_rps = self._busy_completed / self._busy_s
 
-    def _overloaded(self, lag_s: float) -> bool:
-        """Late now and at the sample before, with more than a trickle arriving, and enough in
+    def _behind(self, lag_s: float, grown: int) -> bool:
+        """Late; or half late with a queue building (over MIN_IN_FLIGHT more in flight than the
+        window began with): at an overload's onset the lag hovers near the bound for a few
+        samples while hundreds of requests pile up (0.3 s more of admitting everything)."""
+        return lag_s > self.target_s or (lag_s > self.target_s / 2 and grown > MIN_IN_FLIGHT)
+
+    def _overloaded(self, lag_s: float, grown: int) -> bool:
+        """Behind now and at the sample before, with more than a trickle arriving, and enough in
         flight for the lateness to be the gateway's own."""
-        return (lag_s > self.target_s and self._late_before and self.arrived_rps > self.floor_rps
+        return (self._behind(lag_s, grown) and self._late_before and self.arrived_rps > self.floor_rps
                 and self.in_flight() >= MIN_IN_FLIGHT)
 
     def _limit(self, now: float) -> None:
