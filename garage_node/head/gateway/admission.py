@@ -17,7 +17,8 @@ read, no JSON), and past either a 503 `overloaded` with Retry-After, at once:
   swinging around it: it learns the gateway's capacity (requests completed a second while it
   limits with work waiting) and climbs 1.1x a sample only up to 0.9 of that, then 1.01x; and a
   sample on time whose window ended with over MIN_IN_FLIGHT more requests in flight (a queue
-  building, which the lag shows only once hundreds long) holds the rate at what completed.
+  building, which the lag shows only once hundreds long) holds the rate at what completed,
+  and counts as late for starting to limit when it is more than half late.
   A fixed in-flight bound cannot do this: at 2x the ceiling 64 short
   requests in flight still took the whole CPU and left none to refuse the rest, whose 503s
   waited seconds; and streams, mostly waiting on the engines, would need a bound of hundreds.
