@@ -203,9 +203,9 @@ def seconds_of(tally) -> list[dict]:  # noqa: ANN001
     for sent, r in zip(tally.sent_s, tally.results, strict=True):
         while len(out) <= int(sent):
             out.append({"ok": [], "refused": 0})
-        if r.status == 200 and r.done:
+        if r.served:
             out[int(sent)]["ok"].append(r.total_s)
-        elif r.status in (429, 503) and r.retry_after:
+        elif r.refused:
             out[int(sent)]["refused"] += 1
     return [{"ok": len(s["ok"]), "p99_ms": round(quantile(s["ok"], 0.99), 1) if s["ok"] else None,
              "refused": s["refused"]} for s in out]

@@ -126,6 +126,16 @@ class Result:
     retry_after: bool = False
     events: int = 0  # `data: ` lines received ([DONE] and the usage chunk included)
 
+    @property
+    def served(self) -> bool:
+        """A whole answer (a stream ended with [DONE])."""
+        return self.status == 200 and self.done
+
+    @property
+    def refused(self) -> bool:
+        """Turned away with Retry-After (503 overloaded, 429 over a key's limits)."""
+        return self.status in (429, 503) and self.retry_after
+
 
 class _Conn(asyncio.Protocol):
     def __init__(self, pool: Client) -> None:
@@ -248,10 +258,10 @@ class Tally:
     sent_s: list[float] = field(default_factory=list)  # open_loop: when each result's request was due, from the start
 
     def ok(self) -> list[Result]:
-        return [r for r in self.results if r.status == 200 and r.done]
+        return [r for r in self.results if r.served]
 
     def refused(self) -> list[Result]:
-        return [r for r in self.results if r.status in (429, 503) and r.retry_after]
+        return [r for r in self.results if r.refused]
 
     def errors(self) -> int:
         return len(self.results) - len(self.ok()) - len(self.refused())
@@ -260,7 +270,7 @@ class Tally:
         """The errors by status ("0": no connection or it broke; "200-cut": a stream without [DONE])."""
         kinds: dict[str, int] = {}
         for r in self.results:
-            if not (r.status == 200 and r.done) and not (r.status in (429, 503) and r.retry_after):
+            if not r.served and not r.refused:
                 k = "200-cut" if r.status == 200 else str(r.status)
                 kinds[k] = kinds.get(k, 0) + 1
         return kinds
@@ -293,8 +303,9 @@ async def open_loop(client: Client, data: bytes, rate: float, seconds: float, gr
         t.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     tally.elapsed_s = time.perf_counter() - start
-    tally.results = [t.result() for t in tasks if t in done]
-    tally.sent_s = [i / rate for i, t in enumerate(tasks) if t in done]
+    answered = [(i / rate, t.result()) for i, t in enumerate(tasks) if t in done]
+    tally.sent_s = [sent for sent, _ in answered]
+    tally.results = [r for _, r in answered]
     tally.unfinished = len(pending)
     return tally
 

@@ -146,8 +146,10 @@ class Governor:
     def decide(self, now: float) -> bool:
         """Whether a request arriving at `now` (the loop's clock) is admitted."""
         self._arrived += 1
-        if not self.limiting and self._overloaded(self.lag.overdue_s(now), self.in_flight() - self._in_flight_at):
-            self._limit(now)  # the sample under way is behind too: twice in a row, seen early
+        if not self.limiting and self._late_before:  # the sample under way behind too: twice in a row, seen early
+            lag = self.lag.overdue_s(now)
+            if lag > self.target_s / 2 and self._overloaded(lag, self.in_flight() - self._in_flight_at):
+                self._limit(now)
         if self.limiting:
             self._tokens = min(max(1.0, self.rate * BURST_S), self._tokens + (now - self._tokens_at) * self.rate)
             self._tokens_at = now
@@ -170,20 +172,24 @@ class Governor:
             self.arrived_rps += weight * (self._arrived / span - self.arrived_rps)
         self._in_flight_before = self._in_flight_at
         self._window_at, self._admitted, self._arrived, self._in_flight_at = now, 0, 0, in_flight
-        late = lag_s > self.target_s
         grown = in_flight - self._in_flight_before
-        # Learnt only from windows with work of its own waiting at both ends: the gateway was
-        # busy all window, so what it completed is what it can (once that work is gone, what
-        # completes is only what was admitted).
-        # And only while it works a backlog off (completing more than it was handed): with long
-        # streams open, what completes is bounded by their length, not by the CPU.
+        starting = not self.limiting and self._overloaded(lag_s, grown)
+        # Learnt only from windows with work of its own waiting at both ends (the gateway was
+        # busy all window, so what it completed is what it can), and only while it works a
+        # backlog off, completing more than it was handed: with long streams open, what
+        # completes is bounded by their length, not by the CPU.
         if (completed_rps is not None and min(in_flight, self._in_flight_before) >= MIN_IN_FLIGHT
-                and completed_rps > self.admitted_rps and (self.limiting or self._overloaded(lag_s, grown))):
+                and completed_rps > self.admitted_rps and (self.limiting or starting)):
             self._learn_capacity(completed_rps * span, span)
-        if not self.limiting:
-            if self._overloaded(lag_s, grown):
-                self._limit(now)
-        elif late:
+        if starting:
+            self._limit(now)
+        elif self.limiting:
+            self._follow(lag_s, grown, completed_rps)
+        self._late_before = self._behind(lag_s, grown)
+
+    def _follow(self, lag_s: float, grown: int, completed_rps: float | None) -> None:
+        """While limiting: the admitted rate after one sample."""
+        if lag_s > self.target_s:
             self.rate = max(self.floor_rps, DECREASE * min(self.rate, self.admitted_rps, self.capacity_rps))
         elif completed_rps is not None and grown > MIN_IN_FLIGHT:
             # On time, but admitting faster than it completes: a queue is building, which the
@@ -195,7 +201,6 @@ class Governor:
             if self.rate > 2 * self.arrived_rps:  # the bound no longer binds: lifted
                 self.limiting, self.rate = False, float("inf")
                 self.capacity_rps, self._busy_completed, self._busy_s = float("inf"), 0.0, 0.0  # learnt afresh
-        self._late_before = self._behind(lag_s, grown)
 
     def _learn_capacity(self, completed: float, span: float) -> None:
         """Over its CPU with work waiting, what the gateway completes a second is what it can
