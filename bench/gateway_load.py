@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -44,10 +45,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout: testing/ is not installed
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free now, below the kernel's ephemeral range: the rig binds them a
+    moment later, and a port from the ephemeral range (what binding port 0 gives) could be taken
+    meanwhile by one of the load's hundreds of outgoing connections (seed_scale failed to start
+    so, "address already in use")."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    first = max(1024, low - 20000)
+    start = random.randrange(first, low)  # two rigs at once rarely pick the same
+    ports: list[int] = []
+    for port in [*range(start, low), *range(first, start)]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise SystemExit(f"fewer than {n} free ports below {low} on 127.0.0.1")
 
 
 def stub(ports: list[int]) -> None:
@@ -90,8 +106,29 @@ def gc_tracer(out: Path) -> None:
     threading.Thread(target=dump, daemon=True).start()
 
 
+def trace_governor(path: Path) -> None:
+    """Every lag sample of the admission governor, as a JSON line in `path`: its clock, the lag,
+    what is in flight and what it decided (the rate, the capacity it learnt, the window's
+    admitted, completed and arrived rates). Patched in from here, so the product carries no
+    tracing; only this process's governor (not --workers' others)."""
+    from garage_node.head.gateway.admission import Governor
+
+    sample = Governor.sample
+    out = path.open("a", buffering=1)
+
+    def traced(self: Governor, lag_s: float, now: float) -> None:
+        sample(self, lag_s, now)
+        out.write(json.dumps({"t": round(now, 4), "lag_ms": round(lag_s * 1000, 1), "in_flight": self.in_flight(),
+                              "limiting": self.limiting, "rate": round(min(self.rate, 1e9)),
+                              "capacity": round(min(self.capacity_rps, 1e9)), "admitted": round(self.admitted_rps),
+                              "completed": round(self.completed_rps), "arrived": round(self.arrived_rps)}) + "\n")
+
+    Governor.sample = traced  # type: ignore[method-assign]
+
+
 def gateway(port: int, engine_ports: list[int], state: Path, gc_mode: str, gen0: int, listener: str,
-            max_in_flight: int, keepalive: int, max_queue_age_s: float = 0, workers: int = 1) -> None:
+            max_in_flight: int, keepalive: int, max_queue_age_s: float = 0, workers: int = 1,
+            governor_trace: str = "") -> None:
     import gc
 
     import uvicorn
@@ -114,6 +151,8 @@ def gateway(port: int, engine_ports: list[int], state: Path, gc_mode: str, gen0:
         section = replace(section, max_in_flight=10**9, max_queue_age_s=1e9)
     if max_queue_age_s > 0:
         section = replace(section, max_queue_age_s=max_queue_age_s)
+    if governor_trace:
+        trace_governor(Path(governor_trace))
     gw = Gateway(section, state, lambda: {})
     base = sample_report()
     for i, p in enumerate(engine_ports):
@@ -374,6 +413,8 @@ def main() -> None:
                    help="cap the gateway at this %% of one CPU (cgroup), to overload it with this machine's load")
     p.add_argument("--workers", type=int, default=1,
                    help="gateway processes on the port ([gateway] workers): the head's and N-1 workers")
+    p.add_argument("--governor-trace", default="",
+                   help="write the gateway's admission governor, sample by sample, as JSON lines to this file")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--ports", help=argparse.SUPPRESS)
     p.add_argument("--state", help=argparse.SUPPRESS)
@@ -383,10 +424,9 @@ def main() -> None:
     if args.role == "gateway":
         port, *engines = [int(x) for x in args.ports.split(",")]
         return gateway(port, engines, Path(args.state), args.gc, args.gen0, args.listener, args.max_in_flight,
-                       args.engine_keepalive, args.max_queue_age, args.workers)
+                       args.engine_keepalive, args.max_queue_age, args.workers, args.governor_trace)
 
-    engine_ports = [free_port() for _ in range(args.pcs)]
-    gw_port = free_port()
+    gw_port, *engine_ports = free_ports(args.pcs + 1)
     state = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     cap = CpuCap(args.gateway_cpu) if args.gateway_cpu else None
     procs: list[subprocess.Popen] = []
@@ -394,7 +434,8 @@ def main() -> None:
         start_rig(procs, [sys.executable, __file__], engine_ports, gw_port, state,
                   ["--gc", args.gc, "--gen0", str(args.gen0), "--listener", args.listener,
                    "--max-in-flight", str(args.max_in_flight), "--engine-keepalive", str(args.engine_keepalive),
-                   "--max-queue-age", str(args.max_queue_age), "--workers", str(args.workers)])
+                   "--max-queue-age", str(args.max_queue_age), "--workers", str(args.workers),
+                   "--governor-trace", str(Path(args.governor_trace).resolve()) if args.governor_trace else ""])
         key = (state / "key").read_text()
         gw_pid = procs[1].pid
         pin({"stand-ins": procs[0].pid, "gateway": gw_pid, "load": os.getpid()})

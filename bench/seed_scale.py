@@ -95,8 +95,7 @@ def main() -> None:
 
     import uvloop
 
-    engine_ports = [gl.free_port() for _ in range(args.pcs)]
-    gw_port = gl.free_port()
+    gw_port, *engine_ports = gl.free_ports(args.pcs + 1)
     state = Path(tempfile.mkdtemp(prefix="seed-scale-"))
     procs: list[subprocess.Popen] = []
     try:
