@@ -74,10 +74,13 @@ class Served:
         return round(self.held)
 
 
-def feed(g: Governor, rps: float, seconds: float, lag_s: float, t: float,
+def feed(g: Governor, rps: float, seconds: float, lag_s: float | list[float], t: float,
          served: Served | None = None) -> tuple[float, int]:
     """`rps` requests a second for `seconds` from `t`, a lag sample every LAG_EVERY_S saying
-    `lag_s`: the time reached and how many were admitted (handed to `served`, if given)."""
+    `lag_s` (a list: its lags in turn): the time reached and how many were admitted (handed to
+    `served`, if given)."""
+    lags = lag_s if isinstance(lag_s, list) else [lag_s]
+    samples = 0
     admitted = 0
     start, next_sample = t, t + LAG_EVERY_S
     for i in range(round(rps * seconds)):
@@ -85,7 +88,8 @@ def feed(g: Governor, rps: float, seconds: float, lag_s: float, t: float,
         while next_sample <= t:
             if served is not None:
                 served.until(next_sample)
-            g.sample(lag_s, next_sample)
+            g.sample(lags[samples % len(lags)], next_sample)
+            samples += 1
             next_sample += LAG_EVERY_S
         if served is not None:
             served.until(t)
@@ -152,6 +156,71 @@ def test_half_late_with_a_queue_building_is_behind_and_without_one_is_not() -> N
     g = Governor(max_queue_age_s=0.05, in_flight=served.in_flight, floor_rps=50)
     feed(g, 2000, 0.5, 0.03, 0.0, served)  # half late, +50 in flight a window
     assert g.limiting
+
+
+def test_a_queue_building_twice_on_a_loop_a_little_late_starts_a_limit_early() -> None:
+    """At an onset the lag swings 0-40 ms from one sample to the next while requests pile up in
+    flight: the limit starts on the queue, with a hundred in flight rather than several hundred."""
+    swinging = [0.001, 0.02]  # never late twice in a row, not even a tenth of the bound
+    served = Served(1000, in_flight=20)
+    g = Governor(max_queue_age_s=0.05, in_flight=served.in_flight, floor_rps=50)
+    at_limit: list[int] = []
+    limit = g._limit
+    g._limit = lambda now: (at_limit.append(served.in_flight()), limit(now))  # type: ignore[method-assign]
+    feed(g, 2000, 1.0, swinging, 0.0, served)  # +50 in flight a window
+    assert g.limiting and at_limit[0] <= 150, at_limit
+    served = Served(1000, in_flight=20)
+    g = Governor(max_queue_age_s=0.05, in_flight=served.in_flight, floor_rps=50)
+    feed(g, 900, 1.0, swinging, 0.0, served)  # as late, nothing piling up: a busy machine
+    assert not g.limiting
+
+
+def test_a_limit_starts_from_what_completed_not_from_what_got_through() -> None:
+    """Detected early, the onset's window admitted 1,000-1,500 a second with a queue of a hundred
+    waiting: 0.8x that only added to the queue. What completed is also the first estimate of
+    what the gateway carries (a drain can be too short to learn from)."""
+    served = Served(1000, in_flight=20)
+    g = Governor(max_queue_age_s=0.05, in_flight=served.in_flight, floor_rps=50)
+    at_limit: list[tuple[float, float]] = []
+    limit = g._limit
+    g._limit = lambda now: (limit(now), at_limit.append((g.rate, g.capacity_rps)))  # type: ignore[method-assign]
+    feed(g, 3000, 0.5, 0.03, 0.0, served)
+    rate, capacity = at_limit[0]
+    assert rate <= 0.8 * 1000 * 1.1, rate  # from what got through: 2,400
+    assert capacity == pytest.approx(1000, rel=0.3)
+
+
+def test_requests_piling_up_on_a_loop_on_time_are_not_the_gateways_doing() -> None:
+    """Slow engines (or streams opening) fill the gateway's in flight while its loop has time:
+    refusing would free nothing the engines need."""
+    served = Served(100, in_flight=20)
+    g = Governor(max_queue_age_s=0.05, in_flight=served.in_flight, floor_rps=50)
+    t, n = feed(g, 600, 2.0, 0.002, 0.0, served)  # +25 in flight a window
+    assert n == 1200 and not g.limiting and served.in_flight() > 900
+
+
+def test_once_the_onsets_queue_is_worked_off_the_rate_is_back_near_capacity_at_once() -> None:
+    """It used to climb 1.1x a sample from the floor: 1.5 s at a third of what it could carry."""
+    served = Served(1000, in_flight=20)
+    g = Governor(max_queue_age_s=0.05, in_flight=served.in_flight, floor_rps=50)
+    t, _ = feed(g, 2000, 0.3, 0.03, 0.0, served)  # the onset: limited, a queue to work off
+    assert g.limiting
+    g.rate = g.floor_rps  # as a window that completed nothing leaves it
+    t, _ = feed(g, 2000, 0.25, 0.002, t, served)  # on time while it drains
+    t, n = feed(g, 2000, 0.3, 0.002, t, served)
+    assert n >= 0.8 * 1000 * 0.3, n  # near the 1,000 a second it completes
+    assert served.in_flight() < 50
+
+
+def test_a_backlog_that_stands_still_is_worked_off_before_the_rate_climbs() -> None:
+    """Admitted as fast as it completes, the onset's queue neither grows nor shows in the lag:
+    climbing on, it stood for good (160 in flight at 1,000 a second: 160 ms each)."""
+    served = Served(1000, in_flight=20)
+    g = Governor(max_queue_age_s=0.05, in_flight=served.in_flight, floor_rps=50)
+    t, _ = feed(g, 3000, 0.3, 0.03, 0.0, served)
+    assert g.limiting and served.in_flight() > 150
+    t, _ = feed(g, 3000, 1.5, 0.002, t, served)
+    assert served.in_flight() < 50, served.in_flight()
 
 
 def test_a_trickle_is_never_limited_however_late_the_loop() -> None:

@@ -13,12 +13,20 @@ read, no JSON), and past either a 503 `overloaded` with Retry-After, at once:
   late samples in a row (over `max_queue_age_s`; one is a blip on a shared machine) and new
   requests are admitted at a rate, a token bucket: cut to DECREASE of what the gateway managed
   while its loop stays late, raised by INCREASE each sample once it is on time again, and lifted
-  when it no longer binds. Two things keep it near what the gateway can do rather than
-  swinging around it: it learns the gateway's capacity (requests completed a second while it
-  limits with work waiting) and climbs 1.1x a sample only up to 0.9 of that, then 1.01x; and a
-  sample on time whose window ended with over MIN_IN_FLIGHT more requests in flight (a queue
-  building, which the lag shows only once hundreds long) holds the rate at what completed,
-  and counts as late for starting to limit when it is more than half late.
+  when it no longer binds. The lag alone shows a queue late: each request takes several turns
+  of the loop, so at an overload's onset hundreds pile up in flight while the lag swings
+  0-40 ms. So requests in flight count too:
+  - to start: two windows in a row that each end with over MIN_IN_FLIGHT more in flight (a
+    queue building), the loop a tenth of the bound late in either, start a limit once
+    QUEUE_IN_FLIGHT are in flight (late by a tenth with a queue building also counts as late);
+    the rate starts at DECREASE of what completed, and what completed is a first estimate of
+    the gateway's capacity;
+  - while limiting: a queue that stands and grows (over MIN_IN_FLIGHT more in flight than the
+    fewest of the last QUEUE_MEMORY samples) cuts the rate below what completed, and the rate
+    climbs only once the onset's backlog is worked off;
+  - capacity: learnt while limiting (requests completed a second while a backlog is worked
+    off); once the onset's backlog is gone the rate returns to 0.9 of it at once, and climbs
+    1.01x a sample through it, 1.1x elsewhere.
   A fixed in-flight bound cannot do this: at 2x the ceiling 64 short
   requests in flight still took the whole CPU and left none to refuse the rest, whose 503s
   waited seconds; and streams, mostly waiting on the engines, would need a bound of hundreds.
@@ -45,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections import deque
 from typing import Any, Awaitable, Callable
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
@@ -56,11 +65,14 @@ DECREASE = 0.8  # the admitted rate, cut to this share of what got through, per 
 INCREASE = 1.1  # and raised by this factor per sample on time (under half the bound) ...
 GENTLE_INCREASE = 1.01  # ... or by this one once within CAPACITY_SHARE of what the gateway completes
 CAPACITY_SHARE = 0.9
-CAPACITY_AFTER_S = 0.2  # learnt from at least this long busy (one window can be a stalled loop)
+CAPACITY_AFTER_S = 0.1  # learnt from at least this long busy (one window can be a stalled loop)
 FLOOR_RPS = 50.0  # never admit fewer than this per second
 BURST_S = 0.1  # the bucket holds this many seconds of the rate (at least one request)
 RATE_MEMORY_S = 1.0  # the arrival rate, averaged over about this long
 MIN_IN_FLIGHT = 16  # fewer in flight than this: a late loop is not the gateway's doing
+QUEUE_LAG_SHARE = 0.1  # late by this share of the bound, with a queue building, counts as behind
+QUEUE_IN_FLIGHT = 4 * MIN_IN_FLIGHT  # a queue building twice starts a limit with this many in flight
+QUEUE_MEMORY = 10  # samples: a queue is what is in flight over the fewest of the last this many
 
 _BODY = json.dumps({"error": {
     "message": "the gateway is over its capacity right now; send the request again after Retry-After seconds",
@@ -130,13 +142,21 @@ class Governor:
         self._tokens = 0.0
         self._tokens_at = 0.0
         self._late_before = False
+        self._grew_before = False  # the last window ended with a queue building ...
+        self._lag_before = 0.0  # ... and its sample was this late
         self._window_at: float | None = None
         self._admitted = 0  # in this sample's window
         self._arrived = 0
         self.admitted_rps = 0.0  # over the last window
+        self.completed_rps = 0.0  # over the last window (admitted less what it added to in flight)
         self.arrived_rps = 0.0  # averaged over about RATE_MEMORY_S
         self.capacity_rps = float("inf")  # completed a second while busy (learnt while limiting)
         self._in_flight_at = self._in_flight_before = 0  # at the start of this window, of the last
+        self._in_flight_seen: deque[int] = deque(maxlen=QUEUE_MEMORY)  # at the last samples
+        self._completed_seen: deque[float] = deque(maxlen=QUEUE_MEMORY)  # a second, the last windows
+        self._resumed = False  # back to near capacity once, after this overload's onset
+        self._baseline = 0  # in flight before this overload began, or the fewest since
+        self._calm_in_flight = 0  # at the last sample with no queue building, not limiting
         self._busy_completed = 0.0  # completed over the busy windows of this overload ...
         self._busy_s = 0.0  # ... and their length: one window alone can be a stalled loop (0 done)
 
@@ -146,9 +166,8 @@ class Governor:
     def decide(self, now: float) -> bool:
         """Whether a request arriving at `now` (the loop's clock) is admitted."""
         self._arrived += 1
-        if not self.limiting and self._late_before:  # the sample under way behind too: twice in a row, seen early
-            lag = self.lag.overdue_s(now)
-            if lag > self.target_s / 2 and self._overloaded(lag, self.in_flight() - self._in_flight_at):
+        if not self.limiting and (self._late_before or self._grew_before):  # the window under way too: seen early
+            if self._overloaded(self.lag.overdue_s(now), self.in_flight() - self._in_flight_at):
                 self._limit(now)
         if self.limiting:
             self._tokens = min(max(1.0, self.rate * BURST_S), self._tokens + (now - self._tokens_at) * self.rate)
@@ -167,12 +186,17 @@ class Governor:
         if self._window_at is not None and now > self._window_at:
             span = now - self._window_at
             self.admitted_rps = self._admitted / span
-            completed_rps = max(0.0, self._admitted + self._in_flight_at - in_flight) / span
+            completed_rps = self.completed_rps = max(0.0, self._admitted + self._in_flight_at - in_flight) / span
+            self._completed_seen.append(completed_rps)
             weight = 1.0 - math.exp(-span / RATE_MEMORY_S)
             self.arrived_rps += weight * (self._arrived / span - self.arrived_rps)
         self._in_flight_before = self._in_flight_at
         self._window_at, self._admitted, self._arrived, self._in_flight_at = now, 0, 0, in_flight
         grown = in_flight - self._in_flight_before
+        self._in_flight_seen.append(in_flight)
+        self._baseline = min(self._baseline, in_flight)
+        if not self.limiting and grown <= MIN_IN_FLIGHT:
+            self._calm_in_flight = in_flight
         starting = not self.limiting and self._overloaded(lag_s, grown)
         # Learnt only from windows with work of its own waiting at both ends (the gateway was
         # busy all window, so what it completed is what it can), and only while it works a
@@ -182,25 +206,58 @@ class Governor:
                 and completed_rps > self.admitted_rps and (self.limiting or starting)):
             self._learn_capacity(completed_rps * span, span)
         if starting:
+            if self.capacity_rps == float("inf") and min(in_flight, self._in_flight_before) >= MIN_IN_FLIGHT:
+                # Busy all the window the queue built in: what it completed is a first estimate
+                # (a drain can be too short to learn from: then it climbed back from the floor).
+                self.capacity_rps = self.completed_rps
             self._limit(now)
         elif self.limiting:
             self._follow(lag_s, grown, completed_rps)
         self._late_before = self._behind(lag_s, grown)
+        self._grew_before, self._lag_before = grown > MIN_IN_FLIGHT, lag_s
 
     def _follow(self, lag_s: float, grown: int, completed_rps: float | None) -> None:
         """While limiting: the admitted rate after one sample."""
         if lag_s > self.target_s:
             self.rate = max(self.floor_rps, DECREASE * min(self.rate, self.admitted_rps, self.capacity_rps))
-        elif completed_rps is not None and grown > MIN_IN_FLIGHT:
-            # On time, but admitting faster than it completes: a queue is building, which the
-            # lag shows only once it is hundreds of requests long. Held at what completes.
-            self.rate = max(self.floor_rps, min(self.rate, completed_rps))
-        elif lag_s < self.target_s / 2:
-            near = self.rate >= CAPACITY_SHARE * self.capacity_rps
-            self.rate *= GENTLE_INCREASE if near else INCREASE
-            if self.rate > 2 * self.arrived_rps:  # the bound no longer binds: lifted
-                self.limiting, self.rate = False, float("inf")
-                self.capacity_rps, self._busy_completed, self._busy_s = float("inf"), 0.0, 0.0  # learnt afresh
+        elif completed_rps is not None and grown > 0 and self._queued() > MIN_IN_FLIGHT:
+            # On time, but a queue stands and grows: admitted faster than it completes, which the
+            # lag shows only once it is a hundred requests long. Cut below what completes, so it
+            # drains (held at what completes, it stood: 80-160 in flight, 100-500 ms, at 40 % of
+            # a core). What completes over the last windows: one alone can be a throttled or
+            # collecting loop (at 20 % of a core a window of 208/s cut 528/s to 166/s).
+            completed = sum(self._completed_seen) / len(self._completed_seen)
+            self.rate = max(self.floor_rps, DECREASE * min(self.rate, completed))
+        elif lag_s < self.target_s / 2 and not self._backlog():
+            # Up only once what queued at the onset is worked off: a backlog that stands still
+            # (admitted as fast as it completes) shows neither in the lag nor in growth.
+            self._climb()
+
+    def _climb(self) -> None:
+        """On time: the rate up, fast to near capacity, gently through it, fast again past it
+        (the estimate was low then, learnt from a short drain; the standing queue's cut bounds
+        the overshoot); lifted once it no longer binds."""
+        near = CAPACITY_SHARE * self.capacity_rps <= self.rate <= self.capacity_rps / CAPACITY_SHARE
+        below = self.rate < CAPACITY_SHARE * self.capacity_rps
+        self.rate *= GENTLE_INCREASE if near else INCREASE
+        if below and not self._resumed and self.capacity_rps < float("inf"):
+            # The onset's backlog is worked off and what it can carry is known: back to near that
+            # at once (climbing 1.1x a sample from the floor took 1.5 s at a third of it). Once:
+            # after later cuts, at once back up was a queue again every 0.2 s.
+            self.rate, self._resumed = CAPACITY_SHARE * self.capacity_rps, True
+        if self.rate > 2 * self.arrived_rps:  # the bound no longer binds: lifted
+            self.limiting, self.rate, self._resumed = False, float("inf"), False
+            self.capacity_rps, self._busy_completed, self._busy_s = float("inf"), 0.0, 0.0  # learnt afresh
+
+    def _backlog(self) -> bool:
+        """Over MIN_IN_FLIGHT more in flight than before this overload (or since, at the fewest):
+        streams open all along are in both, so they are not a backlog."""
+        return self._in_flight_at - self._baseline > MIN_IN_FLIGHT
+
+    def _queued(self) -> int:
+        """Requests in flight over the fewest in flight at the last QUEUE_MEMORY samples: the
+        queue that built up since then (streams open for long are in both, so they are not)."""
+        return self._in_flight_seen[-1] - min(self._in_flight_seen)
 
     def _learn_capacity(self, completed: float, span: float) -> None:
         """Over its CPU with work waiting, what the gateway completes a second is what it can
@@ -213,21 +270,37 @@ class Governor:
             self.capacity_rps = self._busy_completed / self._busy_s
 
     def _behind(self, lag_s: float, grown: int) -> bool:
-        """Late; or half late with a queue building (over MIN_IN_FLIGHT more in flight than the
-        window began with): at an overload's onset the lag hovers near the bound for a few
-        samples while hundreds of requests pile up (0.3 s more of admitting everything)."""
-        return lag_s > self.target_s or (lag_s > self.target_s / 2 and grown > MIN_IN_FLIGHT)
+        """Late; or a little late (QUEUE_LAG_SHARE of the bound) with a queue building (over
+        MIN_IN_FLIGHT more in flight than the window began with): at an overload's onset the lag
+        stays under the bound for a few samples while hundreds of requests pile up."""
+        return lag_s > self.target_s or (lag_s > QUEUE_LAG_SHARE * self.target_s and grown > MIN_IN_FLIGHT)
 
     def _overloaded(self, lag_s: float, grown: int) -> bool:
         """Behind now and at the sample before, with more than a trickle arriving, and enough in
         flight for the lateness to be the gateway's own."""
-        return (self._behind(lag_s, grown) and self._late_before and self.arrived_rps > self.floor_rps
-                and self.in_flight() >= MIN_IN_FLIGHT)
+        if self.arrived_rps <= self.floor_rps:
+            return False
+        in_flight = self.in_flight()
+        if self._behind(lag_s, grown) and self._late_before:
+            return in_flight >= MIN_IN_FLIGHT
+        return in_flight >= QUEUE_IN_FLIGHT and self._growing(lag_s, grown)
+
+    def _growing(self, lag_s: float, grown: int) -> bool:
+        """A queue building in this window and the last (over MIN_IN_FLIGHT more in flight than
+        each began with), the loop a little late in either. At an onset the lag swings 0-40 ms
+        from one sample to the next while each request needs several turns of the loop, so
+        requests queue for hundreds of ms before it is late twice in a row (bench/gateway_load.py
+        at 40 % of a core: 200-390 in flight when that started a limit; 100-180 this way)."""
+        return (grown > MIN_IN_FLIGHT and self._grew_before
+                and max(lag_s, self._lag_before) > QUEUE_LAG_SHARE * self.target_s)
 
     def _limit(self, now: float) -> None:
-        """Over capacity: from now on at most DECREASE of what got through, the bucket empty."""
+        """Over capacity: from now on at most DECREASE of what got through and completed in the
+        last window, the bucket empty. (Of what got through only, it started at 1,000-1,500 a
+        second with a queue of a hundred already waiting.)"""
         self.limiting = True
-        self.rate = max(self.floor_rps, DECREASE * self.admitted_rps)
+        self._baseline = self._calm_in_flight
+        self.rate = max(self.floor_rps, DECREASE * min(self.admitted_rps, self.completed_rps))
         self._tokens, self._tokens_at = 0.0, now
 
 
