@@ -158,10 +158,11 @@ class GatewaySection:
     # requests only at a rate that follows the lag (never under 50/s).
     max_in_flight: int = setting(1024, check=positive())
     max_queue_age_s: float = setting(0.05, check=positive())
-    # Connections to the PCs' engines kept open between requests (all PCs together), and for
-    # how long: below uvicorn's and vLLM's 5 s keep-alive, so the gateway never sends on a
-    # connection the engine is closing. More idle connections cost the gateway CPU on every
-    # request (httpcore walks its whole pool each time one is taken or given back).
+    # Connections to the PCs' engines kept open between requests (0: none), and for how long:
+    # below uvicorn's and vLLM's 5 s keep-alive, so the gateway never sends on a connection the
+    # engine is closing. Not a count: aiohttp's pool (since issue #22) keeps every idle
+    # connection for engine_keepalive_s and has no bound on how many; the open ones are bounded
+    # by max_in_flight x max_attempts. (Under httpx the count bounded a pool it walked per request.)
     engine_keepalive_connections: int = setting(64, check=nonnegative())
     engine_keepalive_s: float = setting(4.0, check=positive())
     # Processes serving the gateway's port (SO_REUSEPORT: the kernel spreads connections over
