@@ -223,6 +223,19 @@ def test_a_backlog_that_stands_still_is_worked_off_before_the_rate_climbs() -> N
     assert served.in_flight() < 50, served.in_flight()
 
 
+def test_streams_opened_during_an_overload_do_not_hold_the_limit_after_it() -> None:
+    """Streams admitted while limiting stay in flight for as long as they last: no backlog of
+    the gateway's, and the limit is lifted once the load is gone."""
+    served = Served(1000, in_flight=20)
+    streams = [0]
+    g = Governor(max_queue_age_s=0.05, in_flight=lambda: served.in_flight() + streams[0], floor_rps=50)
+    t, _ = feed(g, 3000, 0.3, 0.03, 0.0, served)
+    assert g.limiting
+    streams[0] = 200  # long streams, open from now on
+    t, n = feed(g, 100, 3.0, 0.002, t, served)
+    assert not g.limiting and n >= 290, n
+
+
 def test_a_trickle_is_never_limited_however_late_the_loop() -> None:
     g = Governor(max_queue_age_s=0.05, in_flight=lambda: 50, floor_rps=50)
     t, n = feed(g, 20, 5.0, 1.0, 0.0)  # a busy shared machine: every sample a second late

@@ -228,15 +228,19 @@ class Governor:
             # collecting loop (at 20 % of a core a window of 208/s cut 528/s to 166/s).
             completed = sum(self._completed_seen) / len(self._completed_seen)
             self.rate = max(self.floor_rps, DECREASE * min(self.rate, completed))
-        elif lag_s < self.target_s / 2 and not self._backlog():
+        elif lag_s < self.target_s / 2:
             # Up only once what queued at the onset is worked off: a backlog that stands still
-            # (admitted as fast as it completes) shows neither in the lag nor in growth.
-            self._climb()
+            # (admitted as fast as it completes) shows neither in the lag nor in growth. Lifted
+            # even so once it no longer binds: streams admitted during the overload stay in
+            # flight for as long as they last, and must not hold a limit after the load is gone.
+            if not self._backlog():
+                self._climb()
+            self._lift_if_unbound()
 
     def _climb(self) -> None:
         """On time: the rate up, fast to near capacity, gently through it, fast again past it
         (the estimate was low then, learnt from a short drain; the standing queue's cut bounds
-        the overshoot); lifted once it no longer binds."""
+        the overshoot)."""
         near = CAPACITY_SHARE * self.capacity_rps <= self.rate <= self.capacity_rps / CAPACITY_SHARE
         below = self.rate < CAPACITY_SHARE * self.capacity_rps
         self.rate *= GENTLE_INCREASE if near else INCREASE
@@ -245,6 +249,8 @@ class Governor:
             # at once (climbing 1.1x a sample from the floor took 1.5 s at a third of it). Once:
             # after later cuts, at once back up was a queue again every 0.2 s.
             self.rate, self._resumed = CAPACITY_SHARE * self.capacity_rps, True
+
+    def _lift_if_unbound(self) -> None:
         if self.rate > 2 * self.arrived_rps:  # the bound no longer binds: lifted
             self.limiting, self.rate, self._resumed = False, float("inf"), False
             self.capacity_rps, self._busy_completed, self._busy_s = float("inf"), 0.0, 0.0  # learnt afresh
