@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -104,9 +105,22 @@ class _StandIn(asyncio.Protocol):
 
 
 async def serve_standins(ports: list[int], token_interval_s: float = 0.02, host: str = "127.0.0.1") -> None:
-    """Serve stand-in engines on `ports` until cancelled."""
+    """Serve stand-in engines on `ports` until cancelled. They accept connections in batches
+    (the gateway's own BatchAcceptServer), so that they cannot be what holds the gateway's
+    requests when it opens a hundred connections at once at an overload's onset: uvloop
+    accepts one connection per turn of its loop. (It was a suspect for the onset's windows in
+    which nothing completed with the gateway's loop on time; they were seen with both.)"""
+    from garage_node.head.connguard import BatchAcceptServer
+
     loop = asyncio.get_running_loop()
-    servers = [await loop.create_server(lambda: _StandIn(token_interval_s), host, p, backlog=4096) for p in ports]
+    servers = []
+    for p in ports:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, p))
+        sock.listen(4096)
+        sock.setblocking(False)
+        servers.append(BatchAcceptServer(loop, lambda: _StandIn(token_interval_s), sock, None, None))
     try:
         await asyncio.Event().wait()
     finally:
