@@ -214,3 +214,48 @@ def test_workers_are_refused_with_federation_and_out_of_range(tmp_path):
         load(4, True)
     with pytest.raises(ConfigError, match="from 1 to 64"):
         load(0, False)
+
+
+def test_the_workers_admission_states_reach_the_heads_metrics(head):
+    """Each process has its own governor: the head's gauges sum its own and what each worker
+    last said (a worker past its CPU limits on its own)."""
+    from garage_node.head.gateway.app import create_gateway_app
+    from garage_node.head.gateway.metrics import AdmissionState
+
+    governor = create_gateway_app(head.gw).admission.governor  # the head's own, as `head run` makes it
+    head.pool.start()
+    link = head.pool._links[0]
+    assert wait_for(lambda: link.admission is not None), "the worker never said its governor's state"
+    assert not link.admission.limiting
+
+    def gauge(name: str) -> float | None:
+        return head.gw.metrics.registry.get_sample_value(f"garage_gateway_admission_{name}")
+
+    assert (gauge("limiting"), gauge("rate"), gauge("capacity")) == (0.0, 0.0, 0.0)
+    link.admission = AdmissionState(True, 300.0, 900.0)  # as the worker says it once past its CPU
+    governor.limiting, governor.rate, governor.capacity_rps = True, 200.0, 800.0
+    assert (gauge("limiting"), gauge("rate"), gauge("capacity")) == (2.0, 500.0, 1700.0)
+    governor.limiting, governor.rate, governor.capacity_rps = False, float("inf"), float("inf")
+    assert (gauge("limiting"), gauge("rate"), gauge("capacity")) == (1.0, 300.0, 900.0)
+    head.pool.stop()
+    assert wait_for(lambda: link.admission is None), "a worker that ended still counts"
+
+
+def test_a_worker_sends_its_governors_state_when_it_changes():
+    from multiprocessing import Pipe
+
+    from garage_node.head.gateway.admission import Governor
+    from garage_node.head.gateway.metrics import AdmissionState
+    from garage_node.head.gateway.relay import Events
+    from garage_node.head.gateway.worker import Outbox
+
+    ours, heads = Pipe()
+    g = Governor(0.05, in_flight=lambda: 0)
+    outbox = Outbox(ours, Events(), admission=lambda: AdmissionState.of(g))
+    outbox.flush()
+    assert heads.recv() == ("admission", AdmissionState(False, float("inf"), float("inf")))
+    outbox.flush()
+    assert not heads.poll(0.1)  # unchanged: nothing sent
+    g.limiting, g.rate, g.capacity_rps = True, 123.0, 456.0
+    outbox.flush()
+    assert heads.recv() == ("admission", AdmissionState(True, 123.0, 456.0))

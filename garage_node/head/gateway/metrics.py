@@ -5,6 +5,7 @@ gateways in one process (the tests) do not collide."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -64,6 +65,10 @@ class GatewayMetrics:
         """Export the admission limit's state: limiting or not, its rate, the learnt capacity."""
         self._admission.source = source
 
+    def watch_admission_elsewhere(self, states: Callable[[], Iterable[AdmissionState]]) -> None:
+        """Add the admission states of [gateway] workers' processes (workers.py relays them)."""
+        self._admission.elsewhere = states
+
     def watch_trust(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         """Export the audits' verdicts: how many PCs are quarantined, and which (`snapshot`:
         head/audit/trust.py's Trust.snapshot, node id -> NodeTrust)."""
@@ -78,25 +83,40 @@ class AdmissionSource(Protocol):
     capacity_rps: float
 
 
+@dataclass(frozen=True)
+class AdmissionState:
+    """One process's governor as the metrics sum it (a worker's, relayed to the head)."""
+
+    limiting: bool
+    rate: float
+    capacity_rps: float
+
+    @classmethod
+    def of(cls, g: AdmissionSource) -> AdmissionState:
+        return cls(g.limiting, g.rate, g.capacity_rps)
+
+
 class _AdmissionCollector(Collector):
     """Whether the gateway is shedding load now, at what rate it admits, and what it learnt it
-    can complete: read at scrape time from the governor of the process that serves the scrape
-    (the head's own, with [gateway] workers above 1)."""
+    can complete: summed at scrape time over the head's own governor and the last states its
+    [gateway] workers relayed (each process has a governor of its own)."""
 
     def __init__(self) -> None:
         self.source: AdmissionSource | None = None
+        self.elsewhere: Callable[[], Iterable[AdmissionState]] = lambda: ()
 
     def collect(self) -> Iterable[Metric]:
-        g = self.source
-        limiting = bool(g is not None and g.limiting)
-        yield GaugeMetricFamily("garage_gateway_admission_limiting", "1 while the gateway admits new requests "
-                                "at a rate (its CPU is spent; the rest get 503 overloaded)", value=float(limiting))
-        yield GaugeMetricFamily("garage_gateway_admission_rate", "Requests a second admitted while limiting "
-                                "(0 when not)", value=g.rate if g is not None and limiting else 0.0)
-        capacity = g.capacity_rps if g is not None and g.capacity_rps != float("inf") else 0.0
-        yield GaugeMetricFamily("garage_gateway_admission_capacity", "Requests a second the gateway completed "
-                                "while it worked a backlog off in this overload (0 before one is learnt)",
-                                value=capacity)
+        states = [AdmissionState.of(self.source)] if self.source is not None else []
+        states += list(self.elsewhere())
+        limiting = [s for s in states if s.limiting]
+        yield GaugeMetricFamily("garage_gateway_admission_limiting", "Gateway processes admitting new requests "
+                                "at a rate now (their CPU is spent; the rest get 503 overloaded)",
+                                value=float(len(limiting)))
+        yield GaugeMetricFamily("garage_gateway_admission_rate", "Requests a second admitted by the processes "
+                                "that limit, together (0 when none does)", value=sum(s.rate for s in limiting))
+        yield GaugeMetricFamily("garage_gateway_admission_capacity", "Requests a second the processes completed "
+                                "while they worked a backlog off in this overload, together (0 before one is "
+                                "learnt)", value=sum(s.capacity_rps for s in states if s.capacity_rps != float("inf")))
 
 
 class _TrustCollector(Collector):

@@ -18,9 +18,10 @@ import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from garage_node.head.connguard import GuardLimits
+from garage_node.head.gateway.metrics import AdmissionState
 from garage_node.head.gateway.relay import RELAY_EVERY_S, Events, relay_from
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,13 @@ class Inbox:
 
 
 class Outbox:
-    """Sends the worker's events to the head every RELAY_EVERY_S (and once more at the end)."""
+    """Sends the worker's events to the head every RELAY_EVERY_S (and once more at the end),
+    and its admission governor's state when it changed (the head's metrics sum them)."""
 
-    def __init__(self, conn: Connection, events: Events) -> None:
-        self.conn, self.events = conn, events
+    def __init__(self, conn: Connection, events: Events,
+                 admission: Callable[[], AdmissionState] = lambda: AdmissionState(False, float("inf"), float("inf"))) -> None:
+        self.conn, self.events, self.admission = conn, events, admission
+        self._admission_sent: AdmissionState | None = None
         self._lock = threading.Lock()
         self.done = threading.Event()
         self.urgent = threading.Event()  # set: send now (what a key spent of its limits)
@@ -92,6 +96,10 @@ class Outbox:
         batch = self.events.take()
         if batch:
             self.send(("events", batch))
+        state = self.admission()
+        if state != self._admission_sent:
+            self.send(("admission", state))
+            self._admission_sent = state
 
     def run(self) -> None:
         try:
@@ -119,7 +127,8 @@ def main(spec: WorkerSpec, conn: Connection) -> None:
     app = create_gateway_app(gateway)
     server = uvicorn.Server(gateway_config(spec.gateway, spec.limits, app, app.admission.protocol_hook()))
     inbox = Inbox(gateway, server)
-    outbox = Outbox(conn, events)
+    governor = app.admission.governor
+    outbox = Outbox(conn, events, admission=lambda: AdmissionState.of(governor))
     relay_from(gateway, events, urgent=outbox.urgent.set)
     threading.Thread(target=inbox.run, args=(conn,), name="worker-inbox", daemon=True).start()
 

@@ -27,6 +27,7 @@ from typing import Any
 from garage_node.core.backoff import Backoff
 from garage_node.core.wire import NodeReport
 from garage_node.head.connguard import GuardLimits
+from garage_node.head.gateway.metrics import AdmissionState
 from garage_node.head.gateway.relay import Applier
 from garage_node.head.listener import ListenerError
 from garage_node.head.gateway.worker import READY_TIMEOUT_S, WorkerSpec, main
@@ -54,6 +55,7 @@ class _Link:
         self.ready = threading.Event()
         self.settled = threading.Event()  # ready, or ended before it was
         self.failed: str | None = None
+        self.admission: AdmissionState | None = None  # its governor, as it last said
         self._backoff = Backoff(initial_s=1.0, max_s=30.0)
 
     # -- to the worker
@@ -125,8 +127,11 @@ class _Link:
                     self.settled.set()
                 elif kind == "failed":
                     self.failed = message[1]
+                elif kind == "admission":
+                    self.admission = message[1]
         except (EOFError, OSError):
             pass
+        self.admission = None
         self.settled.set()
         conn.close()
         process.join(5)
@@ -167,6 +172,11 @@ class GatewayWorkers:
         self._ticker = threading.Thread(target=self._sync_loop, name="gw-workers-sync", daemon=True)
         # The head's own gateway spends keys' limits too: the workers hear of it.
         gateway.limits.spent = lambda kind, key, limit, cost: self.tell_others(None, ("spent", kind, key, limit, cost))
+        gateway.metrics.watch_admission_elsewhere(self.admission_states)
+
+    def admission_states(self) -> list[AdmissionState]:
+        """The workers' admission governors, as each last said (for the head's metrics)."""
+        return [s for s in (link.admission for link in self._links) if s is not None]
 
     def spec(self, index: int) -> WorkerSpec:
         return WorkerSpec(index=index, gateway=self.gateway.cfg, limits=self.limits,
