@@ -80,8 +80,7 @@ class Outbox:
     """Sends the worker's events to the head every RELAY_EVERY_S (and once more at the end),
     and its admission governor's state when it changed (the head's metrics sum them)."""
 
-    def __init__(self, conn: Connection, events: Events,
-                 admission: Callable[[], AdmissionState] = lambda: AdmissionState(False, float("inf"), float("inf"))) -> None:
+    def __init__(self, conn: Connection, events: Events, admission: Callable[[], AdmissionState]) -> None:
         self.conn, self.events, self.admission = conn, events, admission
         self._admission_sent: AdmissionState | None = None
         self._lock = threading.Lock()
