@@ -127,9 +127,9 @@ class LoopLag:
 
 
 class Governor:
-    """The admitted rate, from the loop's lag (see the module's docstring). One event loop: no
-    locking. `admit()` per request; the samples come from LoopLag's timer. `in_flight()`: how
-    many requests the gateway is handling now."""
+    """The admitted rate, from the loop's lag and the requests in flight (see the module's
+    docstring). One event loop: no locking. `admit()` per request; the samples come from
+    LoopLag's timer. `in_flight()`: how many requests the gateway is handling now."""
 
     def __init__(self, max_queue_age_s: float, in_flight: Callable[[], int],
                  floor_rps: float = FLOOR_RPS) -> None:
@@ -206,9 +206,11 @@ class Governor:
                 and completed_rps > self.admitted_rps and (self.limiting or starting)):
             self._learn_capacity(completed_rps * span, span)
         if starting:
-            if self.capacity_rps == float("inf") and min(in_flight, self._in_flight_before) >= MIN_IN_FLIGHT:
+            if (self.capacity_rps == float("inf") and min(in_flight, self._in_flight_before) >= MIN_IN_FLIGHT
+                    and self.completed_rps > self.floor_rps):
                 # Busy all the window the queue built in: what it completed is a first estimate
                 # (a drain can be too short to learn from: then it climbed back from the floor).
+                # Not a stalled window's nothing: the climb back would never know where to slow.
                 self.capacity_rps = self.completed_rps
             self._limit(now)
         elif self.limiting:
