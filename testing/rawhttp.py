@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -110,17 +109,18 @@ async def serve_standins(ports: list[int], token_interval_s: float = 0.02, host:
     requests when it opens a hundred connections at once at an overload's onset: uvloop
     accepts one connection per turn of its loop. (It was a suspect for the onset's windows in
     which nothing completed with the gateway's loop on time; they were seen with both.)"""
-    from garage_node.head.connguard import BatchAcceptServer
+    from garage_node.head.connguard import BatchAcceptServer, batch_listener
 
     loop = asyncio.get_running_loop()
     servers = []
     for p in ports:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, p))
-        sock.listen(4096)
-        sock.setblocking(False)
-        servers.append(BatchAcceptServer(loop, lambda: _StandIn(token_interval_s), sock, None, None))
+        def factory() -> _StandIn:
+            return _StandIn(token_interval_s)
+
+        sock = batch_listener((factory, host, p), {"backlog": 4096})
+        if sock is None:
+            raise ValueError(f"stand-ins listen on a literal address, not {host!r}")
+        servers.append(BatchAcceptServer(loop, factory, sock, None, None))
     try:
         await asyncio.Event().wait()
     finally:

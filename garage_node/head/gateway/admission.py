@@ -202,12 +202,12 @@ class Governor:
         # busy all window, so what it completed is what it can), and only while it works a
         # backlog off, completing more than it was handed: with long streams open, what
         # completes is bounded by their length, not by the CPU.
-        if (completed_rps is not None and min(in_flight, self._in_flight_before) >= MIN_IN_FLIGHT
-                and completed_rps > self.admitted_rps and (self.limiting or starting)):
+        busy = min(in_flight, self._in_flight_before) >= MIN_IN_FLIGHT
+        if (completed_rps is not None and busy and completed_rps > self.admitted_rps
+                and (self.limiting or starting)):
             self._learn_capacity(completed_rps * span, span)
         if starting:
-            if (self.capacity_rps == float("inf") and min(in_flight, self._in_flight_before) >= MIN_IN_FLIGHT
-                    and self.completed_rps > self.floor_rps):
+            if self.capacity_rps == float("inf") and busy and self.completed_rps > self.floor_rps:
                 # Busy all the window the queue built in: what it completed is a first estimate
                 # (a drain can be too short to learn from: then it climbed back from the floor).
                 # Not a stalled window's nothing: the climb back would never know where to slow.
