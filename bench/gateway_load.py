@@ -19,8 +19,10 @@ share the other; on 1, nothing is pinned. The gateway's garbage-collection pause
 collection, timed with gc.callbacks) are printed per turn: count, total and the longest.
 
 Each gateway turn is also printed second by second (by when its requests were due: p99 of what
-was served, how many were refused), and `--after` says from which second on the gateway was
-back to normal (every later second p99 < 10 ms, none refused).
+was served, how many were refused, and the p99 of the load generator's own delay from due to
+written), and `--after` says from which second on the gateway was back to normal (every later
+second p99 < 10 ms, none refused). Every turn prints how busy the rig's CPUs (the stand-ins' and
+the load's) were: a rig that ran out of CPU delays requests that the gateway did not.
 
 Every turn ends `--grace` seconds after its last request is sent at the latest: requests not
 answered by then are cancelled (the client leaves) and printed as unfinished, so the bench ends
@@ -207,10 +209,12 @@ async def load(url: str, key: str, rate: float, seconds: float, grace_s: float, 
         client.close()
     ok = [r.total_s for r in tally.ok()]
     refused = [r.total_s for r in tally.refused()]
+    late = [r.late_s for r in tally.results if r.status]
     return {"sent": int(rate * seconds), "ok": len(ok), "errors": tally.errors(), "unfinished": tally.unfinished,
             "refused": len(refused), "refused_p99_ms": quantile(refused, 0.99) if refused else 0.0,
             "achieved_rps": len(ok) / tally.elapsed_s, "p50_ms": quantile(ok, 0.5), "p99_ms": quantile(ok, 0.99),
-            "max_ms": quantile(ok, 1.0), "error_kinds": tally.error_kinds(), "by_second": seconds_of(tally)}
+            "max_ms": quantile(ok, 1.0), "load_late_p99_ms": quantile(late, 0.99) if late else 0.0,
+            "error_kinds": tally.error_kinds(), "by_second": seconds_of(tally)}
 
 
 def shown(r: dict) -> str:
@@ -219,7 +223,7 @@ def shown(r: dict) -> str:
 
 
 def by_seconds(r: dict) -> str:
-    return ", ".join(f"{i}: {s['p99_ms']}/{s['refused']}" for i, s in enumerate(r["by_second"]))
+    return ", ".join(f"{i}: {s['p99_ms']}/{s['refused']}/{s['late_p99_ms']}" for i, s in enumerate(r["by_second"]))
 
 
 def back_to_normal(by_second: list[dict]) -> int | str:
@@ -241,13 +245,16 @@ def seconds_of(tally) -> list[dict]:  # noqa: ANN001
     out: list[dict] = []
     for sent, r in zip(tally.sent_s, tally.results, strict=True):
         while len(out) <= int(sent):
-            out.append({"ok": [], "refused": 0})
+            out.append({"ok": [], "refused": 0, "late": []})
+        if r.status:
+            out[int(sent)]["late"].append(r.late_s)
         if r.served:
             out[int(sent)]["ok"].append(r.total_s)
         elif r.refused:
             out[int(sent)]["refused"] += 1
     return [{"ok": len(s["ok"]), "p99_ms": round(quantile(s["ok"], 0.99), 1) if s["ok"] else None,
-             "refused": s["refused"]} for s in out]
+             "refused": s["refused"], "late_p99_ms": round(quantile(s["late"], 0.99), 1) if s["late"] else None}
+            for s in out]
 
 
 def run(coro):  # noqa: ANN001, ANN201
@@ -278,6 +285,60 @@ def cpu_s(pid: int) -> float:
     return total
 
 
+class RigCpu:
+    """How busy the CPUs of the load and the stand-ins were, 100 ms at a time, read from
+    /proc/stat by a thread of the load process during a turn. A 100 ms window at 95 % or more
+    means the rig, not the gateway, may have held requests (its latencies count from when each
+    request was due, so the rig's own delay shows in them)."""
+
+    WINDOW_S = 0.1
+
+    def __init__(self, cpus: list[int]) -> None:
+        import threading
+
+        self.cpus = cpus
+        self.busy: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> RigCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _ticks(self) -> tuple[int, int]:
+        busy = total = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cpus:
+                ticks = [int(x) for x in fields[:8]]
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]  # less idle and iowait
+        return busy, total
+
+    def _sample(self) -> None:
+        last = self._ticks()
+        while not self._stop.wait(self.WINDOW_S):
+            now = self._ticks()
+            if now[1] > last[1]:
+                self.busy.append((now[0] - last[0]) / (now[1] - last[1]))
+            last = now
+
+    def figures(self) -> dict:
+        windows = self.busy or [0.0]
+        return {"rig_cpu_mean_pct": round(100 * sum(windows) / len(windows)),
+                "rig_cpu_saturated_pct": round(100 * sum(b >= 0.95 for b in windows) / len(windows))}
+
+
+def rig_cpus() -> list[int]:
+    """The CPUs `pin` leaves to the stand-ins and the load (all of them on a 1-CPU machine)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[:-1] if len(cpus) >= 2 else cpus
+
+
 def rss_mb(pid: int) -> float:
     total = 0.0
     for p in family(pid):
@@ -298,7 +359,7 @@ def pin(procs: dict[str, int]) -> None:
         print(f"pinning: none (1 CPU: {cpus})", flush=True)
         return
     # The gateway on the last CPU: the testbeds pin engines from CPU 0 up (testing/dockerd.py).
-    gw, rest = cpus[-1:], cpus[:-1]
+    gw, rest = cpus[-1:], rig_cpus()
     stubs, loadgen = (rest[: len(rest) // 2], rest[len(rest) // 2:]) if len(rest) >= 2 else (rest, rest)
     where = {"gateway": gw, "stand-ins": stubs, "load": loadgen}
     for role, pid in procs.items():
@@ -353,9 +414,11 @@ def gc_pauses(path: Path, since: float, until: float) -> dict:
     try:
         pauses = [x for x in json.loads(path.read_text()) if since <= x[0] <= until]
     except (OSError, ValueError):
-        return {"gc_count": 0, "gc_total_ms": 0.0, "gc_max_ms": 0.0, "gc_max_cpu_ms": 0.0, "gc_full": 0}
+        return {"gc_count": 0, "gc_total_ms": 0.0, "gc_max_ms": 0.0, "gc_max_gen": -1, "gc_max_cpu_ms": 0.0,
+                "gc_full": 0}
+    longest = max(pauses, key=lambda x: x[2], default=[0.0, -1, 0.0, 0.0])
     return {"gc_count": len(pauses), "gc_total_ms": 1000 * sum(x[2] for x in pauses),
-            "gc_max_ms": 1000 * max((x[2] for x in pauses), default=0.0),
+            "gc_max_ms": 1000 * longest[2], "gc_max_gen": longest[1],
             "gc_max_cpu_ms": 1000 * max((x[3] for x in pauses), default=0.0), "gc_full": sum(x[1] == 2 for x in pauses)}
 
 
@@ -449,7 +512,9 @@ def main() -> None:
             url = (f"http://127.0.0.1:{engine_ports[0]}/v1/completions" if turn == "direct"
                    else f"http://127.0.0.1:{gw_port}/v1/completions")
             c0, t0, w0 = cpu_s(gw_pid), time.monotonic(), time.time()
-            r = run(load(url, key, args.rate, args.seconds, args.grace, args.connections))
+            with RigCpu(rig_cpus()) as rig:
+                r = run(load(url, key, args.rate, args.seconds, args.grace, args.connections))
+            r.update(rig.figures())
             if turn == "gateway":
                 used = cpu_s(gw_pid) - c0
                 r["gateway_cpu_pct"] = 100 * used / (time.monotonic() - t0)
@@ -460,14 +525,16 @@ def main() -> None:
             results.setdefault(turn, []).append(r)
             print(f"{turn:8} {shown(r)}", flush=True)
             if turn == "gateway":
-                print(f"  second by second (p99 ms / refused): {by_seconds(r)}", flush=True)
+                print(f"  second by second (p99 ms / refused / load's delay p99 ms): {by_seconds(r)}", flush=True)
         if args.after:
-            r = run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, args.after, args.seconds, args.grace,
-                         args.connections))
+            with RigCpu(rig_cpus()) as rig:
+                r = run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, args.after, args.seconds, args.grace,
+                             args.connections))
+            r.update(rig.figures())
             print(f"after    {shown(r)}", flush=True)
             print(f"  right after: {args.after:.0f} requests/s through the gateway: p50 {r['p50_ms']:.1f} ms, "
                   f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, refused {r['refused']}, unfinished {r['unfinished']}")
-            print(f"  second by second (p99 ms / refused): {by_seconds(r)}")
+            print(f"  second by second (p99 ms / refused / load's delay p99 ms): {by_seconds(r)}")
             print(f"  back to normal (every later second p99 < 10 ms, none refused) from second "
                   f"{back_to_normal(r['by_second'])}")
         d = min(results["direct"], key=lambda r: r["p99_ms"])

@@ -139,6 +139,9 @@ class Result:
     done: bool  # a stream ended with [DONE] (a whole answer: True)
     retry_after: bool = False
     events: int = 0  # `data: ` lines received ([DONE] and the usage chunk included)
+    # From when it was due to when it was written on a connection: the load generator's own
+    # delay (its loop behind, or no connection free), which counts in the times above.
+    late_s: float = 0.0
 
     @property
     def served(self) -> bool:
@@ -163,6 +166,7 @@ class _Conn(asyncio.Protocol):
         self.retry_after = False
         self.keep = True
         self.events = 0
+        self.sent = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -172,6 +176,7 @@ class _Conn(asyncio.Protocol):
         self.t0, self.ttfb, self.tail, self.retry_after, self.events = t0, 0.0, b"", False, 0
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
+        self.sent = time.perf_counter()
         return self.waiter
 
     def data_received(self, data: bytes) -> None:
@@ -197,7 +202,8 @@ class _Conn(asyncio.Protocol):
         w, self.waiter = self.waiter, None
         if w is not None and not w.done():
             w.set_result(Result(self.parser.get_status_code(), self.ttfb or now - self.t0, now - self.t0,
-                                b"[DONE]" in self.tail or b"data:" not in self.tail, self.retry_after, self.events))
+                                b"[DONE]" in self.tail or b"data:" not in self.tail, self.retry_after, self.events,
+                                self.sent - self.t0))
         if self.keep and self.transport is not None:
             self.pool._idle.append(self)
         elif self.transport is not None:
