@@ -22,9 +22,10 @@ needs anyway, a stream from its events as they are relayed. A re-check's canary 
 its PC (`Call.pin`), past the audits' exclusion.
 
 Ending what is open (`_Attempt`, swept every SWEEP_S by `_Watchdog`):
-- the client leaves before the answer begins: a listener on the request's ASGI channel (from
-  CLIENT_WATCH_AFTER_S on) sees it at once; the engine's response is closed (vLLM aborts the
-  request) and the PC's slot given back. Mid-stream, Starlette sees it (RelayResponse);
+- the client leaves: a listener on the request's ASGI channel (from CLIENT_WATCH_AFTER_S on)
+  sees it at once. Before the answer begins, the engine's response is closed (vLLM aborts the
+  request) and the PC's slot given back; mid-stream, the same listener cancels the relay
+  (RelayResponse), which closes the engine's response;
 - the head gives the PC up (no heartbeat for stale_after_s, or dropped from the table): a
   request without its first byte goes to another PC, a stream under way ends with the
   `upstream_lost` event;
@@ -190,11 +191,16 @@ class Proxy:
 
     async def forward(self, call: Call, request: Request | None) -> Response:
         """`request`: the client's, to see it leave (None: not watched)."""
-        client = _ClientWatch(request)
+        client = _ClientWatch(request.receive if request is not None else None)
+        response: Response | None = None
         try:
-            return await self._forward(call, client)
+            response = await self._forward(call, client)
+            return response
         finally:
-            client.stop()  # a stream's response watches the client from here on
+            if isinstance(response, RelayResponse) and request is not None:
+                response.watch = client  # the stream goes on watching the client with it
+            else:
+                client.stop()
 
     async def _forward(self, call: Call, client: _ClientWatch) -> Response:
         tried: set[str] = set()
@@ -422,8 +428,8 @@ class _Slot:
 class RelayResponse(StreamingResponse):
     """A relayed stream that gives its PC's slot back however the response ends.
 
-    The relay's own `finally` cannot promise that: a client that leaves before Starlette first
-    steps the relay leaves an async generator that never ran, and one cancelled mid-stream is
+    The relay's own `finally` cannot promise that: a client that leaves before the relay is
+    first stepped leaves an async generator that never ran, and one cancelled mid-stream is
     closed only when it is collected. So the response closes its relay (running its `finally`:
     the usage) and releases the slot when it is done with, and then runs `on_end` (the app's
     latency, measured to the stream's real end)."""
@@ -432,17 +438,53 @@ class RelayResponse(StreamingResponse):
         super().__init__(content, **kwargs)
         self.slot = slot
         self.on_end: list[Callable[[], None]] = []
+        self.watch: _ClientWatch | None = None  # the request's listener, handed on by Proxy.forward
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            spec = tuple(map(int, scope.get("asgi", {}).get("spec_version", "2.0").split(".")))
+            if spec >= (2, 4):  # a send to a client that left raises: Starlette needs no listener
+                await super().__call__(scope, receive, send)
+            else:
+                await self._stream_watched(receive, send)
         finally:
+            if self.watch is not None:
+                self.watch.stop()
             try:
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
             finally:
                 await self.slot.release()
                 for fn in self.on_end:
                     fn()
+
+    async def _stream_watched(self, receive: Callable[[], Awaitable[Message]], send: Any) -> None:
+        """The stream in the request's own task, cancelled by the request's listener when the
+        client leaves (ASGI 2.3, uvicorn's: a send to a client gone returns as if sent).
+        Starlette would run the stream and a listener of its own as two more tasks in an anyio
+        task group, with their cancel scopes, task states and handles, and cancel one of them
+        at every stream's end. At 300 streams a full collection walked 56,000 objects and
+        paused the gateway 13-19 ms; without them (and without the cancelled listeners, see
+        _ClientWatch.stop) 44,000 and 8-9 ms (bench/seed_scale.py, issue #22)."""
+        task = asyncio.current_task()
+        assert task is not None
+        if self.watch is None:  # a response not made by forward: watch the client from here
+            self.watch = _ClientWatch(receive, after_s=0.0)
+        watch = self.watch
+        streaming = True
+
+        def cancel() -> None:
+            if streaming:  # after the stream, a cancel would hit the relay's cleanup instead
+                task.cancel()
+
+        watch.on_leave = cancel
+        try:
+            if not watch.left:  # it may have left while the answer was on its way: then no relay
+                await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not watch.left or task.uncancel() > 0:
+                raise  # not (only) the client's leaving: the server is stopping
+        finally:
+            streaming = False
 
 
 class _Attempt:
@@ -545,20 +587,22 @@ class _Watchdog:
 
 
 class _ClientWatch:
-    """Sees the client leave while the gateway waits for a PC's answer: once the body is read,
-    the next ASGI message is `http.disconnect` (uvicorn sends it when the connection closes),
-    so one listener per request ends the attempt under way at once instead of polling. The
-    listener starts only after CLIENT_WATCH_AFTER_S: most short answers are back before, and
-    pay a timer instead of a task (which cost 0.17-0.25 ms of CPU a request, measured)."""
+    """Sees the client leave while the gateway waits for a PC's answer or relays a stream: once
+    the body is read, the next ASGI message is `http.disconnect` (uvicorn sends it when the
+    connection closes), so one listener per request ends the attempt under way (or, mid-stream,
+    calls `on_leave`) at once instead of polling. The listener starts only after
+    CLIENT_WATCH_AFTER_S: most short answers are back before, and pay a timer instead of a task
+    (which cost 0.17-0.25 ms of CPU a request, measured)."""
 
-    def __init__(self, request: Request | None) -> None:
+    def __init__(self, receive: Callable[[], Awaitable[Message]] | None,
+                 after_s: float = CLIENT_WATCH_AFTER_S) -> None:
         self.attempt: _Attempt | None = None
+        self.on_leave: Callable[[], None] | None = None
         self.left = False
         self._task: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        if request is not None:
-            receive = request.receive
-            self._timer = asyncio.get_running_loop().call_later(CLIENT_WATCH_AFTER_S, self._start, receive)
+        if receive is not None:
+            self._timer = asyncio.get_running_loop().call_later(after_s, self._start, receive)
 
     def _start(self, receive: Callable[[], Awaitable[Message]]) -> None:
         self._timer = None
@@ -570,12 +614,18 @@ class _ClientWatch:
         self.left = True
         if self.attempt is not None:
             self.attempt.end("client")
+        if self.on_leave is not None:
+            self.on_leave()
 
     def stop(self) -> None:
+        """Done with: it ends nothing more. A listener under way is left to end by itself
+        (uvicorn answers http.disconnect once the response is complete) rather than cancelled:
+        a cancelled task leaves its error, traceback and frames in a cycle for the collector,
+        two per stream at 300 streams (issue #22)."""
+        self.attempt = self.on_leave = None
         if self._timer is not None:
             self._timer.cancel()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+            self._timer = None
 
 
 class _Unusable(Exception):
