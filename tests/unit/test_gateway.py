@@ -429,8 +429,8 @@ def test_round_robin_takes_usable_pcs_in_turn():
 def _relay_to_a_client_that_leaves(g, leave_after_sends: int, spec: str = "2.4"):
     """Forward a stream, then play a client whose connection fails on send number
     `leave_after_sends` + 1 (0: before the response starts, so the relay never runs). ASGI
-    spec 2.3 (uvicorn's): the client's leaving arrives as http.disconnect instead, and
-    Starlette cancels the stream in a task group."""
+    spec 2.3 (uvicorn's): the client's leaving arrives as http.disconnect instead, and the
+    request's listener cancels the stream (RelayResponse)."""
     from garage_node.head.gateway.app import _call
     from garage_node.head.gateway.proxy import RelayResponse
 
@@ -450,7 +450,7 @@ def _relay_to_a_client_that_leaves(g, leave_after_sends: int, spec: str = "2.4")
                 gone.set()
                 if spec == "2.4":
                     raise OSError("the client went away")
-                await asyncio.sleep(3600)  # blocked until Starlette cancels the stream
+                await asyncio.sleep(3600)  # blocked until the listener cancels the stream
             sends.append(message)
 
         async def receive():

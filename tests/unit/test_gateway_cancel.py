@@ -362,7 +362,7 @@ def test_a_stream_relaying_a_burst_still_sees_its_client_leave(tmp_path):
     """Events already read from the PC (httpx reads many at once when the gateway lags) were
     relayed without the event loop running between them: the client's leaving went unnoticed
     for a whole burst (1-4 s behind the real engine on a busy machine). ASGI 2.3, as uvicorn:
-    the leaving arrives as http.disconnect, which Starlette's listener can only see when the
+    the leaving arrives as http.disconnect, which the request's listener can only see when the
     loop runs."""
     from garage_node.head.gateway.app import _call
     from garage_node.head.gateway.proxy import RelayResponse
