@@ -239,11 +239,15 @@ def test_cheaters_quarantined_honest_pcs_not(region: Region) -> None:
     print(f"pc-tenth: {r.shims['pc-tenth'].cheated} of {r.shims['pc-tenth'].requests} answers from the other weights; "
           f"{st['pc-tenth']}, record {a.records.get('pc-tenth')}")
 
-    # A quarantined PC gets no customer's request after.
+    # A quarantined PC gets no customer's request after, and the audits hold back exactly the
+    # cheaters. Not "pc-honest served some of these 24": once in CI it served none (223 before
+    # and after; in other runs it takes most). The likely cause, not proven (the INFO log was
+    # not kept): one failed request on the loaded machine suspends a PC for the table's
+    # SUSPEND_S (10 s), and the 24 then go to the other PCs, as they should.
     before = {p: r.shims[p].requests for p in ALWAYS}
     assert drive(r, 24, seed=99).count(200) == 24
     assert {p: r.shims[p].requests for p in ALWAYS} == before
-    assert r.shims["pc-honest"].requests > served["pc-honest"]
+    assert r.gw.trust.excluded() == frozenset(ALWAYS)
 
 
 def wait_state(r: Region, pc: str, want: str, timeout: float = 180) -> str:
