@@ -71,7 +71,8 @@ async def users(targets: list[tuple[int, str]], streams: int, max_tokens: int, s
     ok = tally.ok()
     tokens = sum(max(0, r.events - 2) for r in ok)  # less the usage chunk and [DONE]
     ttft = [r.ttfb_s for r in ok]
-    return {"streams_done": len(ok), "errors": tally.errors(), "error_kinds": tally.error_kinds(),
+    return {"streams_done": len(ok), "refused": len(tally.refused()), "errors": tally.errors(),
+            "error_kinds": tally.error_kinds(),
             "unfinished": len(pending), "tokens_per_s": tokens / elapsed, "events": sum(r.events for r in ok),
             "ttft_p50_ms": quantile(ttft, 0.5), "ttft_p99_ms": quantile(ttft, 0.99), "ttft_max_ms": quantile(ttft, 1.0)}
 
@@ -131,7 +132,8 @@ def main() -> None:
                   f"{d['ttft_p99_ms']:.1f} ms; gateway {g['tokens_per_s']:,.0f} tokens/s, TTFT p50 "
                   f"{g['ttft_p50_ms']:.1f} / p99 {g['ttft_p99_ms']:.1f} ms (added p50 "
                   f"{g['ttft_p50_ms'] - d['ttft_p50_ms']:+.1f}, p99 {g['ttft_p99_ms'] - d['ttft_p99_ms']:+.1f} ms), "
-                  f"errors {g['errors']} {g['error_kinds'] or ''}, unfinished {g['unfinished']}; gateway "
+                  f"refused {g['refused']}, errors {g['errors']} {g['error_kinds'] or ''}, unfinished "
+                  f"{g['unfinished']}; gateway "
                   f"{g['gateway_cpu_pct']:.0f} % of a core, {g['cpu_us_per_event']:.0f} µs per event, longest "
                   f"collection {g['gc_max_ms']:.1f} ms")
     finally:

@@ -236,6 +236,22 @@ def test_a_client_that_leaves_mid_stream_ends_it_on_the_pc_and_is_billed_what_it
     assert sum(errors) == 0
 
 
+def test_streams_being_relayed_are_no_queue_to_the_admission_governor(regions):
+    """The governor reads a queue building from what is in flight; a stream whose first event
+    is relayed waits for nothing in the gateway. Counted, 400 streams arriving over a second
+    read as a queue and were refused (bench/seed_scale.py --streams 400). A request still
+    waiting for its answer does count."""
+    region = regions({"n1": HoldingEngine("n1", hold_s=3, first_at_once=True)})
+    admission = region.app.admission
+    streams = [region.in_background({"prompt": "q", "stream": True}, timeout_s=20) for _ in range(3)]
+    waiting = region.in_background({"prompt": "q"}, timeout_s=20)
+    assert wait_for(lambda: admission.in_flight == 4 and admission.relaying == 3, 10)
+    assert admission.governor.in_flight() == 1
+    assert [s().status_code for s in streams] == [200, 200, 200] and waiting().status_code == 200
+    assert wait_for(lambda: admission.in_flight == 0, 5)
+    assert admission.relaying == 0 and admission.governor.in_flight() == 0
+
+
 def test_a_watch_done_with_ends_nothing_and_its_listener_is_not_cancelled():
     """Cancelling the listener leaves its CancelledError, traceback and frames in a cycle for
     the collector: two per stream made a third of what a full collection walked at 300 streams.
