@@ -131,6 +131,16 @@ class Region:
         return httpx.post(f"http://127.0.0.1:{self.port}/v1/completions", json={"model": MODEL, **body},
                           headers={"authorization": f"Bearer {self.secret}"}, timeout=timeout_s)
 
+    def raw_post(self, body: dict[str, Any]) -> socket.socket:
+        """A completion request sent on a plain socket, which the caller closes to leave (httpx
+        would read the answer to its end first)."""
+        data = json.dumps({"model": MODEL, **body}).encode()
+        client = socket.create_connection(("127.0.0.1", self.port))
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                       b"Authorization: Bearer " + self.secret.encode() + b"\r\n"
+                       b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+        return client
+
     def in_background(self, body: dict[str, Any], timeout_s: float) -> Callable[[], httpx.Response]:
         out: list[Any] = []
 
@@ -190,18 +200,21 @@ def test_a_client_that_leaves_before_its_answer_cancels_it_on_the_pc_and_is_bill
     its first event (a long prompt's prefill) is the same wait."""
     region = regions({"n1": HoldingEngine("n1", hold_s=30)})
     engine = region.engines["n1"]
-    body = json.dumps({"model": MODEL, "prompt": "a long question", "stream": stream}).encode()
-    with socket.create_connection(("127.0.0.1", region.port)) as client:
-        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-                       b"Authorization: Bearer " + region.secret.encode() + b"\r\n"
-                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with region.raw_post({"prompt": "a long question", "stream": stream}):
         assert wait_for(lambda: engine.calls == 1, 10)  # the PC has it; then the client leaves
+    assert_ended_on_the_pc_and_billed(region, engine, completion_tokens=0)
+
+
+def assert_ended_on_the_pc_and_billed(region: Region, engine: HoldingEngine, completion_tokens: int) -> None:
+    """After its client left: the PC's request closed before its end, the PC's slot given back,
+    and the ledger holding one request of `completion_tokens` (what reached the client)."""
     assert engine.hung_up.wait(10), "the gateway kept the request open on the PC after its client left"
     assert not engine.finished.is_set()
     assert wait_for(lambda: region.inflight() == 0, 5)
     region.gw.ledger.flush()
     rows = region.gw.ledger.usage("key")
-    assert [(r.group, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [("tester", 1, 0, 0)]
+    assert [(r.group, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [
+        ("tester", 1, 0, completion_tokens)]
 
 
 def test_a_client_that_leaves_mid_stream_ends_it_on_the_pc_and_is_billed_what_it_got(regions):
@@ -214,22 +227,13 @@ def test_a_client_that_leaves_mid_stream_ends_it_on_the_pc_and_is_billed_what_it
 
     region = regions({"n1": HoldingEngine("n1", hold_s=30, first_at_once=True)})
     engine = region.engines["n1"]
-    body = json.dumps({"model": MODEL, "prompt": "q", "stream": True}).encode()
-    with socket.create_connection(("127.0.0.1", region.port)) as client:
-        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-                       b"Authorization: Bearer " + region.secret.encode() + b"\r\n"
-                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with region.raw_post({"prompt": "q", "stream": True}) as client:
         client.settimeout(10)
         got = b""
         while b"data: " not in got:
             got += client.recv(65536)
         time.sleep(0.3)  # past CLIENT_WATCH_AFTER_S: the listener is the request's, started before
-    assert engine.hung_up.wait(10), "the gateway kept relaying the stream on the PC after its client left"
-    assert not engine.finished.is_set()
-    assert wait_for(lambda: region.inflight() == 0, 5)
-    region.gw.ledger.flush()
-    rows = region.gw.ledger.usage("key")
-    assert [(r.group, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [("tester", 1, 0, 1)]
+    assert_ended_on_the_pc_and_billed(region, engine, completion_tokens=1)
     text = generate_latest(region.gw.metrics.registry).decode()
     errors = [s.value for f in text_string_to_metric_families(text) for s in f.samples
               if s.name == "garage_gateway_stream_errors_total"]
