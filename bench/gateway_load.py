@@ -339,6 +339,14 @@ def rig_cpus() -> list[int]:
     return cpus[:-1] if len(cpus) >= 2 else cpus
 
 
+def watched_load(url: str, key: str, rate: float, seconds: float, grace_s: float, connections: int) -> dict:
+    """One turn of `load`, with how busy the rig's CPUs were meanwhile (RigCpu) in its figures."""
+    with RigCpu(rig_cpus()) as rig:
+        r = run(load(url, key, rate, seconds, grace_s, connections))
+    r.update(rig.figures())
+    return r
+
+
 def rss_mb(pid: int) -> float:
     total = 0.0
     for p in family(pid):
@@ -512,9 +520,7 @@ def main() -> None:
             url = (f"http://127.0.0.1:{engine_ports[0]}/v1/completions" if turn == "direct"
                    else f"http://127.0.0.1:{gw_port}/v1/completions")
             c0, t0, w0 = cpu_s(gw_pid), time.monotonic(), time.time()
-            with RigCpu(rig_cpus()) as rig:
-                r = run(load(url, key, args.rate, args.seconds, args.grace, args.connections))
-            r.update(rig.figures())
+            r = watched_load(url, key, args.rate, args.seconds, args.grace, args.connections)
             if turn == "gateway":
                 used = cpu_s(gw_pid) - c0
                 r["gateway_cpu_pct"] = 100 * used / (time.monotonic() - t0)
@@ -527,10 +533,8 @@ def main() -> None:
             if turn == "gateway":
                 print(f"  second by second (p99 ms / refused / load's delay p99 ms): {by_seconds(r)}", flush=True)
         if args.after:
-            with RigCpu(rig_cpus()) as rig:
-                r = run(load(f"http://127.0.0.1:{gw_port}/v1/completions", key, args.after, args.seconds, args.grace,
-                             args.connections))
-            r.update(rig.figures())
+            r = watched_load(f"http://127.0.0.1:{gw_port}/v1/completions", key, args.after, args.seconds, args.grace,
+                             args.connections)
             print(f"after    {shown(r)}", flush=True)
             print(f"  right after: {args.after:.0f} requests/s through the gateway: p50 {r['p50_ms']:.1f} ms, "
                   f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, refused {r['refused']}, unfinished {r['unfinished']}")

@@ -96,14 +96,12 @@ class GatewayApp:
             log.exception("the gateway failed on a %s request", scope["path"])
             response = GatewayError(500, "internal_error", "the gateway failed on this request; it is "
                                     "logged at the head. Send it again, or tell the region's operator").response()
-        if not isinstance(response, RelayResponse):
-            await response(scope, receive, send)
-            return
-        self.admission.relaying += 1  # answered: its first event is in, the rest is relayed
+        relaying = isinstance(response, RelayResponse)  # answered: its first event is in, the rest is relayed
+        self.admission.relaying += relaying
         try:
             await response(scope, receive, send)
         finally:
-            self.admission.relaying -= 1
+            self.admission.relaying -= relaying
 
 
 def create_gateway_app(gw: GatewayParts) -> GatewayApp:
