@@ -87,6 +87,25 @@ def kill_slot_containers(slot: int) -> int:
     return killed
 
 
+def weigh_slot(slot: int, tasks: int) -> None:
+    """Give the slot's cgroup parent the CPU weight of `tasks` busy tasks. The testbed's own
+    processes (head, hubs, agents, Ray, loads) sit in the root cgroup, where each thread weighs
+    as much as a whole child cgroup: a starting engine, one cgroup, got 8 s of CPU in 8 minutes
+    against them, where a real PC's engine has a machine of its own. Created before dockerd
+    starts, so runc puts the containers under it; removed by name like the rest of the slot."""
+    name = cgroup_name(slot)
+    v1 = CGROUP_ROOT / "cpu"
+    if (v1 / "cpu.shares").exists():
+        d, file, value = v1 / name, "cpu.shares", 1024 * tasks
+    elif (CGROUP_ROOT / "cgroup.controllers").exists():  # v2: docker enables the cpu controller
+        d, file, value = CGROUP_ROOT / name, "cpu.weight", min(100 * tasks, 10_000)
+    else:
+        return
+    d.mkdir(exist_ok=True)
+    if (d / file).exists():
+        (d / file).write_text(f"{value}\n")
+
+
 class SlotLock:
     """The first free slot, held by an flock until release() (or until this process dies)."""
 
@@ -119,8 +138,11 @@ class NamespacedDockerd:
     """A dockerd in network namespace `netns` (a name under /run/netns), its files in
     `run_dir` (exec root, socket, log) and its data in the slot's persistent data root."""
 
-    def __init__(self, netns: str, run_dir: Path) -> None:
+    def __init__(self, netns: str, run_dir: Path, cpu_tasks: int | None = None) -> None:
+        """`cpu_tasks`: weigh the slot's containers, together, as this many busy tasks against
+        the machine's other processes (None: the kernel's default, one task's worth)."""
         self.netns = netns
+        self.cpu_tasks = cpu_tasks
         self.run_dir = run_dir
         self.lock = SlotLock()
         self.slot = self.lock.slot
@@ -140,6 +162,8 @@ class NamespacedDockerd:
     def start(self, timeout: float = 60) -> float:
         """Start the daemon and wait until it answers; returns the seconds it took."""
         kill_slot_containers(self.slot)  # what a killed run left in this slot
+        if self.cpu_tasks is not None:
+            weigh_slot(self.slot, self.cpu_tasks)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data_root.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "cgroup").mkdir(exist_ok=True)

@@ -499,17 +499,19 @@ class Testbed:
         node.set_gpus(gpus or [])
         return node
 
-    def add_engine_node(self, name: str, engine: str, gpus: list[FakeGPU] | None = None) -> EngineNodeHost:
+    def add_engine_node(self, name: str, engine: str, gpus: list[FakeGPU] | None = None,
+                        cpu_tasks: int | None = None) -> EngineNodeHost:
         """A PC in its own namespace that runs a real engine through a dockerd of its own,
         started here (the engine's image loaded into it from the machine's dockerd the first
         time; see testing/dockerd.py). `engine` is the body of its [engine] section (e.g.
         testing.dockerd.engine_toml(model_dir)); then `node.configure(head.token())` and
-        `node.start()` as for any node. Call it once per engine PC; cleanup stops each dockerd."""
+        `node.start()` as for any node. Call it once per engine PC; cleanup stops each dockerd.
+        `cpu_tasks`: the CPU weight of its containers (see testing.dockerd.weigh_slot)."""
         node = EngineNodeHost(self, name, self._ip(10 + len(self.hosts)), engine_section=engine)
         self._add_host(node)
         node.env = env_for(self.nvml_dir(), node.dir / "gpus.conf")
         node.set_gpus(gpus or [])
-        node.dockerd = NamespacedDockerd(node.ns, node.dir / "docker")
+        node.dockerd = NamespacedDockerd(node.ns, node.dir / "docker", cpu_tasks=cpu_tasks)
         node.dockerd.start()
         node.dockerd.ensure_image(tomllib.loads(engine).get("image", TEST_IMAGE))
         return node

@@ -74,7 +74,7 @@ def engine_section(pc_dir: Path, catalog: Path, cpus: str) -> str:
     """The CPU engine of testing.dockerd.engine_toml without its pinned model (a pin means
     "only this model": the head could assign nothing else) and without a model directory (the
     weights come from the head's store)."""
-    body = engine_toml(Path("/nonexistent"), cpus=cpus, startup_timeout_s="600")
+    body = engine_toml(Path("/nonexistent"), cpus=cpus, startup_timeout_s=str(STARTUP_TIMEOUT_S))
     kept = [line for line in body.splitlines() if not line.startswith(("model = ", "model_dir = "))]
     return "\n".join(kept + [f'catalog = "{catalog}"', f'weights_dir = "{pc_dir / "weights"}"']) + "\n"
 
@@ -160,6 +160,17 @@ def gateway_status(head, key: str, model: str) -> str:
 # runnable thread of the head, the load and the hubs) got 8 s of CPU in 8 minutes: on real PCs
 # each engine has a machine of its own. A steady few requests a second prove the same thing.
 PAUSE_S = 0.2
+# And each PC's containers weigh as this many busy tasks against the testbed's processes:
+# paced, the load still starved B's starting engine once in CI (still "starting Python and
+# vLLM" after 480 s, at 764f7c0). Weighed, B was served 25-35 s after its load began (9 runs;
+# 107-209 s before).
+ENGINE_CPU_TASKS = 8
+# A vLLM start that hangs is replaced by the agent after this long. The test machine's kernel
+# (6.18) now and then leaves a process runnable and never runs it: 2 runs in 11 here, the
+# engine core's process "R" for 8 minutes on an idle CPU, with its log silent; moved to the
+# other CPU by hand, it ran at once. The agent's own remedy for an engine that never becomes
+# healthy, a new start, is what a PC would do as well. 180 s: 5x the slowest start weighed.
+STARTUP_TIMEOUT_S = 180
 
 
 def start_load(head, key: str, model: str, name: str, concurrency: int):
@@ -190,7 +201,7 @@ def region(testbed: Testbed, tmp_path_factory) -> Testbed:
     hc(head, "model", "add", A)  # B is added when its load begins (the test)
     tb.key = hc(head, "key", "create", "tester").stdout.strip()
     for i, name in enumerate(("pc-a", "pc-b")):
-        pc = tb.add_engine_node(name, engine_section(tb.dir / name, catalog, cpus=str(i)))
+        pc = tb.add_engine_node(name, engine_section(tb.dir / name, catalog, cpus=str(i)), cpu_tasks=ENGINE_CPU_TASKS)
         pc.configure(head.token())
         pc.start()
     return tb
