@@ -97,7 +97,7 @@ def weigh_slot(slot: int, tasks: int) -> None:
     v1 = CGROUP_ROOT / "cpu"
     if (v1 / "cpu.shares").exists():
         d, file, value = v1 / name, "cpu.shares", 1024 * tasks
-    elif (CGROUP_ROOT / "cgroup.controllers").exists():  # v2: docker enables the cpu controller
+    elif (CGROUP_ROOT / "cgroup.controllers").exists():  # v2: cpu.weight exists once cpu is on for the root's children
         d, file, value = CGROUP_ROOT / name, "cpu.weight", min(100 * tasks, 10_000)
     else:
         return
