@@ -41,9 +41,22 @@ moves_per_minute = 6
 [gateway]
 hold_s = 290.0
 """
-# hold_s: the requests for B wait while a PC switches to it; the switch took 107-209 s on the
-# 2-core test machine, and once 280 s (CI, with the VM's CPU stolen by its host: held requests
-# then timed out at 240). Kept below the load client's 300 s read timeout (testing/loadgen.py).
+# hold_s: the requests for B wait while a PC switches to it; before the containers were
+# weighed (ENGINE_CPU_TASKS) the switch took 107-209 s on the 2-core test machine, and once
+# 280 s (CI, with the VM's CPU stolen by its host: held requests then timed out at 240). Kept
+# below the load client's 300 s read timeout (testing/loadgen.py).
+
+# Each PC's containers weigh as this many busy tasks against the testbed's processes. With the
+# loads paced (PAUSE_S) they still starved B's starting engine once in CI (still "starting
+# Python and vLLM" after 480 s, at 764f7c0). Weighed, B was served 23-35 s after its load
+# began (9 runs here).
+ENGINE_CPU_TASKS = 8
+# A vLLM start that hangs is replaced by the agent after this long. The test machine's kernel
+# (6.18) now and then leaves a process runnable and never runs it: 2 runs in 11 here, the
+# engine core's process "R" for 8 minutes on an idle CPU, with its log silent; moved to the
+# other CPU by hand, it ran at once. The agent's own remedy for an engine that never becomes
+# healthy, a new start, is what a PC would do as well. 180 s: 5x the slowest start weighed.
+STARTUP_TIMEOUT_S = 180
 
 
 def _engine_missing() -> str | None:
@@ -160,17 +173,6 @@ def gateway_status(head, key: str, model: str) -> str:
 # runnable thread of the head, the load and the hubs) got 8 s of CPU in 8 minutes: on real PCs
 # each engine has a machine of its own. A steady few requests a second prove the same thing.
 PAUSE_S = 0.2
-# And each PC's containers weigh as this many busy tasks against the testbed's processes:
-# paced, the load still starved B's starting engine once in CI (still "starting Python and
-# vLLM" after 480 s, at 764f7c0). Weighed, B was served 25-35 s after its load began (9 runs;
-# 107-209 s before).
-ENGINE_CPU_TASKS = 8
-# A vLLM start that hangs is replaced by the agent after this long. The test machine's kernel
-# (6.18) now and then leaves a process runnable and never runs it: 2 runs in 11 here, the
-# engine core's process "R" for 8 minutes on an idle CPU, with its log silent; moved to the
-# other CPU by hand, it ran at once. The agent's own remedy for an engine that never becomes
-# healthy, a new start, is what a PC would do as well. 180 s: 5x the slowest start weighed.
-STARTUP_TIMEOUT_S = 180
 
 
 def start_load(head, key: str, model: str, name: str, concurrency: int):
